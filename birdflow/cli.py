@@ -1,0 +1,216 @@
+"""The `birdflow` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from birdflow.settings import SettingsError, load_settings
+
+
+def _settings(args):
+    try:
+        return load_settings(args.settings)
+    except SettingsError as exc:
+        raise SystemExit(f"birdflow: {exc}") from None
+
+
+def _when(text: str) -> datetime:
+    """ISO date or time; naive values are UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date/time: {text!r} (e.g. 2025-06-01 or 2025-06-01T05:30)")
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def cmd_up(args) -> int:
+    from birdflow.supervisor import supervise
+
+    return supervise(_settings(args), args.settings)
+
+
+def cmd_ingest(args) -> int:
+    import uvicorn
+
+    from ingest_api.app import create_app
+
+    settings = _settings(args)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.ingest_host,
+        port=args.port or settings.ingest_port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def cmd_execute(args) -> int:
+    import signal
+
+    from flows.executor import Executor
+
+    settings = _settings(args)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    Executor(settings).run_forever(stop)
+    return 0
+
+
+def cmd_listen(args) -> int:
+    from rich.progress import Progress
+
+    from birdflow.simulator import run_listeners
+
+    if not args.file.is_file():
+        raise SystemExit(f"birdflow: no such file: {args.file}")
+    total = args.listeners * args.recordings if args.recordings else None
+    with Progress(transient=False) as progress:
+        bar = progress.add_task(f"{args.listeners} listener(s) -> {args.url}", total=total)
+        reports = asyncio.run(
+            run_listeners(
+                args.url.rstrip("/"),
+                args.file,
+                listeners=args.listeners,
+                interval_s=args.interval,
+                recordings=args.recordings,
+                stagger_s=args.stagger,
+                pace=args.pace,
+                upload=args.upload,
+                prefix=args.prefix,
+                on_recording=lambda listener: progress.advance(bar),
+            )
+        )
+    sent = sum(report.recordings_sent for report in reports)
+    errors = [error for report in reports for error in report.errors]
+    print(f"sent {sent} recording(s) from {len(reports)} listener(s); {len(errors)} error(s)")
+    for error in errors[:10]:
+        print(f"  {error}")
+    return 0 if not errors else 1
+
+
+def cmd_detections(args) -> int:
+    from birdflow.sinks import read_detections
+
+    settings = _settings(args)
+    table = read_detections(
+        settings.detections_dir,
+        listener=args.listener,
+        species=args.species,
+        since=args.since,
+        until=args.until,
+        min_confidence=args.min_confidence,
+    )
+    if args.limit:
+        table = table.slice(max(0, table.num_rows - args.limit))
+    rows = table.to_pylist()
+    if args.format == "json":
+        print(json.dumps(rows, default=lambda value: value.isoformat(), indent=2))
+    elif args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        sink = pacsv.CSVWriter(sys.stdout.buffer, table.schema) if rows else None
+        if sink:
+            sink.write_table(table)
+            sink.close()
+        else:
+            print(",".join(table.schema.names))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        view = Table(title=f"{len(rows)} detection(s)")
+        for column in ("time", "listener_id", "common_name", "scientific_name", "confidence", "recording_id"):
+            view.add_column(column)
+        for row in rows:
+            view.add_row(
+                row["time"].strftime("%Y-%m-%d %H:%M:%S"),
+                row["listener_id"],
+                row["common_name"],
+                row["scientific_name"],
+                f"{row['confidence']:.3f}",
+                row["recording_id"],
+            )
+        Console().print(view)
+    return 0
+
+
+def cmd_blocks_register(args) -> int:
+    from birdflow.supervisor import prefect_environment
+
+    settings = _settings(args)
+    os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
+    from blocks import register_blocks
+
+    saved = register_blocks(settings)
+    print("\n".join(f"registered {slug}" for slug in saved) or "nothing to register: S3 and InfluxDB are off")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="birdflow", description=__doc__)
+    parser.add_argument("--settings", help="settings.yaml to read (default: $BIRDFLOW_SETTINGS or ./settings.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("up", help="start the whole stack (Prefect server, ingest API, executor)").set_defaults(func=cmd_up)
+
+    ingest = commands.add_parser("ingest", help="run only the ingest API")
+    ingest.add_argument("--host")
+    ingest.add_argument("--port", type=int)
+    ingest.set_defaults(func=cmd_ingest)
+
+    commands.add_parser("execute", help="run only the flow-run executor").set_defaults(func=cmd_execute)
+
+    listen = commands.add_parser("listen", help="simulate listeners streaming (or uploading) a WAV file")
+    listen.add_argument("--file", type=Path, required=True, help="PCM WAV file each listener sends")
+    listen.add_argument("--listeners", type=int, default=1)
+    listen.add_argument("--interval", type=float, default=2.0, help="seconds between recordings")
+    listen.add_argument("--recordings", type=int, default=1, help="recordings per listener (0 = until Ctrl-C)")
+    listen.add_argument("--stagger", type=float, default=0.0, help="spread listener starts over this many seconds")
+    listen.add_argument("--pace", type=float, default=1.0, help="speed relative to real time (0 = no pacing)")
+    listen.add_argument("--upload", action="store_true", help="POST /recordings_upload instead of streaming")
+    listen.add_argument("--prefix", default="listener", help="listener ids are <prefix>01, <prefix>02, ...")
+    listen.add_argument("--url", default="http://127.0.0.1:8000")
+    listen.set_defaults(func=cmd_listen)
+
+    detections = commands.add_parser("detections", help="list what was heard")
+    detections.add_argument("--listener")
+    detections.add_argument("--species", help="scientific or common name")
+    detections.add_argument("--since", type=_when)
+    detections.add_argument("--until", type=_when)
+    detections.add_argument("--min-confidence", type=float)
+    detections.add_argument("--limit", type=int, help="only the newest N")
+    detections.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    detections.set_defaults(func=cmd_detections)
+
+    blocks = commands.add_parser("blocks", help="Prefect blocks")
+    block_commands = blocks.add_subparsers(dest="blocks_command", required=True)
+    block_commands.add_parser("register", help="create or update the blocks from the settings").set_defaults(
+        func=cmd_blocks_register
+    )
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Prometheus metrics shared by every birdflow process.
+
+`birdflow up` points PROMETHEUS_MULTIPROC_DIR at one folder for all its processes, so the ingest API's
+/metrics shows the executor's counters too.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+RECORDINGS_RECEIVED = Counter(
+    "birdflow_recordings_received", "Recordings closed and handed to processing", ["station", "source"]
+)
+RECORDINGS_DISCARDED = Counter(
+    "birdflow_recordings_discarded", "Recordings dropped before processing", ["station", "reason"]
+)
+FRAMES_DROPPED = Counter("birdflow_frames_dropped", "Stream frames dropped (no open recording, repeated, late)", ["station"])
+GAPS = Counter("birdflow_gaps", "Gaps in streams padded with silence", ["station"])
+METADATA_FRAMES = Counter("birdflow_metadata_frames", "Metadata frames skipped", ["station"])
+REQUESTS_REJECTED = Counter("birdflow_requests_rejected", "Ingest requests refused with a 4xx", ["station", "reason"])
+OPEN_STREAMS = Gauge("birdflow_open_streams", "Listener streams connected now", ["station"], multiprocess_mode="livesum")
+FLOW_RUNS_TRIGGERED = Counter("birdflow_flow_runs_triggered", "Flow runs created for recordings", ["station"])
+FLOW_RUNS_FINISHED = Counter("birdflow_flow_runs_finished", "Flow runs executed, by final state", ["station", "state"])
+BACKLOG = Gauge("birdflow_backlog_recordings", "Recordings waiting for their flow run", ["station"], multiprocess_mode="livemax")
+ANALYSIS_SECONDS = Histogram(
+    "birdflow_analysis_seconds",
+    "BirdNET inference time per recording",
+    ["station"],
+    buckets=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8),
+)
+DETECTIONS_WRITTEN = Counter("birdflow_detections_written", "Detection rows written, by sink", ["station", "sink"])
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition of this process, or of all birdflow processes in multiprocess mode."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

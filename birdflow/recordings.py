@@ -1,0 +1,146 @@
+"""Finished recordings on disk: naming, content hashes, metadata sidecars and the atomic hand-over.
+
+A recording is published by writing ``<id>.json`` (its metadata) and then renaming ``<id>.<ext>`` into the
+recordings folder. The audio file appearing is the signal that it is complete; the executor picks it up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3")
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+_NAME_PATTERN = re.compile(r"^(?P<listener>[^_]+)_(?P<stamp>\d{8}T\d{6}Z)")
+
+
+class RecordingInfo(BaseModel):
+    """What every recording carries downstream (the flow run's parameter)."""
+
+    recording_id: str
+    listener_id: str
+    station_id: str
+    start_time: datetime
+    duration_s: float
+    sample_rate: int
+    channels: int = 1
+    gaps: int = 0
+    content_hash: str
+    size_bytes: int
+    file_name: str
+    source: Literal["stream", "upload", "folder", "archive"] = "stream"
+
+    @property
+    def archive_key(self) -> str:
+        """station/listener/YYYY/MM/DD/recording file: the same in every archive backend."""
+        day = self.start_time.astimezone(timezone.utc)
+        return f"{self.station_id}/{self.listener_id}/{day:%Y/%m/%d}/{self.file_name}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.listener_id}-{self.start_time.astimezone(timezone.utc):{TIMESTAMP_FORMAT}}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recording_id_for(listener_id: str, start_time: datetime, content_hash: str) -> str:
+    """Listener and UTC start second, plus the content hash so two recordings never share a name."""
+    stamp = start_time.astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
+    return f"{listener_id}_{stamp}_{content_hash[:8]}"
+
+
+def parse_file_name(name: str) -> tuple[Optional[str], Optional[datetime]]:
+    """listener01_20250101T120000Z.wav -> ("listener01", 2025-01-01 12:00:00 UTC); missing parts are None."""
+    stem = Path(name).name
+    match = _NAME_PATTERN.match(stem)
+    if match:
+        start = datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
+        return match["listener"], start
+    listener = stem.split("_", 1)[0] if "_" in stem else None
+    return listener, None
+
+
+class RecordingStore:
+    """The partial and recordings folders of one station."""
+
+    def __init__(self, partial_dir: Path, recordings_dir: Path, station_id: str):
+        self.partial_dir = Path(partial_dir)
+        self.recordings_dir = Path(recordings_dir)
+        self.station_id = station_id
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self.recordings_dir.mkdir(parents=True, exist_ok=True)
+
+    def new_partial(self, suffix: str = ".wav") -> Path:
+        return self.partial_dir / f"{uuid.uuid4().hex}{suffix}"
+
+    def publish(
+        self,
+        partial: Path,
+        *,
+        listener_id: str,
+        start_time: datetime,
+        duration_s: float,
+        sample_rate: int,
+        channels: int,
+        gaps: int,
+        source: str,
+    ) -> RecordingInfo:
+        """Name the finished file after its content, write its metadata, then move it in atomically."""
+        content_hash = sha256_file(partial)
+        recording_id = recording_id_for(listener_id, start_time, content_hash)
+        info = RecordingInfo(
+            recording_id=recording_id,
+            listener_id=listener_id,
+            station_id=self.station_id,
+            start_time=start_time.astimezone(timezone.utc),
+            duration_s=round(duration_s, 6),
+            sample_rate=sample_rate,
+            channels=channels,
+            gaps=gaps,
+            content_hash=content_hash,
+            size_bytes=partial.stat().st_size,
+            file_name=recording_id + partial.suffix.lower(),
+            source=source,
+        )
+        sidecar_tmp = partial.with_suffix(".json")
+        sidecar_tmp.write_text(info.model_dump_json())
+        os.replace(sidecar_tmp, self.recordings_dir / f"{recording_id}.json")
+        os.replace(partial, self.recordings_dir / info.file_name)
+        return info
+
+    def pending(self) -> list[Path]:
+        """Published audio files, oldest first."""
+        files = [
+            entry
+            for entry in os.scandir(self.recordings_dir)
+            if entry.is_file() and entry.name.lower().endswith(AUDIO_EXTENSIONS)
+        ]
+        files.sort(key=lambda entry: entry.stat().st_mtime)
+        return [Path(entry.path) for entry in files]
+
+
+def load_info(audio_path: Path) -> Optional[RecordingInfo]:
+    """The metadata published beside an audio file, or None when it was dropped in by hand."""
+    sidecar = audio_path.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    return RecordingInfo.model_validate(json.loads(sidecar.read_text()))
+
+
+def remove_recording(audio_path: Path) -> None:
+    audio_path.unlink(missing_ok=True)
+    audio_path.with_suffix(".json").unlink(missing_ok=True)

@@ -1,0 +1,223 @@
+"""The one settings object: ``settings.yaml`` (lower-case keys) overridden by upper-case environment variables.
+
+Secrets (tokens, keys) belong in the environment. Booleans are ``true/false`` in YAML and ``0/1`` (or
+``true/false``) in the environment; lists are YAML lists or comma-separated environment values.
+Invalid values stop the program with a message that names the setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+SETTINGS_FILE_ENV = "BIRDFLOW_SETTINGS"
+LISTENER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # identity and places
+    station_id: str = Field("station01", description="Name of this aggregator; tags every recording and row")
+    data_dir: Path = Field(Path("data"), description="Root of everything birdflow writes on this machine")
+
+    # ingest API
+    ingest_host: str = Field("0.0.0.0", description="Address the ingest API binds (listeners must reach it)")
+    ingest_port: int = Field(8000, ge=1, le=65535)
+    min_duration_s: float = Field(3.0, ge=0, description="Shorter recordings are discarded")
+    max_duration_s: float = Field(20.0, gt=0, description="Longer streams roll over into a new recording")
+    default_sample_rate: int = Field(48000, ge=8000, le=384000, description="Format of header-less streams")
+    default_channels: int = Field(1, ge=1, le=8)
+    default_bits_per_sample: Literal[8, 16, 24, 32] = 16
+    max_gap_pages: int = Field(9, ge=0, description="Missing pages up to this many are padded with silence")
+    max_frame_bytes: int = Field(1 << 20, ge=1024, le=(1 << 24) - 1, description="Larger frames are malformed")
+    max_upload_bytes: int = Field(200 << 20, ge=1024, description="Larger uploads are refused with 413")
+
+    # Prefect
+    prefect_api_url: str = Field("", description="External Prefect API; empty starts an embedded server")
+    prefect_port: int = Field(4200, ge=1, le=65535, description="Port of the embedded Prefect server")
+    poll_interval_s: float = Field(1.0, gt=0, le=60, description="How often the executor looks for new work")
+    task_retries: int = Field(3, ge=0, le=20, description="Retries of the I/O tasks (write, archive)")
+    retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
+
+    # BirdNET
+    birdnet_backend: Literal["auto", "ai-edge-litert", "tflite-runtime"] = "auto"
+    birdnet_threads: int = Field(1, ge=1, le=64)
+    birdnet_batch_size: int = Field(4, ge=1, le=64, description="3 s windows per interpreter call")
+    min_confidence: float = Field(0.25, ge=0.01, le=0.99)
+    overlap_s: float = Field(0.0, ge=0.0, lt=3.0, description="Overlap of consecutive 3 s windows")
+    sensitivity: float = Field(1.0, ge=0.5, le=1.5)
+    latitude: Optional[float] = Field(None, ge=-90, le=90)
+    longitude: Optional[float] = Field(None, ge=-180, le=180)
+    species_week: int = Field(0, ge=-1, le=48, description="Range filter week: 0 from the recording date, -1 all year")
+    range_filter_threshold: float = Field(0.03, gt=0, lt=1)
+    include_species: list[str] = Field(default_factory=list, description="Only these (scientific or common names)")
+    exclude_species: list[str] = Field(default_factory=list, description="Never these")
+
+    # detection sinks
+    parquet_enabled: bool = True
+    influx_enabled: bool = False
+    influx_host: str = ""
+    influx_database: str = "birdflow"
+    influx_table: str = "detections"
+    influx_token: SecretStr = SecretStr("")
+
+    # archive
+    archive_backend: Literal["local", "s3"] = "local"
+    archive_dir: Optional[Path] = Field(None, description="Local archive root; default <data_dir>/archive")
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str = ""
+    aws_secret_access_key: SecretStr = SecretStr("")
+    s3_block_name: str = "birdflow-archive"
+    keep_local_recordings: bool = Field(False, description="Keep WAVs after they are analyzed and archived")
+
+    @field_validator("station_id")
+    @classmethod
+    def _station_id_is_a_safe_name(cls, value: str) -> str:
+        if not LISTENER_ID_PATTERN.match(value):
+            raise ValueError("letters, digits, '.' and '-' only (1-64 characters)")
+        return value
+
+    @field_validator("include_species", "exclude_species", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.max_duration_s <= self.min_duration_s:
+            raise SettingsError(
+                f"setting 'max_duration_s' ({self.max_duration_s}) must be greater than "
+                f"'min_duration_s' ({self.min_duration_s})"
+            )
+        if (self.latitude is None) != (self.longitude is None):
+            raise SettingsError("settings 'latitude' and 'longitude' must be set together")
+        if self.influx_enabled and not self.influx_host:
+            raise SettingsError("setting 'influx_host' is required when 'influx_enabled' is true")
+        if self.archive_backend == "s3" and not self.s3_bucket:
+            raise SettingsError("setting 's3_bucket' is required when 'archive_backend' is 's3'")
+        if not self.parquet_enabled and not self.influx_enabled:
+            raise SettingsError("enable at least one detection sink ('parquet_enabled' or 'influx_enabled')")
+        return self
+
+    # derived places
+    @property
+    def recordings_dir(self) -> Path:
+        """Finished recordings waiting for (or in) their flow run."""
+        return self.data_dir / "recordings"
+
+    @property
+    def partial_dir(self) -> Path:
+        """Recordings being assembled; moved atomically into recordings_dir when closed."""
+        return self.data_dir / "partial"
+
+    @property
+    def kept_dir(self) -> Path:
+        return self.data_dir / "kept"
+
+    @property
+    def detections_dir(self) -> Path:
+        return self.data_dir / "detections"
+
+    @property
+    def local_archive_dir(self) -> Path:
+        return self.archive_dir or self.data_dir / "archive"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.data_dir / "prefect"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Shared by all birdflow processes so one /metrics shows them all."""
+        return self.data_dir / "metrics"
+
+    @property
+    def api_url(self) -> str:
+        return self.prefect_api_url or f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def embedded_prefect(self) -> bool:
+        return not self.prefect_api_url
+
+
+def _env_value(field_name: str, raw: str, annotation: Any) -> Any:
+    """Environment values are strings; booleans follow seed 000's "0"/"1" convention."""
+    if annotation is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"setting '{field_name}' (env {field_name.upper()}): expected 0/1 or true/false, got {raw!r}")
+    if raw == "" and field_name in ("latitude", "longitude", "archive_dir"):
+        return None
+    return raw
+
+
+def load_settings(path: Optional[os.PathLike | str] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Read settings.yaml (if any) and apply upper-case environment overrides, validating everything."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(SETTINGS_FILE_ENV)
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    if path is None and Path("settings.yaml").is_file():
+        path = "settings.yaml"
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise SettingsError(f"settings file {file} does not exist")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"settings file {file} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"settings file {file} must be a mapping of setting: value")
+        for key, value in loaded.items():
+            values[str(key)] = value
+            source[str(key)] = f"in {file}"
+    for name, field in Settings.model_fields.items():
+        env_name = name.upper()
+        if env_name in environ:
+            values[name] = _env_value(name, environ[env_name], field.annotation)
+            source[name] = f"env {env_name}"
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if not error["loc"]:
+                problems.append(message)
+                continue
+            name = ".".join(str(part) for part in error["loc"])
+            where = source.get(name.split(".")[0], "default")
+            if error["type"] == "extra_forbidden":
+                message = "unknown setting (see settings.example.yaml for the valid names)"
+            problems.append(f"setting '{name}' ({where}): {message}")
+        raise SettingsError("; ".join(problems)) from None
+
+
+def validate_listener_id(listener_id: str) -> str:
+    """Listener ids become file names: refuse anything that could name another path."""
+    if not LISTENER_ID_PATTERN.match(listener_id or ""):
+        raise ValueError(
+            f"invalid listener id {listener_id!r}: use 1-64 letters, digits, '.' or '-' (no '/', '_', '..' or NUL)"
+        )
+    if ".." in listener_id:
+        raise ValueError(f"invalid listener id {listener_id!r}: '..' is not allowed")
+    return listener_id

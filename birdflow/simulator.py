@@ -1,0 +1,167 @@
+"""Simulated listeners speaking the streaming protocol (or uploading), like deployed devices do.
+
+Each listener keeps one chunked POST open, sends frame 0 with the WAV header, then 32 KiB pages at
+real-time pace, waits its interval and starts the next recording on the same connection. On a
+connection error it reconnects with exponential back-off (2, 4, 8 ... 60 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import AsyncIterator, Callable, Optional
+
+import httpx
+
+from birdflow.recordings import TIMESTAMP_FORMAT
+from birdflow.wav import parse_header
+from ingest_api.framing import encode_frame
+
+PAGE_BYTES = 32768
+
+
+@dataclass
+class ListenerReport:
+    listener_id: str
+    recordings_sent: int = 0
+    bytes_sent: int = 0
+    errors: list[str] = field(default_factory=list)
+    responses: list[dict] = field(default_factory=list)
+
+
+def split_wav(data: bytes) -> tuple[bytes, bytes, int]:
+    """(header, PCM audio, byte rate) of a PCM WAV file."""
+    header = parse_header(data)
+    data_size = int.from_bytes(header.raw[-4:], "little")
+    audio = data[header.size : header.size + data_size] if data_size else data[header.size :]
+    return header.raw, audio, header.format.byte_rate
+
+
+async def _recording_frames(header: bytes, audio: bytes, byte_rate: int, pace: float) -> AsyncIterator[bytes]:
+    yield encode_frame(0, header)
+    page_seconds = PAGE_BYTES / byte_rate
+    for seq, offset in enumerate(range(0, len(audio), PAGE_BYTES), start=1):
+        if pace > 0:
+            await asyncio.sleep(page_seconds / pace)
+        yield encode_frame(seq, audio[offset : offset + PAGE_BYTES])
+
+
+async def stream_listener(
+    client: httpx.AsyncClient,
+    base_url: str,
+    listener_id: str,
+    wav: bytes,
+    *,
+    recordings: int,
+    interval_s: float,
+    pace: float = 1.0,
+    on_recording: Callable[[str], None] = lambda listener: None,
+    max_backoff_s: float = 60.0,
+) -> ListenerReport:
+    """Send `recordings` recordings (0 = until cancelled) over one long-lived connection."""
+    header, audio, byte_rate = split_wav(wav)
+    report = ListenerReport(listener_id)
+    backoff = 2.0
+
+    async def body() -> AsyncIterator[bytes]:
+        while not recordings or report.recordings_sent < recordings:
+            async for frame in _recording_frames(header, audio, byte_rate, pace):
+                report.bytes_sent += len(frame)
+                yield frame
+            report.recordings_sent += 1
+            on_recording(listener_id)
+            if not recordings or report.recordings_sent < recordings:
+                await asyncio.sleep(interval_s)
+
+    while not recordings or report.recordings_sent < recordings:
+        try:
+            response = await client.post(
+                f"{base_url}/recordings_stream", params={"listener_id": listener_id}, content=body()
+            )
+            report.responses.append({"status": response.status_code, **_json_or_text(response)})
+            response.raise_for_status()
+            backoff = 2.0
+        except httpx.HTTPError as exc:
+            report.errors.append(f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff_s)
+    return report
+
+
+async def upload_listener(
+    client: httpx.AsyncClient,
+    base_url: str,
+    listener_id: str,
+    data: bytes,
+    suffix: str,
+    *,
+    recordings: int,
+    interval_s: float,
+    on_recording: Callable[[str], None] = lambda listener: None,
+) -> ListenerReport:
+    """POST the file `recordings` times (0 = until cancelled), named like listener01_20250101T120000Z.wav."""
+    report = ListenerReport(listener_id)
+    while not recordings or report.recordings_sent < recordings:
+        name = f"{listener_id}_{datetime.now(timezone.utc):{TIMESTAMP_FORMAT}}{suffix}"
+        try:
+            response = await client.post(f"{base_url}/recordings_upload", files={"file": (name, data)})
+            report.responses.append({"status": response.status_code, **_json_or_text(response)})
+            response.raise_for_status()
+            report.recordings_sent += 1
+            report.bytes_sent += len(data)
+            on_recording(listener_id)
+        except httpx.HTTPError as exc:
+            report.errors.append(f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(interval_s)
+    return report
+
+
+def _json_or_text(response: httpx.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        return {"text": response.text[:200]}
+    return body if isinstance(body, dict) else {"body": body}
+
+
+async def run_listeners(
+    base_url: str,
+    file: Path,
+    *,
+    listeners: int,
+    interval_s: float,
+    recordings: int,
+    stagger_s: float = 0.0,
+    pace: float = 1.0,
+    upload: bool = False,
+    prefix: str = "listener",
+    on_recording: Callable[[str], None] = lambda listener: None,
+    timeout_s: Optional[float] = None,
+) -> list[ListenerReport]:
+    data = file.read_bytes()
+    limits = httpx.Limits(max_connections=listeners + 4, max_keepalive_connections=listeners + 4)
+    timeout = httpx.Timeout(30.0, read=None)
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+
+        async def one(index: int) -> ListenerReport:
+            await asyncio.sleep(random.uniform(0, stagger_s) if stagger_s else 0)
+            listener_id = f"{prefix}{index:02d}"
+            if upload:
+                return await upload_listener(
+                    client, base_url, listener_id, data, file.suffix.lower(),
+                    recordings=recordings, interval_s=interval_s, on_recording=on_recording,
+                )
+            return await stream_listener(
+                client, base_url, listener_id, data,
+                recordings=recordings, interval_s=interval_s, pace=pace, on_recording=on_recording,
+            )
+
+        tasks = [asyncio.create_task(one(index)) for index in range(1, listeners + 1)]
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        return [task.result() for task in done]

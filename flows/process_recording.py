@@ -1,0 +1,134 @@
+"""The process_recording flow: decode -> analyze -> write detections -> archive, one run per recording.
+
+Thin on purpose: the work happens in birdflow's pure modules; this file names the run, wires the
+tasks and sets their retries and cache keys. Cache keys are the audio's content hash plus the model
+and analysis parameters (plus the sink or archive target), so re-sending or re-running a recording
+repeats no inference and writes no duplicate rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
+from prefect.tasks import exponential_backoff
+
+from birdflow import metrics
+from birdflow.audio import decode, windows
+from birdflow.birdnet import MODEL_VERSION, Detection
+from birdflow.detections import detections_table
+from birdflow.recordings import RecordingInfo, remove_recording
+from birdflow.sinks import write_all
+from flows.runtime import pipeline
+
+
+def _recording(parameters: dict[str, Any]) -> RecordingInfo:
+    value = parameters["recording"]
+    return value if isinstance(value, RecordingInfo) else RecordingInfo.model_validate(value)
+
+
+def _analysis_key(context, parameters) -> str:
+    recording = _recording(parameters)
+    params = pipeline().params
+    return f"analyze-{recording.content_hash}-{params.analysis_id}-w{params.range_week(recording.start_time)}"
+
+
+def _write_key(context, parameters) -> str:
+    recording = _recording(parameters)
+    target = hashlib.sha256(pipeline().sink_names.encode()).hexdigest()[:8]
+    return f"write-{recording.recording_id}-{recording.content_hash}-{pipeline().params.analysis_id}-{target}"
+
+
+def _archive_key(context, parameters) -> str:
+    recording = _recording(parameters)
+    target = hashlib.sha256(f"{pipeline().archive_target}/{recording.archive_key}".encode()).hexdigest()[:12]
+    return f"archive-{recording.content_hash}-{target}"
+
+
+def local_path(recording: RecordingInfo) -> Path:
+    return pipeline().settings.recordings_dir / recording.file_name
+
+
+@task(name="decode", cache_policy=NO_CACHE, persist_result=False)
+def decode_recording(recording: RecordingInfo) -> np.ndarray:
+    """Audio from the recordings folder, or from the archive once the local copy is gone (reruns)."""
+    path = local_path(recording)
+    if path.is_file():
+        return decode(path)
+    data = pipeline().archive.fetch(recording.archive_key)
+    if hashlib.sha256(data).hexdigest() != recording.content_hash:
+        raise ValueError(f"archived {recording.archive_key} does not match the recording's content hash")
+    return decode(data)
+
+
+@task(name="analyze", cache_key_fn=_analysis_key, persist_result=True)
+def analyze(recording: RecordingInfo, samples: np.ndarray) -> list[Detection]:
+    """Depends only on the audio and the analysis parameters, so identical audio is analyzed once."""
+    runtime = pipeline()
+    started = time.perf_counter()
+    batch, starts = windows(samples, runtime.params.overlap_s)
+    found = runtime.model.detect(batch, starts, runtime.params, recording.start_time)
+    metrics.ANALYSIS_SECONDS.labels(recording.station_id).observe(time.perf_counter() - started)
+    return found
+
+
+@task(name="write detections", cache_key_fn=_write_key, persist_result=True)
+def write_detections(recording: RecordingInfo, table: pa.Table) -> dict[str, int]:
+    written = write_all(pipeline().sinks, table)
+    for sink, rows in written.items():
+        metrics.DETECTIONS_WRITTEN.labels(recording.station_id, sink).inc(rows)
+    return written
+
+
+@task(name="archive", cache_key_fn=_archive_key, persist_result=True)
+def archive_recording(recording: RecordingInfo) -> dict[str, Any]:
+    path = local_path(recording)
+    if not path.is_file():
+        # decode read it back from the archive, so it is there already
+        return {"key": recording.archive_key, "uploaded": False}
+    stored = pipeline().archive.store(path, recording.archive_key, recording.content_hash)
+    return {"key": recording.archive_key, "uri": stored.uri, "uploaded": stored.uploaded}
+
+
+def _run_name() -> str:
+    return _recording(current_flow_run.parameters).run_name
+
+
+def _with_io_retries(io_task):
+    settings = pipeline().settings
+    return io_task.with_options(
+        retries=settings.task_retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=settings.retry_delay_s),
+    )
+
+
+@flow(name="process-recording", flow_run_name=_run_name, persist_result=False, log_prints=False)
+def process_recording(recording: RecordingInfo) -> dict[str, Any]:
+    samples = decode_recording(recording)
+    found = analyze(recording, samples)
+    table = detections_table(recording, found, MODEL_VERSION, pipeline().params.analysis_id)
+    written = _with_io_retries(write_detections)(recording, table)
+    archived = _with_io_retries(archive_recording)(recording)
+    _finish_local_copy(recording)
+    return {"recording_id": recording.recording_id, "detections": table.num_rows, "written": written, "archive": archived}
+
+
+def _finish_local_copy(recording: RecordingInfo) -> None:
+    """Analyzed and archived: the local WAV is no longer needed (unless the settings keep it)."""
+    path = local_path(recording)
+    if not path.is_file():
+        return
+    settings = pipeline().settings
+    if settings.keep_local_recordings:
+        settings.kept_dir.mkdir(parents=True, exist_ok=True)
+        path.replace(settings.kept_dir / path.name)
+        path.with_suffix(".json").replace(settings.kept_dir / path.with_suffix(".json").name)
+    else:
+        remove_recording(path)

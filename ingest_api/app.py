@@ -1,0 +1,200 @@
+"""The HTTP face of the aggregator: the listener protocol's two endpoints, /healthz and /metrics."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import soundfile
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
+
+from birdflow import metrics
+from birdflow.recordings import AUDIO_EXTENSIONS, RecordingStore, parse_file_name
+from birdflow.settings import Settings, validate_listener_id
+from birdflow.wav import WavError, WavFormat, looks_like_wav, parse_header
+from ingest_api.assembler import StreamAssembler, StreamLimits, StreamRejected, StreamStats
+from ingest_api.framing import FrameParser, FramingError
+
+log = logging.getLogger("birdflow.ingest")
+UPLOAD_READ_BYTES = 1 << 20
+
+
+class Rejection(Exception):
+    """A request refused with a 4xx; `reason` labels the metric."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+def _summary(listener_id: str, stats: StreamStats) -> dict:
+    return {
+        "listener_id": listener_id,
+        "recordings": [info.recording_id for info in stats.recordings],
+        "discarded": stats.discarded,
+        "gaps": stats.gaps,
+        "dropped_frames": stats.dropped_frames,
+        "metadata_frames": stats.metadata_frames,
+    }
+
+
+def _sniff_audio(path: Path, suffix: str) -> None:
+    """The upload must really be the audio type its name says: PCM WAV, FLAC or MP3."""
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    if suffix == ".wav":
+        if not looks_like_wav(head):
+            raise Rejection(415, "not_audio", "file is not a RIFF/WAVE file")
+        try:
+            parse_header(head)
+        except WavError as exc:
+            raise Rejection(415, "not_pcm", str(exc)) from exc
+    elif suffix == ".flac" and head[:4] != b"fLaC":
+        raise Rejection(415, "not_audio", "file is not FLAC")
+    elif suffix == ".mp3" and not (head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)):
+        raise Rejection(415, "not_audio", "file is not MP3")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
+    station = settings.station_id
+    limits = StreamLimits(
+        min_duration_s=settings.min_duration_s,
+        max_duration_s=settings.max_duration_s,
+        max_gap_pages=settings.max_gap_pages,
+        default_format=WavFormat(settings.default_sample_rate, settings.default_channels, settings.default_bits_per_sample),
+    )
+    event_counters = {
+        "recording_closed": metrics.RECORDINGS_RECEIVED.labels(station, "stream"),
+        "recording_discarded": metrics.RECORDINGS_DISCARDED.labels(station, "too_short"),
+        "gap": metrics.GAPS.labels(station),
+        "frame_dropped": metrics.FRAMES_DROPPED.labels(station),
+        "metadata_frame": metrics.METADATA_FRAMES.labels(station),
+    }
+
+    def count_event(name: str, count: int) -> None:
+        event_counters[name].inc(count)
+
+    def reject(rejection: Rejection, listener_id: Optional[str], extra: Optional[dict] = None) -> JSONResponse:
+        metrics.REQUESTS_REJECTED.labels(station, rejection.reason).inc()
+        log.warning("rejected request from listener %r: %s", listener_id, rejection)
+        return JSONResponse({"error": str(rejection), **(extra or {})}, status_code=rejection.status)
+
+    app = FastAPI(title="birdflow ingest API", version="1")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "station_id": station}
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.post("/recordings_stream")
+    async def recordings_stream(request: Request, listener_id: str = Query(...)):
+        """Frames of one listener, for as long as the connection lasts (see the protocol document)."""
+        try:
+            validate_listener_id(listener_id)
+        except ValueError as exc:
+            return reject(Rejection(400, "bad_listener_id", str(exc)), listener_id)
+        parser = FrameParser(settings.max_frame_bytes)
+        assembler = StreamAssembler(listener_id, store, limits, on_event=count_event)
+        open_streams = metrics.OPEN_STREAMS.labels(station)
+        open_streams.inc()
+        rejection = None
+        try:
+            async for chunk in request.stream():
+                for frame in parser.feed(chunk):
+                    assembler.handle(frame)
+        except ClientDisconnect:
+            log.info("listener %s disconnected", listener_id)
+        except FramingError as exc:
+            rejection = Rejection(400, "malformed_frame", str(exc))
+        except StreamRejected as exc:
+            rejection = Rejection(415, "bad_header", str(exc))
+        finally:
+            if parser.pending_bytes and rejection is None:
+                log.info("listener %s: stream ended inside a frame (%d bytes dropped)", listener_id, parser.pending_bytes)
+                count_event("frame_dropped", 1)
+            stats = assembler.finish()
+            open_streams.dec()
+        if rejection:
+            return reject(rejection, listener_id, _summary(listener_id, stats))
+        return _summary(listener_id, stats)
+
+    @app.post("/recordings_upload")
+    async def recordings_upload(request: Request):
+        """One finished recording as multipart/form-data (`file`, optional `listener_id`)."""
+        listener_id = None
+        partial = None
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+            if declared > settings.max_upload_bytes:
+                raise Rejection(413, "too_large", f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes}")
+            try:
+                form = await request.form(max_files=1, max_fields=8)
+            except Exception as exc:  # starlette raises several types for a broken body
+                raise Rejection(400, "bad_form", f"expected multipart/form-data with a 'file' field: {exc}") from exc
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise Rejection(400, "bad_form", "missing the 'file' field")
+            name = Path(upload.filename or "").name
+            name_listener, name_start = parse_file_name(name)
+            listener_id = str(form.get("listener_id") or name_listener or "")
+            try:
+                validate_listener_id(listener_id)
+            except ValueError as exc:
+                raise Rejection(400, "bad_listener_id", str(exc)) from exc
+            suffix = Path(name).suffix.lower()
+            if suffix not in AUDIO_EXTENSIONS:
+                raise Rejection(415, "unsupported_type", f"unsupported file type {suffix or '(none)'}: send .wav, .flac or .mp3")
+            partial = store.new_partial(suffix)
+            size = 0
+            with open(partial, "wb") as out:
+                while block := await upload.read(UPLOAD_READ_BYTES):
+                    size += len(block)
+                    if size > settings.max_upload_bytes:
+                        raise Rejection(413, "too_large", f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
+                    out.write(block)
+            if size == 0:
+                raise Rejection(400, "empty", "the uploaded file is empty")
+            _sniff_audio(partial, suffix)
+            try:
+                details = soundfile.info(str(partial))
+            except (soundfile.LibsndfileError, RuntimeError) as exc:
+                raise Rejection(415, "not_audio", f"file cannot be decoded as audio: {exc}") from exc
+            if details.duration < settings.min_duration_s:
+                metrics.RECORDINGS_DISCARDED.labels(station, "too_short").inc()
+                raise Rejection(422, "too_short", f"recording is {details.duration:.2f} s, shorter than the minimum {settings.min_duration_s} s")
+            info = store.publish(
+                partial,
+                listener_id=listener_id,
+                start_time=name_start or datetime.now(timezone.utc),
+                duration_s=details.duration,
+                sample_rate=details.samplerate,
+                channels=details.channels,
+                gaps=0,
+                source="upload",
+            )
+            metrics.RECORDINGS_RECEIVED.labels(station, "upload").inc()
+            return {
+                "recording_id": info.recording_id,
+                "file_name": info.file_name,
+                "listener_id": info.listener_id,
+                "start_time": info.start_time.isoformat(),
+                "duration_s": info.duration_s,
+                "content_hash": info.content_hash,
+            }
+        except Rejection as rejection:
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+            return reject(rejection, listener_id)
+
+    return app

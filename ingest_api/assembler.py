@@ -1,0 +1,225 @@
+"""Turns one listener's frames into finished WAV recordings (no HTTP in here).
+
+Memory per stream is one open file and one page: audio goes straight to disk as it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import BinaryIO, Callable, Optional
+
+from birdflow.recordings import RecordingInfo, RecordingStore
+from birdflow.wav import WavError, WavFormat, WavHeader, build_header, looks_like_wav, parse_header, patch_sizes
+from ingest_api.framing import METADATA_SEQ, SEQ_MODULUS, START_SEQ, Frame
+
+log = logging.getLogger(__name__)
+
+# Audio pages are numbered 1 .. 0xFFFFFE and wrap (0 starts a recording, 0xFFFFFF is metadata).
+AUDIO_SEQ_CYCLE = SEQ_MODULUS - 2
+DEFAULT_PAGE_BYTES = 32768
+
+
+class StreamRejected(ValueError):
+    """The listener sent something that is not acceptable audio; the stream ends with a 4xx."""
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    min_duration_s: float
+    max_duration_s: float
+    max_gap_pages: int
+    default_format: WavFormat
+
+
+@dataclass
+class StreamStats:
+    recordings: list[RecordingInfo] = field(default_factory=list)
+    discarded: int = 0
+    gaps: int = 0
+    dropped_frames: int = 0
+    metadata_frames: int = 0
+
+
+_EVENT_STATS = {
+    "recording_discarded": "discarded",
+    "gap": "gaps",
+    "frame_dropped": "dropped_frames",
+    "metadata_frame": "metadata_frames",
+}
+
+
+@dataclass
+class _OpenRecording:
+    path: Path
+    file: BinaryIO
+    header: WavHeader
+    start_time: datetime
+    data_bytes: int = 0
+    gaps: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return self.data_bytes / self.header.format.byte_rate
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StreamAssembler:
+    """The per-connection state machine of the streaming protocol.
+
+    ``on_event(name, count)`` reports what happened (recording_closed, recording_discarded, gap,
+    frame_dropped, metadata_frame) so the caller can count it without this code knowing about metrics.
+    """
+
+    def __init__(
+        self,
+        listener_id: str,
+        store: RecordingStore,
+        limits: StreamLimits,
+        on_event: Callable[[str, int], None] = lambda name, count: None,
+        clock: Callable[[], datetime] = _utc_now,
+    ):
+        self.listener_id = listener_id
+        self.store = store
+        self.limits = limits
+        self.on_event = on_event
+        self.clock = clock
+        self.stats = StreamStats()
+        self._open: Optional[_OpenRecording] = None
+        self._last_header: Optional[WavHeader] = None
+        self._last_seq = 0
+        self._page_bytes = DEFAULT_PAGE_BYTES
+
+    # frames -------------------------------------------------------------------------------------------
+
+    def handle(self, frame: Frame) -> None:
+        if frame.seq == METADATA_SEQ:
+            self._count("metadata_frame")
+            return
+        if frame.seq == START_SEQ:
+            self._start_recording(frame.payload, self.clock())
+            self._last_seq = START_SEQ
+            return
+        if looks_like_wav(frame.payload):
+            self._start_recording(frame.payload, self.clock())
+            self._last_seq = frame.seq
+            return
+        if self._open is None:
+            self._count("frame_dropped")
+            return
+        step = (frame.seq - self._last_seq) % AUDIO_SEQ_CYCLE
+        if step == 0 or step > AUDIO_SEQ_CYCLE // 2:
+            # A repeated or late page: the audio it would fill has already been written.
+            self._count("frame_dropped")
+            return
+        missing = step - 1
+        if missing > self.limits.max_gap_pages:
+            log.info("listener %s: seq jumped by %d pages, closing the recording", self.listener_id, step)
+            self._close()
+            self._count("frame_dropped")
+            return
+        if missing:
+            self._pad_silence(missing)
+        self._last_seq = frame.seq
+        if frame.payload:
+            self._page_bytes = len(frame.payload)
+        self._write_audio(frame.payload)
+
+    def finish(self) -> StreamStats:
+        """The connection ended (normally or not): close what is open."""
+        self._close()
+        return self.stats
+
+    # recordings -----------------------------------------------------------------------------------------
+
+    def _start_recording(self, payload: bytes, start_time: datetime) -> None:
+        if payload[:4] == b"RIFF":
+            try:
+                header = parse_header(payload)
+            except WavError as exc:
+                raise StreamRejected(f"listener {self.listener_id}: {exc}") from exc
+            audio = payload[header.size :]
+            self._last_header = header
+        else:
+            header = self._last_header or build_header(self.limits.default_format)
+            audio = payload
+        self._close()
+        self._open_with(header, start_time)
+        self._write_audio(audio)
+
+    def _open_with(self, header: WavHeader, start_time: datetime) -> None:
+        path = self.store.new_partial(".wav")
+        file = open(path, "wb")
+        file.write(header.raw)
+        self._open = _OpenRecording(path=path, file=file, header=header, start_time=start_time)
+
+    def _write_audio(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view.nbytes:
+            current = self._open
+            room = self._max_data_bytes(current.header.format) - current.data_bytes
+            piece = view[:room]
+            current.file.write(piece)
+            current.data_bytes += piece.nbytes
+            view = view[piece.nbytes :]
+            if current.data_bytes >= self._max_data_bytes(current.header.format):
+                self._roll_over()
+
+    def _roll_over(self) -> None:
+        previous = self._open
+        self._close()
+        self._open_with(previous.header, previous.start_time + timedelta(seconds=previous.duration_s))
+
+    def _pad_silence(self, pages: int) -> None:
+        block_align = self._open.header.format.block_align
+        size = pages * self._page_bytes // block_align * block_align
+        silence = b"\x80" if self._open.header.format.bits_per_sample == 8 else b"\x00"
+        self._write_audio(silence * size)
+        self._open.gaps += 1
+        self._count("gap")
+
+    def _max_data_bytes(self, wav_format: WavFormat) -> int:
+        return int(self.limits.max_duration_s * wav_format.sample_rate) * wav_format.block_align
+
+    def _close(self) -> None:
+        current, self._open = self._open, None
+        if current is None:
+            return
+        patch_sizes(current.file, current.header.size, current.data_bytes)
+        current.file.flush()
+        os.fsync(current.file.fileno())
+        current.file.close()
+        if current.duration_s < self.limits.min_duration_s:
+            current.path.unlink(missing_ok=True)
+            log.info(
+                "listener %s: discarded a %.2f s recording (minimum %.1f s)",
+                self.listener_id,
+                current.duration_s,
+                self.limits.min_duration_s,
+            )
+            self._count("recording_discarded")
+            return
+        info = self.store.publish(
+            current.path,
+            listener_id=self.listener_id,
+            start_time=current.start_time,
+            duration_s=current.duration_s,
+            sample_rate=current.header.format.sample_rate,
+            channels=current.header.format.channels,
+            gaps=current.gaps,
+            source="stream",
+        )
+        self.stats.recordings.append(info)
+        self._count("recording_closed")
+
+    def _count(self, name: str, count: int = 1) -> None:
+        stat = _EVENT_STATS.get(name)
+        if stat:
+            setattr(self.stats, stat, getattr(self.stats, stat) + count)
+        self.on_event(name, count)
