@@ -145,7 +145,9 @@ def create_app(settings: Settings) -> FastAPI:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise Rejection(400, "bad_form", "missing the 'file' field")
-            name = Path(upload.filename or "").name
+            name = upload.filename or ""
+            if any(char in name for char in "/\\\0"):
+                raise Rejection(400, "bad_file_name", f"file name {name!r} must not contain path separators or NUL")
             name_listener, name_start = parse_file_name(name)
             listener_id = str(form.get("listener_id") or name_listener or "")
             try:

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.servers import LineProtocolServer, PrefectServer, SeaweedS3
+
+PROJECT = Path(__file__).resolve().parent.parent
+SHARED_AUDIO = PROJECT.parent / "shared" / "audio"
+SAMPLE_48K = SHARED_AUDIO / "listener_sample_48k.wav"
+SAMPLE_44K1 = SHARED_AUDIO / "listener_sample_44k1.wav"
+
+
+def require_sample(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not available (../shared/audio is absent in this checkout)")
+    return path
+
+
+@pytest.fixture
+def sample_48k() -> Path:
+    return require_sample(SAMPLE_48K)
+
+
+@pytest.fixture
+def sample_44k1() -> Path:
+    return require_sample(SAMPLE_44K1)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server (SQLite, loopback) for the whole session; this process talks to it."""
+    home = tmp_path_factory.mktemp("prefect")
+    server = PrefectServer(home).start(home / "server.log")
+    previous = {key: os.environ.get(key) for key in server.env()}
+    os.environ.update(server.env())
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "storage")
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    data = tmp_path_factory.mktemp("seaweed")
+    server = SeaweedS3(data).start(data / "weed.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def influx_server():
+    server = LineProtocolServer(token="test-token").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,216 @@
+"""Real servers for the tests: Prefect, SeaweedFS (S3), and an InfluxDB line-protocol HTTP endpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not ready within {timeout_s} s")
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left (SeaweedFS ignores SIGTERM for a long time)."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+@dataclass
+class PrefectServer:
+    home: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/api"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+        }
+
+    def start(self, log: Path) -> "PrefectServer":
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK, "--port", str(self.port)],
+            env={**os.environ, **self.env()},
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(lambda: httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200, 120, "Prefect server")
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            stop_process(self.process, grace_s=10)
+
+
+@dataclass
+class SeaweedS3:
+    data: Path
+    access_key: str = "birdflow-test"
+    secret_key: str = "birdflow-test-secret"
+    s3_port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.s3_port}"
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )
+
+    def start(self, log: Path) -> "SeaweedS3":
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        self.data.mkdir(parents=True, exist_ok=True)
+        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        command = [
+            weed, "server", f"-dir={self.data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}", "-volume.max=8",
+            f"-master.port={ports['master']}", f"-master.port.grpc={free_port()}",
+            f"-volume.port={ports['volume']}", f"-volume.port.grpc={free_port()}",
+            f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port()}",
+            "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={free_port()}",
+        ]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        self.process = subprocess.Popen(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: self.client().list_buckets() is not None, 90, "SeaweedFS S3")
+        return self
+
+    def create_bucket(self, name: str) -> None:
+        wait_until(lambda: self.client().create_bucket(Bucket=name) is not None, 60, f"bucket {name}")
+
+    def stop(self) -> None:
+        if self.process:
+            stop_process(self.process, grace_s=3)
+
+
+class LineProtocolServer:
+    """An HTTP server that accepts InfluxDB 3 writes (/api/v3/write_lp and /api/v2/write) and keeps the lines."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.lines: list[str] = []
+        self.requests: list[dict] = []
+        self.fail_next = 0  # answer this many writes with 503, to exercise retries
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                url = urlparse(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    import gzip
+
+                    body = gzip.decompress(body)
+                server.requests.append({"path": url.path, "query": parse_qs(url.query), "auth": self.headers.get("Authorization")})
+                if url.path not in ("/api/v3/write_lp", "/api/v2/write"):
+                    return self._reply(404, b'{"error":"not found"}')
+                if self.headers.get("Authorization") not in (f"Token {server.token}", f"Bearer {server.token}"):
+                    return self._reply(401, b'{"error":"unauthorized"}')
+                if server.fail_next:
+                    server.fail_next -= 1
+                    return self._reply(503, b'{"error":"try again"}')
+                server.lines.extend(line for line in body.decode().splitlines() if line.strip())
+                self._reply(204, b"")
+
+            def _reply(self, status: int, body: bytes):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.httpd.server_address[1]}"
+
+    def start(self) -> "LineProtocolServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def parse_line(line: str) -> tuple[str, dict[str, str], dict[str, str], int]:
+    """(measurement, tags, fields, timestamp) of one line-protocol line (escaped spaces/commas honoured)."""
+
+    def split(text: str, separator: str) -> list[str]:
+        parts, current, escaped, quoted = [], "", False, False
+        for char in text:
+            if escaped:
+                current += char
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = not quoted
+                current += char
+            elif char == separator and not quoted:
+                parts.append(current)
+                current = ""
+            else:
+                current += char
+        parts.append(current)
+        return parts
+
+    series, fields_text, timestamp = split(line, " ")
+    measurement, *tag_parts = split(series, ",")
+    tags = dict(part.split("=", 1) for part in tag_parts)
+    fields = dict(part.split("=", 1) for part in split(fields_text, ","))
+    return measurement, tags, fields, int(timestamp)

@@ -1,0 +1,198 @@
+"""The ingest API over real HTTP (uvicorn on loopback), with chunk boundaries chosen byte by byte."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+import wave
+
+import httpx
+import pytest
+import uvicorn
+
+from birdflow.settings import Settings
+from birdflow.wav import WavFormat, build_header
+from ingest_api.app import create_app
+from ingest_api.framing import encode_frame
+from tests.servers import LOOPBACK, free_port, wait_until
+
+
+@pytest.fixture
+def ingest(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=LOOPBACK, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200, 20, "ingest API")
+    yield settings, port
+    server.should_exit = True
+    thread.join(10)
+
+
+def chunked_post(port: int, path: str, chunks: list[bytes], finish: bool = True, timeout: float = 20) -> tuple[int, dict]:
+    """POST with Transfer-Encoding: chunked, one HTTP chunk per item; finish=False vanishes mid-body."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        for chunk in chunks:
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        if not finish:
+            sock.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)
+            return 0, {}
+        sock.sendall(b"0\r\n\r\n")
+        response = b""
+        while b"\r\n\r\n" not in response or not _complete(response):
+            data = sock.recv(65536)
+            if not data:
+                break
+            response += data
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return status, json.loads(body or b"{}")
+
+
+def _complete(response: bytes) -> bool:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lowered = head.lower()
+    if b"content-length:" in lowered:
+        length = int(lowered.split(b"content-length:")[1].split(b"\r\n")[0])
+        return len(body) >= length
+    return body.endswith(b"0\r\n\r\n")
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return out
+
+
+def wav_bytes(seconds: float, sample_rate: int = 48000, value: int = 1000) -> bytes:
+    frames = int(seconds * sample_rate)
+    return build_header(WavFormat(sample_rate, 1, 16), frames * 2).raw + struct.pack("<h", value) * frames
+
+
+def frames_of(wav: bytes, page: int = 32768) -> bytes:
+    header, audio = wav[:44], wav[44:]
+    return encode_frame(0, header) + b"".join(
+        encode_frame(seq, audio[offset : offset + page]) for seq, offset in enumerate(range(0, len(audio), page), start=1)
+    )
+
+
+def recordings(settings: Settings) -> list:
+    return sorted(settings.recordings_dir.glob("*.wav"))
+
+
+def test_frames_split_across_odd_http_chunks_rebuild_the_audio_exactly(ingest, sample_48k):
+    settings, port = ingest
+    source = sample_48k.read_bytes()
+    stream = frames_of(source)
+    chunks = [stream[i : i + 1000] for i in range(0, len(stream), 1000)]  # never aligned with 32 KiB frames
+    status, summary = chunked_post(port, "/recordings_stream?listener_id=mic-7", chunks)
+    assert status == 200 and len(summary["recordings"]) == 1
+    [path] = recordings(settings)
+    with wave.open(str(path)) as stored, wave.open(str(sample_48k)) as original:
+        assert stored.getframerate() == 48000
+        assert stored.readframes(stored.getnframes()) == original.readframes(original.getnframes())
+    assert path.name.startswith("mic-7_") and path.with_suffix(".json").is_file()
+
+
+def test_client_vanishing_mid_frame_keeps_the_recording_so_far(ingest):
+    settings, port = ingest
+    stream = frames_of(wav_bytes(2.0))
+    chunked_post(port, "/recordings_stream?listener_id=mic-8", [stream[: len(stream) - 5000]], finish=False)
+    wait_until(lambda: len(recordings(settings)) == 1, 10, "recording closed after disconnect")
+    with wave.open(str(recordings(settings)[0])) as stored:
+        assert 1.5 < stored.getnframes() / 48000 < 2.0
+    metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics").text
+    assert 'birdflow_frames_dropped_total{station="station01"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("listener_id", ["../escape", "a/b", "bad%00id", "", "x_y"])
+def test_listener_ids_with_path_characters_are_refused(ingest, listener_id):
+    settings, port = ingest
+    status, body = chunked_post(port, f"/recordings_stream?listener_id={listener_id}", [frames_of(wav_bytes(1.0))])
+    assert status in (400, 422) and recordings(settings) == []
+    assert not (settings.data_dir.parent / "escape").exists()
+
+
+def test_oversized_frame_ends_the_stream_with_400_and_keeps_the_open_recording(ingest):
+    settings, port = ingest
+    good = frames_of(wav_bytes(1.0))
+    bad = (5).to_bytes(3, "little") + (0xFFFFF0).to_bytes(3, "little") + b"garbage"
+    status, body = chunked_post(port, "/recordings_stream?listener_id=mic-9", [good, bad])
+    assert status == 400 and "exceeds" in body["error"]
+    assert len(recordings(settings)) == 1
+
+
+def test_non_pcm_header_gets_415(ingest):
+    settings, port = ingest
+    header = bytearray(build_header(WavFormat(48000, 1, 16)).raw)
+    header[20:22] = struct.pack("<H", 0x55)  # MPEG layer 3 in a WAV container
+    status, body = chunked_post(port, "/recordings_stream?listener_id=mic-10", [encode_frame(0, bytes(header))])
+    assert status == 415 and "not PCM" in body["error"]
+    metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics").text
+    assert 'birdflow_requests_rejected_total{reason="bad_header",station="station01"} 1.0' in metrics
+
+
+def test_upload_stores_a_recording_named_after_listener_and_time(ingest, sample_44k1):
+    settings, port = ingest
+    files = {"file": ("field-3_20250101T120000Z.wav", sample_44k1.read_bytes(), "audio/wav")}
+    response = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["listener_id"] == "field-3" and body["start_time"] == "2025-01-01T12:00:00+00:00"
+    assert (settings.recordings_dir / body["file_name"]).read_bytes() == sample_44k1.read_bytes()
+
+
+def test_two_uploads_in_the_same_second_from_one_listener_do_not_overwrite(ingest):
+    settings, port = ingest
+    names = set()
+    for value in (1, 2):
+        files = {"file": ("mic-1_20250101T120000Z.wav", wav_bytes(1.0, value=value))}
+        response = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files=files, data={"listener_id": "mic-1"})
+        assert response.status_code == 200
+        names.add(response.json()["file_name"])
+    assert len(names) == 2 and len(recordings(settings)) == 2
+
+
+@pytest.mark.parametrize(
+    "name, content, status",
+    [
+        ("mic-1_x.txt", b"hello", 415),
+        ("mic-1_x.wav", b"this is not a wav file at all" * 10, 415),
+        ("mic-1_x.flac", b"RIFF0000WAVE", 415),
+        ("mic-1_x.wav", b"", 400),
+        ("../../mic_x.wav", None, 400),
+    ],
+)
+def test_bad_uploads_are_refused_and_leave_nothing_behind(ingest, name, content, status):
+    settings, port = ingest
+    content = wav_bytes(1.0) if content is None else content
+    response = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": (name, content)})
+    assert response.status_code == status and response.json()["error"]
+    assert recordings(settings) == [] and list(settings.partial_dir.iterdir()) == []
+
+
+def test_oversize_upload_is_refused_with_413(ingest):
+    settings, port = ingest
+    big = wav_bytes(50.0)  # 4.8 MB, over the 4 MiB limit of this fixture
+    response = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": ("mic-1_x.wav", big)})
+    assert response.status_code == 413 and recordings(settings) == []
+
+
+def test_too_short_upload_is_discarded_with_422(ingest):
+    settings, port = ingest
+    response = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": ("mic-1_x.wav", wav_bytes(0.2))})
+    assert response.status_code == 422 and "shorter" in response.json()["error"]
