@@ -1,0 +1,189 @@
+"""The whole stack: `birdflow up` against a real Prefect server, SeaweedFS S3 and a line-protocol server.
+
+Streams and uploads the field recording, waits for the flow runs and checks the detections, the archived
+objects, the Influx rows and the runs' task states in the Prefect API; then reruns one run as the UI does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterId
+from prefect.states import Scheduled
+
+from birdflow.recordings import RecordingStore
+from tests.servers import LOOPBACK, LineProtocolServer, free_port, parse_line, wait_until
+
+pytestmark = pytest.mark.e2e
+STATION = "e2e"
+TASKS = {"decode", "analyze", "write detections", "archive"}
+
+
+@pytest.fixture(scope="module")
+def stack(prefect_server, seaweed, tmp_path_factory, request):
+    from tests.conftest import require_sample, SAMPLE_48K
+
+    sample = require_sample(SAMPLE_48K)
+    bucket = "birdflow-e2e"
+    seaweed.create_bucket(bucket)
+    influx = LineProtocolServer(token="e2e-token").start()
+    root = tmp_path_factory.mktemp("stack")
+    port = free_port()
+    settings_file = root / "settings.yaml"
+    settings = {
+        "station_id": STATION,
+        "data_dir": str(root / "data"),
+        "ingest_host": LOOPBACK,
+        "ingest_port": port,
+        "prefect_api_url": prefect_server.api_url,
+        "poll_interval_s": 0.5,
+        "archive_backend": "s3",
+        "s3_bucket": bucket,
+        "s3_prefix": "archive",
+        "s3_endpoint_url": seaweed.endpoint_url,
+        "aws_access_key_id": seaweed.access_key,
+        "influx_enabled": True,
+        "influx_host": influx.url,
+        "influx_database": "birds",
+        "retry_delay_s": 0.2,
+    }
+    settings_file.write_text(yaml.safe_dump(settings))
+    # A recording left behind by a crash before its run was created: `up` must give it a run.
+    store = RecordingStore(root / "data" / "partial", root / "data" / "recordings", STATION)
+    partial = store.new_partial(".wav")
+    partial.write_bytes(sample.read_bytes())
+    seeded = store.publish(
+        partial, listener_id="seeded", start_time=datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc),
+        duration_s=10.0, sample_rate=48000, channels=1, gaps=0, source="stream",
+    )
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key, "INFLUX_TOKEN": "e2e-token"}
+    log = open(root / "up.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "birdflow.cli", "--settings", str(settings_file), "up"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://{LOOPBACK}:{port}"
+    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "ingest API of birdflow up")
+    handle = {
+        "url": url, "settings_file": settings_file, "root": root, "seaweed": seaweed, "bucket": bucket,
+        "influx": influx, "sample": sample, "seeded": seeded, "env": env,
+    }
+    try:
+        yield handle
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = "killed"
+        influx.stop()
+        assert code == 0, (root / "up.log").read_text()[-3000:]
+
+
+def station_runs():
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[STATION]))
+        )
+
+
+def wait_for_completed_runs(count: int, timeout_s: float = 180):
+    wait_until(
+        lambda: sum(run.state and run.state.is_completed() for run in station_runs()) >= count,
+        timeout_s, f"{count} completed flow runs",
+    )
+    return [run for run in station_runs() if run.state.is_completed()]
+
+
+def detections(stack) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "birdflow.cli", "--settings", str(stack["settings_file"]), "detections", "--format", "json"],
+        env=stack["env"], capture_output=True, text=True, check=True, timeout=60,
+    )
+    return json.loads(out.stdout)
+
+
+def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(stack):
+    listen = subprocess.run(
+        [sys.executable, "-m", "birdflow.cli", "listen", "--file", str(stack["sample"]), "--listeners", "2",
+         "--recordings", "1", "--pace", "0", "--interval", "0", "--url", stack["url"]],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert listen.returncode == 0, listen.stdout + listen.stderr
+    upload = httpx.post(
+        f"{stack['url']}/recordings_upload",
+        files={"file": ("field-1_20250601T053000Z.wav", stack["sample"].read_bytes())},
+    )
+    assert upload.status_code == 200, upload.text
+
+    runs = wait_for_completed_runs(4)
+    by_listener = {run.parameters["recording"]["listener_id"]: run for run in runs}
+    assert set(by_listener) == {"listener01", "listener02", "field-1", "seeded"}
+    assert by_listener["field-1"].name == "field-1-20250601T053000Z"
+    assert by_listener["seeded"].parameters["recording"]["recording_id"] == stack["seeded"].recording_id
+
+    # every run has the four tasks, all completed (cached ones count as completed)
+    with get_client(sync_client=True) as client:
+        for run in runs:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            assert {task.name.rsplit("-", 1)[0] for task in task_runs} == TASKS
+            assert all(task.state.is_completed() for task in task_runs)
+
+    # detections stored, one American Goldfinch per recording at 3 s
+    rows = detections(stack)
+    goldfinch = [row for row in rows if row["scientific_name"] == "Spinus tristis"]
+    assert {row["listener_id"] for row in goldfinch} == set(by_listener)
+    for row in goldfinch:
+        assert row["start_s"] == 3.0 and 0.3 < row["confidence"] < 0.45
+
+    # raw audio archived in S3 under station/listener/YYYY/MM/DD, verified by content
+    s3 = stack["seaweed"].client()
+    for run in runs:
+        recording = run.parameters["recording"]
+        day = datetime.fromisoformat(recording["start_time"])
+        key = f"archive/{STATION}/{recording['listener_id']}/{day:%Y/%m/%d}/{recording['file_name']}"
+        body = s3.get_object(Bucket=stack["bucket"], Key=key)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == recording["content_hash"]
+    upload_key = by_listener["field-1"].parameters["recording"]["file_name"]
+    uploaded = s3.get_object(Bucket=stack["bucket"], Key=f"archive/{STATION}/field-1/2025/06/01/{upload_key}")
+    assert uploaded["Body"].read() == stack["sample"].read_bytes()
+
+    # the same rows reached InfluxDB as line protocol
+    influx_rows = [parse_line(line) for line in stack["influx"].lines]
+    assert {tags["listener_id"] for _, tags, _, _ in influx_rows if tags["scientific_name"] == "Spinus tristis"} == set(by_listener)
+
+    # local copies are gone once analyzed and archived
+    recordings_dir = stack["root"] / "data" / "recordings"
+    wait_until(lambda: not any(recordings_dir.iterdir()), 10, "local recordings cleaned up")
+
+    metrics = httpx.get(f"{stack['url']}/metrics").text
+    assert f'birdflow_flow_runs_finished_total{{state="completed",station="{STATION}"}} 4.0' in metrics
+    assert f'birdflow_recordings_received_total{{source="stream",station="{STATION}"}} 2.0' in metrics
+
+
+def test_rerun_from_the_ui_reuses_the_cache_and_duplicates_nothing(stack):
+    runs = wait_for_completed_runs(4)
+    before = detections(stack)
+    target = next(run for run in runs if run.parameters["recording"]["listener_id"] == "listener01")
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(target.id, Scheduled(), force=True)  # what the UI's rerun does
+        wait_until(
+            lambda: client.read_flow_run(target.id).run_count >= 2 and client.read_flow_run(target.id).state.is_completed(),
+            120, "rerun completed",
+        )
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[target.id])))
+    analyze = [task for task in task_runs if task.name.startswith("analyze")]
+    assert any(task.state.name == "Cached" for task in analyze)
+    assert detections(stack) == before
