@@ -1,0 +1,53 @@
+"""`birdflow up` on embedded defaults: it starts its own Prefect server, processes a recording, and Ctrl-C stops all."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+import yaml
+
+from tests.servers import LOOPBACK, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((LOOPBACK, port)) == 0
+
+
+def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(tmp_path, sample_48k):
+    ingest_port, prefect_port = free_port(), free_port()
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"), "ingest_host": LOOPBACK, "ingest_port": ingest_port,
+        "prefect_port": prefect_port, "poll_interval_s": 0.5,
+    }))
+    log = open(tmp_path / "up.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "birdflow.cli", "--settings", str(settings_file), "up"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{ingest_port}/healthz").status_code == 200, 120, "ingest API")
+        assert httpx.get(f"http://{LOOPBACK}:{prefect_port}/api/health").status_code == 200
+        response = httpx.post(
+            f"http://{LOOPBACK}:{ingest_port}/recordings_upload",
+            files={"file": ("mic-1_20250601T053000Z.wav", sample_48k.read_bytes())},
+        )
+        recording_id = response.json()["recording_id"]
+        detections = tmp_path / "data" / "detections"
+        wait_until(lambda: list(detections.rglob(f"{recording_id}__*.parquet")), 120, "detections stored")
+        archived = list((tmp_path / "data" / "archive").rglob(f"{recording_id}.wav"))
+        assert [path.read_bytes() for path in archived] == [sample_48k.read_bytes()]
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(60)
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    assert not port_open(prefect_port) and not port_open(ingest_port)
