@@ -135,11 +135,14 @@ def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(s
     assert by_listener["seeded"].parameters["recording"]["recording_id"] == stack["seeded"].recording_id
 
     # every run has the four tasks, all completed (cached ones count as completed)
+    def tasks_completed(client, run) -> bool:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        names = {task.name.rsplit("-", 1)[0] for task in task_runs}
+        return names == TASKS and all(task.state and task.state.is_completed() for task in task_runs)
+
     with get_client(sync_client=True) as client:
-        for run in runs:
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-            assert {task.name.rsplit("-", 1)[0] for task in task_runs} == TASKS
-            assert all(task.state.is_completed() for task in task_runs)
+        for run in runs:  # task-run states arrive as events, shortly after the flow run's state
+            wait_until(lambda: tasks_completed(client, run), 30, f"the four tasks of {run.name} completed")
 
     # detections stored, one American Goldfinch per recording at 3 s
     rows = detections(stack)
@@ -173,6 +176,11 @@ def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(s
     assert f'birdflow_recordings_received_total{{source="stream",station="{STATION}"}} 2.0' in metrics
 
 
+def cached_analysis(client, flow_run_id) -> bool:
+    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return any(task.name.startswith("analyze") and task.state and task.state.name == "Cached" for task in task_runs)
+
+
 def test_rerun_from_the_ui_reuses_the_cache_and_duplicates_nothing(stack):
     runs = wait_for_completed_runs(4)
     before = detections(stack)
@@ -183,7 +191,6 @@ def test_rerun_from_the_ui_reuses_the_cache_and_duplicates_nothing(stack):
             lambda: client.read_flow_run(target.id).run_count >= 2 and client.read_flow_run(target.id).state.is_completed(),
             120, "rerun completed",
         )
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[target.id])))
-    analyze = [task for task in task_runs if task.name.startswith("analyze")]
-    assert any(task.state.name == "Cached" for task in analyze)
+        # task-run states reach the server as events, a moment after the flow run's own state
+        wait_until(lambda: cached_analysis(client, target.id), 60, "the rerun's analyze task recorded as Cached")
     assert detections(stack) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -30,9 +31,11 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(tmp_pa
         "prefect_port": prefect_port, "poll_interval_s": 0.5,
     }))
     log = open(tmp_path / "up.log", "wb")
+    # without the session's PREFECT_* variables, which would point `up` at the fixture's server
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     process = subprocess.Popen(
         [sys.executable, "-m", "birdflow.cli", "--settings", str(settings_file), "up"],
-        stdout=log, stderr=subprocess.STDOUT,
+        env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
         wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{ingest_port}/healthz").status_code == 200, 120, "ingest API")
