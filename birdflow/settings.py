@@ -45,7 +45,22 @@ class Settings(BaseModel):
     # Prefect
     prefect_api_url: str = Field("", description="External Prefect API; empty starts an embedded server")
     prefect_port: int = Field(4200, ge=1, le=65535, description="Port of the embedded Prefect server")
-    poll_interval_s: float = Field(1.0, gt=0, le=60, description="How often the executor looks for new work")
+    prefect_database: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="Database of the embedded Prefect server; postgres for stations with many listeners"
+    )
+    prefect_database_url: SecretStr = Field(
+        SecretStr(""), description="An existing Postgres (postgresql+asyncpg://...); empty starts one under data_dir"
+    )
+    prefect_events_enabled: bool = Field(
+        False, description="Automations and the stored event feed on the embedded Prefect server (costs CPU per run)"
+    )
+    postgres_port: int = Field(5433, ge=1, le=65535, description="Loopback port of the Postgres that `up` starts")
+    poll_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often the executor looks for runs scheduled from the UI (new files wake it at once)"
+    )
+    executor_workers: int = Field(
+        2, ge=1, le=16, description="Flow runs executed at once, each thread with its own BirdNET interpreter"
+    )
     task_retries: int = Field(3, ge=0, le=20, description="Retries of the I/O tasks (write, archive)")
     retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
 

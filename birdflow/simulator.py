@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +41,14 @@ def split_wav(data: bytes) -> tuple[bytes, bytes, int]:
     return header.raw, audio, header.format.byte_rate
 
 
+def make_distinct(audio: bytes, number: int) -> bytes:
+    """The same audio with its last 16-bit sample set from `number`: inaudible, but a new content hash,
+    so load tests exercise the analysis instead of its cache."""
+    if len(audio) < 2:
+        return audio
+    return audio[:-2] + (number & 0xFFFF).to_bytes(2, "little")
+
+
 async def _recording_frames(header: bytes, audio: bytes, byte_rate: int, pace: float) -> AsyncIterator[bytes]:
     yield encode_frame(0, header)
     page_seconds = PAGE_BYTES / byte_rate
@@ -60,15 +69,18 @@ async def stream_listener(
     pace: float = 1.0,
     on_recording: Callable[[str], None] = lambda listener: None,
     max_backoff_s: float = 60.0,
+    distinct: bool = False,
 ) -> ListenerReport:
     """Send `recordings` recordings (0 = until cancelled) over one long-lived connection."""
     header, audio, byte_rate = split_wav(wav)
     report = ListenerReport(listener_id)
     backoff = 2.0
+    salt = zlib.crc32(listener_id.encode()) << 8
 
     async def body() -> AsyncIterator[bytes]:
         while not recordings or report.recordings_sent < recordings:
-            async for frame in _recording_frames(header, audio, byte_rate, pace):
+            pcm = make_distinct(audio, salt + report.recordings_sent) if distinct else audio
+            async for frame in _recording_frames(header, pcm, byte_rate, pace):
                 report.bytes_sent += len(frame)
                 yield frame
             report.recordings_sent += 1
@@ -101,13 +113,16 @@ async def upload_listener(
     recordings: int,
     interval_s: float,
     on_recording: Callable[[str], None] = lambda listener: None,
+    distinct: bool = False,
 ) -> ListenerReport:
     """POST the file `recordings` times (0 = until cancelled), named like listener01_20250101T120000Z.wav."""
     report = ListenerReport(listener_id)
+    salt = zlib.crc32(listener_id.encode()) << 8
     while not recordings or report.recordings_sent < recordings:
         name = f"{listener_id}_{datetime.now(timezone.utc):{TIMESTAMP_FORMAT}}{suffix}"
+        body = make_distinct(data, salt + report.recordings_sent) if distinct and suffix == ".wav" else data
         try:
-            response = await client.post(f"{base_url}/recordings_upload", files={"file": (name, data)})
+            response = await client.post(f"{base_url}/recordings_upload", files={"file": (name, body)})
             report.responses.append({"status": response.status_code, **_json_or_text(response)})
             response.raise_for_status()
             report.recordings_sent += 1
@@ -140,6 +155,7 @@ async def run_listeners(
     prefix: str = "listener",
     on_recording: Callable[[str], None] = lambda listener: None,
     timeout_s: Optional[float] = None,
+    distinct: bool = False,
 ) -> list[ListenerReport]:
     data = file.read_bytes()
     limits = httpx.Limits(max_connections=listeners + 4, max_keepalive_connections=listeners + 4)
@@ -153,11 +169,12 @@ async def run_listeners(
             if upload:
                 return await upload_listener(
                     client, base_url, listener_id, data, file.suffix.lower(),
-                    recordings=recordings, interval_s=interval_s, on_recording=on_recording,
+                    recordings=recordings, interval_s=interval_s, on_recording=on_recording, distinct=distinct,
                 )
             return await stream_listener(
                 client, base_url, listener_id, data,
                 recordings=recordings, interval_s=interval_s, pace=pace, on_recording=on_recording,
+                distinct=distinct,
             )
 
         tasks = [asyncio.create_task(one(index)) for index in range(1, listeners + 1)]

@@ -10,11 +10,17 @@ On start, recordings already in the folder without a finished run get one, so a 
 from __future__ import annotations
 
 import logging
+import queue
+import random
+import time
 import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 from uuid import UUID
+
+import httpx
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -29,12 +35,22 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import Abort
-from prefect.flow_engine import run_flow
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect._flow_run_suspension import register_flow_run_suspension_request
+from prefect.client.schemas.objects import State
+from prefect.context import SyncClientContext
+from prefect.flow_engine import FlowRunEngine
+from prefect.context import SettingsContext
+from prefect.settings import (
+    PREFECT_CLIENT_MAX_RETRIES,
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    get_current_settings,
+    temporary_settings,
+)
 from prefect.states import Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
 from birdflow import metrics
+from birdflow.folder_watch import FolderWatch
 from birdflow.recordings import (
     RecordingInfo,
     RecordingStore,
@@ -95,7 +111,53 @@ def info_for_dropped_file(path: Path, settings: Settings) -> RecordingInfo:
     return info
 
 
+def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) -> FlowRun:
+    """Create a flow run, retrying "database is locked" (503) after tens of milliseconds.
+
+    On SQLite the server's create reads before it writes, so it loses to any concurrent writer and
+    answers 503; the Prefect client would wait 2 s, 4 s ... before retrying. Idempotent on the
+    recording id, so a retry never creates a second run.
+    """
+    settings = get_current_settings().copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+    for attempt in range(attempts):
+        try:
+            with SettingsContext(profile=SettingsContext.get().profile, settings=settings):
+                return create()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(0.03 * 2**attempt * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
+class InProcessFlowRunEngine(FlowRunEngine):
+    """Prefect's flow-run engine without the per-run suspension observer.
+
+    For a deployment's run the stock engine starts a thread with its own event loop, API client and
+    events websocket to notice a suspension requested from outside. Recordings' runs are never
+    suspended, and that watcher cost more than the rest of the run's bookkeeping together.
+    """
+
+    @contextmanager
+    def setup_flow_run_suspension_request(self):
+        request = self._get_flow_run_suspension_request()
+        with register_flow_run_suspension_request(self.flow_run.id, request):
+            yield request
+
+
+def run_in_process(flow_run: FlowRun) -> Optional[State]:
+    """What `prefect.flow_engine.run_flow` does for a sync flow, with the engine above."""
+    engine = InProcessFlowRunEngine(flow=process_recording, parameters=flow_run.parameters, flow_run=flow_run)
+    with engine.start():
+        while engine.is_running():
+            with engine.run_context():
+                engine.call_flow_fn()
+    return engine.state
+
+
 class Executor:
+    """Scans for recordings and due runs; `workers` threads execute them, each with its own model."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
@@ -103,39 +165,101 @@ class Executor:
         self.deployment_id: Optional[UUID] = None
         # recordings whose run ended Failed/Crashed: left for a retry from the UI or a backfill
         self._parked: set[str] = set()
+        self._queue: queue.Queue = queue.Queue()
+        self._in_flight: set[str] = set()  # recording file stems and flow-run ids queued or running
+        self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Register the deployment and warm the model before the first recording arrives."""
+        """Register the deployment and open the sinks and archive before the first recording arrives."""
+        self.settings.recordings_dir.mkdir(parents=True, exist_ok=True)
         self.deployment_id = ensure_deployment(self.settings)
-        _ = self.pipeline.model, self.pipeline.sinks, self.pipeline.archive
-        log.info("executor ready: deployment %s, BirdNET on %s", self.deployment_id, self.pipeline.model.backend)
+        _ = self.pipeline.sinks, self.pipeline.archive
+
+    @contextmanager
+    def _engine_context(self):
+        """One API client per thread for all its runs, and no heartbeat thread per run (~0.7 s each):
+        a run left Running by a crashed executor is taken over when it restarts."""
+        with SyncClientContext.get_or_create() as context, temporary_settings(
+            updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        ):
+            yield context.client
 
     def run_forever(self, stop: threading.Event) -> None:
         self.start()
-        with get_client(sync_client=True) as client:
-            while not stop.is_set():
-                worked = self.run_new_recordings(client, stop)
-                worked = self.run_scheduled(client, stop) or worked
-                if not worked:
-                    stop.wait(self.settings.poll_interval_s)
+        warm = threading.Barrier(self.settings.executor_workers + 1)
+        workers = [
+            threading.Thread(target=self._work, args=(stop, warm), name=f"flow-runs-{number}", daemon=True)
+            for number in range(self.settings.executor_workers)
+        ]
+        for worker in workers:
+            worker.start()
+        warm.wait()
+        log.info(
+            "executor ready: deployment %s, %d worker(s), BirdNET on %s",
+            self.deployment_id, len(workers), self.pipeline.settings.birdnet_backend,
+        )
+        watch = FolderWatch(self.settings.recordings_dir)
+        try:
+            with self._engine_context() as client:
+                while not stop.is_set():
+                    self.queue_new_recordings()
+                    self.queue_scheduled(client)
+                    watch.wait(self.settings.poll_interval_s)
+        finally:
+            watch.close()
+            for _ in workers:
+                self._queue.put(None)
+            for worker in workers:
+                worker.join(timeout=60)
 
-    def run_new_recordings(self, client: SyncPrefectClient, stop: threading.Event) -> bool:
+    def _work(self, stop: threading.Event, warm: threading.Barrier) -> None:
+        _ = self.pipeline.model  # this thread's interpreter, loaded before the first recording
+        warm.wait()
+        with self._engine_context() as client:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                key = item.stem if isinstance(item, Path) else str(item.id)
+                try:
+                    if not stop.is_set():
+                        if isinstance(item, Path):
+                            self.run_recording(client, item)
+                        else:
+                            self.execute(client, item)
+                except Exception:
+                    log.exception("could not run %s; it is retried on the next scan", key)
+                finally:
+                    with self._lock:
+                        self._in_flight.discard(key)
+
+    def _enqueue(self, key: str, item) -> None:
+        with self._lock:
+            if key in self._in_flight:
+                return
+            self._in_flight.add(key)
+        self._queue.put(item)
+
+    def queue_new_recordings(self) -> None:
         pending = [path for path in self.store.pending() if path.stem not in self._parked]
         metrics.BACKLOG.labels(self.settings.station_id).set(len(pending))
         for path in pending:
-            if stop.is_set():
-                break
-            self.run_recording(client, path)
-        return bool(pending)
+            self._enqueue(path.stem, path)
 
     def run_recording(self, client: SyncPrefectClient, path: Path) -> Optional[FlowRun]:
+        if not path.exists():
+            return None  # finished by a run that was queued before this scan saw the file
         info = load_info(path) or info_for_dropped_file(path, self.settings)
-        flow_run = client.create_flow_run_from_deployment(
-            self.deployment_id,
-            parameters={"recording": info.model_dump(mode="json")},
-            name=info.run_name,
-            tags=[info.listener_id, info.source],
-            idempotency_key=info.recording_id,
+        # created already Pending: this process claims it in the same call
+        flow_run = create_with_quick_retries(
+            lambda: client.create_flow_run_from_deployment(
+                self.deployment_id,
+                parameters={"recording": info.model_dump(mode="json")},
+                name=info.run_name,
+                tags=[info.listener_id, info.source],
+                idempotency_key=info.recording_id,
+                state=Pending(),
+            )
         )
         state = flow_run.state.type if flow_run.state else StateType.SCHEDULED
         if state == StateType.COMPLETED:
@@ -145,15 +269,16 @@ class Executor:
         if state not in UNFINISHED:
             self._parked.add(info.recording_id)
             return flow_run
-        if state == StateType.SCHEDULED:
+        if flow_run.run_count == 0 and state == StateType.PENDING:
             metrics.FLOW_RUNS_TRIGGERED.labels(self.settings.station_id).inc()
-        else:
-            # left Pending/Running by an executor that stopped mid-run: take it over
-            client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
+            self.finish(flow_run, run_in_process(flow_run))
+            return flow_run
+        # left Scheduled/Pending/Running by an executor that stopped mid-run: take it over
+        client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
         self.execute(client, flow_run)
         return flow_run
 
-    def run_scheduled(self, client: SyncPrefectClient, stop: threading.Event) -> bool:
+    def queue_scheduled(self, client: SyncPrefectClient) -> None:
         """Runs scheduled from the UI or API (retries, reruns, quick runs) that are due now."""
         due = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id])),
@@ -165,24 +290,21 @@ class Executor:
             limit=20,
         )
         for flow_run in due:
-            if stop.is_set():
-                break
             recording = flow_run.parameters.get("recording", {})
             self._parked.discard(recording.get("recording_id", ""))
-            self.execute(client, flow_run)
-        return bool(due)
+            self._enqueue(str(flow_run.id), flow_run)
 
     def execute(self, client: SyncPrefectClient, flow_run: FlowRun) -> None:
+        """Claim a Scheduled run (Pending) and run it here."""
         try:
             state = propose_state_sync(client, Pending(), flow_run_id=flow_run.id)
         except Abort as exc:
             log.info("flow run %s was claimed elsewhere: %s", flow_run.name, exc)
             return
-        if not state.is_pending():
-            return
-        # The heartbeat thread costs ~0.7 s per run; a crashed executor is recovered on restart instead.
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            final = run_flow(process_recording, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        if state.is_pending():
+            self.finish(flow_run, run_in_process(flow_run))
+
+    def finish(self, flow_run: FlowRun, final: Optional[State]) -> None:
         outcome = final.type.value.lower() if final is not None else "crashed"
         metrics.FLOW_RUNS_FINISHED.labels(self.settings.station_id, outcome).inc()
         if final is None or not final.is_completed():

@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run as current_flow_run
 from prefect.tasks import exponential_backoff
 
 from birdflow import metrics
@@ -97,10 +96,6 @@ def archive_recording(recording: RecordingInfo) -> dict[str, Any]:
     return {"key": recording.archive_key, "uri": stored.uri, "uploaded": stored.uploaded}
 
 
-def _run_name() -> str:
-    return _recording(current_flow_run.parameters).run_name
-
-
 def _with_io_retries(io_task):
     settings = pipeline().settings
     return io_task.with_options(
@@ -109,7 +104,9 @@ def _with_io_retries(io_task):
     )
 
 
-@flow(name="process-recording", flow_run_name=_run_name, persist_result=False, log_prints=False)
+# Runs are named when they are created (RecordingInfo.run_name): a flow_run_name here would cost every
+# run one more API call to rename it.
+@flow(name="process-recording", persist_result=False, log_prints=False)
 def process_recording(recording: RecordingInfo) -> dict[str, Any]:
     samples = decode_recording(recording)
     found = analyze(recording, samples)

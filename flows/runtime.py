@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
 
@@ -30,14 +30,22 @@ def analysis_params(settings: Settings) -> AnalysisParams:
 @dataclass
 class Pipeline:
     settings: Settings
+    _per_thread: threading.local = field(default_factory=threading.local, repr=False)
 
     @cached_property
     def params(self) -> AnalysisParams:
         return analysis_params(self.settings)
 
-    @cached_property
+    @property
     def model(self) -> BirdNET:
-        return BirdNET(self.settings.birdnet_backend, self.settings.birdnet_threads, self.settings.birdnet_batch_size)
+        """One interpreter per executing thread (interpreters are not thread-safe), loaded on first use."""
+        model = getattr(self._per_thread, "model", None)
+        if model is None:
+            settings = self.settings
+            model = self._per_thread.model = BirdNET(
+                settings.birdnet_backend, settings.birdnet_threads, settings.birdnet_batch_size
+            )
+        return model
 
     @cached_property
     def sinks(self) -> list[DetectionSink]:

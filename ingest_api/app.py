@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,6 +13,7 @@ from typing import Optional
 import soundfile
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
@@ -36,7 +40,8 @@ class Rejection(Exception):
 def _summary(listener_id: str, stats: StreamStats) -> dict:
     return {
         "listener_id": listener_id,
-        "recordings": [info.recording_id for info in stats.recordings],
+        "recordings_closed": stats.closed,
+        "recordings": [info.recording_id for info in stats.recordings],  # the newest 100
         "discarded": stats.discarded,
         "gaps": stats.gaps,
         "dropped_frames": stats.dropped_frames,
@@ -86,6 +91,22 @@ def create_app(settings: Settings) -> FastAPI:
         log.warning("rejected request from listener %r: %s", listener_id, rejection)
         return JSONResponse({"error": str(rejection), **(extra or {})}, status_code=rejection.status)
 
+    # one thread seals closed recordings (fsync, hash, publish) in order, off the event loop
+    sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
+
+    def submit_seal(listener_id: str, seal) -> concurrent.futures.Future:
+        def report(future: concurrent.futures.Future) -> None:
+            if future.exception() is not None:
+                log.error("listener %s: a closed recording could not be stored: %s", listener_id, future.exception())
+
+        future = sealer.submit(seal)
+        future.add_done_callback(report)
+        return future
+
+    async def seal_all(sealing: list[concurrent.futures.Future]) -> None:
+        """Wait for this stream's recordings to be published, so its response lists them."""
+        await asyncio.gather(*(asyncio.wrap_future(future) for future in sealing), return_exceptions=True)
+
     app = FastAPI(title="birdflow ingest API", version="1")
 
     @app.get("/healthz")
@@ -105,7 +126,13 @@ def create_app(settings: Settings) -> FastAPI:
         except ValueError as exc:
             return reject(Rejection(400, "bad_listener_id", str(exc)), listener_id)
         parser = FrameParser(settings.max_frame_bytes)
-        assembler = StreamAssembler(listener_id, store, limits, on_event=count_event)
+        sealing: list[concurrent.futures.Future] = []
+
+        def seal_later(seal) -> None:
+            sealing[:] = [future for future in sealing if not future.done()]  # bounded on days-long streams
+            sealing.append(submit_seal(listener_id, seal))
+
+        assembler = StreamAssembler(listener_id, store, limits, on_event=count_event, sealer=seal_later)
         open_streams = metrics.OPEN_STREAMS.labels(station)
         open_streams.inc()
         rejection = None
@@ -125,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
                 count_event("frame_dropped", 1)
             stats = assembler.finish()
             open_streams.dec()
+            await seal_all(sealing)
         if rejection:
             return reject(rejection, listener_id, _summary(listener_id, stats))
         return _summary(listener_id, stats)
@@ -175,7 +203,8 @@ def create_app(settings: Settings) -> FastAPI:
             if details.duration < settings.min_duration_s:
                 metrics.RECORDINGS_DISCARDED.labels(station, "too_short").inc()
                 raise Rejection(422, "too_short", f"recording is {details.duration:.2f} s, shorter than the minimum {settings.min_duration_s} s")
-            info = store.publish(
+            info = await run_in_threadpool(
+                store.publish,
                 partial,
                 listener_id=listener_id,
                 start_time=name_start or datetime.now(timezone.utc),

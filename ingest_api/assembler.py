@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -35,9 +36,13 @@ class StreamLimits:
     default_format: WavFormat
 
 
+RECENT_RECORDINGS = 100  # a connection can last for days: its summary keeps the newest ones only
+
+
 @dataclass
 class StreamStats:
-    recordings: list[RecordingInfo] = field(default_factory=list)
+    recordings: deque[RecordingInfo] = field(default_factory=lambda: deque(maxlen=RECENT_RECORDINGS))
+    closed: int = 0
     discarded: int = 0
     gaps: int = 0
     dropped_frames: int = 0
@@ -84,8 +89,12 @@ class StreamAssembler:
         limits: StreamLimits,
         on_event: Callable[[str, int], None] = lambda name, count: None,
         clock: Callable[[], datetime] = _utc_now,
+        sealer: Callable[[Callable[[], None]], None] = lambda seal: seal(),
     ):
+        """`sealer` runs each closed recording's seal step; the HTTP app hands it to a worker thread
+        so an fsync never stalls the other listeners' streams."""
         self.listener_id = listener_id
+        self.sealer = sealer
         self.store = store
         self.limits = limits
         self.on_event = on_event
@@ -188,10 +197,15 @@ class StreamAssembler:
         return int(self.limits.max_duration_s * wav_format.sample_rate) * wav_format.block_align
 
     def _close(self) -> None:
+        """Patch the sizes now; flushing to disk and publishing go through the sealer."""
         current, self._open = self._open, None
         if current is None:
             return
         patch_sizes(current.file, current.header.size, current.data_bytes)
+        self.sealer(lambda: self._seal(current))
+
+    def _seal(self, current: _OpenRecording) -> None:
+        """fsync, then discard (too short) or publish: the slow part of a close (ms on an SD card)."""
         current.file.flush()
         os.fsync(current.file.fileno())
         current.file.close()
@@ -216,6 +230,7 @@ class StreamAssembler:
             source="stream",
         )
         self.stats.recordings.append(info)
+        self.stats.closed += 1
         self._count("recording_closed")
 
     def _count(self, name: str, count: int = 1) -> None:

@@ -150,7 +150,7 @@ def test_short_recording_is_discarded_and_counted(store):
     assembler.handle(Frame(0, pcm_header()))
     assembler.handle(Frame(1, page(1)))
     stats = assembler.finish()
-    assert stats.recordings == [] and stats.discarded == 1 and "recording_discarded" in events
+    assert not stats.recordings and stats.closed == 0 and stats.discarded == 1 and "recording_discarded" in events
     assert list(store.recordings_dir.iterdir()) == [] and list(store.partial_dir.iterdir()) == []
 
 

