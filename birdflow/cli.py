@@ -186,6 +186,54 @@ def cmd_detections(args) -> int:
     return 0
 
 
+def cmd_backfill(args) -> int:
+    from rich.progress import Progress
+
+    from birdflow.supervisor import prefect_environment
+
+    settings = _settings(args)
+    os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
+    from deployments.backfill import backfill, progress_listeners
+    from flows.runtime import use_settings
+
+    use_settings(settings)
+    analysis = {"min_confidence": args.min_confidence} if args.min_confidence is not None else None
+    with Progress() as progress:
+        bar = progress.add_task(f"backfill {args.source}", total=None)
+        progress_listeners.append(lambda location, done, total: progress.update(bar, completed=done, total=total))
+        try:
+            summary = backfill(
+                source=args.source, since=args.since, until=args.until, listener=args.listener,
+                station=args.station, analysis=analysis, dry_run=args.dry_run,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"birdflow: {exc}") from None
+    print(
+        f"found {summary['found']}, skipped {summary['skipped']} (already processed), "
+        f"processed {summary['processed']}, failed {summary['failed']}"
+    )
+    if args.dry_run:
+        print(f"would process {len(summary['would_process'])}:")
+        for location in summary["would_process"]:
+            print(f"  {location}")
+    return 1 if summary["failed"] else 0
+
+
+def cmd_worker(args) -> int:
+    """`prefect worker start --type birdflow` for this station's pool, with birdflow's Prefect settings."""
+    from birdflow.supervisor import prefect_environment
+
+    settings = _settings(args)
+    env = {**os.environ, **prefect_environment(settings)}
+    if args.settings:
+        env["BIRDFLOW_SETTINGS"] = os.path.abspath(args.settings)
+    pool = args.pool or f"birdflow-{settings.station_id}"
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--type", "birdflow", "--pool", pool]
+    if args.limit:
+        command += ["--limit", str(args.limit)]
+    os.execve(sys.executable, command, env)
+
+
 def cmd_blocks_register(args) -> int:
     from birdflow.supervisor import prefect_environment
 
@@ -255,6 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     detections.add_argument("--limit", type=int, help="only the newest N")
     detections.add_argument("--format", choices=("table", "json", "csv"), default="table")
     detections.set_defaults(func=cmd_detections)
+
+    backfill = commands.add_parser("backfill", help="reprocess recordings from a folder, s3://bucket/prefix or the archive")
+    backfill.add_argument("source", help="a folder (e.g. an SD-card dump), s3://bucket/prefix, or 'archive'")
+    backfill.add_argument("--dry-run", action="store_true", help="list what would be processed, process nothing")
+    backfill.add_argument("--since", type=_when)
+    backfill.add_argument("--until", type=_when)
+    backfill.add_argument("--listener")
+    backfill.add_argument("--station", help="only under this station's folder (archive layout)")
+    backfill.add_argument("--min-confidence", type=float, help="analyze with this threshold (rows kept side by side)")
+    backfill.set_defaults(func=cmd_backfill)
+
+    worker = commands.add_parser("worker", help="run this station's work pool (birdflow-<station_id>) in-process")
+    worker.add_argument("--pool", help="work pool (default birdflow-<station_id>)")
+    worker.add_argument("--limit", type=int, help="flow runs at once (default 2)")
+    worker.set_defaults(func=cmd_worker)
 
     blocks = commands.add_parser("blocks", help="Prefect blocks")
     block_commands = blocks.add_subparsers(dest="blocks_command", required=True)

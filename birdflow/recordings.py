@@ -36,7 +36,9 @@ class RecordingInfo(BaseModel):
     content_hash: str
     size_bytes: int
     file_name: str
-    source: Literal["stream", "upload", "folder", "archive"] = "stream"
+    source: Literal["stream", "upload", "folder", "archive", "backfill"] = "stream"
+    # where the audio is read from when it is not in the recordings folder (a backfill source); never deleted
+    source_path: Optional[str] = None
 
     @property
     def archive_key(self) -> str:
@@ -144,3 +146,29 @@ def load_info(audio_path: Path) -> Optional[RecordingInfo]:
 def remove_recording(audio_path: Path) -> None:
     audio_path.unlink(missing_ok=True)
     audio_path.with_suffix(".json").unlink(missing_ok=True)
+
+
+def describe_audio_file(path: Path, station_id: str, source: str, modified: Optional[datetime] = None) -> RecordingInfo:
+    """Metadata for an audio file that arrived without a sidecar: listener and start time from its name
+    (listener01_20250101T120000Z...), else "unknown" and the file's modification time."""
+    import soundfile
+
+    details = soundfile.info(str(path))
+    listener, start = parse_file_name(path.name)
+    start = start or modified or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    content_hash = sha256_file(path)
+    recording_id = recording_id_for(listener or "unknown", start, content_hash)
+    return RecordingInfo(
+        recording_id=recording_id,
+        listener_id=listener or "unknown",
+        station_id=station_id,
+        start_time=start,
+        duration_s=details.duration,
+        sample_rate=details.samplerate,
+        channels=details.channels,
+        content_hash=content_hash,
+        size_bytes=path.stat().st_size,
+        file_name=recording_id + path.suffix.lower(),
+        source=source,
+    )
+

@@ -1,7 +1,7 @@
 """The long-lived process that executes process_recording flow runs in-process, with the model warm.
 
 Every recording gets a flow run created from the station's deployment (idempotent on the recording id),
-claimed and executed here with `prefect.flow_engine.run_flow`: no process per run, no model reload.
+claimed and executed here by Prefect's flow-run engine (flows/engine.py): no process per run, no model reload.
 Runs that the Prefect UI schedules (retry, rerun, quick run) are picked up by polling the deployment.
 On start, recordings already in the folder without a finished run get one, so a crash between
 "file written" and "run created" loses nothing.
@@ -14,7 +14,6 @@ import queue
 import random
 import time
 import threading
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +21,7 @@ from uuid import UUID
 
 import httpx
 
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
@@ -35,17 +34,9 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import Abort
-from prefect._flow_run_suspension import register_flow_run_suspension_request
 from prefect.client.schemas.objects import State
-from prefect.context import SyncClientContext
-from prefect.flow_engine import FlowRunEngine
 from prefect.context import SettingsContext
-from prefect.settings import (
-    PREFECT_CLIENT_MAX_RETRIES,
-    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-    get_current_settings,
-    temporary_settings,
-)
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
 from prefect.states import Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
@@ -54,13 +45,12 @@ from birdflow.folder_watch import FolderWatch
 from birdflow.recordings import (
     RecordingInfo,
     RecordingStore,
+    describe_audio_file,
     load_info,
-    parse_file_name,
-    recording_id_for,
     remove_recording,
-    sha256_file,
 )
 from birdflow.settings import Settings
+from flows.engine import engine_context, run_in_process
 from flows.process_recording import process_recording
 from flows.runtime import use_settings
 
@@ -85,26 +75,7 @@ def ensure_deployment(settings: Settings) -> UUID:
 
 def info_for_dropped_file(path: Path, settings: Settings) -> RecordingInfo:
     """Metadata for an audio file placed in the recordings folder without a sidecar (copied in by hand)."""
-    import soundfile
-
-    details = soundfile.info(str(path))
-    listener, start = parse_file_name(path.name)
-    start = start or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-    content_hash = sha256_file(path)
-    recording_id = recording_id_for(listener or "unknown", start, content_hash)
-    info = RecordingInfo(
-        recording_id=recording_id,
-        listener_id=listener or "unknown",
-        station_id=settings.station_id,
-        start_time=start,
-        duration_s=details.duration,
-        sample_rate=details.samplerate,
-        channels=details.channels,
-        content_hash=content_hash,
-        size_bytes=path.stat().st_size,
-        file_name=recording_id + path.suffix.lower(),
-        source="folder",
-    )
+    info = describe_audio_file(path, settings.station_id, "folder")
     renamed = path.with_name(info.file_name)
     renamed.with_suffix(".json").write_text(info.model_dump_json())
     path.rename(renamed)
@@ -130,31 +101,6 @@ def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) 
     raise AssertionError("unreachable")
 
 
-class InProcessFlowRunEngine(FlowRunEngine):
-    """Prefect's flow-run engine without the per-run suspension observer.
-
-    For a deployment's run the stock engine starts a thread with its own event loop, API client and
-    events websocket to notice a suspension requested from outside. Recordings' runs are never
-    suspended, and that watcher cost more than the rest of the run's bookkeeping together.
-    """
-
-    @contextmanager
-    def setup_flow_run_suspension_request(self):
-        request = self._get_flow_run_suspension_request()
-        with register_flow_run_suspension_request(self.flow_run.id, request):
-            yield request
-
-
-def run_in_process(flow_run: FlowRun) -> Optional[State]:
-    """What `prefect.flow_engine.run_flow` does for a sync flow, with the engine above."""
-    engine = InProcessFlowRunEngine(flow=process_recording, parameters=flow_run.parameters, flow_run=flow_run)
-    with engine.start():
-        while engine.is_running():
-            with engine.run_context():
-                engine.call_flow_fn()
-    return engine.state
-
-
 class Executor:
     """Scans for recordings and due runs; `workers` threads execute them, each with its own model."""
 
@@ -175,15 +121,6 @@ class Executor:
         self.deployment_id = ensure_deployment(self.settings)
         _ = self.pipeline.sinks, self.pipeline.archive
 
-    @contextmanager
-    def _engine_context(self):
-        """One API client per thread for all its runs, and no heartbeat thread per run (~0.7 s each):
-        a run left Running by a crashed executor is taken over when it restarts."""
-        with SyncClientContext.get_or_create() as context, temporary_settings(
-            updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-        ):
-            yield context.client
-
     def run_forever(self, stop: threading.Event) -> None:
         self.start()
         warm = threading.Barrier(self.settings.executor_workers + 1)
@@ -200,7 +137,7 @@ class Executor:
         )
         watch = FolderWatch(self.settings.recordings_dir)
         try:
-            with self._engine_context() as client:
+            with engine_context() as client:
                 while not stop.is_set():
                     self.queue_new_recordings()
                     self.queue_scheduled(client)
@@ -215,7 +152,7 @@ class Executor:
     def _work(self, stop: threading.Event, warm: threading.Barrier) -> None:
         _ = self.pipeline.model  # this thread's interpreter, loaded before the first recording
         warm.wait()
-        with self._engine_context() as client:
+        with engine_context() as client:
             while True:
                 item = self._queue.get()
                 if item is None:
@@ -271,7 +208,7 @@ class Executor:
             return flow_run
         if flow_run.run_count == 0 and state == StateType.PENDING:
             metrics.FLOW_RUNS_TRIGGERED.labels(self.settings.station_id).inc()
-            self.finish(flow_run, run_in_process(flow_run))
+            self.finish(flow_run, run_in_process(process_recording, flow_run))
             return flow_run
         # left Scheduled/Pending/Running by an executor that stopped mid-run: take it over
         client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
@@ -302,7 +239,7 @@ class Executor:
             log.info("flow run %s was claimed elsewhere: %s", flow_run.name, exc)
             return
         if state.is_pending():
-            self.finish(flow_run, run_in_process(flow_run))
+            self.finish(flow_run, run_in_process(process_recording, flow_run))
 
     def finish(self, flow_run: FlowRun, final: Optional[State]) -> None:
         outcome = final.type.value.lower() if final is not None else "crashed"

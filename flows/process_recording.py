@@ -8,10 +8,11 @@ repeats no inference and writes no duplicate rows.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from birdflow import metrics
 from birdflow.audio import decode, windows
-from birdflow.birdnet import MODEL_VERSION, Detection
+from birdflow.birdnet import MODEL_VERSION, AnalysisParams, Detection
 from birdflow.detections import detections_table
 from birdflow.recordings import RecordingInfo, remove_recording
 from birdflow.sinks import write_all
@@ -33,16 +34,29 @@ def _recording(parameters: dict[str, Any]) -> RecordingInfo:
     return value if isinstance(value, RecordingInfo) else RecordingInfo.model_validate(value)
 
 
-def _analysis_key(context, parameters) -> str:
-    recording = _recording(parameters)
-    params = pipeline().params
+def analysis_params(overrides: Optional[dict[str, Any]]) -> AnalysisParams:
+    """The station's analysis parameters with a run's overrides (a backfill with other thresholds)."""
+    base = pipeline().params
+    if not overrides:
+        return base
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()}
+    return dataclasses.replace(base, **values)
+
+
+def analysis_cache_key(recording: RecordingInfo, params: AnalysisParams) -> str:
+    """Same audio + same model and parameters = same key: what "already processed" means."""
     return f"analyze-{recording.content_hash}-{params.analysis_id}-w{params.range_week(recording.start_time)}"
+
+
+def _analysis_key(context, parameters) -> str:
+    return analysis_cache_key(_recording(parameters), parameters["params"])
 
 
 def _write_key(context, parameters) -> str:
     recording = _recording(parameters)
     target = hashlib.sha256(pipeline().sink_names.encode()).hexdigest()[:8]
-    return f"write-{recording.recording_id}-{recording.content_hash}-{pipeline().params.analysis_id}-{target}"
+    analysis_id = parameters["table"].column("analysis_id")[0].as_py() if parameters["table"].num_rows else "none"
+    return f"write-{recording.recording_id}-{recording.content_hash}-{analysis_id}-{target}"
 
 
 def _archive_key(context, parameters) -> str:
@@ -52,6 +66,8 @@ def _archive_key(context, parameters) -> str:
 
 
 def local_path(recording: RecordingInfo) -> Path:
+    if recording.source_path:
+        return Path(recording.source_path)
     return pipeline().settings.recordings_dir / recording.file_name
 
 
@@ -68,12 +84,12 @@ def decode_recording(recording: RecordingInfo) -> np.ndarray:
 
 
 @task(name="analyze", cache_key_fn=_analysis_key, persist_result=True)
-def analyze(recording: RecordingInfo, samples: np.ndarray) -> list[Detection]:
+def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParams) -> list[Detection]:
     """Depends only on the audio and the analysis parameters, so identical audio is analyzed once."""
     runtime = pipeline()
     started = time.perf_counter()
-    batch, starts = windows(samples, runtime.params.overlap_s)
-    found = runtime.model.detect(batch, starts, runtime.params, recording.start_time)
+    batch, starts = windows(samples, params.overlap_s)
+    found = runtime.model.detect(batch, starts, params, recording.start_time)
     metrics.ANALYSIS_SECONDS.labels(recording.station_id).observe(time.perf_counter() - started)
     return found
 
@@ -107,10 +123,13 @@ def _with_io_retries(io_task):
 # Runs are named when they are created (RecordingInfo.run_name): a flow_run_name here would cost every
 # run one more API call to rename it.
 @flow(name="process-recording", persist_result=False, log_prints=False)
-def process_recording(recording: RecordingInfo) -> dict[str, Any]:
+def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """`analysis` overrides analysis parameters (min_confidence, sensitivity, ...) for this run; its rows
+    carry their own analysis id, side by side with earlier ones."""
+    params = analysis_params(analysis)
     samples = decode_recording(recording)
-    found = analyze(recording, samples)
-    table = detections_table(recording, found, MODEL_VERSION, pipeline().params.analysis_id)
+    found = analyze(recording, samples, params)
+    table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)
     written = _with_io_retries(write_detections)(recording, table)
     archived = _with_io_retries(archive_recording)(recording)
     _finish_local_copy(recording)
@@ -118,9 +137,10 @@ def process_recording(recording: RecordingInfo) -> dict[str, Any]:
 
 
 def _finish_local_copy(recording: RecordingInfo) -> None:
-    """Analyzed and archived: the local WAV is no longer needed (unless the settings keep it)."""
+    """Analyzed and archived: the local WAV is no longer needed (unless the settings keep it).
+    A backfill's source files are not ours to delete."""
     path = local_path(recording)
-    if not path.is_file():
+    if recording.source_path or not path.is_file():
         return
     settings = pipeline().settings
     if settings.keep_local_recordings:

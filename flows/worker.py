@@ -1,0 +1,84 @@
+"""The `birdflow` Prefect worker type: runs a work pool's flow runs inside the worker process.
+
+`prefect worker start --type birdflow --pool <station pool>` on a Pi. A stock process worker starts a
+Python process per run (3-6 s, the model reloaded each time); this one executes each run with Prefect's
+flow-run engine on one of its own threads, so the BirdNET interpreter of that thread stays loaded.
+Registered through the `prefect.collections` entry point, so Prefect's CLI finds the type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Optional
+
+import anyio.abc
+from prefect import Flow
+from prefect.client.schemas.objects import FlowRun
+from prefect.flows import load_flow_from_entrypoint
+from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+
+from flows.engine import engine_context, run_in_process
+
+DEFAULT_THREADS = 2
+
+
+class BirdflowWorkerResult(BaseWorkerResult):
+    """Exit status of an in-process run: 0 when it completed."""
+
+
+@lru_cache(maxsize=16)
+def flow_for(entrypoint: str) -> Flow:
+    """Each deployment's flow, imported once per worker process.
+
+    prefect.yaml names files (flows/process_recording.py:process_recording); they are modules of the
+    installed birdflow package, so they are imported as such: the same module objects (and the same
+    loaded model) for every run, with no pull step needed. Other entrypoints load as Prefect does.
+    """
+    path, _, name = entrypoint.rpartition(":")
+    module_name = path.removesuffix(".py").replace("/", ".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return load_flow_from_entrypoint(entrypoint)
+
+
+class BirdflowWorker(BaseWorker[BaseJobConfiguration, BaseVariables, BirdflowWorkerResult]):
+    type = "birdflow"
+    job_configuration = BaseJobConfiguration
+    job_configuration_variables = BaseVariables
+    _description = "Runs flow runs inside the worker process, keeping the BirdNET model loaded between runs."
+    _display_name = "birdflow (in-process)"
+    _documentation_url = "https://prefect.io"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        threads = kwargs.get("limit") or DEFAULT_THREADS
+        # long-lived threads: each keeps its interpreter (flows.runtime loads one per thread)
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="birdflow-run")
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: BaseJobConfiguration,
+        task_status: Optional[anyio.abc.TaskStatus[str]] = None,
+    ) -> BirdflowWorkerResult:
+        if task_status is not None:
+            task_status.started(str(flow_run.id))
+        deployment = await self.client.read_deployment(flow_run.deployment_id)
+        flow = flow_for(deployment.entrypoint)
+        state = await asyncio.wrap_future(self._threads.submit(self._execute, flow, flow_run))
+        return BirdflowWorkerResult(
+            identifier=str(flow_run.id), status_code=0 if state is not None and state.is_completed() else 1
+        )
+
+    @staticmethod
+    def _execute(flow: Flow, flow_run: FlowRun):
+        with engine_context():
+            return run_in_process(flow, flow_run)
+
+    async def __aexit__(self, *exc_info):
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        return await super().__aexit__(*exc_info)
