@@ -234,6 +234,29 @@ def cmd_worker(args) -> int:
     os.execve(sys.executable, command, env)
 
 
+def cmd_prometheus_config(args) -> int:
+    """Write prometheus.yml (and the remote-write password file beside it) for the station's agent."""
+    import yaml
+
+    from birdflow.observability import prometheus_config
+
+    settings = _settings(args)
+    text = yaml.safe_dump(prometheus_config(settings, args.target or ""), sort_keys=False)
+    if not args.output:
+        print(text, end="")
+        return 0
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "prometheus.yml").write_text(text)
+    password = settings.prometheus_remote_write_password.get_secret_value()
+    if settings.prometheus_remote_write_user:
+        secret = args.output / "remote_write_password"
+        secret.write_text(password)
+        secret.chmod(0o600)
+    print(f"wrote {args.output / 'prometheus.yml'}; run: prometheus --enable-feature=agent "
+          f"--config.file={args.output / 'prometheus.yml'}")
+    return 0
+
+
 def cmd_blocks_register(args) -> int:
     from birdflow.supervisor import prefect_environment
 
@@ -318,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", help="work pool (default birdflow-<station_id>)")
     worker.add_argument("--limit", type=int, help="flow runs at once (default 2)")
     worker.set_defaults(func=cmd_worker)
+
+    prometheus = commands.add_parser("prometheus-config", help="Prometheus agent config: scrape birdflow, remote-write centrally")
+    prometheus.add_argument("--output", type=Path, help="folder for prometheus.yml (+ password file); default: print")
+    prometheus.add_argument("--target", help="host:port to scrape (default: the ingest API)")
+    prometheus.set_defaults(func=cmd_prometheus_config)
 
     blocks = commands.add_parser("blocks", help="Prefect blocks")
     block_commands = blocks.add_subparsers(dest="blocks_command", required=True)

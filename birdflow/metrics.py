@@ -34,6 +34,25 @@ ANALYSIS_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8),
 )
 DETECTIONS_WRITTEN = Counter("birdflow_detections_written", "Detection rows written, by sink", ["station", "sink"])
+DETECTIONS_BY_SPECIES = Counter(
+    "birdflow_species_detections", "Detections by species (the first species seen by name, later ones as 'other')",
+    ["station", "species"],
+)
+SINK_WRITE_FAILURES = Counter("birdflow_sink_write_failures", "Failed detection writes (retried), by sink", ["station", "sink"])
+ARCHIVE_BYTES = Counter("birdflow_archive_bytes", "Audio bytes uploaded to the archive (duplicates skipped)", ["station", "backend"])
+DISK_FREE = Gauge(
+    "birdflow_disk_free_bytes", "Free space on the disk of the data directory", ["station"], multiprocess_mode="livemax"
+)
+SPECIES_LABELS_MAX = 200
+_species_seen: set[str] = set()
+
+
+def species_label(scientific_name: str) -> str:
+    """A bounded label set: the first SPECIES_LABELS_MAX species by name, then 'other'."""
+    if scientific_name in _species_seen or len(_species_seen) < SPECIES_LABELS_MAX:
+        _species_seen.add(scientific_name)
+        return scientific_name
+    return "other"
 
 
 def exposition() -> tuple[bytes, str]:

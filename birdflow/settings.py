@@ -58,6 +58,9 @@ class Settings(BaseModel):
     poll_interval_s: float = Field(
         1.0, gt=0, le=60, description="How often the executor looks for runs scheduled from the UI (new files wake it at once)"
     )
+    work_pool: str = Field(
+        "", description="Work pool of the station's deployments in a fleet (prefect.yaml: birdflow-<station_id>)"
+    )
     executor_workers: int = Field(
         2, ge=1, le=16, description="Flow runs executed at once, each thread with its own BirdNET interpreter"
     )
@@ -97,6 +100,12 @@ class Settings(BaseModel):
     aws_secret_access_key: SecretStr = SecretStr("")
     s3_block_name: str = "birdflow-archive"
     keep_local_recordings: bool = Field(False, description="Keep WAVs after they are analyzed and archived")
+
+    # Prometheus agent (scrapes this station, remote-writes to the central Prometheus)
+    prometheus_scrape_interval_s: int = Field(15, ge=1, le=3600)
+    prometheus_remote_write_url: str = Field("", description="Central Prometheus /api/v1/write; empty: none")
+    prometheus_remote_write_user: str = ""
+    prometheus_remote_write_password: SecretStr = SecretStr("")
 
     @field_validator("station_id")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -104,5 +104,15 @@ def read_detections(
     return dataset.to_table(filter=expression).sort_by([("time", "ascending"), ("listener_id", "ascending")])
 
 
-def write_all(sinks: Sequence[DetectionSink], table: pa.Table) -> dict[str, int]:
-    return {sink.name: sink.write(table) for sink in sinks}
+def write_all(
+    sinks: Sequence[DetectionSink], table: pa.Table, on_failure: Callable[[str], None] = lambda sink: None
+) -> dict[str, int]:
+    """Every sink gets the table; a failing sink is reported (then raises, so the task retries)."""
+    written = {}
+    for sink in sinks:
+        try:
+            written[sink.name] = sink.write(table)
+        except Exception:
+            on_failure(sink.name)
+            raise
+    return written

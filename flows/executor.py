@@ -70,7 +70,8 @@ def ensure_deployment(settings: Settings) -> UUID:
         description=f"Recordings of station {settings.station_id}, executed in-process by `birdflow execute`.",
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
-    return deployment.apply()
+    # in a fleet the deployment belongs to the station's work pool (prefect.yaml), which this keeps
+    return deployment.apply(work_pool_name=settings.work_pool or None)
 
 
 def info_for_dropped_file(path: Path, settings: Settings) -> RecordingInfo:

@@ -96,9 +96,14 @@ def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParam
 
 @task(name="write detections", cache_key_fn=_write_key, persist_result=True)
 def write_detections(recording: RecordingInfo, table: pa.Table) -> dict[str, int]:
-    written = write_all(pipeline().sinks, table)
+    station = recording.station_id
+    written = write_all(
+        pipeline().sinks, table, on_failure=lambda sink: metrics.SINK_WRITE_FAILURES.labels(station, sink).inc()
+    )
     for sink, rows in written.items():
-        metrics.DETECTIONS_WRITTEN.labels(recording.station_id, sink).inc(rows)
+        metrics.DETECTIONS_WRITTEN.labels(station, sink).inc(rows)
+    for species in table.column("scientific_name").to_pylist():
+        metrics.DETECTIONS_BY_SPECIES.labels(station, metrics.species_label(species)).inc()
     return written
 
 
@@ -109,6 +114,8 @@ def archive_recording(recording: RecordingInfo) -> dict[str, Any]:
         # decode read it back from the archive, so it is there already
         return {"key": recording.archive_key, "uploaded": False}
     stored = pipeline().archive.store(path, recording.archive_key, recording.content_hash)
+    if stored.uploaded:
+        metrics.ARCHIVE_BYTES.labels(recording.station_id, pipeline().settings.archive_backend).inc(stored.size_bytes)
     return {"key": recording.archive_key, "uri": stored.uri, "uploaded": stored.uploaded}
 
 

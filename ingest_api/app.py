@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 
 import logging
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -115,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
+        metrics.DISK_FREE.labels(station).set(shutil.disk_usage(settings.data_dir).free)
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 

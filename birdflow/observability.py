@@ -1,0 +1,42 @@
+"""Prometheus agent configuration generated from the settings (seed 000's agent + remote_write scheme)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from birdflow.settings import Settings
+
+
+def scrape_target(settings: Settings) -> str:
+    """Where the agent reaches this station's /metrics (a wildcard bind is scraped on loopback)."""
+    host = "127.0.0.1" if settings.ingest_host in ("0.0.0.0", "::", "") else settings.ingest_host
+    return f"{host}:{settings.ingest_port}"
+
+
+def prometheus_config(settings: Settings, target: str = "") -> dict[str, Any]:
+    """A prometheus.yml for `prometheus --enable-feature=agent`: scrape birdflow, remote-write centrally.
+
+    The password goes into the file only as a reference to a file next to it (password_file), so the
+    config can be shown and committed; the password itself comes from the environment."""
+    config: dict[str, Any] = {
+        "global": {
+            "scrape_interval": f"{settings.prometheus_scrape_interval_s}s",
+            "external_labels": {"station": settings.station_id},
+        },
+        "scrape_configs": [
+            {
+                "job_name": "birdflow",
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": [target or scrape_target(settings)], "labels": {"station": settings.station_id}}],
+            }
+        ],
+    }
+    if settings.prometheus_remote_write_url:
+        remote: dict[str, Any] = {"url": settings.prometheus_remote_write_url}
+        if settings.prometheus_remote_write_user:
+            remote["basic_auth"] = {
+                "username": settings.prometheus_remote_write_user,
+                "password_file": "remote_write_password",
+            }
+        config["remote_write"] = [remote]
+    return config
