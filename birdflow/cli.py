@@ -257,6 +257,29 @@ def cmd_prometheus_config(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from birdflow.setup import init_station
+
+    try:
+        written = init_station(args.dir, args.station, args.force)
+    except FileExistsError as exc:
+        raise SystemExit(f"birdflow: {exc}") from None
+    print("\n".join(f"wrote {path}" for path in written))
+    print("edit them, then: ./run.sh up")
+    return 0
+
+
+def cmd_central_setup(args) -> int:
+    from birdflow.supervisor import prefect_environment
+    from birdflow.setup import central_setup
+
+    settings = _settings(args)
+    os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
+    stations = [station.strip() for station in args.stations.split(",") if station.strip()]
+    central_setup(settings, stations, args.pool_limit, os.environ.get("INFLUX_ADMIN_TOKEN", ""), print)
+    return 0
+
+
 def cmd_blocks_register(args) -> int:
     from birdflow.supervisor import prefect_environment
 
@@ -346,6 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     prometheus.add_argument("--output", type=Path, help="folder for prometheus.yml (+ password file); default: print")
     prometheus.add_argument("--target", help="host:port to scrape (default: the ingest API)")
     prometheus.set_defaults(func=cmd_prometheus_config)
+
+    init = commands.add_parser("init", help="write a commented settings.yaml and a .env template")
+    init.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
+    init.add_argument("--station", default="station01", help="this station's id")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.set_defaults(func=cmd_init)
+
+    central = commands.add_parser("central-setup", help="work pools per station, Prefect blocks, InfluxDB database")
+    central.add_argument("--stations", required=True, help="comma-separated station ids")
+    central.add_argument("--pool-limit", type=int, default=2, help="flow runs at once per station pool")
+    central.set_defaults(func=cmd_central_setup)
 
     blocks = commands.add_parser("blocks", help="Prefect blocks")
     block_commands = blocks.add_subparsers(dest="blocks_command", required=True)

@@ -193,9 +193,29 @@ def _env_value(field_name: str, raw: str, annotation: Any) -> Any:
     return raw
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a .env file (comments, blank lines and `export ` allowed; quotes stripped)."""
+    values = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"{path}, line {number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
 def load_settings(path: Optional[os.PathLike | str] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:
-    """Read settings.yaml (if any) and apply upper-case environment overrides, validating everything."""
-    environ = os.environ if environ is None else environ
+    """Read settings.yaml (if any) and apply upper-case environment overrides, validating everything.
+
+    A `.env` file in the working directory counts as environment (the real environment wins)."""
+    if environ is None:
+        environ = {**(read_env_file(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
     path = path or environ.get(SETTINGS_FILE_ENV)
     values: dict[str, Any] = {}
     source: dict[str, str] = {}
