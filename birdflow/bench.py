@@ -315,7 +315,10 @@ def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
     stored = wait_stored(stack, set(sent), 60 + 10 * options.recordings, lambda done: progress.update(bar, completed=done))
     wall = max(stored.values()) - wall0
     after = stack.cpu()
-    completed = stack.completed_runs()
+    # detections are stored before the run's archive task ends: let the last runs finish
+    deadline = time.monotonic() + 60
+    while (completed := stack.completed_runs()) < options.recordings and time.monotonic() < deadline:
+        time.sleep(0.2)
     latencies = [stored[key] - sent[key] for key in sent]
     spent = {role: after[role] - before[role] for role in after}
     return {
