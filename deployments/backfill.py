@@ -8,6 +8,7 @@ the archive, which picks up whatever failed or was never processed.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,16 +66,16 @@ class Source:
             path = Path(item.location)
         else:
             self.scratch.mkdir(parents=True, exist_ok=True)
-            handle, name = tempfile.mkstemp(dir=self.scratch, suffix=Path(item.name).suffix.lower())
-            with open(handle, "wb") as file:
+            # its own folder, under its own name: listener and start time are read from the name
+            path = Path(tempfile.mkdtemp(dir=self.scratch)) / item.name
+            with open(path, "wb") as file:
                 self.client.download_fileobj(self.s3[0], item.location, file)
-            path = Path(name)
         info = describe_audio_file(path, station_id, "backfill", modified=item.modified)
         return info.model_copy(update={"source_path": str(path)})
 
     def release(self, info: RecordingInfo) -> None:
         if self.s3 and info.source_path:
-            Path(info.source_path).unlink(missing_ok=True)
+            shutil.rmtree(Path(info.source_path).parent, ignore_errors=True)
 
 
 @flow(name="backfill", log_prints=False)
@@ -97,7 +98,12 @@ def backfill(
     results = ResultStore()
     summary = {"found": len(chosen), "skipped": 0, "processed": 0, "failed": 0, "would_process": []}
     for number, item in enumerate(chosen, start=1):
-        info = origin.describe(item, settings.station_id)
+        try:
+            info = origin.describe(item, settings.station_id)
+        except Exception as exc:  # unreadable audio, a vanished object: count it and go on
+            logger.warning("cannot read %s: %s", item.location, exc)
+            summary["failed"] += 1
+            continue
         try:
             if results.exists(analysis_cache_key(info, params)):
                 summary["skipped"] += 1
