@@ -114,7 +114,9 @@ class SeaweedS3:
         self.data.mkdir(parents=True, exist_ok=True)
         ports = {name: free_port() for name in ("master", "volume", "filer")}
         command = [
-            weed, f"-logdir={self.data}", "server", f"-dir={self.data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}", "-volume.max=8",
+            weed, f"-logdir={self.data}", "server", f"-dir={self.data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+            # each bucket (collection) grows its own volumes: room for several buckets, kept small
+            "-volume.max=64", "-master.volumeSizeLimitMB=64",
             f"-master.port={ports['master']}", f"-master.port.grpc={free_port()}",
             f"-volume.port={ports['volume']}", f"-volume.port.grpc={free_port()}",
             f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port()}",
