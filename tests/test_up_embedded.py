@@ -70,6 +70,8 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(databa
         recording_id = response.json()["recording_id"]
         detections = data_root / "data" / "detections"
         wait_until(lambda: list(detections.rglob(f"{recording_id}__*.parquet")), 120, "detections stored")
+        # the archive task runs right after the detections are written
+        wait_until(lambda: list((data_root / "data" / "archive").rglob(f"{recording_id}.wav")), 60, "audio archived")
         archived = list((data_root / "data" / "archive").rglob(f"{recording_id}.wav"))
         assert [path.read_bytes() for path in archived] == [sample_48k.read_bytes()]
     finally:
