@@ -23,6 +23,15 @@ def _settings(args):
         raise SystemExit(f"birdflow: {exc}") from None
 
 
+def _settings_with_prefect(args):
+    """Settings, and this process pointed at their Prefect API (what is already in the environment wins)."""
+    from birdflow.supervisor import prefect_environment
+
+    settings = _settings(args)
+    os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
+    return settings
+
+
 def _when(text: str) -> datetime:
     """ISO date or time; naive values are UTC."""
     try:
@@ -189,10 +198,7 @@ def cmd_detections(args) -> int:
 def cmd_backfill(args) -> int:
     from rich.progress import Progress
 
-    from birdflow.supervisor import prefect_environment
-
-    settings = _settings(args)
-    os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
+    settings = _settings_with_prefect(args)
     from deployments.backfill import backfill, progress_listeners
     from flows.runtime import use_settings
 
@@ -270,21 +276,16 @@ def cmd_init(args) -> int:
 
 
 def cmd_central_setup(args) -> int:
-    from birdflow.supervisor import prefect_environment
     from birdflow.setup import central_setup
 
-    settings = _settings(args)
-    os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
+    settings = _settings_with_prefect(args)
     stations = [station.strip() for station in args.stations.split(",") if station.strip()]
     central_setup(settings, stations, args.pool_limit, os.environ.get("INFLUX_ADMIN_TOKEN", ""), print)
     return 0
 
 
 def cmd_blocks_register(args) -> int:
-    from birdflow.supervisor import prefect_environment
-
-    settings = _settings(args)
-    os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
+    settings = _settings_with_prefect(args)
     from blocks import register_blocks
 
     saved = register_blocks(settings)

@@ -101,17 +101,6 @@ def embedded_postgres(settings: Settings) -> "Child":
     return Child("postgres", command, user=user, stop_signal=signal.SIGINT, signal_group=False)
 
 
-def wait_for_port(port: int, timeout_s: float, alive=lambda: True) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and alive():
-        with socket.socket() as sock:
-            sock.settimeout(1)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout_s:.0f} s")
-
-
 def child_environment(settings: Settings, settings_file: Optional[str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(prefect_environment(settings))
@@ -122,16 +111,34 @@ def child_environment(settings: Settings, settings_file: Optional[str]) -> dict[
     return env
 
 
-def wait_for_prefect(api_url: str, timeout_s: float, alive=lambda: True) -> None:
+def wait_until_ready(ready, timeout_s: float, failure: str, alive=lambda: True, interval_s: float = 0.5) -> None:
+    """Poll `ready()` until it is true; RuntimeError(failure) after the timeout or once `alive()` is false."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive():
+        if ready():
+            return
+        time.sleep(interval_s)
+    raise RuntimeError(failure)
+
+
+def wait_for_prefect(api_url: str, timeout_s: float, alive=lambda: True) -> None:
+    def healthy() -> bool:
         try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return
+            return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the Prefect API at {api_url} did not become healthy within {timeout_s:.0f} s")
+            return False
+
+    failure = f"the Prefect API at {api_url} did not become healthy within {timeout_s:.0f} s"
+    wait_until_ready(healthy, timeout_s, failure, alive)
+
+
+def wait_for_port(port: int, timeout_s: float, alive=lambda: True) -> None:
+    def listening() -> bool:
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until_ready(listening, timeout_s, f"nothing listens on port {port} after {timeout_s:.0f} s", alive, 0.2)
 
 
 @dataclass

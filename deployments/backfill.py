@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.results import ResultStore
 
 from birdflow.backfill import Candidate, candidate, local_candidates, parse_s3_source, select
-from birdflow.recordings import RecordingInfo, describe_audio_file
+from birdflow.recordings import AUDIO_EXTENSIONS, RecordingInfo, describe_audio_file
 from flows.process_recording import analysis_cache_key, analysis_params, process_recording
 from flows.runtime import pipeline
 
@@ -56,7 +56,7 @@ class Source:
         found = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                if Path(item["Key"]).suffix.lower() in {".wav", ".flac", ".mp3"}:
+                if Path(item["Key"]).suffix.lower() in AUDIO_EXTENSIONS:
                     found.append(candidate(item["Key"], item["LastModified"], item["Size"]))
         return found
 

@@ -55,8 +55,7 @@ def _analysis_key(context, parameters) -> str:
 def _write_key(context, parameters) -> str:
     recording = _recording(parameters)
     target = hashlib.sha256(pipeline().sink_names.encode()).hexdigest()[:8]
-    analysis_id = parameters["table"].column("analysis_id")[0].as_py() if parameters["table"].num_rows else "none"
-    return f"write-{recording.recording_id}-{recording.content_hash}-{analysis_id}-{target}"
+    return f"write-{recording.recording_id}-{recording.content_hash}-{parameters['analysis_id']}-{target}"
 
 
 def _archive_key(context, parameters) -> str:
@@ -95,7 +94,7 @@ def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParam
 
 
 @task(name="write detections", cache_key_fn=_write_key, persist_result=True)
-def write_detections(recording: RecordingInfo, table: pa.Table) -> dict[str, int]:
+def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str) -> dict[str, int]:
     station = recording.station_id
     written = write_all(
         pipeline().sinks, table, on_failure=lambda sink: metrics.SINK_WRITE_FAILURES.labels(station, sink).inc()
@@ -137,7 +136,7 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
     samples = decode_recording(recording)
     found = analyze(recording, samples, params)
     table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)
-    written = _with_io_retries(write_detections)(recording, table)
+    written = _with_io_retries(write_detections)(recording, table, params.analysis_id)
     archived = _with_io_retries(archive_recording)(recording)
     _finish_local_copy(recording)
     return {"recording_id": recording.recording_id, "detections": table.num_rows, "written": written, "archive": archived}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-
 import logging
 import shutil
 from datetime import datetime, timezone

@@ -12,7 +12,6 @@ from prefect.client.orchestration import get_client
 
 from birdflow.settings import Settings, load_settings
 from birdflow.setup import SETTINGS_TEMPLATE
-from tests.conftest import PROJECT
 
 
 def test_example_settings_name_every_setting_with_its_default():
