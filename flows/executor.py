@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import queue
 import random
-import time
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,17 +30,17 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import Abort
-from prefect.client.schemas.objects import State
 from prefect.context import SettingsContext
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
 from prefect.states import Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
 from birdflow import metrics
+from birdflow.birdnet import load_interpreter_class
 from birdflow.folder_watch import FolderWatch
 from birdflow.recordings import (
     RecordingInfo,
@@ -134,7 +134,7 @@ class Executor:
         warm.wait()
         log.info(
             "executor ready: deployment %s, %d worker(s), BirdNET on %s",
-            self.deployment_id, len(workers), self.pipeline.settings.birdnet_backend,
+            self.deployment_id, len(workers), load_interpreter_class(self.settings.birdnet_backend)[0],
         )
         watch = FolderWatch(self.settings.recordings_dir)
         try:
