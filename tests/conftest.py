@@ -31,12 +31,17 @@ def sample_44k1() -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """A real Prefect server (SQLite, loopback) for the whole session; this process talks to it."""
+    """A real Prefect server (SQLite, loopback) for the whole session; this process and its children talk to it."""
+    from prefect.context import refresh_global_settings_context
+
     home = tmp_path_factory.mktemp("prefect")
     server = PrefectServer(home).start(home / "server.log")
-    previous = {key: os.environ.get(key) for key in server.env()}
-    os.environ.update(server.env())
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "storage")
+    env = {**server.env(), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage")}
+    previous = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    # Prefect reads its settings when imported: without this, this process's clients would start a
+    # temporary server of their own
+    refresh_global_settings_context()
     try:
         yield server
     finally:
@@ -46,6 +51,7 @@ def prefect_server(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        refresh_global_settings_context()
 
 
 @pytest.fixture(scope="session")
