@@ -64,7 +64,7 @@ class Settings(BaseModel):
     executor_workers: int = Field(
         2, ge=1, le=16, description="Flow runs executed at once, each thread with its own BirdNET interpreter"
     )
-    task_retries: int = Field(3, ge=0, le=20, description="Retries of the I/O tasks (write, archive)")
+    task_retries: int = Field(3, ge=0, le=20, description="Retries of the I/O tasks (decode, write, archive)")
     retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
 
     # BirdNET

@@ -118,11 +118,18 @@ def archive_recording(recording: RecordingInfo) -> dict[str, Any]:
     return {"key": recording.archive_key, "uri": stored.uri, "uploaded": stored.uploaded}
 
 
+def worth_retrying(task, task_run, state) -> bool:
+    """A read or write that failed may succeed later; audio that cannot be decoded, or an archived copy
+    that does not match its hash, fails the same way every time."""
+    return not isinstance(state.result(raise_on_failure=False), ValueError)
+
+
 def _with_io_retries(io_task):
     settings = pipeline().settings
     return io_task.with_options(
         retries=settings.task_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=settings.retry_delay_s),
+        retry_condition_fn=worth_retrying,
     )
 
 
@@ -133,7 +140,7 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
     """`analysis` overrides analysis parameters (min_confidence, sensitivity, ...) for this run; its rows
     carry their own analysis id, side by side with earlier ones."""
     params = analysis_params(analysis)
-    samples = decode_recording(recording)
+    samples = _with_io_retries(decode_recording)(recording)
     found = analyze(recording, samples, params)
     table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)
     written = _with_io_retries(write_detections)(recording, table, params.analysis_id)

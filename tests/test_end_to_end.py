@@ -37,6 +37,7 @@ def stack(prefect_server, seaweed, tmp_path_factory, request):
     bucket = "birdflow-e2e"
     seaweed.create_bucket(bucket)
     influx = LineProtocolServer(token="e2e-token").start()
+    influx.fail_next = 1  # the first write gets a 503: its task must retry, not lose the rows
     root = tmp_path_factory.mktemp("stack")
     port = free_port()
     settings_file = root / "settings.yaml"
@@ -134,19 +135,28 @@ def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(s
     assert by_listener["seeded"].parameters["recording"]["recording_id"] == stack["seeded"].recording_id
 
     # every run has the four tasks, all completed (cached ones count as completed)
+    def task_runs_of(client, run) -> list:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+
     def tasks_completed(client, run) -> bool:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        task_runs = task_runs_of(client, run)
         names = {task.name.rsplit("-", 1)[0] for task in task_runs}
         return names == TASKS and all(task.state and task.state.is_completed() for task in task_runs)
 
     with get_client(sync_client=True) as client:
         for run in runs:  # task-run states arrive as events, shortly after the flow run's state
             wait_until(lambda: tasks_completed(client, run), 30, f"the four tasks of {run.name} completed")
+        # the write that met the 503 ran twice, and succeeded the second time
+        write_attempts = sorted(
+            task.run_count for run in runs for task in task_runs_of(client, run) if task.name.startswith("write detections")
+        )
+        assert write_attempts == [1, 1, 1, 2], write_attempts
+    assert stack["influx"].fail_next == 0
 
     # detections stored, one American Goldfinch per recording at 3 s
     rows = detections(stack)
     goldfinch = [row for row in rows if row["scientific_name"] == "Spinus tristis"]
-    assert {row["listener_id"] for row in goldfinch} == set(by_listener)
+    assert sorted(row["listener_id"] for row in goldfinch) == sorted(by_listener)  # one each: the retry added none
     for row in goldfinch:
         assert row["start_s"] == 3.0 and 0.3 < row["confidence"] < 0.45
 
@@ -173,6 +183,7 @@ def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(s
     metrics = httpx.get(f"{stack['url']}/metrics").text
     assert f'birdflow_flow_runs_finished_total{{state="completed",station="{STATION}"}} 4.0' in metrics
     assert f'birdflow_recordings_received_total{{source="stream",station="{STATION}"}} 2.0' in metrics
+    assert f'birdflow_sink_write_failures_total{{sink="influxdb3",station="{STATION}"}} 1.0' in metrics
 
 
 def cached_analysis(client, flow_run_id) -> bool:
