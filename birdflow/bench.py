@@ -20,6 +20,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -104,6 +105,10 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _epoch(iso_time: str) -> float:
+    return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -213,14 +218,34 @@ class Stack:
             stored[path.name.split("__", 1)[0]] = path.stat().st_mtime
         return stored
 
-    def completed_runs(self) -> int:
-        response = httpx.post(
-            f"http://127.0.0.1:{self.prefect_port}/api/flow_runs/count",
-            json={"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}},
-            timeout=30,
-        )
+    def _api(self, path: str, body: dict):
+        response = httpx.post(f"http://127.0.0.1:{self.prefect_port}/api/{path}", json=body, timeout=30)
         response.raise_for_status()
-        return int(response.json())
+        return response.json()
+
+    def completed_runs(self) -> int:
+        return int(self._api("flow_runs/count", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}))
+
+    def run_timings(self, recording_ids: set[str]) -> dict[str, dict]:
+        """recording id -> its completed run's start and end (epoch seconds) and its task runs' run time."""
+        runs = self._api(
+            "flow_runs/filter",
+            {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}, "sort": "START_TIME_DESC", "limit": 200},
+        )
+        runs = {run["id"]: run for run in runs if run["parameters"]["recording"]["recording_id"] in recording_ids}
+        tasks = self._api("task_runs/filter", {"flow_runs": {"id": {"any_": list(runs)}}, "limit": 200}) if runs else []
+        timings = {
+            run["parameters"]["recording"]["recording_id"]: {
+                "start": _epoch(run["start_time"]), "end": _epoch(run["end_time"]), "tasks": 0, "tasks_s": 0.0,
+            }
+            for run in runs.values()
+        }
+        for task in tasks:
+            if task["state_type"] == "COMPLETED":
+                timing = timings[runs[task["flow_run_id"]]["parameters"]["recording"]["recording_id"]]
+                timing["tasks"] += 1
+                timing["tasks_s"] += task["total_run_time"]
+        return timings
 
 
 # --- phases -----------------------------------------------------------------------------------------
@@ -342,7 +367,33 @@ def latency_phase(stack: Stack, options: BenchOptions, recordings_per_s: float, 
     sent = asyncio.run(post_uploads(stack.url, uploads, concurrency=2, interval_s=1 / rate))
     stored = wait_stored(stack, set(sent), 120, lambda done: progress.update(bar, completed=done))
     latencies = [stored[key] - sent[key] for key in sent]
-    return {"rate_recordings_per_s": rate, "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95)}
+    return {
+        "rate_recordings_per_s": rate,
+        "p50_s": percentile(latencies, 0.5),
+        "p95_s": percentile(latencies, 0.95),
+        **run_breakdown(stack, sent),
+    }
+
+
+def run_breakdown(stack: Stack, closed: dict[str, float], timeout_s: float = 60) -> dict:
+    """Where a recording's time goes once it is closed: until its run starts, inside its four tasks, and the
+    rest of the run (the flow-run engine's own bookkeeping), medians over the given recordings."""
+    deadline = time.monotonic() + timeout_s
+    # task-run states reach the server as events, a moment after the flow run's own state
+    while len(timings := stack.run_timings(set(closed))) < len(closed) or any(
+        timing["tasks"] < 4 for timing in timings.values()
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the runs of {len(closed)} recording(s) did not complete with four tasks each")
+        time.sleep(0.5)
+    return {
+        "run_start_after_close_s": statistics.median(timings[key]["start"] - closed[key] for key in closed),
+        "run_wall_s": statistics.median(timing["end"] - timing["start"] for timing in timings.values()),
+        "task_run_time_s": statistics.median(timing["tasks_s"] for timing in timings.values()),
+        "flow_run_overhead_s": statistics.median(
+            timing["end"] - timing["start"] - timing["tasks_s"] for timing in timings.values()
+        ),
+    }
 
 
 def stream_phase(stack: Stack, options: BenchOptions, progress) -> dict:
@@ -352,9 +403,8 @@ def stream_phase(stack: Stack, options: BenchOptions, progress) -> dict:
     bar = progress.add_task(f"stream: {listeners} listeners in real time", total=hold)
     samples: list[tuple[float, int]] = []
     marks: dict[str, float] = {}
-    sent_bytes = {"total": 0}
 
-    async def hold_streams() -> None:
+    async def hold_streams() -> list:
         task = asyncio.create_task(
             run_listeners(
                 stack.url, options.sample, listeners=listeners, interval_s=0.0, recordings=0,
@@ -371,16 +421,16 @@ def stream_phase(stack: Stack, options: BenchOptions, progress) -> dict:
             if "cpu0" in marks and elapsed < hold - 0.5:
                 marks.update(cpu1=stack.cpu()["ingest"], t1=time.monotonic())
                 samples.append((elapsed, len(list(stack.recordings_dir.glob("*.wav")))))
-        for report in task.result():
-            sent_bytes["total"] += report.bytes_sent
+        return task.result()
 
-    asyncio.run(hold_streams())
+    reports = asyncio.run(hold_streams())
     window = marks["t1"] - marks["t0"]
     share = (marks["cpu1"] - marks["cpu0"]) / window
     slope = _slope(samples)
     return {
         "listeners": listeners,
         "seconds": hold,
+        "mb_per_s": sum(report.bytes_sent for report in reports) / hold / 1e6,
         "ingest_cpu_share_of_one_core": share,
         "ingest_cpu_share_per_listener": share / listeners,
         "backlog_start": samples[0][1] if samples else 0,
@@ -469,6 +519,7 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         server_cpu_s_per_recording=drain["server_cpu_s_per_recording"],
         latency_p50_s=latency["p50_s"],
         latency_p95_s=latency["p95_s"],
+        flow_run_overhead_s=latency["flow_run_overhead_s"],
         stream_listeners=stream["listeners"],
         ingest_cpu_share_of_one_core=stream["ingest_cpu_share_of_one_core"],
         peak_rss_mb=rss,
@@ -500,7 +551,10 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
         ("latency during drain", f"p50 {drain['latency_p50_s']:.2f} s, p95 {drain['latency_p95_s']:.2f} s (all queued at once)"),
         ("latency at half capacity", f"p50 {latency['p50_s']:.2f} s, p95 {latency['p95_s']:.2f} s "
          f"at {latency['rate_recordings_per_s']:.2f} recordings/s"),
-        ("stream capacity", f"{stream['listeners']} listeners: ingest {stream['ingest_cpu_share_of_one_core']:.1%} of one core; "
+        ("one run (medians)", f"starts {latency['run_start_after_close_s']:.2f} s after the recording closed, "
+         f"lasts {latency['run_wall_s']:.2f} s: tasks {latency['task_run_time_s']:.2f} s, "
+         f"flow-run overhead {latency['flow_run_overhead_s']:.2f} s"),
+        ("stream capacity", f"{stream['listeners']} listeners ({stream['mb_per_s']:.1f} MB/s): ingest {stream['ingest_cpu_share_of_one_core']:.1%} of one core; "
          f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
          f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})"),
         ("peak RSS", f"{results['peak_rss_mb']:.0f} MB (aggregator processes)"),

@@ -41,6 +41,21 @@ def _when(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+def _count(minimum: int):
+    """An argparse type: an integer of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def cmd_up(args) -> int:
     from birdflow.supervisor import supervise
 
@@ -117,36 +132,51 @@ def cmd_execute(args) -> int:
 
 
 def cmd_listen(args) -> int:
-    from rich.progress import Progress
+    """Simulated listeners; Ctrl-C (or SIGTERM) ends them and still prints what was sent."""
+    import signal
+
+    from rich.progress import MofNCompleteColumn, Progress
 
     from birdflow.simulator import run_listeners
 
     if not args.file.is_file():
         raise SystemExit(f"birdflow: no such file: {args.file}")
     total = args.listeners * args.recordings if args.recordings else None
-    with Progress(transient=False) as progress:
-        bar = progress.add_task(f"{args.listeners} listener(s) -> {args.url}", total=total)
-        reports = asyncio.run(
-            run_listeners(
-                args.url.rstrip("/"),
-                args.file,
-                listeners=args.listeners,
-                interval_s=args.interval,
-                recordings=args.recordings,
-                stagger_s=args.stagger,
-                pace=args.pace,
-                upload=args.upload,
-                prefix=args.prefix,
-                on_recording=lambda listener: progress.advance(bar),
-                distinct=args.distinct,
-            )
+    until = f"{args.recordings} recording(s) each" if args.recordings else "until Ctrl-C"
+    stop_signal: list[int] = []
+
+    async def listen(advance) -> list:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, lambda signum=signum: (stop_signal.append(signum), stop.set()))
+        return await run_listeners(
+            args.url.rstrip("/"),
+            args.file,
+            listeners=args.listeners,
+            interval_s=args.interval,
+            recordings=args.recordings,
+            stagger_s=args.stagger,
+            pace=args.pace,
+            upload=args.upload,
+            prefix=args.prefix,
+            on_recording=advance,
+            stop=stop,
+            distinct=args.distinct,
         )
+
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=False) as progress:
+        bar = progress.add_task(f"{args.listeners} listener(s) -> {args.url}, {until}", total=total)
+        reports = asyncio.run(listen(lambda listener: progress.advance(bar)))
     sent = sum(report.recordings_sent for report in reports)
     errors = [error for report in reports for error in report.errors]
     print(f"sent {sent} recording(s) from {len(reports)} listener(s); {len(errors)} error(s)")
     for error in errors[:10]:
         print(f"  {error}")
-    return 0 if not errors else 1
+    if errors:
+        return 1
+    # Ctrl-C is how an endless run ends; it interrupts a counted one
+    return 0 if not stop_signal or not args.recordings else 128 + stop_signal[0]
 
 
 def cmd_detections(args) -> int:
@@ -307,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--file", type=Path, default=Path("../shared/audio/listener_sample_48k.wav"),
                        help="48 kHz PCM WAV to feed (default: the shared field recording)")
     bench.add_argument("--quick", action="store_true", help="fewer recordings and a shorter stream test")
-    bench.add_argument("--recordings", type=int, help="recordings uploaded at once for the drain (default 100)")
-    bench.add_argument("--listeners", type=int, help="streaming listeners held (default 200)")
+    bench.add_argument("--recordings", type=_count(1), help="recordings uploaded at once for the drain (default 100)")
+    bench.add_argument("--listeners", type=_count(1), help="streaming listeners held (default 200)")
     bench.add_argument("--stream-seconds", type=float, help="how long they stream (default 60)")
     bench.add_argument("--postgres", action="store_true", help="embedded Prefect server on Postgres instead of SQLite")
     bench.add_argument("--tflite-venv", type=Path, default=Path(".venv-tflite"),
@@ -327,9 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     listen = commands.add_parser("listen", help="simulate listeners streaming (or uploading) a WAV file")
     listen.add_argument("--file", type=Path, required=True, help="PCM WAV file each listener sends")
-    listen.add_argument("--listeners", type=int, default=1)
+    listen.add_argument("--listeners", type=_count(1), default=1)
     listen.add_argument("--interval", type=float, default=2.0, help="seconds between recordings")
-    listen.add_argument("--recordings", type=int, default=1, help="recordings per listener (0 = until Ctrl-C)")
+    listen.add_argument(
+        "--recordings", type=_count(0), default=0, help="recordings per listener (default 0: until Ctrl-C)"
+    )
     listen.add_argument("--stagger", type=float, default=0.0, help="spread listener starts over this many seconds")
     listen.add_argument("--pace", type=float, default=1.0, help="speed relative to real time (0 = no pacing)")
     listen.add_argument("--upload", action="store_true", help="POST /recordings_upload instead of streaming")
@@ -344,10 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     detections = commands.add_parser("detections", help="list what was heard")
     detections.add_argument("--listener")
     detections.add_argument("--species", help="scientific or common name")
-    detections.add_argument("--since", type=_when)
-    detections.add_argument("--until", type=_when)
+    detections.add_argument("--since", type=_when, help="from this UTC time on (2025-06-01 or 2025-06-01T05:30)")
+    detections.add_argument("--until", type=_when, help="before this UTC time")
     detections.add_argument("--min-confidence", type=float)
-    detections.add_argument("--limit", type=int, help="only the newest N")
+    detections.add_argument("--limit", type=_count(1), help="only the newest N")
     detections.add_argument("--format", choices=("table", "json", "csv"), default="table")
     detections.set_defaults(func=cmd_detections)
 
@@ -363,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run this station's work pool (birdflow-<station_id>) in-process")
     worker.add_argument("--pool", help="work pool (default birdflow-<station_id>)")
-    worker.add_argument("--limit", type=int, help="flow runs at once (default 2)")
+    worker.add_argument("--limit", type=_count(1), help="flow runs at once (default 2)")
     worker.set_defaults(func=cmd_worker)
 
     prometheus = commands.add_parser("prometheus-config", help="Prometheus agent config: scrape birdflow, remote-write centrally")
@@ -379,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     central = commands.add_parser("central-setup", help="work pools per station, Prefect blocks, InfluxDB database")
     central.add_argument("--stations", required=True, help="comma-separated station ids")
-    central.add_argument("--pool-limit", type=int, default=2, help="flow runs at once per station pool")
+    central.add_argument("--pool-limit", type=_count(1), default=2, help="flow runs at once per station pool")
     central.set_defaults(func=cmd_central_setup)
 
     blocks = commands.add_parser("blocks", help="Prefect blocks")

@@ -61,7 +61,7 @@ async def _recording_frames(header: bytes, audio: bytes, byte_rate: int, pace: f
 async def stream_listener(
     client: httpx.AsyncClient,
     base_url: str,
-    listener_id: str,
+    report: ListenerReport,
     wav: bytes,
     *,
     recordings: int,
@@ -71,9 +71,10 @@ async def stream_listener(
     max_backoff_s: float = 60.0,
     distinct: bool = False,
 ) -> ListenerReport:
-    """Send `recordings` recordings (0 = until cancelled) over one long-lived connection."""
+    """Send `recordings` recordings (0 = until cancelled) over one long-lived connection; `report`
+    fills in as it goes, so it tells what was sent even when cancelled."""
+    listener_id = report.listener_id
     header, audio, byte_rate = split_wav(wav)
-    report = ListenerReport(listener_id)
     backoff = 2.0
     salt = zlib.crc32(listener_id.encode()) << 8
 
@@ -100,13 +101,12 @@ async def stream_listener(
             report.errors.append(f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, max_backoff_s)
-    return report
 
 
 async def upload_listener(
     client: httpx.AsyncClient,
     base_url: str,
-    listener_id: str,
+    report: ListenerReport,
     data: bytes,
     suffix: str,
     *,
@@ -116,7 +116,7 @@ async def upload_listener(
     distinct: bool = False,
 ) -> ListenerReport:
     """POST the file `recordings` times (0 = until cancelled), named like listener01_20250101T120000Z.wav."""
-    report = ListenerReport(listener_id)
+    listener_id = report.listener_id
     salt = zlib.crc32(listener_id.encode()) << 8
     while not recordings or report.recordings_sent < recordings:
         name = f"{listener_id}_{datetime.now(timezone.utc):{TIMESTAMP_FORMAT}}{suffix}"
@@ -131,7 +131,6 @@ async def upload_listener(
         except httpx.HTTPError as exc:
             report.errors.append(f"{type(exc).__name__}: {exc}")
         await asyncio.sleep(interval_s)
-    return report
 
 
 def _json_or_text(response: httpx.Response) -> dict:
@@ -155,30 +154,42 @@ async def run_listeners(
     prefix: str = "listener",
     on_recording: Callable[[str], None] = lambda listener: None,
     timeout_s: Optional[float] = None,
+    stop: Optional[asyncio.Event] = None,
     distinct: bool = False,
 ) -> list[ListenerReport]:
+    """Run the listeners until each has sent its recordings, `stop` is set or `timeout_s` has passed;
+    the reports count what was sent either way."""
     data = file.read_bytes()
     limits = httpx.Limits(max_connections=listeners + 4, max_keepalive_connections=listeners + 4)
     timeout = httpx.Timeout(30.0, read=None)
+    reports = [ListenerReport(f"{prefix}{index:02d}") for index in range(1, listeners + 1)]
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
 
-        async def one(index: int) -> ListenerReport:
+        async def one(report: ListenerReport) -> None:
             await asyncio.sleep(random.uniform(0, stagger_s) if stagger_s else 0)
-            listener_id = f"{prefix}{index:02d}"
             if upload:
-                return await upload_listener(
-                    client, base_url, listener_id, data, file.suffix.lower(),
+                await upload_listener(
+                    client, base_url, report, data, file.suffix.lower(),
                     recordings=recordings, interval_s=interval_s, on_recording=on_recording, distinct=distinct,
                 )
-            return await stream_listener(
-                client, base_url, listener_id, data,
-                recordings=recordings, interval_s=interval_s, pace=pace, on_recording=on_recording,
-                distinct=distinct,
-            )
+            else:
+                await stream_listener(
+                    client, base_url, report, data,
+                    recordings=recordings, interval_s=interval_s, pace=pace, on_recording=on_recording,
+                    distinct=distinct,
+                )
 
-        tasks = [asyncio.create_task(one(index)) for index in range(1, listeners + 1)]
-        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
-        for task in pending:
+        tasks = [asyncio.create_task(one(report)) for report in reports]
+        all_sent = asyncio.create_task(asyncio.wait(tasks))
+        stopped = asyncio.create_task((stop or asyncio.Event()).wait())
+        await asyncio.wait([all_sent, stopped], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        all_sent.cancel()
+        stopped.cancel()
+        for task in tasks:
             task.cancel()
-        return [task.result() for task in done]
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+    return reports

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 KEYS = {
     "raw_chunks_per_s_per_core", "birdnetlib_chunks_per_s", "inference_speedup_vs_birdnetlib",
     "drain_audio_s_per_s", "aggregator_cpu_s_per_10s_recording", "server_cpu_s_per_recording",
-    "latency_p50_s", "latency_p95_s", "stream_listeners", "ingest_cpu_share_of_one_core", "peak_rss_mb",
+    "latency_p50_s", "latency_p95_s", "flow_run_overhead_s", "stream_listeners", "ingest_cpu_share_of_one_core", "peak_rss_mb",
 }
 
 
@@ -42,7 +42,13 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     assert report["drain"]["recordings"] == 8 and report["drain"]["completed_runs"] >= 8
     assert report["drain_audio_s_per_s"] > 0 and report["raw_chunks_per_s_per_core"] > 0
     assert 0 < report["latency_p50_s"] <= report["latency_p95_s"]
+    latency = report["latency"]
+    assert 0 < latency["run_start_after_close_s"] < report["latency_p95_s"]
+    assert 0 < latency["task_run_time_s"] < latency["run_wall_s"]  # the four tasks run inside the run
+    assert 0 < report["flow_run_overhead_s"] < latency["run_wall_s"]
     assert report["stream_listeners"] == 10 and report["ingest_cpu_share_of_one_core"] > 0
+    real_time_mb_per_s = 10 * 96_000 / 1e6  # ten listeners at 48 kHz, 16-bit, paced in real time
+    assert 0.4 * real_time_mb_per_s < report["stream"]["mb_per_s"] <= 1.05 * real_time_mb_per_s
     assert report["peak_rss_mb"] > 100  # the model is loaded in the executor
     assert list(scratch.iterdir()) == []  # the stack's folder is removed
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import wave
@@ -196,3 +200,24 @@ def test_too_short_upload_is_discarded_with_422(ingest):
     settings, port = ingest
     response = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": ("mic-1_x.wav", wav_bytes(0.2))})
     assert response.status_code == 422 and "shorter" in response.json()["error"]
+
+
+def test_endless_simulator_stops_on_ctrl_c_and_reports_what_it_sent(ingest, tmp_path):
+    settings, port = ingest
+    source = tmp_path / "two_seconds.wav"
+    source.write_bytes(wav_bytes(2.0))
+    listen = subprocess.Popen(
+        [sys.executable, "-m", "birdflow.cli", "listen", "--file", str(source), "--listeners", "2",
+         "--interval", "0.2", "--pace", "8", "--url", f"http://{LOOPBACK}:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: len(recordings(settings)) >= 4, 30, "four streamed recordings")
+    finally:
+        listen.send_signal(signal.SIGINT)
+        out, err = listen.communicate(timeout=30)
+    assert listen.returncode == 0, err[-2000:]
+    sent = int(re.search(r"sent (\d+) recording\(s\) from 2 listener\(s\); 0 error\(s\)", out).group(1))
+    assert sent >= 4 and "Traceback" not in err
+    # each connection closed its recording in progress: nothing sent is missing from the folder
+    wait_until(lambda: len(recordings(settings)) >= sent, 10, "the recordings in progress closed")
