@@ -5,6 +5,7 @@ Both verify what they stored (size and SHA-256) and never store the same content
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from dataclasses import dataclass
@@ -62,12 +63,21 @@ class LocalArchive:
         return self._path(key).read_bytes()
 
 
+# One PUT can carry the object's SHA-256 for the store to check; a multipart upload cannot (S3 takes a
+# full-object SHA-256 only on a single PUT, which may be up to 5 GiB).
+SINGLE_PUT_LIMIT_BYTES = 5 << 30
+
+
 class S3Archive:
-    """Objects carry their SHA-256 as user metadata, which is how duplicates are recognised."""
+    """Each object is sent in one PUT with its SHA-256, which the store checks against the bytes it
+    received (BadDigest otherwise), and keeps it as user metadata, which is how duplicates are recognised."""
 
     def __init__(self, bucket):  # a prefect_aws.S3Bucket
+        from boto3.s3.transfer import TransferConfig
+
         self.bucket = bucket
         self._client = bucket.credentials.get_s3_client()
+        self._single_put = TransferConfig(multipart_threshold=SINGLE_PUT_LIMIT_BYTES)
 
     def _key(self, key: str) -> str:
         folder = self.bucket.bucket_folder.strip("/")
@@ -75,7 +85,7 @@ class S3Archive:
 
     def _head(self, key: str):
         try:
-            return self._client.head_object(Bucket=self.bucket.bucket_name, Key=self._key(key))
+            return self._client.head_object(Bucket=self.bucket.bucket_name, Key=self._key(key), ChecksumMode="ENABLED")
         except self._client.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -87,12 +97,21 @@ class S3Archive:
         head = self._head(key)
         if head and head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256:
             return ArchivedObject(uri, size, uploaded=False)
-        self.bucket.upload_from_path(path, key, ExtraArgs={"Metadata": {"sha256": sha256}})
+        if size > SINGLE_PUT_LIMIT_BYTES:
+            raise ArchiveError(f"{path.name} is {size} bytes, over the {SINGLE_PUT_LIMIT_BYTES} bytes of one S3 PUT")
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        self.bucket.upload_from_path(
+            path, key, ExtraArgs={"Metadata": {"sha256": sha256}, "ChecksumSHA256": checksum}, Config=self._single_put
+        )
         head = self._head(key)
-        if head is None or head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != sha256:
+        if (
+            head is None
+            or head["ContentLength"] != size
+            or head.get("Metadata", {}).get("sha256") != sha256
+            or head.get("ChecksumSHA256", checksum) != checksum  # a store without checksums returns none
+        ):
             raise ArchiveError(f"{uri} does not match the recording after upload")
         return ArchivedObject(uri, size, uploaded=True)
 
     def fetch(self, key: str) -> bytes:
         return self.bucket.read_path(key)
-
