@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from birdflow.settings import SettingsError, load_settings
+from birdflow.settings import SettingsError, load_settings, validate_listener_id
 
 
 def _settings(args):
@@ -90,8 +90,12 @@ def cmd_bench(args) -> int:
     options = BenchOptions.quick(**common) if args.quick else BenchOptions(**common)
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        results = run_bench(options, progress, say=lambda text: progress.console.print(f"[bold]{text}"))
+    try:
+        with Progress(*columns, console=console) as progress:
+            results = run_bench(options, progress, say=lambda text: progress.console.print(f"[bold]{text}"))
+    except KeyboardInterrupt:
+        console.print("bench interrupted; what it started has been stopped and removed")
+        return 130
     if args.json:
         print(json.dumps(results, indent=None if args.compact else 2, default=str))
     else:
@@ -137,15 +141,25 @@ def cmd_listen(args) -> int:
 
     from rich.progress import MofNCompleteColumn, Progress
 
-    from birdflow.simulator import run_listeners
+    from birdflow.simulator import run_listeners, split_wav
+    from birdflow.wav import WavError
 
     if not args.file.is_file():
         raise SystemExit(f"birdflow: no such file: {args.file}")
+    try:
+        validate_listener_id(f"{args.prefix}{args.listeners:02d}")
+    except ValueError as exc:
+        raise SystemExit(f"birdflow: --prefix {args.prefix!r} makes an {exc}")
+    if not args.upload:
+        try:
+            split_wav(args.file.read_bytes())
+        except WavError as exc:
+            raise SystemExit(f"birdflow: {args.file}: {exc}; streaming needs a PCM WAV (--upload sends FLAC or MP3)")
     total = args.listeners * args.recordings if args.recordings else None
     until = f"{args.recordings} recording(s) each" if args.recordings else "until Ctrl-C"
     stop_signal: list[int] = []
 
-    async def listen(advance) -> list:
+    async def listen(advance, report_error) -> list:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -161,15 +175,21 @@ def cmd_listen(args) -> int:
             upload=args.upload,
             prefix=args.prefix,
             on_recording=advance,
+            on_error=report_error,
             stop=stop,
             distinct=args.distinct,
         )
 
     with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=False) as progress:
         bar = progress.add_task(f"{args.listeners} listener(s) -> {args.url}, {until}", total=total)
-        reports = asyncio.run(listen(lambda listener: progress.advance(bar)))
+        reports = asyncio.run(
+            listen(
+                lambda listener: progress.advance(bar),
+                lambda listener, error: progress.console.print(f"{listener}: {error}", markup=False, highlight=False),
+            )
+        )
     sent = sum(report.recordings_sent for report in reports)
-    errors = [error for report in reports for error in report.errors]
+    errors = [f"{report.listener_id}: {error}" for report in reports for error in report.errors]
     print(f"sent {sent} recording(s) from {len(reports)} listener(s); {len(errors)} error(s)")
     for error in errors[:10]:
         print(f"  {error}")

@@ -2,7 +2,7 @@
 
 Each listener keeps one chunked POST open, sends frame 0 with the WAV header, then 32 KiB pages at
 real-time pace, waits its interval and starts the next recording on the same connection. On a
-connection error it reconnects with exponential back-off (2, 4, 8 ... 60 s).
+connection error it reconnects with exponential back-off (2, 4, 8 ... 60 s); a 4xx answer ends it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,30 @@ class ListenerReport:
     bytes_sent: int = 0
     errors: list[str] = field(default_factory=list)
     responses: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Reconnect:
+    """The reference client's rule after a failed request: wait 2, 4, 8 ... 60 s and try again. A 4xx is
+    the exception: the same request would be refused again, so that listener gives up."""
+
+    on_error: Callable[[str, str], None] = lambda listener, error: None
+    max_delay_s: float = 60.0
+    delay_s: float = 2.0
+
+    async def after_failure(self, report: ListenerReport, exc: httpx.HTTPError) -> bool:
+        """Record the failure; False when trying again cannot help."""
+        error = _describe(exc)
+        report.errors.append(error)
+        self.on_error(report.listener_id, error)
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500:
+            return False
+        await asyncio.sleep(self.delay_s)
+        self.delay_s = min(self.delay_s * 2, self.max_delay_s)
+        return True
+
+    def succeeded(self) -> None:
+        self.delay_s = 2.0
 
 
 def split_wav(data: bytes) -> tuple[bytes, bytes, int]:
@@ -68,14 +92,14 @@ async def stream_listener(
     interval_s: float,
     pace: float = 1.0,
     on_recording: Callable[[str], None] = lambda listener: None,
-    max_backoff_s: float = 60.0,
+    reconnect: Optional[Reconnect] = None,
     distinct: bool = False,
-) -> ListenerReport:
+) -> None:
     """Send `recordings` recordings (0 = until cancelled) over one long-lived connection; `report`
     fills in as it goes, so it tells what was sent even when cancelled."""
     listener_id = report.listener_id
     header, audio, byte_rate = split_wav(wav)
-    backoff = 2.0
+    reconnect = reconnect or Reconnect()
     salt = zlib.crc32(listener_id.encode()) << 8
 
     async def body() -> AsyncIterator[bytes]:
@@ -96,11 +120,10 @@ async def stream_listener(
             )
             report.responses.append({"status": response.status_code, **_json_or_text(response)})
             response.raise_for_status()
-            backoff = 2.0
+            reconnect.succeeded()
         except httpx.HTTPError as exc:
-            report.errors.append(f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, max_backoff_s)
+            if not await reconnect.after_failure(report, exc):
+                return
 
 
 async def upload_listener(
@@ -113,10 +136,12 @@ async def upload_listener(
     recordings: int,
     interval_s: float,
     on_recording: Callable[[str], None] = lambda listener: None,
+    reconnect: Optional[Reconnect] = None,
     distinct: bool = False,
-) -> ListenerReport:
+) -> None:
     """POST the file `recordings` times (0 = until cancelled), named like listener01_20250101T120000Z.wav."""
     listener_id = report.listener_id
+    reconnect = reconnect or Reconnect()
     salt = zlib.crc32(listener_id.encode()) << 8
     while not recordings or report.recordings_sent < recordings:
         name = f"{listener_id}_{datetime.now(timezone.utc):{TIMESTAMP_FORMAT}}{suffix}"
@@ -125,12 +150,24 @@ async def upload_listener(
             response = await client.post(f"{base_url}/recordings_upload", files={"file": (name, body)})
             report.responses.append({"status": response.status_code, **_json_or_text(response)})
             response.raise_for_status()
-            report.recordings_sent += 1
-            report.bytes_sent += len(data)
-            on_recording(listener_id)
         except httpx.HTTPError as exc:
-            report.errors.append(f"{type(exc).__name__}: {exc}")
-        await asyncio.sleep(interval_s)
+            if not await reconnect.after_failure(report, exc):
+                return
+            continue
+        reconnect.succeeded()
+        report.recordings_sent += 1
+        report.bytes_sent += len(data)
+        on_recording(listener_id)
+        if not recordings or report.recordings_sent < recordings:
+            await asyncio.sleep(interval_s)
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    """A refusal in the server's own words ("415: unsupported file type .txt ..."), else the transport error."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        body = _json_or_text(exc.response)
+        return f"{exc.response.status_code}: {body.get('error') or body.get('text') or exc.response.reason_phrase}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _json_or_text(response: httpx.Response) -> dict:
@@ -153,6 +190,7 @@ async def run_listeners(
     upload: bool = False,
     prefix: str = "listener",
     on_recording: Callable[[str], None] = lambda listener: None,
+    on_error: Callable[[str, str], None] = lambda listener, error: None,
     timeout_s: Optional[float] = None,
     stop: Optional[asyncio.Event] = None,
     distinct: bool = False,
@@ -170,14 +208,13 @@ async def run_listeners(
             await asyncio.sleep(random.uniform(0, stagger_s) if stagger_s else 0)
             if upload:
                 await upload_listener(
-                    client, base_url, report, data, file.suffix.lower(),
-                    recordings=recordings, interval_s=interval_s, on_recording=on_recording, distinct=distinct,
+                    client, base_url, report, data, file.suffix.lower(), recordings=recordings,
+                    interval_s=interval_s, on_recording=on_recording, reconnect=Reconnect(on_error), distinct=distinct,
                 )
             else:
                 await stream_listener(
-                    client, base_url, report, data,
-                    recordings=recordings, interval_s=interval_s, pace=pace, on_recording=on_recording,
-                    distinct=distinct,
+                    client, base_url, report, data, recordings=recordings, interval_s=interval_s, pace=pace,
+                    on_recording=on_recording, reconnect=Reconnect(on_error), distinct=distinct,
                 )
 
         tasks = [asyncio.create_task(one(report)) for report in reports]

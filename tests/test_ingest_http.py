@@ -221,3 +221,36 @@ def test_endless_simulator_stops_on_ctrl_c_and_reports_what_it_sent(ingest, tmp_
     assert sent >= 4 and "Traceback" not in err
     # each connection closed its recording in progress: nothing sent is missing from the folder
     wait_until(lambda: len(recordings(settings)) >= sent, 10, "the recordings in progress closed")
+
+
+def test_simulator_gives_up_on_a_refused_upload_instead_of_resending_it(ingest, tmp_path):
+    settings, port = ingest
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not audio")
+    listen = subprocess.run(
+        [sys.executable, "-m", "birdflow.cli", "listen", "--upload", "--file", str(notes), "--listeners", "2",
+         "--interval", "0", "--url", f"http://{LOOPBACK}:{port}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert listen.returncode == 1
+    # each listener reports its refusal as it happens, then the summary counts one error each
+    refusal = "415: unsupported file type .txt: send .wav, .flac or .mp3"
+    assert f"listener01: {refusal}" in listen.stdout and f"listener02: {refusal}" in listen.stdout
+    assert "sent 0 recording(s) from 2 listener(s); 2 error(s)" in listen.stdout and recordings(settings) == []
+
+
+@pytest.mark.parametrize(
+    "content, options, message",
+    [
+        (None, ["--prefix", "mic_"], "--prefix 'mic_' makes an invalid listener id 'mic_01'"),
+        (b"fLaC" + bytes(100), [], "not a RIFF/WAVE header; streaming needs a PCM WAV"),
+    ],
+)
+def test_simulator_refuses_bad_options_before_sending_anything(tmp_path, content, options, message):
+    source = tmp_path / "recording.wav"
+    source.write_bytes(wav_bytes(1.0) if content is None else content)
+    listen = subprocess.run(
+        [sys.executable, "-m", "birdflow.cli", "listen", "--file", str(source), *options, "--url", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert listen.returncode == 1 and message in listen.stderr and "Traceback" not in listen.stderr
