@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from functools import lru_cache
 from typing import Optional
 
@@ -56,7 +58,8 @@ class BirdflowWorker(BaseWorker[BaseJobConfiguration, BaseVariables, BirdflowWor
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         threads = kwargs.get("limit") or DEFAULT_THREADS
-        # long-lived threads: each keeps its interpreter (flows.runtime loads one per thread)
+        self._per_thread = threading.local()
+        # long-lived threads: each keeps its interpreter (flows.runtime loads one per thread) and its API client
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="birdflow-run")
 
     async def run(
@@ -74,10 +77,15 @@ class BirdflowWorker(BaseWorker[BaseJobConfiguration, BaseVariables, BirdflowWor
             identifier=str(flow_run.id), status_code=0 if state is not None and state.is_completed() else 1
         )
 
-    @staticmethod
-    def _execute(flow: Flow, flow_run: FlowRun):
-        with engine_context():
-            return run_in_process(flow, flow_run)
+    def _execute(self, flow: Flow, flow_run: FlowRun):
+        """Runs on one of the worker's threads. The engine context (its API client) is entered by a thread's
+        first run and kept for all later ones: a client per run would spend much of a run's bookkeeping on
+        TLS set-up. Should the API be unreachable then, only that run fails; the next one tries again."""
+        if getattr(self._per_thread, "engine", None) is None:
+            engine = ExitStack()
+            engine.enter_context(engine_context())
+            self._per_thread.engine = engine
+        return run_in_process(flow, flow_run)
 
     async def __aexit__(self, *exc_info):
         self._threads.shutdown(wait=False, cancel_futures=True)
