@@ -1,4 +1,4 @@
-"""Prometheus agent configuration generated from the settings (seed 000's agent + remote_write scheme)."""
+"""Prometheus agent configuration generated from the settings: scrape this station, remote-write centrally."""
 
 from __future__ import annotations
 

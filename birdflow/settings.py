@@ -180,7 +180,7 @@ class Settings(BaseModel):
 
 
 def _env_value(field_name: str, raw: str, annotation: Any) -> Any:
-    """Environment values are strings; booleans follow seed 000's "0"/"1" convention."""
+    """Environment values are strings; booleans are "0"/"1" (as field devices write them) or true/false."""
     if annotation is bool:
         lowered = raw.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
