@@ -29,6 +29,10 @@ def _settings_with_prefect(args):
 
     settings = _settings(args)
     os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
+    # Prefect reads its settings from the environment once, when imported: make it read them again
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
     return settings
 
 
@@ -125,13 +129,23 @@ def cmd_ingest(args) -> int:
 def cmd_execute(args) -> int:
     import signal
 
-    from flows.executor import Executor
+    import httpx
 
-    settings = _settings(args)
+    from flows.executor import Executor, ExecutorFailed
+
+    settings = _settings_with_prefect(args)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    Executor(settings).run_forever(stop)
+    log = logging.getLogger("birdflow.executor")
+    try:
+        Executor(settings).run_forever(stop)
+    except ExecutorFailed as exc:
+        log.error("executor stopped: %s", exc)
+        return 1
+    except httpx.TransportError as exc:
+        log.error("executor stopped: cannot reach the Prefect API at %s: %s", os.environ["PREFECT_API_URL"], exc)
+        return 1
     return 0
 
 

@@ -102,6 +102,10 @@ def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) 
     raise AssertionError("unreachable")
 
 
+class ExecutorFailed(RuntimeError):
+    """A flow-run thread could not start or died: the executor stops rather than leave recordings waiting."""
+
+
 class Executor:
     """Scans for recordings and due runs; `workers` threads execute them, each with its own model."""
 
@@ -123,23 +127,30 @@ class Executor:
         _ = self.pipeline.sinks, self.pipeline.archive
 
     def run_forever(self, stop: threading.Event) -> None:
+        """Until `stop` is set. Raises ExecutorFailed when a flow-run thread cannot start or dies: the
+        process then exits and its supervisor restarts it, instead of leaving recordings unprocessed."""
         self.start()
-        warm = threading.Barrier(self.settings.executor_workers + 1)
+        ready = threading.Barrier(self.settings.executor_workers + 1)
         workers = [
-            threading.Thread(target=self._work, args=(stop, warm), name=f"flow-runs-{number}", daemon=True)
+            threading.Thread(target=self._work, args=(stop, ready), name=f"flow-runs-{number}", daemon=True)
             for number in range(self.settings.executor_workers)
         ]
         for worker in workers:
             worker.start()
-        warm.wait()
-        log.info(
-            "executor ready: deployment %s, %d worker(s), BirdNET on %s",
-            self.deployment_id, len(workers), load_interpreter_class(self.settings.birdnet_backend)[0],
-        )
         watch = FolderWatch(self.settings.recordings_dir)
         try:
+            try:
+                ready.wait()
+            except threading.BrokenBarrierError:
+                raise ExecutorFailed("a flow-run thread could not start (see the error above)") from None
+            log.info(
+                "executor ready: deployment %s, %d worker(s), BirdNET on %s",
+                self.deployment_id, len(workers), load_interpreter_class(self.settings.birdnet_backend)[0],
+            )
             with engine_context() as client:
                 while not stop.is_set():
+                    if not all(worker.is_alive() for worker in workers):
+                        raise ExecutorFailed("a flow-run thread died (see the error above)")
                     self.queue_new_recordings()
                     self.queue_scheduled(client)
                     watch.wait(self.settings.poll_interval_s)
@@ -150,26 +161,36 @@ class Executor:
             for worker in workers:
                 worker.join(timeout=60)
 
-    def _work(self, stop: threading.Event, warm: threading.Barrier) -> None:
-        _ = self.pipeline.model  # this thread's interpreter, loaded before the first recording
-        warm.wait()
-        with engine_context() as client:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                key = item.stem if isinstance(item, Path) else str(item.id)
-                try:
-                    if not stop.is_set():
-                        if isinstance(item, Path):
-                            self.run_recording(client, item)
-                        else:
-                            self.execute(client, item)
-                except Exception:
-                    log.exception("could not run %s; it is retried on the next scan", key)
-                finally:
-                    with self._lock:
-                        self._in_flight.discard(key)
+    def _work(self, stop: threading.Event, ready: threading.Barrier) -> None:
+        """One flow-run thread: its own BirdNET interpreter and API client, loaded before it says ready."""
+        try:
+            _ = self.pipeline.model
+            with engine_context() as client:
+                ready.wait()
+                self._run_queue(stop, client)
+        except threading.BrokenBarrierError:
+            return  # another thread could not start; the executor is stopping
+        except Exception:
+            log.exception("flow-run thread %s stopped", threading.current_thread().name)
+            ready.abort()
+
+    def _run_queue(self, stop: threading.Event, client: SyncPrefectClient) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            key = item.stem if isinstance(item, Path) else str(item.id)
+            try:
+                if not stop.is_set():
+                    if isinstance(item, Path):
+                        self.run_recording(client, item)
+                    else:
+                        self.execute(client, item)
+            except Exception:
+                log.exception("could not run %s; it is retried on the next scan", key)
+            finally:
+                with self._lock:
+                    self._in_flight.discard(key)
 
     def _enqueue(self, key: str, item) -> None:
         with self._lock:
