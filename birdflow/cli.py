@@ -173,35 +173,33 @@ def cmd_listen(args) -> int:
     until = f"{args.recordings} recording(s) each" if args.recordings else "until Ctrl-C"
     stop_signal: list[int] = []
 
-    async def listen(advance, report_error) -> list:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, lambda signum=signum: (stop_signal.append(signum), stop.set()))
-        return await run_listeners(
-            args.url.rstrip("/"),
-            args.file,
-            listeners=args.listeners,
-            interval_s=args.interval,
-            recordings=args.recordings,
-            stagger_s=args.stagger,
-            pace=args.pace,
-            upload=args.upload,
-            prefix=args.prefix,
-            on_recording=advance,
-            on_error=report_error,
-            stop=stop,
-            distinct=args.distinct,
-        )
-
     with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=False) as progress:
         bar = progress.add_task(f"{args.listeners} listener(s) -> {args.url}, {until}", total=total)
-        reports = asyncio.run(
-            listen(
-                lambda listener: progress.advance(bar),
-                lambda listener, error: progress.console.print(f"{listener}: {error}", markup=False, highlight=False),
+
+        async def listen() -> list:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, lambda signum=signum: (stop_signal.append(signum), stop.set()))
+            return await run_listeners(
+                args.url.rstrip("/"),
+                args.file,
+                listeners=args.listeners,
+                interval_s=args.interval,
+                recordings=args.recordings,
+                stagger_s=args.stagger,
+                pace=args.pace,
+                upload=args.upload,
+                prefix=args.prefix,
+                on_recording=lambda listener: progress.advance(bar),
+                on_error=lambda listener, error: progress.console.print(
+                    f"{listener}: {error}", markup=False, highlight=False
+                ),
+                stop=stop,
+                distinct=args.distinct,
             )
-        )
+
+        reports = asyncio.run(listen())
     sent = sum(report.recordings_sent for report in reports)
     errors = [f"{report.listener_id}: {error}" for report in reports for error in report.errors]
     print(f"sent {sent} recording(s) from {len(reports)} listener(s); {len(errors)} error(s)")
