@@ -104,23 +104,37 @@ class SeaweedS3:
             region_name="us-east-1",
         )
 
-    def start(self, log: Path) -> "SeaweedS3":
+    def start(self, log: Path, attempts: int = 3) -> "SeaweedS3":
+        """Start `weed server -s3`; when it exits early (one of its eight ports was taken between being chosen
+        and being bound, e.g. by one of its own outgoing connections), start again on new ports."""
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         self.data.mkdir(parents=True, exist_ok=True)
-        ports = {name: free_port() for name in ("master", "volume", "filer")}
-        command = [
-            weed, f"-logdir={self.data}", "server", f"-dir={self.data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
-            # each bucket (collection) grows its own volumes: room for several buckets, kept small
-            "-volume.max=64", "-master.volumeSizeLimitMB=64",
-            f"-master.port={ports['master']}", f"-master.port.grpc={free_port()}",
-            f"-volume.port={ports['volume']}", f"-volume.port.grpc={free_port()}",
-            f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port()}",
-            "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={free_port()}",
-        ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
-        self.process = subprocess.Popen(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: self.client().list_buckets() is not None, 90, "SeaweedFS S3")
-        return self
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                self.s3_port = free_port()
+            command = [
+                weed, f"-logdir={self.data}", "server", f"-dir={self.data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+                # each bucket (collection) grows its own volumes: room for several buckets, kept small
+                "-volume.max=64", "-master.volumeSizeLimitMB=64",
+                f"-master.port={free_port()}", f"-master.port.grpc={free_port()}",
+                f"-volume.port={free_port()}", f"-volume.port.grpc={free_port()}",
+                f"-filer.port={free_port()}", f"-filer.port.grpc={free_port()}",
+                "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={free_port()}",
+            ]
+            with open(log, "ab") as output:
+                self.process = subprocess.Popen(
+                    command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    self.client().list_buckets()
+                    return self
+                except Exception:
+                    time.sleep(0.25)
+            self.stop()
+        raise TimeoutError(f"SeaweedFS S3 did not start in {attempts} attempts; see {log}")
 
     def create_bucket(self, name: str) -> None:
         wait_until(lambda: self.client().create_bucket(Bucket=name) is not None, 60, f"bucket {name}")
