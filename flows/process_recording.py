@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -126,9 +127,15 @@ def worth_retrying(task, task_run, state) -> bool:
 
 def _with_io_retries(io_task):
     settings = pipeline().settings
+    return _retrying(io_task, settings.task_retries, settings.retry_delay_s)
+
+
+@lru_cache(maxsize=None)
+def _retrying(io_task, retries: int, delay_s: float):
+    """The task with the station's retry policy, built once per policy rather than in every run."""
     return io_task.with_options(
-        retries=settings.task_retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=settings.retry_delay_s),
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=delay_s),
         retry_condition_fn=worth_retrying,
     )
 
