@@ -92,14 +92,13 @@ async def stream_listener(
     interval_s: float,
     pace: float = 1.0,
     on_recording: Callable[[str], None] = lambda listener: None,
-    reconnect: Optional[Reconnect] = None,
+    reconnect: Reconnect,
     distinct: bool = False,
 ) -> None:
     """Send `recordings` recordings (0 = until cancelled) over one long-lived connection; `report`
     fills in as it goes, so it tells what was sent even when cancelled."""
     listener_id = report.listener_id
     header, audio, byte_rate = split_wav(wav)
-    reconnect = reconnect or Reconnect()
     salt = zlib.crc32(listener_id.encode()) << 8
 
     async def body() -> AsyncIterator[bytes]:
@@ -136,12 +135,11 @@ async def upload_listener(
     recordings: int,
     interval_s: float,
     on_recording: Callable[[str], None] = lambda listener: None,
-    reconnect: Optional[Reconnect] = None,
+    reconnect: Reconnect,
     distinct: bool = False,
 ) -> None:
     """POST the file `recordings` times (0 = until cancelled), named like listener01_20250101T120000Z.wav."""
     listener_id = report.listener_id
-    reconnect = reconnect or Reconnect()
     salt = zlib.crc32(listener_id.encode()) << 8
     while not recordings or report.recordings_sent < recordings:
         name = f"{listener_id}_{datetime.now(timezone.utc):{TIMESTAMP_FORMAT}}{suffix}"
