@@ -1,7 +1,8 @@
 """`birdflow up`: the embedded Prefect server, the ingest API and the executor, each supervised.
 
-A child that exits is restarted with back-off; Ctrl-C or SIGTERM stops them all (SIGTERM, then
-SIGKILL after a grace period).
+A child that exits is restarted with back-off (1, 2, 4 ... 60 s), each on its own clock, so one that
+keeps failing never holds the others down; Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL
+after a grace period).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
+
+from prometheus_client import multiprocess
 
 from birdflow.metrics import MULTIPROC_ENV
 from birdflow.settings import SETTINGS_FILE_ENV, Settings
@@ -48,6 +51,10 @@ def prefect_environment(settings: Settings) -> dict[str, str]:
                 "PREFECT_UI_API_URL": settings.api_url,
             }
         )
+        # run retention with Prefect's own vacuum: terminal runs older than run_retention_days go with their
+        # task runs, logs and artifacts, in batches of 200 once an hour
+        env["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] = "flow_runs"
+        env["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"] = str(int(settings.run_retention_days * 86400))
         if not settings.prefect_events_enabled:
             # automations (triggers) and the stored event feed: ~15 % of the server's CPU per run;
             # run, task-run and log history do not depend on them
@@ -151,6 +158,7 @@ class Child:
     process: Optional[subprocess.Popen] = None
     restarts: int = 0
     started_at: float = field(default=0.0)
+    restart_at: Optional[float] = None  # set while it waits out its back-off
 
     def start(self, env: dict[str, str]) -> None:
         log.info("starting %s", self.name)
@@ -203,6 +211,25 @@ def stop_all(children: list[Child]) -> None:
         child.kill()
 
 
+def restart_when_due(child: Child, env: dict[str, str], settings: Settings) -> None:
+    """A child found dead waits out its own back-off, then starts again."""
+    now = time.monotonic()
+    if child.alive():
+        return
+    if child.restart_at is None:
+        # the gauges a dead process left (open streams, backlog) must not count any more
+        multiprocess.mark_process_dead(child.process.pid, str(settings.metrics_dir))
+        if now - child.started_at > 60:
+            child.restarts = 0  # it ran fine for a while: restart quickly
+        delay = min(2**child.restarts, 60)
+        log.warning("%s exited with %s; restarting in %d s", child.name, child.process.returncode, delay)
+        child.restart_at = now + delay
+    elif now >= child.restart_at:
+        child.restart_at = None
+        child.restarts += 1
+        child.start(env)
+
+
 def supervise(settings: Settings, settings_file: Optional[str]) -> int:
     """Run the stack until SIGINT/SIGTERM."""
     stop = threading.Event()
@@ -219,9 +246,12 @@ def supervise(settings: Settings, settings_file: Optional[str]) -> int:
         else:
             wait_for_prefect(settings.api_url, 60)
         if not stop.is_set():
+            from prefect.context import refresh_global_settings_context
+
             from blocks import register_blocks
 
             os.environ.update(prefect_environment(settings))
+            refresh_global_settings_context()  # else Prefect keeps what it read at import (a temporary server)
             for slug in register_blocks(settings):
                 log.info("block %s registered", slug)
     except RuntimeError as exc:
@@ -239,17 +269,9 @@ def supervise(settings: Settings, settings_file: Optional[str]) -> int:
         f"(metrics at /metrics), Prefect UI at {settings.api_url.removesuffix('/api')}. Ctrl-C stops.",
         flush=True,
     )
-    while not stop.wait(1.0):
+    while not stop.wait(0.5):
         for child in children:
-            if not child.alive():
-                if time.monotonic() - child.started_at > 60:
-                    child.restarts = 0  # it ran fine for a while: restart quickly
-                delay = min(2**child.restarts, 60)
-                log.warning("%s exited with %s; restarting in %d s", child.name, child.process.returncode, delay)
-                if stop.wait(delay):
-                    break
-                child.restarts += 1
-                child.start(env)
+            restart_when_due(child, env, settings)
     log.info("stopping")
     stop_all(children)
     return 0
