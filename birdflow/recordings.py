@@ -20,6 +20,10 @@ from pydantic import BaseModel
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3")
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 _NAME_PATTERN = re.compile(r"^(?P<listener>[^_]+)_(?P<stamp>\d{8}T\d{6}Z)")
+# A stream's partial file is named after its listener and start time, so that a crash leaves everything
+# needed to publish it (the format is in the WAV header at its first bytes); listener ids have no "_".
+PARTIAL_STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+_STREAM_PARTIAL_PATTERN = re.compile(r"^stream_(?P<listener>[^_]+)_(?P<stamp>\d{8}T\d{6}\.\d{6}Z)_[0-9a-f]+\.wav$")
 
 
 class RecordingInfo(BaseModel):
@@ -36,15 +40,23 @@ class RecordingInfo(BaseModel):
     content_hash: str
     size_bytes: int
     file_name: str
-    source: Literal["stream", "upload", "folder", "archive", "backfill"] = "stream"
+    source: Literal["stream", "upload", "recovered", "folder", "archive", "backfill"] = "stream"
     # where the audio is read from when it is not in the recordings folder (a backfill source); never deleted
     source_path: Optional[str] = None
 
-    @property
-    def archive_key(self) -> str:
-        """station/listener/YYYY/MM/DD/recording file: the same in every archive backend."""
+    def archive_key(self, file_name: str) -> str:
+        """station/listener/YYYY/MM/DD/file: the same in every archive backend."""
         day = self.start_time.astimezone(timezone.utc)
-        return f"{self.station_id}/{self.listener_id}/{day:%Y/%m/%d}/{self.file_name}"
+        return f"{self.station_id}/{self.listener_id}/{day:%Y/%m/%d}/{file_name}"
+
+    def archive_names(self, archive_format: str) -> list[str]:
+        """Names it may be archived under, the one `archive_format` prefers first: a WAV recording is
+        archived as <id>.flac unless its samples do not fit FLAC (32-bit), and the station may have
+        changed formats since."""
+        if not self.file_name.endswith(".wav"):
+            return [self.file_name]
+        flac = self.recording_id + ".flac"
+        return [flac, self.file_name] if archive_format == "flac" else [self.file_name, flac]
 
     @property
     def run_name(self) -> str:
@@ -86,8 +98,13 @@ class RecordingStore:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
 
-    def new_partial(self, suffix: str = ".wav") -> Path:
-        return self.partial_dir / f"{uuid.uuid4().hex}{suffix}"
+    def new_stream_partial(self, listener_id: str, start_time: datetime) -> Path:
+        stamp = start_time.astimezone(timezone.utc).strftime(PARTIAL_STAMP_FORMAT)
+        return self.partial_dir / f"stream_{listener_id}_{stamp}_{uuid.uuid4().hex[:8]}.wav"
+
+    def new_upload_partial(self, suffix: str) -> Path:
+        """An upload is answered only once published: a crash before that leaves nothing worth keeping."""
+        return self.partial_dir / f"upload_{uuid.uuid4().hex}{suffix}"
 
     def publish(
         self,
@@ -119,20 +136,34 @@ class RecordingStore:
             source=source,
         )
         sidecar_tmp = partial.with_suffix(".json")
-        sidecar_tmp.write_text(info.model_dump_json())
+        try:
+            sidecar_tmp.write_text(info.model_dump_json())
+        except OSError:
+            sidecar_tmp.unlink(missing_ok=True)  # never a truncated sidecar (a full disk); the partial stays
+            raise
         os.replace(sidecar_tmp, self.recordings_dir / f"{recording_id}.json")
         os.replace(partial, self.recordings_dir / info.file_name)
         return info
 
     def pending(self) -> list[Path]:
-        """Published audio files, oldest first."""
-        files = [
-            entry
-            for entry in os.scandir(self.recordings_dir)
-            if entry.is_file() and entry.name.lower().endswith(AUDIO_EXTENSIONS)
-        ]
-        files.sort(key=lambda entry: entry.stat().st_mtime)
-        return [Path(entry.path) for entry in files]
+        """Published audio files, oldest first (a file finished while this runs is left out)."""
+        files = []
+        for entry in os.scandir(self.recordings_dir):
+            if entry.name.lower().endswith(AUDIO_EXTENSIONS):
+                try:
+                    files.append((entry.stat().st_mtime, entry.path))
+                except FileNotFoundError:
+                    continue
+        return [Path(path) for _, path in sorted(files)]
+
+
+def parse_stream_partial(name: str) -> Optional[tuple[str, datetime]]:
+    """(listener id, start time) of a stream's partial file name, or None for any other file."""
+    match = _STREAM_PARTIAL_PATTERN.match(name)
+    if not match:
+        return None
+    start = datetime.strptime(match["stamp"], PARTIAL_STAMP_FORMAT).replace(tzinfo=timezone.utc)
+    return match["listener"], start
 
 
 def load_info(audio_path: Path) -> Optional[RecordingInfo]:
@@ -150,13 +181,17 @@ def remove_recording(audio_path: Path) -> None:
 
 def describe_audio_file(path: Path, station_id: str, source: str, modified: Optional[datetime] = None) -> RecordingInfo:
     """Metadata for an audio file that arrived without a sidecar: listener and start time from its name
-    (listener01_20250101T120000Z...), else "unknown" and the file's modification time."""
+    (listener01_20250101T120000Z...), else "unknown" and the file's modification time. A FLAC copy from
+    a birdflow archive is the recording it was made from: same content hash, same recording id."""
     import soundfile
+
+    from birdflow.flac import flac_identity
 
     details = soundfile.info(str(path))
     listener, start = parse_file_name(path.name)
     start = start or modified or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-    content_hash = sha256_file(path)
+    source_hash = flac_identity(path) if path.suffix.lower() == ".flac" else None
+    content_hash = source_hash or sha256_file(path)
     recording_id = recording_id_for(listener or "unknown", start, content_hash)
     return RecordingInfo(
         recording_id=recording_id,
@@ -171,4 +206,3 @@ def describe_audio_file(path: Path, station_id: str, source: str, modified: Opti
         file_name=recording_id + path.suffix.lower(),
         source=source,
     )
-

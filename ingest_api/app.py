@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import shutil
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -18,14 +20,20 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from birdflow import metrics
+from birdflow.disk import MB, DiskFloor, InsufficientStorage
 from birdflow.recordings import AUDIO_EXTENSIONS, RecordingStore, parse_file_name
+from birdflow.retention import archive_retention
 from birdflow.settings import Settings, validate_listener_id
 from birdflow.wav import WavError, WavFormat, looks_like_wav, parse_header
 from ingest_api.assembler import StreamAssembler, StreamLimits, StreamRejected, StreamStats
 from ingest_api.framing import FrameParser, FramingError
+from ingest_api.recovery import recover_partials
 
 log = logging.getLogger("birdflow.ingest")
 UPLOAD_READ_BYTES = 1 << 20
+# partials no stream has written to for this long are left over (a close that failed): publish them
+PARTIAL_SWEEP_S = 600.0
+FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Rejection(Exception):
@@ -66,9 +74,29 @@ def _sniff_audio(path: Path, suffix: str) -> None:
         raise Rejection(415, "not_audio", "file is not MP3")
 
 
+def recover_and_count(
+    store: RecordingStore, settings: Settings, untouched_for_s: Optional[float] = None, in_use: frozenset = frozenset()
+) -> None:
+    """Publish (or remove) partial files a crash or a failed close left behind, and count them."""
+    outcome = recover_partials(store, settings.min_duration_s, untouched_for_s, in_use)
+    station = settings.station_id
+    for info in outcome.published:
+        metrics.RECORDINGS_RECEIVED.labels(station, "recovered").inc()
+        log.info("recovered %s (%.1f s) from a partial file", info.recording_id, info.duration_s)
+    for reason, count in outcome.removed.items():
+        metrics.RECORDINGS_DISCARDED.labels(station, reason).inc(count)
+        log.info("removed %d partial file(s): %s", count, reason)
+
+
 def create_app(settings: Settings) -> FastAPI:
     store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
     station = settings.station_id
+    recover_and_count(store, settings)  # nothing of this process is open yet: every partial is left over
+    disk = DiskFloor(
+        settings.data_dir,
+        settings.min_free_disk_mb * MB,
+        relieve=lambda: archive_retention(settings, free_bytes=lambda: shutil.disk_usage(settings.data_dir).free),
+    )
     limits = StreamLimits(
         min_duration_s=settings.min_duration_s,
         max_duration_s=settings.max_duration_s,
@@ -78,6 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
     event_counters = {
         "recording_closed": metrics.RECORDINGS_RECEIVED.labels(station, "stream"),
         "recording_discarded": metrics.RECORDINGS_DISCARDED.labels(station, "too_short"),
+        "recording_abandoned": metrics.RECORDINGS_DISCARDED.labels(station, "write_failed"),
         "gap": metrics.GAPS.labels(station),
         "frame_dropped": metrics.FRAMES_DROPPED.labels(station),
         "metadata_frame": metrics.METADATA_FRAMES.labels(station),
@@ -107,7 +136,28 @@ def create_app(settings: Settings) -> FastAPI:
         """Wait for this stream's recordings to be published, so its response lists them."""
         await asyncio.gather(*(asyncio.wrap_future(future) for future in sealing), return_exceptions=True)
 
-    app = FastAPI(title="birdflow ingest API", version="1")
+    streams: set[StreamAssembler] = set()  # the streams connected now
+
+    async def sweep_partials() -> None:
+        while True:
+            await asyncio.sleep(PARTIAL_SWEEP_S)
+            in_use = frozenset(stream.open_path for stream in streams if stream.open_path)
+            await run_in_threadpool(recover_and_count, store, settings, PARTIAL_SWEEP_S, in_use)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sweeper = asyncio.create_task(sweep_partials())
+        yield
+        sweeper.cancel()
+        # Stopping (SIGTERM, Ctrl-C): the server has cancelled the streams, which close their recordings;
+        # those are published before the process exits, so a restart finds them in the recordings folder.
+        for _ in range(100):
+            if not streams:
+                break
+            await asyncio.sleep(0.05)
+        await run_in_threadpool(sealer.shutdown, True)
+
+    app = FastAPI(title="birdflow ingest API", version="1", lifespan=lifespan)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -133,7 +183,14 @@ def create_app(settings: Settings) -> FastAPI:
             sealing[:] = [future for future in sealing if not future.done()]  # bounded on days-long streams
             sealing.append(submit_seal(listener_id, seal))
 
-        assembler = StreamAssembler(listener_id, store, limits, on_event=count_event, sealer=seal_later)
+        try:
+            disk.require_room()
+        except InsufficientStorage as exc:
+            return reject(Rejection(507, "insufficient_storage", str(exc)), listener_id)
+        assembler = StreamAssembler(
+            listener_id, store, limits, on_event=count_event, sealer=seal_later, before_open=disk.require_room
+        )
+        streams.add(assembler)
         open_streams = metrics.OPEN_STREAMS.labels(station)
         open_streams.inc()
         rejection = None
@@ -143,15 +200,28 @@ def create_app(settings: Settings) -> FastAPI:
                     assembler.handle(frame)
         except ClientDisconnect:
             log.info("listener %s disconnected", listener_id)
+        except asyncio.CancelledError:
+            # the server is stopping and ends the streams: the recording in progress is closed and kept
+            # below, and nobody is left to read an answer
+            log.info("listener %s: stream closed because the ingest API is stopping", listener_id)
+            return Response(status_code=503)
         except FramingError as exc:
             rejection = Rejection(400, "malformed_frame", str(exc))
         except StreamRejected as exc:
             rejection = Rejection(415, "bad_header", str(exc))
+        except InsufficientStorage as exc:  # the recordings before this one are kept
+            rejection = Rejection(507, "insufficient_storage", str(exc))
+        except OSError as exc:
+            assembler.abandon()  # a recording cut by a write error is not kept half-written
+            rejection = _write_failure(exc)
+            if not isinstance(rejection, Rejection):
+                raise
         finally:
             if parser.pending_bytes and rejection is None:
                 log.info("listener %s: stream ended inside a frame (%d bytes dropped)", listener_id, parser.pending_bytes)
                 count_event("frame_dropped", 1)
             stats = assembler.finish()
+            streams.discard(assembler)
             open_streams.dec()
             await seal_all(sealing)
         if rejection:
@@ -168,7 +238,13 @@ def create_app(settings: Settings) -> FastAPI:
             if declared > settings.max_upload_bytes:
                 raise Rejection(413, "too_large", f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes}")
             try:
+                disk.require_room()
+            except InsufficientStorage as exc:
+                raise Rejection(507, "insufficient_storage", str(exc)) from None
+            try:
                 form = await request.form(max_files=1, max_fields=8)
+            except OSError as exc:
+                raise _write_failure(exc) from exc
             except Exception as exc:  # starlette raises several types for a broken body
                 raise Rejection(400, "bad_form", f"expected multipart/form-data with a 'file' field: {exc}") from exc
             upload = form.get("file")
@@ -186,14 +262,17 @@ def create_app(settings: Settings) -> FastAPI:
             suffix = Path(name).suffix.lower()
             if suffix not in AUDIO_EXTENSIONS:
                 raise Rejection(415, "unsupported_type", f"unsupported file type {suffix or '(none)'}: send .wav, .flac or .mp3")
-            partial = store.new_partial(suffix)
+            partial = store.new_upload_partial(suffix)
             size = 0
-            with open(partial, "wb") as out:
-                while block := await upload.read(UPLOAD_READ_BYTES):
-                    size += len(block)
-                    if size > settings.max_upload_bytes:
-                        raise Rejection(413, "too_large", f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
-                    out.write(block)
+            try:
+                with open(partial, "wb") as out:
+                    while block := await upload.read(UPLOAD_READ_BYTES):
+                        size += len(block)
+                        if size > settings.max_upload_bytes:
+                            raise Rejection(413, "too_large", f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
+                        out.write(block)
+            except OSError as exc:
+                raise _write_failure(exc) from exc
             if size == 0:
                 raise Rejection(400, "empty", "the uploaded file is empty")
             _sniff_audio(partial, suffix)
@@ -205,7 +284,8 @@ def create_app(settings: Settings) -> FastAPI:
                 metrics.RECORDINGS_DISCARDED.labels(station, "too_short").inc()
                 raise Rejection(422, "too_short", f"recording is {details.duration:.2f} s, shorter than the minimum {settings.min_duration_s} s")
             info = await run_in_threadpool(
-                store.publish,
+                _publish_or_refuse,
+                store,
                 partial,
                 listener_id=listener_id,
                 start_time=name_start or datetime.now(timezone.utc),
@@ -225,8 +305,23 @@ def create_app(settings: Settings) -> FastAPI:
                 "content_hash": info.content_hash,
             }
         except Rejection as rejection:
-            if partial is not None:
-                partial.unlink(missing_ok=True)
             return reject(rejection, listener_id)
+        finally:
+            if partial is not None:
+                partial.unlink(missing_ok=True)  # published files were moved away; anything else goes
 
     return app
+
+
+def _write_failure(exc: OSError) -> Exception:
+    """A full disk is the station's condition (507, try again later); other I/O errors are its fault."""
+    if exc.errno in FULL_DISK_ERRORS:
+        return Rejection(507, "insufficient_storage", f"insufficient storage: {exc.strerror}")
+    return exc
+
+
+def _publish_or_refuse(store: RecordingStore, partial: Path, **details):
+    try:
+        return store.publish(partial, **details)
+    except OSError as exc:
+        raise _write_failure(exc) from exc

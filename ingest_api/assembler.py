@@ -51,6 +51,7 @@ class StreamStats:
 
 _EVENT_STATS = {
     "recording_discarded": "discarded",
+    "recording_abandoned": "discarded",
     "gap": "gaps",
     "frame_dropped": "dropped_frames",
     "metadata_frame": "metadata_frames",
@@ -78,8 +79,9 @@ def _utc_now() -> datetime:
 class StreamAssembler:
     """The per-connection state machine of the streaming protocol.
 
-    ``on_event(name, count)`` reports what happened (recording_closed, recording_discarded, gap,
-    frame_dropped, metadata_frame) so the caller can count it without this code knowing about metrics.
+    ``on_event(name, count)`` reports what happened (recording_closed, recording_discarded,
+    recording_abandoned, gap, frame_dropped, metadata_frame) so the caller can count it without this
+    code knowing about metrics.
     """
 
     def __init__(
@@ -90,11 +92,15 @@ class StreamAssembler:
         on_event: Callable[[str, int], None] = lambda name, count: None,
         clock: Callable[[], datetime] = _utc_now,
         sealer: Callable[[Callable[[], None]], None] = lambda seal: seal(),
+        before_open: Callable[[], None] = lambda: None,
     ):
         """`sealer` runs each closed recording's seal step; the HTTP app hands it to a worker thread
-        so an fsync never stalls the other listeners' streams."""
+        so an fsync never stalls the other listeners' streams. `before_open` runs before each new
+        recording is opened and may raise to refuse it (the disk floor): the recording before it is
+        closed and published first."""
         self.listener_id = listener_id
         self.sealer = sealer
+        self.before_open = before_open
         self.store = store
         self.limits = limits
         self.on_event = on_event
@@ -140,10 +146,24 @@ class StreamAssembler:
             self._page_bytes = len(frame.payload)
         self._write_audio(frame.payload)
 
+    @property
+    def open_path(self) -> Optional[Path]:
+        """The partial file of the recording in progress."""
+        return self._open.path if self._open else None
+
     def finish(self) -> StreamStats:
         """The connection ended (normally or not): close what is open."""
         self._close()
         return self.stats
+
+    def abandon(self) -> None:
+        """Writing failed (a full disk): the open recording cannot be trusted, so none is left behind."""
+        current, self._open = self._open, None
+        if current is None:
+            return
+        current.file.close()
+        current.path.unlink(missing_ok=True)
+        self._count("recording_abandoned")
 
     # recordings -----------------------------------------------------------------------------------------
 
@@ -163,9 +183,11 @@ class StreamAssembler:
         self._write_audio(audio)
 
     def _open_with(self, header: WavHeader, start_time: datetime) -> None:
-        path = self.store.new_partial(".wav")
+        self.before_open()
+        path = self.store.new_stream_partial(self.listener_id, start_time)
         file = open(path, "wb")
         file.write(header.raw)
+        file.flush()  # the format is on disk from the first moment, for a recovery after a crash
         self._open = _OpenRecording(path=path, file=file, header=header, start_time=start_time)
 
     def _write_audio(self, data: bytes) -> None:
