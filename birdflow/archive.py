@@ -6,17 +6,24 @@ Both verify what they stored (size and SHA-256) and never store the same content
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
 
+from birdflow.flac import flac_identity
 from birdflow.recordings import sha256_file
 
 
 class ArchiveError(RuntimeError):
     """The archived copy does not match the recording."""
+
+
+def holds_recording(data: bytes, content_hash: str) -> bool:
+    """Whether archived bytes are the recording: the file itself, or a FLAC copy made from it."""
+    return hashlib.sha256(data).hexdigest() == content_hash or flac_identity(data) == content_hash
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,8 @@ class ArchivedObject:
 class Archive(Protocol):
     def store(self, path: Path, key: str, sha256: str) -> ArchivedObject: ...
 
-    def fetch(self, key: str) -> bytes: ...
+    def fetch(self, key: str) -> Optional[bytes]:
+        """The stored object, None when there is none (a store that cannot be reached raises)."""
 
 
 class LocalArchive:
@@ -59,8 +67,9 @@ class LocalArchive:
         os.replace(partial, target)
         return ArchivedObject(target.as_uri(), size, uploaded=True)
 
-    def fetch(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+    def fetch(self, key: str) -> Optional[bytes]:
+        path = self._path(key)
+        return path.read_bytes() if path.is_file() else None
 
 
 # One PUT can carry the object's SHA-256 for the store to check; a multipart upload cannot (S3 takes a
@@ -87,7 +96,7 @@ class S3Archive:
         try:
             return self._client.head_object(Bucket=self.bucket.bucket_name, Key=self._key(key), ChecksumMode="ENABLED")
         except self._client.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return None
             raise
 
@@ -113,5 +122,14 @@ class S3Archive:
             raise ArchiveError(f"{uri} does not match the recording after upload")
         return ArchivedObject(uri, size, uploaded=True)
 
-    def fetch(self, key: str) -> bytes:
-        return self.bucket.read_path(key)
+    def fetch(self, key: str) -> Optional[bytes]:
+        try:
+            return self._client.get_object(Bucket=self.bucket.bucket_name, Key=self._key(key))["Body"].read()
+        except self._client.exceptions.ClientError as exc:
+            if _missing(exc):
+                return None
+            raise
+
+
+def _missing(exc) -> bool:
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")

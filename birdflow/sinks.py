@@ -1,12 +1,17 @@
 """Where detection tables go: a local Parquet dataset (the embedded default) and/or InfluxDB 3.
 
 Writes are idempotent: the same recording analysed with the same parameters lands on the same
-Parquet file and the same Influx series and timestamps, so a retry never duplicates rows.
+Parquet file and the same Influx series and timestamps, so a retry never duplicates rows. The
+maintenance run merges the per-recording Parquet files into one file per hour (a station would
+otherwise make ~100,000 small files a day); a later rewrite of a recording replaces its rows.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
@@ -25,6 +30,16 @@ class DetectionSink(Protocol):
     def write(self, table: pa.Table) -> int: ...
 
 
+HOUR_FILE_PREFIX = "hour-"
+KEY_SEPARATOR = "\x1f"
+
+
+def _write_atomically(table: pa.Table, target: Path) -> None:
+    partial = target.with_suffix(".partial")
+    pq.write_table(table, partial)
+    os.replace(partial, target)
+
+
 class ParquetSink:
     """One file per (recording, analysis) under YYYY/MM/DD, written to a temporary name and renamed."""
 
@@ -41,10 +56,7 @@ class ParquetSink:
         analysis_id = table.column("analysis_id")[0].as_py()
         folder = self.root / f"{first:%Y/%m/%d}"
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{recording_id}__{analysis_id}.parquet"
-        partial = target.with_suffix(".partial")
-        pq.write_table(table, partial)
-        os.replace(partial, target)
+        _write_atomically(table, folder / f"{recording_id}__{analysis_id}.parquet")
         return table.num_rows
 
 
@@ -80,10 +92,6 @@ def read_detections(
     min_confidence: Optional[float] = None,
 ) -> pa.Table:
     """Detections from the local dataset, oldest first; species matches scientific or common name."""
-    files = sorted(str(path) for path in Path(root).rglob("*.parquet")) if Path(root).is_dir() else []
-    if not files:
-        return SCHEMA.empty_table()
-    dataset = ds.dataset(files, schema=SCHEMA, format="parquet")
     conditions = []
     if listener:
         conditions.append(ds.field("listener_id") == listener)
@@ -101,7 +109,93 @@ def read_detections(
     expression = None
     for condition in conditions:
         expression = condition if expression is None else expression & condition
-    return dataset.to_table(filter=expression).sort_by([("time", "ascending"), ("listener_id", "ascending")])
+    for attempt in range(3):
+        hourly, loose = _dataset_files(Path(root))
+        try:
+            loose_rows = _read(loose, expression)
+            # a recording rewritten after its hour was compacted: its newer file replaces its compacted rows
+            hourly_rows = _without_keys(_read(hourly, expression), _keys(_read(loose, None)))
+            break
+        except FileNotFoundError:  # a compaction merged files while they were read: list them again
+            if attempt == 2:
+                raise
+    return pa.concat_tables([hourly_rows, loose_rows]).sort_by([("time", "ascending"), ("listener_id", "ascending")])
+
+
+def _dataset_files(root: Path) -> tuple[list[str], list[str]]:
+    """(hour files, per-recording files) of the dataset."""
+    hourly, loose = [], []
+    if root.is_dir():
+        for path in sorted(root.rglob("*.parquet")):
+            (hourly if path.name.startswith(HOUR_FILE_PREFIX) else loose).append(str(path))
+    return hourly, loose
+
+
+def _read(files: list[str], expression) -> pa.Table:
+    if not files:
+        return SCHEMA.empty_table()
+    return ds.dataset(files, schema=SCHEMA, format="parquet").to_table(filter=expression)
+
+
+def _keys(table: pa.Table) -> pa.Array:
+    """recording_id + analysis_id of each row: what one per-recording file holds."""
+    return pc.binary_join_element_wise(table.column("recording_id"), table.column("analysis_id"), KEY_SEPARATOR)
+
+
+def _without_keys(table: pa.Table, keys: pa.Array) -> pa.Table:
+    if len(keys) == 0 or table.num_rows == 0:
+        return table
+    return table.filter(pc.invert(pc.is_in(_keys(table), value_set=pc.unique(keys))))
+
+
+@dataclass
+class Compaction:
+    files_merged: int = 0
+    hour_files_written: int = 0
+
+
+def compact_detections(root: Path, settled_s: float = 300.0, now: Optional[float] = None) -> Compaction:
+    """Merge per-recording files not written for `settled_s` into `YYYY/MM/DD/hour-HH.parquet` (the hour
+    of each recording's first detection); their rows replace that recording's earlier rows there."""
+    root = Path(root)
+    outcome = Compaction()
+    if not root.is_dir():
+        return outcome
+    now = time.time() if now is None else now
+    with open(root / ".compaction.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one compaction at a time, whichever process runs it
+        groups: dict[Path, list[tuple[Path, os.stat_result, pa.Table]]] = {}
+        for name in _dataset_files(root)[1]:
+            path = Path(name)
+            stat = path.stat()
+            if now - stat.st_mtime < settled_s:
+                continue
+            table = pq.read_table(path, schema=SCHEMA)
+            if table.num_rows == 0:
+                path.unlink(missing_ok=True)
+                continue
+            hour = table.column("time")[0].as_py().hour
+            groups.setdefault(path.parent / f"{HOUR_FILE_PREFIX}{hour:02d}.parquet", []).append((path, stat, table))
+        for hour_file, members in groups.items():
+            added = pa.concat_tables([table for _, _, table in members])
+            earlier = pq.read_table(hour_file, schema=SCHEMA) if hour_file.exists() else SCHEMA.empty_table()
+            merged = pa.concat_tables([_without_keys(earlier, _keys(added)), added])
+            _write_atomically(merged.sort_by([("time", "ascending"), ("listener_id", "ascending")]), hour_file)
+            outcome.hour_files_written += 1
+            for path, stat, _ in members:
+                # a file rewritten while this ran waits for the next compaction
+                if _unchanged(path, stat):
+                    path.unlink(missing_ok=True)
+                    outcome.files_merged += 1
+    return outcome
+
+
+def _unchanged(path: Path, stat: os.stat_result) -> bool:
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    return (now.st_mtime_ns, now.st_size, now.st_ino) == (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 def write_all(

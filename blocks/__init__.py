@@ -6,11 +6,15 @@ them into blocks so the Prefect UI shows, and flow runs on any worker load, the 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from prefect.blocks.core import Block
 from prefect.exceptions import ObjectNotFound
+from prefect.filesystems import WritableFileSystem
 from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
 from pydantic import Field, SecretStr
 
+from birdflow.results import ResultsDatabase
 from birdflow.settings import Settings
 
 INFLUX_BLOCK_NAME = "birdflow-influxdb3"
@@ -28,8 +32,40 @@ class InfluxDB3Connection(Block):
     token: SecretStr = Field(SecretStr(""), description="Token with write access to the database")
 
 
+class SQLiteResultStorage(WritableFileSystem):
+    """Where cached task results live: rows of one SQLite file (birdflow.results), not a file each."""
+
+    _block_type_name = "Birdflow SQLite Result Storage"
+    _description = "Cached task results of a birdflow station, in one SQLite file."
+
+    path: str = Field(..., description="The SQLite file")
+
+    def read_path(self, path: str, _sync: bool = True) -> bytes:
+        return _results_database(self.path).read(path)
+
+    def write_path(self, path: str, content: bytes, _sync: bool = True) -> None:
+        _results_database(self.path).write(path, content)
+
+    async def aread_path(self, path: str) -> bytes:
+        return self.read_path(path)
+
+    async def awrite_path(self, path: str, content: bytes) -> None:
+        self.write_path(path, content)
+
+
+@lru_cache(maxsize=None)
+def _results_database(path: str) -> ResultsDatabase:
+    """One per file and process, so each thread keeps its connection across runs."""
+    return ResultsDatabase(path)
+
+
+# An unreachable store fails a request in seconds, not after botocore's own minutes of retries: the task's
+# retries and the re-drive of failed runs do the waiting, without holding a flow-run thread.
+S3_CLIENT_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 60}
+
+
 def s3_bucket_from_settings(settings: Settings) -> S3Bucket:
-    client_parameters = AwsClientParameters(endpoint_url=settings.s3_endpoint_url or None)
+    client_parameters = AwsClientParameters(endpoint_url=settings.s3_endpoint_url or None, config=S3_CLIENT_CONFIG)
     credentials = AwsCredentials(
         aws_access_key_id=settings.aws_access_key_id or None,
         aws_secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,

@@ -1,7 +1,7 @@
 """The backfill flow: reprocess recordings from a folder, an S3 prefix or the station's archive.
 
-Each recording not yet analyzed with these model parameters (its analyze cache key has no result) is
-processed as a child run of process-recording; `dry_run` only lists them. A summary (found / skipped /
+Each recording not yet processed with these analysis parameters (the processed-recordings ledger says
+so, long after the runs are deleted) is processed as a child run of process-recording; `dry_run` only lists them. A summary (found / skipped /
 processed / failed) is saved as a Prefect artifact. The nightly schedule in prefect.yaml runs it over
 the archive, which picks up whatever failed or was never processed.
 """
@@ -16,11 +16,10 @@ from typing import Any, Callable, Optional
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.results import ResultStore
 
 from birdflow.backfill import Candidate, candidate, local_candidates, parse_s3_source, select
 from birdflow.recordings import AUDIO_EXTENSIONS, RecordingInfo, describe_audio_file
-from flows.process_recording import analysis_cache_key, analysis_params, process_recording
+from flows.process_recording import analysis_params, process_recording
 from flows.runtime import pipeline
 
 ARCHIVE = "archive"
@@ -94,8 +93,7 @@ def backfill(
     params = analysis_params(analysis)
     origin = Source(source)
     chosen = select(origin.candidates(), since, until, listener, station)
-    # where the analyze task keeps its cached results (the flow's own store has no metadata storage)
-    results = ResultStore()
+    ledger = pipeline().ledger
     summary = {"found": len(chosen), "skipped": 0, "processed": 0, "failed": 0, "would_process": []}
     for number, item in enumerate(chosen, start=1):
         try:
@@ -105,7 +103,7 @@ def backfill(
             summary["failed"] += 1
             continue
         try:
-            if results.exists(analysis_cache_key(info, params)):
+            if ledger.contains(info.recording_id, params.analysis_id):
                 summary["skipped"] += 1
             elif dry_run:
                 summary["would_process"].append(item.location)

@@ -1,33 +1,40 @@
 """The process_recording flow: decode -> analyze -> write detections -> archive, one run per recording.
 
 Thin on purpose: the work happens in birdflow's pure modules; this file names the run, wires the
-tasks and sets their retries and cache keys. Cache keys are the audio's content hash plus the model
-and analysis parameters (plus the sink or archive target), so re-sending or re-running a recording
-repeats no inference and writes no duplicate rows.
+tasks and sets their retries and cache keys. The analysis is cached on the audio's content hash plus
+the model and analysis parameters, and the writes are idempotent, so re-sending or re-running a
+recording repeats no inference and writes no duplicate rows. A recording whose audio cannot be
+analysed ends in the Failed state named Unprocessable, which is never re-driven.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
 from birdflow import metrics
+from birdflow.archive import holds_recording
 from birdflow.audio import decode, windows
 from birdflow.birdnet import MODEL_VERSION, AnalysisParams, Detection
 from birdflow.detections import detections_table
-from birdflow.recordings import RecordingInfo, remove_recording
+from birdflow.flac import FlacError, can_encode, encode_flac
+from birdflow.recordings import RecordingInfo, remove_recording, sha256_file
 from birdflow.sinks import write_all
 from flows.runtime import pipeline
+
+# name of the Failed state of a run whose audio cannot be analysed (undecodable, or not what was archived)
+UNPROCESSABLE = "Unprocessable"
 
 
 def _recording(parameters: dict[str, Any]) -> RecordingInfo:
@@ -53,18 +60,6 @@ def _analysis_key(context, parameters) -> str:
     return analysis_cache_key(_recording(parameters), parameters["params"])
 
 
-def _write_key(context, parameters) -> str:
-    recording = _recording(parameters)
-    target = hashlib.sha256(pipeline().sink_names.encode()).hexdigest()[:8]
-    return f"write-{recording.recording_id}-{recording.content_hash}-{parameters['analysis_id']}-{target}"
-
-
-def _archive_key(context, parameters) -> str:
-    recording = _recording(parameters)
-    target = hashlib.sha256(f"{pipeline().archive_target}/{recording.archive_key}".encode()).hexdigest()[:12]
-    return f"archive-{recording.content_hash}-{target}"
-
-
 def local_path(recording: RecordingInfo) -> Path:
     if recording.source_path:
         return Path(recording.source_path)
@@ -77,10 +72,20 @@ def decode_recording(recording: RecordingInfo) -> np.ndarray:
     path = local_path(recording)
     if path.is_file():
         return decode(path)
-    data = pipeline().archive.fetch(recording.archive_key)
-    if hashlib.sha256(data).hexdigest() != recording.content_hash:
-        raise ValueError(f"archived {recording.archive_key} does not match the recording's content hash")
-    return decode(data)
+    return decode(fetch_archived(recording))
+
+
+def fetch_archived(recording: RecordingInfo) -> bytes:
+    """The recording read back from the archive, checked to be this recording (a FLAC copy names its source)."""
+    runtime = pipeline()
+    for name in recording.archive_names(runtime.settings.archive_format):
+        data = runtime.archive.fetch(recording.archive_key(name))
+        if data is None:
+            continue
+        if not holds_recording(data, recording.content_hash):
+            raise ValueError(f"archived {recording.archive_key(name)} does not match the recording's content hash")
+        return data
+    raise ValueError(f"recording {recording.recording_id} is neither in the recordings folder nor in the archive")
 
 
 @task(name="analyze", cache_key_fn=_analysis_key, persist_result=True)
@@ -94,7 +99,9 @@ def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParam
     return found
 
 
-@task(name="write detections", cache_key_fn=_write_key, persist_result=True)
+# The write and the archive keep no cached result (a file or a row per run that only a rerun would read):
+# both are idempotent, so a rerun repeats them and changes nothing.
+@task(name="write detections", cache_policy=NO_CACHE, persist_result=False)
 def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str) -> dict[str, int]:
     station = recording.station_id
     written = write_all(
@@ -107,16 +114,43 @@ def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str
     return written
 
 
-@task(name="archive", cache_key_fn=_archive_key, persist_result=True)
+@task(name="archive", cache_policy=NO_CACHE, persist_result=False)
 def archive_recording(recording: RecordingInfo) -> dict[str, Any]:
     path = local_path(recording)
     if not path.is_file():
         # decode read it back from the archive, so it is there already
-        return {"key": recording.archive_key, "uploaded": False}
-    stored = pipeline().archive.store(path, recording.archive_key, recording.content_hash)
+        return {"uploaded": False, "read_back": True}
+    runtime = pipeline()
+    with archive_copy(path, recording, runtime.settings) as (copy, name):
+        key = recording.archive_key(name)
+        sha256 = sha256_file(copy)
+        stored = runtime.archive.store(copy, key, sha256)
+        if runtime.local_copy is not None:
+            runtime.local_copy.store(copy, key, sha256)
     if stored.uploaded:
-        metrics.ARCHIVE_BYTES.labels(recording.station_id, pipeline().settings.archive_backend).inc(stored.size_bytes)
-    return {"key": recording.archive_key, "uri": stored.uri, "uploaded": stored.uploaded}
+        metrics.ARCHIVE_BYTES.labels(recording.station_id, runtime.settings.archive_backend).inc(stored.size_bytes)
+    return {"key": key, "uri": stored.uri, "uploaded": stored.uploaded, "bytes": stored.size_bytes}
+
+
+@contextmanager
+def archive_copy(path: Path, recording: RecordingInfo, settings) -> Iterator[tuple[Path, str]]:
+    """(file to archive, its name): a checked FLAC copy of a WAV when the settings ask for FLAC, else the file."""
+    name = recording.archive_names(settings.archive_format)[0]
+    if name == recording.file_name or not can_encode(path):
+        yield path, recording.file_name
+        return
+    settings.staging_dir.mkdir(parents=True, exist_ok=True)
+    flac = settings.staging_dir / f"{recording.recording_id}.flac.partial"
+    try:
+        encode_flac(path, flac, recording.content_hash)
+    except FlacError as exc:
+        get_run_logger().warning("%s; archiving the WAV instead", exc)
+        yield path, recording.file_name
+        return
+    try:
+        yield flac, name
+    finally:
+        flac.unlink(missing_ok=True)
 
 
 def worth_retrying(task, task_run, state) -> bool:
@@ -140,32 +174,34 @@ def _retrying(io_task, retries: int, delay_s: float):
     )
 
 
+@lru_cache(maxsize=None)
+def _caching_in(results_file: str):
+    """The analyze task keeping its results in the station's results database, built once per file."""
+    return analyze.with_options(result_storage=pipeline().result_storage)
+
+
 # Runs are named when they are created (RecordingInfo.run_name): a flow_run_name here would cost every
 # run one more API call to rename it.
 @flow(name="process-recording", persist_result=False, log_prints=False)
-def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any]] = None):
     """`analysis` overrides analysis parameters (min_confidence, sensitivity, ...) for this run; its rows
     carry their own analysis id, side by side with earlier ones."""
     params = analysis_params(analysis)
-    samples = _with_io_retries(decode_recording)(recording)
-    found = analyze(recording, samples, params)
-    table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)
-    written = _with_io_retries(write_detections)(recording, table, params.analysis_id)
-    archived = _with_io_retries(archive_recording)(recording)
-    _finish_local_copy(recording)
+    try:
+        samples = _with_io_retries(decode_recording)(recording)
+        found = _caching_in(pipeline().results_file)(recording, samples, params)
+        table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)
+        written = _with_io_retries(write_detections)(recording, table, params.analysis_id)
+        archived = _with_io_retries(archive_recording)(recording)
+    except ValueError as exc:  # the same audio would fail the same way: not worth a re-drive
+        return Failed(name=UNPROCESSABLE, message=f"{type(exc).__name__}: {exc}")
+    pipeline().ledger.record(recording.recording_id, params.analysis_id)
+    _release_local_copy(recording)
     return {"recording_id": recording.recording_id, "detections": table.num_rows, "written": written, "archive": archived}
 
 
-def _finish_local_copy(recording: RecordingInfo) -> None:
-    """Analyzed and archived: the local WAV is no longer needed (unless the settings keep it).
-    A backfill's source files are not ours to delete."""
-    path = local_path(recording)
-    if recording.source_path or not path.is_file():
-        return
-    settings = pipeline().settings
-    if settings.keep_local_recordings:
-        settings.kept_dir.mkdir(parents=True, exist_ok=True)
-        path.replace(settings.kept_dir / path.name)
-        path.with_suffix(".json").replace(settings.kept_dir / path.with_suffix(".json").name)
-    else:
-        remove_recording(path)
+def _release_local_copy(recording: RecordingInfo) -> None:
+    """Analyzed, archived and recorded as processed: the recordings folder lets it go (a copy the settings
+    keep is in the local archive). A backfill's source files are not ours to delete."""
+    if not recording.source_path:
+        remove_recording(local_path(recording))

@@ -9,6 +9,7 @@ from typing import Optional
 
 from birdflow.archive import Archive, LocalArchive, S3Archive
 from birdflow.birdnet import AnalysisParams, BirdNET
+from birdflow.ledger import ProcessedLedger
 from birdflow.settings import Settings, load_settings
 from birdflow.sinks import DetectionSink, InfluxSink, ParquetSink
 
@@ -67,15 +68,30 @@ class Pipeline:
             return S3Archive(load_s3_bucket(self.settings))
         return LocalArchive(self.settings.local_archive_dir)
 
-    @property
-    def sink_names(self) -> str:
-        return "+".join(sink.name for sink in self.sinks)
+    @cached_property
+    def local_copy(self) -> Optional[LocalArchive]:
+        """With an S3 archive and keep_local_recordings: the local archive keeps a copy too."""
+        if self.settings.archive_backend == "s3" and self.settings.keep_local_recordings:
+            return LocalArchive(self.settings.local_archive_dir)
+        return None
+
+    @cached_property
+    def ledger(self) -> ProcessedLedger:
+        return ProcessedLedger(self.settings.state_dir / "processed.sqlite")
 
     @property
-    def archive_target(self) -> str:
-        if self.settings.archive_backend == "s3":
-            return f"s3:{self.settings.s3_bucket}/{self.settings.s3_prefix}"
-        return f"local:{self.settings.local_archive_dir.resolve()}"
+    def results_file(self) -> str:
+        """Where the analyze task's cached results live (one SQLite file, not a file per result)."""
+        return str((self.settings.state_dir / "results.sqlite").resolve())
+
+    @cached_property
+    def result_storage(self):
+        """That file as a Prefect block, saved once per process (Prefect takes only saved blocks)."""
+        from blocks import SQLiteResultStorage
+
+        storage = SQLiteResultStorage(path=self.results_file)
+        storage.save(f"birdflow-results-{self.settings.station_id}", overwrite=True)
+        return storage
 
 
 _current: Optional[Pipeline] = None
