@@ -27,6 +27,14 @@ OPEN_STREAMS = Gauge("birdflow_open_streams", "Listener streams connected now", 
 FLOW_RUNS_TRIGGERED = Counter("birdflow_flow_runs_triggered", "Flow runs created for recordings", ["station"])
 FLOW_RUNS_FINISHED = Counter("birdflow_flow_runs_finished", "Flow runs executed, by final state", ["station", "state"])
 BACKLOG = Gauge("birdflow_backlog_recordings", "Recordings waiting for their flow run", ["station"], multiprocess_mode="livemax")
+REDRIVE_WAITING = Gauge(
+    "birdflow_redrive_waiting_recordings", "Recordings whose run failed and waits for its automatic re-drive",
+    ["station"], multiprocess_mode="livemax",
+)
+RECORDINGS_GIVEN_UP = Counter(
+    "birdflow_recordings_given_up", "Recordings not processed (audio kept in the failed folder), by reason",
+    ["station", "reason"],
+)
 ANALYSIS_SECONDS = Histogram(
     "birdflow_analysis_seconds",
     "BirdNET inference time per recording",

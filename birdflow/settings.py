@@ -99,7 +99,35 @@ class Settings(BaseModel):
     aws_access_key_id: str = ""
     aws_secret_access_key: SecretStr = SecretStr("")
     s3_block_name: str = "birdflow-archive"
-    keep_local_recordings: bool = Field(False, description="Keep WAVs after they are analyzed and archived")
+    archive_format: Literal["wav", "flac"] = Field(
+        "flac", description="WAV recordings are archived as lossless FLAC (verified to decode to identical PCM) or as sent"
+    )
+    keep_local_recordings: bool = Field(
+        False, description="With an S3 archive, also keep a local copy in the local archive (subject to its retention)"
+    )
+
+    # running unattended: re-drive of failed runs, the disk floor, retention
+    redrive_delays_s: list[float] = Field(
+        default_factory=lambda: [60.0, 120.0, 300.0, 900.0, 3600.0],
+        description="Waits before each automatic re-run of a failed recording's run; the last one repeats",
+    )
+    redrive_max_age_days: float = Field(
+        7.0, gt=0, description="A recording whose run still fails this long after it arrived is given up (audio kept)"
+    )
+    maintenance_interval_s: float = Field(
+        600.0, ge=10, description="Schedule of the maintenance deployment (re-drive sweep, retention, compaction)"
+    )
+    min_free_disk_mb: int = Field(
+        500, ge=0, description="Below this free space retention runs at once, then new recordings are refused (507)"
+    )
+    run_retention_days: float = Field(
+        14.0, gt=1 / 24, description="Flow runs (task runs, logs, artifacts) and cached results older than this are deleted"
+    )
+    local_archive_max_gb: float = Field(0.0, ge=0, description="Cap of the local archive, oldest first; 0: no cap")
+    local_archive_max_days: float = Field(0.0, ge=0, description="Age limit of the local archive; 0: no limit")
+    local_archive_purge_at_floor: bool = Field(
+        True, description="At the disk floor, delete the oldest local archive audio even when it is the only copy"
+    )
 
     # Prometheus agent (scrapes this station, remote-writes to the central Prometheus)
     prometheus_scrape_interval_s: int = Field(15, ge=1, le=3600)
@@ -114,11 +142,18 @@ class Settings(BaseModel):
             raise ValueError("letters, digits, '.' and '-' only (1-64 characters)")
         return value
 
-    @field_validator("include_species", "exclude_species", mode="before")
+    @field_validator("include_species", "exclude_species", "redrive_delays_s", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redrive_delays_s")
+    @classmethod
+    def _positive_delays(cls, value: list[float]) -> list[float]:
+        if not value or any(delay <= 0 for delay in value):
+            raise ValueError("give one or more positive delays in seconds, e.g. 60,120,300,900,3600")
         return value
 
     @model_validator(mode="after")
@@ -150,8 +185,19 @@ class Settings(BaseModel):
         return self.data_dir / "partial"
 
     @property
-    def kept_dir(self) -> Path:
-        return self.data_dir / "kept"
+    def failed_dir(self) -> Path:
+        """Recordings given up on (undecodable, or failing past redrive_max_age): kept for a human or a backfill."""
+        return self.data_dir / "failed"
+
+    @property
+    def staging_dir(self) -> Path:
+        """FLAC copies being made and checked before they go to the archive."""
+        return self.data_dir / "staging"
+
+    @property
+    def state_dir(self) -> Path:
+        """birdflow's own small databases: the processed-recordings record and the cached task results."""
+        return self.data_dir / "state"
 
     @property
     def detections_dir(self) -> Path:

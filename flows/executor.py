@@ -2,9 +2,10 @@
 
 Every recording gets a flow run created from the station's deployment (idempotent on the recording id),
 claimed and executed here by Prefect's flow-run engine (flows/engine.py): no process per run, no model reload.
-Runs that the Prefect UI schedules (retry, rerun, quick run) are picked up by polling the deployment.
-On start, recordings already in the folder without a finished run get one, so a crash between
-"file written" and "run created" loses nothing.
+Runs that are scheduled (UI retries and reruns, re-drives, the maintenance deployment's schedule) are
+picked up by polling the deployments. On start, recordings already in the folder without a finished run
+get one, so a crash between "file written" and "run created" loses nothing. A run that fails is re-driven
+later (flows/redrive.py); a recording already processed (the ledger says so) is not processed again.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import queue
 import random
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Optional
 from uuid import UUID
 
 import httpx
+import soundfile
 
+from prefect import Flow
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -36,7 +39,7 @@ from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import Abort
 from prefect.context import SettingsContext
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
-from prefect.states import Pending, Scheduled
+from prefect.states import Cancelled, Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
 from birdflow import metrics
@@ -51,7 +54,9 @@ from birdflow.recordings import (
 )
 from birdflow.settings import Settings
 from flows.engine import engine_context, run_in_process
+from flows.maintenance import maintenance
 from flows.process_recording import process_recording
+from flows.redrive import give_up, redrive_or_give_up
 from flows.runtime import use_settings
 
 log = logging.getLogger("birdflow.executor")
@@ -74,9 +79,29 @@ def ensure_deployment(settings: Settings) -> UUID:
     return deployment.apply(work_pool_name=settings.work_pool or None)
 
 
-def info_for_dropped_file(path: Path, settings: Settings) -> RecordingInfo:
-    """Metadata for an audio file placed in the recordings folder without a sidecar (copied in by hand)."""
-    info = describe_audio_file(path, settings.station_id, "folder")
+def ensure_maintenance_deployment(settings: Settings) -> UUID:
+    """The station's maintenance deployment, on its schedule (Prefect's scheduler creates the runs)."""
+    deployment = maintenance.to_deployment(
+        name=deployment_name(settings),
+        interval=timedelta(seconds=settings.maintenance_interval_s),
+        tags=["birdflow", "maintenance", settings.station_id],
+        description=f"Re-drive, retention and compaction of station {settings.station_id}.",
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    return deployment.apply(work_pool_name=settings.work_pool or None)
+
+
+def info_for_dropped_file(path: Path, settings: Settings) -> Optional[RecordingInfo]:
+    """Metadata for an audio file placed in the recordings folder without a sidecar (copied in by hand);
+    None, and the file set aside in the failed folder, when it is not audio."""
+    try:
+        info = describe_audio_file(path, settings.station_id, "folder")
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        settings.failed_dir.mkdir(parents=True, exist_ok=True)
+        path.replace(settings.failed_dir / path.name)
+        metrics.RECORDINGS_GIVEN_UP.labels(settings.station_id, "unreadable").inc()
+        log.warning("%s is not readable audio (%s); set aside in %s", path.name, exc, settings.failed_dir)
+        return None
     renamed = path.with_name(info.file_name)
     renamed.with_suffix(".json").write_text(info.model_dump_json())
     path.rename(renamed)
@@ -113,18 +138,22 @@ class Executor:
         self.settings = settings
         self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
         self.pipeline = use_settings(settings)
+        self.flows: dict[UUID, Flow] = {}  # deployment id -> the flow its runs execute
         self.deployment_id: Optional[UUID] = None
-        # recordings whose run ended Failed/Crashed: left for a retry from the UI or a backfill
+        self.maintenance_id: Optional[UUID] = None
+        # recordings whose run is not this scan's to start: scheduled for a re-drive, or being handled
         self._parked: set[str] = set()
         self._queue: queue.Queue = queue.Queue()
         self._in_flight: set[str] = set()  # recording file stems and flow-run ids queued or running
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Register the deployment and open the sinks and archive before the first recording arrives."""
+        """Register the deployments and open the sinks and archive before the first recording arrives."""
         self.settings.recordings_dir.mkdir(parents=True, exist_ok=True)
         self.deployment_id = ensure_deployment(self.settings)
-        _ = self.pipeline.sinks, self.pipeline.archive
+        self.maintenance_id = ensure_maintenance_deployment(self.settings)
+        self.flows = {self.deployment_id: process_recording, self.maintenance_id: maintenance}
+        _ = self.pipeline.sinks, self.pipeline.archive, self.pipeline.ledger, self.pipeline.result_storage
 
     def run_forever(self, stop: threading.Event) -> None:
         """Until `stop` is set. Raises ExecutorFailed when a flow-run thread cannot start or dies: the
@@ -200,15 +229,25 @@ class Executor:
         self._queue.put(item)
 
     def queue_new_recordings(self) -> None:
-        pending = [path for path in self.store.pending() if path.stem not in self._parked]
-        metrics.BACKLOG.labels(self.settings.station_id).set(len(pending))
+        pending = self.store.pending()
+        waiting = [path for path in pending if path.stem in self._parked]
+        metrics.BACKLOG.labels(self.settings.station_id).set(len(pending) - len(waiting))
+        metrics.REDRIVE_WAITING.labels(self.settings.station_id).set(len(waiting))
         for path in pending:
-            self._enqueue(path.stem, path)
+            if path.stem not in self._parked:
+                self._enqueue(path.stem, path)
 
     def run_recording(self, client: SyncPrefectClient, path: Path) -> Optional[FlowRun]:
         if not path.exists():
             return None  # finished by a run that was queued before this scan saw the file
         info = load_info(path) or info_for_dropped_file(path, self.settings)
+        if info is None:
+            return None
+        if self.pipeline.ledger.contains(info.recording_id, self.pipeline.params.analysis_id):
+            # the same recording was sent again after it had been processed (its run may be long deleted)
+            remove_recording(self.settings.recordings_dir / info.file_name)
+            metrics.RECORDINGS_DISCARDED.labels(self.settings.station_id, "already_processed").inc()
+            return None
         # created already Pending: this process claims it in the same call
         flow_run = create_with_quick_retries(
             lambda: client.create_flow_run_from_deployment(
@@ -220,27 +259,27 @@ class Executor:
                 state=Pending(),
             )
         )
-        state = flow_run.state.type if flow_run.state else StateType.SCHEDULED
-        if state == StateType.COMPLETED:
-            # the same content was sent again after it had been processed: nothing to do
-            remove_recording(self.settings.recordings_dir / info.file_name)
-            return flow_run
-        if state not in UNFINISHED:
+        state = flow_run.state or Scheduled()
+        if state.is_completed():
+            remove_recording(self.settings.recordings_dir / info.file_name)  # processed before; nothing to do
+        elif state.is_scheduled():
+            self._parked.add(info.recording_id)  # a re-drive, or a rerun: queue_scheduled runs it when due
+        elif state.is_final():
             self._parked.add(info.recording_id)
-            return flow_run
-        if flow_run.run_count == 0 and state == StateType.PENDING:
+            self.after_failure(client, flow_run, state)  # failed while no executor could re-drive it
+        elif flow_run.run_count == 0 and state.is_pending():
             metrics.FLOW_RUNS_TRIGGERED.labels(self.settings.station_id).inc()
-            self.finish(flow_run, run_in_process(process_recording, flow_run))
-            return flow_run
-        # left Scheduled/Pending/Running by an executor that stopped mid-run: take it over
-        client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
-        self.execute(client, flow_run)
+            self.finish(client, flow_run, run_in_process(process_recording, flow_run))
+        else:
+            # left Pending/Running by an executor that stopped mid-run: take it over
+            client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
+            self.execute(client, flow_run)
         return flow_run
 
     def queue_scheduled(self, client: SyncPrefectClient) -> None:
-        """Runs scheduled from the UI or API (retries, reruns, quick runs) that are due now."""
+        """Runs of the station's deployments that are due: UI retries and reruns, re-drives, maintenance."""
         due = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id])),
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(self.flows))),
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
                 next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(before_=datetime.now(timezone.utc)),
@@ -248,8 +287,14 @@ class Executor:
             sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
             limit=20,
         )
+        maintenance_runs = [flow_run for flow_run in due if flow_run.deployment_id == self.maintenance_id]
+        for stale in maintenance_runs[:-1]:
+            # due while the executor was down: one maintenance run does what all of them would
+            client.set_flow_run_state(stale.id, Cancelled(message="superseded by a newer maintenance run"), force=True)
         for flow_run in due:
-            recording = flow_run.parameters.get("recording", {})
+            if flow_run.deployment_id == self.maintenance_id and flow_run is not maintenance_runs[-1]:
+                continue
+            recording = flow_run.parameters.get("recording") or {}
             self._parked.discard(recording.get("recording_id", ""))
             self._enqueue(str(flow_run.id), flow_run)
 
@@ -261,12 +306,22 @@ class Executor:
             log.info("flow run %s was claimed elsewhere: %s", flow_run.name, exc)
             return
         if state.is_pending():
-            self.finish(flow_run, run_in_process(process_recording, flow_run))
+            self.finish(client, flow_run, run_in_process(self.flows[flow_run.deployment_id], flow_run))
 
-    def finish(self, flow_run: FlowRun, final: Optional[State]) -> None:
+    def finish(self, client: SyncPrefectClient, flow_run: FlowRun, final: Optional[State]) -> None:
         outcome = final.type.value.lower() if final is not None else "crashed"
         metrics.FLOW_RUNS_FINISHED.labels(self.settings.station_id, outcome).inc()
-        if final is None or not final.is_completed():
-            recording = flow_run.parameters.get("recording", {})
-            self._parked.add(recording.get("recording_id", ""))
-            log.warning("flow run %s ended %s", flow_run.name, outcome)
+        if flow_run.deployment_id != self.deployment_id or (final is not None and final.is_completed()):
+            return
+        recording = flow_run.parameters.get("recording") or {}
+        self._parked.add(recording.get("recording_id", ""))
+        latest = client.read_flow_run(flow_run.id)  # its run_count and state as the server has them
+        if latest.state is not None and latest.state.is_final():
+            self.after_failure(client, latest, latest.state)
+
+    def after_failure(self, client: SyncPrefectClient, flow_run: FlowRun, state: State) -> None:
+        """Re-drive it later, or give it up (its audio goes to the failed folder)."""
+        if state.is_cancelled():
+            give_up(client, flow_run, state, self.settings)  # a person stopped it: keep the audio aside
+        elif redrive_or_give_up(client, flow_run, state, self.settings) is None:
+            self._parked.discard(flow_run.parameters.get("recording", {}).get("recording_id", ""))

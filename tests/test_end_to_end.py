@@ -6,7 +6,7 @@ objects, the Influx rows and the runs' task states in the Prefect API; then reru
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
 import signal
@@ -15,14 +15,17 @@ import sys
 from datetime import datetime, timezone
 
 import httpx
+import numpy as np
 import pytest
+import soundfile
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterId
 from prefect.states import Scheduled
 
+from birdflow.flac import flac_identity
 from birdflow.recordings import RecordingStore
-from tests.servers import LOOPBACK, LineProtocolServer, free_port, parse_line, wait_until
+from birdflow.testbed import LOOPBACK, LineProtocolServer, free_port, parse_line, wait_until
 
 pytestmark = pytest.mark.e2e
 STATION = "e2e"
@@ -61,7 +64,7 @@ def stack(prefect_server, seaweed, tmp_path_factory, request):
     settings_file.write_text(yaml.safe_dump(settings))
     # A recording left behind by a crash before its run was created: `up` must give it a run.
     store = RecordingStore(root / "data" / "partial", root / "data" / "recordings", STATION)
-    partial = store.new_partial(".wav")
+    partial = store.new_upload_partial(".wav")
     partial.write_bytes(sample.read_bytes())
     seeded = store.publish(
         partial, listener_id="seeded", start_time=datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc),
@@ -160,17 +163,17 @@ def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(s
     for row in goldfinch:
         assert row["start_s"] == 3.0 and 0.3 < row["confidence"] < 0.45
 
-    # raw audio archived in S3 under station/listener/YYYY/MM/DD, verified by content
+    # raw audio archived in S3 under station/listener/YYYY/MM/DD as FLAC that decodes to the same samples
     s3 = stack["seaweed"].client()
     for run in runs:
         recording = run.parameters["recording"]
         day = datetime.fromisoformat(recording["start_time"])
-        key = f"archive/{STATION}/{recording['listener_id']}/{day:%Y/%m/%d}/{recording['file_name']}"
-        body = s3.get_object(Bucket=stack["bucket"], Key=key)["Body"].read()
-        assert hashlib.sha256(body).hexdigest() == recording["content_hash"]
-    upload_key = by_listener["field-1"].parameters["recording"]["file_name"]
-    uploaded = s3.get_object(Bucket=stack["bucket"], Key=f"archive/{STATION}/field-1/2025/06/01/{upload_key}")
-    assert uploaded["Body"].read() == stack["sample"].read_bytes()
+        key = f"archive/{STATION}/{recording['listener_id']}/{day:%Y/%m/%d}/{recording['recording_id']}.flac"
+        assert flac_identity(s3.get_object(Bucket=stack["bucket"], Key=key)["Body"].read()) == recording["content_hash"]
+    upload_id = by_listener["field-1"].parameters["recording"]["recording_id"]
+    uploaded = s3.get_object(Bucket=stack["bucket"], Key=f"archive/{STATION}/field-1/2025/06/01/{upload_id}.flac")
+    decoded, _ = soundfile.read(io.BytesIO(uploaded["Body"].read()), dtype="int16")
+    assert np.array_equal(decoded, soundfile.read(stack["sample"], dtype="int16")[0])
 
     # the same rows reached InfluxDB as line protocol
     influx_rows = [parse_line(line) for line in stack["influx"].lines]
@@ -204,3 +207,29 @@ def test_rerun_from_the_ui_reuses_the_cache_and_duplicates_nothing(stack):
         # task-run states reach the server as events, a moment after the flow run's own state
         wait_until(lambda: cached_analysis(client, target.id), 60, "the rerun's analyze task recorded as Cached")
     assert detections(stack) == before
+
+
+def test_audio_that_cannot_be_decoded_is_given_up_at_once_and_kept(stack):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilterName
+
+    data = stack["root"] / "data"
+    store = RecordingStore(data / "partial", data / "recordings", STATION)
+    partial = store.new_upload_partial(".wav")
+    partial.write_bytes(b"RIFF" + bytes(4) + b"WAVE" + b"\x13" * 4000)  # a header soundfile rejects
+    broken = store.publish(
+        partial, listener_id="broken", start_time=datetime(2025, 6, 2, tzinfo=timezone.utc), duration_s=5.0,
+        sample_rate=48000, channels=1, gaps=0, source="upload",
+    )
+    (data / "recordings" / "stray_20250602T000000Z.wav").write_bytes(b"not audio at all")  # dropped in by hand
+    failed = data / "failed"
+    wait_until(lambda: (failed / broken.file_name).exists() and (failed / "stray_20250602T000000Z.wav").exists(), 60, "set aside")
+    assert (failed / f"{broken.recording_id}.json").exists()
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[broken.run_name])))
+        assert (run.state.name, run.run_count) == ("Unprocessable", 1)  # not retried, not re-driven
+        assert "cannot decode audio" in run.state.message
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        assert [artifact.key for artifact in artifacts] == ["given-up-recordings"]
+    metrics = httpx.get(f"{stack['url']}/metrics").text
+    assert f'birdflow_recordings_given_up_total{{reason="unprocessable",station="{STATION}"}} 1.0' in metrics
+    assert f'birdflow_recordings_given_up_total{{reason="unreadable",station="{STATION}"}} 1.0' in metrics

@@ -3,6 +3,7 @@ itself), processes a recording, and Ctrl-C stops all."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -13,11 +14,14 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import soundfile
 import yaml
 
+from birdflow.flac import flac_identity
 from birdflow.supervisor import postgres_program
-from tests.servers import LOOPBACK, free_port, wait_until
+from birdflow.testbed import LOOPBACK, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -70,10 +74,11 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(databa
         recording_id = response.json()["recording_id"]
         detections = data_root / "data" / "detections"
         wait_until(lambda: list(detections.rglob(f"{recording_id}__*.parquet")), 120, "detections stored")
-        # the archive task runs right after the detections are written
-        wait_until(lambda: list((data_root / "data" / "archive").rglob(f"{recording_id}.wav")), 60, "audio archived")
-        archived = list((data_root / "data" / "archive").rglob(f"{recording_id}.wav"))
-        assert [path.read_bytes() for path in archived] == [sample_48k.read_bytes()]
+        # the archive task runs right after the detections are written: a FLAC copy, sample for sample
+        wait_until(lambda: list((data_root / "data" / "archive").rglob(f"{recording_id}.flac")), 60, "audio archived")
+        [archived] = (data_root / "data" / "archive").rglob(f"{recording_id}.flac")
+        assert flac_identity(archived) == hashlib.sha256(sample_48k.read_bytes()).hexdigest()
+        assert np.array_equal(soundfile.read(archived, dtype="int16")[0], soundfile.read(sample_48k, dtype="int16")[0])
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(60)

@@ -1,0 +1,86 @@
+"""The maintenance flow: what keeps a station running unattended, on a schedule whose runs show in the UI.
+
+- It re-drives failed recording runs that nothing re-drove yet. The executor re-drives the runs it
+  executes as soon as they fail; this catches the rest (runs of a worker, runs left by a stopped executor).
+- It applies retention: cached results older than run_retention_days, the local archive's caps, temporary
+  files of interrupted writes; and it merges the detections into hourly Parquet files.
+
+Flow runs themselves (with their task runs, logs and artifacts) are deleted by the Prefect server's own
+db_vacuum service, which `birdflow up` turns on for run_retention_days.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from prefect import flow, get_client, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
+
+from birdflow.results import ResultsDatabase
+from birdflow.retention import DAY_S, archive_retention, remove_stale_temp_files
+from birdflow.sinks import compact_detections
+from flows.redrive import GIVEN_UP, redrive_or_give_up
+from flows.runtime import pipeline
+
+SWEEP_BATCH = 200
+# a run that failed this recently is being re-driven by the executor that ran it
+SETTLE_S = 60.0
+TEMP_FILE_AGE_S = 3600.0
+
+
+@flow(name="maintenance", persist_result=False, log_prints=False)
+def maintenance() -> dict[str, Any]:
+    """Re-drive what failed, then retention and compaction (see the module's docstring)."""
+    return {"redrive": redrive_failed_runs(), "retention": apply_retention()}
+
+
+@task(name="re-drive failed runs", cache_policy=NO_CACHE, persist_result=False)
+def redrive_failed_runs() -> dict[str, int]:
+    settings = pipeline().settings
+    settled = datetime.now(timezone.utc) - timedelta(seconds=SETTLE_S)
+    counts = {"redriven": 0, "given_up": 0}
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"process-recording/{settings.station_id}")
+        failed = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.FAILED, StateType.CRASHED]))
+            ),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=SWEEP_BATCH,
+        )
+        for flow_run in failed:
+            if flow_run.state.name in GIVEN_UP or flow_run.state.timestamp > settled:
+                continue
+            due = redrive_or_give_up(client, flow_run, flow_run.state, settings)
+            counts["redriven" if due else "given_up"] += 1
+    return counts
+
+
+@task(name="apply retention", cache_policy=NO_CACHE, persist_result=False)
+def apply_retention() -> dict[str, int]:
+    settings = pipeline().settings
+    archive = archive_retention(settings, free_bytes=lambda: shutil.disk_usage(settings.data_dir).free)
+    temporary = remove_stale_temp_files(
+        [settings.staging_dir, settings.local_archive_dir, settings.detections_dir], TEMP_FILE_AGE_S
+    )
+    results = ResultsDatabase(pipeline().results_file).prune(settings.run_retention_days * DAY_S)
+    compaction = compact_detections(settings.detections_dir)
+    return {
+        "archive_files_deleted": archive.files,
+        "archive_bytes_deleted": archive.bytes,
+        "temporary_files_deleted": temporary.files,
+        "cached_results_deleted": results,
+        "detection_files_merged": compaction.files_merged,
+    }
