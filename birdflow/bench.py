@@ -13,12 +13,13 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ import httpx
 import yaml
 
 from birdflow.simulator import make_distinct, run_listeners, split_wav
+from birdflow.testbed import free_port
 
 BYTES_PER_SECOND_48K = 96000
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -121,20 +123,15 @@ def percentile(values: list[float], fraction: float) -> float:
 # --- the stack under test ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Stack:
     """`birdflow up` in a temporary folder, on loopback ports, with its own embedded Prefect server."""
 
     root: Path
     prefect_database: str = "sqlite"
+    station_id: str = "bench"
+    settings: dict = field(default_factory=dict)  # more settings for settings.yaml
+    env: dict = field(default_factory=dict)  # more environment (secrets)
     process: Optional[subprocess.Popen] = None
     ingest_port: int = field(default_factory=free_port)
     prefect_port: int = field(default_factory=free_port)
@@ -144,12 +141,16 @@ class Stack:
         return f"http://127.0.0.1:{self.ingest_port}"
 
     @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
     def detections_dir(self) -> Path:
-        return self.root / "data" / "detections"
+        return self.data_dir / "detections"
 
     @property
     def recordings_dir(self) -> Path:
-        return self.root / "data" / "recordings"
+        return self.data_dir / "recordings"
 
     @property
     def log_path(self) -> Path:
@@ -157,31 +158,44 @@ class Stack:
 
     def start(self, timeout_s: float = 180) -> None:
         settings = {
-            "station_id": "bench",
-            "data_dir": str(self.root / "data"),
+            "station_id": self.station_id,
+            "data_dir": str(self.data_dir),
             "ingest_host": "127.0.0.1",
             "ingest_port": self.ingest_port,
             "prefect_port": self.prefect_port,
             "prefect_database": self.prefect_database,
             "postgres_port": free_port(),
+            **self.settings,
         }
         settings_file = self.root / "settings.yaml"
         settings_file.write_text(yaml.safe_dump(settings))
         # the stack under test is configured by its settings file alone
         env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "BIRDFLOW_"))}
-        with open(self.log_path, "wb") as log:
+        env.update(self.env)
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
+        with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "birdflow.cli", "--settings", str(settings_file), "up"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
-        while "executor ready" not in self.log_path.read_text(errors="replace"):
+        while "executor ready" not in self.log_path.read_bytes()[start:].decode(errors="replace"):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the stack did not start; its log ends:\n{self.log_tail()}")
             time.sleep(0.25)
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def child(self, role: str) -> Optional[int]:
+        """The process id of `up`'s child: "ingest", "executor" or "server" (the Prefect server)."""
+        module, word = {"ingest": ("birdflow.cli", "ingest"), "executor": ("birdflow.cli", "execute"),
+                        "server": ("prefect", "server")}[role]
+        for pid in _children(self.process.pid):
+            command = command_line(pid).split()  # python -m <module> <command> ...
+            if module in command[:3] and word in command[3:]:
+                return pid
+        return None
 
     def groups(self) -> dict[str, list[int]]:
         """Process ids by role: aggregator (supervisor, ingest, executor), server, database, ingest alone."""
@@ -218,22 +232,22 @@ class Stack:
             stored[path.name.split("__", 1)[0]] = path.stat().st_mtime
         return stored
 
-    def _api(self, path: str, body: dict):
+    def api(self, path: str, body: dict):
         response = httpx.post(f"http://127.0.0.1:{self.prefect_port}/api/{path}", json=body, timeout=30)
         response.raise_for_status()
         return response.json()
 
     def completed_runs(self) -> int:
-        return int(self._api("flow_runs/count", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}))
+        return int(self.api("flow_runs/count", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}))
 
     def run_timings(self, recording_ids: set[str]) -> dict[str, dict]:
         """recording id -> its completed run's start and end (epoch seconds) and its task runs' run time."""
-        runs = self._api(
+        runs = self.api(
             "flow_runs/filter",
             {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}, "sort": "START_TIME_DESC", "limit": 200},
         )
         runs = {run["id"]: run for run in runs if run["parameters"]["recording"]["recording_id"] in recording_ids}
-        tasks = self._api("task_runs/filter", {"flow_runs": {"id": {"any_": list(runs)}}, "limit": 200}) if runs else []
+        tasks = self.api("task_runs/filter", {"flow_runs": {"id": {"any_": list(runs)}}, "limit": 200}) if runs else []
         timings = {
             run["parameters"]["recording"]["recording_id"]: {
                 "start": _epoch(run["start_time"]), "end": _epoch(run["end_time"]), "tasks": 0, "tasks_s": 0.0,
@@ -331,10 +345,36 @@ def wait_stored(stack: Stack, ids: set[str], timeout_s: float, on_progress: Call
         time.sleep(0.1)
 
 
+def sqlite_bytes_in_use(path: Path) -> int:
+    """Bytes of the pages an SQLite database uses (its file keeps pages it freed, for reuse)."""
+    if not path.exists():
+        return 0
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as database:
+        return database.execute("SELECT sum(pgsize) FROM dbstat").fetchone()[0] or 0
+
+
+def storage_snapshot(stack: Stack) -> dict[str, float]:
+    """What the station keeps on its disk: database bytes in use, files outside the archive, archive bytes."""
+    data = stack.data_dir
+    transient = {"archive", "recordings", "partial", "metrics", "staging"}
+    kept = [
+        path for path in data.rglob("*")
+        if path.is_file() and path.relative_to(data).parts[0] not in transient and not path.name.endswith(("-wal", "-shm"))
+    ]
+    return {
+        "prefect_db_bytes": sqlite_bytes_in_use(data / "prefect" / "prefect.db"),
+        "birdflow_state_bytes": sum(sqlite_bytes_in_use(path) for path in (data / "state").glob("*.sqlite")),
+        "detections_bytes": sum(path.stat().st_size for path in stack.detections_dir.rglob("*.parquet")),
+        "files": len(kept),
+        "archive_bytes": sum(path.stat().st_size for path in (data / "archive").rglob("*") if path.is_file()),
+    }
+
+
 def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
     uploads = distinct_uploads(options.sample, options.recordings)
     sample_seconds = len(split_wav(options.sample.read_bytes())[1]) / BYTES_PER_SECOND_48K
     bar = progress.add_task("drain: uploading and processing", total=options.recordings)
+    stored_before = storage_snapshot(stack)
     before, wall0 = stack.cpu(), time.time()
     sent = asyncio.run(post_uploads(stack.url, uploads, options.upload_concurrency))
     stored = wait_stored(stack, set(sent), 60 + 10 * options.recordings, lambda done: progress.update(bar, completed=done))
@@ -346,7 +386,11 @@ def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
         time.sleep(0.2)
     latencies = [stored[key] - sent[key] for key in sent]
     spent = {role: after[role] - before[role] for role in after}
+    stored_after = storage_snapshot(stack)
     return {
+        "storage_per_recording": {
+            key: (stored_after[key] - stored_before[key]) / options.recordings for key in stored_after
+        },
         "recordings": options.recordings,
         "completed_runs": completed,
         "wall_s": wall,
@@ -453,7 +497,8 @@ def _slope(points: list[tuple[float, int]]) -> float:
 def temporary_stack(prefect_database: str, keep: bool = False) -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="birdflow-bench-"))
     root.chmod(0o755)  # an embedded Postgres runs as its own user when we are root
-    stack = Stack(root, prefect_database)
+    # no maintenance run during the bench: it would merge the detection files the bench times
+    stack = Stack(root, prefect_database, settings={"maintenance_interval_s": 86400})
     try:
         yield stack
     finally:
@@ -523,6 +568,7 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         stream_listeners=stream["listeners"],
         ingest_cpu_share_of_one_core=stream["ingest_cpu_share_of_one_core"],
         peak_rss_mb=rss,
+        storage_per_recording=drain["storage_per_recording"],
         full_duty_listeners_estimate=full_duty_listeners(
             drain["audio_s_per_s"], stream["ingest_cpu_share_per_listener"], cores
         ),
@@ -558,6 +604,10 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
          f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
          f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})"),
         ("peak RSS", f"{results['peak_rss_mb']:.0f} MB (aggregator processes)"),
+        ("storage per recording", "; ".join(
+            f"{name.removesuffix('_bytes').replace('_', ' ')} {value / 1024:.1f} KB" if name.endswith("_bytes")
+            else f"{value:.2f} {name}" for name, value in results["storage_per_recording"].items()
+        ) + " (the drain's recordings, before any retention or compaction)"),
         ("estimate", f"about {results['full_duty_listeners_estimate']} full-duty listeners on this machine"),
     ]
     return rows

@@ -110,6 +110,43 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_drill(args) -> int:
+    """Fault drills on a station of their own; exit 1 when any lost or duplicated a recording."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from birdflow.drill import DRILLS, DrillOptions, run_drills
+
+    if not args.file.is_file():
+        raise SystemExit(f"birdflow: no such file: {args.file} (give a 48 kHz PCM WAV with --file)")
+    names = tuple(name.strip() for name in args.only.split(",")) if args.only else DRILLS
+    unknown = set(names) - set(DRILLS)
+    if unknown:
+        raise SystemExit(f"birdflow: no drill named {', '.join(sorted(unknown))} (drills: {', '.join(DRILLS)})")
+    chosen = {key: value for key, value in {"outage_s": args.outage_s, "uploads": args.uploads}.items() if value is not None}
+    options = (DrillOptions.quick if args.quick else DrillOptions)(sample=args.file, **chosen)
+    console = Console(stderr=True)
+    columns = ("drill", "in", "out", "lost", "duplicated", "refused", "notes")
+    with console.status("starting") as status:
+        results = run_drills(
+            options, names, say=status.update, keep=args.keep,
+            on_result=lambda result: console.print(
+                f"{result.name}: in {result.accepted}, out {result.processed}, lost {len(result.lost)}, "
+                f"duplicated {result.duplicated}", markup=False, highlight=False,
+            ),
+        )
+    if args.json:
+        print(json.dumps([{**result.row(), "lost_recordings": result.lost, **result.facts} for result in results], indent=2))
+    else:
+        table = Table(title="birdflow drill")
+        for column in columns:
+            table.add_column(column)
+        for result in results:
+            table.add_row(*(str(result.row()[column]) for column in columns))
+        Console().print(table)
+    return 1 if any(result.lost or result.duplicated for result in results) else 0
+
+
 def cmd_ingest(args) -> int:
     import uvicorn
 
@@ -379,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--compact", action="store_true", help="JSON on one line")
     bench.set_defaults(func=cmd_bench)
+
+    drill = commands.add_parser("drill", help="fault drills on a station of their own: what went in, came out, was lost")
+    drill.add_argument("--file", type=Path, default=Path("../shared/audio/listener_sample_48k.wav"),
+                       help="48 kHz PCM WAV the drills send (default: the shared field recording)")
+    drill.add_argument("--only", help="comma-separated drills (default all: executor-kill, ingest-kill, sigterm, "
+                                      "prefect-kill, s3-down, influx-down, disk-floor)")
+    drill.add_argument("--quick", action="store_true", help="outages and re-drives of seconds instead of minutes")
+    drill.add_argument("--outage-s", type=float, help="how long S3 or InfluxDB stays down (default 180, --quick 12)")
+    drill.add_argument("--uploads", type=_count(1), help="recordings uploaded in each upload drill (default 8)")
+    drill.add_argument("--keep", action="store_true", help="keep the station's folder (logs, data) afterwards")
+    drill.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    drill.set_defaults(func=cmd_drill)
 
     ingest = commands.add_parser("ingest", help="run only the ingest API")
     ingest.add_argument("--host")

