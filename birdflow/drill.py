@@ -43,7 +43,6 @@ from birdflow.wav import parse_header
 MB = 1 << 20
 BUCKET = "drill"
 INFLUX_TOKEN = "drill-token"
-DRILLS = ("executor-kill", "ingest-kill", "sigterm", "prefect-kill", "s3-down", "influx-down", "disk-floor")
 
 
 @dataclass
@@ -207,6 +206,10 @@ class DrillStation:
         finally:
             loop.call_soon_threadsafe(stop.set)
             thread.join(30)
+            # the connections are gone: the station closes and publishes what they sent
+            deadline = time.monotonic() + 30
+            while self.stream_partials(0.0) and time.monotonic() < deadline:
+                time.sleep(0.2)
 
     # --- faults ------------------------------------------------------------------------------------
 
@@ -336,11 +339,11 @@ def drill_ingest_kill(station: DrillStation) -> DrillResult:
     before = set(station.arrivals.ids)
     recovered_before = station.metric("birdflow_recordings_received_total", 'source="recovered",station="drill"')
     with station.streaming("ik"):
-        _wait(lambda: len(station.stream_partials(4.0)) >= station.options.listeners, 60, "streams of 4 s")
+        _wait_for_streams(station, "streams of 4 s")
         station.kill("ingest")
         in_progress = station.stream_partials()  # what the dead ingest left on disk
         station.wait_for_ingest()
-        time.sleep(4.0)  # the listeners reconnect (after 2 s) and stream on
+        _wait_for_streams(station, "streams resumed after the restart")
     recovered = station.metric("birdflow_recordings_received_total", 'source="recovered",station="drill"') - recovered_before
     result = station.count("ingest kill -9 mid-stream", before)
     result.facts.update(partials_at_kill=len(in_progress), recovered=int(recovered))
@@ -352,12 +355,12 @@ def drill_sigterm(station: DrillStation) -> DrillResult:
     """SIGTERM of `up` (a clean Ctrl-C or a service stop) while listeners stream, then start again."""
     before = set(station.arrivals.ids)
     with station.streaming("st"):
-        _wait(lambda: len(station.stream_partials(4.0)) >= station.options.listeners, 60, "streams of 4 s")
+        _wait_for_streams(station, "streams of 4 s")
         station.stack.stop()
         left = list((station.stack.data_dir / "partial").glob("stream_*"))
         published_at_stop = len(station.arrivals.since(before))
         station.stack.start()
-        time.sleep(6.0)
+        _wait_for_streams(station, "streams resumed after the restart")
     result = station.count("SIGTERM of up mid-stream", before)
     result.facts.update(partials_left=len(left), published_at_stop=published_at_stop)
     result.notes.append(f"{published_at_stop} recording(s) closed and published on the way down, {len(left)} partial(s) left")
@@ -474,9 +477,10 @@ class _Thread(threading.Thread):
         return value
 
 
-def _wait(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+def _wait_for_streams(station: DrillStation, what: str, timeout_s: float = 120.0) -> None:
+    """Until every listener has a recording of 4 s in progress (they reconnect after 2, 4, 8 ... s)."""
     deadline = time.monotonic() + timeout_s
-    while not check():
+    while len(station.stream_partials(4.0)) < station.options.listeners:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not reached within {timeout_s:.0f} s")
         time.sleep(0.2)
@@ -491,6 +495,7 @@ DRILL_FUNCTIONS = {
     "influx-down": drill_influx_down,
     "disk-floor": drill_disk_floor,
 }
+DRILLS = tuple(DRILL_FUNCTIONS)
 
 
 @contextmanager

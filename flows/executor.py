@@ -56,11 +56,10 @@ from birdflow.settings import Settings
 from flows.engine import engine_context, run_in_process
 from flows.maintenance import maintenance
 from flows.process_recording import process_recording
-from flows.redrive import give_up, redrive_or_give_up
+from flows.redrive import redrive_or_give_up
 from flows.runtime import use_settings
 
 log = logging.getLogger("birdflow.executor")
-UNFINISHED = {StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED}
 
 
 def deployment_name(settings: Settings) -> str:
@@ -265,7 +264,6 @@ class Executor:
         elif state.is_scheduled():
             self._parked.add(info.recording_id)  # a re-drive, or a rerun: queue_scheduled runs it when due
         elif state.is_final():
-            self._parked.add(info.recording_id)
             self.after_failure(client, flow_run, state)  # failed while no executor could re-drive it
         elif flow_run.run_count == 0 and state.is_pending():
             metrics.FLOW_RUNS_TRIGGERED.labels(self.settings.station_id).inc()
@@ -287,12 +285,12 @@ class Executor:
             sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
             limit=20,
         )
-        maintenance_runs = [flow_run for flow_run in due if flow_run.deployment_id == self.maintenance_id]
-        for stale in maintenance_runs[:-1]:
-            # due while the executor was down: one maintenance run does what all of them would
-            client.set_flow_run_state(stale.id, Cancelled(message="superseded by a newer maintenance run"), force=True)
+        # maintenance runs that fell due while the executor was down: the newest does what all of them would
+        superseded = [flow_run.id for flow_run in due if flow_run.deployment_id == self.maintenance_id][:-1]
+        for flow_run_id in superseded:
+            client.set_flow_run_state(flow_run_id, Cancelled(message="superseded by a newer maintenance run"), force=True)
         for flow_run in due:
-            if flow_run.deployment_id == self.maintenance_id and flow_run is not maintenance_runs[-1]:
+            if flow_run.id in superseded:
                 continue
             recording = flow_run.parameters.get("recording") or {}
             self._parked.discard(recording.get("recording_id", ""))
@@ -313,15 +311,12 @@ class Executor:
         metrics.FLOW_RUNS_FINISHED.labels(self.settings.station_id, outcome).inc()
         if flow_run.deployment_id != self.deployment_id or (final is not None and final.is_completed()):
             return
-        recording = flow_run.parameters.get("recording") or {}
-        self._parked.add(recording.get("recording_id", ""))
         latest = client.read_flow_run(flow_run.id)  # its run_count and state as the server has them
         if latest.state is not None and latest.state.is_final():
             self.after_failure(client, latest, latest.state)
+        # else the engine could not report its end: the run is taken over at the next scan
 
     def after_failure(self, client: SyncPrefectClient, flow_run: FlowRun, state: State) -> None:
-        """Re-drive it later, or give it up (its audio goes to the failed folder)."""
-        if state.is_cancelled():
-            give_up(client, flow_run, state, self.settings)  # a person stopped it: keep the audio aside
-        elif redrive_or_give_up(client, flow_run, state, self.settings) is None:
-            self._parked.discard(flow_run.parameters.get("recording", {}).get("recording_id", ""))
+        """Re-drive it later (its recording waits, parked), or give it up (its audio goes to the failed folder)."""
+        if redrive_or_give_up(client, flow_run, state, self.settings) is not None:
+            self._parked.add((flow_run.parameters.get("recording") or {}).get("recording_id", ""))

@@ -30,6 +30,7 @@ from birdflow.birdnet import MODEL_VERSION, AnalysisParams, Detection
 from birdflow.detections import detections_table
 from birdflow.flac import FlacError, can_encode, encode_flac
 from birdflow.recordings import RecordingInfo, remove_recording, sha256_file
+from birdflow.settings import Settings
 from birdflow.sinks import write_all
 from flows.runtime import pipeline
 
@@ -133,24 +134,22 @@ def archive_recording(recording: RecordingInfo) -> dict[str, Any]:
 
 
 @contextmanager
-def archive_copy(path: Path, recording: RecordingInfo, settings) -> Iterator[tuple[Path, str]]:
+def archive_copy(path: Path, recording: RecordingInfo, settings: Settings) -> Iterator[tuple[Path, str]]:
     """(file to archive, its name): a checked FLAC copy of a WAV when the settings ask for FLAC, else the file."""
-    name = recording.archive_names(settings.archive_format)[0]
-    if name == recording.file_name or not can_encode(path):
-        yield path, recording.file_name
-        return
-    settings.staging_dir.mkdir(parents=True, exist_ok=True)
-    flac = settings.staging_dir / f"{recording.recording_id}.flac.partial"
+    name, flac = recording.archive_names(settings.archive_format)[0], None
+    if name != recording.file_name and can_encode(path):
+        settings.staging_dir.mkdir(parents=True, exist_ok=True)
+        flac = settings.staging_dir / f"{recording.recording_id}.flac.partial"
+        try:
+            encode_flac(path, flac, recording.content_hash)
+        except FlacError as exc:
+            get_run_logger().warning("%s; archiving the WAV instead", exc)
+            flac = None
     try:
-        encode_flac(path, flac, recording.content_hash)
-    except FlacError as exc:
-        get_run_logger().warning("%s; archiving the WAV instead", exc)
-        yield path, recording.file_name
-        return
-    try:
-        yield flac, name
+        yield (flac, name) if flac else (path, recording.file_name)
     finally:
-        flac.unlink(missing_ok=True)
+        if flac:
+            flac.unlink(missing_ok=True)
 
 
 def worth_retrying(task, task_run, state) -> bool:

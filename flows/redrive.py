@@ -35,9 +35,11 @@ def policy(settings: Settings) -> RedrivePolicy:
 
 
 def redrive_or_give_up(client: SyncPrefectClient, flow_run: FlowRun, state: State, settings: Settings) -> Optional[datetime]:
-    """Schedule the failed run's next attempt and return its time, or give the run up (None)."""
+    """Schedule the failed run's next attempt and return its time, or give the run up (None). A run that
+    cannot succeed, or that a person cancelled, is given up at once."""
     now = datetime.now(timezone.utc)
-    due = None if state.name in GIVEN_UP else policy(settings).next_attempt(flow_run.run_count, flow_run.created, now)
+    retryable = state.name not in GIVEN_UP and not state.is_cancelled()
+    due = policy(settings).next_attempt(flow_run.run_count, flow_run.created, now) if retryable else None
     if due is not None:
         message = f"re-drive {flow_run.run_count} after: {state.message or state.name}"[:500]
         client.set_flow_run_state(flow_run.id, AwaitingRetry(scheduled_time=due, message=message))
@@ -49,8 +51,12 @@ def redrive_or_give_up(client: SyncPrefectClient, flow_run: FlowRun, state: Stat
 
 def give_up(client: SyncPrefectClient, flow_run: FlowRun, state: State, settings: Settings) -> None:
     """Mark the run given up, keep its audio in the failed folder, and say so where people look."""
-    reason = "unprocessable" if state.name == UNPROCESSABLE else "expired"
-    if state.name != UNPROCESSABLE:
+    if state.name == UNPROCESSABLE:
+        reason = "unprocessable"
+    elif state.is_cancelled():
+        reason = "cancelled"
+    else:
+        reason = "expired"
         age = datetime.now(timezone.utc) - flow_run.created
         state = Failed(name=EXPIRED, message=f"still failing after {age.days} d {age.seconds // 3600} h: {state.message}"[:500])
         client.set_flow_run_state(flow_run.id, state, force=True)

@@ -183,10 +183,6 @@ def create_app(settings: Settings) -> FastAPI:
             sealing[:] = [future for future in sealing if not future.done()]  # bounded on days-long streams
             sealing.append(submit_seal(listener_id, seal))
 
-        try:
-            disk.require_room()
-        except InsufficientStorage as exc:
-            return reject(Rejection(507, "insufficient_storage", str(exc)), listener_id)
         assembler = StreamAssembler(
             listener_id, store, limits, on_event=count_event, sealer=seal_later, before_open=disk.require_room
         )
@@ -209,7 +205,7 @@ def create_app(settings: Settings) -> FastAPI:
             rejection = Rejection(400, "malformed_frame", str(exc))
         except StreamRejected as exc:
             rejection = Rejection(415, "bad_header", str(exc))
-        except InsufficientStorage as exc:  # the recordings before this one are kept
+        except InsufficientStorage as exc:  # checked as each recording opens; the ones before it are kept
             rejection = Rejection(507, "insufficient_storage", str(exc))
         except OSError as exc:
             assembler.abandon()  # a recording cut by a write error is not kept half-written

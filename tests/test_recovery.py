@@ -6,7 +6,6 @@ import struct
 import wave
 from datetime import datetime, timezone
 
-import httpx
 import pytest
 
 from birdflow.recordings import RecordingStore, load_info, parse_stream_partial
