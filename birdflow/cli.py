@@ -111,7 +111,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_drill(args) -> int:
-    """Fault drills on a station of their own; exit 1 when any lost or duplicated a recording."""
+    """Fault drills on a station of their own; exit 1 when any lost or duplicated a recording, or failed."""
     from rich.console import Console
     from rich.table import Table
 
@@ -144,7 +144,7 @@ def cmd_drill(args) -> int:
         for result in results:
             table.add_row(*(str(result.row()[column]) for column in columns))
         Console().print(table)
-    return 1 if any(result.lost or result.duplicated for result in results) else 0
+    return 1 if any(result.lost or result.duplicated or "error" in result.facts for result in results) else 0
 
 
 def cmd_ingest(args) -> int:
@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--file", type=Path, default=Path("../shared/audio/listener_sample_48k.wav"),
                        help="48 kHz PCM WAV the drills send (default: the shared field recording)")
     drill.add_argument("--only", help="comma-separated drills (default all: executor-kill, ingest-kill, sigterm, "
-                                      "prefect-kill, s3-down, influx-down, disk-floor)")
+                                      "prefect-kill, s3-down, influx-down, disk-floor, retention)")
     drill.add_argument("--quick", action="store_true", help="outages and re-drives of seconds instead of minutes")
     drill.add_argument("--outage-s", type=float, help="how long S3 or InfluxDB stays down (default 180, --quick 12)")
     drill.add_argument("--uploads", type=_count(1), help="recordings uploaded in each upload drill (default 8)")

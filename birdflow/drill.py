@@ -20,11 +20,12 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -35,8 +36,9 @@ from birdflow.bench import Stack, distinct_uploads
 from birdflow.folder_watch import FolderWatch
 from birdflow.ledger import ProcessedLedger
 from birdflow.recordings import AUDIO_EXTENSIONS, parse_stream_partial
+from birdflow.results import ResultsDatabase
 from birdflow.simulator import run_listeners
-from birdflow.sinks import read_detections
+from birdflow.sinks import HOUR_FILE_PREFIX, read_detections
 from birdflow.testbed import FaultProxy, LineProtocolServer, SeaweedS3, parse_line
 from birdflow.wav import parse_header
 
@@ -126,7 +128,8 @@ class DrillStation:
             "redrive_delays_s": list(options.redrive_delays_s), "poll_interval_s": 0.5,
             "min_free_disk_mb": self.floor_mb,
         }
-        env = {"INFLUX_TOKEN": INFLUX_TOKEN}
+        # the retention drill ages the run history by 20 days; the server's vacuum looks every 5 s, not hourly
+        env = {"INFLUX_TOKEN": INFLUX_TOKEN, "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "5"}
         if SeaweedS3.available():
             self.s3 = SeaweedS3(root / "seaweed").start(root / "seaweed.log")
             self.s3.create_bucket(BUCKET)
@@ -251,11 +254,12 @@ class DrillStation:
         found = []
         for path in (self.stack.data_dir / "partial").glob("stream_*.wav"):
             stream = parse_stream_partial(path.name)
-            try:
-                header = parse_header(path.read_bytes()[:4096])
+            try:  # it may be published (moved away) while this looks at it
+                data = path.read_bytes()
+                header = parse_header(data[:4096])
             except (ValueError, OSError):
                 continue
-            seconds = (path.stat().st_size - header.size) / header.format.byte_rate
+            seconds = (len(data) - header.size) / header.format.byte_rate
             if stream and seconds >= min_duration_s:
                 found.append((stream[0], seconds))
         return found
@@ -264,6 +268,29 @@ class DrillStation:
         text = httpx.get(f"{self.stack.url}/metrics", timeout=10).text
         match = re.search(rf"^{name}\{{{labels}\}} ([0-9.e+]+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else 0.0
+
+    def age(self, days: float) -> None:
+        """Make everything the station has done `days` older: run ends, cached results, detection files."""
+        seconds = days * 86400
+        with closing(sqlite3.connect(self.stack.data_dir / "prefect" / "prefect.db", timeout=60)) as database:
+            with database:
+                database.execute(f"UPDATE flow_run SET end_time = datetime(end_time, '-{days} days') WHERE end_time IS NOT NULL")
+        with closing(sqlite3.connect(self.stack.data_dir / "state" / "results.sqlite", timeout=60)) as database:
+            with database:
+                database.execute("UPDATE results SET written_at = written_at - ?", (int(seconds),))
+        for path in self.stack.detections_dir.rglob("*.parquet"):
+            stamp = path.stat().st_mtime - seconds
+            os.utime(path, (stamp, stamp))
+
+    def start_maintenance(self) -> None:
+        """A maintenance run now, as the UI's Quick run makes one; the station's executor runs it."""
+        api = f"http://127.0.0.1:{self.stack.prefect_port}/api"
+        deployment = httpx.get(f"{api}/deployments/name/maintenance/{self.stack.station_id}", timeout=30).json()
+        httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30).raise_for_status()
+
+    def recording_runs(self) -> int:
+        return int(self.stack.api("flow_runs/count", {"deployments": {"name": {"any_": [self.stack.station_id]}},
+                                                       "flows": {"name": {"any_": ["process-recording"]}}}))
 
     # --- counting ----------------------------------------------------------------------------------
 
@@ -330,7 +357,7 @@ def drill_executor_kill(station: DrillStation) -> DrillResult:
         time.sleep(1.0)
     feeder.join()
     result = station.count("executor kill -9 x3", before)
-    result.notes.append("up restarted it each time; runs it left Running were taken over")
+    result.notes.append(f"up restarted it each time; {result.facts['runs_run_again']} run(s) it left unfinished taken over")
     return result
 
 
@@ -375,7 +402,7 @@ def drill_prefect_kill(station: DrillStation) -> DrillResult:
     station.kill("server")
     feeder.join()
     result = station.count("Prefect server kill -9", before)
-    result.notes.append("up restarted it; the recordings waited in the folder")
+    result.notes.append("up restarted it; the recordings waited in the folder meanwhile")
     return result
 
 
@@ -393,7 +420,7 @@ def drill_s3_down(station: DrillStation) -> DrillResult:
     finally:
         station.s3_proxy.up()
     result = station.count(f"S3 down {station.options.outage_s:.0f} s", before)
-    result.notes.append("failed runs re-driven automatically once it was back")
+    result.notes.append(f"{result.facts['runs_run_again']} failed run(s) re-driven automatically once it was back")
     return result
 
 
@@ -407,7 +434,7 @@ def drill_influx_down(station: DrillStation) -> DrillResult:
     finally:
         station.influx.unavailable = False
     result = station.count(f"InfluxDB 503 for {station.options.outage_s:.0f} s", before)
-    result.notes.append("failed runs re-driven automatically once it was back")
+    result.notes.append(f"{result.facts['runs_run_again']} failed run(s) re-driven automatically once it was back")
     return result
 
 
@@ -435,6 +462,43 @@ def drill_disk_floor(station: DrillStation) -> DrillResult:
     result.facts.update(rejected_counted=int(refused_total - refused_streams_before), damaged_files=damaged_files(station))
     result.notes.append(f"{int(refused_total - refused_streams_before)} request(s) refused with 507, accepted again once space returned")
     return result
+
+
+def drill_retention(station: DrillStation) -> DrillResult:
+    """Retention over compressed time: what the drills left is made 20 days old; one maintenance run and
+    the Prefect server's vacuum must take the station back to what retention keeps, and a recording sent
+    again must still be known as processed."""
+    results = ResultsDatabase(station.stack.data_dir / "state" / "results.sqlite")
+    runs, cached = station.recording_runs(), results.count()
+    loose = _loose_detection_files(station)
+    station.age(days=20)
+    station.start_maintenance()
+    _wait_until(
+        lambda: not station.recording_runs() and not results.count() and not _loose_detection_files(station),
+        180, "runs, cached results and per-recording detection files past retention gone",
+    )
+    before = set(station.arrivals.ids)
+    duplicates_before = station.metric("birdflow_recordings_discarded_total", 'reason="already_processed",station="drill"')
+    station.upload(distinct_uploads(station.options.sample, 1))  # the first recording of the drills, once more
+    # (its id is that of a recording already counted in: this drill's in and out count only new ones)
+    _wait_until(lambda: not any(station.stack.recordings_dir.iterdir()), 60, "the re-sent recording handled")
+    result = station.count("retention, 20 days later", before)
+    result.facts.update(
+        runs_deleted=runs - station.recording_runs(), runs_before=runs,
+        cached_results_deleted=cached - results.count(), cached_results_before=cached,
+        detection_files_merged=loose - _loose_detection_files(station), detection_files_before=loose,
+        resent_recognised=int(station.metric("birdflow_recordings_discarded_total", 'reason="already_processed",station="drill"') - duplicates_before),
+    )
+    result.notes.append(
+        f"{result.facts['runs_deleted']} of {runs} runs deleted by the server's vacuum, {result.facts['cached_results_deleted']} "
+        f"cached results and {result.facts['detection_files_merged']} detection files merged by maintenance; "
+        f"a recording sent again still known as processed"
+    )
+    return result
+
+
+def _loose_detection_files(station: DrillStation) -> int:
+    return sum(1 for path in station.stack.detections_dir.rglob("*.parquet") if not path.name.startswith(HOUR_FILE_PREFIX))
 
 
 def damaged_files(station: DrillStation) -> list[str]:
@@ -477,10 +541,14 @@ class _Thread(threading.Thread):
         return value
 
 
-def _wait_for_streams(station: DrillStation, what: str, timeout_s: float = 120.0) -> None:
+def _wait_for_streams(station: DrillStation, what: str) -> None:
     """Until every listener has a recording of 4 s in progress (they reconnect after 2, 4, 8 ... s)."""
+    _wait_until(lambda: len(station.stream_partials(4.0)) >= station.options.listeners, 120, what)
+
+
+def _wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
-    while len(station.stream_partials(4.0)) < station.options.listeners:
+    while not check():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not reached within {timeout_s:.0f} s")
         time.sleep(0.2)
@@ -494,6 +562,7 @@ DRILL_FUNCTIONS = {
     "s3-down": drill_s3_down,
     "influx-down": drill_influx_down,
     "disk-floor": drill_disk_floor,
+    "retention": drill_retention,
 }
 DRILLS = tuple(DRILL_FUNCTIONS)
 
@@ -525,7 +594,10 @@ def run_drills(
     with drill_station(options, say, keep) as station:
         for name in names:
             say(f"drill: {name}")
-            results.append(DRILL_FUNCTIONS[name](station))
+            try:
+                results.append(DRILL_FUNCTIONS[name](station))
+            except Exception as exc:  # a drill that could not finish is a failed drill, not the end of all
+                results.append(DrillResult(name, notes=[f"FAILED: {exc}"], facts={"error": str(exc)}))
             on_result(results[-1])
         if keep:
             say(f"the station's folder is kept: {station.root}")

@@ -88,14 +88,17 @@ def prune_local_archive(
     return freed
 
 
-def remove_stale_temp_files(folders: Iterable[Path], older_than_s: float, now: Optional[float] = None) -> Freed:
-    """`*.partial` files (a copy or write a crash interrupted) not touched for `older_than_s`."""
+def remove_stale_files(
+    folders: Iterable[Path], older_than_s: float, pattern: str = "*.partial", now: Optional[float] = None
+) -> Freed:
+    """Files matching `pattern` not touched for `older_than_s`: by default the `*.partial` files of a copy
+    or write a crash interrupted."""
     now = time.time() if now is None else now
     freed = Freed()
     for folder in folders:
         if not Path(folder).is_dir():
             continue
-        for path in Path(folder).rglob("*.partial"):
+        for path in Path(folder).rglob(pattern):
             try:
                 stat = path.stat()
             except FileNotFoundError:

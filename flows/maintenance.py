@@ -28,7 +28,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 
 from birdflow.results import ResultsDatabase
-from birdflow.retention import DAY_S, archive_retention, remove_stale_temp_files
+from birdflow.retention import DAY_S, archive_retention, remove_stale_files
 from birdflow.sinks import compact_detections
 from flows.redrive import GIVEN_UP, redrive_or_give_up
 from flows.runtime import pipeline
@@ -72,10 +72,13 @@ def redrive_failed_runs() -> dict[str, int]:
 def apply_retention() -> dict[str, int]:
     settings = pipeline().settings
     archive = archive_retention(settings, free_bytes=lambda: shutil.disk_usage(settings.data_dir).free)
-    temporary = remove_stale_temp_files(
+    temporary = remove_stale_files(
         [settings.staging_dir, settings.local_archive_dir, settings.detections_dir], TEMP_FILE_AGE_S
     )
-    results = ResultsDatabase(pipeline().results_file).prune(settings.run_retention_days * DAY_S)
+    retention_s = settings.run_retention_days * DAY_S
+    results = ResultsDatabase(pipeline().results_file).prune(retention_s)
+    # what Prefect itself stores beside the runs (the exception of a failed run), gone with them
+    results += remove_stale_files([settings.prefect_home / "storage"], retention_s, pattern="*").files
     compaction = compact_detections(settings.detections_dir)
     return {
         "archive_files_deleted": archive.files,

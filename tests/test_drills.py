@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from birdflow.drill import DrillOptions, drill_station, DRILL_FUNCTIONS
+from birdflow.drill import DRILL_FUNCTIONS, DrillOptions, drill_station
 from birdflow.testbed import SeaweedS3
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ def station(tmp_path_factory):
 
 
 def run(station, name: str):
-    result = DRILL_FUNCTIONS[name](station)
+    result = DRILL_FUNCTIONS[name](station)  # raises when the drill cannot finish
     assert result.lost == [], f"{name}: lost {result.lost}\n{station.stack.log_tail(60)}"
     assert result.duplicated == 0, name
     assert result.processed == result.accepted
@@ -74,3 +74,12 @@ def test_disk_below_the_floor_refuses_then_recovers_by_itself(station):
     assert result.facts["rejected_counted"] >= result.refused  # and counted (streams too)
     assert result.facts["damaged_files"] == []
     assert result.accepted >= station.options.uploads
+
+
+def test_retention_brings_storage_back_and_still_knows_what_was_processed(station):
+    result = run(station, "retention")
+    facts = result.facts
+    assert facts["runs_before"] > 0 and facts["runs_deleted"] == facts["runs_before"]
+    assert facts["cached_results_before"] > 0 and facts["cached_results_deleted"] == facts["cached_results_before"]
+    assert facts["detection_files_before"] > 0 and facts["detection_files_merged"] == facts["detection_files_before"]
+    assert facts["resent_recognised"] == 1  # the first recording of the drills, sent again: known, not run again

@@ -14,7 +14,7 @@ from birdflow.detections import detections_table
 from birdflow.ledger import ProcessedLedger
 from birdflow.recordings import RecordingInfo
 from birdflow.results import ResultsDatabase
-from birdflow.retention import prune_local_archive, remove_stale_temp_files
+from birdflow.retention import prune_local_archive, remove_stale_files
 from birdflow.sinks import ParquetSink, compact_detections, read_detections
 
 DAY = 86400
@@ -66,8 +66,10 @@ def test_stale_temporary_files_go_and_fresh_ones_stay(tmp_path):
     for path in (stale, fresh, kept):
         path.write_bytes(b"1234")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
-    assert remove_stale_temp_files([tmp_path, tmp_path / "missing"], older_than_s=3600).files == 1
+    assert remove_stale_files([tmp_path, tmp_path / "missing"], older_than_s=3600).files == 1
     assert not stale.exists() and fresh.exists() and kept.exists()
+    os.utime(kept, (time.time() - 7200, time.time() - 7200))
+    assert remove_stale_files([tmp_path], older_than_s=3600, pattern="*").files == 1 and not kept.exists()
 
 
 def test_cached_results_older_than_the_retention_are_pruned(tmp_path):
