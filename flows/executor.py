@@ -15,7 +15,7 @@ import queue
 import random
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 from uuid import UUID
@@ -39,7 +39,7 @@ from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import Abort
 from prefect.context import SettingsContext
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
-from prefect.states import Cancelled, Pending, Scheduled
+from prefect.states import Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
 from birdflow import metrics
@@ -79,12 +79,15 @@ def ensure_deployment(settings: Settings) -> UUID:
 
 
 def ensure_maintenance_deployment(settings: Settings) -> UUID:
-    """The station's maintenance deployment, on its schedule (Prefect's scheduler creates the runs)."""
+    """The station's maintenance deployment. The executor starts its runs every maintenance_interval_s
+    (Prefect 3.8's scheduler cannot insert runs with SQLAlchemy 2.1); a Quick run from the UI works too."""
     deployment = maintenance.to_deployment(
         name=deployment_name(settings),
-        interval=timedelta(seconds=settings.maintenance_interval_s),
         tags=["birdflow", "maintenance", settings.station_id],
-        description=f"Re-drive, retention and compaction of station {settings.station_id}.",
+        description=(
+            f"Re-drive, retention and compaction of station {settings.station_id}; "
+            f"run by its executor every {settings.maintenance_interval_s:.0f} s."
+        ),
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
     return deployment.apply(work_pool_name=settings.work_pool or None)
@@ -145,6 +148,7 @@ class Executor:
         self._queue: queue.Queue = queue.Queue()
         self._in_flight: set[str] = set()  # recording file stems and flow-run ids queued or running
         self._lock = threading.Lock()
+        self._maintenance_slot = -1  # the maintenance interval that has its run
 
     def start(self) -> None:
         """Register the deployments and open the sinks and archive before the first recording arrives."""
@@ -180,6 +184,7 @@ class Executor:
                     if not all(worker.is_alive() for worker in workers):
                         raise ExecutorFailed("a flow-run thread died (see the error above)")
                     self.queue_new_recordings()
+                    self.schedule_maintenance(client)
                     self.queue_scheduled(client)
                     watch.wait(self.settings.poll_interval_s)
         finally:
@@ -274,6 +279,18 @@ class Executor:
             self.execute(client, flow_run)
         return flow_run
 
+    def schedule_maintenance(self, client: SyncPrefectClient) -> None:
+        """A maintenance run per maintenance_interval_s, due now; one per interval however often this
+        restarts (idempotent on the interval), and none piled up while the executor was down."""
+        interval = self.settings.maintenance_interval_s
+        slot = int(time.time() // interval)
+        if slot == self._maintenance_slot:
+            return
+        client.create_flow_run_from_deployment(
+            self.maintenance_id, idempotency_key=f"maintenance-{slot}", state=Scheduled(), tags=["maintenance"]
+        )
+        self._maintenance_slot = slot
+
     def queue_scheduled(self, client: SyncPrefectClient) -> None:
         """Runs of the station's deployments that are due: UI retries and reruns, re-drives, maintenance."""
         due = client.read_flow_runs(
@@ -285,13 +302,7 @@ class Executor:
             sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
             limit=20,
         )
-        # maintenance runs that fell due while the executor was down: the newest does what all of them would
-        superseded = [flow_run.id for flow_run in due if flow_run.deployment_id == self.maintenance_id][:-1]
-        for flow_run_id in superseded:
-            client.set_flow_run_state(flow_run_id, Cancelled(message="superseded by a newer maintenance run"), force=True)
         for flow_run in due:
-            if flow_run.id in superseded:
-                continue
             recording = flow_run.parameters.get("recording") or {}
             self._parked.discard(recording.get("recording_id", ""))
             self._enqueue(str(flow_run.id), flow_run)
@@ -307,9 +318,12 @@ class Executor:
             self.finish(client, flow_run, run_in_process(self.flows[flow_run.deployment_id], flow_run))
 
     def finish(self, client: SyncPrefectClient, flow_run: FlowRun, final: Optional[State]) -> None:
+        """Count a recording's run, and re-drive or give up what failed (a maintenance run's state is its own)."""
+        if flow_run.deployment_id != self.deployment_id:
+            return
         outcome = final.type.value.lower() if final is not None else "crashed"
         metrics.FLOW_RUNS_FINISHED.labels(self.settings.station_id, outcome).inc()
-        if flow_run.deployment_id != self.deployment_id or (final is not None and final.is_completed()):
+        if final is not None and final.is_completed():
             return
         latest = client.read_flow_run(flow_run.id)  # its run_count and state as the server has them
         if latest.state is not None and latest.state.is_final():

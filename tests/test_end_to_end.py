@@ -20,7 +20,14 @@ import pytest
 import soundfile
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.states import Scheduled
 
 from birdflow.flac import flac_identity
@@ -96,9 +103,11 @@ def stack(prefect_server, seaweed, tmp_path_factory, request):
 
 
 def station_runs():
+    """The runs of the station's recordings (not those of its maintenance deployment)."""
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[STATION]))
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["process-recording"])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[STATION])),
         )
 
 

@@ -153,7 +153,8 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
         for run in runs:
             for state in ("RUNNING", "COMPLETED"):
                 httpx.post(f"{api}/flow_runs/{run['id']}/set_state", json={"state": {"type": state}, "force": True})
-            httpx.post(f"{api}/logs/", json=[{"name": "t", "level": 20, "message": "m", "timestamp": "2025-01-01T00:00:00Z", "flow_run_id": run["id"]}])
+            log = {"name": "t", "level": 20, "message": "m", "timestamp": "2025-01-01T00:00:00Z", "flow_run_id": run["id"]}
+            httpx.post(f"{api}/logs/", json=[log])
         old, recent = runs
         with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as database:  # as if it had ended 20 days ago
             database.execute("UPDATE flow_run SET end_time = datetime('now', '-20 days') WHERE id = ?", (old["id"],))

@@ -41,7 +41,8 @@ def test_the_gauges_of_a_dead_child_stop_counting(tmp_path):
     settings.metrics_dir.mkdir(parents=True)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(settings.metrics_dir)}
     # a child that holds two streams open and dies without closing them (kill -9)
-    child = Child("ingest", [sys.executable, "-c", "from birdflow import metrics; metrics.OPEN_STREAMS.labels('s').inc(2); import os; os.kill(os.getpid(), 9)"])
+    dies_with_two_streams = "from birdflow import metrics; metrics.OPEN_STREAMS.labels('s').inc(2); import os; os.kill(os.getpid(), 9)"
+    child = Child("ingest", [sys.executable, "-c", dies_with_two_streams])
     child.start(env)
     child.process.wait()
 
