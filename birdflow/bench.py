@@ -235,10 +235,14 @@ class Stack:
             stored[path.name.split("__", 1)[0]] = path.stat().st_mtime
         return stored
 
-    def api(self, path: str, body: dict):
-        response = httpx.post(f"http://127.0.0.1:{self.prefect_port}/api/{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
+    def api(self, path: str, body: dict, attempts: int = 5):
+        """POST to the station's Prefect API; a 503 (SQLite busy with another writer) is tried again."""
+        for attempt in range(attempts):
+            response = httpx.post(f"http://127.0.0.1:{self.prefect_port}/api/{path}", json=body, timeout=30)
+            if response.status_code != 503 or attempt == attempts - 1:
+                response.raise_for_status()
+                return response.json()
+            time.sleep(0.5 * 2**attempt)
 
     def completed_runs(self) -> int:
         """Completed runs of recordings (the maintenance deployment's are not counted)."""

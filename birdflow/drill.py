@@ -284,9 +284,11 @@ class DrillStation:
 
     def start_maintenance(self) -> None:
         """A maintenance run now, as the UI's Quick run makes one; the station's executor runs it."""
-        api = f"http://127.0.0.1:{self.stack.prefect_port}/api"
-        deployment = httpx.get(f"{api}/deployments/name/maintenance/{self.stack.station_id}", timeout=30).json()
-        httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30).raise_for_status()
+        [deployment] = self.stack.api(
+            "deployments/filter",
+            {"flows": {"name": {"any_": ["maintenance"]}}, "deployments": {"name": {"any_": [self.stack.station_id]}}},
+        )
+        self.stack.api(f"deployments/{deployment['id']}/create_flow_run", {})
 
     def recording_runs(self) -> int:
         return int(self.stack.api("flow_runs/count", RECORDING_RUNS))
@@ -465,35 +467,34 @@ def drill_disk_floor(station: DrillStation) -> DrillResult:
 
 
 def drill_retention(station: DrillStation) -> DrillResult:
-    """Retention over compressed time: what the drills left is made 20 days old; one maintenance run and
-    the Prefect server's vacuum must take the station back to what retention keeps, and a recording sent
-    again must still be known as processed."""
+    """Retention over compressed time: after a few recordings, everything is made 20 days old; one
+    maintenance run and the Prefect server's vacuum must take the station back to what retention keeps,
+    and a recording sent again must still be known as processed."""
+    before = set(station.arrivals.ids)
+    uploads = station.next_uploads(station.options.uploads)
+    station.upload(uploads)
+    station.settle(station.arrivals.since(before), station.options.settle_timeout_s)
     results = ResultsDatabase(station.stack.data_dir / "state" / "results.sqlite")
-    runs, cached = station.recording_runs(), results.count()
-    loose = _loose_detection_files(station)
+    kept = {"runs": station.recording_runs, "cached results": results.count,
+            "per-recording detection files": lambda: _loose_detection_files(station)}
+    at_start = {what: count() for what, count in kept.items()}
     station.age(days=20)
     station.start_maintenance()
-    _wait_until(
-        lambda: not station.recording_runs() and not results.count() and not _loose_detection_files(station),
-        180, "runs, cached results and per-recording detection files past retention gone",
-    )
-    before = set(station.arrivals.ids)
+    deadline = time.monotonic() + 180
+    while any(count() for count in kept.values()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    left = {what: count() for what, count in kept.items()}
     already_processed = ("birdflow_recordings_discarded_total", 'reason="already_processed",station="drill"')
     duplicates_before = station.metric(*already_processed)
-    station.upload(distinct_uploads(station.options.sample, 1))  # the first recording of the drills, once more
-    # (its id is that of a recording already counted in: this drill's in and out count only new ones)
+    station.upload(uploads[:1])  # sent again, after its run is gone
     _wait_until(lambda: not any(station.stack.recordings_dir.iterdir()), 60, "the re-sent recording handled")
     result = station.count("retention, 20 days later", before)
     result.facts.update(
-        runs_deleted=runs - station.recording_runs(), runs_before=runs,
-        cached_results_deleted=cached - results.count(), cached_results_before=cached,
-        detection_files_merged=loose - _loose_detection_files(station), detection_files_before=loose,
-        resent_recognised=int(station.metric(*already_processed) - duplicates_before),
+        at_start=at_start, left=left, resent_recognised=int(station.metric(*already_processed) - duplicates_before)
     )
     result.notes.append(
-        f"{result.facts['runs_deleted']} of {runs} runs deleted by the server's vacuum, {result.facts['cached_results_deleted']} "
-        f"cached results and {result.facts['detection_files_merged']} detection files merged by maintenance; "
-        f"a recording sent again still known as processed"
+        "20 days later: " + ", ".join(f"{what} {at_start[what]} -> {left[what]}" for what in kept)
+        + f"; a recording sent again {'known' if result.facts['resent_recognised'] else 'NOT known'} as processed"
     )
     return result
 
