@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from birdflow.settings import Settings
+
 MB = 1 << 20
 GB = 1 << 30
 DAY_S = 86400.0
@@ -120,7 +122,7 @@ def _remove_empty_folders(folder: Path, root: Path) -> None:
         folder = folder.parent
 
 
-def archive_retention(settings, free_bytes: Callable[[], int]) -> Freed:
+def archive_retention(settings: Settings, free_bytes: Callable[[], int]) -> Freed:
     """The local archive's caps and, at the disk floor, its oldest audio: always with an S3 archive (the
     local copies are all in S3 too), and with a local-only archive when local_archive_purge_at_floor."""
     floor_bytes = settings.min_free_disk_mb * MB

@@ -42,6 +42,8 @@ def test_compose_files_reference_existing_files_volumes_and_settings():
             if service.get("build"):  # the birdflow image: every variable it sets must be a setting
                 environment = service.get("environment", {})
                 assert set(environment) <= SETTING_VARIABLES, set(environment) - SETTING_VARIABLES
+            if str(service.get("image", "")).startswith("prefecthq/prefect"):  # run retention by Prefect's vacuum
+                assert service["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] == "flow_runs", path
     balena = yaml.safe_load((BALENA / "docker-compose.yml").read_text())
     assert str(balena["version"]).startswith("2.")
     devices = yaml.safe_load((BALENA / "balena.yml").read_text())["data"]["supportedDeviceTypes"]
