@@ -22,14 +22,16 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import httpx
 import yaml
 
+from birdflow.settings import Settings
 from birdflow.simulator import make_distinct, run_listeners, split_wav
-from birdflow.testbed import free_port
+from birdflow.testbed import free_port, prefect_post
 
 BYTES_PER_SECOND_48K = 96000
 # filters of the Prefect API
@@ -143,17 +145,10 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.ingest_port}"
 
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def detections_dir(self) -> Path:
-        return self.data_dir / "detections"
-
-    @property
-    def recordings_dir(self) -> Path:
-        return self.data_dir / "recordings"
+    @cached_property
+    def places(self) -> Settings:
+        """Where the stack keeps what (its data_dir under root; the rest as birdflow's settings derive it)."""
+        return Settings(data_dir=self.root / "data")
 
     @property
     def log_path(self) -> Path:
@@ -162,7 +157,7 @@ class Stack:
     def start(self, timeout_s: float = 180) -> None:
         settings = {
             "station_id": self.station_id,
-            "data_dir": str(self.data_dir),
+            "data_dir": str(self.places.data_dir),
             "ingest_host": "127.0.0.1",
             "ingest_port": self.ingest_port,
             "prefect_port": self.prefect_port,
@@ -231,18 +226,13 @@ class Stack:
     def stored_times(self) -> dict[str, float]:
         """recording id -> when its detections file was written (wall clock)."""
         stored = {}
-        for path in self.detections_dir.rglob("*.parquet"):
+        for path in self.places.detections_dir.rglob("*.parquet"):
             stored[path.name.split("__", 1)[0]] = path.stat().st_mtime
         return stored
 
-    def api(self, path: str, body: dict, attempts: int = 5):
-        """POST to the station's Prefect API; a 503 (SQLite busy with another writer) is tried again."""
-        for attempt in range(attempts):
-            response = httpx.post(f"http://127.0.0.1:{self.prefect_port}/api/{path}", json=body, timeout=30)
-            if response.status_code != 503 or attempt == attempts - 1:
-                response.raise_for_status()
-                return response.json()
-            time.sleep(0.5 * 2**attempt)
+    def api(self, path: str, body: dict):
+        """POST to the station's Prefect API."""
+        return prefect_post(f"http://127.0.0.1:{self.prefect_port}/api", path, body)
 
     def completed_runs(self) -> int:
         """Completed runs of recordings (the maintenance deployment's are not counted)."""
@@ -363,18 +353,20 @@ def sqlite_bytes_in_use(path: Path) -> int:
 
 def storage_snapshot(stack: Stack) -> dict[str, float]:
     """What the station keeps on its disk: database bytes in use, files outside the archive, archive bytes."""
-    data = stack.data_dir
-    transient = {"archive", "recordings", "partial", "metrics", "staging"}
+    places = stack.places
+    folders = (places.local_archive_dir, places.recordings_dir, places.partial_dir, places.metrics_dir, places.staging_dir)
+    transient = {folder.name for folder in folders}  # folders right under data_dir
     kept = [
-        path for path in data.rglob("*")
-        if path.is_file() and path.relative_to(data).parts[0] not in transient and not path.name.endswith(("-wal", "-shm"))
+        path for path in places.data_dir.rglob("*")
+        if path.is_file() and path.relative_to(places.data_dir).parts[0] not in transient
+        and not path.name.endswith(("-wal", "-shm"))
     ]
     return {
-        "prefect_db_bytes": sqlite_bytes_in_use(data / "prefect" / "prefect.db"),
-        "birdflow_state_bytes": sum(sqlite_bytes_in_use(path) for path in (data / "state").glob("*.sqlite")),
-        "detections_bytes": sum(path.stat().st_size for path in stack.detections_dir.rglob("*.parquet")),
+        "prefect_db_bytes": sqlite_bytes_in_use(places.prefect_database_file),
+        "birdflow_state_bytes": sqlite_bytes_in_use(places.results_file) + sqlite_bytes_in_use(places.processed_record_file),
+        "detections_bytes": sum(path.stat().st_size for path in places.detections_dir.rglob("*.parquet")),
         "files": len(kept),
-        "archive_bytes": sum(path.stat().st_size for path in (data / "archive").rglob("*") if path.is_file()),
+        "archive_bytes": sum(path.stat().st_size for path in places.local_archive_dir.rglob("*") if path.is_file()),
     }
 
 
@@ -472,7 +464,7 @@ def stream_phase(stack: Stack, options: BenchOptions, progress) -> dict:
                 marks.update(cpu0=stack.cpu()["ingest"], t0=time.monotonic())
             if "cpu0" in marks and elapsed < hold - 0.5:
                 marks.update(cpu1=stack.cpu()["ingest"], t1=time.monotonic())
-                samples.append((elapsed, len(list(stack.recordings_dir.glob("*.wav")))))
+                samples.append((elapsed, len(list(stack.places.recordings_dir.glob("*.wav")))))
         return task.result()
 
     reports = asyncio.run(hold_streams())

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Optional
 import httpx
 
 from birdflow.bench import RECORDING_RUNS, Stack, distinct_uploads
+from birdflow.disk import MB
 from birdflow.folder_watch import FolderWatch
 from birdflow.ledger import ProcessedLedger
 from birdflow.recordings import AUDIO_EXTENSIONS, parse_stream_partial
@@ -42,7 +43,6 @@ from birdflow.sinks import HOUR_FILE_PREFIX, read_detections
 from birdflow.testbed import FaultProxy, LineProtocolServer, SeaweedS3, parse_line
 from birdflow.wav import parse_header
 
-MB = 1 << 20
 BUCKET = "drill"
 INFLUX_TOKEN = "drill-token"
 
@@ -140,7 +140,8 @@ class DrillStation:
             )
             env["AWS_SECRET_ACCESS_KEY"] = self.s3.secret_key
         self.stack = Stack(root / "station", station_id="drill", settings=settings, env=env)
-        self.arrivals = Arrivals(self.stack.recordings_dir)
+        self.places = self.stack.places
+        self.arrivals = Arrivals(self.places.recordings_dir)
         self._next_upload = 0
 
     def start(self) -> None:
@@ -252,7 +253,7 @@ class DrillStation:
     def stream_partials(self, min_duration_s: float = 3.0) -> list[tuple[str, float]]:
         """(listener, seconds of audio) of the stream partial files long enough to be kept."""
         found = []
-        for path in (self.stack.data_dir / "partial").glob("stream_*.wav"):
+        for path in self.places.partial_dir.glob("stream_*.wav"):
             stream = parse_stream_partial(path.name)
             try:  # it may be published (moved away) while this looks at it
                 data = path.read_bytes()
@@ -272,13 +273,13 @@ class DrillStation:
     def age(self, days: float) -> None:
         """Make everything the station has done `days` older: run ends, cached results, detection files."""
         seconds = days * 86400
-        with closing(sqlite3.connect(self.stack.data_dir / "prefect" / "prefect.db", timeout=60)) as database:
+        with closing(sqlite3.connect(self.places.prefect_database_file, timeout=60)) as database:
             with database:
                 database.execute(f"UPDATE flow_run SET end_time = datetime(end_time, '-{days} days') WHERE end_time IS NOT NULL")
-        with closing(sqlite3.connect(self.stack.data_dir / "state" / "results.sqlite", timeout=60)) as database:
+        with closing(sqlite3.connect(self.places.results_file, timeout=60)) as database:
             with database:
                 database.execute("UPDATE results SET written_at = written_at - ?", (int(seconds),))
-        for path in self.stack.detections_dir.rglob("*.parquet"):
+        for path in self.places.detections_dir.rglob("*.parquet"):
             stamp = path.stat().st_mtime - seconds
             os.utime(path, (stamp, stamp))
 
@@ -297,7 +298,7 @@ class DrillStation:
 
     def processed_ids(self) -> set[str]:
         """Recorded as processed (after its detections were written and its audio archived), and archived."""
-        ledger = self.stack.data_dir / "state" / "processed.sqlite"
+        ledger = self.places.processed_record_file
         recorded = ProcessedLedger(ledger).recording_ids() if ledger.exists() else set()
         return recorded & self.archived_ids()
 
@@ -308,7 +309,7 @@ class DrillStation:
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="archive/"):
                 keys += [item["Key"] for item in page.get("Contents", [])]
             return {Path(key).stem for key in keys}
-        return {path.stem for path in (self.stack.data_dir / "archive").rglob("*") if path.is_file()}
+        return {path.stem for path in self.places.local_archive_dir.rglob("*") if path.is_file()}
 
     def settle(self, accepted: set[str], timeout_s: float) -> set[str]:
         """Wait until every accepted recording is processed and archived (or the time is up)."""
@@ -322,7 +323,7 @@ class DrillStation:
     def count(self, name: str, before: set[str], refused: int = 0) -> DrillResult:
         accepted = self.arrivals.since(before)
         processed = self.settle(accepted, self.options.settle_timeout_s)
-        rows = read_detections(self.stack.detections_dir)
+        rows = read_detections(self.places.detections_dir)
         keys = Counter(
             zip(*(rows.column(column).to_pylist() for column in ("recording_id", "analysis_id", "start_s", "scientific_name")))
         )
@@ -385,7 +386,7 @@ def drill_sigterm(station: DrillStation) -> DrillResult:
     with station.streaming("st"):
         _wait_for_streams(station, "streams of 4 s")
         station.stack.stop()
-        left = list((station.stack.data_dir / "partial").glob("stream_*"))
+        left = list(station.places.partial_dir.glob("stream_*"))
         published_at_stop = len(station.arrivals.since(before))
         station.stack.start()
         _wait_for_streams(station, "streams resumed after the restart")
@@ -474,7 +475,7 @@ def drill_retention(station: DrillStation) -> DrillResult:
     uploads = station.next_uploads(station.options.uploads)
     station.upload(uploads)
     station.settle(station.arrivals.since(before), station.options.settle_timeout_s)
-    results = ResultsDatabase(station.stack.data_dir / "state" / "results.sqlite")
+    results = ResultsDatabase(station.places.results_file)
     kept = {"runs": station.recording_runs, "cached results": results.count,
             "per-recording detection files": lambda: _loose_detection_files(station)}
     at_start = {what: count() for what, count in kept.items()}
@@ -487,7 +488,7 @@ def drill_retention(station: DrillStation) -> DrillResult:
     already_processed = ("birdflow_recordings_discarded_total", 'reason="already_processed",station="drill"')
     duplicates_before = station.metric(*already_processed)
     station.upload(uploads[:1])  # sent again, after its run is gone
-    _wait_until(lambda: not any(station.stack.recordings_dir.iterdir()), 60, "the re-sent recording handled")
+    _wait_until(lambda: not any(station.places.recordings_dir.iterdir()), 60, "the re-sent recording handled")
     result = station.count("retention, 20 days later", before)
     result.facts.update(
         at_start=at_start, left=left, resent_recognised=int(station.metric(*already_processed) - duplicates_before)
@@ -500,14 +501,16 @@ def drill_retention(station: DrillStation) -> DrillResult:
 
 
 def _loose_detection_files(station: DrillStation) -> int:
-    return sum(1 for path in station.stack.detections_dir.rglob("*.parquet") if not path.name.startswith(HOUR_FILE_PREFIX))
+    files = station.places.detections_dir.rglob("*.parquet")
+    return sum(1 for path in files if not path.name.startswith(HOUR_FILE_PREFIX))
 
 
 def damaged_files(station: DrillStation) -> list[str]:
     """Zero-byte or truncated recordings anywhere the station keeps audio."""
     damaged = []
-    for folder in ("partial", "recordings", "failed"):
-        for path in (station.stack.data_dir / folder).glob("*.wav"):
+    places = station.places
+    for folder in (places.partial_dir, places.recordings_dir, places.failed_dir):
+        for path in folder.glob("*.wav"):
             data = path.read_bytes()
             try:
                 header = parse_header(data[:4096])
@@ -515,7 +518,7 @@ def damaged_files(station: DrillStation) -> list[str]:
                 damaged.append(path.name)
                 continue
             declared = int.from_bytes(header.raw[-4:], "little")
-            if folder != "partial" and declared != len(data) - header.size:
+            if folder != places.partial_dir and declared != len(data) - header.size:
                 damaged.append(path.name)
     return damaged
 

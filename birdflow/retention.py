@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from birdflow.disk import MB
 from birdflow.settings import Settings
 
-MB = 1 << 20
 GB = 1 << 30
 DAY_S = 86400.0
 FLOOR_HEADROOM = 1.1  # at the floor, free a little more than the floor, so the next recording fits
@@ -122,7 +123,7 @@ def _remove_empty_folders(folder: Path, root: Path) -> None:
         folder = folder.parent
 
 
-def archive_retention(settings: Settings, free_bytes: Callable[[], int]) -> Freed:
+def archive_retention(settings: Settings) -> Freed:
     """The local archive's caps and, at the disk floor, its oldest audio: always with an S3 archive (the
     local copies are all in S3 too), and with a local-only archive when local_archive_purge_at_floor."""
     floor_bytes = settings.min_free_disk_mb * MB
@@ -132,5 +133,5 @@ def archive_retention(settings: Settings, free_bytes: Callable[[], int]) -> Free
         max_bytes=int(settings.local_archive_max_gb * GB),
         max_age_s=settings.local_archive_max_days * DAY_S,
         free_target_bytes=int(floor_bytes * FLOOR_HEADROOM) if purge_at_floor else 0,
-        free_bytes=free_bytes,
+        free_bytes=lambda: shutil.disk_usage(settings.data_dir).free,
     )

@@ -200,6 +200,15 @@ class Settings(BaseModel):
         return self.data_dir / "state"
 
     @property
+    def processed_record_file(self) -> Path:
+        return self.state_dir / "processed.sqlite"
+
+    @property
+    def results_file(self) -> Path:
+        """The analyze task's cached results (one SQLite file, not a file per result)."""
+        return self.state_dir / "results.sqlite"
+
+    @property
     def detections_dir(self) -> Path:
         return self.data_dir / "detections"
 
@@ -210,6 +219,11 @@ class Settings(BaseModel):
     @property
     def prefect_home(self) -> Path:
         return self.data_dir / "prefect"
+
+    @property
+    def prefect_database_file(self) -> Path:
+        """The embedded Prefect server's SQLite database."""
+        return self.prefect_home / "prefect.db"
 
     @property
     def metrics_dir(self) -> Path:

@@ -31,6 +31,7 @@ class DetectionSink(Protocol):
 
 
 HOUR_FILE_PREFIX = "hour-"
+READING_ORDER = [("time", "ascending"), ("listener_id", "ascending")]
 KEY_SEPARATOR = "\x1f"
 
 
@@ -119,7 +120,7 @@ def read_detections(
         except FileNotFoundError:  # a compaction merged files while they were read: list them again
             if attempt == 2:
                 raise
-    return pa.concat_tables([hourly_rows, loose_rows]).sort_by([("time", "ascending"), ("listener_id", "ascending")])
+    return pa.concat_tables([hourly_rows, loose_rows]).sort_by(READING_ORDER)
 
 
 def _dataset_files(root: Path) -> tuple[list[str], list[str]]:
@@ -180,7 +181,7 @@ def compact_detections(root: Path, settled_s: float = 300.0, now: Optional[float
             added = pa.concat_tables([table for _, _, table in members])
             earlier = pq.read_table(hour_file, schema=SCHEMA) if hour_file.exists() else SCHEMA.empty_table()
             merged = pa.concat_tables([_without_keys(earlier, _keys(added)), added])
-            _write_atomically(merged.sort_by([("time", "ascending"), ("listener_id", "ascending")]), hour_file)
+            _write_atomically(merged.sort_by(READING_ORDER), hour_file)
             outcome.hour_files_written += 1
             for path, stat, _ in members:
                 # a file rewritten while this ran waits for the next compaction

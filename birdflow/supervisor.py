@@ -65,7 +65,7 @@ def prefect_environment(settings: Settings) -> dict[str, str]:
 
 def database_url(settings: Settings) -> str:
     if settings.prefect_database == "sqlite":
-        return "sqlite+aiosqlite:///" + str((settings.prefect_home / "prefect.db").resolve())
+        return "sqlite+aiosqlite:///" + str(settings.prefect_database_file.resolve())
     return settings.prefect_database_url.get_secret_value() or (
         f"postgresql+asyncpg://prefect@127.0.0.1:{settings.postgres_port}/postgres"
     )

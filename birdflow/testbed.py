@@ -40,6 +40,18 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, interval_
     raise TimeoutError(f"{what} not ready within {timeout_s} s")
 
 
+def prefect_post(api_url: str, path: str, body, attempts: int = 5):
+    """POST to a Prefect API; a 503 (its SQLite busy with another writer) is tried again."""
+    import httpx
+
+    for attempt in range(attempts):
+        response = httpx.post(f"{api_url}/{path}", json=body, timeout=30)
+        if response.status_code != 503 or attempt == attempts - 1:
+            response.raise_for_status()
+            return response.json()
+        time.sleep(0.5 * 2**attempt)
+
+
 def stop_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
     """SIGTERM the process group, then SIGKILL what is left (SeaweedFS ignores SIGTERM for a long time)."""
     if process.poll() is not None:

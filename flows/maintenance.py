@@ -11,7 +11,6 @@ db_vacuum service, which `birdflow up` turns on for run_retention_days.
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -71,12 +70,12 @@ def redrive_failed_runs() -> dict[str, int]:
 @task(name="apply retention", cache_policy=NO_CACHE, persist_result=False)
 def apply_retention() -> dict[str, int]:
     settings = pipeline().settings
-    archive = archive_retention(settings, free_bytes=lambda: shutil.disk_usage(settings.data_dir).free)
+    archive = archive_retention(settings)
     temporary = remove_stale_files(
         [settings.staging_dir, settings.local_archive_dir, settings.detections_dir], TEMP_FILE_AGE_S
     )
     retention_s = settings.run_retention_days * DAY_S
-    results = ResultsDatabase(pipeline().results_file).prune(retention_s)
+    results = ResultsDatabase(settings.results_file).prune(retention_s)
     # what Prefect itself stores beside the runs (the exception of a failed run), gone with them
     results += remove_stale_files([settings.prefect_home / "storage"], retention_s, pattern="*").files
     compaction = compact_detections(settings.detections_dir)

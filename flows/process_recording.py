@@ -174,7 +174,7 @@ def _retrying(io_task, retries: int, delay_s: float):
 
 
 @lru_cache(maxsize=None)
-def _caching_in(results_file: str):
+def _caching_in(results_file: Path):
     """The analyze task keeping its results in the station's results database, built once per file."""
     return analyze.with_options(result_storage=pipeline().result_storage)
 
@@ -188,7 +188,7 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
     params = analysis_params(analysis)
     try:
         samples = _with_io_retries(decode_recording)(recording)
-        found = _caching_in(pipeline().results_file)(recording, samples, params)
+        found = _caching_in(pipeline().settings.results_file)(recording, samples, params)
         table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)
         written = _with_io_retries(write_detections)(recording, table, params.analysis_id)
         archived = _with_io_retries(archive_recording)(recording)

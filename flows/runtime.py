@@ -77,19 +77,14 @@ class Pipeline:
 
     @cached_property
     def ledger(self) -> ProcessedLedger:
-        return ProcessedLedger(self.settings.state_dir / "processed.sqlite")
-
-    @property
-    def results_file(self) -> str:
-        """Where the analyze task's cached results live (one SQLite file, not a file per result)."""
-        return str((self.settings.state_dir / "results.sqlite").resolve())
+        return ProcessedLedger(self.settings.processed_record_file)
 
     @cached_property
     def result_storage(self):
-        """That file as a Prefect block, saved once per process (Prefect takes only saved blocks)."""
+        """The station's results file as a Prefect block, saved once per process (Prefect takes only saved blocks)."""
         from blocks import SQLiteResultStorage
 
-        storage = SQLiteResultStorage(path=self.results_file)
+        storage = SQLiteResultStorage(path=str(self.settings.results_file.resolve()))
         storage.save(f"birdflow-results-{self.settings.station_id}", overwrite=True)
         return storage
 

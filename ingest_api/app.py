@@ -92,11 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
     store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
     station = settings.station_id
     recover_and_count(store, settings)  # nothing of this process is open yet: every partial is left over
-    disk = DiskFloor(
-        settings.data_dir,
-        settings.min_free_disk_mb * MB,
-        relieve=lambda: archive_retention(settings, free_bytes=lambda: shutil.disk_usage(settings.data_dir).free),
-    )
+    disk = DiskFloor(settings.data_dir, settings.min_free_disk_mb * MB, relieve=lambda: archive_retention(settings))
     limits = StreamLimits(
         min_duration_s=settings.min_duration_s,
         max_duration_s=settings.max_duration_s,

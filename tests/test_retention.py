@@ -134,7 +134,7 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
     from birdflow.settings import Settings
     from birdflow.supervisor import prefect_environment
     from tests.servers import PrefectServer
-    from birdflow.testbed import wait_until
+    from birdflow.testbed import prefect_post, wait_until
 
     vacuum = {
         key: value for key, value in prefect_environment(Settings(data_dir=tmp_path / "data", run_retention_days=14)).items()
@@ -148,13 +148,13 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
     server.start(tmp_path / "server.log")
     api = server.api_url
     try:
-        flow = httpx.post(f"{api}/flows/", json={"name": "retention-test"}).json()
-        runs = [httpx.post(f"{api}/flow_runs/", json={"flow_id": flow["id"], "name": f"run-{n}"}).json() for n in range(2)]
+        flow = prefect_post(api, "flows/", {"name": "retention-test"})
+        runs = [prefect_post(api, "flow_runs/", {"flow_id": flow["id"], "name": f"run-{n}"}) for n in range(2)]
         for run in runs:
             for state in ("RUNNING", "COMPLETED"):
-                httpx.post(f"{api}/flow_runs/{run['id']}/set_state", json={"state": {"type": state}, "force": True})
+                prefect_post(api, f"flow_runs/{run['id']}/set_state", {"state": {"type": state}, "force": True})
             log = {"name": "t", "level": 20, "message": "m", "timestamp": "2025-01-01T00:00:00Z", "flow_run_id": run["id"]}
-            httpx.post(f"{api}/logs/", json=[log])
+            prefect_post(api, "logs/", [log])
         old, recent = runs
         with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as database:  # as if it had ended 20 days ago
             database.execute("UPDATE flow_run SET end_time = datetime('now', '-20 days') WHERE id = ?", (old["id"],))
@@ -163,7 +163,7 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
             return httpx.get(f"{api}/flow_runs/{old['id']}").status_code == 404
 
         wait_until(gone, 60, "the old run deleted by the vacuum")
-        logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [old["id"], recent["id"]]}}}).json()
+        logs = prefect_post(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [old["id"], recent["id"]]}}})
         assert {log["flow_run_id"] for log in logs} == {recent["id"]}
         assert httpx.get(f"{api}/flow_runs/{recent['id']}").status_code == 200
     finally:
