@@ -151,15 +151,15 @@ def cmd_ingest(args) -> int:
     import uvicorn
 
     from ingest_api.app import create_app
+    from ingest_api.connections import raise_open_file_limit, server_config
 
     settings = _settings(args)
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.ingest_host,
-        port=args.port or settings.ingest_port,
-        log_level="warning",
-        timeout_graceful_shutdown=5,
-    )
+    open_files = raise_open_file_limit()
+    if open_files < 4 * settings.max_open_streams:
+        logging.getLogger("birdflow.ingest").warning(
+            "open-file limit %d is low for max_open_streams=%d (README, Security: LimitNOFILE)", open_files, settings.max_open_streams
+        )
+    uvicorn.Server(server_config(create_app(settings), settings, args.host, args.port)).run()
     return 0
 
 
@@ -234,6 +234,7 @@ def cmd_listen(args) -> int:
                 ),
                 stop=stop,
                 distinct=args.distinct,
+                token=args.token or os.environ.get("LISTENER_TOKEN"),
             )
 
         reports = asyncio.run(listen())
@@ -340,10 +341,10 @@ def cmd_worker(args) -> int:
 
 
 def cmd_prometheus_config(args) -> int:
-    """Write prometheus.yml (and the remote-write password file beside it) for the station's agent."""
+    """Write prometheus.yml (and the secret files it refers to, beside it) for the station's agent."""
     import yaml
 
-    from birdflow.observability import prometheus_config
+    from birdflow.observability import prometheus_config, secret_files
 
     settings = _settings(args)
     text = yaml.safe_dump(prometheus_config(settings, args.target or ""), sort_keys=False)
@@ -352,11 +353,11 @@ def cmd_prometheus_config(args) -> int:
         return 0
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "prometheus.yml").write_text(text)
-    password = settings.prometheus_remote_write_password.get_secret_value()
-    if settings.prometheus_remote_write_user:
-        secret = args.output / "remote_write_password"
-        secret.write_text(password)
+    for name, content in secret_files(settings).items():
+        secret = args.output / name
+        secret.touch(mode=0o600)
         secret.chmod(0o600)
+        secret.write_text(content)
     print(f"wrote {args.output / 'prometheus.yml'}; run: prometheus --enable-feature=agent "
           f"--config.file={args.output / 'prometheus.yml'}")
     return 0
@@ -389,6 +390,43 @@ def cmd_blocks_register(args) -> int:
 
     saved = register_blocks(settings)
     print("\n".join(f"registered {slug}" for slug in saved) or "nothing to register: S3 and InfluxDB are off")
+    return 0
+
+
+def _listener_id(text: str) -> str:
+    try:
+        return validate_listener_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def cmd_listeners(args) -> int:
+    """Listener tokens: `add` prints a new one once (only its hash is kept), `list`, `revoke`."""
+    from birdflow.listener_tokens import ListenerTokens
+
+    settings = _settings(args)
+    tokens = ListenerTokens(settings.listener_tokens_file)
+    if args.listeners_command == "add":
+        token = tokens.add(args.listener_id)
+        print(token)
+        print(
+            f"token for listener {args.listener_id}: shown once, only its hash is kept. The listener sends it as "
+            f"'Authorization: Bearer <token>' or '?token=<token>'"
+            + ("" if settings.ingest_auth == "on" else "; it is checked once 'ingest_auth' is on"),
+            file=sys.stderr,
+        )
+    elif args.listeners_command == "list":
+        records = tokens.listed()
+        for record in records:
+            created = datetime.fromtimestamp(record.created_at, timezone.utc)
+            print(f"{record.listener_id}\t{record.token_id}\t{created:%Y-%m-%dT%H:%M:%SZ}")
+        if not records:
+            print("no listener tokens (birdflow listeners add ID)", file=sys.stderr)
+    else:
+        revoked = tokens.revoke(args.listener_id, args.token_id)
+        print(f"revoked {revoked} token(s) of listener {args.listener_id}", file=sys.stderr)
+        if not revoked:
+            return 1
     return 0
 
 
@@ -452,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen.add_argument("--prefix", default="listener", help="listener ids are <prefix>01, <prefix>02, ...")
     listen.add_argument("--url", default="http://127.0.0.1:8000")
+    listen.add_argument("--token", help="listener token for ingest_auth (default: $LISTENER_TOKEN); a token is one "
+                        "listener's, so with several listeners they must be exempt")
     listen.set_defaults(func=cmd_listen)
 
     detections = commands.add_parser("detections", help="list what was heard")
@@ -494,6 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--stations", required=True, help="comma-separated station ids")
     central.add_argument("--pool-limit", type=_count(1), default=2, help="flow runs at once per station pool")
     central.set_defaults(func=cmd_central_setup)
+
+    listeners = commands.add_parser("listeners", help="listener tokens for ingest_auth: add, list, revoke")
+    listener_commands = listeners.add_subparsers(dest="listeners_command", required=True)
+    add = listener_commands.add_parser("add", help="print a new token for a listener (its other tokens stay valid)")
+    add.add_argument("listener_id", type=_listener_id)
+    listener_commands.add_parser("list", help="listener, token id, created (never the tokens)")
+    revoke = listener_commands.add_parser("revoke", help="revoke a listener's tokens, or one of them")
+    revoke.add_argument("listener_id", type=_listener_id)
+    revoke.add_argument("--token-id", help="only this token (its id from `list`, or a prefix of it)")
+    listeners.set_defaults(func=cmd_listeners)
 
     blocks = commands.add_parser("blocks", help="Prefect blocks")
     block_commands = blocks.add_subparsers(dest="blocks_command", required=True)

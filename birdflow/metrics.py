@@ -23,6 +23,12 @@ FRAMES_DROPPED = Counter("birdflow_frames_dropped", "Stream frames dropped (no o
 GAPS = Counter("birdflow_gaps", "Gaps in streams padded with silence", ["station"])
 METADATA_FRAMES = Counter("birdflow_metadata_frames", "Metadata frames skipped", ["station"])
 REQUESTS_REJECTED = Counter("birdflow_requests_rejected", "Ingest requests refused with a 4xx", ["station", "reason"])
+CONNECTIONS_TIMED_OUT = Counter(
+    "birdflow_connections_timed_out", "Ingest connections closed for being too slow, by stage", ["station", "stage"]
+)
+SOURCES_REFUSED = Counter(
+    "birdflow_sources_refused", "Flow runs refused because their audio lies outside the allowed folders", ["station"]
+)
 OPEN_STREAMS = Gauge("birdflow_open_streams", "Listener streams connected now", ["station"], multiprocess_mode="livesum")
 FLOW_RUNS_TRIGGERED = Counter("birdflow_flow_runs_triggered", "Flow runs created for recordings", ["station"])
 FLOW_RUNS_FINISHED = Counter("birdflow_flow_runs_finished", "Flow runs executed, by final state", ["station", "state"])

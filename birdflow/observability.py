@@ -16,8 +16,8 @@ def scrape_target(settings: Settings) -> str:
 def prometheus_config(settings: Settings, target: str = "") -> dict[str, Any]:
     """A prometheus.yml for `prometheus --enable-feature=agent`: scrape birdflow, remote-write centrally.
 
-    The password goes into the file only as a reference to a file next to it (password_file), so the
-    config can be shown and committed; the password itself comes from the environment."""
+    Secrets go into the file only as references to files next to it (`secret_files`), so the config can be
+    shown and committed; the secrets themselves come from the settings."""
     config: dict[str, Any] = {
         "global": {
             "scrape_interval": f"{settings.prometheus_scrape_interval_s}s",
@@ -31,6 +31,8 @@ def prometheus_config(settings: Settings, target: str = "") -> dict[str, Any]:
             }
         ],
     }
+    if settings.metrics_token.get_secret_value():
+        config["scrape_configs"][0]["authorization"] = {"type": "Bearer", "credentials_file": "metrics_token"}
     if settings.prometheus_remote_write_url:
         remote: dict[str, Any] = {"url": settings.prometheus_remote_write_url}
         if settings.prometheus_remote_write_user:
@@ -40,3 +42,13 @@ def prometheus_config(settings: Settings, target: str = "") -> dict[str, Any]:
             }
         config["remote_write"] = [remote]
     return config
+
+
+def secret_files(settings: Settings) -> dict[str, str]:
+    """The files `prometheus_config` refers to: name -> content."""
+    files = {}
+    if settings.prometheus_remote_write_user:
+        files["remote_write_password"] = settings.prometheus_remote_write_password.get_secret_value()
+    if settings.metrics_token.get_secret_value():
+        files["metrics_token"] = settings.metrics_token.get_secret_value()
+    return files

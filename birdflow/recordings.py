@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3")
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -43,6 +43,14 @@ class RecordingInfo(BaseModel):
     source: Literal["stream", "upload", "recovered", "folder", "archive", "backfill"] = "stream"
     # where the audio is read from when it is not in the recordings folder (a backfill source); never deleted
     source_path: Optional[str] = None
+
+    @field_validator("recording_id", "listener_id", "station_id", "file_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        """These become file names and archive keys: a run's parameters must not name another path."""
+        if not value or value.startswith(".") or any(char in value for char in "/\\") or not value.isprintable():
+            raise ValueError(f"{value!r} must be a plain name (no path separators, control characters or leading '.')")
+        return value
 
     def archive_key(self, file_name: str) -> str:
         """station/listener/YYYY/MM/DD/file: the same in every archive backend."""
@@ -155,6 +163,12 @@ class RecordingStore:
                 except FileNotFoundError:
                     continue
         return [Path(path) for _, path in sorted(files)]
+
+
+def is_inside(path: Path, roots: list[Path]) -> bool:
+    """Whether `path`, with its symbolic links followed, lies under one of `roots`."""
+    resolved = Path(path).resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
 
 
 def parse_stream_partial(name: str) -> Optional[tuple[str, datetime]]:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 SETTINGS_FILE_ENV = "BIRDFLOW_SETTINGS"
-LISTENER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
+LISTENER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")  # matched in full (fullmatch)
 
 
 class SettingsError(ValueError):
@@ -35,12 +35,33 @@ class Settings(BaseModel):
     ingest_port: int = Field(8000, ge=1, le=65535)
     min_duration_s: float = Field(3.0, ge=0, description="Shorter recordings are discarded")
     max_duration_s: float = Field(20.0, gt=0, description="Longer streams roll over into a new recording")
-    default_sample_rate: int = Field(48000, ge=8000, le=384000, description="Format of header-less streams")
+    default_sample_rate: int = Field(48000, ge=8000, le=192000, description="Format of header-less streams")
     default_channels: int = Field(1, ge=1, le=8)
-    default_bits_per_sample: Literal[8, 16, 24, 32] = 16
+    default_bits_per_sample: Literal[16, 24, 32] = 16
     max_gap_pages: int = Field(9, ge=0, description="Missing pages up to this many are padded with silence")
     max_frame_bytes: int = Field(1 << 20, ge=1024, le=(1 << 24) - 1, description="Larger frames are malformed")
     max_upload_bytes: int = Field(200 << 20, ge=1024, description="Larger uploads are refused with 413")
+
+    # who may send, and what a connection may cost (README, "Security")
+    ingest_auth: Literal["off", "on"] = Field(
+        "off", description="on: every request needs its listener's token (`birdflow listeners add`); off keeps old listeners working"
+    )
+    ingest_auth_exempt: list[str] = Field(
+        default_factory=list, description="Listener ids that may still send without a token while ingest_auth is on (a migration)"
+    )
+    metrics_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token Prometheus sends for /metrics; empty: /metrics answers loopback only when ingest_auth is on"
+    )
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="A request's headers, and a stream's first frame, must arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="An upload that sends nothing for this long is cut")
+    stream_idle_timeout_s: float = Field(
+        900.0, gt=0, description="A stream that sends nothing for this long is closed (longer than the listeners' duty-cycle pause)"
+    )
+    max_open_streams: int = Field(256, ge=1, description="Streams connected at once; more get 503")
+    max_streams_per_listener: int = Field(2, ge=1, description="Streams of one listener id at once (a reconnect while the old one lingers); more get 503")
+    max_recordings_per_minute: int = Field(
+        12, ge=1, description="A stream that starts more recordings than this in a minute is cut (429)"
+    )
 
     # Prefect
     prefect_api_url: str = Field("", description="External Prefect API; empty starts an embedded server")
@@ -50,6 +71,9 @@ class Settings(BaseModel):
     )
     prefect_database_url: SecretStr = Field(
         SecretStr(""), description="An existing Postgres (postgresql+asyncpg://...); empty starts one under data_dir"
+    )
+    prefect_api_auth_string: SecretStr = Field(
+        SecretStr(""), description="user:password of the Prefect server's own auth; every birdflow process sends it"
     )
     prefect_events_enabled: bool = Field(
         False, description="Automations and the stored event feed on the embedded Prefect server (costs CPU per run)"
@@ -89,7 +113,11 @@ class Settings(BaseModel):
     influx_table: str = "detections"
     influx_token: SecretStr = SecretStr("")
 
-    # archive
+    # archive and backfill
+    backfill_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a backfill may read besides the station's own data and archive; flow runs read no audio elsewhere",
+    )
     archive_backend: Literal["local", "s3"] = "local"
     archive_dir: Optional[Path] = Field(None, description="Local archive root; default <data_dir>/archive")
     s3_bucket: str = ""
@@ -138,11 +166,18 @@ class Settings(BaseModel):
     @field_validator("station_id")
     @classmethod
     def _station_id_is_a_safe_name(cls, value: str) -> str:
-        if not LISTENER_ID_PATTERN.match(value):
+        if not LISTENER_ID_PATTERN.fullmatch(value):
             raise ValueError("letters, digits, '.' and '-' only (1-64 characters)")
         return value
 
-    @field_validator("include_species", "exclude_species", "redrive_delays_s", mode="before")
+    @field_validator("ingest_auth_exempt")
+    @classmethod
+    def _exempt_ids_are_listener_ids(cls, value: list[str]) -> list[str]:
+        for listener_id in value:
+            validate_listener_id(listener_id)
+        return value
+
+    @field_validator("include_species", "exclude_species", "redrive_delays_s", "ingest_auth_exempt", "backfill_roots", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -207,6 +242,21 @@ class Settings(BaseModel):
     def results_file(self) -> Path:
         """The analyze task's cached results (one SQLite file, not a file per result)."""
         return self.state_dir / "results.sqlite"
+
+    @property
+    def listener_tokens_file(self) -> Path:
+        """Hashes of the listeners' tokens (never the tokens)."""
+        return self.state_dir / "listeners.sqlite"
+
+    @property
+    def backfill_scratch_dir(self) -> Path:
+        """Objects a backfill downloads from S3, each for as long as it is processed."""
+        return self.data_dir / "backfill"
+
+    @property
+    def audio_roots(self) -> list[Path]:
+        """The only folders a flow run reads audio from."""
+        return [self.recordings_dir, self.failed_dir, self.backfill_scratch_dir, self.local_archive_dir, *self.backfill_roots]
 
     @property
     def detections_dir(self) -> Path:
@@ -318,7 +368,7 @@ def load_settings(path: Optional[os.PathLike | str] = None, environ: Optional[Ma
 
 def validate_listener_id(listener_id: str) -> str:
     """Listener ids become file names: refuse anything that could name another path."""
-    if not LISTENER_ID_PATTERN.match(listener_id or ""):
+    if not LISTENER_ID_PATTERN.fullmatch(listener_id or ""):
         raise ValueError(
             f"invalid listener id {listener_id!r}: use 1-64 letters, digits, '.' or '-' (no '/', '_', '..' or NUL)"
         )

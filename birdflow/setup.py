@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +18,14 @@ ENV_TEMPLATE = """\
 # `birdflow` reads this file from its working directory; docker compose reads it too (env_file), and
 # balena/env-to-fleet.sh copies it into balena fleet variables.
 STATION_ID={station_id}
+# Prefect's own server auth (user:password): the UI asks for it, every birdflow process sends it
+PREFECT_API_AUTH_STRING=birdflow:{prefect_password}
+# token Prometheus sends for the ingest API's /metrics
+METRICS_TOKEN={metrics_token}
+# Grafana's admin password (docker compose)
+GRAFANA_ADMIN_PASSWORD={grafana_password}
+# on: listeners need their token (birdflow listeners add ID); off keeps old firmware working (README, Security)
+INGEST_AUTH=off
 # InfluxDB 3 token of the detections database (when influx_enabled is true)
 INFLUX_TOKEN=
 # S3 secret key of the archive (when archive_backend is s3)
@@ -36,7 +45,12 @@ def init_station(folder: Path, station_id: str, force: bool = False) -> list[Pat
         folder / "settings.yaml": SETTINGS_TEMPLATE.read_text().replace(
             "station_id: station01", f"station_id: {station_id}", 1
         ),
-        folder / ".env": ENV_TEMPLATE.format(station_id=station_id),
+        folder / ".env": ENV_TEMPLATE.format(
+            station_id=station_id,
+            prefect_password=secrets.token_urlsafe(24),
+            metrics_token=secrets.token_urlsafe(24),
+            grafana_password=secrets.token_urlsafe(18),
+        ),
     }
     existing = [path for path in targets if path.exists()]
     if existing and not force:

@@ -192,6 +192,7 @@ async def run_listeners(
     timeout_s: Optional[float] = None,
     stop: Optional[asyncio.Event] = None,
     distinct: bool = False,
+    token: Optional[str] = None,
 ) -> list[ListenerReport]:
     """Run the listeners until each has sent its recordings, `stop` is set or `timeout_s` has passed;
     the reports count what was sent either way."""
@@ -200,7 +201,8 @@ async def run_listeners(
     timeout = httpx.Timeout(30.0, read=None)
     reports = [ListenerReport(f"{prefix}{index:02d}") for index in range(1, listeners + 1)]
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
 
         async def one(report: ListenerReport) -> None:
             await asyncio.sleep(random.uniform(0, stagger_s) if stagger_s else 0)

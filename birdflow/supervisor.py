@@ -42,6 +42,11 @@ def prefect_environment(settings: Settings) -> dict[str, str]:
         # results of cached tasks (analysis tables) live beside the rest of the station's data
         "PREFECT_LOCAL_STORAGE_PATH": str((settings.prefect_home / "storage").resolve()),
     }
+    auth = settings.prefect_api_auth_string.get_secret_value()
+    if auth:  # Prefect's own server auth: every client sends it, the embedded server requires it
+        env["PREFECT_API_AUTH_STRING"] = auth
+        if settings.embedded_prefect:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = auth
     if settings.embedded_prefect:
         env.update(
             {

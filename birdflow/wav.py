@@ -11,6 +11,12 @@ WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 # The first two bytes of the PCM sub-format GUID of WAVE_FORMAT_EXTENSIBLE.
 PCM_SUBFORMAT_PREFIX = b"\x01\x00"
 PLAIN_HEADER_BYTES = 44
+# What BirdNET can use and listeners really send: 8-192 kHz, 16/24/32-bit PCM, up to 8 channels.
+# Narrower formats would only multiply recordings (and flow runs) per byte received.
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 192000
+SAMPLE_WIDTHS = (16, 24, 32)
+MAX_CHANNELS = 8
 
 
 class WavError(ValueError):
@@ -79,11 +85,18 @@ def _parse_fmt(fmt: bytes) -> WavFormat:
         tag = WAVE_FORMAT_PCM
     if tag != WAVE_FORMAT_PCM:
         raise WavError(f"WAV audio format {tag:#06x} is not PCM")
-    if bits not in (8, 16, 24, 32):
-        raise WavError(f"WAV bits per sample {bits} is not supported (8, 16, 24 or 32)")
-    if channels < 1 or sample_rate < 1000:
-        raise WavError(f"WAV format is implausible ({channels} channels, {sample_rate} Hz)")
+    if bits not in SAMPLE_WIDTHS:
+        raise WavError(f"WAV bits per sample {bits} is not supported (16, 24 or 32)")
+    check_rate_and_channels(sample_rate, channels)
     return WavFormat(sample_rate=sample_rate, channels=channels, bits_per_sample=bits)
+
+
+def check_rate_and_channels(sample_rate: int, channels: int) -> None:
+    """Raise WavError for a sample rate or channel count birdflow does not take (any container)."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise WavError(f"sample rate {sample_rate} Hz is not supported ({MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise WavError(f"{channels} channels are not supported (1-{MAX_CHANNELS})")
 
 
 def build_header(wav_format: WavFormat, data_bytes: int = 0) -> WavHeader:

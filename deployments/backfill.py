@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from birdflow.backfill import Candidate, candidate, local_candidates, parse_s3_source, select
-from birdflow.recordings import AUDIO_EXTENSIONS, RecordingInfo, describe_audio_file
+from birdflow.recordings import AUDIO_EXTENSIONS, RecordingInfo, describe_audio_file, is_inside
 from flows.process_recording import analysis_params, process_recording
 from flows.runtime import pipeline
 
@@ -42,11 +42,16 @@ class Source:
             self.folder = Path(source)
             if not self.folder.is_dir():
                 raise ValueError(f"backfill source {source!r} is not a folder, s3://bucket/prefix or 'archive'")
+            if not is_inside(self.folder, settings.audio_roots):
+                raise ValueError(
+                    f"backfill source {source!r} is outside the folders this station may read: "
+                    "add it to the setting 'backfill_roots'"
+                )
         if self.s3:
             from blocks import load_s3_bucket
 
             self.client = load_s3_bucket(settings).credentials.get_s3_client()
-        self.scratch = settings.data_dir / "backfill"
+        self.scratch = settings.backfill_scratch_dir
 
     def candidates(self) -> list[Candidate]:
         if not self.s3:

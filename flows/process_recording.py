@@ -29,7 +29,7 @@ from birdflow.audio import decode, windows
 from birdflow.birdnet import MODEL_VERSION, AnalysisParams, Detection
 from birdflow.detections import detections_table
 from birdflow.flac import FlacError, can_encode, encode_flac
-from birdflow.recordings import RecordingInfo, remove_recording, sha256_file
+from birdflow.recordings import RecordingInfo, is_inside, remove_recording, sha256_file
 from birdflow.settings import Settings
 from birdflow.sinks import write_all
 from flows.runtime import pipeline
@@ -61,10 +61,21 @@ def _analysis_key(context, parameters) -> str:
     return analysis_cache_key(_recording(parameters), parameters["params"])
 
 
+class SourceRefused(ValueError):
+    """A run's source_path lies outside the folders runs may read: not this station's audio to touch."""
+
+
 def local_path(recording: RecordingInfo) -> Path:
-    if recording.source_path:
-        return Path(recording.source_path)
-    return pipeline().settings.recordings_dir / recording.file_name
+    settings = pipeline().settings
+    if not recording.source_path:
+        return settings.recordings_dir / recording.file_name
+    if not is_inside(Path(recording.source_path), settings.audio_roots):
+        metrics.SOURCES_REFUSED.labels(settings.station_id).inc()
+        raise SourceRefused(
+            f"{recording.recording_id}: its source_path is outside the recordings, archive and backfill folders "
+            "(setting 'backfill_roots')"
+        )
+    return Path(recording.source_path)
 
 
 @task(name="decode", cache_policy=NO_CACHE, persist_result=False)
@@ -187,6 +198,7 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
     carry their own analysis id, side by side with earlier ones."""
     params = analysis_params(analysis)
     try:
+        local_path(recording)  # a source outside the allowed folders fails the run before any task
         samples = _with_io_retries(decode_recording)(recording)
         found = _caching_in(pipeline().settings.results_file)(recording, samples, params)
         table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)

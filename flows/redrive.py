@@ -84,7 +84,10 @@ def keep_audio(recording: dict, settings: Settings) -> Optional[Path]:
     """Move a given-up recording (audio and metadata) from the recordings folder to the failed folder."""
     if not recording.get("file_name") or recording.get("source_path"):
         return None
-    info = RecordingInfo.model_validate(recording)
+    try:
+        info = RecordingInfo.model_validate(recording)
+    except ValueError:  # parameters no recording of this station has (a run made by hand): nothing to keep
+        return None
     audio = settings.recordings_dir / info.file_name
     if not audio.is_file():
         return None

@@ -24,8 +24,9 @@ from birdflow.disk import MB, DiskFloor, InsufficientStorage
 from birdflow.recordings import AUDIO_EXTENSIONS, RecordingStore, parse_file_name
 from birdflow.retention import archive_retention
 from birdflow.settings import Settings, validate_listener_id
-from birdflow.wav import WavError, WavFormat, looks_like_wav, parse_header
-from ingest_api.assembler import StreamAssembler, StreamLimits, StreamRejected, StreamStats
+from birdflow.wav import WavError, WavFormat, check_rate_and_channels, looks_like_wav, parse_header
+from ingest_api.access import IngestAccess, Rejection, presented_token
+from ingest_api.assembler import StreamAssembler, StreamLimits, StreamRejected, StreamStats, TooManyRecordings
 from ingest_api.framing import FrameParser, FramingError
 from ingest_api.recovery import recover_partials
 
@@ -34,15 +35,7 @@ UPLOAD_READ_BYTES = 1 << 20
 # partials no stream has written to for this long are left over (a close that failed): publish them
 PARTIAL_SWEEP_S = 600.0
 FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class Rejection(Exception):
-    """A request refused with a 4xx; `reason` labels the metric."""
-
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
+RETRY_AFTER_S = {503: "30", 507: "300", 429: "60"}
 
 
 def _summary(listener_id: str, stats: StreamStats) -> dict:
@@ -98,7 +91,9 @@ def create_app(settings: Settings) -> FastAPI:
         max_duration_s=settings.max_duration_s,
         max_gap_pages=settings.max_gap_pages,
         default_format=WavFormat(settings.default_sample_rate, settings.default_channels, settings.default_bits_per_sample),
+        max_recordings_per_minute=settings.max_recordings_per_minute,
     )
+    access = IngestAccess(settings)
     event_counters = {
         "recording_closed": metrics.RECORDINGS_RECEIVED.labels(station, "stream"),
         "recording_discarded": metrics.RECORDINGS_DISCARDED.labels(station, "too_short"),
@@ -112,9 +107,29 @@ def create_app(settings: Settings) -> FastAPI:
         event_counters[name].inc(count)
 
     def reject(rejection: Rejection, listener_id: Optional[str], extra: Optional[dict] = None) -> JSONResponse:
+        """The answer to a refused request (the connection then drops what is left of its body)."""
         metrics.REQUESTS_REJECTED.labels(station, rejection.reason).inc()
         log.warning("rejected request from listener %r: %s", listener_id, rejection)
-        return JSONResponse({"error": str(rejection), **(extra or {})}, status_code=rejection.status)
+        headers = {}
+        if rejection.status in RETRY_AFTER_S:
+            headers["Retry-After"] = RETRY_AFTER_S[rejection.status]
+        if rejection.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse({"error": str(rejection), **(extra or {})}, status_code=rejection.status, headers=headers)
+
+    def admit_stream(listener_id: str, token: Optional[str]) -> None:
+        """A valid id, the listener's token when auth is on, and room for one more stream."""
+        try:
+            validate_listener_id(listener_id)
+        except ValueError as exc:
+            raise Rejection(400, "bad_listener_id", str(exc)) from None
+        access.admit_stream(listener_id, token)
+        if len(streams) >= settings.max_open_streams:
+            raise Rejection(503, "too_many_streams", f"{len(streams)} streams are open, the most this station takes")
+        if sum(stream.listener_id == listener_id for stream in streams) >= settings.max_streams_per_listener:
+            raise Rejection(
+                503, "listener_streams", f"listener {listener_id!r} already has {settings.max_streams_per_listener} open streams"
+            )
 
     # one thread seals closed recordings (fsync, hash, publish) in order, off the event loop
     sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
@@ -160,18 +175,22 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ok", "station_id": station}
 
     @app.get("/metrics")
-    def prometheus_metrics() -> Response:
+    def prometheus_metrics(request: Request) -> Response:
+        try:
+            access.admit_metrics(request.headers.get("authorization"), request.client.host if request.client else None)
+        except Rejection as rejection:
+            return reject(rejection, None)
         metrics.DISK_FREE.labels(station).set(shutil.disk_usage(settings.data_dir).free)
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
     @app.post("/recordings_stream")
-    async def recordings_stream(request: Request, listener_id: str = Query(...)):
+    async def recordings_stream(request: Request, listener_id: str = Query(...), token: Optional[str] = Query(None)):
         """Frames of one listener, for as long as the connection lasts (see the protocol document)."""
         try:
-            validate_listener_id(listener_id)
-        except ValueError as exc:
-            return reject(Rejection(400, "bad_listener_id", str(exc)), listener_id)
+            admit_stream(listener_id, presented_token(request.headers.get("authorization"), token))
+        except Rejection as rejection:
+            return reject(rejection, listener_id)
         parser = FrameParser(settings.max_frame_bytes)
         sealing: list[concurrent.futures.Future] = []
 
@@ -201,6 +220,8 @@ def create_app(settings: Settings) -> FastAPI:
             rejection = Rejection(400, "malformed_frame", str(exc))
         except StreamRejected as exc:
             rejection = Rejection(415, "bad_header", str(exc))
+        except TooManyRecordings as exc:
+            rejection = Rejection(429, "too_many_recordings", f"listener {listener_id}: {exc}")
         except InsufficientStorage as exc:  # checked as each recording opens; the ones before it are kept
             rejection = Rejection(507, "insufficient_storage", str(exc))
         except OSError as exc:
@@ -221,12 +242,16 @@ def create_app(settings: Settings) -> FastAPI:
         return _summary(listener_id, stats)
 
     @app.post("/recordings_upload")
-    async def recordings_upload(request: Request):
+    async def recordings_upload(request: Request, token: Optional[str] = Query(None)):
         """One finished recording as multipart/form-data (`file`, optional `listener_id`)."""
         listener_id = None
         partial = None
         try:
-            declared = int(request.headers.get("content-length") or 0)
+            sender = access.upload_sender(presented_token(request.headers.get("authorization"), token))
+            try:
+                declared = int(request.headers.get("content-length") or 0)
+            except ValueError:
+                raise Rejection(400, "bad_length", "Content-Length is not a number") from None
             if declared > settings.max_upload_bytes:
                 raise Rejection(413, "too_large", f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes}")
             try:
@@ -246,11 +271,12 @@ def create_app(settings: Settings) -> FastAPI:
             if any(char in name for char in "/\\\0"):
                 raise Rejection(400, "bad_file_name", f"file name {name!r} must not contain path separators or NUL")
             name_listener, name_start = parse_file_name(name)
-            listener_id = str(form.get("listener_id") or name_listener or "")
+            listener_id = str(form.get("listener_id") or name_listener or sender or "")
             try:
                 validate_listener_id(listener_id)
             except ValueError as exc:
                 raise Rejection(400, "bad_listener_id", str(exc)) from exc
+            access.admit_upload(sender, listener_id)
             suffix = Path(name).suffix.lower()
             if suffix not in AUDIO_EXTENSIONS:
                 raise Rejection(415, "unsupported_type", f"unsupported file type {suffix or '(none)'}: send .wav, .flac or .mp3")
@@ -268,10 +294,7 @@ def create_app(settings: Settings) -> FastAPI:
             if size == 0:
                 raise Rejection(400, "empty", "the uploaded file is empty")
             _sniff_audio(partial, suffix)
-            try:
-                details = soundfile.info(str(partial))
-            except (soundfile.LibsndfileError, RuntimeError) as exc:
-                raise Rejection(415, "not_audio", f"file cannot be decoded as audio: {exc}") from exc
+            details = _audio_details(partial, suffix)
             if details.duration < settings.min_duration_s:
                 metrics.RECORDINGS_DISCARDED.labels(station, "too_short").inc()
                 raise Rejection(422, "too_short", f"recording is {details.duration:.2f} s, shorter than the minimum {settings.min_duration_s} s")
@@ -303,6 +326,20 @@ def create_app(settings: Settings) -> FastAPI:
                 partial.unlink(missing_ok=True)  # published files were moved away; anything else goes
 
     return app
+
+
+def _audio_details(path: Path, suffix: str):
+    """Duration and format of an upload; 415 for what cannot be decoded or analysed. The messages name
+    the problem, never the server's file."""
+    try:
+        details = soundfile.info(str(path))
+    except (soundfile.LibsndfileError, RuntimeError):  # their messages name the file on this server
+        raise Rejection(415, "not_audio", f"file cannot be decoded as {suffix[1:].upper()} (corrupt or another format)") from None
+    try:
+        check_rate_and_channels(details.samplerate, details.channels)
+    except WavError as exc:
+        raise Rejection(415, "unsupported_format", str(exc)) from None
+    return details
 
 
 def _write_failure(exc: OSError) -> Exception:

@@ -1,12 +1,14 @@
 """Turns one listener's frames into finished WAV recordings (no HTTP in here).
 
-Memory per stream is one open file and one page: audio goes straight to disk as it arrives.
+Memory per stream is one open file and one page: audio goes straight to disk as it arrives. A recording's
+file is opened with its first audio, so a connection that only sends headers holds no file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -28,12 +30,17 @@ class StreamRejected(ValueError):
     """The listener sent something that is not acceptable audio; the stream ends with a 4xx."""
 
 
+class TooManyRecordings(ValueError):
+    """The stream starts recordings faster than any listener does (a flood): it is cut."""
+
+
 @dataclass(frozen=True)
 class StreamLimits:
     min_duration_s: float
     max_duration_s: float
     max_gap_pages: int
     default_format: WavFormat
+    max_recordings_per_minute: Optional[int] = None  # None: no limit
 
 
 RECENT_RECORDINGS = 100  # a connection can last for days: its summary keeps the newest ones only
@@ -56,6 +63,14 @@ _EVENT_STATS = {
     "frame_dropped": "dropped_frames",
     "metadata_frame": "metadata_frames",
 }
+
+
+@dataclass(frozen=True)
+class _Announced:
+    """A recording whose header has arrived but no audio yet: no file exists for it."""
+
+    header: WavHeader
+    start_time: datetime
 
 
 @dataclass
@@ -107,6 +122,8 @@ class StreamAssembler:
         self.clock = clock
         self.stats = StreamStats()
         self._open: Optional[_OpenRecording] = None
+        self._announced: Optional[_Announced] = None
+        self._recent_starts: deque[float] = deque()
         self._last_header: Optional[WavHeader] = None
         self._last_seq = 0
         self._page_bytes = DEFAULT_PAGE_BYTES
@@ -125,7 +142,7 @@ class StreamAssembler:
             self._start_recording(frame.payload, self.clock())
             self._last_seq = frame.seq
             return
-        if self._open is None:
+        if self._open is None and self._announced is None:
             self._count("frame_dropped")
             return
         step = (frame.seq - self._last_seq) % AUDIO_SEQ_CYCLE
@@ -158,6 +175,7 @@ class StreamAssembler:
 
     def abandon(self) -> None:
         """Writing failed (a full disk): the open recording cannot be trusted, so none is left behind."""
+        self._announced = None
         current, self._open = self._open, None
         if current is None:
             return
@@ -179,21 +197,35 @@ class StreamAssembler:
             header = self._last_header or build_header(self.limits.default_format)
             audio = payload
         self._close()
-        self._open_with(header, start_time)
+        self._announce(header, start_time)
         self._write_audio(audio)
 
-    def _open_with(self, header: WavHeader, start_time: datetime) -> None:
+    def _announce(self, header: WavHeader, start_time: datetime) -> None:
+        """A recording starts (a header, or a rollover); its file is opened when audio arrives."""
+        limit = self.limits.max_recordings_per_minute
+        if limit is not None:
+            now = time.monotonic()
+            while self._recent_starts and now - self._recent_starts[0] > 60:
+                self._recent_starts.popleft()
+            if len(self._recent_starts) >= limit:
+                raise TooManyRecordings(f"more than {limit} recordings started within a minute")
+            self._recent_starts.append(now)
+        self._announced = _Announced(header, start_time)
+
+    def _open_announced(self) -> _OpenRecording:
+        announced, self._announced = self._announced, None
         self.before_open()
-        path = self.store.new_stream_partial(self.listener_id, start_time)
+        path = self.store.new_stream_partial(self.listener_id, announced.start_time)
         file = open(path, "wb")
-        file.write(header.raw)
+        file.write(announced.header.raw)
         file.flush()  # the format is on disk from the first moment, for a recovery after a crash
-        self._open = _OpenRecording(path=path, file=file, header=header, start_time=start_time)
+        self._open = _OpenRecording(path=path, file=file, header=announced.header, start_time=announced.start_time)
+        return self._open
 
     def _write_audio(self, data: bytes) -> None:
         view = memoryview(data)
         while view.nbytes:
-            current = self._open
+            current = self._open or self._open_announced()
             room = self._max_data_bytes(current.header.format) - current.data_bytes
             piece = view[:room]
             current.file.write(piece)
@@ -205,14 +237,13 @@ class StreamAssembler:
     def _roll_over(self) -> None:
         previous = self._open
         self._close()
-        self._open_with(previous.header, previous.start_time + timedelta(seconds=previous.duration_s))
+        self._announce(previous.header, previous.start_time + timedelta(seconds=previous.duration_s))
 
     def _pad_silence(self, pages: int) -> None:
-        block_align = self._open.header.format.block_align
-        size = pages * self._page_bytes // block_align * block_align
-        silence = b"\x80" if self._open.header.format.bits_per_sample == 8 else b"\x00"
-        self._write_audio(silence * size)
-        self._open.gaps += 1
+        block_align = (self._open or self._announced).header.format.block_align
+        self._write_audio(bytes(pages * self._page_bytes // block_align * block_align))
+        if self._open:  # pages shorter than a sample frame pad nothing
+            self._open.gaps += 1
         self._count("gap")
 
     def _max_data_bytes(self, wav_format: WavFormat) -> int:
@@ -220,6 +251,9 @@ class StreamAssembler:
 
     def _close(self) -> None:
         """Patch the sizes now; flushing to disk and publishing go through the sealer."""
+        if self._announced is not None:  # a header and no audio: nothing was written
+            self._announced = None
+            self._count("recording_discarded")
         current, self._open = self._open, None
         if current is None:
             return

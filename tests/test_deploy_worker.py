@@ -57,7 +57,8 @@ def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tm
     shutil.copy(sample_48k, sdcard / "mic1_20250601T053000Z.wav")
     data = tmp_path / "data-a"
     settings_file = tmp_path / "a.yaml"
-    settings_file.write_text(yaml.safe_dump({"station_id": "a", "data_dir": str(data)}))
+    # a backfill reads only the folders the station allows (README, Security)
+    settings_file.write_text(yaml.safe_dump({"station_id": "a", "data_dir": str(data), "backfill_roots": [str(sdcard.parent)]}))
     worker_env = {**base, "BIRDFLOW_SETTINGS": str(settings_file)}
     log = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen(

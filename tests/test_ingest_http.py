@@ -2,105 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import threading
-import time
 import wave
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
 from birdflow.settings import Settings
 from birdflow.wav import WavFormat, build_header
-from ingest_api.app import create_app
 from ingest_api.framing import encode_frame
-from birdflow.testbed import LOOPBACK, free_port, wait_until
-
-
-@contextmanager
-def serving(settings: Settings):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=LOOPBACK, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200, 20, "ingest API")
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
+from birdflow.testbed import LOOPBACK, wait_until
+from tests.ingest_client import chunked_post, frames_of, serving, wav_bytes
 
 
 @pytest.fixture
 def ingest(tmp_path):
-    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20)
+    # these tests send recordings faster than real time: no per-minute limit
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20, max_recordings_per_minute=10_000)
     with serving(settings) as port:
         yield settings, port
-
-
-def chunked_post(port: int, path: str, chunks: list[bytes], finish: bool = True, timeout: float = 20) -> tuple[int, dict]:
-    """POST with Transfer-Encoding: chunked, one HTTP chunk per item; finish=False vanishes mid-body."""
-    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
-        for chunk in chunks:
-            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-        if not finish:
-            sock.shutdown(socket.SHUT_WR)
-            time.sleep(0.3)
-            return 0, {}
-        sock.sendall(b"0\r\n\r\n")
-        response = b""
-        while b"\r\n\r\n" not in response or not _complete(response):
-            data = sock.recv(65536)
-            if not data:
-                break
-            response += data
-    head, _, body = response.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
-    if b"transfer-encoding: chunked" in head.lower():
-        body = _dechunk(body)
-    return status, json.loads(body or b"{}")
-
-
-def _complete(response: bytes) -> bool:
-    head, _, body = response.partition(b"\r\n\r\n")
-    lowered = head.lower()
-    if b"content-length:" in lowered:
-        length = int(lowered.split(b"content-length:")[1].split(b"\r\n")[0])
-        return len(body) >= length
-    return body.endswith(b"0\r\n\r\n")
-
-
-def _dechunk(body: bytes) -> bytes:
-    out = b""
-    while body:
-        size_line, _, rest = body.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        body = rest[size + 2 :]
-    return out
-
-
-def wav_bytes(seconds: float, sample_rate: int = 48000, value: int = 1000) -> bytes:
-    frames = int(seconds * sample_rate)
-    return build_header(WavFormat(sample_rate, 1, 16), frames * 2).raw + struct.pack("<h", value) * frames
-
-
-def frames_of(wav: bytes, page: int = 32768) -> bytes:
-    header, audio = wav[:44], wav[44:]
-    return encode_frame(0, header) + b"".join(
-        encode_frame(seq, audio[offset : offset + page]) for seq, offset in enumerate(range(0, len(audio), page), start=1)
-    )
 
 
 def recordings(settings: Settings) -> list:

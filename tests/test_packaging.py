@@ -22,6 +22,11 @@ from birdflow.testbed import LOOPBACK, free_port, wait_until
 
 DOCKER, BALENA = PROJECT / "docker", PROJECT / "balena"
 SETTING_VARIABLES = {name.upper() for name in Settings.model_fields}
+# services published beyond the box, each asking for credentials (README, "Security")
+PUBLISHED_WITH_LOGIN = {
+    "docker-compose.yml": {"aggregator", "prefect", "grafana"},
+    "docker-compose.central.yml": {"prefect", "grafana", "influxdb3", "prometheus", "seaweedfs"},
+}
 COMPOSE_FILES = [DOCKER / "docker-compose.yml", DOCKER / "docker-compose.central.yml", BALENA / "docker-compose.yml"]
 
 
@@ -44,6 +49,9 @@ def test_compose_files_reference_existing_files_volumes_and_settings():
                 assert set(environment) <= SETTING_VARIABLES, set(environment) - SETTING_VARIABLES
             if str(service.get("image", "")).startswith("prefecthq/prefect"):  # run retention by Prefect's vacuum
                 assert service["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] == "flow_runs", path
+                assert "PREFECT_SERVER_API_AUTH_STRING" in service["environment"], path  # and its own auth
+            if name not in PUBLISHED_WITH_LOGIN.get(path.name, ()):  # the rest answers on loopback only
+                assert all(port.startswith("127.0.0.1:") for port in service.get("ports", [])), (path, name)
     balena = yaml.safe_load((BALENA / "docker-compose.yml").read_text())
     assert str(balena["version"]).startswith("2.")
     devices = yaml.safe_load((BALENA / "balena.yml").read_text())["data"]["supportedDeviceTypes"]
@@ -94,10 +102,12 @@ def test_env_to_fleet_loads_what_init_writes(tmp_path):
         env={**os.environ, "DRY_RUN": "1"},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        "balena env set STATION_ID pi-9 --fleet north-fleet",
-        "balena env set INFLUX_TOKEN_EXTRA a\\ b --fleet north-fleet",
+    lines = result.stdout.splitlines()
+    assert [line.split()[3] for line in lines] == [
+        "STATION_ID", "PREFECT_API_AUTH_STRING", "METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD", "INGEST_AUTH", "INFLUX_TOKEN_EXTRA",
     ]
+    assert lines[0] == "balena env set STATION_ID pi-9 --fleet north-fleet"
+    assert lines[-1] == "balena env set INFLUX_TOKEN_EXTRA a\\ b --fleet north-fleet"
     assert "skipping lower" in result.stderr
     missing = subprocess.run([str(BALENA / "env-to-fleet.sh"), "f", str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "no such file" in missing.stderr

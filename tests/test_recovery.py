@@ -33,11 +33,14 @@ def crashed_stream(store, seconds: float, listener: str = "mic-4", torn_bytes: i
     return partial
 
 
-def test_a_stream_partial_is_named_after_its_listener_and_start_from_its_first_byte(store):
+def test_a_stream_partial_is_named_after_its_listener_and_start_from_its_first_audio(store):
     assembler = StreamAssembler("mic-4", store, StreamLimits(3.0, 20.0, 9, FORMAT), clock=lambda: START)
     assembler.handle(Frame(0, build_header(FORMAT).raw))
+    assert assembler.open_path is None and list(store.partial_dir.iterdir()) == []  # a header alone holds no file
+    assembler.handle(Frame(1, b"\x01\x00" * 8))
     assert parse_stream_partial(assembler.open_path.name) == ("mic-4", START)
-    assert assembler.open_path.read_bytes() == build_header(FORMAT).raw  # the format is on disk already
+    # the format is on disk with the first audio, for a recovery after a crash
+    assert assembler.open_path.read_bytes()[:44] == build_header(FORMAT).raw
     assembler.finish()
 
 

@@ -16,7 +16,7 @@ from birdflow.setup import SETTINGS_TEMPLATE
 
 def test_example_settings_name_every_setting_with_its_default():
     example = yaml.safe_load(SETTINGS_TEMPLATE.read_text())
-    secrets = {"influx_token", "aws_secret_access_key", "prometheus_remote_write_password"}
+    secrets = {"influx_token", "aws_secret_access_key", "prometheus_remote_write_password", "prefect_api_auth_string", "metrics_token"}
     assert set(Settings.model_fields) - set(example) == secrets  # secrets live in .env
     assert set(example) <= set(Settings.model_fields)
     assert load_settings(SETTINGS_TEMPLATE, environ={}) == Settings()
@@ -34,6 +34,10 @@ def test_init_writes_settings_and_env_that_load_back_and_keeps_existing_files(tm
         monkeypatch.delenv(name, raising=False)
     settings = load_settings()
     assert settings.station_id == "pi-7" and settings.influx_token.get_secret_value() == "from-dotenv"
+    # secrets of its own for every station: Prefect's auth string and the metrics token
+    user, _, password = settings.prefect_api_auth_string.get_secret_value().partition(":")
+    assert user == "birdflow" and len(password) >= 24 and len(settings.metrics_token.get_secret_value()) >= 24
+    assert settings.ingest_auth == "off"
     monkeypatch.setenv("STATION_ID", "from-environment")  # the real environment wins over .env
     assert load_settings().station_id == "from-environment"
     again = subprocess.run(cli, capture_output=True, text=True, env=env)

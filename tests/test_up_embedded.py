@@ -56,6 +56,7 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(databa
         "data_dir": str(data_root / "data"), "ingest_host": LOOPBACK, "ingest_port": ingest_port,
         "prefect_port": prefect_port, "poll_interval_s": 0.5,
         "prefect_database": database, "postgres_port": free_port(),
+        "prefect_api_auth_string": "birdflow:up-test-secret",  # Prefect's own auth, which every process must send
     }))
     log = open(tmp_path / "up.log", "wb")
     # without the session's PREFECT_* variables, which would point `up` at the fixture's server
@@ -67,6 +68,10 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(databa
     try:
         wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{ingest_port}/healthz").status_code == 200, 120, "ingest API")
         assert httpx.get(f"http://{LOOPBACK}:{prefect_port}/api/health").status_code == 200
+        secrets_query = {"include_secrets": True}
+        api = f"http://{LOOPBACK}:{prefect_port}/api"
+        assert httpx.post(f"{api}/block_documents/filter", json=secrets_query).status_code == 401
+        assert httpx.post(f"{api}/block_documents/filter", json=secrets_query, auth=("birdflow", "up-test-secret")).status_code == 200
         response = httpx.post(
             f"http://{LOOPBACK}:{ingest_port}/recordings_upload",
             files={"file": ("mic-1_20250601T053000Z.wav", sample_48k.read_bytes())},

@@ -1,0 +1,96 @@
+"""Who may send to the ingest API and who may read its metrics (no HTTP in here).
+
+With `ingest_auth: on` every request carries its listener's token (`Authorization: Bearer <token>` or
+`?token=`), except listeners on the `ingest_auth_exempt` list during a migration. /metrics takes the
+`metrics_token`; without one it answers loopback clients only once ingest_auth is on.
+"""
+
+from __future__ import annotations
+
+import hmac
+from ipaddress import ip_address
+from typing import Optional
+
+from birdflow.listener_tokens import ListenerTokens
+from birdflow.settings import Settings
+
+
+class Rejection(Exception):
+    """A request refused with a 4xx (or 503); `reason` labels the metric."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+def presented_token(authorization: Optional[str], query_token: Optional[str]) -> Optional[str]:
+    """The token a request carries: the Authorization header's bearer token, else ?token=."""
+    if authorization:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    return query_token or None
+
+
+def _unauthorized(listener_id: Optional[str]) -> Rejection:
+    who = f"listener {listener_id!r}" if listener_id else "this request"
+    return Rejection(401, "unauthorized", f"missing or invalid token for {who} (see `birdflow listeners add`)")
+
+
+class IngestAccess:
+    def __init__(self, settings: Settings):
+        self.required = settings.ingest_auth == "on"
+        self.exempt = frozenset(settings.ingest_auth_exempt)
+        self.metrics_token = settings.metrics_token.get_secret_value()
+        self.tokens = ListenerTokens(settings.listener_tokens_file)
+
+    def _owner(self, token: Optional[str], listener_id: Optional[str]) -> Optional[str]:
+        """The listener a presented token belongs to; None when none was presented; 401 for a wrong one."""
+        if token is None:
+            return None
+        owner = self.tokens.listener_of(token)
+        if owner is None:
+            raise _unauthorized(listener_id)
+        return owner
+
+    def admit_stream(self, listener_id: str, token: Optional[str]) -> None:
+        if not self.required:
+            return
+        owner = self._owner(token, listener_id)
+        if owner != listener_id and not (owner is None and listener_id in self.exempt):
+            raise _unauthorized(listener_id)
+
+    def upload_sender(self, token: Optional[str]) -> Optional[str]:
+        """Before an upload's body is read: the listener its token names (None: no token, allowed only
+        while some listeners are exempt, whose ids are in the body)."""
+        if not self.required:
+            return None
+        owner = self._owner(token, None)
+        if owner is None and not self.exempt:
+            raise _unauthorized(None)
+        return owner
+
+    def admit_upload(self, sender: Optional[str], listener_id: str) -> None:
+        """After the form is read: the recording must be the token's listener's (or an exempt one's)."""
+        if not self.required:
+            return
+        if sender is None and listener_id not in self.exempt:
+            raise _unauthorized(listener_id)
+        if sender is not None and sender != listener_id:
+            raise Rejection(403, "wrong_listener", f"this token is not listener {listener_id!r}'s")
+
+    def admit_metrics(self, authorization: Optional[str], client_host: Optional[str]) -> None:
+        if self.metrics_token:
+            token = presented_token(authorization, None) or ""
+            if not hmac.compare_digest(token.encode(), self.metrics_token.encode()):
+                raise Rejection(401, "unauthorized", "/metrics needs the metrics token (setting 'metrics_token')")
+        elif self.required and not _is_loopback(client_host):
+            raise Rejection(403, "metrics_remote", "/metrics answers loopback only; set 'metrics_token' to scrape it remotely")
+
+
+def _is_loopback(host: Optional[str]) -> bool:
+    try:
+        return ip_address(host or "").is_loopback
+    except ValueError:
+        return False
