@@ -14,7 +14,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
 from pydantic import Field, SecretStr
 
-from birdflow.results import ResultsDatabase
+from birdflow.core.results import ResultsDatabase
 from birdflow.settings import Settings
 
 INFLUX_BLOCK_NAME = "birdflow-influxdb3"
@@ -33,7 +33,7 @@ class InfluxDB3Connection(Block):
 
 
 class SQLiteResultStorage(WritableFileSystem):
-    """Where cached task results live: rows of one SQLite file (birdflow.results), not a file each."""
+    """Where cached task results live: rows of one SQLite file (birdflow.core.results), not a file each."""
 
     _block_type_name = "Birdflow SQLite Result Storage"
     _description = "Cached task results of a birdflow station, in one SQLite file."
@@ -65,32 +65,32 @@ S3_CLIENT_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect
 
 
 def s3_bucket_from_settings(settings: Settings) -> S3Bucket:
-    client_parameters = AwsClientParameters(endpoint_url=settings.s3_endpoint_url or None, config=S3_CLIENT_CONFIG)
+    client_parameters = AwsClientParameters(endpoint_url=settings.archive.s3_endpoint_url or None, config=S3_CLIENT_CONFIG)
     credentials = AwsCredentials(
-        aws_access_key_id=settings.aws_access_key_id or None,
-        aws_secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,
-        region_name=settings.s3_region,
+        aws_access_key_id=settings.archive.aws_access_key_id or None,
+        aws_secret_access_key=settings.archive.aws_secret_access_key.get_secret_value() or None,
+        region_name=settings.archive.s3_region,
         aws_client_parameters=client_parameters,
     )
-    return S3Bucket(bucket_name=settings.s3_bucket, bucket_folder=settings.s3_prefix, credentials=credentials)
+    return S3Bucket(bucket_name=settings.archive.s3_bucket, bucket_folder=settings.archive.s3_prefix, credentials=credentials)
 
 
 def influx_from_settings(settings: Settings) -> InfluxDB3Connection:
     return InfluxDB3Connection(
-        host=settings.influx_host,
-        database=settings.influx_database,
-        table=settings.influx_table,
-        token=settings.influx_token,
+        host=settings.sinks.influx_host,
+        database=settings.sinks.influx_database,
+        table=settings.sinks.influx_table,
+        token=settings.sinks.influx_token,
     )
 
 
 def register_blocks(settings: Settings) -> list[str]:
     """Create or update the blocks the settings describe; returns their slugs."""
     saved = []
-    if settings.archive_backend == "s3":
-        s3_bucket_from_settings(settings).save(settings.s3_block_name, overwrite=True)
-        saved.append(f"s3-bucket/{settings.s3_block_name}")
-    if settings.influx_enabled:
+    if settings.archive.archive_backend == "s3":
+        s3_bucket_from_settings(settings).save(settings.archive.s3_block_name, overwrite=True)
+        saved.append(f"s3-bucket/{settings.archive.s3_block_name}")
+    if settings.sinks.influx_enabled:
         influx_from_settings(settings).save(INFLUX_BLOCK_NAME, overwrite=True)
         saved.append(f"birdflow-influxdb3-connection/{INFLUX_BLOCK_NAME}")
     return saved
@@ -99,7 +99,7 @@ def register_blocks(settings: Settings) -> list[str]:
 def load_s3_bucket(settings: Settings) -> S3Bucket:
     """The registered block (it may have been edited in the UI), else one built from the settings."""
     try:
-        return S3Bucket.load(settings.s3_block_name)
+        return S3Bucket.load(settings.archive.s3_block_name)
     except (ObjectNotFound, ValueError):
         return s3_bucket_from_settings(settings)
 

@@ -35,17 +35,16 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import Abort
 from prefect.context import SettingsContext
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
 from prefect.states import Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
-from birdflow import metrics
-from birdflow.birdnet import load_interpreter_class
-from birdflow.folder_watch import FolderWatch
-from birdflow.recordings import (
+from birdflow.app import metrics
+from birdflow.core.birdnet import load_interpreter_class
+from birdflow.app.folder_watch import FolderWatch
+from birdflow.core.recordings import (
     RecordingInfo,
     RecordingStore,
     describe_audio_file,
@@ -54,43 +53,13 @@ from birdflow.recordings import (
 )
 from birdflow.settings import Settings
 from flows.engine import engine_context, run_in_process
+from flows.redrive import redrive_or_give_up
+from flows.resources import use_station
+from deployments.station import ensure_deployment, ensure_maintenance_deployment
 from flows.maintenance import maintenance
 from flows.process_recording import process_recording
-from flows.redrive import redrive_or_give_up
-from flows.runtime import use_settings
 
 log = logging.getLogger("birdflow.executor")
-
-
-def deployment_name(settings: Settings) -> str:
-    return settings.station_id
-
-
-def ensure_deployment(settings: Settings) -> UUID:
-    """The station's process-recording deployment (created or updated); its runs execute here."""
-    deployment = process_recording.to_deployment(
-        name=deployment_name(settings),
-        tags=["birdflow", settings.station_id],
-        description=f"Recordings of station {settings.station_id}, executed in-process by `birdflow execute`.",
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
-    # in a fleet the deployment belongs to the station's work pool (prefect.yaml), which this keeps
-    return deployment.apply(work_pool_name=settings.work_pool or None)
-
-
-def ensure_maintenance_deployment(settings: Settings) -> UUID:
-    """The station's maintenance deployment. The executor starts its runs every maintenance_interval_s
-    (Prefect 3.8's scheduler cannot insert runs with SQLAlchemy 2.1); a Quick run from the UI works too."""
-    deployment = maintenance.to_deployment(
-        name=deployment_name(settings),
-        tags=["birdflow", "maintenance", settings.station_id],
-        description=(
-            f"Re-drive, retention and compaction of station {settings.station_id}; "
-            f"run by its executor every {settings.maintenance_interval_s:.0f} s."
-        ),
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
-    return deployment.apply(work_pool_name=settings.work_pool or None)
 
 
 def info_for_dropped_file(path: Path, settings: Settings) -> Optional[RecordingInfo]:
@@ -139,7 +108,7 @@ class Executor:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
-        self.pipeline = use_settings(settings)
+        self.station = use_station(settings)
         self.flows: dict[UUID, Flow] = {}  # deployment id -> the flow its runs execute
         self.deployment_id: Optional[UUID] = None
         self.maintenance_id: Optional[UUID] = None
@@ -156,16 +125,16 @@ class Executor:
         self.deployment_id = ensure_deployment(self.settings)
         self.maintenance_id = ensure_maintenance_deployment(self.settings)
         self.flows = {self.deployment_id: process_recording, self.maintenance_id: maintenance}
-        _ = self.pipeline.sinks, self.pipeline.archive, self.pipeline.ledger, self.pipeline.result_storage
+        _ = self.station.sinks, self.station.archive, self.station.ledger, self.station.result_storage
 
     def run_forever(self, stop: threading.Event) -> None:
         """Until `stop` is set. Raises ExecutorFailed when a flow-run thread cannot start or dies: the
         process then exits and its supervisor restarts it, instead of leaving recordings unprocessed."""
         self.start()
-        ready = threading.Barrier(self.settings.executor_workers + 1)
+        ready = threading.Barrier(self.settings.prefect.executor_workers + 1)
         workers = [
             threading.Thread(target=self._work, args=(stop, ready), name=f"flow-runs-{number}", daemon=True)
-            for number in range(self.settings.executor_workers)
+            for number in range(self.settings.prefect.executor_workers)
         ]
         for worker in workers:
             worker.start()
@@ -177,7 +146,7 @@ class Executor:
                 raise ExecutorFailed("a flow-run thread could not start (see the error above)") from None
             log.info(
                 "executor ready: deployment %s, %d worker(s), BirdNET on %s",
-                self.deployment_id, len(workers), load_interpreter_class(self.settings.birdnet_backend)[0],
+                self.deployment_id, len(workers), load_interpreter_class(self.settings.analysis.birdnet_backend)[0],
             )
             with engine_context() as client:
                 while not stop.is_set():
@@ -186,7 +155,7 @@ class Executor:
                     self.queue_new_recordings()
                     self.schedule_maintenance(client)
                     self.queue_scheduled(client)
-                    watch.wait(self.settings.poll_interval_s)
+                    watch.wait(self.settings.prefect.poll_interval_s)
         finally:
             watch.close()
             for _ in workers:
@@ -197,7 +166,7 @@ class Executor:
     def _work(self, stop: threading.Event, ready: threading.Barrier) -> None:
         """One flow-run thread: its own BirdNET interpreter and API client, loaded before it says ready."""
         try:
-            _ = self.pipeline.model
+            _ = self.station.model
             with engine_context() as client:
                 ready.wait()
                 self._run_queue(stop, client)
@@ -247,7 +216,7 @@ class Executor:
         info = load_info(path) or info_for_dropped_file(path, self.settings)
         if info is None:
             return None
-        if self.pipeline.ledger.contains(info.recording_id, self.pipeline.params.analysis_id):
+        if self.station.ledger.contains(info.recording_id, self.station.params.analysis_id):
             # the same recording was sent again after it had been processed (its run may be long deleted)
             remove_recording(self.settings.recordings_dir / info.file_name)
             metrics.RECORDINGS_DISCARDED.labels(self.settings.station_id, "already_processed").inc()
@@ -282,7 +251,7 @@ class Executor:
     def schedule_maintenance(self, client: SyncPrefectClient) -> None:
         """A maintenance run per maintenance_interval_s, due now; one per interval however often this
         restarts (idempotent on the interval), and none piled up while the executor was down."""
-        interval = self.settings.maintenance_interval_s
+        interval = self.settings.unattended.maintenance_interval_s
         slot = int(time.time() // interval)
         if slot == self._maintenance_slot:
             return

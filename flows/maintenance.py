@@ -26,11 +26,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 
-from birdflow.results import ResultsDatabase
-from birdflow.retention import DAY_S, archive_retention, remove_stale_files
-from birdflow.sinks import compact_detections
+from birdflow.core.results import ResultsDatabase
+from birdflow.core.retention import DAY_S, archive_retention, remove_stale_files
+from birdflow.core.sinks import compact_detections
 from flows.redrive import GIVEN_UP, redrive_or_give_up
-from flows.runtime import pipeline
+from birdflow.settings import Settings
+from flows.resources import station_resources
 
 SWEEP_BATCH = 200
 # a run that failed this recently is being re-driven by the executor that ran it
@@ -41,12 +42,12 @@ TEMP_FILE_AGE_S = 3600.0
 @flow(name="maintenance", persist_result=False, log_prints=False)
 def maintenance() -> dict[str, Any]:
     """Re-drive what failed, then retention and compaction (see the module's docstring)."""
-    return {"redrive": redrive_failed_runs(), "retention": apply_retention()}
+    settings = station_resources().settings
+    return {"redrive": redrive_failed_runs(settings), "retention": apply_retention(settings)}
 
 
 @task(name="re-drive failed runs", cache_policy=NO_CACHE, persist_result=False)
-def redrive_failed_runs() -> dict[str, int]:
-    settings = pipeline().settings
+def redrive_failed_runs(settings: Settings) -> dict[str, int]:
     settled = datetime.now(timezone.utc) - timedelta(seconds=SETTLE_S)
     counts = {"redriven": 0, "given_up": 0}
     with get_client(sync_client=True) as client:
@@ -68,13 +69,12 @@ def redrive_failed_runs() -> dict[str, int]:
 
 
 @task(name="apply retention", cache_policy=NO_CACHE, persist_result=False)
-def apply_retention() -> dict[str, int]:
-    settings = pipeline().settings
+def apply_retention(settings: Settings) -> dict[str, int]:
     archive = archive_retention(settings)
     temporary = remove_stale_files(
         [settings.staging_dir, settings.local_archive_dir, settings.detections_dir], TEMP_FILE_AGE_S
     )
-    retention_s = settings.run_retention_days * DAY_S
+    retention_s = settings.unattended.run_retention_days * DAY_S
     results = ResultsDatabase(settings.results_file).prune(retention_s)
     # what Prefect itself stores beside the runs (the exception of a failed run), gone with them
     results += remove_stale_files([settings.prefect_home / "storage"], retention_s, pattern="*").files

@@ -9,7 +9,6 @@ analysed ends in the Failed state named Unprocessable, which is never re-driven.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from contextlib import contextmanager
 from functools import lru_cache
@@ -23,16 +22,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
-from birdflow import metrics
-from birdflow.archive import holds_recording
-from birdflow.audio import decode, windows
-from birdflow.birdnet import MODEL_VERSION, AnalysisParams, Detection
-from birdflow.detections import detections_table
-from birdflow.flac import FlacError, can_encode, encode_flac
-from birdflow.recordings import RecordingInfo, is_inside, remove_recording, sha256_file
+from birdflow.app import metrics
+from birdflow.core.archive import holds_recording
+from birdflow.core.audio import decode, windows
+from birdflow.core.birdnet import MODEL_VERSION, AnalysisParams, Detection
+from birdflow.core.detections import detections_table
+from birdflow.core.flac import FlacError, can_encode, encode_flac
+from birdflow.core.recordings import RecordingInfo, is_inside, remove_recording, sha256_file
 from birdflow.settings import Settings
-from birdflow.sinks import write_all
-from flows.runtime import pipeline
+from birdflow.core.sinks import write_all
+from flows.resources import StationResources, station_resources
 
 # name of the Failed state of a run whose audio cannot be analysed (undecodable, or not what was archived)
 UNPROCESSABLE = "Unprocessable"
@@ -43,13 +42,11 @@ def _recording(parameters: dict[str, Any]) -> RecordingInfo:
     return value if isinstance(value, RecordingInfo) else RecordingInfo.model_validate(value)
 
 
-def analysis_params(overrides: Optional[dict[str, Any]]) -> AnalysisParams:
+def run_analysis_params(base: AnalysisParams, overrides: Optional[dict[str, Any]]) -> AnalysisParams:
     """The station's analysis parameters with a run's overrides (a backfill with other thresholds)."""
-    base = pipeline().params
     if not overrides:
         return base
-    values = {key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()}
-    return dataclasses.replace(base, **values)
+    return AnalysisParams(**{**base.model_dump(), **overrides})
 
 
 def analysis_cache_key(recording: RecordingInfo, params: AnalysisParams) -> str:
@@ -65,8 +62,7 @@ class SourceRefused(ValueError):
     """A run's source_path lies outside the folders runs may read: not this station's audio to touch."""
 
 
-def local_path(recording: RecordingInfo) -> Path:
-    settings = pipeline().settings
+def local_path(recording: RecordingInfo, settings: Settings) -> Path:
     if not recording.source_path:
         return settings.recordings_dir / recording.file_name
     if not is_inside(Path(recording.source_path), settings.audio_roots):
@@ -79,19 +75,18 @@ def local_path(recording: RecordingInfo) -> Path:
 
 
 @task(name="decode", cache_policy=NO_CACHE, persist_result=False)
-def decode_recording(recording: RecordingInfo) -> np.ndarray:
+def decode_recording(recording: RecordingInfo, station: StationResources) -> np.ndarray:
     """Audio from the recordings folder, or from the archive once the local copy is gone (reruns)."""
-    path = local_path(recording)
+    path = local_path(recording, station.settings)
     if path.is_file():
         return decode(path)
-    return decode(fetch_archived(recording))
+    return decode(fetch_archived(recording, station))
 
 
-def fetch_archived(recording: RecordingInfo) -> bytes:
+def fetch_archived(recording: RecordingInfo, station: StationResources) -> bytes:
     """The recording read back from the archive, checked to be this recording (a FLAC copy names its source)."""
-    runtime = pipeline()
-    for name in recording.archive_names(runtime.settings.archive_format):
-        data = runtime.archive.fetch(recording.archive_key(name))
+    for name in recording.archive_names(station.settings.archive.archive_format):
+        data = station.archive.fetch(recording.archive_key(name))
         if data is None:
             continue
         if not holds_recording(data, recording.content_hash):
@@ -101,12 +96,12 @@ def fetch_archived(recording: RecordingInfo) -> bytes:
 
 
 @task(name="analyze", cache_key_fn=_analysis_key, persist_result=True)
-def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParams) -> list[Detection]:
-    """Depends only on the audio and the analysis parameters, so identical audio is analyzed once."""
-    runtime = pipeline()
+def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParams, station: StationResources) -> list[Detection]:
+    """Depends only on the audio and the analysis parameters (the cache key says so), so identical audio is
+    analyzed once."""
     started = time.perf_counter()
     batch, starts = windows(samples, params.overlap_s)
-    found = runtime.model.detect(batch, starts, params, recording.start_time)
+    found = station.model.detect(batch, starts, params, recording.start_time)
     metrics.ANALYSIS_SECONDS.labels(recording.station_id).observe(time.perf_counter() - started)
     return found
 
@@ -114,40 +109,39 @@ def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParam
 # The write and the archive keep no cached result (a file or a row per run that only a rerun would read):
 # both are idempotent, so a rerun repeats them and changes nothing.
 @task(name="write detections", cache_policy=NO_CACHE, persist_result=False)
-def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str) -> dict[str, int]:
-    station = recording.station_id
+def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str, station: StationResources) -> dict[str, int]:
+    station_id = recording.station_id
     written = write_all(
-        pipeline().sinks, table, on_failure=lambda sink: metrics.SINK_WRITE_FAILURES.labels(station, sink).inc()
+        station.sinks, table, on_failure=lambda sink: metrics.SINK_WRITE_FAILURES.labels(station_id, sink).inc()
     )
     for sink, rows in written.items():
-        metrics.DETECTIONS_WRITTEN.labels(station, sink).inc(rows)
+        metrics.DETECTIONS_WRITTEN.labels(station_id, sink).inc(rows)
     for species in table.column("scientific_name").to_pylist():
-        metrics.DETECTIONS_BY_SPECIES.labels(station, metrics.species_label(species)).inc()
+        metrics.DETECTIONS_BY_SPECIES.labels(station_id, metrics.species_label(species)).inc()
     return written
 
 
 @task(name="archive", cache_policy=NO_CACHE, persist_result=False)
-def archive_recording(recording: RecordingInfo) -> dict[str, Any]:
-    path = local_path(recording)
+def archive_recording(recording: RecordingInfo, station: StationResources) -> dict[str, Any]:
+    path = local_path(recording, station.settings)
     if not path.is_file():
         # decode read it back from the archive, so it is there already
         return {"uploaded": False, "read_back": True}
-    runtime = pipeline()
-    with archive_copy(path, recording, runtime.settings) as (copy, name):
+    with archive_copy(path, recording, station.settings) as (copy, name):
         key = recording.archive_key(name)
         sha256 = sha256_file(copy)
-        stored = runtime.archive.store(copy, key, sha256)
-        if runtime.local_copy is not None:
-            runtime.local_copy.store(copy, key, sha256)
+        stored = station.archive.store(copy, key, sha256)
+        if station.local_copy is not None:
+            station.local_copy.store(copy, key, sha256)
     if stored.uploaded:
-        metrics.ARCHIVE_BYTES.labels(recording.station_id, runtime.settings.archive_backend).inc(stored.size_bytes)
+        metrics.ARCHIVE_BYTES.labels(recording.station_id, station.settings.archive.archive_backend).inc(stored.size_bytes)
     return {"key": key, "uri": stored.uri, "uploaded": stored.uploaded, "bytes": stored.size_bytes}
 
 
 @contextmanager
 def archive_copy(path: Path, recording: RecordingInfo, settings: Settings) -> Iterator[tuple[Path, str]]:
     """(file to archive, its name): a checked FLAC copy of a WAV when the settings ask for FLAC, else the file."""
-    name, flac = recording.archive_names(settings.archive_format)[0], None
+    name, flac = recording.archive_names(settings.archive.archive_format)[0], None
     if name != recording.file_name and can_encode(path):
         settings.staging_dir.mkdir(parents=True, exist_ok=True)
         flac = settings.staging_dir / f"{recording.recording_id}.flac.partial"
@@ -169,9 +163,8 @@ def worth_retrying(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), ValueError)
 
 
-def _with_io_retries(io_task):
-    settings = pipeline().settings
-    return _retrying(io_task, settings.task_retries, settings.retry_delay_s)
+def _with_io_retries(io_task, settings: Settings):
+    return _retrying(io_task, settings.prefect.task_retries, settings.prefect.retry_delay_s)
 
 
 @lru_cache(maxsize=None)
@@ -185,9 +178,9 @@ def _retrying(io_task, retries: int, delay_s: float):
 
 
 @lru_cache(maxsize=None)
-def _caching_in(results_file: Path):
-    """The analyze task keeping its results in the station's results database, built once per file."""
-    return analyze.with_options(result_storage=pipeline().result_storage)
+def _caching_in(station: StationResources):
+    """The analyze task keeping its results in the station's results database, built once per process."""
+    return analyze.with_options(result_storage=station.result_storage)
 
 
 # Runs are named when they are created (RecordingInfo.run_name): a flow_run_name here would cost every
@@ -196,23 +189,25 @@ def _caching_in(results_file: Path):
 def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any]] = None):
     """`analysis` overrides analysis parameters (min_confidence, sensitivity, ...) for this run; its rows
     carry their own analysis id, side by side with earlier ones."""
-    params = analysis_params(analysis)
+    station = station_resources()
+    settings = station.settings
+    params = run_analysis_params(station.params, analysis)
     try:
-        local_path(recording)  # a source outside the allowed folders fails the run before any task
-        samples = _with_io_retries(decode_recording)(recording)
-        found = _caching_in(pipeline().settings.results_file)(recording, samples, params)
+        local_path(recording, settings)  # a source outside the allowed folders fails the run before any task
+        samples = _with_io_retries(decode_recording, settings)(recording, station)
+        found = _caching_in(station)(recording, samples, params, station)
         table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)
-        written = _with_io_retries(write_detections)(recording, table, params.analysis_id)
-        archived = _with_io_retries(archive_recording)(recording)
+        written = _with_io_retries(write_detections, settings)(recording, table, params.analysis_id, station)
+        archived = _with_io_retries(archive_recording, settings)(recording, station)
     except ValueError as exc:  # the same audio would fail the same way: not worth a re-drive
         return Failed(name=UNPROCESSABLE, message=f"{type(exc).__name__}: {exc}")
-    pipeline().ledger.record(recording.recording_id, params.analysis_id)
-    _release_local_copy(recording)
+    station.ledger.record(recording.recording_id, params.analysis_id)
+    _release_local_copy(recording, settings)
     return {"recording_id": recording.recording_id, "detections": table.num_rows, "written": written, "archive": archived}
 
 
-def _release_local_copy(recording: RecordingInfo) -> None:
+def _release_local_copy(recording: RecordingInfo, settings: Settings) -> None:
     """Analyzed, archived and recorded as processed: the recordings folder lets it go (a copy the settings
     keep is in the local archive). A backfill's source files are not ours to delete."""
     if not recording.source_path:
-        remove_recording(local_path(recording))
+        remove_recording(local_path(recording, settings))

@@ -18,9 +18,9 @@ from prefect.client.schemas.actions import ArtifactCreate
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.states import AwaitingRetry, Failed
 
-from birdflow import metrics
-from birdflow.recordings import RecordingInfo
-from birdflow.redrive import RedrivePolicy
+from birdflow.app import metrics
+from birdflow.core.recordings import RecordingInfo
+from birdflow.core.redrive import RedrivePolicy
 from birdflow.settings import Settings
 from flows.process_recording import UNPROCESSABLE
 
@@ -31,7 +31,7 @@ REPORT_KEY = "given-up-recordings"
 
 
 def policy(settings: Settings) -> RedrivePolicy:
-    return RedrivePolicy(tuple(settings.redrive_delays_s), timedelta(days=settings.redrive_max_age_days))
+    return RedrivePolicy(tuple(settings.unattended.redrive_delays_s), timedelta(days=settings.unattended.redrive_max_age_days))
 
 
 def redrive_or_give_up(client: SyncPrefectClient, flow_run: FlowRun, state: State, settings: Settings) -> Optional[datetime]:

@@ -59,7 +59,7 @@ class BirdflowWorker(BaseWorker[BaseJobConfiguration, BaseVariables, BirdflowWor
         super().__init__(*args, **kwargs)
         threads = kwargs.get("limit") or DEFAULT_THREADS
         self._per_thread = threading.local()
-        # long-lived threads: each keeps its interpreter (flows.runtime loads one per thread) and its API client
+        # long-lived threads: each keeps its interpreter (flows.resources loads one per thread) and its API client
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="birdflow-run")
 
     async def run(

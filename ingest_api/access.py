@@ -11,17 +11,9 @@ import hmac
 from ipaddress import ip_address
 from typing import Optional
 
-from birdflow.listener_tokens import ListenerTokens
+from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.settings import Settings
-
-
-class Rejection(Exception):
-    """A request refused with a 4xx (or 503); `reason` labels the metric."""
-
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
+from ingest_api.checks import Rejection
 
 
 def presented_token(authorization: Optional[str], query_token: Optional[str]) -> Optional[str]:
@@ -40,9 +32,9 @@ def _unauthorized(listener_id: Optional[str]) -> Rejection:
 
 class IngestAccess:
     def __init__(self, settings: Settings):
-        self.required = settings.ingest_auth == "on"
-        self.exempt = frozenset(settings.ingest_auth_exempt)
-        self.metrics_token = settings.metrics_token.get_secret_value()
+        self.required = settings.ingest.ingest_auth == "on"
+        self.exempt = frozenset(settings.ingest.ingest_auth_exempt)
+        self.metrics_token = settings.observability.metrics_token.get_secret_value()
         self.tokens = ListenerTokens(settings.listener_tokens_file)
 
     def _owner(self, token: Optional[str], listener_id: Optional[str]) -> Optional[str]:

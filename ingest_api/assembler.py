@@ -15,8 +15,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from birdflow.recordings import RecordingInfo, RecordingStore
-from birdflow.wav import WavError, WavFormat, WavHeader, build_header, looks_like_wav, parse_header, patch_sizes
+from birdflow.core.recordings import RecordingInfo, RecordingStore
+from birdflow.core.wav import WavError, WavFormat, WavHeader, build_header, looks_like_wav, parse_header, patch_sizes
 from ingest_api.framing import METADATA_SEQ, SEQ_MODULUS, START_SEQ, Frame
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Optional
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from birdflow import metrics
+from birdflow.app import metrics
 from birdflow.settings import Settings
 
 log = logging.getLogger("birdflow.ingest")
@@ -65,30 +65,30 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._watch("headers", self.settings.header_timeout_s)
+        self._watch("headers", self.settings.ingest.header_timeout_s)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._watch("headers", self.settings.header_timeout_s)
+        self._watch("headers", self.settings.ingest.header_timeout_s)
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         if self.scope.get("path") == STREAM_PATH:
-            self._watch("stream first frame", self.settings.header_timeout_s)
+            self._watch("stream first frame", self.settings.ingest.header_timeout_s)
         else:
-            self._watch("body", self.settings.body_timeout_s)
+            self._watch("body", self.settings.ingest.body_timeout_s)
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
         if self._stage == "stream first frame":
-            self._stage, self._limit_s = "stream idle", self.settings.stream_idle_timeout_s
+            self._stage, self._limit_s = "stream idle", self.settings.ingest.stream_idle_timeout_s
         if self._stage != "unread body":
             self._last_activity = self.loop.time()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
-            self._watch("unread body", self.settings.header_timeout_s)  # answered early (a refusal)
+            self._watch("unread body", self.settings.ingest.header_timeout_s)  # answered early (a refusal)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -107,8 +107,8 @@ def server_config(app, settings: Settings, host: Optional[str] = None, port: Opt
     """The ingest API's uvicorn configuration (the `ingest` command and the tests use the same)."""
     return uvicorn.Config(
         app,
-        host=host or settings.ingest_host,
-        port=port or settings.ingest_port,
+        host=host or settings.ingest.ingest_host,
+        port=port or settings.ingest.ingest_port,
         http=guarded_protocol(settings),
         log_level="warning",
         access_log=False,  # a URL may carry a listener's ?token=

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Optional
 
-from birdflow.recordings import RecordingInfo, RecordingStore, parse_stream_partial
-from birdflow.wav import WavError, parse_header, patch_sizes
+from birdflow.core.recordings import RecordingInfo, RecordingStore, parse_stream_partial
+from birdflow.core.wav import WavError, parse_header, patch_sizes
 
 MAX_HEADER_BYTES = 1 << 16
 

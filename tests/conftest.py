@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from birdflow.testbed import LineProtocolServer, SeaweedS3
+from birdflow.tools.testbed import LineProtocolServer, SeaweedS3
 from tests.servers import PrefectServer
 
 PROJECT = Path(__file__).resolve().parent.parent

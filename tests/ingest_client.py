@@ -15,8 +15,8 @@ import httpx
 import uvicorn
 
 from birdflow.settings import Settings
-from birdflow.testbed import LOOPBACK, free_port, wait_until
-from birdflow.wav import WavFormat, build_header
+from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
+from birdflow.core.wav import WavFormat, build_header
 from ingest_api.app import create_app
 from ingest_api.connections import server_config
 from ingest_api.framing import encode_frame
@@ -95,3 +95,42 @@ def frames_of(wav: bytes, page: int = 32768) -> bytes:
     return encode_frame(0, header) + b"".join(
         encode_frame(seq, audio[offset : offset + page]) for seq, offset in enumerate(range(0, len(audio), page), start=1)
     )
+
+
+GOOD = "good-1"
+
+
+def header(rate: int, bits: int, tag: int = 1) -> bytes:
+    raw = bytearray(build_header(WavFormat(rate, 1, bits)).raw)
+    struct.pack_into("<H", raw, 20, tag)
+    return bytes(raw)
+
+
+def upload_claiming(length: int, token: str) -> bytes:
+    return (
+        f"POST /recordings_upload HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Authorization: Bearer {token}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode() + b"--b\r\n" + b"x" * 1024
+
+
+def stream_in_real_time(port: int, token: str, recordings: int, seconds: float, result: dict) -> None:
+    """A well-behaved listener: header, pages at (twice) real-time pace, a pause, the next recording."""
+    body = []
+    for number in range(recordings):
+        wav = wav_bytes(seconds, value=1000 + number)  # each its own audio, as in the field
+        body.append(encode_frame(0, wav[:44]))
+        body += [encode_frame(seq, wav[offset : offset + 9600]) for seq, offset in enumerate(range(44, len(wav), 9600), 1)]
+    with socket.create_connection((LOOPBACK, port), timeout=60) as sock:
+        sock.sendall(
+            f"POST /recordings_stream?listener_id={GOOD}&token={token} HTTP/1.1\r\nHost: {LOOPBACK}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        for frame in body:
+            sock.sendall(f"{len(frame):x}\r\n".encode() + frame + b"\r\n")
+            time.sleep(0.05)  # 0.1 s of audio every 0.05 s
+        sock.sendall(b"0\r\n\r\n")
+        answer = b""
+        while not (b"\r\n\r\n" in answer and _complete(answer)) and (data := sock.recv(65536)):
+            answer += data
+        result["answer"] = answer

@@ -1,0 +1,60 @@
+"""What the commands share: settings read with errors that name the setting, and argument types."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import datetime, timezone
+
+from birdflow.settings import SettingsError, load_settings, validate_listener_id
+
+
+def settings_of(args):
+    try:
+        return load_settings(args.settings)
+    except SettingsError as exc:
+        raise SystemExit(f"birdflow: {exc}") from None
+
+
+def settings_with_prefect(args):
+    """Settings, and this process pointed at their Prefect API (what is already in the environment wins)."""
+    from birdflow.app.supervisor import prefect_environment
+
+    settings = settings_of(args)
+    os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
+    # Prefect reads its settings from the environment once, when imported: make it read them again
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+    return settings
+
+
+def utc_time(text: str) -> datetime:
+    """ISO date or time; naive values are UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date/time: {text!r} (e.g. 2025-06-01 or 2025-06-01T05:30)")
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def listener_id_argument(text: str) -> str:
+    try:
+        return validate_listener_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))

@@ -1,0 +1,127 @@
+"""Setting a station and the central server up: files, listener tokens, blocks, the Prometheus agent."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from birdflow.app.cli.common import at_least, listener_id_argument, settings_of, settings_with_prefect
+
+
+def cmd_init(args) -> int:
+    from birdflow.app.provisioning import init_station
+
+    try:
+        written = init_station(args.dir, args.station, args.force)
+    except FileExistsError as exc:
+        raise SystemExit(f"birdflow: {exc}") from None
+    print("\n".join(f"wrote {path}" for path in written))
+    print("edit them, then: ./run.sh up")
+    return 0
+
+
+def cmd_listeners(args) -> int:
+    """Listener tokens: `add` prints a new one once (only its hash is kept), `list`, `revoke`."""
+    from birdflow.core.listener_tokens import ListenerTokens
+
+    settings = settings_of(args)
+    tokens = ListenerTokens(settings.listener_tokens_file)
+    if args.listeners_command == "add":
+        token = tokens.add(args.listener_id)
+        print(token)
+        print(
+            f"token for listener {args.listener_id}: shown once, only its hash is kept. The listener sends it as "
+            f"'Authorization: Bearer <token>' or '?token=<token>'"
+            + ("" if settings.ingest.ingest_auth == "on" else "; it is checked once 'ingest_auth' is on"),
+            file=sys.stderr,
+        )
+    elif args.listeners_command == "list":
+        records = tokens.listed()
+        for record in records:
+            created = datetime.fromtimestamp(record.created_at, timezone.utc)
+            print(f"{record.listener_id}\t{record.token_id}\t{created:%Y-%m-%dT%H:%M:%SZ}")
+        if not records:
+            print("no listener tokens (birdflow listeners add ID)", file=sys.stderr)
+    else:
+        revoked = tokens.revoke(args.listener_id, args.token_id)
+        print(f"revoked {revoked} token(s) of listener {args.listener_id}", file=sys.stderr)
+        if not revoked:
+            return 1
+    return 0
+
+
+def cmd_central_setup(args) -> int:
+    from birdflow.app.provisioning import central_setup
+
+    settings = settings_with_prefect(args)
+    stations = [station.strip() for station in args.stations.split(",") if station.strip()]
+    central_setup(settings, stations, args.pool_limit, os.environ.get("INFLUX_ADMIN_TOKEN", ""), print)
+    return 0
+
+
+def cmd_blocks_register(args) -> int:
+    settings = settings_with_prefect(args)
+    from blocks import register_blocks
+
+    saved = register_blocks(settings)
+    print("\n".join(f"registered {slug}" for slug in saved) or "nothing to register: S3 and InfluxDB are off")
+    return 0
+
+
+def cmd_prometheus_config(args) -> int:
+    """Write prometheus.yml (and the secret files it refers to, beside it) for the station's agent."""
+    import yaml
+
+    from birdflow.app.observability import prometheus_config, secret_files
+
+    settings = settings_of(args)
+    text = yaml.safe_dump(prometheus_config(settings, args.target or ""), sort_keys=False)
+    if not args.output:
+        print(text, end="")
+        return 0
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "prometheus.yml").write_text(text)
+    for name, content in secret_files(settings).items():
+        secret = args.output / name
+        secret.touch(mode=0o600)
+        secret.chmod(0o600)
+        secret.write_text(content)
+    print(f"wrote {args.output / 'prometheus.yml'}; run: prometheus --enable-feature=agent "
+          f"--config.file={args.output / 'prometheus.yml'}")
+    return 0
+
+
+def add_commands(commands) -> None:
+    init = commands.add_parser("init", help="write a commented settings.yaml and a .env template")
+    init.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
+    init.add_argument("--station", default="station01", help="this station's id")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.set_defaults(func=cmd_init)
+
+    listeners = commands.add_parser("listeners", help="listener tokens for ingest_auth: add, list, revoke")
+    listener_commands = listeners.add_subparsers(dest="listeners_command", required=True)
+    add = listener_commands.add_parser("add", help="print a new token for a listener (its other tokens stay valid)")
+    add.add_argument("listener_id", type=listener_id_argument)
+    listener_commands.add_parser("list", help="listener, token id, created (never the tokens)")
+    revoke = listener_commands.add_parser("revoke", help="revoke a listener's tokens, or one of them")
+    revoke.add_argument("listener_id", type=listener_id_argument)
+    revoke.add_argument("--token-id", help="only this token (its id from `list`, or a prefix of it)")
+    listeners.set_defaults(func=cmd_listeners)
+
+    central = commands.add_parser("central-setup", help="work pools per station, Prefect blocks, InfluxDB database")
+    central.add_argument("--stations", required=True, help="comma-separated station ids")
+    central.add_argument("--pool-limit", type=at_least(1), default=2, help="flow runs at once per station pool")
+    central.set_defaults(func=cmd_central_setup)
+
+    blocks = commands.add_parser("blocks", help="Prefect blocks")
+    block_commands = blocks.add_subparsers(dest="blocks_command", required=True)
+    block_commands.add_parser("register", help="create or update the blocks from the settings").set_defaults(
+        func=cmd_blocks_register
+    )
+
+    prometheus = commands.add_parser("prometheus-config", help="Prometheus agent config: scrape birdflow, remote-write centrally")
+    prometheus.add_argument("--output", type=Path, help="folder for prometheus.yml (+ password file); default: print")
+    prometheus.add_argument("--target", help="host:port to scrape (default: the ingest API)")
+    prometheus.set_defaults(func=cmd_prometheus_config)

@@ -1,0 +1,91 @@
+"""Running the station: the whole stack, or one of its processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+from birdflow.app.cli.common import at_least, settings_of, settings_with_prefect
+
+
+def cmd_up(args) -> int:
+    from birdflow.app.supervisor import supervise
+
+    settings = settings_of(args)
+    if args.postgres:
+        settings.prefect.prefect_database = "postgres"
+    return supervise(settings, args.settings)
+
+
+def cmd_ingest(args) -> int:
+    import uvicorn
+
+    from ingest_api.app import create_app
+    from ingest_api.connections import raise_open_file_limit, server_config
+
+    settings = settings_of(args)
+    open_files = raise_open_file_limit()
+    if open_files < 4 * settings.ingest.max_open_streams:
+        logging.getLogger("birdflow.ingest").warning(
+            "open-file limit %d is low for max_open_streams=%d (README, Security: LimitNOFILE)", open_files, settings.ingest.max_open_streams
+        )
+    uvicorn.Server(server_config(create_app(settings), settings, args.host, args.port)).run()
+    return 0
+
+
+def cmd_execute(args) -> int:
+    import signal
+
+    import httpx
+
+    from flows.executor import Executor, ExecutorFailed
+
+    settings = settings_with_prefect(args)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    log = logging.getLogger("birdflow.executor")
+    try:
+        Executor(settings).run_forever(stop)
+    except ExecutorFailed as exc:
+        log.error("executor stopped: %s", exc)
+        return 1
+    except httpx.TransportError as exc:
+        log.error("executor stopped: cannot reach the Prefect API at %s: %s", os.environ["PREFECT_API_URL"], exc)
+        return 1
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """`prefect worker start --type birdflow` for this station's pool, with birdflow's Prefect settings."""
+    from birdflow.app.supervisor import prefect_environment
+
+    settings = settings_of(args)
+    env = {**os.environ, **prefect_environment(settings)}
+    if args.settings:
+        env["BIRDFLOW_SETTINGS"] = os.path.abspath(args.settings)
+    pool = args.pool or f"birdflow-{settings.station_id}"
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--type", "birdflow", "--pool", pool]
+    if args.limit:
+        command += ["--limit", str(args.limit)]
+    os.execve(sys.executable, command, env)
+
+
+def add_commands(commands) -> None:
+    up = commands.add_parser("up", help="start the whole stack (Prefect server, ingest API, executor)")
+    up.add_argument("--postgres", action="store_true", help="run the embedded Prefect server on Postgres")
+    up.set_defaults(func=cmd_up)
+
+    ingest = commands.add_parser("ingest", help="run only the ingest API")
+    ingest.add_argument("--host")
+    ingest.add_argument("--port", type=int)
+    ingest.set_defaults(func=cmd_ingest)
+
+    commands.add_parser("execute", help="run only the flow-run executor").set_defaults(func=cmd_execute)
+
+    worker = commands.add_parser("worker", help="run this station's work pool (birdflow-<station_id>) in-process")
+    worker.add_argument("--pool", help="work pool (default birdflow-<station_id>)")
+    worker.add_argument("--limit", type=at_least(1), help="flow runs at once (default 2)")
+    worker.set_defaults(func=cmd_worker)

@@ -1,0 +1,110 @@
+"""Setting a station up (`birdflow init`) and the central server (`birdflow central-setup`)."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+from birdflow.settings import Settings
+
+PROJECT = Path(__file__).resolve().parents[2]
+SETTINGS_TEMPLATE = PROJECT / "settings.example.yaml"
+
+ENV_TEMPLATE = """\
+# Secrets and per-device values for birdflow (upper-case names override settings.yaml).
+# `birdflow` reads this file from its working directory; docker compose reads it too (env_file), and
+# balena/env-to-fleet.sh copies it into balena fleet variables.
+STATION_ID={station_id}
+# Prefect's own server auth (user:password): the UI asks for it, every birdflow process sends it
+PREFECT_API_AUTH_STRING=birdflow:{prefect_password}
+# token Prometheus sends for the ingest API's /metrics
+METRICS_TOKEN={metrics_token}
+# Grafana's admin password (docker compose)
+GRAFANA_ADMIN_PASSWORD={grafana_password}
+# on: listeners need their token (birdflow listeners add ID); off keeps old firmware working (README, Security)
+INGEST_AUTH=off
+# InfluxDB 3 token of the detections database (when influx_enabled is true)
+INFLUX_TOKEN=
+# S3 secret key of the archive (when archive_backend is s3)
+AWS_SECRET_ACCESS_KEY=
+# password of the central Prometheus' remote-write endpoint (basic auth)
+PROMETHEUS_REMOTE_WRITE_PASSWORD=
+# an existing Postgres for the embedded Prefect server: postgresql+asyncpg://user:password@host/db
+# PREFECT_DATABASE_URL=
+# the central Prefect server, in a fleet: http://prefect.example:4200/api
+# PREFECT_API_URL=
+"""
+
+
+def init_station(folder: Path, station_id: str, force: bool = False) -> list[Path]:
+    """Write a commented settings.yaml and a .env template; existing files are kept unless forced."""
+    targets = {
+        folder / "settings.yaml": SETTINGS_TEMPLATE.read_text().replace(
+            "station_id: station01", f"station_id: {station_id}", 1
+        ),
+        folder / ".env": ENV_TEMPLATE.format(
+            station_id=station_id,
+            prefect_password=secrets.token_urlsafe(24),
+            metrics_token=secrets.token_urlsafe(24),
+            grafana_password=secrets.token_urlsafe(18),
+        ),
+    }
+    existing = [path for path in targets if path.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(map(str, existing))} exist already (--force overwrites)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, text in targets.items():
+        path.write_text(text)
+    (folder / ".env").chmod(0o600)
+    return list(targets)
+
+
+def influx_commands(settings: Settings, admin_token: str) -> list[list[str]]:
+    """The `influxdb3` CLI calls that create the detections database (InfluxDB 3 Core/Enterprise)."""
+    return [
+        ["influxdb3", "create", "database", settings.sinks.influx_database, "--host", settings.sinks.influx_host, "--token", admin_token],
+    ]
+
+
+def central_setup(
+    settings: Settings, stations: list[str], pool_limit: int, admin_token: str, say: Callable[[str], None]
+) -> None:
+    """Work pools (one per station, with a concurrency limit), the Prefect blocks, the Influx database."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from blocks import register_blocks
+    from flows.worker import BirdflowWorker
+
+    template = BirdflowWorker.get_default_base_job_template()
+    with get_client(sync_client=True) as client:
+        for station in stations:
+            name = f"birdflow-{station}"
+            try:
+                client.create_work_pool(
+                    WorkPoolCreate(name=name, type=BirdflowWorker.type, base_job_template=template, concurrency_limit=pool_limit)
+                )
+                say(f"work pool {name} created (at most {pool_limit} runs at once)")
+            except ObjectAlreadyExists:
+                client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=pool_limit))
+                say(f"work pool {name} exists; concurrency limit set to {pool_limit}")
+    for slug in register_blocks(settings):
+        say(f"block {slug} registered")
+    if not settings.sinks.influx_enabled:
+        say("InfluxDB is off in the settings: no database created")
+    elif not shutil.which("influxdb3"):
+        say("the influxdb3 CLI is not installed here; create the database with:\n  "
+            + "\n  ".join(" ".join(command) for command in influx_commands(settings, "<admin token>")))
+    elif not admin_token:
+        say("set INFLUX_ADMIN_TOKEN (influxdb3 create token --admin) to create the database")
+    else:
+        for command in influx_commands(settings, admin_token):
+            result = subprocess.run(command, capture_output=True, text=True)
+            output = (result.stdout + result.stderr).strip()
+            if result.returncode != 0 and "already exists" not in output:
+                raise RuntimeError(f"{' '.join(command[:4])} failed: {output}")
+            say(f"InfluxDB database {settings.sinks.influx_database} ready")

@@ -1,0 +1,282 @@
+"""`birdflow up`: the embedded Prefect server, the ingest API and the executor, each supervised.
+
+A child that exits is restarted with back-off (1, 2, 4 ... 60 s), each on its own clock, so one that
+keeps failing never holds the others down; Ctrl-C or SIGTERM stops them all (SIGTERM, then SIGKILL
+after a grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+from prometheus_client import multiprocess
+
+from birdflow.app.metrics import MULTIPROC_ENV
+from birdflow.settings import SETTINGS_FILE_ENV, Settings
+
+log = logging.getLogger("birdflow.up")
+STOP_GRACE_S = 15.0
+
+
+def prefect_environment(settings: Settings) -> dict[str, str]:
+    """Prefect settings for every birdflow process (documented in the README's Prefect section)."""
+    settings.prefect_home.mkdir(parents=True, exist_ok=True)
+    env = {
+        "PREFECT_HOME": str(settings.prefect_home.resolve()),
+        "PREFECT_API_URL": settings.api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+        # results of cached tasks (analysis tables) live beside the rest of the station's data
+        "PREFECT_LOCAL_STORAGE_PATH": str((settings.prefect_home / "storage").resolve()),
+    }
+    auth = settings.prefect.prefect_api_auth_string.get_secret_value()
+    if auth:  # Prefect's own server auth: every client sends it, the embedded server requires it
+        env["PREFECT_API_AUTH_STRING"] = auth
+        if settings.embedded_prefect:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = auth
+    if settings.embedded_prefect:
+        env.update(
+            {
+                "PREFECT_SERVER_API_HOST": "127.0.0.1",
+                "PREFECT_SERVER_API_PORT": str(settings.prefect.prefect_port),
+                "PREFECT_API_DATABASE_CONNECTION_URL": database_url(settings),
+                "PREFECT_UI_API_URL": settings.api_url,
+            }
+        )
+        # run retention with Prefect's own vacuum: terminal runs older than run_retention_days go with their
+        # task runs, logs and artifacts, in batches of 200 once an hour
+        env["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] = "flow_runs"
+        env["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"] = str(int(settings.unattended.run_retention_days * 86400))
+        if not settings.prefect.prefect_events_enabled:
+            # automations (triggers) and the stored event feed: ~15 % of the server's CPU per run;
+            # run, task-run and log history do not depend on them
+            env["PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"] = "false"
+            env["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"] = "false"
+    return env
+
+
+def database_url(settings: Settings) -> str:
+    if settings.prefect.prefect_database == "sqlite":
+        return "sqlite+aiosqlite:///" + str(settings.prefect_database_file.resolve())
+    return settings.prefect.prefect_database_url.get_secret_value() or (
+        f"postgresql+asyncpg://prefect@127.0.0.1:{settings.prefect.postgres_port}/postgres"
+    )
+
+
+def postgres_program(name: str) -> str:
+    """initdb/postgres from PATH or from Debian's versioned folder (which is not on PATH)."""
+    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None)
+    if not found:
+        raise RuntimeError(f"prefect_database is postgres but `{name}` is not installed (Debian: apt install postgresql)")
+    return str(found)
+
+
+def embedded_postgres(settings: Settings) -> "Child":
+    """A Postgres cluster under data_dir for the embedded Prefect server, created on first use.
+
+    Postgres refuses to run as root, so as root it runs as the `postgres` user that the Debian package
+    creates. Commits are not flushed one by one (synchronous_commit=off): a power cut can lose the
+    last few hundred milliseconds of run history, never a recording, and each state change is cheaper.
+    """
+    folder = (settings.prefect_home / "postgres").resolve()
+    user = "postgres" if os.geteuid() == 0 else None
+    if not (folder / "PG_VERSION").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        if user:
+            shutil.chown(folder, user, user)
+        result = subprocess.run(
+            [postgres_program("initdb"), "-D", str(folder), "-U", "prefect", "--auth=trust", "-E", "UTF8"],
+            capture_output=True, text=True, user=user, group=user,
+        )
+        if result.returncode != 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            hint = f" (the {user} user must be able to reach {folder.parent})" if user else ""
+            raise RuntimeError(f"initdb failed{hint}: {result.stderr.strip()[-500:]}")
+    command = [
+        postgres_program("postgres"), "-D", str(folder), "-h", "127.0.0.1", "-p", str(settings.prefect.postgres_port),
+        "-k", str(folder), "-c", "synchronous_commit=off", "-c", "max_connections=60", "-c", "shared_buffers=64MB",
+    ]
+    # SIGINT to the postmaster alone is Postgres' "fast" shutdown
+    return Child("postgres", command, user=user, stop_signal=signal.SIGINT, signal_group=False)
+
+
+def child_environment(settings: Settings, settings_file: Optional[str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(prefect_environment(settings))
+    env[MULTIPROC_ENV] = str(settings.metrics_dir.resolve())
+    env["DATA_DIR"] = str(settings.data_dir.resolve())
+    if settings_file:
+        env[SETTINGS_FILE_ENV] = os.path.abspath(settings_file)
+    return env
+
+
+def wait_until_ready(ready, timeout_s: float, failure: str, alive=lambda: True, interval_s: float = 0.5) -> None:
+    """Poll `ready()` until it is true; RuntimeError(failure) after the timeout or once `alive()` is false."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        if ready():
+            return
+        time.sleep(interval_s)
+    raise RuntimeError(failure)
+
+
+def wait_for_prefect(api_url: str, timeout_s: float, alive=lambda: True) -> None:
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    failure = f"the Prefect API at {api_url} did not become healthy within {timeout_s:.0f} s"
+    wait_until_ready(healthy, timeout_s, failure, alive)
+
+
+def wait_for_port(port: int, timeout_s: float, alive=lambda: True) -> None:
+    def listening() -> bool:
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until_ready(listening, timeout_s, f"nothing listens on port {port} after {timeout_s:.0f} s", alive, 0.2)
+
+
+@dataclass
+class Child:
+    name: str
+    command: list[str]
+    user: Optional[str] = None
+    stop_signal: int = signal.SIGTERM
+    signal_group: bool = True  # False: signal the leader only, which stops its own workers in order
+    process: Optional[subprocess.Popen] = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+    restart_at: Optional[float] = None  # set while it waits out its back-off
+
+    def start(self, env: dict[str, str]) -> None:
+        log.info("starting %s", self.name)
+        self.process = subprocess.Popen(
+            self.command, env=env, start_new_session=True, user=self.user, group=self.user
+        )
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            (os.killpg if self.signal_group else os.kill)(self.process.pid, self.stop_signal)
+
+    def kill(self) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def start_prefect(settings: Settings, env: dict[str, str], children: list[Child], stop: threading.Event) -> None:
+    """The embedded Prefect server (and its Postgres when asked for), healthy before anything uses it."""
+    if settings.prefect.prefect_database == "postgres" and not settings.prefect.prefect_database_url.get_secret_value():
+        database = embedded_postgres(settings)
+        children.append(database)
+        database.start(env)
+        try:
+            wait_for_port(settings.prefect.postgres_port, 60, alive=database.alive)
+        except RuntimeError as exc:
+            raise RuntimeError(f"Postgres did not start (is port {settings.prefect.postgres_port} in use?): {exc}") from None
+    server = Child(
+        "prefect server",
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(settings.prefect.prefect_port)],
+    )
+    children.append(server)
+    server.start(env)
+    wait_for_prefect(settings.api_url, 120, alive=lambda: server.alive() and not stop.is_set())
+    if not server.alive():
+        raise RuntimeError(f"the Prefect server exited during start-up (is port {settings.prefect.prefect_port} in use?)")
+
+
+def stop_all(children: list[Child]) -> None:
+    """Newest first, all at once; whatever still runs after the grace period is killed."""
+    for child in reversed(children):
+        child.stop()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in reversed(children):
+        while child.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child.kill()
+
+
+def restart_when_due(child: Child, env: dict[str, str], settings: Settings) -> None:
+    """A child found dead waits out its own back-off, then starts again."""
+    now = time.monotonic()
+    if child.alive():
+        return
+    if child.restart_at is None:
+        # the gauges a dead process left (open streams, backlog) must not count any more
+        multiprocess.mark_process_dead(child.process.pid, str(settings.metrics_dir))
+        if now - child.started_at > 60:
+            child.restarts = 0  # it ran fine for a while: restart quickly
+        delay = min(2**child.restarts, 60)
+        log.warning("%s exited with %s; restarting in %d s", child.name, child.process.returncode, delay)
+        child.restart_at = now + delay
+    elif now >= child.restart_at:
+        child.restart_at = None
+        child.restarts += 1
+        child.start(env)
+
+
+def supervise(settings: Settings, settings_file: Optional[str]) -> int:
+    """Run the stack until SIGINT/SIGTERM."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    shutil.rmtree(settings.metrics_dir, ignore_errors=True)
+    settings.metrics_dir.mkdir(parents=True, exist_ok=True)
+    env = child_environment(settings, settings_file)
+    cli = [sys.executable, "-m", "birdflow.app.cli"]
+    children: list[Child] = []
+    try:
+        if settings.embedded_prefect:
+            start_prefect(settings, env, children, stop)
+        else:
+            wait_for_prefect(settings.api_url, 60)
+        if not stop.is_set():
+            from prefect.context import refresh_global_settings_context
+
+            from blocks import register_blocks
+
+            os.environ.update(prefect_environment(settings))
+            refresh_global_settings_context()  # else Prefect keeps what it read at import (a temporary server)
+            for slug in register_blocks(settings):
+                log.info("block %s registered", slug)
+    except RuntimeError as exc:
+        stop_all(children)
+        if stop.is_set():
+            return 0  # Ctrl-C during start-up
+        log.error("%s", exc)
+        return 1
+    for child in (Child("ingest API", cli + ["ingest"]), Child("executor", cli + ["execute"])):
+        children.append(child)
+        if not stop.is_set():
+            child.start(env)
+    print(
+        f"birdflow is up: ingest API on http://{settings.ingest.ingest_host}:{settings.ingest.ingest_port} "
+        f"(metrics at /metrics), Prefect UI at {settings.api_url.removesuffix('/api')}. Ctrl-C stops.",
+        flush=True,
+    )
+    while not stop.wait(0.5):
+        for child in children:
+            restart_when_due(child, env, settings)
+    log.info("stopping")
+    stop_all(children)
+    return 0

@@ -1,0 +1,135 @@
+"""Where raw recordings go to be kept: a local folder, or S3 through a prefect-aws S3Bucket block.
+
+Both verify what they stored (size and SHA-256) and never store the same content twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+from birdflow.core.flac import flac_identity
+from birdflow.core.recordings import sha256_file
+
+
+class ArchiveError(RuntimeError):
+    """The archived copy does not match the recording."""
+
+
+def holds_recording(data: bytes, content_hash: str) -> bool:
+    """Whether archived bytes are the recording: the file itself, or a FLAC copy made from it."""
+    return hashlib.sha256(data).hexdigest() == content_hash or flac_identity(data) == content_hash
+
+
+@dataclass(frozen=True)
+class ArchivedObject:
+    uri: str
+    size_bytes: int
+    uploaded: bool  # False when an identical copy was already there
+
+
+class Archive(Protocol):
+    def store(self, path: Path, key: str, sha256: str) -> ArchivedObject: ...
+
+    def fetch(self, key: str) -> Optional[bytes]:
+        """The stored object, None when there is none (a store that cannot be reached raises)."""
+
+
+class LocalArchive:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        target = (self.root / key).resolve()
+        if not target.is_relative_to(self.root.resolve()):
+            raise ArchiveError(f"archive key {key!r} leaves the archive folder")
+        return target
+
+    def store(self, path: Path, key: str, sha256: str) -> ArchivedObject:
+        target = self._path(key)
+        size = path.stat().st_size
+        if target.is_file() and target.stat().st_size == size and sha256_file(target) == sha256:
+            return ArchivedObject(target.as_uri(), size, uploaded=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        with open(path, "rb") as source, open(partial, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+            copy.flush()
+            os.fsync(copy.fileno())
+        if sha256_file(partial) != sha256:
+            partial.unlink(missing_ok=True)
+            raise ArchiveError(f"archived copy of {key} does not match its SHA-256")
+        os.replace(partial, target)
+        return ArchivedObject(target.as_uri(), size, uploaded=True)
+
+    def fetch(self, key: str) -> Optional[bytes]:
+        path = self._path(key)
+        return path.read_bytes() if path.is_file() else None
+
+
+# One PUT can carry the object's SHA-256 for the store to check; a multipart upload cannot (S3 takes a
+# full-object SHA-256 only on a single PUT, which may be up to 5 GiB).
+SINGLE_PUT_LIMIT_BYTES = 5 << 30
+
+
+class S3Archive:
+    """Each object is sent in one PUT with its SHA-256, which the store checks against the bytes it
+    received (BadDigest otherwise), and keeps it as user metadata, which is how duplicates are recognised."""
+
+    def __init__(self, bucket):  # a prefect_aws.S3Bucket
+        from boto3.s3.transfer import TransferConfig
+
+        self.bucket = bucket
+        self._client = bucket.credentials.get_s3_client()
+        self._single_put = TransferConfig(multipart_threshold=SINGLE_PUT_LIMIT_BYTES)
+
+    def _key(self, key: str) -> str:
+        folder = self.bucket.bucket_folder.strip("/")
+        return f"{folder}/{key}" if folder else key
+
+    def _head(self, key: str):
+        try:
+            return self._client.head_object(Bucket=self.bucket.bucket_name, Key=self._key(key), ChecksumMode="ENABLED")
+        except self._client.exceptions.ClientError as exc:
+            if _missing(exc):
+                return None
+            raise
+
+    def store(self, path: Path, key: str, sha256: str) -> ArchivedObject:
+        size = path.stat().st_size
+        uri = f"s3://{self.bucket.bucket_name}/{self._key(key)}"
+        head = self._head(key)
+        if head and head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256:
+            return ArchivedObject(uri, size, uploaded=False)
+        if size > SINGLE_PUT_LIMIT_BYTES:
+            raise ArchiveError(f"{path.name} is {size} bytes, over the {SINGLE_PUT_LIMIT_BYTES} bytes of one S3 PUT")
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        self.bucket.upload_from_path(
+            path, key, ExtraArgs={"Metadata": {"sha256": sha256}, "ChecksumSHA256": checksum}, Config=self._single_put
+        )
+        head = self._head(key)
+        if (
+            head is None
+            or head["ContentLength"] != size
+            or head.get("Metadata", {}).get("sha256") != sha256
+            or head.get("ChecksumSHA256", checksum) != checksum  # a store without checksums returns none
+        ):
+            raise ArchiveError(f"{uri} does not match the recording after upload")
+        return ArchivedObject(uri, size, uploaded=True)
+
+    def fetch(self, key: str) -> Optional[bytes]:
+        try:
+            return self._client.get_object(Bucket=self.bucket.bucket_name, Key=self._key(key))["Body"].read()
+        except self._client.exceptions.ClientError as exc:
+            if _missing(exc):
+                return None
+            raise
+
+
+def _missing(exc) -> bool:
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")

@@ -1,0 +1,52 @@
+"""One Arrow table per analyzed recording: the unit every sink writes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Iterable
+
+import pyarrow as pa
+
+from birdflow.core.birdnet import Detection
+from birdflow.core.recordings import RecordingInfo
+
+SCHEMA = pa.schema(
+    [
+        pa.field("time", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("station_id", pa.string(), nullable=False),
+        pa.field("listener_id", pa.string(), nullable=False),
+        pa.field("recording_id", pa.string(), nullable=False),
+        pa.field("scientific_name", pa.string(), nullable=False),
+        pa.field("common_name", pa.string(), nullable=False),
+        pa.field("confidence", pa.float64(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),
+        pa.field("end_s", pa.float64(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("analysis_id", pa.string(), nullable=False),
+    ]
+)
+# Columns that identify a series in InfluxDB (tags); the rest are fields.
+TAG_COLUMNS = ["station_id", "listener_id", "recording_id", "scientific_name", "common_name", "model_version", "analysis_id"]
+
+
+def detections_table(
+    recording: RecordingInfo, detections: Iterable[Detection], model_version: str, analysis_id: str
+) -> pa.Table:
+    """Detection time is the recording's start plus the window's offset."""
+    rows = list(detections)
+    return pa.table(
+        {
+            "time": [recording.start_time + timedelta(seconds=d.start_s) for d in rows],
+            "station_id": [recording.station_id] * len(rows),
+            "listener_id": [recording.listener_id] * len(rows),
+            "recording_id": [recording.recording_id] * len(rows),
+            "scientific_name": [d.scientific_name for d in rows],
+            "common_name": [d.common_name for d in rows],
+            "confidence": [round(d.confidence, 6) for d in rows],
+            "start_s": [d.start_s for d in rows],
+            "end_s": [d.end_s for d in rows],
+            "model_version": [model_version] * len(rows),
+            "analysis_id": [analysis_id] * len(rows),
+        },
+        schema=SCHEMA,
+    )

@@ -1,0 +1,35 @@
+"""The record of processed recordings: "was this recording already analysed with these parameters and
+archived?" answered without its flow run, which run retention deletes after `run_retention_days`.
+
+It is what keeps a re-sent recording from being processed twice and what a backfill skips by. One row
+per recording and analysis (~60 bytes) in one SQLite file.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from birdflow.core.local_db import LocalDatabase
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS processed (recording_id TEXT NOT NULL, analysis_id TEXT NOT NULL,"
+    " processed_at INTEGER NOT NULL, PRIMARY KEY (recording_id, analysis_id)) WITHOUT ROWID"
+)
+
+
+class ProcessedLedger:
+    def __init__(self, path: Path):
+        self.database = LocalDatabase(path, SCHEMA)
+
+    def record(self, recording_id: str, analysis_id: str) -> None:
+        self.database.execute(
+            "INSERT OR REPLACE INTO processed VALUES (?, ?, ?)", (recording_id, analysis_id, int(time.time()))
+        )
+
+    def contains(self, recording_id: str, analysis_id: str) -> bool:
+        query = "SELECT 1 FROM processed WHERE recording_id = ? AND analysis_id = ?"
+        return self.database.execute(query, (recording_id, analysis_id)).fetchone() is not None
+
+    def recording_ids(self) -> set[str]:
+        return {row[0] for row in self.database.execute("SELECT recording_id FROM processed")}

@@ -1,0 +1,213 @@
+"""Where detection tables go: a local Parquet dataset (the embedded default) and/or InfluxDB 3.
+
+Writes are idempotent: the same recording analysed with the same parameters lands on the same
+Parquet file and the same Influx series and timestamps, so a retry never duplicates rows. The
+maintenance run merges the per-recording Parquet files into one file per hour (a station would
+otherwise make ~100,000 small files a day); a later rewrite of a recording replaces its rows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from birdflow.core.detections import SCHEMA, TAG_COLUMNS
+
+
+class DetectionSink(Protocol):
+    name: str
+
+    def write(self, table: pa.Table) -> int: ...
+
+
+HOUR_FILE_PREFIX = "hour-"
+READING_ORDER = [("time", "ascending"), ("listener_id", "ascending")]
+KEY_SEPARATOR = "\x1f"
+
+
+def _write_atomically(table: pa.Table, target: Path) -> None:
+    partial = target.with_suffix(".partial")
+    pq.write_table(table, partial)
+    os.replace(partial, target)
+
+
+class ParquetSink:
+    """One file per (recording, analysis) under YYYY/MM/DD, written to a temporary name and renamed."""
+
+    name = "parquet"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def write(self, table: pa.Table) -> int:
+        if table.num_rows == 0:
+            return 0
+        first = table.column("time")[0].as_py()
+        recording_id = table.column("recording_id")[0].as_py()
+        analysis_id = table.column("analysis_id")[0].as_py()
+        folder = self.root / f"{first:%Y/%m/%d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(table, folder / f"{recording_id}__{analysis_id}.parquet")
+        return table.num_rows
+
+
+class InfluxSink:
+    """Writes each table through influxdb3-python: tags identify the detection, fields carry its values."""
+
+    name = "influxdb3"
+
+    def __init__(self, host: str, database: str, table: str, token: str, timeout_ms: int = 10_000):
+        from influxdb_client_3 import InfluxDBClient3
+
+        self.table = table
+        self.client = InfluxDBClient3(host=host, database=database, token=token or None, write_timeout=timeout_ms)
+
+    def write(self, table: pa.Table) -> int:
+        if table.num_rows == 0:
+            return 0
+        self.client.write_dataframe(
+            table.to_pandas(), measurement=self.table, timestamp_column="time", tags=TAG_COLUMNS
+        )
+        return table.num_rows
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def read_detections(
+    root: Path,
+    listener: Optional[str] = None,
+    species: Optional[str] = None,
+    since: Optional[datetime] = None,
+    until: Optional[datetime] = None,
+    min_confidence: Optional[float] = None,
+) -> pa.Table:
+    """Detections from the local dataset, oldest first; species matches scientific or common name."""
+    conditions = []
+    if listener:
+        conditions.append(ds.field("listener_id") == listener)
+    if species:
+        wanted = species.lower()
+        conditions.append(
+            (pc.utf8_lower(ds.field("scientific_name")) == wanted) | (pc.utf8_lower(ds.field("common_name")) == wanted)
+        )
+    if since:
+        conditions.append(ds.field("time") >= pa.scalar(since, pa.timestamp("ms", tz="UTC")))
+    if until:
+        conditions.append(ds.field("time") < pa.scalar(until, pa.timestamp("ms", tz="UTC")))
+    if min_confidence is not None:
+        conditions.append(ds.field("confidence") >= min_confidence)
+    expression = None
+    for condition in conditions:
+        expression = condition if expression is None else expression & condition
+    for attempt in range(3):
+        hourly, loose = _dataset_files(Path(root))
+        try:
+            loose_rows = _read(loose, expression)
+            # a recording rewritten after its hour was compacted: its newer file replaces its compacted rows
+            hourly_rows = _without_keys(_read(hourly, expression), _keys(_read(loose, None)))
+            break
+        except FileNotFoundError:  # a compaction merged files while they were read: list them again
+            if attempt == 2:
+                raise
+    return pa.concat_tables([hourly_rows, loose_rows]).sort_by(READING_ORDER)
+
+
+def _dataset_files(root: Path) -> tuple[list[str], list[str]]:
+    """(hour files, per-recording files) of the dataset."""
+    hourly, loose = [], []
+    if root.is_dir():
+        for path in sorted(root.rglob("*.parquet")):
+            (hourly if path.name.startswith(HOUR_FILE_PREFIX) else loose).append(str(path))
+    return hourly, loose
+
+
+def _read(files: list[str], expression) -> pa.Table:
+    if not files:
+        return SCHEMA.empty_table()
+    return ds.dataset(files, schema=SCHEMA, format="parquet").to_table(filter=expression)
+
+
+def _keys(table: pa.Table) -> pa.Array:
+    """recording_id + analysis_id of each row: what one per-recording file holds."""
+    return pc.binary_join_element_wise(table.column("recording_id"), table.column("analysis_id"), KEY_SEPARATOR)
+
+
+def _without_keys(table: pa.Table, keys: pa.Array) -> pa.Table:
+    if len(keys) == 0 or table.num_rows == 0:
+        return table
+    return table.filter(pc.invert(pc.is_in(_keys(table), value_set=pc.unique(keys))))
+
+
+@dataclass
+class Compaction:
+    files_merged: int = 0
+    hour_files_written: int = 0
+
+
+def compact_detections(root: Path, settled_s: float = 300.0, now: Optional[float] = None) -> Compaction:
+    """Merge per-recording files not written for `settled_s` into `YYYY/MM/DD/hour-HH.parquet` (the hour
+    of each recording's first detection); their rows replace that recording's earlier rows there."""
+    root = Path(root)
+    outcome = Compaction()
+    if not root.is_dir():
+        return outcome
+    now = time.time() if now is None else now
+    with open(root / ".compaction.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one compaction at a time, whichever process runs it
+        groups: dict[Path, list[tuple[Path, os.stat_result, pa.Table]]] = {}
+        for name in _dataset_files(root)[1]:
+            path = Path(name)
+            stat = path.stat()
+            if now - stat.st_mtime < settled_s:
+                continue
+            table = pq.read_table(path, schema=SCHEMA)
+            if table.num_rows == 0:
+                path.unlink(missing_ok=True)
+                continue
+            hour = table.column("time")[0].as_py().hour
+            groups.setdefault(path.parent / f"{HOUR_FILE_PREFIX}{hour:02d}.parquet", []).append((path, stat, table))
+        for hour_file, members in groups.items():
+            added = pa.concat_tables([table for _, _, table in members])
+            earlier = pq.read_table(hour_file, schema=SCHEMA) if hour_file.exists() else SCHEMA.empty_table()
+            merged = pa.concat_tables([_without_keys(earlier, _keys(added)), added])
+            _write_atomically(merged.sort_by(READING_ORDER), hour_file)
+            outcome.hour_files_written += 1
+            for path, stat, _ in members:
+                # a file rewritten while this ran waits for the next compaction
+                if _unchanged(path, stat):
+                    path.unlink(missing_ok=True)
+                    outcome.files_merged += 1
+    return outcome
+
+
+def _unchanged(path: Path, stat: os.stat_result) -> bool:
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    return (now.st_mtime_ns, now.st_size, now.st_ino) == (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def write_all(
+    sinks: Sequence[DetectionSink], table: pa.Table, on_failure: Callable[[str], None] = lambda sink: None
+) -> dict[str, int]:
+    """Every sink gets the table; a failing sink is reported (then raises, so the task retries)."""
+    written = {}
+    for sink in sinks:
+        try:
+            written[sink.name] = sink.write(table)
+        except Exception:
+            on_failure(sink.name)
+            raise
+    return written

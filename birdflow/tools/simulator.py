@@ -1,0 +1,232 @@
+"""Simulated listeners speaking the streaming protocol (or uploading), like deployed devices do.
+
+Each listener keeps one chunked POST open, sends frame 0 with the WAV header, then 32 KiB pages at
+real-time pace, waits its interval and starts the next recording on the same connection. On a
+connection error it reconnects with exponential back-off (2, 4, 8 ... 60 s); a 4xx answer ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import AsyncIterator, Callable, Optional
+
+import httpx
+
+from birdflow.core.recordings import TIMESTAMP_FORMAT
+from birdflow.core.wav import parse_header
+from ingest_api.framing import encode_frame
+
+PAGE_BYTES = 32768
+
+
+@dataclass
+class ListenerReport:
+    listener_id: str
+    recordings_sent: int = 0
+    bytes_sent: int = 0
+    errors: list[str] = field(default_factory=list)
+    responses: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Reconnect:
+    """The reference client's rule after a failed request: wait 2, 4, 8 ... 60 s and try again. A 4xx is
+    the exception: the same request would be refused again, so that listener gives up."""
+
+    on_error: Callable[[str, str], None] = lambda listener, error: None
+    max_delay_s: float = 60.0
+    delay_s: float = 2.0
+
+    async def after_failure(self, report: ListenerReport, exc: httpx.HTTPError) -> bool:
+        """Record the failure; False when trying again cannot help."""
+        error = _describe(exc)
+        report.errors.append(error)
+        self.on_error(report.listener_id, error)
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500:
+            return False
+        await asyncio.sleep(self.delay_s)
+        self.delay_s = min(self.delay_s * 2, self.max_delay_s)
+        return True
+
+    def succeeded(self) -> None:
+        self.delay_s = 2.0
+
+
+def split_wav(data: bytes) -> tuple[bytes, bytes, int]:
+    """(header, PCM audio, byte rate) of a PCM WAV file."""
+    header = parse_header(data)
+    data_size = int.from_bytes(header.raw[-4:], "little")
+    audio = data[header.size : header.size + data_size] if data_size else data[header.size :]
+    return header.raw, audio, header.format.byte_rate
+
+
+def make_distinct(audio: bytes, number: int) -> bytes:
+    """The same audio with its last 16-bit sample set from `number`: inaudible, but a new content hash,
+    so load tests exercise the analysis instead of its cache."""
+    if len(audio) < 2:
+        return audio
+    return audio[:-2] + (number & 0xFFFF).to_bytes(2, "little")
+
+
+async def _recording_frames(header: bytes, audio: bytes, byte_rate: int, pace: float) -> AsyncIterator[bytes]:
+    yield encode_frame(0, header)
+    page_seconds = PAGE_BYTES / byte_rate
+    for seq, offset in enumerate(range(0, len(audio), PAGE_BYTES), start=1):
+        if pace > 0:
+            await asyncio.sleep(page_seconds / pace)
+        yield encode_frame(seq, audio[offset : offset + PAGE_BYTES])
+
+
+async def stream_listener(
+    client: httpx.AsyncClient,
+    base_url: str,
+    report: ListenerReport,
+    wav: bytes,
+    *,
+    recordings: int,
+    interval_s: float,
+    pace: float = 1.0,
+    on_recording: Callable[[str], None] = lambda listener: None,
+    reconnect: Reconnect,
+    distinct: bool = False,
+) -> None:
+    """Send `recordings` recordings (0 = until cancelled) over one long-lived connection; `report`
+    fills in as it goes, so it tells what was sent even when cancelled."""
+    listener_id = report.listener_id
+    header, audio, byte_rate = split_wav(wav)
+    salt = zlib.crc32(listener_id.encode()) << 8
+
+    async def body() -> AsyncIterator[bytes]:
+        while not recordings or report.recordings_sent < recordings:
+            pcm = make_distinct(audio, salt + report.recordings_sent) if distinct else audio
+            async for frame in _recording_frames(header, pcm, byte_rate, pace):
+                report.bytes_sent += len(frame)
+                yield frame
+            report.recordings_sent += 1
+            on_recording(listener_id)
+            if not recordings or report.recordings_sent < recordings:
+                await asyncio.sleep(interval_s)
+
+    while not recordings or report.recordings_sent < recordings:
+        try:
+            response = await client.post(
+                f"{base_url}/recordings_stream", params={"listener_id": listener_id}, content=body()
+            )
+            report.responses.append({"status": response.status_code, **_json_or_text(response)})
+            response.raise_for_status()
+            reconnect.succeeded()
+        except httpx.HTTPError as exc:
+            if not await reconnect.after_failure(report, exc):
+                return
+
+
+async def upload_listener(
+    client: httpx.AsyncClient,
+    base_url: str,
+    report: ListenerReport,
+    data: bytes,
+    suffix: str,
+    *,
+    recordings: int,
+    interval_s: float,
+    on_recording: Callable[[str], None] = lambda listener: None,
+    reconnect: Reconnect,
+    distinct: bool = False,
+) -> None:
+    """POST the file `recordings` times (0 = until cancelled), named like listener01_20250101T120000Z.wav."""
+    listener_id = report.listener_id
+    salt = zlib.crc32(listener_id.encode()) << 8
+    while not recordings or report.recordings_sent < recordings:
+        name = f"{listener_id}_{datetime.now(timezone.utc):{TIMESTAMP_FORMAT}}{suffix}"
+        body = make_distinct(data, salt + report.recordings_sent) if distinct and suffix == ".wav" else data
+        try:
+            response = await client.post(f"{base_url}/recordings_upload", files={"file": (name, body)})
+            report.responses.append({"status": response.status_code, **_json_or_text(response)})
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            if not await reconnect.after_failure(report, exc):
+                return
+            continue
+        reconnect.succeeded()
+        report.recordings_sent += 1
+        report.bytes_sent += len(data)
+        on_recording(listener_id)
+        if not recordings or report.recordings_sent < recordings:
+            await asyncio.sleep(interval_s)
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    """A refusal in the server's own words ("415: unsupported file type .txt ..."), else the transport error."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        body = _json_or_text(exc.response)
+        return f"{exc.response.status_code}: {body.get('error') or body.get('text') or exc.response.reason_phrase}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _json_or_text(response: httpx.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        return {"text": response.text[:200]}
+    return body if isinstance(body, dict) else {"body": body}
+
+
+async def run_listeners(
+    base_url: str,
+    file: Path,
+    *,
+    listeners: int,
+    interval_s: float,
+    recordings: int,
+    stagger_s: float = 0.0,
+    pace: float = 1.0,
+    upload: bool = False,
+    prefix: str = "listener",
+    on_recording: Callable[[str], None] = lambda listener: None,
+    on_error: Callable[[str, str], None] = lambda listener, error: None,
+    timeout_s: Optional[float] = None,
+    stop: Optional[asyncio.Event] = None,
+    distinct: bool = False,
+    token: Optional[str] = None,
+) -> list[ListenerReport]:
+    """Run the listeners until each has sent its recordings, `stop` is set or `timeout_s` has passed;
+    the reports count what was sent either way."""
+    data = file.read_bytes()
+    limits = httpx.Limits(max_connections=listeners + 4, max_keepalive_connections=listeners + 4)
+    timeout = httpx.Timeout(30.0, read=None)
+    reports = [ListenerReport(f"{prefix}{index:02d}") for index in range(1, listeners + 1)]
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+
+        async def one(report: ListenerReport) -> None:
+            await asyncio.sleep(random.uniform(0, stagger_s) if stagger_s else 0)
+            if upload:
+                await upload_listener(
+                    client, base_url, report, data, file.suffix.lower(), recordings=recordings,
+                    interval_s=interval_s, on_recording=on_recording, reconnect=Reconnect(on_error), distinct=distinct,
+                )
+            else:
+                await stream_listener(
+                    client, base_url, report, data, recordings=recordings, interval_s=interval_s, pace=pace,
+                    on_recording=on_recording, reconnect=Reconnect(on_error), distinct=distinct,
+                )
+
+        tasks = [asyncio.create_task(one(report)) for report in reports]
+        all_sent = asyncio.create_task(asyncio.wait(tasks))
+        stopped = asyncio.create_task((stop or asyncio.Event()).wait())
+        await asyncio.wait([all_sent, stopped], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        all_sent.cancel()
+        stopped.cancel()
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+    return reports

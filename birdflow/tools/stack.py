@@ -1,0 +1,233 @@
+"""A whole station (`birdflow up`) in a temporary folder on loopback ports, for the bench and the drills:
+started, measured (CPU and memory of its processes, from /proc), asked through its Prefect API, stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator, Optional
+
+import yaml
+
+from birdflow.settings import Settings
+from birdflow.tools.testbed import free_port, prefect_post
+
+# filters of the Prefect API
+RECORDING_RUNS = {"flows": {"name": {"any_": ["process-recording"]}}}
+
+
+COMPLETED = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in task.read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += _children(current)
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of the processes and of their reaped children."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return total / CLOCK_TICKS
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _epoch(iso_time: str) -> float:
+    return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass
+class Stack:
+    """`birdflow up` in a temporary folder, on loopback ports, with its own embedded Prefect server."""
+
+    root: Path
+    prefect_database: str = "sqlite"
+    station_id: str = "bench"
+    settings: dict = field(default_factory=dict)  # more settings for settings.yaml
+    env: dict = field(default_factory=dict)  # more environment (secrets)
+    process: Optional[subprocess.Popen] = None
+    ingest_port: int = field(default_factory=free_port)
+    prefect_port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ingest_port}"
+
+    @cached_property
+    def places(self) -> Settings:
+        """Where the stack keeps what (its data_dir under root; the rest as birdflow's settings derive it)."""
+        return Settings(data_dir=self.root / "data")
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "up.log"
+
+    def start(self, timeout_s: float = 180) -> None:
+        settings = {
+            "station_id": self.station_id,
+            "data_dir": str(self.places.data_dir),
+            "ingest_host": "127.0.0.1",
+            "ingest_port": self.ingest_port,
+            "prefect_port": self.prefect_port,
+            "prefect_database": self.prefect_database,
+            "postgres_port": free_port(),
+            **self.settings,
+        }
+        settings_file = self.root / "settings.yaml"
+        settings_file.write_text(yaml.safe_dump(settings))
+        # the stack under test is configured by its settings file alone
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "BIRDFLOW_"))}
+        env.update(self.env)
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), "up"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while "executor ready" not in self.log_path.read_bytes()[start:].decode(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the stack did not start; its log ends:\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def child(self, role: str) -> Optional[int]:
+        """The process id of `up`'s child: "ingest", "executor" or "server" (the Prefect server)."""
+        module, word = {"ingest": ("birdflow.app.cli", "ingest"), "executor": ("birdflow.app.cli", "execute"),
+                        "server": ("prefect", "server")}[role]
+        for pid in _children(self.process.pid):
+            command = command_line(pid).split()  # python -m <module> <command> ...
+            if module in command[:3] and word in command[3:]:
+                return pid
+        return None
+
+    def groups(self) -> dict[str, list[int]]:
+        """Process ids by role: aggregator (supervisor, ingest, executor), server, database, ingest alone."""
+        groups: dict[str, list[int]] = {"aggregator": [self.process.pid], "server": [], "database": [], "ingest": []}
+        for child in _children(self.process.pid):
+            command = command_line(child)
+            tree = process_tree(child)
+            if "prefect" in command and "server" in command:
+                groups["server"] += tree
+            elif "postgres" in command:
+                groups["database"] += tree
+            else:
+                groups["aggregator"] += tree
+                if command.rstrip().endswith(" ingest"):
+                    groups["ingest"] += tree
+        return groups
+
+    def cpu(self) -> dict[str, float]:
+        return {role: cpu_seconds(pids) for role, pids in self.groups().items()}
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def stored_times(self) -> dict[str, float]:
+        """recording id -> when its detections file was written (wall clock)."""
+        stored = {}
+        for path in self.places.detections_dir.rglob("*.parquet"):
+            stored[path.name.split("__", 1)[0]] = path.stat().st_mtime
+        return stored
+
+    def api(self, path: str, body: dict):
+        """POST to the station's Prefect API."""
+        return prefect_post(f"http://127.0.0.1:{self.prefect_port}/api", path, body)
+
+    def completed_runs(self) -> int:
+        """Completed runs of recordings (the maintenance deployment's are not counted)."""
+        return int(self.api("flow_runs/count", {**RECORDING_RUNS, **COMPLETED}))
+
+    def run_timings(self, recording_ids: set[str]) -> dict[str, dict]:
+        """recording id -> its completed run's start and end (epoch seconds) and its task runs' run time."""
+        runs = self.api(
+            "flow_runs/filter",
+            {**RECORDING_RUNS, **COMPLETED, "sort": "START_TIME_DESC", "limit": 200},
+        )
+        runs = {run["id"]: run for run in runs if run["parameters"]["recording"]["recording_id"] in recording_ids}
+        tasks = self.api("task_runs/filter", {"flow_runs": {"id": {"any_": list(runs)}}, "limit": 200}) if runs else []
+        timings = {
+            run["parameters"]["recording"]["recording_id"]: {
+                "start": _epoch(run["start_time"]), "end": _epoch(run["end_time"]), "tasks": 0, "tasks_s": 0.0,
+            }
+            for run in runs.values()
+        }
+        for task in tasks:
+            if task["state_type"] == "COMPLETED":
+                timing = timings[runs[task["flow_run_id"]]["parameters"]["recording"]["recording_id"]]
+                timing["tasks"] += 1
+                timing["tasks_s"] += task["total_run_time"]
+        return timings
+
+
+@contextmanager
+def temporary_stack(prefect_database: str, keep: bool = False) -> Iterator[Stack]:
+    root = Path(tempfile.mkdtemp(prefix="birdflow-bench-"))
+    root.chmod(0o755)  # an embedded Postgres runs as its own user when we are root
+    # no maintenance run during the bench: it would merge the detection files the bench times
+    stack = Stack(root, prefect_database, settings={"maintenance_interval_s": 86400})
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)

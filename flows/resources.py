@@ -1,0 +1,101 @@
+"""What a flow-executing process builds once and keeps: settings, the BirdNET model, sinks and archive.
+
+A flow body obtains them once (`station_resources()`) and hands the tasks what they need; nothing else
+in the flows reaches for process-wide state.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from typing import Optional
+
+from birdflow.core.archive import Archive, LocalArchive, S3Archive
+from birdflow.core.birdnet import AnalysisParams, BirdNET
+from birdflow.core.ledger import ProcessedLedger
+from birdflow.settings import Settings, load_settings
+from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink
+
+
+class StationResources:
+    """A plain class, not a dataclass: Prefect passes it to tasks as it is, without walking its fields."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._per_thread = threading.local()
+
+    @cached_property
+    def params(self) -> AnalysisParams:
+        return self.settings.analysis.parameters()
+
+    @property
+    def model(self) -> BirdNET:
+        """One interpreter per executing thread (interpreters are not thread-safe), loaded on first use."""
+        model = getattr(self._per_thread, "model", None)
+        if model is None:
+            settings = self.settings
+            model = self._per_thread.model = BirdNET(
+                settings.analysis.birdnet_backend, settings.analysis.birdnet_threads, settings.analysis.birdnet_batch_size
+            )
+        return model
+
+    @cached_property
+    def sinks(self) -> list[DetectionSink]:
+        sinks: list[DetectionSink] = []
+        if self.settings.sinks.parquet_enabled:
+            sinks.append(ParquetSink(self.settings.detections_dir))
+        if self.settings.sinks.influx_enabled:
+            from blocks import load_influx
+
+            block = load_influx(self.settings)
+            sinks.append(InfluxSink(block.host, block.database, block.table, block.token.get_secret_value()))
+        return sinks
+
+    @cached_property
+    def archive(self) -> Archive:
+        if self.settings.archive.archive_backend == "s3":
+            from blocks import load_s3_bucket
+
+            return S3Archive(load_s3_bucket(self.settings))
+        return LocalArchive(self.settings.local_archive_dir)
+
+    @cached_property
+    def local_copy(self) -> Optional[LocalArchive]:
+        """With an S3 archive and keep_local_recordings: the local archive keeps a copy too."""
+        if self.settings.archive.archive_backend == "s3" and self.settings.archive.keep_local_recordings:
+            return LocalArchive(self.settings.local_archive_dir)
+        return None
+
+    @cached_property
+    def ledger(self) -> ProcessedLedger:
+        return ProcessedLedger(self.settings.processed_record_file)
+
+    @cached_property
+    def result_storage(self):
+        """The station's results file as a Prefect block, saved once per process (Prefect takes only saved blocks)."""
+        from blocks import SQLiteResultStorage
+
+        storage = SQLiteResultStorage(path=str(self.settings.results_file.resolve()))
+        storage.save(f"birdflow-results-{self.settings.station_id}", overwrite=True)
+        return storage
+
+
+_current: Optional[StationResources] = None
+_current_lock = threading.Lock()
+
+
+def station_resources() -> StationResources:
+    """This process's resources, built from the settings on first use (any process can run the flows)."""
+    global _current
+    with _current_lock:
+        if _current is None:
+            _current = StationResources(load_settings())
+        return _current
+
+
+def use_station(settings: Settings) -> StationResources:
+    """Install the resources of these settings (the executor, worker and CLI do this once at start)."""
+    global _current
+    with _current_lock:
+        _current = StationResources(settings)
+        return _current

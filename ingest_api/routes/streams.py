@@ -1,0 +1,93 @@
+"""POST /recordings_stream: one listener's frames for as long as its connection lasts (the protocol
+document, section 1); the frames become recordings in ingest_api/assembler.py."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
+
+from birdflow.app import metrics
+from birdflow.core.disk import InsufficientStorage
+from ingest_api.assembler import StreamAssembler, StreamRejected, StreamStats, TooManyRecordings
+from ingest_api.checks import Rejection, write_failure
+from ingest_api.deps import StationDep, TokenDep
+from ingest_api.framing import FrameParser, FramingError
+
+log = logging.getLogger("birdflow.ingest")
+router = APIRouter()
+
+
+def summary(listener_id: str, stats: StreamStats) -> dict:
+    return {
+        "listener_id": listener_id,
+        "recordings_closed": stats.closed,
+        "recordings": [info.recording_id for info in stats.recordings],  # the newest 100
+        "discarded": stats.discarded,
+        "gaps": stats.gaps,
+        "dropped_frames": stats.dropped_frames,
+        "metadata_frames": stats.metadata_frames,
+    }
+
+
+@router.post("/recordings_stream")
+async def recordings_stream(request: Request, station: StationDep, token: TokenDep, listener_id: str = Query(...)):
+    try:
+        station.admit_stream(listener_id, token)
+    except Rejection as rejection:
+        return station.reject(rejection, listener_id)
+    parser = FrameParser(station.settings.ingest.max_frame_bytes)
+    sealing: list[concurrent.futures.Future] = []
+
+    def seal_later(seal) -> None:
+        sealing[:] = [future for future in sealing if not future.done()]  # bounded on days-long streams
+        sealing.append(station.submit_seal(listener_id, seal))
+
+    assembler = StreamAssembler(
+        listener_id, station.store, station.limits, on_event=station.count_event, sealer=seal_later,
+        before_open=station.disk.require_room,
+    )
+    station.streams.add(assembler)
+    open_streams = metrics.OPEN_STREAMS.labels(station.station_id)
+    open_streams.inc()
+    rejection = None
+    try:
+        async for chunk in request.stream():
+            for frame in parser.feed(chunk):
+                assembler.handle(frame)
+    except ClientDisconnect:
+        log.info("listener %s disconnected", listener_id)
+    except asyncio.CancelledError:
+        # the server is stopping and ends the streams: the recording in progress is closed and kept
+        # below, and nobody is left to read an answer
+        log.info("listener %s: stream closed because the ingest API is stopping", listener_id)
+        return Response(status_code=503)
+    except FramingError as exc:
+        rejection = Rejection(400, "malformed_frame", str(exc))
+    except StreamRejected as exc:
+        rejection = Rejection(415, "bad_header", str(exc))
+    except TooManyRecordings as exc:
+        rejection = Rejection(429, "too_many_recordings", f"listener {listener_id}: {exc}")
+    except InsufficientStorage as exc:  # checked as each recording opens; the ones before it are kept
+        rejection = Rejection(507, "insufficient_storage", str(exc))
+    except OSError as exc:
+        assembler.abandon()  # a recording cut by a write error is not kept half-written
+        rejection = write_failure(exc)
+        if not isinstance(rejection, Rejection):
+            raise
+    finally:
+        if parser.pending_bytes and rejection is None:
+            log.info("listener %s: stream ended inside a frame (%d bytes dropped)", listener_id, parser.pending_bytes)
+            station.count_event("frame_dropped", 1)
+        stats = assembler.finish()
+        station.streams.discard(assembler)
+        open_streams.dec()
+        # this stream's recordings are published before its answer lists them
+        await asyncio.gather(*(asyncio.wrap_future(future) for future in sealing), return_exceptions=True)
+    if rejection:
+        return station.reject(rejection, listener_id, summary(listener_id, stats))
+    return summary(listener_id, stats)

@@ -1,0 +1,123 @@
+"""What the ingest routes share for the life of the app: the recording store, the disk floor, who may
+send, the streams connected now, and the one thread that seals closed recordings."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from birdflow.app import metrics
+from birdflow.core.disk import MB, DiskFloor
+from birdflow.core.recordings import RecordingStore
+from birdflow.core.retention import archive_retention
+from birdflow.core.wav import WavFormat
+from birdflow.settings import Settings
+from ingest_api.access import IngestAccess
+from ingest_api.assembler import StreamAssembler, StreamLimits
+from ingest_api.checks import Rejection, checked_listener_id
+from ingest_api.recovery import recover_partials
+
+log = logging.getLogger("birdflow.ingest")
+# partials no stream has written to for this long are left over (a close that failed): publish them
+PARTIAL_SWEEP_S = 600.0
+RETRY_AFTER_S = {503: "30", 507: "300", 429: "60"}
+
+
+def recover_and_count(
+    store: RecordingStore, settings: Settings, untouched_for_s: Optional[float] = None, in_use: frozenset = frozenset()
+) -> None:
+    """Publish (or remove) partial files a crash or a failed close left behind, and count them."""
+    outcome = recover_partials(store, settings.ingest.min_duration_s, untouched_for_s, in_use)
+    station = settings.station_id
+    for info in outcome.published:
+        metrics.RECORDINGS_RECEIVED.labels(station, "recovered").inc()
+        log.info("recovered %s (%.1f s) from a partial file", info.recording_id, info.duration_s)
+    for reason, count in outcome.removed.items():
+        metrics.RECORDINGS_DISCARDED.labels(station, reason).inc(count)
+        log.info("removed %d partial file(s): %s", count, reason)
+
+
+class IngestStation:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.station_id = station = settings.station_id
+        self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, station)
+        recover_and_count(self.store, settings)  # nothing of this process is open yet: every partial is left over
+        self.disk = DiskFloor(settings.data_dir, settings.unattended.min_free_disk_mb * MB, relieve=lambda: archive_retention(settings))
+        self.limits = StreamLimits(
+            min_duration_s=settings.ingest.min_duration_s,
+            max_duration_s=settings.ingest.max_duration_s,
+            max_gap_pages=settings.ingest.max_gap_pages,
+            default_format=WavFormat(settings.ingest.default_sample_rate, settings.ingest.default_channels, settings.ingest.default_bits_per_sample),
+            max_recordings_per_minute=settings.ingest.max_recordings_per_minute,
+        )
+        self.access = IngestAccess(settings)
+        self.streams: set[StreamAssembler] = set()  # the streams connected now
+        # one thread seals closed recordings (fsync, hash, publish) in order, off the event loop
+        self.sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
+        self._event_counters = {
+            "recording_closed": metrics.RECORDINGS_RECEIVED.labels(station, "stream"),
+            "recording_discarded": metrics.RECORDINGS_DISCARDED.labels(station, "too_short"),
+            "recording_abandoned": metrics.RECORDINGS_DISCARDED.labels(station, "write_failed"),
+            "gap": metrics.GAPS.labels(station),
+            "frame_dropped": metrics.FRAMES_DROPPED.labels(station),
+            "metadata_frame": metrics.METADATA_FRAMES.labels(station),
+        }
+
+    def count_event(self, name: str, count: int) -> None:
+        self._event_counters[name].inc(count)
+
+    def reject(self, rejection: Rejection, listener_id: Optional[str], extra: Optional[dict] = None) -> JSONResponse:
+        """The answer to a refused request (the connection then drops what is left of its body)."""
+        metrics.REQUESTS_REJECTED.labels(self.station_id, rejection.reason).inc()
+        log.warning("rejected request from listener %r: %s", listener_id, rejection)
+        headers = {}
+        if rejection.status in RETRY_AFTER_S:
+            headers["Retry-After"] = RETRY_AFTER_S[rejection.status]
+        if rejection.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse({"error": str(rejection), **(extra or {})}, status_code=rejection.status, headers=headers)
+
+    def admit_stream(self, listener_id: str, token: Optional[str]) -> None:
+        """A valid id, the listener's token when auth is on, and room for one more stream."""
+        checked_listener_id(listener_id)
+        self.access.admit_stream(listener_id, token)
+        if len(self.streams) >= self.settings.ingest.max_open_streams:
+            raise Rejection(503, "too_many_streams", f"{len(self.streams)} streams are open, the most this station takes")
+        per_listener = self.settings.ingest.max_streams_per_listener
+        if sum(stream.listener_id == listener_id for stream in self.streams) >= per_listener:
+            raise Rejection(503, "listener_streams", f"listener {listener_id!r} already has {per_listener} open streams")
+
+    def submit_seal(self, listener_id: str, seal) -> concurrent.futures.Future:
+        def report(future: concurrent.futures.Future) -> None:
+            if future.exception() is not None:
+                log.error("listener %s: a closed recording could not be stored: %s", listener_id, future.exception())
+
+        future = self.sealer.submit(seal)
+        future.add_done_callback(report)
+        return future
+
+    async def _sweep_partials(self) -> None:
+        while True:
+            await asyncio.sleep(PARTIAL_SWEEP_S)
+            in_use = frozenset(stream.open_path for stream in self.streams if stream.open_path)
+            await run_in_threadpool(recover_and_count, self.store, self.settings, PARTIAL_SWEEP_S, in_use)
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        sweeper = asyncio.create_task(self._sweep_partials())
+        yield
+        sweeper.cancel()
+        # Stopping (SIGTERM, Ctrl-C): the server has cancelled the streams, which close their recordings;
+        # those are published before the process exits, so a restart finds them in the recordings folder.
+        for _ in range(100):
+            if not self.streams:
+                break
+            await asyncio.sleep(0.05)
+        await run_in_threadpool(self.sealer.shutdown, True)

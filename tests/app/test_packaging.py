@@ -1,0 +1,113 @@
+"""docker/ and balena/: what can be checked without a Docker engine.
+
+The compose files parse and point at files that exist, every birdflow variable they set is a real
+setting, the Dockerfile is multi-stage, non-root and health-checked, and the image's entrypoint and the
+fleet-variable script run here, outside Docker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import yaml
+
+from birdflow.settings import Settings
+from tests.conftest import PROJECT
+from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
+
+DOCKER, BALENA = PROJECT / "docker", PROJECT / "balena"
+SETTING_VARIABLES = {name.upper() for name in Settings.flat_fields()}
+# services published beyond the box, each asking for credentials (README, "Security")
+PUBLISHED_WITH_LOGIN = {
+    "docker-compose.yml": {"aggregator", "prefect", "grafana"},
+    "docker-compose.central.yml": {"prefect", "grafana", "influxdb3", "prometheus", "seaweedfs"},
+}
+COMPOSE_FILES = [DOCKER / "docker-compose.yml", DOCKER / "docker-compose.central.yml", BALENA / "docker-compose.yml"]
+
+
+def test_compose_files_reference_existing_files_volumes_and_settings():
+    for path in COMPOSE_FILES:
+        compose = yaml.safe_load(path.read_text())
+        named = set(compose.get("volumes", {}))
+        for name, service in compose["services"].items():
+            if "build" in service:
+                context = (path.parent / service["build"]["context"]).resolve()
+                assert (context / service["build"]["dockerfile"]).is_file(), (path, name)
+            for volume in service.get("volumes", []):
+                source = volume.split(":")[0]
+                if source.startswith("."):
+                    assert (path.parent / source).exists(), (path, name, source)
+                else:
+                    assert source in named, (path, name, source)
+            if service.get("build"):  # the birdflow image: every variable it sets must be a setting
+                environment = service.get("environment", {})
+                assert set(environment) <= SETTING_VARIABLES, set(environment) - SETTING_VARIABLES
+            if str(service.get("image", "")).startswith("prefecthq/prefect"):  # run retention by Prefect's vacuum
+                assert service["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] == "flow_runs", path
+                assert "PREFECT_SERVER_API_AUTH_STRING" in service["environment"], path  # and its own auth
+            if name not in PUBLISHED_WITH_LOGIN.get(path.name, ()):  # the rest answers on loopback only
+                assert all(port.startswith("127.0.0.1:") for port in service.get("ports", [])), (path, name)
+    balena = yaml.safe_load((BALENA / "docker-compose.yml").read_text())
+    assert str(balena["version"]).startswith("2.")
+    devices = yaml.safe_load((BALENA / "balena.yml").read_text())["data"]["supportedDeviceTypes"]
+    assert {"raspberrypi4-64", "raspberrypi5"} <= set(devices)
+
+
+def test_dockerfile_is_multi_stage_non_root_health_checked_and_copies_what_exists():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.MULTILINE)) >= 2
+    assert re.search(r"^USER (?!root)\w+", text, re.MULTILINE) and "HEALTHCHECK" in text
+    for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.MULTILINE):
+        for source in line.split()[:-1]:
+            assert (PROJECT / source).exists(), source
+    assert os.access(DOCKER / "entrypoint.sh", os.X_OK)
+
+
+def entrypoint(*args, env) -> subprocess.CompletedProcess:
+    return subprocess.run([str(DOCKER / "entrypoint.sh"), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_entrypoint_runs_outside_docker(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    (data / "settings.yaml").write_text(yaml.safe_dump({"station_id": "from-volume", "ingest_port": port, "ingest_host": LOOPBACK}))
+    env = {key: value for key, value in os.environ.items() if key.upper() not in SETTING_VARIABLES}
+    env.update(DATA_DIR=str(data), INGEST_PORT=str(port), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    env.pop("BIRDFLOW_SETTINGS", None)
+    assert entrypoint("healthcheck", env=env).returncode == 1  # nothing listens yet
+    config = entrypoint("prometheus-config", env=env)
+    assert config.returncode == 0 and "station: from-volume" in config.stdout  # settings.yaml on the volume
+    ingest = subprocess.Popen([str(DOCKER / "entrypoint.sh"), "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200, 60, "ingest via the entrypoint")
+        assert entrypoint("healthcheck", env=env).returncode == 0
+        assert entrypoint("sh", "-c", "echo passthrough", env=env).stdout.strip() == "passthrough"
+    finally:
+        ingest.terminate()
+        ingest.wait(30)
+
+
+def test_env_to_fleet_loads_what_init_writes(tmp_path):
+    subprocess.run([sys.executable, "-m", "birdflow.app.cli", "init", "--dir", str(tmp_path), "--station", "pi-9"], check=True, capture_output=True)
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_file.read_text() + "INFLUX_TOKEN_EXTRA='a b'\nlower=x\n")
+    result = subprocess.run(
+        [str(BALENA / "env-to-fleet.sh"), "north-fleet", str(env_file)], capture_output=True, text=True,
+        env={**os.environ, "DRY_RUN": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[3] for line in lines] == [
+        "STATION_ID", "PREFECT_API_AUTH_STRING", "METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD", "INGEST_AUTH", "INFLUX_TOKEN_EXTRA",
+    ]
+    assert lines[0] == "balena env set STATION_ID pi-9 --fleet north-fleet"
+    assert lines[-1] == "balena env set INFLUX_TOKEN_EXTRA a\\ b --fleet north-fleet"
+    assert "skipping lower" in result.stderr
+    missing = subprocess.run([str(BALENA / "env-to-fleet.sh"), "f", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such file" in missing.stderr

@@ -1,0 +1,22 @@
+"""Objects the tests build often, with defaults that make a valid one and keywords for what a test cares about."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from birdflow.core.recordings import RecordingInfo, TIMESTAMP_FORMAT
+
+JUNE_MORNING = datetime(2025, 6, 1, 5, 30, tzinfo=timezone.utc)
+
+
+def recording_info(
+    listener_id: str = "mic1", start_time: datetime = JUNE_MORNING, content_hash: str = "ab" * 32, **overrides
+) -> RecordingInfo:
+    """A recording as the ingest API would have published it (its id from listener, start and hash)."""
+    recording_id = overrides.pop("recording_id", f"{listener_id}_{start_time:{TIMESTAMP_FORMAT}}_{content_hash[:8]}")
+    values = dict(
+        recording_id=recording_id, listener_id=listener_id, station_id="station01", start_time=start_time,
+        duration_s=10.0, sample_rate=48000, content_hash=content_hash, size_bytes=960044,
+        file_name=f"{recording_id}.wav",
+    )
+    return RecordingInfo(**{**values, **overrides})

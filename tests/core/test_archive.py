@@ -1,0 +1,67 @@
+"""Both archive backends: verified storage, no second upload of the same content, nothing kept that does not
+match the recording's SHA-256. S3 runs against SeaweedFS through the prefect-aws S3Bucket block."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from boto3.exceptions import S3UploadFailedError
+
+from birdflow.core.archive import ArchiveError, LocalArchive, S3Archive
+from birdflow.settings import Settings
+from blocks import s3_bucket_from_settings
+
+KEY = "st1/mic1/2025/06/01/mic1_20250601T053000Z_e70acbef.wav"
+
+
+@pytest.fixture
+def recording(tmp_path, sample_48k):
+    path = tmp_path / "recording.wav"
+    path.write_bytes(sample_48k.read_bytes())
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def s3_archive(seaweed):
+    seaweed.create_bucket("archive-test")
+    settings = Settings(
+        archive_backend="s3", s3_bucket="archive-test", s3_prefix="raw", s3_endpoint_url=seaweed.endpoint_url,
+        aws_access_key_id=seaweed.access_key, aws_secret_access_key=seaweed.secret_key,
+    )
+    return S3Archive(s3_bucket_from_settings(settings)), seaweed.client()
+
+
+def test_s3_stores_verified_once_and_reads_back(s3_archive, recording):
+    archive, s3 = s3_archive
+    path, sha256 = recording
+    first = archive.store(path, KEY, sha256)
+    assert first.uploaded and first.uri == f"s3://archive-test/raw/{KEY}" and first.size_bytes == path.stat().st_size
+    stored = s3.get_object(Bucket="archive-test", Key=f"raw/{KEY}", ChecksumMode="ENABLED")
+    assert stored["Body"].read() == path.read_bytes()
+    assert stored["Metadata"]["sha256"] == sha256 and stored["ChecksumSHA256"]
+    assert not archive.store(path, KEY, sha256).uploaded  # the same content is never uploaded twice
+    assert archive.fetch(KEY) == path.read_bytes()
+
+
+def test_s3_refuses_bytes_that_do_not_match_the_recording_hash(s3_archive, recording):
+    archive, s3 = s3_archive
+    path, sha256 = recording
+    other = hashlib.sha256(b"what the recording was when it was closed").hexdigest()
+    with pytest.raises(S3UploadFailedError, match="BadDigest"):  # the store checked the bytes against the hash
+        archive.store(path, "st1/mic1/2025/06/01/changed.wav", other)
+    assert s3.list_objects_v2(Bucket="archive-test", Prefix="raw/st1/mic1/2025/06/01/changed").get("KeyCount") == 0
+
+
+def test_local_archive_verifies_copies_and_stays_inside_its_folder(tmp_path, recording):
+    archive = LocalArchive(tmp_path / "archive")
+    path, sha256 = recording
+    first = archive.store(path, KEY, sha256)
+    assert first.uploaded and (tmp_path / "archive" / KEY).read_bytes() == path.read_bytes()
+    assert not archive.store(path, KEY, sha256).uploaded
+    with pytest.raises(ArchiveError, match="does not match"):
+        archive.store(path, "st1/changed.wav", hashlib.sha256(b"other").hexdigest())
+    assert not list((tmp_path / "archive" / "st1").glob("changed*"))
+    with pytest.raises(ArchiveError, match="leaves the archive folder"):
+        archive.store(path, "../outside.wav", sha256)
+    assert not (tmp_path / "outside.wav").exists()

@@ -1,0 +1,98 @@
+"""Settings validation, and the detection sinks against real servers (Parquet on disk, InfluxDB line protocol)."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+import pytest
+
+from birdflow.core.birdnet import Detection
+from birdflow.core.detections import detections_table
+from tests.builders import recording_info
+from birdflow.settings import SettingsError, load_settings
+from birdflow.core.sinks import InfluxSink, ParquetSink, read_detections
+from birdflow.tools.testbed import parse_line
+
+RECORDING = recording_info(listener_id="mic-1", recording_id="mic-1_20250601T053000Z_abcdef12")
+FOUND = [
+    Detection(3.0, 6.0, "Spinus tristis", "American Goldfinch", 0.365),
+    Detection(6.0, 9.0, "Turdus migratorius", "American Robin", 0.5),
+]
+
+
+def test_yaml_with_env_overrides(tmp_path):
+    file = tmp_path / "settings.yaml"
+    file.write_text("station_id: ridge\nmax_duration_s: 30\nkeep_local_recordings: true\n")
+    settings = load_settings(file, {"MAX_DURATION_S": "15", "KEEP_LOCAL_RECORDINGS": "0", "EXCLUDE_SPECIES": "a, b"})
+    assert (settings.station_id, settings.ingest.max_duration_s, settings.archive.keep_local_recordings) == ("ridge", 15.0, False)
+    assert settings.analysis.exclude_species == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, env, message",
+    [
+        ("min_confidence: 2\n", {}, "setting 'min_confidence' (in "),
+        ("", {"INGEST_PORT": "eighty"}, "setting 'ingest_port' (env INGEST_PORT)"),
+        ("", {"KEEP_LOCAL_RECORDINGS": "maybe"}, "KEEP_LOCAL_RECORDINGS"),
+        ("max_duration_s: 2\n", {}, "'max_duration_s' (2.0) must be greater than 'min_duration_s'"),
+        ("archive_backend: s3\n", {}, "'s3_bucket' is required"),
+        ("no_such_thing: 1\n", {}, "setting 'no_such_thing'"),
+        ("station_id: ../x\n", {}, "setting 'station_id'"),
+        ("- just\n- a list\n", {}, "must be a mapping"),
+    ],
+)
+def test_invalid_settings_name_the_setting(tmp_path, yaml_text, env, message):
+    file = tmp_path / "settings.yaml"
+    file.write_text(yaml_text)
+    with pytest.raises(SettingsError) as error:
+        load_settings(file, env)
+    assert message in str(error.value)
+
+
+def test_parquet_sink_is_idempotent_and_filterable(tmp_path):
+    sink = ParquetSink(tmp_path)
+    table = detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1")
+    assert sink.write(table) == 2
+    assert sink.write(table) == 2  # a retry rewrites the same file
+    assert read_detections(tmp_path).num_rows == 2
+    robin = read_detections(tmp_path, species="american robin")
+    assert robin.column("time").to_pylist() == [datetime(2025, 6, 1, 5, 30, 6, tzinfo=timezone.utc)]
+    assert read_detections(tmp_path, listener="other").num_rows == 0
+    assert read_detections(tmp_path, since=datetime(2025, 6, 1, 5, 30, 5, tzinfo=timezone.utc)).num_rows == 1
+    sink.write(detections_table(RECORDING, FOUND[:1], "BirdNET_GLOBAL_6K_V2.5", "b2"))
+    assert read_detections(tmp_path).num_rows == 3  # a new analysis is stored beside the old one
+
+
+def test_influx_sink_writes_line_protocol_through_influxdb3_python(influx_server):
+    sink = InfluxSink(influx_server.url, "birds", "detections", "test-token")
+    assert sink.write(detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1")) == 2
+    request = influx_server.requests[-1]
+    database = request["query"].get("db") or request["query"].get("bucket")
+    assert request["path"] in ("/api/v3/write_lp", "/api/v2/write") and database == ["birds"]
+    parsed = sorted((parse_line(line) for line in influx_server.lines), key=lambda point: point[3])
+    measurement, tags, fields, timestamp = parsed[0]
+    assert measurement == "detections"
+    assert tags["scientific_name"] == "Spinus tristis" and tags["common_name"] == "American Goldfinch"
+    assert tags["listener_id"] == "mic-1" and tags["analysis_id"] == "a1"
+    assert float(fields["confidence"]) == pytest.approx(0.365)
+    assert timestamp == int(datetime(2025, 6, 1, 5, 30, 3, tzinfo=timezone.utc).timestamp() * 1e9)
+
+
+def test_influx_sink_reports_a_rejected_token(influx_server):
+    sink = InfluxSink(influx_server.url, "birds", "detections", "wrong-token")
+    with pytest.raises(Exception, match="401|nauthorized"):
+        sink.write(detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1"))
+
+
+@pytest.mark.skipif(not os.environ.get("INFLUX3_URL"), reason="set INFLUX3_URL (and INFLUX3_TOKEN, INFLUX3_DATABASE) to test a real InfluxDB 3")
+def test_real_influxdb3_round_trip():
+    from influxdb_client_3 import InfluxDBClient3
+
+    database = os.environ.get("INFLUX3_DATABASE", "birdflow_test")
+    token = os.environ.get("INFLUX3_TOKEN", "")
+    sink = InfluxSink(os.environ["INFLUX3_URL"], database, "detections_test", token)
+    sink.write(detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1"))
+    client = InfluxDBClient3(host=os.environ["INFLUX3_URL"], database=database, token=token or None)
+    rows = client.query("SELECT scientific_name FROM detections_test WHERE recording_id = 'mic-1_20250601T053000Z_abcdef12'")
+    assert sorted(rows.column("scientific_name").to_pylist()) == ["Spinus tristis", "Turdus migratorius"]

@@ -1,0 +1,104 @@
+"""prefect.yaml deployed with `prefect deploy --all`, run by the in-process `birdflow` worker type.
+
+Two stations, two work pools: a backfill run for station a is executed by a's worker (processing an
+"SD-card dump" as a child process-recording run and saving a summary artifact); b's run is never
+picked up by a's worker. A second, dry run finds the recording already processed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.client.schemas.sorting import ArtifactSort
+
+from tests.conftest import PROJECT
+from birdflow.tools.testbed import wait_until
+
+pytestmark = pytest.mark.e2e
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def prefect_cli(env, *args) -> str:
+    result = subprocess.run(PREFECT + list(args), env=env, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def summary_row(client) -> list[int]:
+    """found, skipped, processed, failed, would process: from the newest backfill-summary artifact."""
+    artifact = client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["backfill-summary"])),
+        sort=ArtifactSort.CREATED_DESC, limit=1,
+    )[0]
+    row = re.search(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", artifact.data, re.MULTILINE)
+    return [int(value) for value in row.groups()]
+
+
+def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tmp_path, sample_48k):
+    base = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    base.update(prefect_server.env(), BIRDFLOW_HOME=str(PROJECT))
+    for station in ("a", "b"):
+        prefect_cli(base, "work-pool", "create", f"birdflow-{station}", "--type", "birdflow", "--overwrite")
+        prefect_cli({**base, "STATION_ID": station}, "--no-prompt", "deploy", "--all")
+    prefect_cli(base, "work-pool", "set-concurrency-limit", "birdflow-a", "2")
+
+    sdcard = tmp_path / "sdcard" / "2025-06-01"
+    sdcard.mkdir(parents=True)
+    shutil.copy(sample_48k, sdcard / "mic1_20250601T053000Z.wav")
+    data = tmp_path / "data-a"
+    settings_file = tmp_path / "a.yaml"
+    # a backfill reads only the folders the station allows (README, Security)
+    settings_file.write_text(yaml.safe_dump({"station_id": "a", "data_dir": str(data), "backfill_roots": [str(sdcard.parent)]}))
+    worker_env = {**base, "BIRDFLOW_SETTINGS": str(settings_file)}
+    log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), "worker"],
+        env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            pool = client.read_work_pool("birdflow-a")
+            assert pool.type == "birdflow" and pool.concurrency_limit == 2
+            runs = {}
+            for station in ("a", "b"):
+                deployment = client.read_deployment_by_name(f"backfill/{station}-backfill")
+                assert deployment.work_pool_name == f"birdflow-{station}"
+                runs[station] = client.create_flow_run_from_deployment(
+                    deployment.id, parameters={"source": str(sdcard.parent), "dry_run": False}
+                )
+            wait_until(lambda: client.read_flow_run(runs["a"].id).state.is_final(), 240, "station a's backfill run")
+            assert client.read_flow_run(runs["a"].id).state.is_completed(), (tmp_path / "worker.log").read_text()[-3000:]
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[runs["a"].id]))
+            )
+            assert [child.name for child in children] == ["mic1-20250601T053000Z"]
+            assert children[0].state.is_completed()
+            assert summary_row(client) == [1, 0, 1, 0, 0]
+            assert list((data / "detections").rglob("*.parquet"))
+            assert (sdcard / "mic1_20250601T053000Z.wav").is_file()  # the source is never deleted
+            assert client.read_flow_run(runs["b"].id).state.is_scheduled()  # not station a's work
+
+            deployment = client.read_deployment_by_name("backfill/a-backfill")
+            again = client.create_flow_run_from_deployment(
+                deployment.id, parameters={"source": str(sdcard.parent), "dry_run": True}
+            )
+            wait_until(lambda: client.read_flow_run(again.id).state.is_final(), 120, "the dry run")
+            assert summary_row(client) == [1, 1, 0, 0, 0]
+            time.sleep(1)
+            assert client.read_flow_run(runs["b"].id).state.is_scheduled()
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)

@@ -1,0 +1,68 @@
+"""`birdflow backfill` from an S3 prefix (SeaweedFS): dry run, a real run, then everything skipped;
+and the pure selection of candidates by time, listener and station."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import pytest
+import yaml
+
+from birdflow.core.backfill import candidate, parse_s3_source, select
+
+UTC = timezone.utc
+
+
+def test_select_by_time_listener_and_station():
+    modified = datetime(2025, 7, 1, tzinfo=UTC)
+    found = [
+        candidate("north/mic1/2025/06/01/mic1_20250601T053000Z_aaaa.wav", modified, 10),
+        candidate("north/mic2/2025/06/02/mic2_20250602T053000Z_bbbb.wav", modified, 10),
+        candidate("south/mic1/2025/06/01/mic1_20250601T060000Z_cccc.wav", modified, 10),
+        candidate("dump/noname.wav", modified, 10),  # no time in the name: the file time counts
+    ]
+    june_first = dict(since=datetime(2025, 6, 1, tzinfo=UTC), until=datetime(2025, 6, 2, tzinfo=UTC))
+    assert [c.name for c in select(found, **june_first)] == [found[0].name, found[2].name]
+    assert [c.name for c in select(found, listener="mic1", station="north")] == [found[0].name]
+    assert [c.name for c in select(found, since=datetime(2025, 6, 30, tzinfo=UTC))] == ["noname.wav"]
+    assert parse_s3_source("s3://bucket/a/b") == ("bucket", "a/b") and parse_s3_source("/mnt/sd") is None
+    with pytest.raises(ValueError):
+        parse_s3_source("s3:///nobucket")
+
+
+@pytest.mark.e2e
+def test_backfill_from_s3_dry_run_then_process_then_skip(prefect_server, seaweed, tmp_path, sample_48k):
+    bucket = "birdflow-backfill"
+    seaweed.create_bucket(bucket)
+    seaweed.client().put_object(Bucket=bucket, Key="old-station/mic3_20250601T053000Z.wav", Body=sample_48k.read_bytes())
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(yaml.safe_dump({
+        "station_id": "bf", "data_dir": str(tmp_path / "data"), "prefect_api_url": prefect_server.api_url,
+        "archive_backend": "s3", "s3_bucket": bucket, "s3_prefix": "archive", "s3_endpoint_url": seaweed.endpoint_url,
+        "aws_access_key_id": seaweed.access_key, "s3_block_name": "backfill-test-archive",
+    }))
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
+    cli = [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file)]
+    subprocess.run(cli + ["blocks", "register"], env=env, check=True, capture_output=True, timeout=120)
+
+    def backfill(*extra) -> str:
+        result = subprocess.run(cli + ["backfill", f"s3://{bucket}/old-station", *extra], env=env,
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result.stdout
+
+    assert "found 1, skipped 0 (already processed), processed 0" in backfill("--dry-run")
+    assert "would process 1:\n  old-station/mic3_20250601T053000Z.wav" in backfill("--dry-run")
+    assert "found 1, skipped 0 (already processed), processed 1, failed 0" in backfill()
+    assert list((tmp_path / "data" / "detections").rglob("*.parquet"))
+    archived = seaweed.client().list_objects_v2(Bucket=bucket, Prefix="archive/bf/mic3/2025/06/01/")
+    keys = [item["Key"] for item in seaweed.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert archived["KeyCount"] == 1, keys  # the audio is archived under the station's layout
+    assert "found 1, skipped 1 (already processed), processed 0" in backfill()
+    assert not list((tmp_path / "data" / "backfill").iterdir())  # scratch downloads are removed
+    other = backfill("--min-confidence", "0.3")  # other thresholds: analyzed again, rows side by side
+    assert "processed 1" in other
+    assert len(list((tmp_path / "data" / "detections").rglob("*.parquet"))) == 2

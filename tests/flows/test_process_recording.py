@@ -1,0 +1,80 @@
+"""The flow's retry and cache policies, and what a run may read."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from prometheus_client import REGISTRY
+from prefect.states import Failed
+
+from birdflow.core.archive import ArchiveError
+from birdflow.core.audio import AudioError
+from birdflow.core.birdnet import AnalysisParams
+from birdflow.core.recordings import RecordingInfo
+from flows.process_recording import analysis_cache_key, worth_retrying
+from tests.builders import recording_info
+
+
+def failed_with(exc: BaseException) -> bool:
+    return worth_retrying(None, None, Failed(data=exc))
+
+
+def test_io_failures_are_retried_and_bad_audio_is_not():
+    assert failed_with(OSError("disk busy"))
+    assert failed_with(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert failed_with(ArchiveError("upload did not match"))
+    assert not failed_with(AudioError("cannot decode audio"))
+    assert not failed_with(ValueError("archived copy does not match the content hash"))
+
+
+def recording(content_hash: str, start: datetime) -> RecordingInfo:
+    return recording_info(start_time=start, content_hash=content_hash)
+
+
+def test_analysis_cache_key_follows_content_parameters_and_range_week():
+    june, december = datetime(2025, 6, 1, tzinfo=timezone.utc), datetime(2025, 12, 1, tzinfo=timezone.utc)
+    plain = AnalysisParams()
+    ranged = AnalysisParams(latitude=42.0, longitude=-76.0)
+    key = analysis_cache_key(recording("a" * 64, june), plain)
+    assert key == analysis_cache_key(recording("a" * 64, june), AnalysisParams())  # re-sent audio: same key
+    assert key != analysis_cache_key(recording("b" * 64, june), plain)
+    assert key != analysis_cache_key(recording("a" * 64, june), AnalysisParams(min_confidence=0.5))
+    # without a range filter the date does not matter; with one, the week does
+    assert key == analysis_cache_key(recording("a" * 64, december), plain)
+    assert analysis_cache_key(recording("a" * 64, june), ranged) != analysis_cache_key(recording("a" * 64, december), ranged)
+
+
+@pytest.mark.parametrize("field, value", [("file_name", "../../etc/x.wav"), ("listener_id", "a/b"), ("recording_id", "x\ny")])
+def test_a_recording_names_no_other_path(field, value):
+    good = recording("ab" * 32, datetime(2025, 6, 1, tzinfo=timezone.utc)).model_dump()
+    with pytest.raises(ValueError, match="plain name"):
+        RecordingInfo.model_validate({**good, field: value})
+
+
+def test_a_run_whose_source_lies_outside_the_allowed_folders_fails_at_once(prefect_server, tmp_path, sample_48k, monkeypatch):
+    """What a caller of the Prefect API could try: point a run at any WAV on the station."""
+    import shutil
+
+    from birdflow.settings import Settings
+    from flows import resources
+    from flows.process_recording import UNPROCESSABLE, process_recording
+    from flows.resources import use_station
+
+    monkeypatch.setattr(resources, "_current", None)  # this test's resources go with it
+    settings = Settings(station_id="confined", data_dir=tmp_path / "data", backfill_roots=[tmp_path / "allowed"])
+    use_station(settings)
+    outside = tmp_path / "private" / "mic1_20250601T000000Z.wav"
+    outside.parent.mkdir()
+    shutil.copy(sample_48k, outside)
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "allowed" / "escape.wav").symlink_to(outside)  # a link out of an allowed folder is outside too
+    refused = lambda: REGISTRY.get_sample_value("birdflow_sources_refused_total", {"station": "confined"}) or 0  # noqa: E731
+    for source in (outside, tmp_path / "allowed" / "escape.wav", settings.recordings_dir / ".." / ".." / "private" / outside.name):
+        before = refused()
+        info = recording("cd" * 32, datetime(2025, 6, 1, tzinfo=timezone.utc)).model_copy(update={"source_path": str(source)})
+        state = process_recording(info, return_state=True)
+        assert state.is_failed() and state.name == UNPROCESSABLE and "backfill_roots" in state.message, source
+        assert refused() == before + 1
+    assert not settings.local_archive_dir.exists() and outside.read_bytes() == sample_48k.read_bytes()

@@ -1,0 +1,95 @@
+"""Re-drive of failed recording runs: the pure policy, and Prefect's states on a real server."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.states import Failed
+from prometheus_client import REGISTRY
+
+from birdflow.core.recordings import RecordingStore
+from birdflow.core.redrive import RedrivePolicy
+from birdflow.settings import Settings
+
+UTC = timezone.utc
+
+
+def test_delays_grow_then_the_last_repeats_until_the_maximum_age():
+    policy = RedrivePolicy((60, 120, 300), timedelta(days=7))
+    arrived = datetime(2025, 6, 1, tzinfo=UTC)
+    failed = arrived + timedelta(minutes=3)
+    waits = [(policy.next_attempt(n, arrived, failed) - failed).total_seconds() for n in (1, 2, 3, 4, 40)]
+    assert waits == [60, 120, 300, 300, 300]
+    assert policy.next_attempt(0, arrived, failed) - failed == timedelta(seconds=60)  # never ran: first delay
+    assert policy.next_attempt(5, arrived, arrived + timedelta(days=7)) is None
+
+
+@pytest.fixture
+def station(prefect_server, tmp_path):
+    """A station's deployment on the test server, and a recording published in its folder."""
+    from deployments.station import ensure_deployment
+    from tests.conftest import SAMPLE_48K, require_sample
+
+    settings = Settings(station_id=f"redrive-{time.monotonic_ns()}", data_dir=tmp_path / "data", redrive_delays_s=[30, 90])
+    deployment_id = ensure_deployment(settings)
+    store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
+    partial = store.new_upload_partial(".wav")
+    partial.write_bytes(require_sample(SAMPLE_48K).read_bytes())
+    info = store.publish(
+        partial, listener_id="mic1", start_time=datetime(2025, 6, 1, tzinfo=UTC), duration_s=10,
+        sample_rate=48000, channels=1, gaps=0, source="upload",
+    )
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run_from_deployment(deployment_id, parameters={"recording": info.model_dump(mode="json")})
+        client.set_flow_run_state(flow_run.id, Failed(message="EndpointConnectionError: S3 unreachable"), force=True)
+        yield settings, client, client.read_flow_run(flow_run.id), info
+
+
+def test_a_failed_run_is_scheduled_again_in_prefect(station):
+    from flows.redrive import redrive_or_give_up
+
+    settings, client, flow_run, info = station
+    due = redrive_or_give_up(client, flow_run, flow_run.state, settings)
+    assert due is not None
+    assert 25 < (due - datetime.now(UTC)).total_seconds() <= 30
+    state = client.read_flow_run(flow_run.id).state
+    assert (state.type.value, state.name) == ("SCHEDULED", "AwaitingRetry")
+    assert state.state_details.scheduled_time == due
+    assert "S3 unreachable" in state.message
+    assert (settings.recordings_dir / info.file_name).exists()  # its audio waits where it was
+
+
+def test_a_run_failing_past_its_maximum_age_is_given_up_and_reported(station):
+    from flows.redrive import EXPIRED, REPORT_KEY, redrive_or_give_up
+
+    settings, client, flow_run, info = station
+    settings = settings.model_copy(update={"unattended": settings.unattended.model_copy(update={"redrive_max_age_days": 1e-9})})
+    labels = {"station": settings.station_id, "reason": "expired"}
+    assert redrive_or_give_up(client, flow_run, flow_run.state, settings) is None
+    state = client.read_flow_run(flow_run.id).state
+    assert (state.type.value, state.name) == ("FAILED", EXPIRED) and "S3 unreachable" in state.message
+    assert not (settings.recordings_dir / info.file_name).exists()
+    assert (settings.failed_dir / info.file_name).read_bytes()[:4] == b"RIFF"
+    assert (settings.failed_dir / f"{info.recording_id}.json").exists()
+    assert REGISTRY.get_sample_value("birdflow_recordings_given_up_total", labels) == 1.0
+    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+    assert [artifact.key for artifact in artifacts] == [REPORT_KEY]
+    assert info.recording_id in artifacts[0].data
+
+
+def test_the_maintenance_run_re_drives_what_nothing_re_drove(station, monkeypatch):
+    import flows.maintenance
+    from flows.resources import use_station
+
+    settings, client, flow_run, info = station
+    use_station(settings)
+    assert flows.maintenance.maintenance()["redrive"] == {"redriven": 0, "given_up": 0}  # it just failed: its executor's
+    monkeypatch.setattr(flows.maintenance, "SETTLE_S", 0.0)  # as if a minute had passed without a re-drive
+    summary = flows.maintenance.maintenance()
+    assert summary["redrive"] == {"redriven": 1, "given_up": 0}
+    assert client.read_flow_run(flow_run.id).state.name == "AwaitingRetry"
+    assert flows.maintenance.maintenance()["redrive"] == {"redriven": 0, "given_up": 0}  # once is enough

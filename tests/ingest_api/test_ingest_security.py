@@ -1,0 +1,157 @@
+"""Bad input and hostile clients against the ingest API over real HTTP: each gets its status, touches no
+file (inside or outside the data directory) and costs a listener sending at the same time nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import httpx
+
+from birdflow.core.listener_tokens import ListenerTokens
+from birdflow.settings import Settings
+from birdflow.tools.testbed import LOOPBACK
+from ingest_api.framing import encode_frame
+from tests.ingest_client import GOOD, chunked_post, frames_of, header, serving, stream_in_real_time, upload_claiming, wav_bytes
+
+
+def wav_file(rate: int, bits: int, seconds: float = 1.0) -> bytes:
+    return header(rate, bits) + bytes(int(rate * seconds) * bits // 8)
+
+
+@dataclass(frozen=True)
+class Client:
+    port: int
+    tokens: dict[str, str]
+
+    def bearer(self, listener: Optional[str]) -> dict:
+        return {"Authorization": f"Bearer {self.tokens[listener]}"} if listener else {}
+
+    def stream(self, listener_query: str, body: bytes, token_of: Optional[str] = "mic-1") -> tuple[int, str]:
+        status, summary = chunked_post(
+            self.port, f"/recordings_stream?listener_id={listener_query}", [body], headers=self.bearer(token_of)
+        )
+        return status, str(summary)
+
+    def upload(self, name: str, content: bytes, listener_id: Optional[str] = None, token_of: Optional[str] = "mic-1"):
+        response = httpx.post(
+            f"http://{LOOPBACK}:{self.port}/recordings_upload",
+            files={"file": (name, content)},
+            data={"listener_id": listener_id} if listener_id is not None else {},
+            headers=self.bearer(token_of),
+            timeout=20,
+        )
+        return response.status_code, response.text
+
+    def raw(self, request: bytes) -> tuple[int, str]:
+        """A request written by hand (a lying Content-Length): the answer is read, the rest never sent."""
+        with socket.create_connection((LOOPBACK, self.port), timeout=20) as sock:
+            sock.sendall(request)
+            answer = sock.recv(65536)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body.decode(errors="replace")
+
+
+def _short_recordings(count: int) -> bytes:
+    """Recordings shorter than the minimum, one after another: many starts for few bytes."""
+    return b"".join(encode_frame(0, header(48000, 16) + bytes(9600)) for _ in range(count))
+
+
+CASES: list[tuple[str, int, Callable[[Client], tuple[int, str]]]] = [
+    ("stream: id with a trailing newline (x%0A)", 400, lambda c: c.stream("mic-1%0A", frames_of(wav_bytes(1.0)))),
+    ("stream: id ../etc", 400, lambda c: c.stream("..%2Fetc", frames_of(wav_bytes(1.0)))),
+    ("stream: id with NUL", 400, lambda c: c.stream("mic%00", frames_of(wav_bytes(1.0)))),
+    ("stream: id with _", 400, lambda c: c.stream("mic_1", frames_of(wav_bytes(1.0)))),
+    ("stream: no token", 401, lambda c: c.stream("mic-1", frames_of(wav_bytes(1.0)), token_of=None)),
+    ("stream: a revoked token", 401, lambda c: c.stream("mic-1", frames_of(wav_bytes(1.0)), token_of="revoked")),
+    ("stream: another listener's token", 401, lambda c: c.stream("mic-1", frames_of(wav_bytes(1.0)), token_of="mic-2")),
+    ("stream: header 1000 Hz 8-bit", 415, lambda c: c.stream("mic-1", encode_frame(0, header(1000, 8)) + encode_frame(1, bytes(40000)))),
+    ("stream: header 48 kHz 8-bit", 415, lambda c: c.stream("mic-1", encode_frame(0, header(48000, 8)))),
+    ("stream: header 4 kHz 16-bit", 415, lambda c: c.stream("mic-1", encode_frame(0, header(4000, 16)))),
+    ("stream: header 384 kHz", 415, lambda c: c.stream("mic-1", encode_frame(0, header(384000, 16)))),
+    ("stream: header of float samples", 415, lambda c: c.stream("mic-1", encode_frame(0, header(48000, 32, tag=3)))),
+    ("stream: frame length beyond the limit", 400, lambda c: c.stream("mic-1", b"\x01\x00\x00\xff\xff\xff" + bytes(64))),
+    ("stream: 10,000 seq=0 frames", 429, lambda c: c.stream("mic-1", encode_frame(0, header(48000, 16)) * 10_000)),
+    ("stream: 40 recordings of 0.1 s", 429, lambda c: c.stream("mic-1", _short_recordings(40))),
+    ("upload: file name ../../x.wav", 400, lambda c: c.upload("../../mic-1_x.wav", wav_bytes(1.0))),
+    ("upload: listener_id with a trailing newline", 400, lambda c: c.upload("a.wav", wav_bytes(1.0), listener_id="mic-1\n")),
+    ("upload: listener_id ../x", 400, lambda c: c.upload("a.wav", wav_bytes(1.0), listener_id="../x")),
+    ("upload: text named .wav", 415, lambda c: c.upload("mic-1_x.wav", b"hello, not audio" * 100)),
+    ("upload: 8-bit WAV", 415, lambda c: c.upload("mic-1_x.wav", wav_file(48000, 8))),
+    ("upload: 4 kHz WAV", 415, lambda c: c.upload("mic-1_x.wav", wav_file(4000, 16))),
+    ("upload: corrupt MP3", 415, lambda c: c.upload("mic-1_x.mp3", b"ID3\x03\x00\x00\x00\x00\x00\x00" + os.urandom(3000))),
+    ("upload: empty file", 400, lambda c: c.upload("mic-1_x.wav", b"")),
+    ("upload: .exe", 415, lambda c: c.upload("mic-1_x.exe", wav_bytes(1.0))),
+    ("upload: Content-Length 10 GB, 1 KiB sent", 413, lambda c: c.raw(upload_claiming(10 << 30, c.tokens["mic-1"]))),
+    ("upload: no token", 401, lambda c: c.upload("mic-1_x.wav", wav_bytes(1.0), token_of=None)),
+    ("upload: another listener's token", 403, lambda c: c.upload("mic-1_x.wav", wav_bytes(1.0), token_of="mic-2")),
+    ("upload: not multipart", 400, lambda c: (lambda r: (r.status_code, r.text))(
+        httpx.post(f"http://{LOOPBACK}:{c.port}/recordings_upload", content=b"x" * 100, headers=c.bearer("mic-1")))),
+    ("metrics: without the metrics token", 401, lambda c: (lambda r: (r.status_code, r.text))(
+        httpx.get(f"http://{LOOPBACK}:{c.port}/metrics"))),
+]
+
+
+def files_under(root: Path) -> dict[str, int]:
+    """Every file below root (but the good listener's and the token database) with its size."""
+    return {
+        str(path.relative_to(root)): path.stat().st_size
+        for path in root.rglob("*")
+        if path.is_file() and GOOD not in path.name and "state" not in path.parts
+    }
+
+
+def test_bad_input_gets_its_status_and_changes_nothing_while_a_listener_streams(tmp_path):
+    settings = Settings(
+        data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20, ingest_auth="on",
+        metrics_token="scrape-secret",
+    )
+    store = ListenerTokens(settings.listener_tokens_file)
+    tokens = {listener: store.add(listener) for listener in ("mic-1", "mic-2", GOOD)}
+    tokens["revoked"] = store.add("mic-1")
+    assert store.revoke("mic-1", hashlib.sha256(tokens["revoked"].encode()).hexdigest()[:8]) == 1
+    (tmp_path / "outside").mkdir()
+    with serving(settings) as port:
+        client = Client(port, tokens)
+        good: dict = {}
+        listener = threading.Thread(target=stream_in_real_time, args=(port, tokens[GOOD], 5, 1.0, good))
+        listener.start()
+        outcomes = []
+        for name, expected, send in CASES:
+            before = files_under(tmp_path)
+            status, body = send(client)
+            outcomes.append((name, expected, status))
+            assert status == expected, (name, body[:300])
+            assert files_under(tmp_path) == before, name
+            assert str(tmp_path) not in body and "partial" not in body, (name, body[:300])  # no server paths
+        listener.join(120)
+        # the same server still takes what is right
+        assert client.stream("mic-1", frames_of(wav_bytes(1.0)), token_of=None)[0] == 401
+        assert client.upload("mic-1_20250101T000000Z.wav", wav_bytes(1.0))[0] == 200
+        assert httpx.get(f"http://{LOOPBACK}:{port}/metrics", headers={"Authorization": "Bearer scrape-secret"}).status_code == 200
+        metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics", headers={"Authorization": "Bearer scrape-secret"}).text
+    assert b" 200 " in good["answer"].split(b"\r\n")[0] and b'"recordings_closed":5' in good["answer"]
+    assert len(list(settings.recordings_dir.glob(f"{GOOD}_*.wav"))) == 5
+    assert 'reason="unauthorized"' in metrics and 'reason="too_many_recordings"' in metrics
+    print("\n".join(f"{status} (expected {expected}) {name}" for name, expected, status in outcomes))
+
+
+def test_exempt_listeners_send_without_a_token_while_the_others_need_one(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, ingest_auth="on", ingest_auth_exempt=["old-1"])
+    with serving(settings) as port:
+        client = Client(port, {})
+        assert client.stream("old-1", frames_of(wav_bytes(1.0)), token_of=None)[0] == 200
+        assert client.upload("old-1_20250101T000000Z.wav", wav_bytes(1.0, value=7), token_of=None)[0] == 200
+        assert client.stream("mic-1", frames_of(wav_bytes(1.0)), token_of=None)[0] == 401
+        assert client.upload("mic-1_20250101T000000Z.wav", wav_bytes(1.0), token_of=None)[0] == 401
+        # /metrics without a metrics token: loopback only, which this client is
+        assert httpx.get(f"http://{LOOPBACK}:{port}/metrics").status_code == 200
+    assert len(list(settings.recordings_dir.glob("old-1_*.wav"))) == 2
+    assert not list(settings.recordings_dir.glob("mic-1_*"))
+
+

