@@ -7,15 +7,18 @@ them into blocks so the Prefect UI shows, and flow runs on any worker load, the 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from prefect.blocks.core import Block
 from prefect.exceptions import ObjectNotFound
 from prefect.filesystems import WritableFileSystem
-from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
 from pydantic import Field, SecretStr
 
 from birdflow.core.results import ResultsDatabase
 from birdflow.settings import Settings
+
+if TYPE_CHECKING:  # prefect-aws (and boto3, ~20 MB) is imported only by stations that archive to S3
+    from prefect_aws import S3Bucket
 
 INFLUX_BLOCK_NAME = "birdflow-influxdb3"
 
@@ -65,6 +68,8 @@ S3_CLIENT_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect
 
 
 def s3_bucket_from_settings(settings: Settings) -> S3Bucket:
+    from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
+
     client_parameters = AwsClientParameters(endpoint_url=settings.archive.s3_endpoint_url or None, config=S3_CLIENT_CONFIG)
     credentials = AwsCredentials(
         aws_access_key_id=settings.archive.aws_access_key_id or None,
@@ -98,6 +103,8 @@ def register_blocks(settings: Settings) -> list[str]:
 
 def load_s3_bucket(settings: Settings) -> S3Bucket:
     """The registered block (it may have been edited in the UI), else one built from the settings."""
+    from prefect_aws import S3Bucket
+
     try:
         return S3Bucket.load(settings.archive.s3_block_name)
     except (ObjectNotFound, ValueError):

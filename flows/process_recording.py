@@ -25,7 +25,8 @@ from prefect.tasks import exponential_backoff
 from birdflow.app import metrics
 from birdflow.core.archive import holds_recording
 from birdflow.core.audio import decode, windows
-from birdflow.core.birdnet import MODEL_VERSION, AnalysisParams, Detection
+from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
+from birdflow.core.birdnet import Detection
 from birdflow.core.detections import detections_table
 from birdflow.core.flac import FlacError, can_encode, encode_flac
 from birdflow.core.recordings import RecordingInfo, is_inside, remove_recording, sha256_file

@@ -11,7 +11,8 @@ from functools import cached_property
 from typing import Optional
 
 from birdflow.core.archive import Archive, LocalArchive, S3Archive
-from birdflow.core.birdnet import AnalysisParams, BirdNET
+from birdflow.core.analysis import AnalysisParams
+from birdflow.core.birdnet import BirdNET
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.settings import Settings, load_settings
 from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink
@@ -22,7 +23,8 @@ class StationResources:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._per_thread = threading.local()
+        self._model: Optional[BirdNET] = None
+        self._model_lock = threading.Lock()
 
     @cached_property
     def params(self) -> AnalysisParams:
@@ -30,14 +32,12 @@ class StationResources:
 
     @property
     def model(self) -> BirdNET:
-        """One interpreter per executing thread (interpreters are not thread-safe), loaded on first use."""
-        model = getattr(self._per_thread, "model", None)
-        if model is None:
-            settings = self.settings
-            model = self._per_thread.model = BirdNET(
-                settings.analysis.birdnet_backend, settings.analysis.birdnet_threads, settings.analysis.birdnet_batch_size
-            )
-        return model
+        """One BirdNET for all the process's runs (it serialises its own interpreter calls), loaded on first use."""
+        with self._model_lock:
+            if self._model is None:
+                analysis = self.settings.analysis
+                self._model = BirdNET(analysis.birdnet_backend, analysis.birdnet_threads, analysis.birdnet_batch_size)
+            return self._model
 
     @cached_property
     def sinks(self) -> list[DetectionSink]:

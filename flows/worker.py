@@ -24,7 +24,7 @@ from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker
 
 from flows.engine import engine_context, run_in_process
 
-DEFAULT_THREADS = 2
+DEFAULT_THREADS = 4
 
 
 class BirdflowWorkerResult(BaseWorkerResult):
@@ -59,7 +59,7 @@ class BirdflowWorker(BaseWorker[BaseJobConfiguration, BaseVariables, BirdflowWor
         super().__init__(*args, **kwargs)
         threads = kwargs.get("limit") or DEFAULT_THREADS
         self._per_thread = threading.local()
-        # long-lived threads: each keeps its interpreter (flows.resources loads one per thread) and its API client
+        # long-lived threads: each keeps its API client; all share the process's one BirdNET (flows.resources)
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="birdflow-run")
 
     async def run(

@@ -235,6 +235,19 @@ def restart_when_due(child: Child, env: dict[str, str], settings: Settings) -> N
         child.start(env)
 
 
+def register_blocks_in_a_child(cli: list[str], env: dict[str, str]) -> None:
+    """`birdflow blocks register` as a short-lived child: this process, which lives as long as the station,
+    never imports Prefect or the AWS libraries (~70 MB it would keep)."""
+    try:
+        done = subprocess.run(cli + ["blocks", "register"], env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("registering the Prefect blocks did not finish within 180 s") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"registering the Prefect blocks failed: {done.stderr.strip()[-2000:]}")
+    for line in done.stdout.splitlines():
+        log.info("%s", line)
+
+
 def supervise(settings: Settings, settings_file: Optional[str]) -> int:
     """Run the stack until SIGINT/SIGTERM."""
     stop = threading.Event()
@@ -251,14 +264,7 @@ def supervise(settings: Settings, settings_file: Optional[str]) -> int:
         else:
             wait_for_prefect(settings.api_url, 60)
         if not stop.is_set():
-            from prefect.context import refresh_global_settings_context
-
-            from blocks import register_blocks
-
-            os.environ.update(prefect_environment(settings))
-            refresh_global_settings_context()  # else Prefect keeps what it read at import (a temporary server)
-            for slug in register_blocks(settings):
-                log.info("block %s registered", slug)
+            register_blocks_in_a_child(cli, env)
     except RuntimeError as exc:
         stop_all(children)
         if stop.is_set():

@@ -7,24 +7,19 @@ shape changes.
 
 from __future__ import annotations
 
-import calendar
-import hashlib
 import importlib
 import importlib.util
-import json
-import math
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.audio import WINDOW_S, WINDOW_SAMPLES
 
-MODEL_VERSION = "BirdNET_GLOBAL_6K_V2.4"
 BACKEND_MODULES = {"ai-edge-litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
 
 
@@ -67,53 +62,6 @@ def load_interpreter_class(backend: str):
         raise RuntimeError(f"BirdNET backend {backend!r} is not installed: {exc}") from exc
 
 
-class AnalysisParams(BaseModel):
-    """Everything that changes what BirdNET reports for the same audio (part of the cache key). The
-    station's settings (their analysis section) are these parameters and their only defaults."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    min_confidence: float = Field(0.25, ge=0.01, le=0.99, description="Detections below this are not reported")
-    overlap_s: float = Field(0.0, ge=0.0, lt=3.0, description="Overlap of consecutive 3 s windows")
-    sensitivity: float = Field(1.0, ge=0.5, le=1.5, description="BirdNET's sigmoid sensitivity")
-    latitude: Optional[float] = Field(None, ge=-90, le=90, description="With longitude: the range filter's place")
-    longitude: Optional[float] = Field(None, ge=-180, le=180)
-    species_week: int = Field(0, ge=-1, le=48, description="Range filter week: 0 from the recording date, -1 all year")
-    range_filter_threshold: float = Field(0.03, gt=0, lt=1, description="Species less likely than this here are dropped")
-    include_species: tuple[str, ...] = Field((), description="Only these (scientific or common names)")
-    exclude_species: tuple[str, ...] = Field((), description="Never these")
-
-    @field_validator("include_species", "exclude_species", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
-    @model_validator(mode="after")
-    def _place_is_whole(self):
-        if (self.latitude is None) != (self.longitude is None):
-            raise ValueError("settings 'latitude' and 'longitude' must be set together")
-        return self
-
-    def parameters(self) -> "AnalysisParams":
-        """Just the parameters (a subclass may carry more, such as how the model runs)."""
-        return AnalysisParams(**{name: getattr(self, name) for name in AnalysisParams.model_fields})
-
-    @property
-    def analysis_id(self) -> str:
-        """Short digest of model version and parameters: rows from different analyses never collide."""
-        values = {name: getattr(self, name) for name in AnalysisParams.model_fields}
-        blob = json.dumps({"model": MODEL_VERSION, **values}, sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    def range_week(self, recorded: datetime) -> Optional[int]:
-        """The week the range filter uses for a recording, or None when no location is set."""
-        if self.latitude is None or self.longitude is None:
-            return None
-        return week_48(recorded) if self.species_week == 0 else self.species_week
-
-
 @dataclass(frozen=True)
 class Detection:
     start_s: float
@@ -123,14 +71,11 @@ class Detection:
     confidence: float
 
 
-def week_48(day: datetime) -> int:
-    """BirdNET's week of the year (1..48), as birdnetlib computes it from a date."""
-    day_of_year = day.timetuple().tm_yday
-    days_in_year = 366 if calendar.isleap(day.year) else 365
-    return math.ceil(day_of_year / days_in_year * 48)
-
-
 class BirdNET:
+    """The classifier and its range filter. Safe to share between threads: a lock serialises the
+    interpreter calls (interpreters are not thread-safe), so a process holds one copy of the model
+    (~110 MB) however many runs it executes at once; the rest of a run proceeds in parallel."""
+
     def __init__(self, backend: str = "auto", threads: int = 1, batch_size: int = 4):
         model_path, labels_path, self._range_model_path = model_files()
         self.backend, self._interpreter_class = load_interpreter_class(backend)
@@ -144,6 +89,7 @@ class BirdNET:
         self._rows = 0
         self._ensure_batch(batch_size)
         self._range_interpreter = None
+        self._lock = threading.Lock()
 
     def _ensure_batch(self, rows: int) -> None:
         """Size the input tensor for `rows` windows; a no-op while recordings keep the same length."""
@@ -161,10 +107,11 @@ class BirdNET:
         out = np.empty((len(windows), len(self.labels)), dtype=np.float32)
         for first in range(0, len(windows), self.batch_size):
             chunk = np.ascontiguousarray(windows[first : first + self.batch_size], dtype=np.float32)
-            self._ensure_batch(len(chunk))
-            self._interpreter.set_tensor(self._input, chunk)
-            self._interpreter.invoke()
-            out[first : first + len(chunk)] = self._interpreter.get_tensor(self._output)
+            with self._lock:
+                self._ensure_batch(len(chunk))
+                self._interpreter.set_tensor(self._input, chunk)
+                self._interpreter.invoke()
+                out[first : first + len(chunk)] = self._interpreter.get_tensor(self._output)
         return out
 
     def allowed_labels(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
@@ -173,6 +120,10 @@ class BirdNET:
     @lru_cache(maxsize=64)
     def _allowed_labels(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
         """Species the range-filter model expects at this place and week (birdnetlib's location filter)."""
+        with self._lock:
+            return self._range_filter(latitude, longitude, week, threshold)
+
+    def _range_filter(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
         if self._range_interpreter is None:
             self._range_interpreter = self._interpreter_class(model_path=str(self._range_model_path), num_threads=1)
             self._range_interpreter.allocate_tensors()

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from birdflow.core.birdnet import AnalysisParams
+from birdflow.core.analysis import AnalysisParams
 
 LISTENER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")  # matched in full (fullmatch)
 
@@ -117,7 +117,7 @@ class PrefectSettings(Section):
         "", description="Work pool of the station's deployments in a fleet (prefect.yaml: birdflow-<station_id>)"
     )
     executor_workers: int = Field(
-        2, ge=1, le=16, description="Flow runs executed at once, each thread with its own BirdNET interpreter"
+        4, ge=1, le=16, description="Flow runs executed at once; they share one BirdNET interpreter (one copy of the model)"
     )
     task_retries: int = Field(3, ge=0, le=20, description="Retries of the I/O tasks (decode, write, archive)")
     retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")

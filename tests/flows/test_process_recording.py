@@ -11,7 +11,7 @@ from prefect.states import Failed
 
 from birdflow.core.archive import ArchiveError
 from birdflow.core.audio import AudioError
-from birdflow.core.birdnet import AnalysisParams
+from birdflow.core.analysis import AnalysisParams
 from birdflow.core.recordings import RecordingInfo
 from flows.process_recording import analysis_cache_key, worth_retrying
 from tests.builders import recording_info

