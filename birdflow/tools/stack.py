@@ -230,11 +230,11 @@ class Stack:
 
 
 @contextmanager
-def temporary_stack(prefect_database: str, keep: bool = False) -> Iterator[Stack]:
+def temporary_stack(prefect_database: str, keep: bool = False, settings: Optional[dict] = None) -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="birdflow-bench-"))
     root.chmod(0o755)  # an embedded Postgres runs as its own user when we are root
     # no maintenance run during the bench: it would merge the detection files the bench times
-    stack = Stack(root, prefect_database, settings={"maintenance_interval_s": 86400})
+    stack = Stack(root, prefect_database, settings={"maintenance_interval_s": 86400, **(settings or {})})
     try:
         yield stack
     finally:

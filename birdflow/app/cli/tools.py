@@ -88,6 +88,7 @@ def cmd_bench(args) -> int:
         key: value
         for key, value in {
             "recordings": args.recordings, "stream_listeners": args.listeners, "stream_seconds": args.stream_seconds,
+            "executor_workers": args.workers,
         }.items()
         if value is not None
     }
@@ -183,6 +184,7 @@ def add_commands(commands) -> None:
     bench.add_argument("--listeners", type=at_least(1), help="streaming listeners held (default 200)")
     bench.add_argument("--stream-seconds", type=float, help="how long they stream (default 60)")
     bench.add_argument("--postgres", action="store_true", help="embedded Prefect server on Postgres instead of SQLite")
+    bench.add_argument("--workers", type=at_least(1), help="the station's executor_workers (default: its setting, 4)")
     bench.add_argument("--fleet", action="store_true",
                        help="also drain with the Prefect server pinned to one core and the aggregator to another (a central server)")
     bench.add_argument("--tflite-venv", type=Path, default=Path(".venv-tflite"),
