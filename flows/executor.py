@@ -38,7 +38,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import Abort
 from prefect.context import SettingsContext
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
-from prefect.states import Pending, Scheduled, to_state_create
+from prefect.states import Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
 from birdflow.app import metrics
@@ -96,22 +96,6 @@ def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) 
                 raise
             time.sleep(0.03 * 2**attempt * random.uniform(0.5, 1.5))
     raise AssertionError("unreachable")
-
-
-def create_recording_run(client: SyncPrefectClient, deployment_id: UUID, info: RecordingInfo) -> FlowRun:
-    """The recording's run, from the station's deployment, already Pending (this process claims it in the
-    same call). Its parameters come from RecordingInfo, which the flow validates when it runs: the server
-    is told not to check them against the deployment's JSON schema as well, the costliest part of the call."""
-    body = {
-        "parameters": {"recording": info.model_dump(mode="json")},
-        "name": info.run_name,
-        "tags": [info.listener_id, info.source],
-        "idempotency_key": info.recording_id,
-        "state": to_state_create(Pending()).model_dump(mode="json"),
-        "enforce_parameter_schema": False,
-    }
-    response = client.request("POST", "/deployments/{id}/create_flow_run", path_params={"id": deployment_id}, json=body)
-    return FlowRun.model_validate(response.json())
 
 
 class ExecutorFailed(RuntimeError):
@@ -238,7 +222,16 @@ class Executor:
             metrics.RECORDINGS_DISCARDED.labels(self.settings.station_id, "already_processed").inc()
             return None
         # created already Pending: this process claims it in the same call
-        flow_run = create_with_quick_retries(lambda: create_recording_run(client, self.deployment_id, info))
+        flow_run = create_with_quick_retries(
+            lambda: client.create_flow_run_from_deployment(
+                self.deployment_id,
+                parameters={"recording": info.model_dump(mode="json")},
+                name=info.run_name,
+                tags=[info.listener_id, info.source],
+                idempotency_key=info.recording_id,
+                state=Pending(),
+            )
+        )
         state = flow_run.state or Scheduled()
         if state.is_completed():
             remove_recording(self.settings.recordings_dir / info.file_name)  # processed before; nothing to do
