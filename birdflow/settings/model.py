@@ -76,10 +76,6 @@ class Settings(BaseModel):
         top = {name: field for name, field in cls.model_fields.items() if name not in SECTIONS}
         return top | {name: SECTIONS[section].model_fields[name] for name, section in SECTION_OF.items()}
 
-    def flat(self, name: str) -> Any:
-        """A setting's value by its flat name."""
-        return getattr(getattr(self, SECTION_OF[name]) if name in SECTION_OF else self, name)
-
     # derived places
     @property
     def recordings_dir(self) -> Path:
