@@ -36,7 +36,8 @@ class PrefectServer:
     def start(self, log: Path) -> "PrefectServer":
         self.home.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK, "--port", str(self.port)],
+            # the server `birdflow up` embeds: Prefect's, with SQLite transactions that take the write lock first
+            [sys.executable, "-m", "birdflow.app.prefect_server", "start", "--host", LOOPBACK, "--port", str(self.port)],
             env={**os.environ, **self.env(), **self.extra_env},
             stdout=open(log, "wb"),
             stderr=subprocess.STDOUT,

@@ -196,7 +196,8 @@ def start_prefect(settings: Settings, env: dict[str, str], children: list[Child]
             raise RuntimeError(f"Postgres did not start (is port {settings.prefect.postgres_port} in use?): {exc}") from None
     server = Child(
         "prefect server",
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(settings.prefect.prefect_port)],
+        [sys.executable, "-m", "birdflow.app.prefect_server", "start", "--host", "127.0.0.1",
+         "--port", str(settings.prefect.prefect_port)],
     )
     children.append(server)
     server.start(env)

@@ -157,7 +157,7 @@ class Stack:
     def child(self, role: str) -> Optional[int]:
         """The process id of `up`'s child: "ingest", "executor" or "server" (the Prefect server)."""
         module, word = {"ingest": ("birdflow.app.cli", "ingest"), "executor": ("birdflow.app.cli", "execute"),
-                        "server": ("prefect", "server")}[role]
+                        "server": ("birdflow.app.prefect_server", "start")}[role]
         for pid in _children(self.process.pid):
             command = command_line(pid).split()  # python -m <module> <command> ...
             if module in command[:3] and word in command[3:]:
@@ -170,7 +170,7 @@ class Stack:
         for child in _children(self.process.pid):
             command = command_line(child)
             tree = process_tree(child)
-            if "prefect" in command and "server" in command:
+            if "birdflow.app.prefect_server" in command:
                 groups["server"] += tree
             elif "postgres" in command:
                 groups["database"] += tree
