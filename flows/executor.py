@@ -10,6 +10,7 @@ later (flows/redrive.py); a recording already processed (the ledger says so) is 
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import random
@@ -37,7 +38,7 @@ from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import Abort
 from prefect.context import SettingsContext
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, Settings as PrefectSettings, get_current_settings
 from prefect.states import Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
@@ -79,6 +80,13 @@ def info_for_dropped_file(path: Path, settings: Settings) -> Optional[RecordingI
     return info
 
 
+@functools.cache
+def settings_without_client_retries() -> PrefectSettings:
+    """This process's Prefect settings with the client's own retries off, built once: building them per
+    call was ~12 % of the executor's CPU under a backlog (pydantic-settings reads the environment and files)."""
+    return get_current_settings().copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+
+
 def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) -> FlowRun:
     """Create a flow run, retrying "database is locked" (503) after tens of milliseconds.
 
@@ -86,10 +94,9 @@ def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) 
     answers 503; the Prefect client would wait 2 s, 4 s ... before retrying. Idempotent on the
     recording id, so a retry never creates a second run.
     """
-    settings = get_current_settings().copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
     for attempt in range(attempts):
         try:
-            with SettingsContext(profile=SettingsContext.get().profile, settings=settings):
+            with SettingsContext(profile=SettingsContext.get().profile, settings=settings_without_client_retries()):
                 return create()
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code != 503 or attempt == attempts - 1:
@@ -124,8 +131,14 @@ class Executor:
         self.settings.recordings_dir.mkdir(parents=True, exist_ok=True)
         self.deployment_id = ensure_deployment(self.settings)
         self.maintenance_id = ensure_maintenance_deployment(self.settings)
-        self.flows = {self.deployment_id: process_recording, self.maintenance_id: maintenance}
-        _ = self.station.sinks, self.station.archive, self.station.ledger, self.station.result_storage
+        # the flows carry the station's result storage: without one, each run asks the server for its
+        # default storage (an API call per run; the runs themselves persist no flow result)
+        storage = self.station.result_storage
+        self.flows = {
+            self.deployment_id: process_recording.with_options(result_storage=storage),
+            self.maintenance_id: maintenance.with_options(result_storage=storage),
+        }
+        _ = self.station.sinks, self.station.archive, self.station.ledger
 
     def run_forever(self, stop: threading.Event) -> None:
         """Until `stop` is set. Raises ExecutorFailed when a flow-run thread cannot start or dies: the
@@ -148,14 +161,19 @@ class Executor:
                 "executor ready: deployment %s, %d worker(s), BirdNET on %s",
                 self.deployment_id, len(workers), load_interpreter_class(self.settings.analysis.birdnet_backend)[0],
             )
+            interval = self.settings.prefect.poll_interval_s
+            looked_up = float("-inf")
             with engine_context() as client:
                 while not stop.is_set():
                     if not all(worker.is_alive() for worker in workers):
                         raise ExecutorFailed("a flow-run thread died (see the error above)")
                     self.queue_new_recordings()
-                    self.schedule_maintenance(client)
-                    self.queue_scheduled(client)
-                    watch.wait(self.settings.prefect.poll_interval_s)
+                    # a new file wakes this loop; the server is asked for due runs once per interval only
+                    if time.monotonic() - looked_up >= interval:
+                        looked_up = time.monotonic()
+                        self.schedule_maintenance(client)
+                        self.queue_scheduled(client)
+                    watch.wait(max(0.0, looked_up + interval - time.monotonic()))
         finally:
             watch.close()
             for _ in workers:
@@ -241,7 +259,7 @@ class Executor:
             self.after_failure(client, flow_run, state)  # failed while no executor could re-drive it
         elif flow_run.run_count == 0 and state.is_pending():
             metrics.FLOW_RUNS_TRIGGERED.labels(self.settings.station_id).inc()
-            self.finish(client, flow_run, run_in_process(process_recording, flow_run))
+            self.finish(client, flow_run, run_in_process(self.flows[self.deployment_id], flow_run))
         else:
             # left Pending/Running by an executor that stopped mid-run: take it over
             client.set_flow_run_state(flow_run.id, Scheduled(), force=True)

@@ -18,7 +18,6 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from birdflow.core.detections import SCHEMA, TAG_COLUMNS
@@ -93,6 +92,8 @@ def read_detections(
     min_confidence: Optional[float] = None,
 ) -> pa.Table:
     """Detections from the local dataset, oldest first; species matches scientific or common name."""
+    import pyarrow.dataset as ds  # imports pandas (~50 MB): only readers load it, not the executor
+
     conditions = []
     if listener:
         conditions.append(ds.field("listener_id") == listener)
@@ -135,6 +136,8 @@ def _dataset_files(root: Path) -> tuple[list[str], list[str]]:
 def _read(files: list[str], expression) -> pa.Table:
     if not files:
         return SCHEMA.empty_table()
+    import pyarrow.dataset as ds
+
     return ds.dataset(files, schema=SCHEMA, format="parquet").to_table(filter=expression)
 
 
