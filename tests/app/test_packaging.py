@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from birdflow.app.supervisor import TASK_RUN_RECORDER_BATCHING
 from birdflow.settings import Settings
 from tests.conftest import PROJECT
 from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
@@ -50,6 +51,8 @@ def test_compose_files_reference_existing_files_volumes_and_settings():
             if str(service.get("image", "")).startswith("prefecthq/prefect"):  # run retention by Prefect's vacuum
                 assert service["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] == "flow_runs", path
                 assert "PREFECT_SERVER_API_AUTH_STRING" in service["environment"], path  # and its own auth
+                # task-run states written in batches, as `up` does for its embedded server
+                assert TASK_RUN_RECORDER_BATCHING.items() <= service["environment"].items(), path
             if name not in PUBLISHED_WITH_LOGIN.get(path.name, ()):  # the rest answers on loopback only
                 assert all(port.startswith("127.0.0.1:") for port in service.get("ports", [])), (path, name)
     balena = yaml.safe_load((BALENA / "docker-compose.yml").read_text())
