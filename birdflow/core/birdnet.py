@@ -88,7 +88,6 @@ class BirdNET:
         self._output = self._interpreter.get_output_details()[0]["index"]
         self._rows = 0
         self._ensure_batch(batch_size)
-        self._range_interpreter = None
         self._lock = threading.Lock()
 
     def _ensure_batch(self, rows: int) -> None:
@@ -124,10 +123,10 @@ class BirdNET:
             return self._range_filter(latitude, longitude, week, threshold)
 
     def _range_filter(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
-        if self._range_interpreter is None:
-            self._range_interpreter = self._interpreter_class(model_path=str(self._range_model_path), num_threads=1)
-            self._range_interpreter.allocate_tensors()
-        interpreter = self._range_interpreter
+        """Loaded for the call and released after it (~40 MB held otherwise): the answer is cached per place
+        and week, so the model is needed about once a week."""
+        interpreter = self._interpreter_class(model_path=str(self._range_model_path), num_threads=1)
+        interpreter.allocate_tensors()
         sample = np.array([[latitude, longitude, week]], dtype=np.float32)
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], sample)
         interpreter.invoke()
