@@ -90,9 +90,9 @@ def settings_without_client_retries() -> PrefectSettings:
 def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) -> FlowRun:
     """Create a flow run, retrying "database is locked" (503) after tens of milliseconds.
 
-    On SQLite the server's create reads before it writes, so it loses to any concurrent writer and
-    answers 503; the Prefect client would wait 2 s, 4 s ... before retrying. Idempotent on the
-    recording id, so a retry never creates a second run.
+    A Prefect server on SQLite other than birdflow's own (birdflow.app.prefect_server) reads before it
+    writes here, so it loses to concurrent writers and answers 503; the Prefect client would wait 2 s,
+    4 s ... before retrying. Idempotent on the recording id, so a retry never creates a second run.
     """
     for attempt in range(attempts):
         try:

@@ -39,16 +39,14 @@ class WriteLockFirstSqliteConfiguration(AioSqliteConfiguration):
             SQLITE_BEGIN_MODE.reset(token)
 
 
-def use_write_lock_first_sqlite() -> bool:
+def use_write_lock_first_sqlite() -> None:
     """Install the configuration above through Prefect's database dependency, when the database is SQLite."""
     from prefect.server.database.dependencies import MODELS_DEPENDENCIES
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
 
     url = PREFECT_API_DATABASE_CONNECTION_URL.value()
-    if not url or not url.startswith("sqlite"):
-        return False
-    MODELS_DEPENDENCIES["database_config"] = WriteLockFirstSqliteConfiguration(connection_url=url)
-    return True
+    if url and url.startswith("sqlite"):
+        MODELS_DEPENDENCIES["database_config"] = WriteLockFirstSqliteConfiguration(connection_url=url)
 
 
 def main() -> None:
