@@ -160,6 +160,8 @@ def drill_retention(station: DrillStation) -> DrillResult:
     uploads = station.next_uploads(station.options.uploads)
     station.upload(uploads)
     station.settle(station.arrivals.since(before), station.options.settle_timeout_s)
+    # a recording is recorded as processed just before its run's final state lands: age only ended runs
+    _wait_until(lambda: station.recording_runs() == station.stack.completed_runs(), 60, "the runs ended")
     results = ResultsDatabase(station.places.results_file)
     kept = {"runs": station.recording_runs, "cached results": results.count,
             "per-recording detection files": lambda: _loose_detection_files(station)}
