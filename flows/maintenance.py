@@ -4,6 +4,7 @@
   executes as soon as they fail; this catches the rest (runs of a worker, runs left by a stopped executor).
 - It applies retention: cached results older than run_retention_days, the local archive's caps, temporary
   files of interrupted writes; and it merges the detections into hourly Parquet files.
+- It writes the hourly species counts of closed hours to the sinks (Parquet, Influx `species_hourly`).
 
 Flow runs themselves (with their task runs, logs and artifacts) are deleted by the Prefect server's own
 db_vacuum service, which `birdflow up` turns on for run_retention_days.
@@ -11,6 +12,7 @@ db_vacuum service, which `birdflow up` turns on for run_retention_days.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -28,7 +30,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 
 from birdflow.core.results import ResultsDatabase
 from birdflow.core.retention import DAY_S, archive_retention, remove_stale_files
-from birdflow.core.sinks import compact_detections
+from birdflow.core.sinks import compact_detections, write_all
 from flows.redrive import GIVEN_UP, redrive_or_give_up
 from birdflow.settings import Settings
 from flows.resources import station_resources
@@ -43,7 +45,26 @@ TEMP_FILE_AGE_S = 3600.0
 def maintenance() -> dict[str, Any]:
     """Re-drive what failed, then retention and compaction (see the module's docstring)."""
     settings = station_resources().settings
-    return {"redrive": redrive_failed_runs(settings), "retention": apply_retention(settings)}
+    return {
+        "redrive": redrive_failed_runs(settings),
+        "hourly_counts": write_hourly_counts(settings),
+        "retention": apply_retention(settings),
+    }
+
+
+@task(name="write hourly counts", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=10)
+def write_hourly_counts(settings: Settings) -> dict[str, int]:
+    """Closed hours whose counts changed go to every sink; an hour stays due until all of them took it."""
+    station = station_resources()
+    now = time.time()
+    hours = rows = 0
+    for hour, station_id, version in station.species.hours_to_write(now, settings.detections.hourly_settle_s):
+        table = station.species.hour_table(hour, station_id)
+        written = write_all(station.sinks, table, hourly=True)
+        station.species.written(hour, station_id, version)
+        hours, rows = hours + 1, rows + max(written.values(), default=0)
+    forgotten = station.species.forget(now, max(settings.unattended.run_retention_days, 2.0) * DAY_S)
+    return {"hours_written": hours, "rows_written": rows, "hours_forgotten": forgotten}
 
 
 @task(name="re-drive failed runs", cache_policy=NO_CACHE, persist_result=False)

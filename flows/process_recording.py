@@ -27,11 +27,13 @@ from birdflow.core.archive import holds_recording
 from birdflow.core.audio import decode, windows
 from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.birdnet import Detection
-from birdflow.core.detections import detections_table
+from birdflow.core.detections import detections_table, summary
+from birdflow.core.rarity import Tally
 from birdflow.core.flac import FlacError, can_encode, encode_flac
 from birdflow.core.recordings import RecordingInfo, is_inside, remove_recording, sha256_file
 from birdflow.settings import Settings
 from birdflow.core.sinks import write_all
+from flows.announce import announce_rare, show_detections
 from flows.resources import StationResources, station_resources
 
 # name of the Failed state of a run whose audio cannot be analysed (undecodable, or not what was archived)
@@ -110,8 +112,11 @@ def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParam
 # The write and the archive keep no cached result (a file or a row per run that only a rerun would read):
 # both are idempotent, so a rerun repeats them and changes nothing.
 @task(name="write detections", cache_policy=NO_CACHE, persist_result=False)
-def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str, station: StationResources) -> dict[str, int]:
+def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str, station: StationResources) -> Tally:
+    """Rows to every sink, counted in their hours, and rare species announced once they are written (again
+    on a retry until the announcement got out: at least once, never for a recording counted before)."""
     station_id = recording.station_id
+    tally = station.species.tally(table, seed_hour=station.hour_written)
     written = write_all(
         station.sinks, table, on_failure=lambda sink: metrics.SINK_WRITE_FAILURES.labels(station_id, sink).inc()
     )
@@ -119,7 +124,11 @@ def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str
         metrics.DETECTIONS_WRITTEN.labels(station_id, sink).inc(rows)
     for species in table.column("scientific_name").to_pylist():
         metrics.DETECTIONS_BY_SPECIES.labels(station_id, metrics.species_label(species)).inc()
-    return written
+    if tally.to_announce:
+        announce_rare(tally.rare, recording.archive_key(recording.archive_names(station.settings.archive.archive_format)[0]))
+        station.species.announced(recording.recording_id)
+        metrics.RARE_SIGHTINGS.labels(station_id).inc(len(tally.rare))
+    return tally
 
 
 @task(name="archive", cache_policy=NO_CACHE, persist_result=False)
@@ -198,13 +207,16 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
         samples = _with_io_retries(decode_recording, settings)(recording, station)
         found = _caching_in(station)(recording, samples, params, station)
         table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)
-        written = _with_io_retries(write_detections, settings)(recording, table, params.analysis_id, station)
+        get_run_logger().info(summary(table))
+        tally = _with_io_retries(write_detections, settings)(recording, table, params.analysis_id, station)
         archived = _with_io_retries(archive_recording, settings)(recording, station)
     except ValueError as exc:  # the same audio would fail the same way: not worth a re-drive
         return Failed(name=UNPROCESSABLE, message=f"{type(exc).__name__}: {exc}")
+    if settings.detections.run_artifacts:
+        show_detections(table, {sighting.scientific_name for sighting in tally.rare})
     station.ledger.record(recording.recording_id, params.analysis_id)
     _release_local_copy(recording, settings)
-    return {"recording_id": recording.recording_id, "detections": table.num_rows, "written": written, "archive": archived}
+    return {"recording_id": recording.recording_id, "detections": table.num_rows, "rare": len(tally.rare), "archive": archived}
 
 
 def _release_local_copy(recording: RecordingInfo, settings: Settings) -> None:

@@ -7,15 +7,19 @@ in the flows reaches for process-wide state.
 from __future__ import annotations
 
 import threading
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import Optional
+
+import pyarrow as pa
 
 from birdflow.core.archive import Archive, LocalArchive, S3Archive
 from birdflow.core.analysis import AnalysisParams
 from birdflow.core.birdnet import BirdNET
 from birdflow.core.ledger import ProcessedLedger
+from birdflow.core.rarity import HOURLY_SCHEMA, SpeciesRecord
 from birdflow.settings import Settings, load_settings
-from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink
+from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink, read_hour
 
 
 class StationResources:
@@ -43,12 +47,15 @@ class StationResources:
     def sinks(self) -> list[DetectionSink]:
         sinks: list[DetectionSink] = []
         if self.settings.sinks.parquet_enabled:
-            sinks.append(ParquetSink(self.settings.detections_dir))
+            sinks.append(ParquetSink(self.settings.detections_dir, self.settings.species_hourly_dir))
         if self.settings.sinks.influx_enabled:
             from blocks import load_influx
 
             block = load_influx(self.settings)
-            sinks.append(InfluxSink(block.host, block.database, block.table, block.token.get_secret_value()))
+            sinks.append(
+                InfluxSink(block.host, block.database, block.table, block.token.get_secret_value(),
+                           self.settings.detections.influx_hourly_table)
+            )
         return sinks
 
     @cached_property
@@ -69,6 +76,17 @@ class StationResources:
     @cached_property
     def ledger(self) -> ProcessedLedger:
         return ProcessedLedger(self.settings.processed_record_file)
+
+    @cached_property
+    def species(self) -> SpeciesRecord:
+        detections = self.settings.detections
+        return SpeciesRecord(self.settings.species_file, detections.rare_window_days, detections.watch_species)
+
+    def hour_written(self, hour: int, station_id: str) -> pa.Table:
+        """An hour of counts as written before (a late recording adds to it); only Parquet can be read back."""
+        if not self.settings.sinks.parquet_enabled:
+            return HOURLY_SCHEMA.empty_table()
+        return read_hour(self.settings.species_hourly_dir, datetime.fromtimestamp(hour, timezone.utc))
 
     @cached_property
     def result_storage(self):

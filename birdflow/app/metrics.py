@@ -48,6 +48,10 @@ ANALYSIS_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8),
 )
 DETECTIONS_WRITTEN = Counter("birdflow_detections_written", "Detection rows written, by sink", ["station", "sink"])
+RARE_SIGHTINGS = Counter(
+    "birdflow_rare_sightings", "Species heard for the first time within rare_window_days (or watched), announced as events",
+    ["station"],
+)
 DETECTIONS_BY_SPECIES = Counter(
     "birdflow_species_detections", "Detections by species (the first species seen by name, later ones as 'other')",
     ["station", "species"],

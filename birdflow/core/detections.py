@@ -50,3 +50,36 @@ def detections_table(
         },
         schema=SCHEMA,
     )
+
+
+def summary(table: pa.Table) -> str:
+    """One line of what a recording held: "3 detections: Dark-eyed Junco x2 (best 0.92), Pine Siskin (0.71)"."""
+    if table.num_rows == 0:
+        return "no detections"
+    best: dict[str, list[float]] = {}
+    for name, confidence in zip(table.column("common_name").to_pylist(), table.column("confidence").to_pylist()):
+        best.setdefault(name, []).append(confidence)
+    ordered = sorted(best.items(), key=lambda item: (-len(item[1]), -max(item[1]), item[0]))
+    parts = [
+        f"{name} x{len(scores)} (best {max(scores):.2f})" if len(scores) > 1 else f"{name} ({scores[0]:.2f})"
+        for name, scores in ordered
+    ]
+    noun = "detection" if table.num_rows == 1 else "detections"
+    return f"{table.num_rows} {noun}: " + ", ".join(parts)
+
+
+def artifact_rows(table: pa.Table, rare_species: set[str]) -> list[dict]:
+    """The run's table artifact: one row per detection, time of day first, rare ones marked."""
+    rows = []
+    for row in table.to_pylist():
+        rows.append(
+            {
+                "time": row["time"].strftime("%Y-%m-%d %H:%M:%S UTC"),
+                "species": f"{row['common_name']} ({row['scientific_name']})",
+                "confidence": round(row["confidence"], 3),
+                "offset_s": f"{row['start_s']:g}-{row['end_s']:g}",
+                "listener": row["listener_id"],
+                "rare": "rare" if row["scientific_name"] in rare_species else "",
+            }
+        )
+    return rows

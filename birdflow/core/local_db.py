@@ -25,6 +25,6 @@ class LocalDatabase:
             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(self.schema)
+            connection.executescript(self.schema)
             self._local.connection = connection
         return connection.execute(sql, parameters)

@@ -1,9 +1,11 @@
-"""Where detection tables go: a local Parquet dataset (the embedded default) and/or InfluxDB 3.
+"""Where detection tables and hourly species counts go: local Parquet (the embedded default) and/or InfluxDB 3.
 
 Writes are idempotent: the same recording analysed with the same parameters lands on the same
 Parquet file and the same Influx series and timestamps, so a retry never duplicates rows. The
 maintenance run merges the per-recording Parquet files into one file per hour (a station would
-otherwise make ~100,000 small files a day); a later rewrite of a recording replaces its rows.
+otherwise make ~100,000 small files a day); a later rewrite of a recording replaces its rows. An hour of
+counts is one file (`YYYY/MM/DD/HH.parquet`) or one Influx series per listener and species, written whole
+each time, so writing it again replaces it.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from birdflow.core.detections import SCHEMA, TAG_COLUMNS
+from birdflow.core.rarity import HOURLY_SCHEMA, HOURLY_TAG_COLUMNS
 
 
 class DetectionSink(Protocol):
     name: str
 
     def write(self, table: pa.Table) -> int: ...
+
+    def write_hourly(self, table: pa.Table) -> int:
+        """One hour of one station's species counts (rarity.HOURLY_SCHEMA)."""
 
 
 HOUR_FILE_PREFIX = "hour-"
@@ -45,8 +51,9 @@ class ParquetSink:
 
     name = "parquet"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, hourly_root: Path):
         self.root = Path(root)
+        self.hourly_root = Path(hourly_root)
 
     def write(self, table: pa.Table) -> int:
         if table.num_rows == 0:
@@ -59,24 +66,45 @@ class ParquetSink:
         _write_atomically(table, folder / f"{recording_id}__{analysis_id}.parquet")
         return table.num_rows
 
+    def write_hourly(self, table: pa.Table) -> int:
+        if table.num_rows == 0:
+            return 0
+        hour = table.column("time")[0].as_py()
+        folder = self.hourly_root / f"{hour:%Y/%m/%d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(table, folder / f"{hour:%H}.parquet")
+        return table.num_rows
+
+
+def read_hour(hourly_root: Path, hour_start: datetime) -> pa.Table:
+    """The counts of one hour as last written to Parquet (empty when it never was)."""
+    path = Path(hourly_root) / f"{hour_start:%Y/%m/%d/%H}.parquet"
+    return pq.read_table(path, schema=HOURLY_SCHEMA) if path.is_file() else HOURLY_SCHEMA.empty_table()
+
 
 class InfluxSink:
     """Writes each table through influxdb3-python: tags identify the detection, fields carry its values."""
 
     name = "influxdb3"
 
-    def __init__(self, host: str, database: str, table: str, token: str, timeout_ms: int = 10_000):
+    def __init__(self, host: str, database: str, table: str, token: str, hourly_table: str = "species_hourly",
+                 timeout_ms: int = 10_000):
         from influxdb_client_3 import InfluxDBClient3
 
         self.table = table
+        self.hourly_table = hourly_table
         self.client = InfluxDBClient3(host=host, database=database, token=token or None, write_timeout=timeout_ms)
 
     def write(self, table: pa.Table) -> int:
+        return self._write(table, self.table, TAG_COLUMNS)
+
+    def write_hourly(self, table: pa.Table) -> int:
+        return self._write(table, self.hourly_table, HOURLY_TAG_COLUMNS)
+
+    def _write(self, table: pa.Table, measurement: str, tags: list[str]) -> int:
         if table.num_rows == 0:
             return 0
-        self.client.write_dataframe(
-            table.to_pandas(), measurement=self.table, timestamp_column="time", tags=TAG_COLUMNS
-        )
+        self.client.write_dataframe(table.to_pandas(), measurement=measurement, timestamp_column="time", tags=tags)
         return table.num_rows
 
     def close(self) -> None:
@@ -203,13 +231,15 @@ def _unchanged(path: Path, stat: os.stat_result) -> bool:
 
 
 def write_all(
-    sinks: Sequence[DetectionSink], table: pa.Table, on_failure: Callable[[str], None] = lambda sink: None
+    sinks: Sequence[DetectionSink], table: pa.Table, on_failure: Callable[[str], None] = lambda sink: None,
+    hourly: bool = False,
 ) -> dict[str, int]:
-    """Every sink gets the table; a failing sink is reported (then raises, so the task retries)."""
+    """Every sink gets the table (detections, or with `hourly` an hour of counts); a failing sink is
+    reported (then raises, so the task retries)."""
     written = {}
     for sink in sinks:
         try:
-            written[sink.name] = sink.write(table)
+            written[sink.name] = sink.write_hourly(table) if hourly else sink.write(table)
         except Exception:
             on_failure(sink.name)
             raise

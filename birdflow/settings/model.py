@@ -14,6 +14,7 @@ from birdflow.settings.sections import (
     LISTENER_ID_PATTERN,
     AnalysisSettings,
     ArchiveSettings,
+    DetectionSettings,
     IngestSettings,
     ObservabilitySettings,
     PrefectSettings,
@@ -26,6 +27,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "prefect": PrefectSettings,
     "analysis": AnalysisSettings,
     "sinks": SinkSettings,
+    "detections": DetectionSettings,
     "archive": ArchiveSettings,
     "unattended": UnattendedSettings,
     "observability": ObservabilitySettings,
@@ -43,6 +45,7 @@ class Settings(BaseModel):
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
     sinks: SinkSettings = Field(default_factory=SinkSettings)
+    detections: DetectionSettings = Field(default_factory=DetectionSettings)
     archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
     unattended: UnattendedSettings = Field(default_factory=UnattendedSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
@@ -112,6 +115,11 @@ class Settings(BaseModel):
         return self.state_dir / "results.sqlite"
 
     @property
+    def species_file(self) -> Path:
+        """When each species was last heard, the hourly counts not yet written, which recordings were counted."""
+        return self.state_dir / "species.sqlite"
+
+    @property
     def listener_tokens_file(self) -> Path:
         """Hashes of the listeners' tokens (never the tokens)."""
         return self.state_dir / "listeners.sqlite"
@@ -132,6 +140,11 @@ class Settings(BaseModel):
     @property
     def detections_dir(self) -> Path:
         return self.data_dir / "detections"
+
+    @property
+    def species_hourly_dir(self) -> Path:
+        """Hourly counts per listener and species, one Parquet file per hour."""
+        return self.data_dir / "species_hourly"
 
     @property
     def local_archive_dir(self) -> Path:

@@ -152,6 +152,22 @@ class SinkSettings(Section):
         return self
 
 
+class DetectionSettings(Section):
+    """What is done with what was heard: rare species pushed, clips kept, human voices filtered (README, "What was heard")."""
+
+    rare_window_days: float = Field(
+        30.0, gt=0, description="A species not heard at this station for this long is rare again (an event, a notification)"
+    )
+    watch_species: Names = Field(
+        default_factory=list, description="Species (scientific or common names) that are always rare: every recording with one is pushed"
+    )
+    run_artifacts: bool = Field(True, description="Each run with detections carries a table artifact of them in the Prefect UI")
+    hourly_settle_s: float = Field(
+        300.0, ge=0, description="An hour of species counts is written this long after it closes (late recordings still add to it)"
+    )
+    influx_hourly_table: str = Field("species_hourly", description="Influx table of the hourly species counts")
+
+
 class ArchiveSettings(Section):
     """Where recordings are archived, and which folders a backfill may read."""
 

@@ -51,7 +51,7 @@ def test_invalid_settings_name_the_setting(tmp_path, yaml_text, env, message):
 
 
 def test_parquet_sink_is_idempotent_and_filterable(tmp_path):
-    sink = ParquetSink(tmp_path)
+    sink = ParquetSink(tmp_path, tmp_path / "hourly")
     table = detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1")
     assert sink.write(table) == 2
     assert sink.write(table) == 2  # a retry rewrites the same file
@@ -96,3 +96,22 @@ def test_real_influxdb3_round_trip():
     client = InfluxDBClient3(host=os.environ["INFLUX3_URL"], database=database, token=token or None)
     rows = client.query("SELECT scientific_name FROM detections_test WHERE recording_id = 'mic-1_20250601T053000Z_abcdef12'")
     assert sorted(rows.column("scientific_name").to_pylist()) == ["Spinus tristis", "Turdus migratorius"]
+
+
+def test_hourly_counts_go_to_their_own_influx_table(influx_server):
+    import pyarrow as pa
+
+    from birdflow.core.rarity import HOURLY_SCHEMA
+
+    hour = datetime(2025, 6, 1, 5, tzinfo=timezone.utc)
+    table = pa.table(
+        {"time": [hour], "station_id": ["s1"], "listener_id": ["mic1"], "scientific_name": ["Junco hyemalis"],
+         "common_name": ["Dark-eyed Junco"], "detections": [7], "best_confidence": [0.9]},
+        schema=HOURLY_SCHEMA,
+    )
+    sink = InfluxSink(influx_server.url, "birds", "detections", "test-token", hourly_table="species_hourly")
+    assert sink.write_hourly(table) == 1
+    [line] = list(influx_server.lines)
+    measurement, tags, fields, stamp = parse_line(line)
+    assert measurement == "species_hourly" and tags["listener_id"] == "mic1" and tags["common_name"] == "Dark-eyed Junco"
+    assert fields["detections"] in (7, "7i") and int(stamp) == int(hour.timestamp() * 1e9)

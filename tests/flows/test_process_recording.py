@@ -78,3 +78,64 @@ def test_a_run_whose_source_lies_outside_the_allowed_folders_fails_at_once(prefe
         assert state.is_failed() and state.name == UNPROCESSABLE and "backfill_roots" in state.message, source
         assert refused() == before + 1
     assert not settings.local_archive_dir.exists() and outside.read_bytes() == sample_48k.read_bytes()
+
+
+def run_logs_and_artifacts(flow_run_id, expected_logs: int) -> tuple[list[str], list]:
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    with get_client(sync_client=True) as client:
+        for _ in range(100):  # logs reach the server in batches, every 2 s
+            logs = [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+            if len(logs) >= expected_logs:
+                break
+            time.sleep(0.2)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return logs, artifacts
+
+
+def test_a_run_shows_what_it_heard_and_a_species_is_rare_only_the_first_time(prefect_server, tmp_path, sample_48k, monkeypatch):
+    import shutil
+
+    from birdflow.core.recordings import describe_audio_file
+    from birdflow.settings import Settings
+    from flows import resources
+    from flows.process_recording import process_recording
+    from flows.resources import use_station
+
+    monkeypatch.setattr(resources, "_current", None)
+    settings = Settings(station_id="heard", data_dir=tmp_path / "data")
+    use_station(settings)
+    settings.recordings_dir.mkdir(parents=True)
+    results = []
+    for listener in ("mic1", "mic2"):  # the same audio from two listeners: two recordings of the same species
+        source = tmp_path / f"{listener}_20250601T053000Z.wav"
+        shutil.copy(sample_48k, source)
+        info = describe_audio_file(source, "heard", "upload")
+        shutil.copy(source, settings.recordings_dir / info.file_name)
+        state = process_recording(info, return_state=True)
+        assert state.is_completed()
+        logs, artifacts = run_logs_and_artifacts(state.state_details.flow_run_id, expected_logs=2)
+        results.append((state.result(), logs, artifacts))
+    (first, first_logs, [first_artifact]), (second, second_logs, [second_artifact]) = results
+    assert (first["rare"], second["rare"]) == (1, 0)
+    assert any(line.startswith(f"{first['detections']} detection") and "American Goldfinch" in line for line in first_logs), first_logs
+    import json
+
+    rows = json.loads(first_artifact.data) if isinstance(first_artifact.data, str) else first_artifact.data
+    assert first_artifact.type == "table" and len(rows) == first["detections"]
+    assert rows[0]["species"] == "American Goldfinch (Spinus tristis)" and rows[0]["rare"] == "rare"
+    assert "American Goldfinch" in first_artifact.description
+    second_rows = json.loads(second_artifact.data) if isinstance(second_artifact.data, str) else second_artifact.data
+    assert {row["rare"] for row in second_rows} == {""}
+    # the closed hour's counts go to the sinks once, per listener and species
+    from birdflow.core.sinks import read_hour
+    from flows.maintenance import write_hourly_counts
+
+    assert write_hourly_counts.fn(settings)["hours_written"] == 1
+    hour = read_hour(settings.species_hourly_dir, datetime(2025, 6, 1, 5, tzinfo=timezone.utc))
+    assert [(r["listener_id"], r["common_name"], r["detections"]) for r in hour.to_pylist()] == [
+        ("mic1", "American Goldfinch", first["detections"]), ("mic2", "American Goldfinch", second["detections"]),
+    ]
+    assert write_hourly_counts.fn(settings)["hours_written"] == 0  # written: not again until it changes

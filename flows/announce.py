@@ -1,0 +1,59 @@
+"""What a run tells people: the Prefect event of each rare sighting (automations turn it into a
+notification) and the run's table artifact of what it heard."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pyarrow as pa
+from prefect.artifacts import create_table_artifact
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+
+from birdflow.core.detections import artifact_rows, summary
+from birdflow.core.rarity import RareSighting
+
+RARE_EVENT = "birdflow.detection.rare"
+
+
+def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: Optional[str]) -> dict:
+    """The event's resource (the recording, labelled with station and listener), related resources and payload."""
+    return {
+        "event": RARE_EVENT,
+        "resource": {
+            "prefect.resource.id": f"birdflow.recording.{sighting.recording_id}",
+            "prefect.resource.name": sighting.recording_id,
+            "birdflow.station": sighting.station_id,
+            "birdflow.listener": sighting.listener_id,
+        },
+        "related": [
+            {"prefect.resource.id": f"birdflow.station.{sighting.station_id}", "prefect.resource.role": "station"},
+            {
+                "prefect.resource.id": f"birdflow.listener.{sighting.station_id}.{sighting.listener_id}",
+                "prefect.resource.role": "listener",
+            },
+        ],
+        "payload": {
+            "scientific_name": sighting.scientific_name,
+            "common_name": sighting.common_name,
+            "confidence": sighting.confidence,
+            "time": sighting.time,
+            "station_id": sighting.station_id,
+            "listener_id": sighting.listener_id,
+            "watched": sighting.watched,
+            "archive_key": archive_key,
+            "run_url": run_url or "",
+        },
+    }
+
+
+def announce_rare(sightings: list[RareSighting], archive_key: str) -> None:
+    run_url = flow_run.ui_url
+    for sighting in sightings:
+        emit_event(**rare_event_fields(sighting, archive_key, run_url))
+
+
+def show_detections(table: pa.Table, rare_species: set[str]) -> None:
+    """The run's table artifact (a run that heard nothing gets none: one API call saved per quiet recording)."""
+    if table.num_rows:
+        create_table_artifact(artifact_rows(table, rare_species), description=summary(table))
