@@ -9,11 +9,10 @@ import pyarrow as pa
 from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 
 from birdflow.core.detections import artifact_rows, summary
-from birdflow.core.rarity import RareSighting
-
-RARE_EVENT = "birdflow.detection.rare"
+from birdflow.core.rarity import RARE_EVENT, RareSighting
 
 
 def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: Optional[str]) -> dict:
@@ -47,8 +46,14 @@ def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: Optiona
     }
 
 
+def run_page() -> Optional[str]:
+    """This run's page in the Prefect UI (the address the engine's "View at" log line gives)."""
+    ui_url = get_current_settings().ui_url
+    return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui_url and flow_run.id else None
+
+
 def announce_rare(sightings: list[RareSighting], archive_key: str) -> None:
-    run_url = flow_run.ui_url
+    run_url = run_page()
     for sighting in sightings:
         emit_event(**rare_event_fields(sighting, archive_key, run_url))
 

@@ -29,6 +29,9 @@ from birdflow.settings import SETTINGS_FILE_ENV, Settings
 
 log = logging.getLogger("birdflow.up")
 STOP_GRACE_S = 15.0
+PREFECT_SERVER = "prefect server"
+# how often `up` looks for a first automation (the embedded server then needs its triggers on)
+AUTOMATION_CHECK_S = 30.0
 
 
 # Task-run states reach the server as events, which its task-run recorder writes; by default one event per
@@ -39,8 +42,9 @@ TASK_RUN_RECORDER_BATCHING = {
 }
 
 
-def prefect_environment(settings: Settings) -> dict[str, str]:
-    """Prefect settings for every birdflow process (documented in the README's Prefect section)."""
+def prefect_environment(settings: Settings, triggers: bool = False) -> dict[str, str]:
+    """Prefect settings for every birdflow process (documented in the README's Prefect section). `triggers`:
+    the embedded server evaluates automations (turned on once one exists, see `automations_exist`)."""
     settings.prefect_home.mkdir(parents=True, exist_ok=True)
     env = {
         "PREFECT_HOME": str(settings.prefect_home.resolve()),
@@ -72,7 +76,7 @@ def prefect_environment(settings: Settings) -> dict[str, str]:
         if not settings.prefect.prefect_events_enabled:
             # automations (triggers) and the stored event feed: ~15 % of the server's CPU per run;
             # run, task-run and log history do not depend on them
-            env["PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"] = "false"
+            env["PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"] = "true" if triggers else "false"
             env["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"] = "false"
     return env
 
@@ -122,9 +126,9 @@ def embedded_postgres(settings: Settings) -> "Child":
     return Child("postgres", command, user=user, stop_signal=signal.SIGINT, signal_group=False)
 
 
-def child_environment(settings: Settings, settings_file: Optional[str]) -> dict[str, str]:
+def child_environment(settings: Settings, settings_file: Optional[str], triggers: bool = False) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(prefect_environment(settings))
+    env.update(prefect_environment(settings, triggers))
     env[MULTIPROC_ENV] = str(settings.metrics_dir.resolve())
     env["DATA_DIR"] = str(settings.data_dir.resolve())
     if settings_file:
@@ -204,7 +208,7 @@ def start_prefect(settings: Settings, env: dict[str, str], children: list[Child]
         except RuntimeError as exc:
             raise RuntimeError(f"Postgres did not start (is port {settings.prefect.postgres_port} in use?): {exc}") from None
     server = Child(
-        "prefect server",
+        PREFECT_SERVER,
         [sys.executable, "-m", "birdflow.app.prefect_server", "start", "--host", "127.0.0.1",
          "--port", str(settings.prefect.prefect_port)],
     )
@@ -213,6 +217,30 @@ def start_prefect(settings: Settings, env: dict[str, str], children: list[Child]
     wait_for_prefect(settings.api_url, 120, alive=lambda: server.alive() and not stop.is_set())
     if not server.alive():
         raise RuntimeError(f"the Prefect server exited during start-up (is port {settings.prefect.prefect_port} in use?)")
+
+
+def automations_exist(settings: Settings) -> Optional[bool]:
+    """Whether the Prefect server holds an automation (None when it does not answer)."""
+    auth = settings.prefect.prefect_api_auth_string.get_secret_value()
+    try:
+        response = httpx.post(
+            f"{settings.api_url}/automations/count", json={}, timeout=5,
+            auth=tuple(auth.split(":", 1)) if ":" in auth else None,
+        )
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return int(response.json()) > 0
+
+
+def restart_with_triggers(settings: Settings, settings_file: Optional[str], server: "Child", stop: threading.Event) -> dict[str, str]:
+    """The embedded server again, now evaluating automations; returns the environment children start with."""
+    log.info("an automation exists: restarting the Prefect server with its triggers on")
+    env = child_environment(settings, settings_file, triggers=True)
+    stop_all([server])
+    server.start(env)
+    wait_for_prefect(settings.api_url, 120, alive=lambda: server.alive() and not stop.is_set())
+    return env
 
 
 def stop_all(children: list[Child]) -> None:
@@ -258,6 +286,14 @@ def register_blocks_in_a_child(cli: list[str], env: dict[str, str]) -> None:
         log.info("%s", line)
 
 
+def triggers_off(settings: Settings, env: dict[str, str]) -> bool:
+    return settings.embedded_prefect and env.get("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED") == "false"
+
+
+def prefect_server(children: list[Child]) -> Child:
+    return next(child for child in children if child.name == PREFECT_SERVER)
+
+
 def supervise(settings: Settings, settings_file: Optional[str]) -> int:
     """Run the stack until SIGINT/SIGTERM."""
     stop = threading.Event()
@@ -275,6 +311,8 @@ def supervise(settings: Settings, settings_file: Optional[str]) -> int:
             wait_for_prefect(settings.api_url, 60)
         if not stop.is_set():
             register_blocks_in_a_child(cli, env)
+        if triggers_off(settings, env) and automations_exist(settings):
+            env = restart_with_triggers(settings, settings_file, prefect_server(children), stop)
     except RuntimeError as exc:
         stop_all(children)
         if stop.is_set():
@@ -290,9 +328,17 @@ def supervise(settings: Settings, settings_file: Optional[str]) -> int:
         f"(metrics at /metrics), Prefect UI at {settings.api_url.removesuffix('/api')}. Ctrl-C stops.",
         flush=True,
     )
+    next_automation_check = time.monotonic() + AUTOMATION_CHECK_S
     while not stop.wait(0.5):
         for child in children:
             restart_when_due(child, env, settings)
+        if triggers_off(settings, env) and time.monotonic() > next_automation_check:
+            next_automation_check = time.monotonic() + AUTOMATION_CHECK_S
+            if automations_exist(settings):
+                try:
+                    env = restart_with_triggers(settings, settings_file, prefect_server(children), stop)
+                except RuntimeError as exc:
+                    log.error("%s", exc)  # the loop restarts it like any child that exited
     log.info("stopping")
     stop_all(children)
     return 0

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS counted (recording_id TEXT PRIMARY KEY, counted_at RE
     announced INTEGER NOT NULL) WITHOUT ROWID;
 """
 HOUR_S = 3600
+RARE_EVENT = "birdflow.detection.rare"  # the Prefect event of a rare sighting
 
 
 @dataclass(frozen=True)

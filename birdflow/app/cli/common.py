@@ -29,6 +29,19 @@ def settings_with_prefect(args):
     return settings
 
 
+def require_prefect(settings) -> None:
+    """One line instead of Prefect's traceback when its API is not running."""
+    import httpx
+
+    try:
+        healthy = httpx.get(f"{settings.api_url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        healthy = False
+    if not healthy:
+        where = "start it with `birdflow up`" if settings.embedded_prefect else "check setting 'prefect_api_url'"
+        raise SystemExit(f"birdflow: the Prefect API at {settings.api_url} does not answer: {where}")
+
+
 def utc_time(text: str) -> datetime:
     """ISO date or time; naive values are UTC."""
     try:

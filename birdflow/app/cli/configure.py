@@ -7,7 +7,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from birdflow.app.cli.common import at_least, listener_id_argument, settings_of, settings_with_prefect
+from birdflow.app.cli.common import at_least, listener_id_argument, require_prefect, settings_of, settings_with_prefect
 
 
 def cmd_init(args) -> int:
@@ -93,6 +93,32 @@ def cmd_prometheus_config(args) -> int:
     return 0
 
 
+def cmd_notify(args) -> int:
+    """Channels for rare-species notifications: a Prefect notification block and automation each."""
+    from birdflow.app import notify
+
+    settings = settings_with_prefect(args)
+    require_prefect(settings)
+    if args.notify_command == "add":
+        try:
+            block, automation = notify.add_channel(settings, args.kind, args.target, args.name or "")
+        except notify.ChannelError as exc:
+            raise SystemExit(f"birdflow: {exc}") from None
+        print(f"{block}: rare species of station {settings.station_id} are sent to this {args.kind} (automation {automation})")
+        if settings.embedded_prefect and not settings.prefect.prefect_events_enabled:
+            print("the embedded Prefect server turns its triggers on within 30 s (a restart of a few seconds)", file=sys.stderr)
+    elif args.notify_command == "list":
+        channels = notify.list_channels(settings)
+        for channel in channels:
+            print(f"{channel['channel']}\tautomation {channel['automation_id']}\tenabled: {channel['enabled']}")
+        if not channels:
+            print("no notification channels (birdflow notify add webhook URL)", file=sys.stderr)
+    elif not notify.remove_channel(settings, args.name):
+        print(f"birdflow: no notification channel {args.name!r} (see `birdflow notify list`)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_commands(commands) -> None:
     init = commands.add_parser("init", help="write a commented settings.yaml and a .env template")
     init.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
@@ -120,6 +146,17 @@ def add_commands(commands) -> None:
     block_commands.add_parser("register", help="create or update the blocks from the settings").set_defaults(
         func=cmd_blocks_register
     )
+
+    notify_parser = commands.add_parser("notify", help="notifications of rare species: add, list, remove channels")
+    notify_commands = notify_parser.add_subparsers(dest="notify_command", required=True)
+    add_channel = notify_commands.add_parser("add", help="send rare species to a webhook, Slack, Discord, Teams or e-mail")
+    add_channel.add_argument("kind", choices=("webhook", "slack", "discord", "teams", "email"))
+    add_channel.add_argument("target", help="the webhook URL, or e-mail addresses separated by commas (SENDGRID_API_KEY)")
+    add_channel.add_argument("--name", help="name of the channel (default: <station>-<kind>); lower case, digits, '-'")
+    notify_commands.add_parser("list", help="this station's channels and their automations")
+    remove_channel = notify_commands.add_parser("remove", help="delete a channel's automation and block")
+    remove_channel.add_argument("name", help="the channel's name as `list` shows it")
+    notify_parser.set_defaults(func=cmd_notify)
 
     prometheus = commands.add_parser("prometheus-config", help="Prometheus agent config: scrape birdflow, remote-write centrally")
     prometheus.add_argument("--output", type=Path, help="folder for prometheus.yml (+ password file); default: print")

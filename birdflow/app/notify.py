@@ -1,0 +1,155 @@
+"""Notifications of rare species: a Prefect notification block per channel and a Prefect automation
+"birdflow.detection.rare -> send notification" for each, so the server's own machinery (retries, the UI's
+Automations page, pausing) does the sending.
+
+The embedded server keeps its triggers off while no automation exists (they cost CPU per run); `birdflow
+up` turns them on when one does (supervisor.triggers_wanted).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable
+from urllib.parse import urlparse
+
+from birdflow.core.rarity import RARE_EVENT
+from birdflow.settings import Settings
+
+SUBJECT = "Rare bird at {{ event.payload.station_id }}: {{ event.payload.common_name }}"
+BODY = (
+    "{{ event.payload.common_name }} ({{ event.payload.scientific_name }}) heard by listener "
+    "{{ event.payload.listener_id }} at station {{ event.payload.station_id }}, confidence "
+    "{{ event.payload.confidence }}, at {{ event.payload.time }}"
+    "{% if event.payload.watched %} (on the watch list){% endif %}.\n"
+    "Run: {{ event.payload.run_url }}"
+)
+BLOCK_PREFIX = "birdflow-notify-"
+
+
+class ChannelError(ValueError):
+    """The channel's address cannot be used; the message says what was expected."""
+
+
+def _webhook(target: str):
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    _require_http(target, "a webhook URL")
+    return CustomWebhookNotificationBlock(
+        name="birdflow", url=target, json_data={"subject": "{{subject}}", "text": "{{body}}"}
+    )
+
+
+def _slack(target: str):
+    from prefect.blocks.notifications import SlackWebhook
+
+    _require_http(target, "a Slack incoming-webhook URL")
+    return SlackWebhook(url=target)
+
+
+def _teams(target: str):
+    from prefect.blocks.notifications import MicrosoftTeamsWebhook
+
+    _require_http(target, "a Microsoft Teams webhook URL")
+    return MicrosoftTeamsWebhook(url=target)
+
+
+def _discord(target: str):
+    from prefect.blocks.notifications import DiscordWebhook
+
+    match = re.search(r"/api/webhooks/(\d+)/([\w-]+)", target)
+    if not match:
+        raise ChannelError("expected a Discord webhook URL (https://discord.com/api/webhooks/<id>/<token>)")
+    return DiscordWebhook(webhook_id=match.group(1), webhook_token=match.group(2))
+
+
+def _email(target: str):
+    from prefect.blocks.notifications import SendgridEmail
+
+    addresses = [part.strip() for part in target.split(",") if part.strip()]
+    if not addresses or not all(re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", address) for address in addresses):
+        raise ChannelError("expected one or more e-mail addresses, separated by commas")
+    key = os.environ.get("SENDGRID_API_KEY", "")
+    if not key:
+        raise ChannelError("e-mail is sent through SendGrid: set SENDGRID_API_KEY in the environment")
+    return SendgridEmail(api_key=key, sender_email=os.environ.get("SENDGRID_SENDER", addresses[0]), to_emails=addresses)
+
+
+def _require_http(target: str, what: str) -> None:
+    parsed = urlparse(target)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ChannelError(f"expected {what} (http:// or https://), got {target!r}")
+
+
+CHANNELS: dict[str, Callable[[str], object]] = {
+    "webhook": _webhook, "slack": _slack, "discord": _discord, "teams": _teams, "email": _email,
+}
+
+
+def automation_name(settings: Settings, block_name: str) -> str:
+    return f"birdflow {settings.station_id}: rare species -> {block_name}"
+
+
+def add_channel(settings: Settings, kind: str, target: str, name: str = "") -> tuple[str, str]:
+    """Save the channel's block and (re)create its automation; returns (block name, automation id)."""
+    from prefect.automations import Automation, EventTrigger, SendNotification
+    from prefect.events.schemas.automations import Posture
+
+    block = CHANNELS[kind](target)
+    block_name = BLOCK_PREFIX + (name or f"{settings.station_id}-{kind}")
+    if not re.fullmatch(r"[a-z0-9-]+", block_name):
+        raise ChannelError(f"channel name {name!r}: use lower-case letters, digits and '-'")
+    block_id = block.save(block_name, overwrite=True)
+    _delete_automations(automation_name(settings, block_name))
+    automation = Automation(
+        name=automation_name(settings, block_name),
+        description=f"Sends {RARE_EVENT} events of station {settings.station_id} to {kind} ({block_name})",
+        trigger=EventTrigger(
+            expect={RARE_EVENT}, match={"birdflow.station": settings.station_id}, posture=Posture.Reactive,
+            threshold=1, within=0,
+        ),
+        actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],
+    ).create()
+    return block_name, str(automation.id)
+
+
+def list_channels(settings: Settings) -> list[dict[str, str]]:
+    from prefect import get_client
+
+    prefix = automation_name(settings, "")
+    with get_client(sync_client=True) as client:
+        automations = client.read_automations()
+    return [
+        {"channel": automation.name.removeprefix(prefix), "automation_id": str(automation.id),
+         "enabled": "yes" if automation.enabled else "no"}
+        for automation in automations
+        if automation.name.startswith(prefix)
+    ]
+
+
+def remove_channel(settings: Settings, block_name: str) -> bool:
+    """Delete the channel's automation and block; False when there was neither."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    block_name = block_name if block_name.startswith(BLOCK_PREFIX) else BLOCK_PREFIX + block_name
+    removed = _delete_automations(automation_name(settings, block_name))
+    with get_client(sync_client=True) as client:
+        for document in client.read_block_documents():
+            if document.name == block_name:
+                try:
+                    client.delete_block_document(document.id)
+                    removed += 1
+                except ObjectNotFound:
+                    pass
+    return removed > 0
+
+
+def _delete_automations(name: str) -> int:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        found = client.read_automations_by_name(name)
+        for automation in found:
+            client.delete_automation(automation.id)
+    return len(found)

@@ -1,0 +1,101 @@
+"""Rare species notified for real: `birdflow up`, a channel added with `birdflow notify add webhook`, a loopback
+HTTP receiver as the webhook. A species new to the station notifies once; the same species again does not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from birdflow.tools.stack import Stack
+
+
+class WebhookReceiver:
+    """A loopback HTTP server that keeps the JSON body of every POST."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+        received = self.messages
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def birdflow(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("PREFECT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "birdflow.app.cli", "--settings", str(stack.root / "settings.yaml"), *args],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+
+
+def wait_for(check, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(0.5)
+    return result
+
+
+@pytest.fixture
+def receiver():
+    hook = WebhookReceiver()
+    yield hook
+    hook.close()
+
+
+def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, sample_48k, receiver):
+    stack = Stack(tmp_path, station_id="notify")
+    try:
+        stack.start()
+        added = birdflow(stack, "notify", "add", "webhook", receiver.url)
+        assert added.returncode == 0, added.stderr
+        assert "birdflow-notify-notify-webhook" in added.stdout
+        listed = birdflow(stack, "notify", "list")
+        assert "birdflow-notify-notify-webhook" in listed.stdout and "enabled: yes" in listed.stdout
+        bad = birdflow(stack, "notify", "add", "webhook", "not-a-url")
+        assert bad.returncode != 0 and bad.stderr.strip().startswith("birdflow: expected a webhook URL")
+        # `up` finds the automation when it starts and turns the embedded server's triggers on
+        stack.stop()
+        stack.start()
+        assert "restarting the Prefect server with its triggers on" in stack.log_tail(200)
+
+        def upload(name: str) -> dict:
+            response = httpx.post(f"{stack.url}/recordings_upload", files={"file": (name, sample_48k.read_bytes())}, timeout=30)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        upload("mic1_20250601T053000Z.wav")
+        wait_for(lambda: stack.completed_runs() == 1, 90, "the first run")
+        [message] = wait_for(lambda: list(receiver.messages), 60, "the notification")
+        assert message["subject"] == "Rare bird at notify: American Goldfinch"
+        assert "American Goldfinch (Spinus tristis) heard by listener mic1 at station notify" in message["text"]
+        assert f"Run: http://127.0.0.1:{stack.prefect_port}/runs/flow-run/" in message["text"]
+        # the same species from another listener a minute later: frequent now, counted but not pushed
+        upload("mic2_20250601T053100Z.wav")
+        wait_for(lambda: stack.completed_runs() == 2, 90, "the second run")
+        time.sleep(8)  # what the automation would take to send a second message
+        assert len(receiver.messages) == 1
+    finally:
+        stack.stop()
