@@ -140,7 +140,7 @@ def read_detections(
     for condition in conditions:
         expression = condition if expression is None else expression & condition
     for attempt in range(3):
-        hourly, loose = _dataset_files(Path(root))
+        hourly, loose = dataset_files(Path(root))
         try:
             loose_rows = _read(loose, expression)
             # a recording rewritten after its hour was compacted: its newer file replaces its compacted rows
@@ -152,7 +152,7 @@ def read_detections(
     return pa.concat_tables([hourly_rows, loose_rows]).sort_by(READING_ORDER)
 
 
-def _dataset_files(root: Path) -> tuple[list[str], list[str]]:
+def dataset_files(root: Path) -> tuple[list[str], list[str]]:
     """(hour files, per-recording files) of the dataset."""
     hourly, loose = [], []
     if root.is_dir():
@@ -197,7 +197,7 @@ def compact_detections(root: Path, settled_s: float = 300.0, now: Optional[float
     with open(root / ".compaction.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one compaction at a time, whichever process runs it
         groups: dict[Path, list[tuple[Path, os.stat_result, pa.Table]]] = {}
-        for name in _dataset_files(root)[1]:
+        for name in dataset_files(root)[1]:
             path = Path(name)
             stat = path.stat()
             if now - stat.st_mtime < settled_s:

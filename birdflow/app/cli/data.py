@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 from birdflow.app.cli.common import at_least, settings_of, settings_with_prefect, utc_time
+from birdflow.app.cli.output import print_table
 
 
 def cmd_detections(args) -> int:
@@ -22,36 +20,51 @@ def cmd_detections(args) -> int:
     )
     if args.limit:
         table = table.slice(max(0, table.num_rows - args.limit))
-    rows = table.to_pylist()
-    if args.format == "json":
-        print(json.dumps(rows, default=lambda value: value.isoformat(), indent=2))
-    elif args.format == "csv":
-        import pyarrow.csv as pacsv
-
-        sink = pacsv.CSVWriter(sys.stdout.buffer, table.schema) if rows else None
-        if sink:
-            sink.write_table(table)
-            sink.close()
-        else:
-            print(",".join(table.schema.names))
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        view = Table(title=f"{len(rows)} detection(s)")
-        for column in ("time", "listener_id", "common_name", "scientific_name", "confidence", "recording_id"):
-            view.add_column(column)
-        for row in rows:
-            view.add_row(
-                row["time"].strftime("%Y-%m-%d %H:%M:%S"),
-                row["listener_id"],
-                row["common_name"],
-                row["scientific_name"],
-                f"{row['confidence']:.3f}",
-                row["recording_id"],
-            )
-        Console().print(view)
+    if args.format == "table":
+        # what fits 80 columns; --wide adds the scientific name and the recording
+        columns = ["time", "listener_id", "common_name", "confidence"]
+        if args.wide:
+            columns[3:3] = ["scientific_name"]
+            columns.append("recording_id")
+        table = table.select(columns).rename_columns([NARROW_NAMES.get(name, name) for name in columns])
+    print_table(table, args.format, title=f"{table.num_rows} detection(s)")
     return 0
+
+
+NARROW_NAMES = {"time": "time (UTC)", "listener_id": "listener", "common_name": "species", "scientific_name": "scientific"}
+
+
+def cmd_sql(args) -> int:
+    """One SELECT over the local tables (DuckDB), or with --influx over InfluxDB 3 (its SQL)."""
+    from birdflow.core.sql import SqlError, one_line, query, station_tables
+
+    settings = settings_of(args)
+    try:
+        if args.influx:
+            table = influx_query(settings, args.statement)
+        else:
+            table = query(args.statement, station_tables(settings.detections_dir, settings.species_hourly_dir))
+    except SqlError as exc:
+        raise SystemExit(f"birdflow sql: {exc}") from None
+    except Exception as exc:  # the Influx client's errors: one line, not a traceback
+        raise SystemExit(f"birdflow sql: {type(exc).__name__}: {one_line(exc)}") from None
+    print_table(table, args.format)
+    return 0
+
+
+def influx_query(settings, statement: str):
+    """The statement through InfluxDB 3's SQL (read-only by design: its query API cannot write)."""
+    from influxdb_client_3 import InfluxDBClient3
+
+    from birdflow.core.sql import SqlError, check_read_only
+
+    sinks = settings.sinks
+    if not sinks.influx_host:
+        raise SqlError("--influx needs setting 'influx_host' (and INFLUX_TOKEN)")
+    check_read_only(statement)
+    token = sinks.influx_token.get_secret_value() or None
+    with InfluxDBClient3(host=sinks.influx_host, database=sinks.influx_database, token=token) as client:
+        return client.query(statement, language="sql")
 
 
 def cmd_backfill(args) -> int:
@@ -93,7 +106,16 @@ def add_commands(commands) -> None:
     detections.add_argument("--min-confidence", type=float)
     detections.add_argument("--limit", type=at_least(1), help="only the newest N")
     detections.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    detections.add_argument("--wide", action="store_true", help="also the scientific name and the recording id")
     detections.set_defaults(func=cmd_detections)
+
+    sql = commands.add_parser(
+        "sql", help="one read-only SELECT over the local tables (detections, species_hourly), or InfluxDB 3 with --influx"
+    )
+    sql.add_argument("statement", help='e.g. "SELECT common_name, count(*) FROM detections GROUP BY 1 ORDER BY 2 DESC"')
+    sql.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    sql.add_argument("--influx", action="store_true", help="run it on InfluxDB 3 (settings influx_host, influx_database)")
+    sql.set_defaults(func=cmd_sql)
 
     backfill = commands.add_parser("backfill", help="reprocess recordings from a folder, s3://bucket/prefix or the archive")
     backfill.add_argument("source", help="a folder (e.g. an SD-card dump), s3://bucket/prefix, or 'archive'")

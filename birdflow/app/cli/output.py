@@ -1,0 +1,44 @@
+"""Arrow tables printed for people (a table that fits the terminal) or for programs (JSON, CSV)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Optional
+
+import pyarrow as pa
+
+
+def cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def print_table(table: pa.Table, output_format: str, title: Optional[str] = None) -> None:
+    if output_format == "json":
+        print(json.dumps(table.to_pylist(), default=lambda value: value.isoformat(), indent=2))
+    elif output_format == "csv":
+        import pyarrow.csv as pacsv
+
+        if table.num_rows:
+            with pacsv.CSVWriter(sys.stdout.buffer, table.schema) as writer:
+                writer.write_table(table)
+        else:
+            print(",".join(table.schema.names))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        view = Table(title=title, title_justify="left", pad_edge=False, box=None, header_style="bold")
+        for name, column_type in zip(table.schema.names, table.schema.types):
+            numeric = pa.types.is_integer(column_type) or pa.types.is_floating(column_type)
+            view.add_column(name, justify="right" if numeric else "left", overflow="fold")
+        for row in table.to_pylist():
+            view.add_row(*(cell(value) for value in row.values()))
+        Console().print(view)

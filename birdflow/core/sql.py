@@ -1,0 +1,99 @@
+"""SQL over the station's own tables (seed 001): DuckDB in-process, read-only, over the local Parquet files.
+
+Each table is a view over its folder. The engine may read those folders and nothing else (DuckDB's
+allowed_directories, external access off, configuration locked), and only a single SELECT is run, so a
+statement can neither write nor read what is not a table here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from birdflow.core.detections import SCHEMA as DETECTIONS_SCHEMA
+from birdflow.core.rarity import HOURLY_SCHEMA
+from birdflow.core.sinks import dataset_files
+
+
+class SqlError(ValueError):
+    """The statement was refused or failed; the message is one line."""
+
+
+@dataclass(frozen=True)
+class LocalTable:
+    name: str
+    folder: Path
+    schema: pa.Schema
+
+
+def station_tables(detections_dir: Path, species_hourly_dir: Path) -> list[LocalTable]:
+    return [
+        LocalTable("detections", Path(detections_dir), DETECTIONS_SCHEMA),
+        LocalTable("species_hourly", Path(species_hourly_dir), HOURLY_SCHEMA),
+    ]
+
+
+def query(statement: str, tables: list[LocalTable]) -> pa.Table:
+    """The result of one SELECT over the tables, as Arrow."""
+    import duckdb
+
+    check_read_only(statement)
+    connection = duckdb.connect(":memory:")
+    try:
+        folders = [str(table.folder.resolve()) + "/" for table in tables]
+        connection.execute("SET allowed_directories = ?", [folders])
+        for table in tables:
+            _create_view(connection, table)
+        connection.execute("SET enable_external_access = false")
+        connection.execute("SET lock_configuration = true")
+        try:
+            return connection.sql(statement).to_arrow_table()
+        except duckdb.Error as exc:
+            raise SqlError(one_line(exc)) from None
+    finally:
+        connection.close()
+
+
+def check_read_only(statement: str) -> None:
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(statement)
+    except duckdb.Error as exc:
+        raise SqlError(one_line(exc)) from None
+    if len(statements) != 1:
+        raise SqlError(f"give exactly one statement (got {len(statements)})")
+    if statements[0].type != duckdb.StatementType.SELECT:
+        raise SqlError(f"only SELECT statements are run here (this one is {statements[0].type.name})")
+
+
+def _create_view(connection, table: LocalTable) -> None:
+    """A view over the table's files; for detections, a recording's newer per-recording file replaces its rows in
+    the hour file it was merged into (as sinks.read_detections reads them)."""
+    hourly, loose = dataset_files(table.folder)
+    if table.name != "detections":
+        loose, hourly = hourly + loose, []
+    columns = ", ".join(f'"{name}"' for name in table.schema.names)
+    reader = lambda files: f"SELECT {columns} FROM read_parquet({_literal_list(files)}, union_by_name = true)"  # noqa: E731
+    if loose and hourly:
+        body = (
+            f"WITH loose AS ({reader(loose)}), merged AS ({reader(hourly)}) SELECT * FROM loose UNION ALL "
+            "SELECT merged.* FROM merged ANTI JOIN loose USING (recording_id, analysis_id)"
+        )
+    elif loose or hourly:
+        body = reader(loose or hourly)
+    else:
+        connection.register(f"empty_{table.name}", table.schema.empty_table())
+        body = f"SELECT * FROM empty_{table.name}"
+    connection.execute(f'CREATE VIEW "{table.name}" AS {body}')
+
+
+def _literal_list(files: list[str]) -> str:
+    return "[" + ", ".join("'" + name.replace("'", "''") + "'" for name in files) + "]"
+
+
+def one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

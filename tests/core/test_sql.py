@@ -1,0 +1,109 @@
+"""`birdflow sql`: one read-only SELECT over the station's Parquet tables, and one clear line for anything else."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from birdflow.app.cli import main
+from birdflow.core.birdnet import Detection
+from birdflow.core.detections import detections_table
+from birdflow.core.rarity import SpeciesRecord
+from birdflow.core.sinks import ParquetSink, compact_detections
+from birdflow.core.sql import SqlError, query, station_tables
+from tests.builders import recording_info
+
+JUNCO = ("Junco hyemalis", "Dark-eyed Junco")
+SISKIN = ("Spinus pinus", "Pine Siskin")
+DAWN = datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def station(tmp_path):
+    data = tmp_path / "data"
+    sink = ParquetSink(data / "detections", data / "species_hourly")
+    record = SpeciesRecord(data / "state" / "species.sqlite", rare_window_days=30)
+    for number, (listener, species, confidence) in enumerate(
+        [("mic1", JUNCO, 0.5), ("mic2", SISKIN, 0.6), ("mic1", JUNCO, 0.7)]
+    ):
+        info = recording_info(listener_id=listener, recording_id=f"r{number}", start_time=DAWN + timedelta(minutes=number))
+        table = detections_table(info, [Detection(0.0, 3.0, *species, confidence)], "BirdNET_GLOBAL_6K_V2.4", "a1")
+        sink.write(table)
+        record.tally(table)
+    for hour, station_id, version in record.hours_to_write(DAWN.timestamp() + 7200, settle_s=0):
+        sink.write_hourly(record.hour_table(hour, station_id))
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(f"station_id: sqltest\ndata_dir: {data}\n")
+    return data, sink, settings_file
+
+
+def tables(data):
+    return station_tables(data / "detections", data / "species_hourly")
+
+
+COUNT_BY_SPECIES = "SELECT common_name, count(*) AS n FROM detections GROUP BY 1 ORDER BY 2 DESC"
+
+
+def test_a_select_over_detections_and_hourly_counts(station):
+    data, sink, _ = station
+    assert query(COUNT_BY_SPECIES, tables(data)).to_pylist() == [
+        {"common_name": "Dark-eyed Junco", "n": 2}, {"common_name": "Pine Siskin", "n": 1},
+    ]
+    hourly = query("SELECT listener_id, common_name, detections FROM species_hourly ORDER BY 1, 2", tables(data))
+    assert hourly.to_pylist() == [
+        {"listener_id": "mic1", "common_name": "Dark-eyed Junco", "detections": 2},
+        {"listener_id": "mic2", "common_name": "Pine Siskin", "detections": 1},
+    ]
+    # after compaction, and after a recording is written again, every row is there once
+    compact_detections(data / "detections", settled_s=0)
+    info = recording_info(listener_id="mic1", recording_id="r0", start_time=DAWN)
+    sink.write(detections_table(info, [Detection(0.0, 3.0, *JUNCO, 0.55)], "BirdNET_GLOBAL_6K_V2.4", "a1"))
+    rows = query("SELECT recording_id, confidence FROM detections ORDER BY 1", tables(data)).to_pylist()
+    assert rows == [{"recording_id": "r0", "confidence": 0.55}, {"recording_id": "r1", "confidence": 0.6},
+                    {"recording_id": "r2", "confidence": 0.7}]
+
+
+def test_an_empty_station_has_empty_tables(tmp_path):
+    assert query("SELECT count(*) AS n FROM detections", tables(tmp_path)).to_pylist() == [{"n": 0}]
+
+
+@pytest.mark.parametrize(
+    "statement, says",
+    [
+        ("DELETE FROM detections", "only SELECT statements"),
+        ("COPY (SELECT 1) TO 'x.csv'", "only SELECT statements"),
+        ("SELECT 1; SELECT 2", "exactly one statement"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "Permission Error"),
+        ("SELECT * FROM read_parquet('{data}/../elsewhere.parquet')", "Permission Error"),
+        ("SET enable_external_access = true", "only SELECT statements"),
+        ("SELEC 1", "syntax error"),
+        ("SELECT nonsense FROM detections", "nonsense"),
+    ],
+)
+def test_writes_reads_outside_the_tables_and_bad_statements_are_refused_in_one_line(station, statement, says):
+    data, _, _ = station
+    with pytest.raises(SqlError) as refused:
+        query(statement.format(data=data), tables(data))
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_command_prints_json_csv_and_one_line_errors(station, capsys):
+    _, _, settings_file = station
+    assert main(["--settings", str(settings_file), "sql", "--format", "json", COUNT_BY_SPECIES]) == 0
+    assert json.loads(capsys.readouterr().out)[0] == {"common_name": "Dark-eyed Junco", "n": 2}
+    assert main(["--settings", str(settings_file), "sql", "--format", "csv", COUNT_BY_SPECIES]) == 0
+    assert capsys.readouterr().out.splitlines() == ['"common_name","n"', '"Dark-eyed Junco",2', '"Pine Siskin",1']
+    with pytest.raises(SystemExit) as failed:
+        main(["--settings", str(settings_file), "sql", "DROP TABLE detections"])
+    assert str(failed.value) == "birdflow sql: only SELECT statements are run here (this one is DROP)"
+
+
+def test_detections_fit_an_80_column_terminal(station, capsys, monkeypatch):
+    _, _, settings_file = station
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["--settings", str(settings_file), "detections"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line.rstrip()) <= 80 for line in lines)
+    assert any("2025-06-01 05:01:00" in line and "Pine Siskin" in line and "0.600" in line for line in lines), lines
