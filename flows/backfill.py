@@ -12,12 +12,24 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from birdflow.core.backfill import Candidate, candidate, local_candidates, parse_s3_source, select
+from birdflow.core.backfill import (
+    ALREADY_PROCESSED,
+    UNKNOWN_LISTENER,
+    UNREADABLE,
+    Candidate,
+    Decision,
+    candidate,
+    local_candidates,
+    parse_s3_source,
+    plan,
+    select,
+)
+from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingInfo, describe_audio_file, is_inside
 from birdflow.settings import Settings
 from flows.process_recording import process_recording, run_analysis_params
@@ -31,7 +43,8 @@ progress_listeners: list[Callable[[str, int, int], None]] = []
 class Source:
     """Lists a source's audio files and makes each one a local file for as long as it is processed."""
 
-    def __init__(self, source: str, settings: Settings):
+    def __init__(self, source: str, settings: Settings, offline: bool = False):
+        """`offline`: S3 credentials from the settings, not from the block on the Prefect server (a dry run)."""
         self.s3 = parse_s3_source(source)
         if source == ARCHIVE:
             if settings.archive.archive_backend == "s3":
@@ -48,9 +61,10 @@ class Source:
                     "add it to the setting 'backfill_roots'"
                 )
         if self.s3:
-            from blocks import load_s3_bucket
+            from blocks import load_s3_bucket, s3_bucket_from_settings
 
-            self.client = load_s3_bucket(settings).credentials.get_s3_client()
+            bucket = s3_bucket_from_settings(settings) if offline else load_s3_bucket(settings)
+            self.client = bucket.credentials.get_s3_client()
         self.scratch = settings.backfill_scratch_dir
 
     def candidates(self) -> list[Candidate]:
@@ -82,6 +96,71 @@ class Source:
             shutil.rmtree(Path(info.source_path).parent, ignore_errors=True)
 
 
+def known_listeners(settings: Settings, ledger: ProcessedLedger) -> set[str]:
+    """Listeners this station knows: those with a token, and those it has processed recordings of."""
+    from birdflow.core.listener_tokens import ListenerTokens
+
+    tokens = ListenerTokens(settings.listener_tokens_file).listed() if settings.listener_tokens_file.exists() else []
+    return {record.listener_id for record in tokens} | ledger.listener_ids()
+
+
+def decide(
+    source: str, settings: Settings, ledger: ProcessedLedger, analysis_id: str, selection: dict[str, Any],
+    allow_unknown: bool, offline: bool = False,
+) -> tuple[Source, list[Candidate], Iterator[Decision]]:
+    """The source, what it holds that the selection picks, and each one's decision (made lazily, in order).
+    Only a folder (an SD-card dump) is checked for listeners the station does not know; its archive and S3
+    prefixes hold its own recordings."""
+    origin = Source(source, settings, offline)
+    chosen = select(origin.candidates(), **selection)
+    known = None if allow_unknown or origin.s3 or source == ARCHIVE else known_listeners(settings, ledger)
+    decisions = plan(
+        chosen,
+        describe=lambda item: origin.describe(item, settings.station_id),
+        processed=lambda recording_id: ledger.contains(recording_id, analysis_id),
+        known_recording=lambda item: ledger.recording_of_file(item.location, item.size, item.modified.timestamp()),
+        listener_known=(lambda listener: True) if known is None else known.__contains__,
+    )
+    return origin, chosen, decisions
+
+
+def new_summary(found: int) -> dict[str, Any]:
+    return {"found": found, "skipped": 0, "refused": 0, "processed": 0, "failed": 0,
+            "would_process": [], "unknown_listeners": [], "unreadable": []}
+
+
+def count(summary: dict[str, Any], decision: Decision) -> None:
+    """A skipped file in the summary, under its reason."""
+    if decision.reason == ALREADY_PROCESSED:
+        summary["skipped"] += 1
+    elif decision.reason == UNKNOWN_LISTENER:
+        summary["refused"] += 1
+        if decision.detail not in summary["unknown_listeners"]:
+            summary["unknown_listeners"].append(decision.detail)
+    else:
+        summary["failed"] += 1
+        summary["unreadable"].append(f"{decision.item.location}: {decision.detail}")
+
+
+def plan_only(source: str, settings: Settings, analysis: Optional[dict[str, Any]] = None, allow_unknown: bool = False,
+            **selection) -> dict[str, Any]:
+    """What a backfill would do, decided here without Prefect (no server needed)."""
+    params = run_analysis_params(settings.analysis.parameters(), analysis)
+    ledger = ProcessedLedger(settings.processed_record_file)
+    origin, chosen, decisions = decide(source, settings, ledger, params.analysis_id, selection, allow_unknown, offline=True)
+    summary = new_summary(len(chosen))
+    for number, decision in enumerate(decisions, start=1):
+        if decision.process:
+            summary["would_process"].append(decision.item.location)
+        else:
+            count(summary, decision)
+        if decision.info:
+            origin.release(decision.info)
+        for listener_fn in progress_listeners:
+            listener_fn(decision.item.location, number, len(chosen))
+    return summary
+
+
 @flow(name="backfill", log_prints=False)
 def backfill(
     source: str = ARCHIVE,
@@ -91,37 +170,42 @@ def backfill(
     station: Optional[str] = None,
     analysis: Optional[dict[str, Any]] = None,
     dry_run: bool = False,
+    allow_unknown: bool = False,
 ) -> dict[str, Any]:
     """Reprocess what `source` holds: a folder, s3://bucket/prefix, or "archive" (the station's)."""
     logger = get_run_logger()
     resources = station_resources()  # (`station` is the parameter that filters by station)
     settings = resources.settings
     params = run_analysis_params(resources.params, analysis)
-    origin = Source(source, settings)
-    chosen = select(origin.candidates(), since, until, listener, station)
-    ledger = resources.ledger
-    summary = {"found": len(chosen), "skipped": 0, "processed": 0, "failed": 0, "would_process": []}
-    for number, item in enumerate(chosen, start=1):
+    selection = {"since": since, "until": until, "listener": listener, "station": station}
+    origin, chosen, decisions = decide(source, settings, resources.ledger, params.analysis_id, selection, allow_unknown)
+    summary = new_summary(len(chosen))
+    for number, decision in enumerate(decisions, start=1):
+        info = decision.info
         try:
-            info = origin.describe(item, settings.station_id)
-        except Exception as exc:  # unreadable audio, a vanished object: count it and go on
-            logger.warning("cannot read %s: %s", item.location, exc)
-            summary["failed"] += 1
-            continue
-        try:
-            if ledger.contains(info.recording_id, params.analysis_id):
-                summary["skipped"] += 1
+            if not decision.process:
+                count(summary, decision)
+                if decision.reason == UNREADABLE:
+                    logger.warning("cannot read %s: %s", decision.item.location, decision.detail)
             elif dry_run:
-                summary["would_process"].append(item.location)
+                summary["would_process"].append(decision.item.location)
             else:
-                state = process_recording.with_options(flow_run_name=info.run_name)(
-                    info, analysis, return_state=True
-                )
-                summary["processed" if state.is_completed() else "failed"] += 1
+                state = process_recording.with_options(flow_run_name=info.run_name)(info, analysis, return_state=True)
+                done = state.is_completed()
+                summary["processed" if done else "failed"] += 1
+                if done:
+                    item = decision.item
+                    resources.ledger.remember_file(item.location, item.size, item.modified.timestamp(), info.recording_id)
         finally:
-            origin.release(info)
+            if info:
+                origin.release(info)
         for listener_fn in progress_listeners:
-            listener_fn(item.location, number, len(chosen))
+            listener_fn(decision.item.location, number, len(chosen))
+    if summary["unknown_listeners"]:
+        logger.warning(
+            "%d recording(s) of listeners this station does not know were not processed: %s (allow_unknown)",
+            summary["refused"], ", ".join(summary["unknown_listeners"]),
+        )
     logger.info("backfill of %s: %s", source, {key: value for key, value in summary.items() if key != "would_process"})
     create_markdown_artifact(
         key="backfill-summary",
@@ -136,10 +220,10 @@ def summary_markdown(source: str, summary: dict[str, Any], analysis_id: str, dry
         f"# Backfill of `{source}`{' (dry run)' if dry_run else ''}",
         f"analysis `{analysis_id}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        "| found | skipped (already processed) | processed | failed | would process |",
-        "| --- | --- | --- | --- | --- |",
-        f"| {summary['found']} | {summary['skipped']} | {summary['processed']} | {summary['failed']} "
-        f"| {len(summary['would_process'])} |",
+        "| found | skipped (already processed) | refused (unknown listener) | processed | failed | would process |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| {summary['found']} | {summary['skipped']} | {summary['refused']} | {summary['processed']} "
+        f"| {summary['failed']} | {len(summary['would_process'])} |",
     ]
     lines += [""] + [f"- `{location}`" for location in summary["would_process"][:200]]
     return "\n".join(lines)

@@ -6,9 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
-from birdflow.core.recordings import AUDIO_EXTENSIONS, parse_file_name
+from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingInfo, parse_file_name
+
+ALREADY_PROCESSED = "already processed"
+UNKNOWN_LISTENER = "unknown listener"
+UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,43 @@ def parse_s3_source(source: str) -> Optional[tuple[str, str]]:
     if not bucket:
         raise ValueError(f"no bucket in {source!r} (expected s3://bucket/prefix)")
     return bucket, prefix
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a backfill does with one file, and why it skips it."""
+
+    item: Candidate
+    process: bool
+    reason: str = ""  # ALREADY_PROCESSED, UNKNOWN_LISTENER or UNREADABLE when it is skipped
+    detail: str = ""
+    info: Optional[RecordingInfo] = None
+
+
+def plan(
+    chosen: Iterable[Candidate],
+    describe: Callable[[Candidate], RecordingInfo],
+    processed: Callable[[str], bool],
+    known_recording: Callable[[Candidate], Optional[str]] = lambda item: None,
+    listener_known: Callable[[str], bool] = lambda listener: True,
+) -> Iterator[Decision]:
+    """Each candidate decided in turn. A file a backfill saw before (same place, size and time) whose recording
+    was processed is skipped without being read again, which is what makes an interrupted backfill resume cheaply."""
+    for item in chosen:
+        seen = known_recording(item)
+        if seen and processed(seen):
+            yield Decision(item, False, ALREADY_PROCESSED)
+            continue
+        listener = item.listener_id or "unknown"
+        if not listener_known(listener):
+            yield Decision(item, False, UNKNOWN_LISTENER, listener)
+            continue
+        try:
+            info = describe(item)
+        except Exception as exc:  # unreadable audio, a vanished object: reported, the rest goes on
+            yield Decision(item, False, UNREADABLE, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            continue
+        if processed(info.recording_id):
+            yield Decision(item, False, ALREADY_PROCESSED, info=info)
+        else:
+            yield Decision(item, True, info=info)

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from birdflow.core.local_db import LocalDatabase
 
-SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS processed (recording_id TEXT NOT NULL, analysis_id TEXT NOT NULL,"
-    " processed_at INTEGER NOT NULL, PRIMARY KEY (recording_id, analysis_id)) WITHOUT ROWID"
-)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS processed (recording_id TEXT NOT NULL, analysis_id TEXT NOT NULL,
+    processed_at INTEGER NOT NULL, PRIMARY KEY (recording_id, analysis_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS backfill_files (location TEXT PRIMARY KEY, size INTEGER NOT NULL,
+    modified REAL NOT NULL, recording_id TEXT NOT NULL) WITHOUT ROWID;
+"""
 
 
 class ProcessedLedger:
@@ -30,6 +32,24 @@ class ProcessedLedger:
     def contains(self, recording_id: str, analysis_id: str) -> bool:
         query = "SELECT 1 FROM processed WHERE recording_id = ? AND analysis_id = ?"
         return self.database.execute(query, (recording_id, analysis_id)).fetchone() is not None
+
+    def remember_file(self, location: str, size: int, modified: float, recording_id: str) -> None:
+        """A backfilled file and the recording it holds: a resumed backfill skips it without reading it again."""
+        self.database.execute(
+            "INSERT OR REPLACE INTO backfill_files VALUES (?, ?, ?, ?)", (location, size, modified, recording_id)
+        )
+
+    def recording_of_file(self, location: str, size: int, modified: float) -> str | None:
+        row = self.database.execute(
+            "SELECT recording_id FROM backfill_files WHERE location = ? AND size = ? AND modified = ?",
+            (location, size, modified),
+        ).fetchone()
+        return row[0] if row else None
+
+    def listener_ids(self) -> set[str]:
+        """Listeners with a processed recording (a recording id starts with its listener id and '_')."""
+        rows = self.database.execute("SELECT DISTINCT substr(recording_id, 1, instr(recording_id, '_') - 1) FROM processed")
+        return {row[0] for row in rows if row[0]}
 
     def recording_ids(self) -> set[str]:
         return {row[0] for row in self.database.execute("SELECT recording_id FROM processed")}

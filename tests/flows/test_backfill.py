@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 import pytest
 import yaml
 
-from birdflow.core.backfill import candidate, parse_s3_source, select
+from birdflow.core.backfill import ALREADY_PROCESSED, UNKNOWN_LISTENER, UNREADABLE, candidate, parse_s3_source, plan, select
+from birdflow.tools.testbed import free_port
 
 UTC = timezone.utc
 
@@ -54,15 +55,79 @@ def test_backfill_from_s3_dry_run_then_process_then_skip(prefect_server, seaweed
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stdout
 
-    assert "found 1, skipped 0 (already processed), processed 0" in backfill("--dry-run")
+    assert "found 1, skipped 0 (already processed), refused 0 (unknown listener), processed 0" in backfill("--dry-run")
     assert "would process 1:\n  old-station/mic3_20250601T053000Z.wav" in backfill("--dry-run")
-    assert "found 1, skipped 0 (already processed), processed 1, failed 0" in backfill()
+    assert "found 1, skipped 0 (already processed), refused 0 (unknown listener), processed 1, failed 0" in backfill()
     assert list((tmp_path / "data" / "detections").rglob("*.parquet"))
     archived = seaweed.client().list_objects_v2(Bucket=bucket, Prefix="archive/bf/mic3/2025/06/01/")
     keys = [item["Key"] for item in seaweed.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert archived["KeyCount"] == 1, keys  # the audio is archived under the station's layout
-    assert "found 1, skipped 1 (already processed), processed 0" in backfill()
+    assert "found 1, skipped 1 (already processed), refused 0 (unknown listener), processed 0" in backfill()
     assert not list((tmp_path / "data" / "backfill").iterdir())  # scratch downloads are removed
     other = backfill("--min-confidence", "0.3")  # other thresholds: analyzed again, rows side by side
     assert "processed 1" in other
     assert len(list((tmp_path / "data" / "detections").rglob("*.parquet"))) == 2
+
+
+def test_plan_skips_files_seen_before_without_reading_them_and_refuses_unknown_listeners():
+    modified = datetime(2025, 7, 1, tzinfo=UTC)
+    seen = candidate("dump/mic1_20250601T053000Z.wav", modified, 10)
+    fresh = candidate("dump/mic1_20250601T054000Z.wav", modified, 10)
+    stranger = candidate("dump/mic9_20250601T053000Z.wav", modified, 10)
+    broken = candidate("dump/mic1_20250601T055000Z.wav", modified, 10)
+    read = []
+
+    def describe(item):
+        read.append(item.name)
+        if item is broken:
+            raise ValueError("cannot decode audio: not a WAV")
+        return type("Info", (), {"recording_id": "id-" + item.name})()
+
+    decisions = list(plan(
+        [seen, fresh, stranger, broken], describe, processed=lambda recording_id: recording_id == "id-seen",
+        known_recording=lambda item: "id-seen" if item is seen else None, listener_known=lambda listener: listener == "mic1",
+    ))
+    assert [(d.process, d.reason, d.detail) for d in decisions] == [
+        (False, ALREADY_PROCESSED, ""), (True, "", ""), (False, UNKNOWN_LISTENER, "mic9"),
+        (False, UNREADABLE, "cannot decode audio: not a WAV"),
+    ]
+    assert read == [fresh.name, broken.name]  # neither the file seen before nor the stranger's was read
+
+
+@pytest.mark.e2e
+def test_a_card_dump_dry_run_without_a_server_then_unknown_listeners_refused_and_an_interrupted_backfill_resumed(
+    prefect_server, tmp_path, sample_48k
+):
+    dump = tmp_path / "sd-card"
+    dump.mkdir()
+    import soundfile
+
+    (dump / "mic1_20250601T053000Z.wav").write_bytes(sample_48k.read_bytes())
+    (dump / "mic9_20250601T053000Z.wav").write_bytes(sample_48k.read_bytes())
+    samples, rate = soundfile.read(str(sample_48k), dtype="int16")
+    soundfile.write(str(dump / "mic1_20250601T060000Z.wav"), samples // 2, rate)  # other audio of the same listener
+    settings = {"station_id": "card", "data_dir": str(tmp_path / "data"), "backfill_roots": [str(dump)]}
+    settings_file = tmp_path / "settings.yaml"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+
+    def birdflow(*args, api_url: str = prefect_server.api_url) -> subprocess.CompletedProcess:
+        settings_file.write_text(yaml.safe_dump({**settings, "prefect_api_url": api_url}))
+        return subprocess.run([sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), *args],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    assert birdflow("listeners", "add", "mic1").returncode == 0  # the station knows mic1, not mic9
+    nobody = f"http://127.0.0.1:{free_port()}/api"  # no server there
+    dry = birdflow("backfill", str(dump), "--dry-run", api_url=nobody)
+    assert dry.returncode == 1, dry.stderr[-2000:]  # files were refused
+    assert "found 3, skipped 0 (already processed), refused 1 (unknown listener), processed 0, failed 0" in dry.stdout
+    assert "listener(s) mic9, which this station does not know" in dry.stdout
+    assert dry.stdout.count(f"  {dump}/mic1_") == 2 and "Traceback" not in dry.stderr
+    down = birdflow("backfill", str(dump), api_url=nobody)
+    assert down.returncode != 0 and down.stderr.strip() == f"birdflow: the Prefect API at {nobody} does not answer: check setting 'prefect_api_url'"
+    # interrupted after the first recording (what --until reproduces), then run again: nothing done twice
+    first = birdflow("backfill", str(dump), "--until", "2025-06-01T05:45")
+    assert "found 2, skipped 0 (already processed), refused 1 (unknown listener), processed 1, failed 0" in first.stdout, first.stderr[-3000:]
+    resumed = birdflow("backfill", str(dump), "--allow-unknown")
+    assert "found 3, skipped 1 (already processed), refused 0 (unknown listener), processed 2, failed 0" in resumed.stdout, resumed.stderr[-3000:]
+    again = birdflow("backfill", str(dump), "--dry-run", "--allow-unknown", api_url=nobody)
+    assert "found 3, skipped 3 (already processed)" in again.stdout and "would process 0:" in again.stdout

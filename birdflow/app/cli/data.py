@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from birdflow.app.cli.common import at_least, settings_of, settings_with_prefect, utc_time
+from birdflow.app.cli.common import at_least, require_prefect, settings_of, settings_with_prefect, utc_time
 from birdflow.app.cli.output import print_table
 
 
@@ -68,33 +68,48 @@ def influx_query(settings, statement: str):
 
 
 def cmd_backfill(args) -> int:
+    """A dry run decides here (no Prefect server needed); a real backfill runs the backfill flow."""
     from rich.progress import Progress
 
     settings = settings_with_prefect(args)
-    from flows.backfill import backfill, progress_listeners
+    if not args.dry_run:
+        require_prefect(settings)
+    from flows.backfill import backfill, plan_only, progress_listeners
     from flows.resources import use_station
 
     use_station(settings)
     analysis = {"min_confidence": args.min_confidence} if args.min_confidence is not None else None
-    with Progress() as progress:
-        bar = progress.add_task(f"backfill {args.source}", total=None)
+    selection = dict(since=args.since, until=args.until, listener=args.listener, station=args.station)
+    with Progress(transient=True) as progress:
+        bar = progress.add_task(f"{'dry run of ' if args.dry_run else ''}backfill {args.source}", total=None)
         progress_listeners.append(lambda location, done, total: progress.update(bar, completed=done, total=total))
         try:
-            summary = backfill(
-                source=args.source, since=args.since, until=args.until, listener=args.listener,
-                station=args.station, analysis=analysis, dry_run=args.dry_run,
-            )
+            if args.dry_run:
+                summary = plan_only(args.source, settings, analysis, args.allow_unknown, **selection)
+            else:
+                summary = backfill(source=args.source, analysis=analysis, allow_unknown=args.allow_unknown, **selection)
         except ValueError as exc:
             raise SystemExit(f"birdflow: {exc}") from None
+    print_backfill_summary(summary, args.dry_run)
+    return 1 if summary["failed"] or summary["refused"] else 0
+
+
+def print_backfill_summary(summary: dict, dry_run: bool) -> None:
     print(
         f"found {summary['found']}, skipped {summary['skipped']} (already processed), "
-        f"processed {summary['processed']}, failed {summary['failed']}"
+        f"refused {summary['refused']} (unknown listener), processed {summary['processed']}, failed {summary['failed']}"
     )
-    if args.dry_run:
+    if summary["unknown_listeners"]:
+        print(
+            f"not processed: recordings of listener(s) {', '.join(summary['unknown_listeners'])}, which this station "
+            "does not know (no token, nothing processed before); add them with `birdflow listeners add ID` or pass --allow-unknown"
+        )
+    for line in summary["unreadable"][:20]:
+        print(f"unreadable: {line}")
+    if dry_run:
         print(f"would process {len(summary['would_process'])}:")
         for location in summary["would_process"]:
             print(f"  {location}")
-    return 1 if summary["failed"] else 0
 
 
 def add_commands(commands) -> None:
@@ -125,4 +140,5 @@ def add_commands(commands) -> None:
     backfill.add_argument("--listener")
     backfill.add_argument("--station", help="only under this station's folder (archive layout)")
     backfill.add_argument("--min-confidence", type=float, help="analyze with this threshold (rows kept side by side)")
+    backfill.add_argument("--allow-unknown", action="store_true", help="also listeners this station does not know (a folder's files)")
     backfill.set_defaults(func=cmd_backfill)
