@@ -3,7 +3,7 @@ notification) and the run's table artifact of what it heard."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import pyarrow as pa
 from prefect.artifacts import create_table_artifact
@@ -58,7 +58,7 @@ def announce_rare(sightings: list[RareSighting], archive_key: str) -> None:
         emit_event(**rare_event_fields(sighting, archive_key, run_url))
 
 
-def show_detections(table: pa.Table, rare_species: set[str]) -> None:
+def show_detections(table: pa.Table, rare_species: set[str], link: Callable[[str], str]) -> None:
     """The run's table artifact (a run that heard nothing gets none: one API call saved per quiet recording)."""
     if table.num_rows:
-        create_table_artifact(artifact_rows(table, rare_species), description=summary(table))
+        create_table_artifact(artifact_rows(table, rare_species, link), description=summary(table))

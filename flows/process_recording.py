@@ -9,8 +9,11 @@ analysed ends in the Failed state named Unprocessable, which is never re-driven.
 
 from __future__ import annotations
 
+import hashlib
 import time
+import uuid
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,14 +27,17 @@ from prefect.tasks import exponential_backoff
 
 from birdflow.app import metrics
 from birdflow.core.archive import holds_recording
-from birdflow.core.audio import decode, windows
+from birdflow.core.audio import MODEL_SAMPLE_RATE, decode, windows
 from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
-from birdflow.core.birdnet import Detection
+from birdflow.core.birdnet import Detection, Heard, is_human
+from birdflow.core.clips import clip_plan, cut, flac_bytes, spectrogram_png
 from birdflow.core.detections import detections_table, summary
 from birdflow.core.rarity import Tally
 from birdflow.core.flac import FlacError, can_encode, encode_flac
+from birdflow.core.privacy import Spans, human_spans, silenced, write_silenced_copy
 from birdflow.core.recordings import RecordingInfo, is_inside, remove_recording, sha256_file
 from birdflow.settings import Settings
+from birdflow.settings.sections import DetectionSettings
 from birdflow.core.sinks import write_all
 from flows.announce import announce_rare, show_detections
 from flows.resources import StationResources, station_resources
@@ -54,7 +60,7 @@ def run_analysis_params(base: AnalysisParams, overrides: Optional[dict[str, Any]
 
 def analysis_cache_key(recording: RecordingInfo, params: AnalysisParams) -> str:
     """Same audio + same model and parameters = same key: what "already processed" means."""
-    return f"analyze-{recording.content_hash}-{params.analysis_id}-w{params.range_week(recording.start_time)}"
+    return f"heard-{recording.content_hash}-{params.analysis_id}-w{params.range_week(recording.start_time)}"
 
 
 def _analysis_key(context, parameters) -> str:
@@ -99,14 +105,56 @@ def fetch_archived(recording: RecordingInfo, station: StationResources) -> bytes
 
 
 @task(name="analyze", cache_key_fn=_analysis_key, persist_result=True)
-def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParams, station: StationResources) -> list[Detection]:
+def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParams, station: StationResources) -> Heard:
     """Depends only on the audio and the analysis parameters (the cache key says so), so identical audio is
     analyzed once."""
     started = time.perf_counter()
     batch, starts = windows(samples, params.overlap_s)
-    found = station.model.detect(batch, starts, params, recording.start_time)
+    heard = station.model.hear(batch, starts, params, recording.start_time)
     metrics.ANALYSIS_SECONDS.labels(recording.station_id).observe(time.perf_counter() - started)
-    return found
+    return heard
+
+
+@task(name="clips", cache_policy=NO_CACHE, persist_result=False)
+def keep_clips(
+    recording: RecordingInfo, samples: np.ndarray, found: list[Detection], human: Spans, station: StationResources
+) -> dict[tuple[float, str], str]:
+    """FLAC clip and spectrogram of each detection worth one (the most confident first; a clip that would not
+    stay is not cut), human spans silenced in them. Returns (start_s, scientific name) -> clip key."""
+    started = time.perf_counter()
+    options, station_id = station.settings.detections, recording.station_id
+    kept = {}
+    for detection in sorted(found, key=lambda d: -d.confidence):
+        if detection.confidence < options.clip_min_confidence:
+            break
+        detected_at = recording.start_time + timedelta(seconds=detection.start_s)
+        day, species = f"{detected_at:%Y-%m-%d}", detection.scientific_name
+        if not station.clips.wanted(station_id, species, day, detection.confidence):
+            continue
+        plan = clip_plan(
+            station_id, recording.recording_id, species, detected_at, detection.start_s, detection.end_s,
+            options.clip_padding_s, len(samples) / MODEL_SAMPLE_RATE,
+        )
+        audio = silenced(cut(samples, MODEL_SAMPLE_RATE, plan.start_s, plan.end_s), MODEL_SAMPLE_RATE, human, plan.start_s)
+        _store_bytes(station, plan.base_key + ".flac", flac_bytes(audio, MODEL_SAMPLE_RATE))
+        _store_bytes(station, plan.base_key + ".png", spectrogram_png(audio, MODEL_SAMPLE_RATE))
+        for pushed_out in station.clips.keep(plan.base_key, station_id, species, day, detection.confidence):
+            station.archive.delete(pushed_out + ".flac")
+            station.archive.delete(pushed_out + ".png")
+        kept[(detection.start_s, species)] = plan.base_key
+    metrics.CLIP_SECONDS.labels(station_id).observe(time.perf_counter() - started)
+    return kept
+
+
+def _store_bytes(station: StationResources, key: str, data: bytes) -> None:
+    staging = station.settings.staging_dir
+    staging.mkdir(parents=True, exist_ok=True)
+    path = staging / f"{uuid.uuid4().hex}.clip.partial"
+    try:
+        path.write_bytes(data)
+        station.archive.store(path, key, hashlib.sha256(data).hexdigest())
+    finally:
+        path.unlink(missing_ok=True)
 
 
 # The write and the archive keep no cached result (a file or a row per run that only a rerun would read):
@@ -132,12 +180,13 @@ def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str
 
 
 @task(name="archive", cache_policy=NO_CACHE, persist_result=False)
-def archive_recording(recording: RecordingInfo, station: StationResources) -> dict[str, Any]:
+def archive_recording(recording: RecordingInfo, station: StationResources, human: Spans) -> dict[str, Any]:
+    """The recording into the archive (with the human spans silenced when there are any)."""
     path = local_path(recording, station.settings)
     if not path.is_file():
         # decode read it back from the archive, so it is there already
         return {"uploaded": False, "read_back": True}
-    with archive_copy(path, recording, station.settings) as (copy, name):
+    with archive_copy(path, recording, station.settings, human) as (copy, name):
         key = recording.archive_key(name)
         sha256 = sha256_file(copy)
         stored = station.archive.store(copy, key, sha256)
@@ -149,9 +198,19 @@ def archive_recording(recording: RecordingInfo, station: StationResources) -> di
 
 
 @contextmanager
-def archive_copy(path: Path, recording: RecordingInfo, settings: Settings) -> Iterator[tuple[Path, str]]:
-    """(file to archive, its name): a checked FLAC copy of a WAV when the settings ask for FLAC, else the file."""
+def archive_copy(path: Path, recording: RecordingInfo, settings: Settings, human: Spans = ()) -> Iterator[tuple[Path, str]]:
+    """(file to archive, its name): a checked FLAC copy of a WAV when the settings ask for FLAC, else the file;
+    with human spans, a copy with them silenced."""
     name, flac = recording.archive_names(settings.archive.archive_format)[0], None
+    if human:
+        settings.staging_dir.mkdir(parents=True, exist_ok=True)
+        quiet = settings.staging_dir / f"{recording.recording_id}.silenced.partial"
+        write_silenced_copy(path, quiet, list(human), name != recording.file_name, recording.content_hash)
+        try:
+            yield quiet, name
+        finally:
+            quiet.unlink(missing_ok=True)
+        return
     if name != recording.file_name and can_encode(path):
         settings.staging_dir.mkdir(parents=True, exist_ok=True)
         flac = settings.staging_dir / f"{recording.recording_id}.flac.partial"
@@ -205,18 +264,40 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
     try:
         local_path(recording, settings)  # a source outside the allowed folders fails the run before any task
         samples = _with_io_retries(decode_recording, settings)(recording, station)
-        found = _caching_in(station)(recording, samples, params, station)
-        table = detections_table(recording, found, MODEL_VERSION, params.analysis_id)
-        get_run_logger().info(summary(table))
+        heard = _caching_in(station)(recording, samples, params, station)
+        found, human, audio_kept = apply_privacy(heard, settings.detections)
+        clips = {}
+        if audio_kept and settings.detections.clips_enabled:
+            clips = _with_io_retries(keep_clips, settings)(recording, samples, found, human, station)
+        table = detections_table(recording, found, MODEL_VERSION, params.analysis_id, clips)
+        logger = get_run_logger()
+        logger.info(summary(table))
         tally = _with_io_retries(write_detections, settings)(recording, table, params.analysis_id, station)
-        archived = _with_io_retries(archive_recording, settings)(recording, station)
+        if audio_kept:
+            archived = _with_io_retries(archive_recording, settings)(recording, station, human)
+        else:
+            archived = {"privacy_dropped": True}
+        if human:
+            action = "silenced" if audio_kept else "dropped"
+            metrics.PRIVACY_FILTERED.labels(recording.station_id, action).inc()
+            logger.info("privacy filter: a human was heard in %.0f s of it; audio %s", sum(b - a for a, b in human), action)
     except ValueError as exc:  # the same audio would fail the same way: not worth a re-drive
         return Failed(name=UNPROCESSABLE, message=f"{type(exc).__name__}: {exc}")
     if settings.detections.run_artifacts:
-        show_detections(table, {sighting.scientific_name for sighting in tally.rare})
+        show_detections(table, {sighting.scientific_name for sighting in tally.rare}, station.archive.uri)
     station.ledger.record(recording.recording_id, params.analysis_id)
     _release_local_copy(recording, settings)
     return {"recording_id": recording.recording_id, "detections": table.num_rows, "rare": len(tally.rare), "archive": archived}
+
+
+def apply_privacy(heard: Heard, options: DetectionSettings) -> tuple[list[Detection], Spans, bool]:
+    """(detections to keep, human spans to silence, whether any audio is kept) under the privacy filter. With
+    the filter on, the human classes are never rows."""
+    if options.privacy_filter == "off":
+        return heard.detections, [], True
+    found = [detection for detection in heard.detections if not is_human(detection.scientific_name)]
+    human = human_spans(heard, options.privacy_threshold)
+    return found, human, not (human and options.privacy_filter == "drop")
 
 
 def _release_local_copy(recording: RecordingInfo, settings: Settings) -> None:

@@ -16,6 +16,7 @@ import pyarrow as pa
 from birdflow.core.archive import Archive, LocalArchive, S3Archive
 from birdflow.core.analysis import AnalysisParams
 from birdflow.core.birdnet import BirdNET
+from birdflow.core.clips import ClipIndex
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.rarity import HOURLY_SCHEMA, SpeciesRecord
 from birdflow.settings import Settings, load_settings
@@ -81,6 +82,10 @@ class StationResources:
     def species(self) -> SpeciesRecord:
         detections = self.settings.detections
         return SpeciesRecord(self.settings.species_file, detections.rare_window_days, detections.watch_species)
+
+    @cached_property
+    def clips(self) -> ClipIndex:
+        return ClipIndex(self.settings.clips_file, self.settings.detections.clips_per_species_per_day)
 
     def hour_written(self, hour: int, station_id: str) -> pa.Table:
         """An hour of counts as written before (a late recording adds to it); only Parquet can be read back."""

@@ -48,6 +48,14 @@ ANALYSIS_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8),
 )
 DETECTIONS_WRITTEN = Counter("birdflow_detections_written", "Detection rows written, by sink", ["station", "sink"])
+CLIP_SECONDS = Histogram(
+    "birdflow_clip_seconds", "Time to cut, encode and store a recording's clips and spectrograms (compare with analysis)",
+    ["station"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+PRIVACY_FILTERED = Counter(
+    "birdflow_privacy_filtered_recordings", "Recordings in which a human was heard: audio silenced or not kept (privacy_filter)",
+    ["station", "action"],
+)
 RARE_SIGHTINGS = Counter(
     "birdflow_rare_sightings", "Species heard for the first time within rare_window_days (or watched), announced as events",
     ["station"],

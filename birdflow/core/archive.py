@@ -39,6 +39,12 @@ class Archive(Protocol):
     def fetch(self, key: str) -> Optional[bytes]:
         """The stored object, None when there is none (a store that cannot be reached raises)."""
 
+    def delete(self, key: str) -> None:
+        """Remove the object (nothing when there is none)."""
+
+    def uri(self, key: str) -> str:
+        """Where the object is, for people (file:// or s3://)."""
+
 
 class LocalArchive:
     def __init__(self, root: Path):
@@ -71,6 +77,12 @@ class LocalArchive:
         path = self._path(key)
         return path.read_bytes() if path.is_file() else None
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
 
 # One PUT can carry the object's SHA-256 for the store to check; a multipart upload cannot (S3 takes a
 # full-object SHA-256 only on a single PUT, which may be up to 5 GiB).
@@ -100,9 +112,12 @@ class S3Archive:
                 return None
             raise
 
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket.bucket_name}/{self._key(key)}"
+
     def store(self, path: Path, key: str, sha256: str) -> ArchivedObject:
         size = path.stat().st_size
-        uri = f"s3://{self.bucket.bucket_name}/{self._key(key)}"
+        uri = self.uri(key)
         head = self._head(key)
         if head and head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256:
             return ArchivedObject(uri, size, uploaded=False)
@@ -129,6 +144,10 @@ class S3Archive:
             if _missing(exc):
                 return None
             raise
+
+
+    def delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self.bucket.bucket_name, Key=self._key(key))
 
 
 def _missing(exc) -> bool:

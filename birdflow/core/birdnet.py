@@ -71,6 +71,21 @@ class Detection:
     confidence: float
 
 
+@dataclass(frozen=True)
+class Heard:
+    """What the model heard in a recording: the detections, and for each window (by its start) how likely a
+    human made a sound in it (the highest of BirdNET's human classes: what the privacy filter acts on)."""
+
+    detections: list[Detection]
+    window_starts: list[float]
+    human_scores: list[float]
+
+
+def is_human(scientific_name: str) -> bool:
+    """BirdNET 2.4's human classes: Human vocal, Human non-vocal, Human whistle."""
+    return scientific_name.startswith("Human ")
+
+
 class BirdNET:
     """The classifier and its range filter. Safe to share between threads: a lock serialises the
     interpreter calls (interpreters are not thread-safe), so a process holds one copy of the model
@@ -83,6 +98,7 @@ class BirdNET:
         self.batch_size = batch_size
         self.labels = labels_path.read_text().splitlines()
         self._names = [label.split("_", 1) for label in self.labels]
+        self._human_columns = [column for column, (scientific, _) in enumerate(self._names) if is_human(scientific)]
         self._interpreter = self._interpreter_class(model_path=str(model_path), num_threads=threads)
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
@@ -136,12 +152,17 @@ class BirdNET:
     def detect(
         self, windows: np.ndarray, starts: np.ndarray, params: AnalysisParams, recorded: datetime
     ) -> list[Detection]:
-        """Scores above min_confidence for species that pass the range filter and species lists."""
+        return self.hear(windows, starts, params, recorded).detections
+
+    def hear(self, windows: np.ndarray, starts: np.ndarray, params: AnalysisParams, recorded: datetime) -> Heard:
+        """Scores above min_confidence for species that pass the range filter and species lists, and each
+        window's human score."""
         if len(windows) == 0:
-            return []
+            return Heard([], [], [])
         # birdnetlib maps sensitivity 0.5..1.5 onto the sigmoid slope this way round.
         slope = max(0.5, min(1.0 - (params.sensitivity - 1.0), 1.5))
         scores = 1.0 / (1.0 + np.exp(-slope * np.clip(self.logits(windows), -15, 15)))
+        human = scores[:, self._human_columns].max(axis=1)
         allowed = None
         week = params.range_week(recorded)
         if week is not None:
@@ -160,4 +181,4 @@ class BirdNET:
                 continue
             start = float(starts[row])
             found.append(Detection(start, start + WINDOW_S, scientific, common, float(scores[row, column])))
-        return found
+        return Heard(found, [float(start) for start in starts], [round(float(score), 4) for score in human])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Iterable
+from typing import Iterable, Mapping, Optional
 
 import pyarrow as pa
 
@@ -23,6 +23,8 @@ SCHEMA = pa.schema(
         pa.field("end_s", pa.float64(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("analysis_id", pa.string(), nullable=False),
+        # archive key of the detection's clip without extension (.flac, .png); null when it has none
+        pa.field("clip_key", pa.string(), nullable=True),
     ]
 )
 # Columns that identify a series in InfluxDB (tags); the rest are fields.
@@ -30,10 +32,13 @@ TAG_COLUMNS = ["station_id", "listener_id", "recording_id", "scientific_name", "
 
 
 def detections_table(
-    recording: RecordingInfo, detections: Iterable[Detection], model_version: str, analysis_id: str
+    recording: RecordingInfo, detections: Iterable[Detection], model_version: str, analysis_id: str,
+    clips: Optional[Mapping[tuple[float, str], str]] = None,
 ) -> pa.Table:
-    """Detection time is the recording's start plus the window's offset."""
+    """Detection time is the recording's start plus the window's offset; `clips` maps (start_s, scientific
+    name) to the clip's key."""
     rows = list(detections)
+    clips = clips or {}
     return pa.table(
         {
             "time": [recording.start_time + timedelta(seconds=d.start_s) for d in rows],
@@ -47,6 +52,7 @@ def detections_table(
             "end_s": [d.end_s for d in rows],
             "model_version": [model_version] * len(rows),
             "analysis_id": [analysis_id] * len(rows),
+            "clip_key": [clips.get((d.start_s, d.scientific_name)) for d in rows],
         },
         schema=SCHEMA,
     )
@@ -68,10 +74,12 @@ def summary(table: pa.Table) -> str:
     return f"{table.num_rows} {noun}: " + ", ".join(parts)
 
 
-def artifact_rows(table: pa.Table, rare_species: set[str]) -> list[dict]:
-    """The run's table artifact: one row per detection, time of day first, rare ones marked."""
+def artifact_rows(table: pa.Table, rare_species: set[str], link=lambda key: key) -> list[dict]:
+    """The run's table artifact: one row per detection, time of day first, rare ones marked, with where its clip
+    and spectrogram are (`link` turns an archive key into an address)."""
     rows = []
     for row in table.to_pylist():
+        clip = row.get("clip_key")
         rows.append(
             {
                 "time": row["time"].strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -80,6 +88,8 @@ def artifact_rows(table: pa.Table, rare_species: set[str]) -> list[dict]:
                 "offset_s": f"{row['start_s']:g}-{row['end_s']:g}",
                 "listener": row["listener_id"],
                 "rare": "rare" if row["scientific_name"] in rare_species else "",
+                "clip": link(clip + ".flac") if clip else "",
+                "spectrogram": link(clip + ".png") if clip else "",
             }
         )
     return rows

@@ -16,7 +16,7 @@ import soundfile
 
 IDENTITY_PREFIX = "birdflow-source-sha256="
 # WAV sample formats FLAC holds losslessly (libsndfile writes FLAC of 8, 16 and 24 bits)
-_FLAC_SUBTYPES = {"PCM_U8": "PCM_S8", "PCM_S8": "PCM_S8", "PCM_16": "PCM_16", "PCM_24": "PCM_24"}
+FLAC_SUBTYPES = {"PCM_U8": "PCM_S8", "PCM_S8": "PCM_S8", "PCM_16": "PCM_16", "PCM_24": "PCM_24"}
 BLOCK_FRAMES = 1 << 18
 
 
@@ -26,7 +26,7 @@ class FlacError(ValueError):
 
 def can_encode(wav: Path) -> bool:
     """FLAC (through libsndfile) holds 8-, 16- and 24-bit PCM; 32-bit and float WAVs stay WAV."""
-    return soundfile.info(str(wav)).subtype in _FLAC_SUBTYPES
+    return soundfile.info(str(wav)).subtype in FLAC_SUBTYPES
 
 
 def encode_flac(wav: Path, flac: Path, source_sha256: str) -> None:
@@ -34,7 +34,7 @@ def encode_flac(wav: Path, flac: Path, source_sha256: str) -> None:
     info = soundfile.info(str(wav))
     with soundfile.SoundFile(
         str(flac), "w", samplerate=info.samplerate, channels=info.channels, format="FLAC",
-        subtype=_FLAC_SUBTYPES[info.subtype],
+        subtype=FLAC_SUBTYPES[info.subtype],
     ) as out:
         out.comment = IDENTITY_PREFIX + source_sha256
         for block in soundfile.blocks(str(wav), blocksize=BLOCK_FRAMES, dtype="int32", always_2d=True):

@@ -120,6 +120,11 @@ class Settings(BaseModel):
         return self.state_dir / "species.sqlite"
 
     @property
+    def clips_file(self) -> Path:
+        """The clips kept per species and day (which to delete when better ones come)."""
+        return self.state_dir / "clips.sqlite"
+
+    @property
     def listener_tokens_file(self) -> Path:
         """Hashes of the listeners' tokens (never the tokens)."""
         return self.state_dir / "listeners.sqlite"

@@ -166,6 +166,16 @@ class DetectionSettings(Section):
         300.0, ge=0, description="An hour of species counts is written this long after it closes (late recordings still add to it)"
     )
     influx_hourly_table: str = Field("species_hourly", description="Influx table of the hourly species counts")
+    clips_enabled: bool = Field(True, description="Keep a FLAC clip and a spectrogram PNG of good detections, in the archive under clips/")
+    clip_min_confidence: float = Field(0.6, ge=0.01, le=1.0, description="Detections at or above this get a clip")
+    clip_padding_s: float = Field(1.0, ge=0, le=10, description="Audio kept before and after the 3 s window of a clip")
+    clips_per_species_per_day: int = Field(
+        10, ge=1, description="Clips kept per species and day, the most confident; a species' best clip ever is never deleted"
+    )
+    privacy_filter: Literal["off", "silence", "drop"] = Field(
+        "off", description="Human voices: silence zeroes their windows in the archive and clips; drop archives no audio of such a recording"
+    )
+    privacy_threshold: float = Field(0.3, ge=0.01, le=0.99, description="A window whose human score (BirdNET's human classes) reaches this holds a human")
 
 
 class ArchiveSettings(Section):

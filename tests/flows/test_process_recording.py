@@ -139,3 +139,96 @@ def test_a_run_shows_what_it_heard_and_a_species_is_rare_only_the_first_time(pre
         ("mic1", "American Goldfinch", first["detections"]), ("mic2", "American Goldfinch", second["detections"]),
     ]
     assert write_hourly_counts.fn(settings)["hours_written"] == 0  # written: not again until it changes
+
+
+@pytest.fixture
+def birds_then_speech(tmp_path, sample_48k):
+    """10 s of the field recording (a goldfinch), then a woman's voice from espeak-ng (BirdNET: Human vocal)."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    import soundfile
+
+    from birdflow.core.audio import decode
+
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng is not installed (Debian: apt install espeak-ng)")
+    speech = tmp_path / "speech.wav"
+    subprocess.run(
+        ["espeak-ng", "-v", "en+f3", "-s", "140", "-a", "180", "-w", str(speech),
+         "Good morning. I am walking along the river with my dog. We can hear birds singing all around us today."],
+        check=True, timeout=60,
+    )
+    audio = np.concatenate([decode(sample_48k), decode(speech)])
+    path = tmp_path / "mic1_20250601T053000Z.wav"
+    soundfile.write(str(path), (np.clip(audio, -1, 1) * 32767).astype(np.int16), 48000, subtype="PCM_16")
+    return path
+
+
+def process_on(station_id: str, tmp_path, recording_path, **settings_values):
+    import shutil
+
+    from birdflow.core.recordings import describe_audio_file
+    from birdflow.settings import Settings
+    from flows.process_recording import process_recording
+    from flows.resources import use_station
+
+    settings = Settings(station_id=station_id, data_dir=tmp_path / station_id, **settings_values)
+    station = use_station(settings)
+    settings.recordings_dir.mkdir(parents=True)
+    info = describe_audio_file(recording_path, station_id, "upload")
+    shutil.copy(recording_path, settings.recordings_dir / info.file_name)
+    state = process_recording(info, return_state=True)
+    assert state.is_completed(), state.message
+    return settings, station, info, state
+
+
+def test_silence_keeps_birds_and_clips_but_zeroes_the_human_voice(prefect_server, tmp_path, birds_then_speech, monkeypatch):
+    import soundfile
+
+    from birdflow.core.sinks import read_detections
+    from flows import resources
+
+    monkeypatch.setattr(resources, "_current", None)
+    silenced_before = REGISTRY.get_sample_value(
+        "birdflow_privacy_filtered_recordings_total", {"station": "quiet", "action": "silenced"}) or 0
+    settings, station, info, state = process_on(
+        "quiet", tmp_path, birds_then_speech, privacy_filter="silence", privacy_threshold=0.3, clip_min_confidence=0.3,
+    )
+    rows = read_detections(settings.detections_dir).to_pylist()
+    assert rows and not [row for row in rows if row["scientific_name"].startswith("Human")]
+    [goldfinch] = [row for row in rows if row["common_name"] == "American Goldfinch"]
+    assert goldfinch["clip_key"].startswith("clips/quiet/Spinus_tristis/2025/06/01/")
+    archive = settings.local_archive_dir
+    clip, picture = archive / (goldfinch["clip_key"] + ".flac"), archive / (goldfinch["clip_key"] + ".png")
+    assert soundfile.info(str(clip)).duration == pytest.approx(5.0, abs=0.01)  # 3 s window + 1 s padding each side
+    assert picture.read_bytes().startswith(b"\x89PNG")
+    [archived] = list(archive.rglob(f"{info.recording_id}.flac"))
+    kept, _ = soundfile.read(str(archived), dtype="int16")
+    original, _ = soundfile.read(str(birds_then_speech), dtype="int16")
+    assert len(kept) == len(original)
+    assert (kept[:480000] == original[:480000]).all()  # the birds, untouched
+    assert not kept[12 * 48000 :].any()  # the windows where BirdNET hears the voice (12-15 s, 15 s-end), gone
+    assert REGISTRY.get_sample_value(
+        "birdflow_privacy_filtered_recordings_total", {"station": "quiet", "action": "silenced"}) == silenced_before + 1
+    _, [artifact] = run_logs_and_artifacts(state.state_details.flow_run_id, expected_logs=0)
+    import json
+
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert [row["clip"] for row in table] == [clip.as_uri()] and table[0]["spectrogram"] == picture.as_uri()
+
+
+def test_drop_keeps_the_detections_and_no_audio(prefect_server, tmp_path, birds_then_speech, monkeypatch):
+    from birdflow.core.sinks import read_detections
+    from flows import resources
+
+    monkeypatch.setattr(resources, "_current", None)
+    settings, _, info, state = process_on(
+        "private", tmp_path, birds_then_speech, privacy_filter="drop", privacy_threshold=0.3, clip_min_confidence=0.3,
+    )
+    assert state.result()["archive"] == {"privacy_dropped": True}
+    rows = read_detections(settings.detections_dir).to_pylist()
+    assert [row["common_name"] for row in rows] == ["American Goldfinch"] and rows[0]["clip_key"] is None
+    assert not settings.local_archive_dir.exists() or not any(settings.local_archive_dir.rglob("*.*"))
+    assert not list(settings.recordings_dir.iterdir())  # and the recording itself is gone from the station

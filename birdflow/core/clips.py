@@ -1,0 +1,144 @@
+"""Clips of detections: the 3 s window (plus padding) as FLAC and a spectrogram PNG, and which ones to keep.
+
+The spectrogram is a numpy STFT drawn with Pillow: no plotting stack in the flow. Which clips stay is the
+rule BirdNET-Pi and BirdNET-Go users ask for: at most `per_day` per species and day, the most confident,
+and never the best clip of a species (the one a station would show for it). In the local archive, clips
+are under the same caps as the recordings of their day (`local_archive_max_gb`, `..._max_days`).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from birdflow.core.local_db import LocalDatabase
+
+FFT_SIZE = 1024
+HOP = 384  # 8 ms at 48 kHz: ~625 columns for a 5 s clip
+MAX_FREQUENCY_HZ = 12000  # birds are below; the image keeps its height for them
+DYNAMIC_RANGE_DB = 80.0
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """Where one detection's clip goes and which part of the recording it holds."""
+
+    base_key: str  # without extension: .flac and .png beside each other
+    start_s: float
+    end_s: float
+
+
+def species_folder(scientific_name: str) -> str:
+    """A species as one safe path part: "Junco hyemalis" -> "Junco_hyemalis"."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", scientific_name).strip("_") or "unknown"
+
+
+def clip_plan(
+    station_id: str, recording_id: str, scientific_name: str, detected_at: datetime, start_s: float, end_s: float,
+    padding_s: float, duration_s: float,
+) -> ClipPlan:
+    start, end = max(0.0, start_s - padding_s), min(duration_s, end_s + padding_s)
+    key = f"clips/{station_id}/{species_folder(scientific_name)}/{detected_at:%Y/%m/%d}/{recording_id}_{start_s:g}s"
+    return ClipPlan(key, start, end)
+
+
+def cut(samples: np.ndarray, rate: int, start_s: float, end_s: float) -> np.ndarray:
+    return samples[int(start_s * rate) : int(end_s * rate)]
+
+
+def flac_bytes(samples: np.ndarray, rate: int) -> bytes:
+    """16-bit FLAC of float samples in [-1, 1]."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.clip(samples, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def spectrogram(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Power in dB (frequency rows, low first; time columns) up to MAX_FREQUENCY_HZ."""
+    if len(samples) < FFT_SIZE:
+        samples = np.pad(samples, (0, FFT_SIZE - len(samples)))
+    count = 1 + (len(samples) - FFT_SIZE) // HOP
+    frames = np.lib.stride_tricks.as_strided(
+        samples, shape=(count, FFT_SIZE), strides=(samples.strides[0] * HOP, samples.strides[0]), writeable=False
+    )
+    bins = int(MAX_FREQUENCY_HZ / (rate / FFT_SIZE))
+    power = np.abs(np.fft.rfft(frames * np.hanning(FFT_SIZE).astype(np.float32), axis=1)[:, :bins]) ** 2
+    return 10.0 * np.log10(power.T + 1e-12)
+
+
+def spectrogram_png(samples: np.ndarray, rate: int) -> bytes:
+    """The spectrogram as a PNG: high frequencies up, loud is dark on white (as field guides print them)."""
+    from PIL import Image
+
+    decibels = spectrogram(samples.astype(np.float32), rate)
+    loudest = decibels.max()
+    scaled = np.clip((decibels - (loudest - DYNAMIC_RANGE_DB)) / DYNAMIC_RANGE_DB, 0.0, 1.0)
+    pixels = (255 * (1.0 - scaled)).astype(np.uint8)[::-1]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clips (base_key TEXT PRIMARY KEY, station_id TEXT NOT NULL, species TEXT NOT NULL,
+    day TEXT NOT NULL, confidence REAL NOT NULL, kept_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS clips_by_day ON clips (station_id, species, day, confidence);
+"""
+
+
+class ClipIndex:
+    """The clips kept: enough to decide, before cutting one, whether it would stay, and which to delete."""
+
+    def __init__(self, path: Path, per_day: int):
+        self.database = LocalDatabase(path, SCHEMA)
+        self.per_day = per_day
+
+    def wanted(self, station_id: str, species: str, day: str, confidence: float) -> bool:
+        """Whether a clip of this confidence would be kept (a full day keeps only better ones)."""
+        rows = self.database.execute(
+            "SELECT confidence FROM clips WHERE station_id = ? AND species = ? AND day = ? ORDER BY confidence DESC LIMIT ?",
+            (station_id, species, day, self.per_day),
+        ).fetchall()
+        return len(rows) < self.per_day or confidence > rows[-1][0]
+
+    def keep(self, base_key: str, station_id: str, species: str, day: str, confidence: float) -> list[str]:
+        """Record a stored clip; returns the base keys of the clips it pushes out (to delete from the archive)."""
+        execute = self.database.execute
+        execute("BEGIN IMMEDIATE")
+        try:
+            execute(
+                "INSERT OR REPLACE INTO clips VALUES (?, ?, ?, ?, ?, ?)",
+                (base_key, station_id, species, day, confidence, time.time()),
+            )
+            best: Optional[tuple] = execute(
+                "SELECT base_key FROM clips WHERE station_id = ? AND species = ? ORDER BY confidence DESC, kept_at LIMIT 1",
+                (station_id, species),
+            ).fetchone()
+            surplus = execute(
+                "SELECT base_key FROM clips WHERE station_id = ? AND species = ? AND day = ?"
+                " ORDER BY confidence DESC, kept_at LIMIT -1 OFFSET ?",
+                (station_id, species, day, self.per_day),
+            ).fetchall()
+            evicted = [key for (key,) in surplus if key != best[0]]
+            for key in evicted:
+                execute("DELETE FROM clips WHERE base_key = ?", (key,))
+            execute("COMMIT")
+        except BaseException:
+            execute("ROLLBACK")
+            raise
+        return evicted
+
+    def count(self, station_id: str, species: str, day: Optional[str] = None) -> int:
+        query, parameters = "SELECT count(*) FROM clips WHERE station_id = ? AND species = ?", [station_id, species]
+        if day:
+            query, parameters = query + " AND day = ?", parameters + [day]
+        return self.database.execute(query, parameters).fetchone()[0]
