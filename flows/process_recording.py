@@ -267,7 +267,7 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
         heard = _caching_in(station)(recording, samples, params, station)
         found, human, audio_kept = apply_privacy(heard, settings.detections)
         clips = {}
-        if audio_kept and settings.detections.clips_enabled:
+        if audio_kept and worth_a_clip(found, settings.detections):  # a task run only then: most recordings have none
             clips = _with_io_retries(keep_clips, settings)(recording, samples, found, human, station)
         table = detections_table(recording, found, MODEL_VERSION, params.analysis_id, clips)
         logger = get_run_logger()
@@ -288,6 +288,10 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
     station.ledger.record(recording.recording_id, params.analysis_id)
     _release_local_copy(recording, settings)
     return {"recording_id": recording.recording_id, "detections": table.num_rows, "rare": len(tally.rare), "archive": archived}
+
+
+def worth_a_clip(found: list[Detection], options: DetectionSettings) -> bool:
+    return options.clips_enabled and any(detection.confidence >= options.clip_min_confidence for detection in found)
 
 
 def apply_privacy(heard: Heard, options: DetectionSettings) -> tuple[list[Detection], Spans, bool]:

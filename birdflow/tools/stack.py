@@ -151,6 +151,14 @@ class Stack:
                 raise RuntimeError(f"the stack did not start; its log ends:\n{self.log_tail()}")
             time.sleep(0.25)
 
+    def cli(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        """`birdflow <args>` with the stack's settings (and nothing of this process's Prefect environment)."""
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+        return subprocess.run(
+            [sys.executable, "-m", "birdflow.app.cli", "--settings", str(self.root / "settings.yaml"), *args],
+            capture_output=True, text=True, timeout=timeout_s, env={**env, **self.env},
+        )
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 

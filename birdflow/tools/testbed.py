@@ -133,6 +133,34 @@ class SeaweedS3:
             stop_process(self.process, grace_s=3)
 
 
+class WebhookReceiver:
+    """A loopback HTTP server that keeps the JSON body of every POST: a notification channel to watch."""
+
+    def __init__(self):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.messages: list[dict] = []
+        received = self.messages
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class LineProtocolServer:
     """An HTTP server that accepts InfluxDB 3 writes (/api/v3/write_lp and /api/v2/write) and keeps the lines.
 

