@@ -1,13 +1,17 @@
-"""Arrow tables printed for people (a table that fits the terminal) or for programs (JSON, CSV)."""
+"""Arrow tables printed for people (a table that fits the terminal) or for programs (JSON, CSV).
+
+pyarrow is imported by the functions, not here: every process of `up` imports the command line, and most of
+them never print a table (~35 MB each)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from datetime import datetime
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def cell(value) -> str:
@@ -20,7 +24,9 @@ def cell(value) -> str:
     return str(value)
 
 
-def print_table(table: pa.Table, output_format: str, title: Optional[str] = None) -> None:
+def print_table(table: "pa.Table", output_format: str, title: Optional[str] = None) -> None:
+    import pyarrow as pa
+
     if output_format == "json":
         print(json.dumps(table.to_pylist(), default=lambda value: value.isoformat(), indent=2))
     elif output_format == "csv":
