@@ -30,7 +30,7 @@ from birdflow.core.archive import holds_recording
 from birdflow.core.audio import MODEL_SAMPLE_RATE, decode, windows
 from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.birdnet import Detection, Heard, is_human
-from birdflow.core.clips import clip_plan, cut, flac_bytes, spectrogram_png
+from birdflow.core.clips import clip_budget, clip_plan, cut, flac_bytes, spectrogram_png
 from birdflow.core.detections import detections_table, summary
 from birdflow.core.rarity import Tally
 from birdflow.core.flac import FlacError, can_encode, encode_flac
@@ -119,13 +119,15 @@ def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParam
 def keep_clips(
     recording: RecordingInfo, samples: np.ndarray, found: list[Detection], human: Spans, station: StationResources
 ) -> dict[tuple[float, str], str]:
-    """FLAC clip and spectrogram of each detection worth one (the most confident first; a clip that would not
-    stay is not cut), human spans silenced in them. Returns (start_s, scientific name) -> clip key."""
+    """FLAC clip and spectrogram of the detections worth one (the most confident first, at most clip_budget per
+    recording; a clip that would not stay is not cut), human spans silenced in them. Returns (start_s, scientific
+    name) -> clip key."""
     started = time.perf_counter()
     options, station_id = station.settings.detections, recording.station_id
     kept = {}
+    budget = clip_budget(len(samples) / MODEL_SAMPLE_RATE)
     for detection in sorted(found, key=lambda d: -d.confidence):
-        if detection.confidence < options.clip_min_confidence:
+        if detection.confidence < options.clip_min_confidence or len(kept) == budget:
             break
         detected_at = recording.start_time + timedelta(seconds=detection.start_s)
         day, species = f"{detected_at:%Y-%m-%d}", detection.scientific_name

@@ -9,6 +9,7 @@ are under the same caps as the recordings of their day (`local_archive_max_gb`, 
 from __future__ import annotations
 
 import io
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ FFT_SIZE = 512  # 94 Hz bins: 128 rows up to 12 kHz, half the cost of 1024 for a
 HOP = 512  # 10.7 ms at 48 kHz: ~470 columns for a 5 s clip
 MAX_FREQUENCY_HZ = 12000  # birds are below; the image keeps its height for them
 DYNAMIC_RANGE_DB = 60.0
+# one clip costs ~7 % of the analysis of 10 s of audio: at most one per started 10 s keeps clips under ~10 %
+AUDIO_S_PER_CLIP = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,11 @@ class ClipPlan:
     base_key: str  # without extension: .flac and .png beside each other
     start_s: float
     end_s: float
+
+
+def clip_budget(duration_s: float) -> int:
+    """How many clips a recording may make (its most confident detections get them)."""
+    return max(1, math.ceil(duration_s / AUDIO_S_PER_CLIP - 1e-9))
 
 
 def species_folder(scientific_name: str) -> str:
