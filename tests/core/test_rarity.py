@@ -113,3 +113,22 @@ def test_the_summary_line_names_each_species_with_its_best_confidence():
     assert summary(table) == "3 detections: Dark-eyed Junco x2 (best 0.92), Pine Siskin (0.71)"
     assert summary(heard("r2", DAWN)) == "no detections"
     assert summary(heard("r3", DAWN, (SISKIN, 0.5))) == "1 detection: Pine Siskin (0.50)"
+
+
+def test_a_rare_sighting_becomes_an_event_about_its_recording_station_and_listener(tmp_path):
+    from flows.announce import RARE_EVENT, rare_event_fields
+
+    record = SpeciesRecord(tmp_path / "species.sqlite", rare_window_days=30, watch_species=["Junco hyemalis"])
+    [sighting] = record.tally(heard("r1", DAWN, (JUNCO, 0.92), (JUNCO, 0.5))).rare
+    fields = rare_event_fields(sighting, "station01/mic1/2025/06/01/r1.flac", "http://127.0.0.1:4200/runs/flow-run/x")
+    assert fields["event"] == RARE_EVENT == "birdflow.detection.rare"
+    assert fields["resource"] == {
+        "prefect.resource.id": "birdflow.recording.r1", "prefect.resource.name": "r1",
+        "birdflow.station": "station01", "birdflow.listener": "mic1",
+    }
+    assert [related["prefect.resource.role"] for related in fields["related"]] == ["station", "listener"]
+    assert fields["payload"] == {
+        "scientific_name": "Junco hyemalis", "common_name": "Dark-eyed Junco", "confidence": 0.92,
+        "time": "2025-06-01T05:10:00+00:00", "station_id": "station01", "listener_id": "mic1", "watched": True,
+        "archive_key": "station01/mic1/2025/06/01/r1.flac", "run_url": "http://127.0.0.1:4200/runs/flow-run/x",
+    }

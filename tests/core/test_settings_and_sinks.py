@@ -86,8 +86,12 @@ def test_influx_sink_reports_a_rejected_token(influx_server):
 
 
 @pytest.mark.skipif(not os.environ.get("INFLUX3_URL"), reason="set INFLUX3_URL (and INFLUX3_TOKEN, INFLUX3_DATABASE) to test a real InfluxDB 3")
-def test_real_influxdb3_round_trip():
+def test_real_influxdb3_round_trip(tmp_path, monkeypatch, capsys):
+    import json
+
     from influxdb_client_3 import InfluxDBClient3
+
+    from birdflow.app.cli import main
 
     database = os.environ.get("INFLUX3_DATABASE", "birdflow_test")
     token = os.environ.get("INFLUX3_TOKEN", "")
@@ -96,6 +100,14 @@ def test_real_influxdb3_round_trip():
     client = InfluxDBClient3(host=os.environ["INFLUX3_URL"], database=database, token=token or None)
     rows = client.query("SELECT scientific_name FROM detections_test WHERE recording_id = 'mic-1_20250601T053000Z_abcdef12'")
     assert sorted(rows.column("scientific_name").to_pylist()) == ["Spinus tristis", "Turdus migratorius"]
+    # the same question through `birdflow sql --influx`
+    monkeypatch.setenv("INFLUX_HOST", os.environ["INFLUX3_URL"])
+    monkeypatch.setenv("INFLUX_DATABASE", database)
+    monkeypatch.setenv("INFLUX_TOKEN", token)
+    (tmp_path / "settings.yaml").write_text(f"data_dir: {tmp_path}\n")
+    statement = "SELECT scientific_name FROM detections_test WHERE recording_id = 'mic-1_20250601T053000Z_abcdef12' ORDER BY 1"
+    assert main(["--settings", str(tmp_path / "settings.yaml"), "sql", "--influx", "--format", "json", statement]) == 0
+    assert [row["scientific_name"] for row in json.loads(capsys.readouterr().out)] == ["Spinus tristis", "Turdus migratorius"]
 
 
 def test_hourly_counts_go_to_their_own_influx_table(influx_server):

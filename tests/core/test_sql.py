@@ -100,6 +100,13 @@ def test_the_command_prints_json_csv_and_one_line_errors(station, capsys):
     assert str(failed.value) == "birdflow sql: only SELECT statements are run here (this one is DROP)"
 
 
+def test_influx_without_a_host_is_one_line(station):
+    _, _, settings_file = station
+    with pytest.raises(SystemExit) as failed:
+        main(["--settings", str(settings_file), "sql", "--influx", COUNT_BY_SPECIES])
+    assert str(failed.value) == "birdflow sql: --influx needs setting 'influx_host' (and INFLUX_TOKEN)"
+
+
 def test_detections_fit_an_80_column_terminal(station, capsys, monkeypatch):
     _, _, settings_file = station
     monkeypatch.setenv("COLUMNS", "80")
