@@ -232,3 +232,36 @@ def test_drop_keeps_the_detections_and_no_audio(prefect_server, tmp_path, birds_
     assert [row["common_name"] for row in rows] == ["American Goldfinch"] and rows[0]["clip_key"] is None
     assert not settings.local_archive_dir.exists() or not any(settings.local_archive_dir.rglob("*.*"))
     assert not list(settings.recordings_dir.iterdir())  # and the recording itself is gone from the station
+
+
+def test_an_hour_a_sink_refuses_stays_due_and_maintenance_goes_on(prefect_server, tmp_path, influx_server, monkeypatch):
+    from prefect import flow
+
+    from birdflow.core.birdnet import Detection
+    from birdflow.core.detections import detections_table
+    from birdflow.settings import Settings
+    from blocks import register_blocks
+    from flows import resources
+    from flows.maintenance import write_hourly_counts
+    from flows.resources import use_station
+
+    @flow
+    def hourly(settings):
+        return write_hourly_counts(settings)
+
+    monkeypatch.setattr(resources, "_current", None)
+    info = recording_info(start_time=datetime(2025, 6, 1, 5, 30, tzinfo=timezone.utc))
+    table = detections_table(info, [Detection(0.0, 3.0, "Junco hyemalis", "Dark-eyed Junco", 0.8)], "m", "a1")
+    values = dict(station_id="hourly", data_dir=tmp_path / "data", influx_enabled=True, influx_host=influx_server.url)
+    register_blocks(Settings(**values, influx_token="wrong-token"))  # the sinks load the saved block
+    refused = use_station(Settings(**values, influx_token="wrong-token"))
+    refused.species.tally(table)
+    outcome = hourly(refused.settings)
+    assert (outcome["hours_written"], outcome["hours_failed"]) == (0, 1)
+    assert not [line for line in influx_server.lines if line.startswith("species_hourly")]
+    register_blocks(Settings(**values, influx_token="test-token"))  # the token fixed: the hour goes out
+    accepted = use_station(Settings(**values, influx_token="test-token"))
+    outcome = hourly(accepted.settings)
+    assert (outcome["hours_written"], outcome["hours_failed"]) == (1, 0)
+    [line] = [line for line in influx_server.lines if line.startswith("species_hourly")]
+    assert "Dark-eyed\\ Junco" in line and "detections=1i" in line
