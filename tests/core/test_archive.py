@@ -65,3 +65,18 @@ def test_local_archive_verifies_copies_and_stays_inside_its_folder(tmp_path, rec
     with pytest.raises(ArchiveError, match="leaves the archive folder"):
         archive.store(path, "../outside.wav", sha256)
     assert not (tmp_path / "outside.wav").exists()
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_an_object_can_be_named_and_deleted(backend, s3_archive, tmp_path, recording):
+    """What clip retention does: a clip pushed out by a better one is deleted; deleting a missing one is no error."""
+    archive = LocalArchive(tmp_path / "archive") if backend == "local" else s3_archive[0]
+    path, sha256 = recording
+    key = "clips/st1/Spinus_tristis/2025/06/01/r1_3s.flac"
+    archive.store(path, key, sha256)
+    uri = archive.uri(key)
+    assert uri == ((tmp_path / "archive" / key).as_uri() if backend == "local" else f"s3://archive-test/raw/{key}")
+    assert archive.fetch(key) == path.read_bytes()
+    archive.delete(key)
+    assert archive.fetch(key) is None
+    archive.delete(key)

@@ -176,7 +176,7 @@ def process_on(station_id: str, tmp_path, recording_path, **settings_values):
 
     settings = Settings(station_id=station_id, data_dir=tmp_path / station_id, **settings_values)
     station = use_station(settings)
-    settings.recordings_dir.mkdir(parents=True)
+    settings.recordings_dir.mkdir(parents=True, exist_ok=True)
     info = describe_audio_file(recording_path, station_id, "upload")
     shutil.copy(recording_path, settings.recordings_dir / info.file_name)
     state = process_recording(info, return_state=True)
@@ -265,3 +265,39 @@ def test_an_hour_a_sink_refuses_stays_due_and_maintenance_goes_on(prefect_server
     assert (outcome["hours_written"], outcome["hours_failed"]) == (1, 0)
     [line] = [line for line in influx_server.lines if line.startswith("species_hourly")]
     assert "Dark-eyed\\ Junco" in line and "detections=1i" in line
+
+
+def test_clips_in_s3_keep_only_the_best_of_a_species_day(prefect_server, seaweed, tmp_path, sample_48k, monkeypatch):
+    """Two recordings of the same goldfinch on the same day, one clip allowed: the better one stays in S3, the other
+    is pushed out (deleted) or never cut, whichever came first."""
+    import numpy as np
+    import soundfile
+
+    from birdflow.core.sinks import read_detections
+    from blocks import register_blocks
+    from flows import resources
+
+    monkeypatch.setattr(resources, "_current", None)
+    seaweed.create_bucket("clips-test")
+    samples, rate = soundfile.read(str(sample_48k), dtype="int16")
+    recordings = []
+    for number, scale in enumerate((1.0, 0.4)):  # the same call, louder and quieter: two confidences
+        path = tmp_path / f"mic{number + 1}_20250601T05{30 + number}00Z.wav"
+        soundfile.write(str(path), (samples * scale).astype(np.int16), rate, subtype="PCM_16")
+        recordings.append(path)
+    values = dict(
+        archive_backend="s3", s3_bucket="clips-test", s3_prefix="archive", s3_endpoint_url=seaweed.endpoint_url,
+        aws_access_key_id=seaweed.access_key, aws_secret_access_key=seaweed.secret_key, s3_block_name="clips-test-archive",
+        clip_min_confidence=0.1, clips_per_species_per_day=1,
+    )
+    from birdflow.settings import Settings
+
+    register_blocks(Settings(station_id="s3clips", data_dir=tmp_path / "s3clips", **values))
+    for path in recordings:
+        settings, _, _, _ = process_on("s3clips", tmp_path, path, **values)
+    rows = [row for row in read_detections(settings.detections_dir).to_pylist() if row["common_name"] == "American Goldfinch"]
+    assert len(rows) == 2 and len({row["confidence"] for row in rows}) == 2
+    best = max(rows, key=lambda row: row["confidence"])
+    listed = seaweed.client().list_objects_v2(Bucket="clips-test", Prefix="archive/clips/s3clips/Spinus_tristis/")
+    keys = sorted(item["Key"] for item in listed.get("Contents", []))
+    assert keys == [f"archive/{best['clip_key']}.flac", f"archive/{best['clip_key']}.png"]
