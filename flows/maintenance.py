@@ -28,6 +28,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 
+from birdflow.core.health import closed_spool_files, health_table, read_spool
 from birdflow.core.results import ResultsDatabase
 from birdflow.core.retention import DAY_S, archive_retention, remove_stale_files
 from birdflow.core.sinks import compact_detections, write_all
@@ -48,6 +49,7 @@ def maintenance() -> dict[str, Any]:
     return {
         "redrive": redrive_failed_runs(settings),
         "hourly_counts": write_hourly_counts(settings),
+        "listener_health": write_listener_health(settings),
         "retention": apply_retention(settings),
     }
 
@@ -62,7 +64,7 @@ def write_hourly_counts(settings: Settings) -> dict[str, int]:
     for hour, station_id, version in station.species.hours_to_write(now, settings.detections.hourly_settle_s):
         table = station.species.hour_table(hour, station_id)
         try:
-            written = write_all(station.sinks, table, hourly=True)
+            written = write_all(station.sinks, table, kind="hourly")
         except Exception as exc:
             get_run_logger().warning("hourly counts of %s not written yet (%s: %s)", table.column("time")[0], type(exc).__name__, exc)
             counts["hours_failed"] += 1
@@ -72,6 +74,25 @@ def write_hourly_counts(settings: Settings) -> dict[str, int]:
         counts["rows_written"] += max(written.values(), default=0)
     counts["hours_forgotten"] = station.species.forget(now, max(settings.unattended.run_retention_days, 2.0) * DAY_S)
     return counts
+
+
+@task(name="write listener health", cache_policy=NO_CACHE, persist_result=False)
+def write_listener_health(settings: Settings) -> dict[str, int]:
+    """The health reports the ingest spooled, as the table listener_health in every sink; the spool files go once
+    all sinks took them (a refused batch waits for the next run, and maintenance goes on)."""
+    station = station_resources()
+    files = closed_spool_files(settings.health_spool_dir, time.time())
+    if not files:
+        return {"reports": 0}
+    table = health_table(read_spool(files), settings.station_id)
+    try:
+        write_all(station.sinks, table, kind="health")
+    except Exception as exc:
+        get_run_logger().warning("listener health not written yet (%s: %s)", type(exc).__name__, exc)
+        return {"reports": 0, "waiting": table.num_rows}
+    for path in files:
+        path.unlink(missing_ok=True)
+    return {"reports": table.num_rows}
 
 
 @task(name="re-drive failed runs", cache_policy=NO_CACHE, persist_result=False)

@@ -46,9 +46,10 @@ class StationResources:
 
     @cached_property
     def sinks(self) -> list[DetectionSink]:
+        settings = self.settings
         sinks: list[DetectionSink] = []
         if self.settings.sinks.parquet_enabled:
-            sinks.append(ParquetSink(self.settings.detections_dir, self.settings.species_hourly_dir))
+            sinks.append(ParquetSink(settings.detections_dir, settings.species_hourly_dir, settings.listener_health_dir))
         if self.settings.sinks.influx_enabled:
             from blocks import load_influx
 

@@ -22,6 +22,7 @@ from ingest_api.access import IngestAccess
 from ingest_api.assembler import StreamAssembler, StreamLimits
 from ingest_api.checks import Rejection, checked_listener_id
 from ingest_api.recovery import recover_partials
+from ingest_api.telemetry import receive_health
 
 log = logging.getLogger("birdflow.ingest")
 # partials no stream has written to for this long are left over (a close that failed): publish them
@@ -112,8 +113,10 @@ class IngestStation:
     @asynccontextmanager
     async def lifespan(self, app):
         sweeper = asyncio.create_task(self._sweep_partials())
+        health = asyncio.create_task(receive_health(self.settings))
         yield
         sweeper.cancel()
+        health.cancel()
         # Stopping (SIGTERM, Ctrl-C): the server has cancelled the streams, which close their recordings;
         # those are published before the process exits, so a restart finds them in the recordings folder.
         for _ in range(100):

@@ -24,6 +24,8 @@ from ingest_api.framing import encode_frame
 
 @contextmanager
 def serving(settings: Settings):
+    """The ingest API on loopback (its UDP health port too) in a thread of this process."""
+    settings.ingest.ingest_host = LOOPBACK
     port = free_port()
     server = uvicorn.Server(server_config(create_app(settings), settings, LOOPBACK, port))
     thread = threading.Thread(target=server.run, daemon=True)

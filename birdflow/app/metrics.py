@@ -56,6 +56,27 @@ PRIVACY_FILTERED = Counter(
     "birdflow_privacy_filtered_recordings", "Recordings in which a human was heard: audio silenced or not kept (privacy_filter)",
     ["station", "action"],
 )
+HEALTH_REPORTS = Counter("birdflow_listener_health_reports", "Listener health datagrams taken", ["station"])
+HEALTH_REFUSED = Counter(
+    "birdflow_listener_health_refused", "Listener health datagrams dropped, by reason (their content is never logged)",
+    ["station", "reason"],
+)
+# per listener, at most health_max_listeners of them; "max" keeps the last value after the ingest restarts, so a
+# listener that went quiet shows as stale instead of vanishing
+LISTENER_LAST_HEALTH = Gauge(
+    "birdflow_listener_health_last_seen_timestamp_seconds", "When the listener last sent its health (Unix time)",
+    ["station", "listener"], multiprocess_mode="max",
+)
+LISTENER_HEALTH = {
+    name: Gauge(f"birdflow_listener_{name}", help_text, ["station", "listener"], multiprocess_mode="max")
+    for name, help_text in {
+        "battery_v": "Battery voltage the listener reported",
+        "rssi_dbm": "Wi-Fi signal strength the listener reported",
+        "temperature_c": "Temperature the listener reported",
+        "free_storage_mb": "Free storage the listener reported",
+        "uptime_s": "Uptime the listener reported",
+    }.items()
+}
 RARE_SIGHTINGS = Counter(
     "birdflow_rare_sightings", "Species heard for the first time within rare_window_days (or watched), announced as events",
     ["station"],

@@ -11,6 +11,7 @@ each time, so writing it again replaces it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ import pyarrow.parquet as pq
 from birdflow.core.detections import SCHEMA, TAG_COLUMNS
 from birdflow.core.rarity import HOURLY_SCHEMA, HOURLY_TAG_COLUMNS
 
+HEALTH_TABLE = "listener_health"
+HEALTH_TAG_COLUMNS = ["station_id", "listener_id"]
+
 
 class DetectionSink(Protocol):
     name: str
@@ -33,6 +37,9 @@ class DetectionSink(Protocol):
 
     def write_hourly(self, table: pa.Table) -> int:
         """One hour of one station's species counts (rarity.HOURLY_SCHEMA)."""
+
+    def write_health(self, table: pa.Table) -> int:
+        """A batch of listener health reports (health.health_schema())."""
 
 
 HOUR_FILE_PREFIX = "hour-"
@@ -51,9 +58,10 @@ class ParquetSink:
 
     name = "parquet"
 
-    def __init__(self, root: Path, hourly_root: Path):
+    def __init__(self, root: Path, hourly_root: Path, health_root: Path):
         self.root = Path(root)
         self.hourly_root = Path(hourly_root)
+        self.health_root = Path(health_root)
 
     def write(self, table: pa.Table) -> int:
         if table.num_rows == 0:
@@ -73,6 +81,18 @@ class ParquetSink:
         folder = self.hourly_root / f"{hour:%Y/%m/%d}"
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(table, folder / f"{hour:%H}.parquet")
+        return table.num_rows
+
+    def write_health(self, table: pa.Table) -> int:
+        """A file per batch, named by its first report's time and a digest of its rows: a retry rewrites the same file."""
+        if table.num_rows == 0:
+            return 0
+        first = table.column("time")[0].as_py()
+        rows = (table.column("listener_id").to_pylist(), table.column("time").to_pylist())
+        digest = hashlib.sha256(repr(rows).encode()).hexdigest()[:12]
+        folder = self.health_root / f"{first:%Y/%m/%d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(table, folder / f"{first:%H%M%S}-{digest}.parquet")
         return table.num_rows
 
 
@@ -100,6 +120,9 @@ class InfluxSink:
 
     def write_hourly(self, table: pa.Table) -> int:
         return self._write(table, self.hourly_table, HOURLY_TAG_COLUMNS)
+
+    def write_health(self, table: pa.Table) -> int:
+        return self._write(table, HEALTH_TABLE, HEALTH_TAG_COLUMNS)
 
     def _write(self, table: pa.Table, measurement: str, tags: list[str]) -> int:
         if table.num_rows == 0:
@@ -232,14 +255,15 @@ def _unchanged(path: Path, stat: os.stat_result) -> bool:
 
 def write_all(
     sinks: Sequence[DetectionSink], table: pa.Table, on_failure: Callable[[str], None] = lambda sink: None,
-    hourly: bool = False,
+    kind: str = "detections",
 ) -> dict[str, int]:
-    """Every sink gets the table (detections, or with `hourly` an hour of counts); a failing sink is
-    reported (then raises, so the task retries)."""
+    """Every sink gets the table (`kind`: detections, hourly or health); a failing sink is reported (then raises,
+    so the task retries)."""
     written = {}
     for sink in sinks:
         try:
-            written[sink.name] = sink.write_hourly(table) if hourly else sink.write(table)
+            write = {"detections": sink.write, "hourly": sink.write_hourly, "health": sink.write_health}[kind]
+            written[sink.name] = write(table)
         except Exception:
             on_failure(sink.name)
             raise

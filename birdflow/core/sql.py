@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from birdflow.core.detections import SCHEMA as DETECTIONS_SCHEMA
+from birdflow.core.health import health_schema
 from birdflow.core.rarity import HOURLY_SCHEMA
 from birdflow.core.sinks import dataset_files
 
@@ -28,10 +29,12 @@ class LocalTable:
     schema: pa.Schema
 
 
-def station_tables(detections_dir: Path, species_hourly_dir: Path) -> list[LocalTable]:
+def station_tables(settings) -> list[LocalTable]:
+    """The tables of a station's settings (birdflow.settings.Settings)."""
     return [
-        LocalTable("detections", Path(detections_dir), DETECTIONS_SCHEMA),
-        LocalTable("species_hourly", Path(species_hourly_dir), HOURLY_SCHEMA),
+        LocalTable("detections", settings.detections_dir, DETECTIONS_SCHEMA),
+        LocalTable("species_hourly", settings.species_hourly_dir, HOURLY_SCHEMA),
+        LocalTable("listener_health", settings.listener_health_dir, health_schema()),
     ]
 
 

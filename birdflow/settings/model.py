@@ -152,6 +152,16 @@ class Settings(BaseModel):
         return self.data_dir / "species_hourly"
 
     @property
+    def health_spool_dir(self) -> Path:
+        """Listener health reports as the ingest received them (JSON lines), until maintenance tables them."""
+        return self.data_dir / "health_spool"
+
+    @property
+    def listener_health_dir(self) -> Path:
+        """The listener_health table, one Parquet file per maintenance run."""
+        return self.data_dir / "listener_health"
+
+    @property
     def local_archive_dir(self) -> Path:
         return self.archive.archive_dir or self.data_dir / "archive"
 

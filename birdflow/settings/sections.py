@@ -74,6 +74,9 @@ class IngestSettings(Section):
     max_recordings_per_minute: int = Field(
         12, ge=1, description="A stream that starts more recordings than this in a minute is cut (429)"
     )
+    health_port: int = Field(6000, ge=0, le=65535, description="UDP port of listener health datagrams (README, \"Listener health\"); 0: off")
+    health_min_interval_s: float = Field(10.0, ge=0, description="A listener's health is taken at most this often; more is counted and dropped")
+    health_max_listeners: int = Field(1000, ge=1, le=100000, description="Listeners whose health is tracked at once (bounds memory and metrics)")
 
     @field_validator("ingest_auth_exempt")
     @classmethod

@@ -8,7 +8,9 @@ connection error it reconnects with exponential back-off (2, 4, 8 ... 60 s); a 4
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -176,6 +178,33 @@ def _json_or_text(response: httpx.Response) -> dict:
     return body if isinstance(body, dict) else {"body": body}
 
 
+class HealthSender:
+    """What a listener's firmware sends after each recording: one health datagram over UDP (README, "Listener health")."""
+
+    def __init__(self, base_url: str, port: int):
+        import socket
+        from urllib.parse import urlparse
+
+        self.address = (urlparse(base_url).hostname or "127.0.0.1", port)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.started = time.monotonic()
+
+    def send(self, listener_id: str) -> None:
+        uptime = time.monotonic() - self.started
+        report = {
+            "listener_id": listener_id, "battery_v": round(4.15 - uptime / 86400, 3), "rssi_dbm": random.randint(-85, -45),
+            "temperature_c": round(random.uniform(5, 25), 1), "free_storage_mb": 30000.0, "uptime_s": round(uptime),
+            "firmware": "birdflow-listen",
+        }
+        try:
+            self.socket.sendto(json.dumps(report).encode(), self.address)
+        except OSError:
+            pass  # telemetry is best effort, as on a listener
+
+    def close(self) -> None:
+        self.socket.close()
+
+
 async def run_listeners(
     base_url: str,
     file: Path,
@@ -193,10 +222,20 @@ async def run_listeners(
     stop: Optional[asyncio.Event] = None,
     distinct: bool = False,
     token: Optional[str] = None,
+    health_port: int = 0,
 ) -> list[ListenerReport]:
     """Run the listeners until each has sent its recordings, `stop` is set or `timeout_s` has passed;
-    the reports count what was sent either way."""
+    the reports count what was sent either way. With `health_port`, each sends a health datagram after each
+    recording."""
     data = file.read_bytes()
+    if health_port:
+        health = HealthSender(base_url, health_port)
+        counted = on_recording
+
+        def on_recording(listener: str) -> None:
+            counted(listener)
+            health.send(listener)
+
     limits = httpx.Limits(max_connections=listeners + 4, max_keepalive_connections=listeners + 4)
     timeout = httpx.Timeout(30.0, read=None)
     reports = [ListenerReport(f"{prefix}{index:02d}") for index in range(1, listeners + 1)]
@@ -229,4 +268,6 @@ async def run_listeners(
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 raise outcome
+    if health_port:
+        health.close()
     return reports

@@ -109,6 +109,7 @@ class Stack:
     process: Optional[subprocess.Popen] = None
     ingest_port: int = field(default_factory=free_port)
     prefect_port: int = field(default_factory=free_port)
+    health_port: int = field(default_factory=free_port)  # UDP; a free TCP port number is as good as any
 
     @property
     def url(self) -> str:
@@ -132,6 +133,7 @@ class Stack:
             "prefect_port": self.prefect_port,
             "prefect_database": self.prefect_database,
             "postgres_port": free_port(),
+            "health_port": self.health_port,
             **self.settings,
         }
         settings_file = self.root / "settings.yaml"

@@ -51,7 +51,7 @@ def test_invalid_settings_name_the_setting(tmp_path, yaml_text, env, message):
 
 
 def test_parquet_sink_is_idempotent_and_filterable(tmp_path):
-    sink = ParquetSink(tmp_path, tmp_path / "hourly")
+    sink = ParquetSink(tmp_path, tmp_path / "hourly", tmp_path / "health")
     table = detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1")
     assert sink.write(table) == 2
     assert sink.write(table) == 2  # a retry rewrites the same file

@@ -23,7 +23,7 @@ DAWN = datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc)
 @pytest.fixture
 def station(tmp_path):
     data = tmp_path / "data"
-    sink = ParquetSink(data / "detections", data / "species_hourly")
+    sink = ParquetSink(data / "detections", data / "species_hourly", data / "listener_health")
     record = SpeciesRecord(data / "state" / "species.sqlite", rare_window_days=30)
     for number, (listener, species, confidence) in enumerate(
         [("mic1", JUNCO, 0.5), ("mic2", SISKIN, 0.6), ("mic1", JUNCO, 0.7)]
@@ -40,7 +40,9 @@ def station(tmp_path):
 
 
 def tables(data):
-    return station_tables(data / "detections", data / "species_hourly")
+    from birdflow.settings import Settings
+
+    return station_tables(Settings(data_dir=data))
 
 
 COUNT_BY_SPECIES = "SELECT common_name, count(*) AS n FROM detections GROUP BY 1 ORDER BY 2 DESC"

@@ -43,7 +43,7 @@ def cmd_sql(args) -> int:
         if args.influx:
             table = influx_query(settings, args.statement)
         else:
-            table = query(args.statement, station_tables(settings.detections_dir, settings.species_hourly_dir))
+            table = query(args.statement, station_tables(settings))
     except SqlError as exc:
         raise SystemExit(f"birdflow sql: {exc}") from None
     except Exception as exc:  # the Influx client's errors: one line, not a traceback
@@ -125,7 +125,7 @@ def add_commands(commands) -> None:
     detections.set_defaults(func=cmd_detections)
 
     sql = commands.add_parser(
-        "sql", help="one read-only SELECT over the local tables (detections, species_hourly), or InfluxDB 3 with --influx"
+        "sql", help="one read-only SELECT over the local tables (detections, species_hourly, listener_health), or InfluxDB 3 with --influx"
     )
     sql.add_argument("statement", help='e.g. "SELECT common_name, count(*) FROM detections GROUP BY 1 ORDER BY 2 DESC"')
     sql.add_argument("--format", choices=("table", "json", "csv"), default="table")

@@ -72,6 +72,7 @@ async def _listen(args, progress, bar, stop_signal: list[int]) -> list:
         stop=stop,
         distinct=args.distinct,
         token=args.token or os.environ.get("LISTENER_TOKEN"),
+        health_port=args.health_port,
     )
 
 
@@ -173,6 +174,8 @@ def add_commands(commands) -> None:
     )
     listen.add_argument("--prefix", default="listener", help="listener ids are <prefix>01, <prefix>02, ...")
     listen.add_argument("--url", default="http://127.0.0.1:8000")
+    listen.add_argument("--health-port", type=int, default=6000,
+                        help="UDP port for a health datagram after each recording (the station's health_port); 0: none")
     listen.add_argument("--token", help="listener token for ingest_auth (default: $LISTENER_TOKEN); a token is one "
                         "listener's, so with several listeners they must be exempt")
     listen.set_defaults(func=cmd_listen)
