@@ -54,7 +54,8 @@ def _write_atomically(table: pa.Table, target: Path) -> None:
 
 
 class ParquetSink:
-    """One file per (recording, analysis) under YYYY/MM/DD, written to a temporary name and renamed."""
+    """Files under YYYY/MM/DD, each written to a temporary name and renamed: one per (recording, analysis) of
+    detections, one per hour of species counts, one per batch of listener health."""
 
     name = "parquet"
 
@@ -64,36 +65,31 @@ class ParquetSink:
         self.health_root = Path(health_root)
 
     def write(self, table: pa.Table) -> int:
-        if table.num_rows == 0:
-            return 0
-        first = table.column("time")[0].as_py()
-        recording_id = table.column("recording_id")[0].as_py()
-        analysis_id = table.column("analysis_id")[0].as_py()
-        folder = self.root / f"{first:%Y/%m/%d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(table, folder / f"{recording_id}__{analysis_id}.parquet")
-        return table.num_rows
+        return _write_by_day(self.root, table, lambda first: f"{_first(table, 'recording_id')}__{_first(table, 'analysis_id')}")
 
     def write_hourly(self, table: pa.Table) -> int:
-        if table.num_rows == 0:
-            return 0
-        hour = table.column("time")[0].as_py()
-        folder = self.hourly_root / f"{hour:%Y/%m/%d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(table, folder / f"{hour:%H}.parquet")
-        return table.num_rows
+        return _write_by_day(self.hourly_root, table, lambda hour: f"{hour:%H}")
 
     def write_health(self, table: pa.Table) -> int:
         """A file per batch, named by its first report's time and a digest of its rows: a retry rewrites the same file."""
-        if table.num_rows == 0:
-            return 0
-        first = table.column("time")[0].as_py()
         rows = (table.column("listener_id").to_pylist(), table.column("time").to_pylist())
         digest = hashlib.sha256(repr(rows).encode()).hexdigest()[:12]
-        folder = self.health_root / f"{first:%Y/%m/%d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(table, folder / f"{first:%H%M%S}-{digest}.parquet")
-        return table.num_rows
+        return _write_by_day(self.health_root, table, lambda first: f"{first:%H%M%S}-{digest}")
+
+
+def _first(table: pa.Table, column: str):
+    return table.column(column)[0].as_py()
+
+
+def _write_by_day(root: Path, table: pa.Table, name: Callable[[datetime], str]) -> int:
+    """The table as `root/YYYY/MM/DD/<name>.parquet` (the day and name of its first row's time), written atomically."""
+    if table.num_rows == 0:
+        return 0
+    first = _first(table, "time")
+    folder = root / f"{first:%Y/%m/%d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(table, folder / f"{name(first)}.parquet")
+    return table.num_rows
 
 
 def read_hour(hourly_root: Path, hour_start: datetime) -> pa.Table:
