@@ -30,7 +30,8 @@ def exported_series() -> set[str]:
     names = set()
     from prometheus_client.metrics import MetricWrapperBase
 
-    for value in vars(metrics).values():
+    found = [metric for value in vars(metrics).values() for metric in (value.values() if isinstance(value, dict) else [value])]
+    for value in found:  # a dict of metrics (the listener health gauges) counts by its members
         if not isinstance(value, MetricWrapperBase):
             continue
         for family in value.describe():
