@@ -21,8 +21,8 @@ from birdflow.core.detections import SCHEMA
 from tests.conftest import PROJECT
 from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
 
-DASHBOARD = PROJECT / "docker" / "grafana" / "dashboards" / "birdflow.json"
-DATASOURCES = PROJECT / "docker" / "grafana" / "provisioning" / "datasources" / "birdflow.yml"
+DASHBOARD = PROJECT / "deployments" / "kubernetes" / "grafana" / "dashboards" / "birdflow.json"
+DATASOURCES = PROJECT / "deployments" / "kubernetes" / "grafana" / "provisioning" / "datasources" / "birdflow.yml"
 
 
 def exported_series() -> set[str]:

@@ -1,0 +1,130 @@
+"""The Kubernetes manifests of the central side: valid for Kubernetes (kubernetes-validate's schemas, offline),
+in step with their kustomization, images pinned, Secrets referenced and never inlined, and every Prefect
+setting they set one that Prefect (or prefect-redis) has."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic import AliasChoices
+from pydantic_settings import BaseSettings
+
+from tests.conftest import PROJECT
+
+FOLDER = PROJECT / "deployments" / "kubernetes"
+KUSTOMIZATION = yaml.safe_load((FOLDER / "kustomization.yaml").read_text())
+KUBERNETES_VERSION = "1.30.0"
+# the Secrets a user creates before applying (README, "Scaling out")
+SECRETS = {
+    "birdflow-secrets": {"postgres-password", "prefect-database-url", "prefect-api-auth-string", "grafana-admin-password",
+                         "prometheus-remote-write-password", "influx-token", "s3-access-key", "s3-secret-key"},
+    "birdflow-prometheus-web": set(),
+}
+
+
+def resources() -> list[dict]:
+    found = []
+    for name in KUSTOMIZATION["resources"]:
+        found += [document for document in yaml.safe_load_all((FOLDER / name).read_text()) if document]
+    return found
+
+
+def containers(resource: dict) -> list[dict]:
+    spec = resource.get("spec", {}).get("template", {}).get("spec", {})
+    return spec.get("containers", []) + spec.get("initContainers", [])
+
+
+def test_every_manifest_is_listed_and_valid_kubernetes():
+    listed = set(KUSTOMIZATION["resources"])
+    assert listed == {path.name for path in FOLDER.glob("*.yaml")} - {"kustomization.yaml"}
+    for resource in resources():
+        kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+    kinds = {resource["kind"] for resource in resources()}
+    assert {"Namespace", "Deployment", "StatefulSet", "Service", "ConfigMap", "NetworkPolicy", "ServiceAccount", "Role",
+            "RoleBinding"} <= kinds
+
+
+def test_a_broken_manifest_would_be_caught():
+    [api] = [resource for resource in resources() if resource["metadata"]["name"] == "prefect-api" and resource["kind"] == "Deployment"]
+    broken = {**api, "spec": {**api["spec"], "replicas": "two"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_images_are_pinned_and_every_container_has_limits_and_probes():
+    for resource in resources():
+        for container in containers(resource):
+            image = container["image"]
+            assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+(\.\d+)?[\w.-]*", image), f"{image} is not pinned to a version"
+            assert container["resources"]["requests"] and container["resources"]["limits"], container["name"]
+            assert "livenessProbe" in container, container["name"]
+            if any(port.get("name") for port in container.get("ports", [])):
+                assert "readinessProbe" in container, container["name"]
+
+
+def test_secrets_are_referenced_never_inlined():
+    assert not [resource for resource in resources() if resource["kind"] == "Secret"]
+    for resource in resources():
+        for container in containers(resource):
+            for variable in container.get("env", []):
+                assert "value" not in variable or not re.search(r"PASSWORD|TOKEN|SECRET|AUTH_STRING", variable["name"]), variable
+                reference = variable.get("valueFrom", {}).get("secretKeyRef")
+                if reference:
+                    assert reference["key"] in SECRETS[reference["name"]], reference
+        for volume in resource.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in SECRETS
+    # and the README says how to create them
+    readme = (PROJECT / "README.md").read_text()
+    assert all(key in readme for keys in SECRETS.values() for key in keys) and "birdflow-prometheus-web" in readme
+
+
+def prefect_setting_names() -> set[str]:
+    """Every environment variable Prefect and prefect-redis read (field names under their prefixes, and aliases)."""
+    from prefect.settings import Settings
+    from prefect_redis.client import RedisMessagingSettings
+
+    def names(model) -> set[str]:
+        found, prefix = set(), model.model_config.get("env_prefix", "")
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseSettings):
+                found |= names(field.annotation)
+                continue
+            found.add((prefix + name).upper())
+            alias = field.validation_alias
+            choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+            found |= {choice.upper() for choice in choices if isinstance(choice, str)}
+        return found
+
+    return names(Settings) | names(RedisMessagingSettings)
+
+
+def test_every_prefect_setting_is_one_prefect_has():
+    known = prefect_setting_names()
+    assert "PREFECT_BOGUS_SETTING" not in known and "PREFECT_MESSAGING_BROKER" in known
+    used = set()
+    for resource in resources():
+        if resource["kind"] == "ConfigMap":
+            used |= {name for name in resource["data"] if name.startswith("PREFECT_")}
+        for container in containers(resource):
+            used |= {variable["name"] for variable in container.get("env", []) if variable["name"].startswith("PREFECT_")}
+    assert len(used) >= 10
+    assert used <= known, used - known
+
+
+def test_the_kustomization_points_at_what_exists():
+    names = {(resource["kind"], resource["metadata"]["name"]) for resource in resources()}
+    for replica in KUSTOMIZATION["replicas"]:
+        assert ("Deployment", replica["name"]) in names or ("StatefulSet", replica["name"]) in names
+    stateful = {resource["metadata"]["name"] for resource in resources() if resource["kind"] == "StatefulSet"}
+    assert {patch["target"]["name"] for patch in KUSTOMIZATION["patches"]} == stateful  # every volume's size, here
+    generated = {generator["name"] for generator in KUSTOMIZATION["configMapGenerator"]}
+    for generator in KUSTOMIZATION["configMapGenerator"]:
+        assert all((FOLDER / name).is_file() for name in generator["files"]), generator
+    mounted = {volume["configMap"]["name"] for resource in resources()
+               for volume in resource.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []) if "configMap" in volume}
+    assert mounted <= generated, mounted - generated
