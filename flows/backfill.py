@@ -20,7 +20,6 @@ from prefect.artifacts import create_markdown_artifact
 from birdflow.core.backfill import (
     ALREADY_PROCESSED,
     UNKNOWN_LISTENER,
-    UNREADABLE,
     Candidate,
     Decision,
     candidate,
@@ -142,23 +141,35 @@ def count(summary: dict[str, Any], decision: Decision) -> None:
         summary["unreadable"].append(f"{decision.item.location}: {decision.detail}")
 
 
-def plan_only(source: str, settings: Settings, analysis: Optional[dict[str, Any]] = None, allow_unknown: bool = False,
-            **selection) -> dict[str, Any]:
-    """What a backfill would do, decided here without Prefect (no server needed)."""
-    params = run_analysis_params(settings.analysis.parameters(), analysis)
-    ledger = ProcessedLedger(settings.processed_record_file)
-    origin, chosen, decisions = decide(source, settings, ledger, params.analysis_id, selection, allow_unknown, offline=True)
+def walk(origin: Source, chosen: list[Candidate], decisions: Iterator[Decision],
+         on_process: Callable[[Decision, dict[str, Any]], None]) -> dict[str, Any]:
+    """Each decision in turn: a skipped file counted under its reason, the rest handed to `on_process`; scratch
+    downloads released and progress reported either way."""
     summary = new_summary(len(chosen))
     for number, decision in enumerate(decisions, start=1):
-        if decision.process:
-            summary["would_process"].append(decision.item.location)
-        else:
-            count(summary, decision)
-        if decision.info:
-            origin.release(decision.info)
+        try:
+            if decision.process:
+                on_process(decision, summary)
+            else:
+                count(summary, decision)
+        finally:
+            if decision.info:
+                origin.release(decision.info)
         for listener_fn in progress_listeners:
             listener_fn(decision.item.location, number, len(chosen))
     return summary
+
+
+def would_process(decision: Decision, summary: dict[str, Any]) -> None:
+    summary["would_process"].append(decision.item.location)
+
+
+def plan_only(source: str, settings: Settings, analysis: Optional[dict[str, Any]] = None, allow_unknown: bool = False,
+              **selection) -> dict[str, Any]:
+    """What a backfill would do, decided here without Prefect (no server needed)."""
+    params = run_analysis_params(settings.analysis.parameters(), analysis)
+    ledger = ProcessedLedger(settings.processed_record_file)
+    return walk(*decide(source, settings, ledger, params.analysis_id, selection, allow_unknown, offline=True), would_process)
 
 
 @flow(name="backfill", log_prints=False)
@@ -178,29 +189,19 @@ def backfill(
     settings = resources.settings
     params = run_analysis_params(resources.params, analysis)
     selection = {"since": since, "until": until, "listener": listener, "station": station}
-    origin, chosen, decisions = decide(source, settings, resources.ledger, params.analysis_id, selection, allow_unknown)
-    summary = new_summary(len(chosen))
-    for number, decision in enumerate(decisions, start=1):
-        info = decision.info
-        try:
-            if not decision.process:
-                count(summary, decision)
-                if decision.reason == UNREADABLE:
-                    logger.warning("cannot read %s: %s", decision.item.location, decision.detail)
-            elif dry_run:
-                summary["would_process"].append(decision.item.location)
-            else:
-                state = process_recording.with_options(flow_run_name=info.run_name)(info, analysis, return_state=True)
-                done = state.is_completed()
-                summary["processed" if done else "failed"] += 1
-                if done:
-                    item = decision.item
-                    resources.ledger.remember_file(item.location, item.size, item.modified.timestamp(), info.recording_id)
-        finally:
-            if info:
-                origin.release(info)
-        for listener_fn in progress_listeners:
-            listener_fn(decision.item.location, number, len(chosen))
+    ledger = resources.ledger
+
+    def process(decision: Decision, summary: dict[str, Any]) -> None:
+        info, item = decision.info, decision.item
+        state = process_recording.with_options(flow_run_name=info.run_name)(info, analysis, return_state=True)
+        summary["processed" if state.is_completed() else "failed"] += 1
+        if state.is_completed():
+            ledger.remember_file(item.location, item.size, item.modified.timestamp(), info.recording_id)
+
+    decided = decide(source, settings, ledger, params.analysis_id, selection, allow_unknown)
+    summary = walk(*decided, would_process if dry_run else process)
+    for line in summary["unreadable"]:
+        logger.warning("cannot read %s", line)
     if summary["unknown_listeners"]:
         logger.warning(
             "%d recording(s) of listeners this station does not know were not processed: %s (allow_unknown)",

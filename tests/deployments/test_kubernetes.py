@@ -5,7 +5,6 @@ setting they set one that Prefect (or prefect-redis) has."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
