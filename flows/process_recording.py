@@ -125,7 +125,8 @@ def keep_clips(
     started = time.perf_counter()
     options, station_id = station.settings.detections, recording.station_id
     kept = {}
-    budget = clip_budget(len(samples) / MODEL_SAMPLE_RATE)
+    duration_s = len(samples) / MODEL_SAMPLE_RATE
+    budget = clip_budget(duration_s)
     for detection in sorted(found, key=lambda d: -d.confidence):
         if detection.confidence < options.clip_min_confidence or len(kept) == budget:
             break
@@ -135,7 +136,7 @@ def keep_clips(
             continue
         plan = clip_plan(
             station_id, recording.recording_id, species, detected_at, detection.start_s, detection.end_s,
-            options.clip_padding_s, len(samples) / MODEL_SAMPLE_RATE,
+            options.clip_padding_s, duration_s,
         )
         audio = silenced(cut(samples, MODEL_SAMPLE_RATE, plan.start_s, plan.end_s), MODEL_SAMPLE_RATE, human, plan.start_s)
         _store_bytes(station, plan.base_key + ".flac", flac_bytes(audio, MODEL_SAMPLE_RATE))

@@ -146,15 +146,17 @@ def wait_until_ready(ready, timeout_s: float, failure: str, alive=lambda: True, 
     raise RuntimeError(failure)
 
 
-def wait_for_prefect(api_url: str, timeout_s: float, alive=lambda: True) -> None:
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+def prefect_answers(api_url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the Prefect API at api_url says it is healthy."""
+    try:
+        return httpx.get(f"{api_url}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
 
+
+def wait_for_prefect(api_url: str, timeout_s: float, alive=lambda: True) -> None:
     failure = f"the Prefect API at {api_url} did not become healthy within {timeout_s:.0f} s"
-    wait_until_ready(healthy, timeout_s, failure, alive)
+    wait_until_ready(lambda: prefect_answers(api_url), timeout_s, failure, alive)
 
 
 def wait_for_port(port: int, timeout_s: float, alive=lambda: True) -> None:

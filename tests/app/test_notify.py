@@ -14,10 +14,6 @@ from birdflow.tools.stack import Stack
 from birdflow.tools.testbed import WebhookReceiver
 
 
-def birdflow(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    return stack.cli(*args)
-
-
 def wait_for(check, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while not (result := check()):
@@ -38,12 +34,12 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
     stack = Stack(tmp_path, station_id="notify")
     try:
         stack.start()
-        added = birdflow(stack, "notify", "add", "webhook", receiver.url)
+        added = stack.cli("notify", "add", "webhook", receiver.url)
         assert added.returncode == 0, added.stderr
         assert "birdflow-notify-notify-webhook" in added.stdout
-        listed = birdflow(stack, "notify", "list")
+        listed = stack.cli("notify", "list")
         assert "birdflow-notify-notify-webhook" in listed.stdout and "enabled: yes" in listed.stdout
-        bad = birdflow(stack, "notify", "add", "webhook", "not-a-url")
+        bad = stack.cli("notify", "add", "webhook", "not-a-url")
         assert bad.returncode != 0 and bad.stderr.strip().startswith("birdflow: expected a webhook URL")
         # `up` finds the automation when it starts and turns the embedded server's triggers on
         stack.stop()

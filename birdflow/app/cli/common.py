@@ -31,13 +31,9 @@ def settings_with_prefect(args):
 
 def require_prefect(settings) -> None:
     """One line instead of Prefect's traceback when its API is not running."""
-    import httpx
+    from birdflow.app.supervisor import prefect_answers
 
-    try:
-        healthy = httpx.get(f"{settings.api_url}/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        healthy = False
-    if not healthy:
+    if not prefect_answers(settings.api_url, timeout_s=5.0):
         where = "start it with `birdflow up`" if settings.embedded_prefect else "check setting 'prefect_api_url'"
         raise SystemExit(f"birdflow: the Prefect API at {settings.api_url} does not answer: {where}")
 
