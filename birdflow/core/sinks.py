@@ -1,4 +1,4 @@
-"""Where detection tables and hourly species counts go: local Parquet (the embedded default) and/or InfluxDB 3.
+"""Where detections, hourly species counts and listener health go: local Parquet (the embedded default) and/or InfluxDB 3.
 
 Writes are idempotent: the same recording analysed with the same parameters lands on the same
 Parquet file and the same Influx series and timestamps, so a retry never duplicates rows. The
