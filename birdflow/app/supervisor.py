@@ -42,6 +42,11 @@ TASK_RUN_RECORDER_BATCHING = {
 }
 
 
+# Prefect's vacuum: old runs (with their task runs, logs, artifacts) and, when the event persister is on,
+# old events; Prefect's default is events only
+VACUUM = "events,flow_runs"
+
+
 def prefect_environment(settings: Settings, triggers: bool = False) -> dict[str, str]:
     """Prefect settings for every birdflow process (documented in the README's Prefect section). `triggers`:
     the embedded server evaluates automations (turned on once one exists, see `automations_exist`)."""
@@ -71,7 +76,7 @@ def prefect_environment(settings: Settings, triggers: bool = False) -> dict[str,
         # run retention with Prefect's own vacuum: terminal runs older than run_retention_days go with their
         # task runs, logs and artifacts, in batches of 200 once an hour
         env.update(TASK_RUN_RECORDER_BATCHING)
-        env["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] = "flow_runs"
+        env["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] = VACUUM
         env["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"] = str(int(settings.unattended.run_retention_days * 86400))
         if not settings.prefect.prefect_events_enabled:
             # automations (triggers) and the stored event feed: ~15 % of the server's CPU per run;

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from birdflow.app.supervisor import TASK_RUN_RECORDER_BATCHING
+from birdflow.app.supervisor import TASK_RUN_RECORDER_BATCHING, VACUUM
 from birdflow.settings import Settings
 from tests.conftest import PROJECT
 from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
@@ -49,7 +49,8 @@ def test_compose_files_reference_existing_files_volumes_and_settings():
                 environment = service.get("environment", {})
                 assert set(environment) <= SETTING_VARIABLES, set(environment) - SETTING_VARIABLES
             if str(service.get("image", "")).startswith("prefecthq/prefect"):  # run retention by Prefect's vacuum
-                assert service["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] == "flow_runs", path
+                assert service["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] == VACUUM, path
+                assert service["environment"]["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"] == "false", path
                 assert "PREFECT_SERVER_API_AUTH_STRING" in service["environment"], path  # and its own auth
                 # task-run states written in batches, as `up` does for its embedded server
                 assert TASK_RUN_RECORDER_BATCHING.items() <= service["environment"].items(), path

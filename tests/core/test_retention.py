@@ -138,7 +138,7 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
         if "DB_VACUUM" in key
     }
     assert vacuum == {
-        "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "flow_runs",
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
         "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(14 * DAY),
     }
     server = PrefectServer(tmp_path / "prefect", extra_env={**vacuum, "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "1"})
