@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 import httpx
 
 from birdflow.tools.bench import distinct_uploads
-from birdflow.tools.stack import RECORDING_RUNS, Stack
+from birdflow.tools.stack import Stack
 from birdflow.core.disk import MB
 from birdflow.app.folder_watch import FolderWatch
 from birdflow.core.ledger import ProcessedLedger
@@ -284,7 +284,7 @@ class DrillStation:
         self.stack.api(f"deployments/{deployment['id']}/create_flow_run", {})
 
     def recording_runs(self) -> int:
-        return int(self.stack.api("flow_runs/count", RECORDING_RUNS))
+        return int(self.stack.api("flow_runs/count", self.stack.recording_runs))
 
     # --- counting ----------------------------------------------------------------------------------
 
@@ -331,7 +331,7 @@ class DrillStation:
 
     def runs_run_again(self, recording_ids: set[str]) -> int:
         """How many of these recordings' runs ran more than once (re-driven or taken over)."""
-        runs = self.stack.api("flow_runs/filter", {**RECORDING_RUNS, "sort": "EXPECTED_START_TIME_DESC", "limit": 200})
+        runs = self.stack.api("flow_runs/filter", {**self.stack.recording_runs, "sort": "EXPECTED_START_TIME_DESC", "limit": 200})
         return sum(
             1 for run in runs
             if run["run_count"] > 1 and run["parameters"].get("recording", {}).get("recording_id") in recording_ids

@@ -115,6 +115,16 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.ingest_port}"
 
+    @property
+    def api_url(self) -> str:
+        """The Prefect API the station uses: a central one when its settings name one, else its embedded server."""
+        return self.settings.get("prefect_api_url") or f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def recording_runs(self) -> dict:
+        """Filter of this station's recording runs (its process-recording deployment is named after it)."""
+        return {**RECORDING_RUNS, "deployments": {"name": {"any_": [self.station_id]}}}
+
     @cached_property
     def places(self) -> Settings:
         """Where the stack keeps what (its data_dir under root; the rest as birdflow's settings derive it)."""
@@ -211,17 +221,17 @@ class Stack:
 
     def api(self, path: str, body: dict):
         """POST to the station's Prefect API."""
-        return prefect_post(f"http://127.0.0.1:{self.prefect_port}/api", path, body)
+        return prefect_post(self.api_url, path, body)
 
     def completed_runs(self) -> int:
         """Completed runs of recordings (the maintenance deployment's are not counted)."""
-        return int(self.api("flow_runs/count", {**RECORDING_RUNS, **COMPLETED}))
+        return int(self.api("flow_runs/count", {**self.recording_runs, **COMPLETED}))
 
     def run_timings(self, recording_ids: set[str]) -> dict[str, dict]:
         """recording id -> its completed run's start and end (epoch seconds) and its task runs' run time."""
         runs = self.api(
             "flow_runs/filter",
-            {**RECORDING_RUNS, **COMPLETED, "sort": "START_TIME_DESC", "limit": 200},
+            {**self.recording_runs, **COMPLETED, "sort": "START_TIME_DESC", "limit": 200},
         )
         runs = {run["id"]: run for run in runs if run["parameters"]["recording"]["recording_id"] in recording_ids}
         tasks = self.api("task_runs/filter", {"flow_runs": {"id": {"any_": list(runs)}}, "limit": 200}) if runs else []

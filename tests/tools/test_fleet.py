@@ -1,0 +1,78 @@
+"""A fleet on the central side as the manifests run it: two Prefect API processes on one Postgres, Prefect's
+services in their own process, Redis between them, two stations each on its own API process. Each station's
+runs stay in its pool; a run created through one API process is executed by its station and seen through the
+other; Prefect's vacuum holds the history flat over compressed days."""
+
+from __future__ import annotations
+
+import time
+import pytest
+
+from birdflow.tools.central import manifest_settings
+from birdflow.tools.fleet_bench import FleetOptions, drain_phase, retention_phase, running_fleet, station_view
+from birdflow.tools.testbed import prefect_post
+
+pytestmark = pytest.mark.e2e
+
+
+def run_state(api_url: str, run_id: str) -> str:
+    import httpx
+
+    return httpx.get(f"{api_url}/flow_runs/{run_id}", timeout=10).json()["state_type"]
+
+
+def every_run_has_its_task_runs(central, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (history := central.history())["task_run"] != 4 * history["flow_run"]:
+        assert time.monotonic() < deadline, history
+        time.sleep(1)
+
+
+def test_two_api_processes_on_postgres_and_redis_serve_two_stations(sample_48k):
+    assert manifest_settings()["PREFECT_MESSAGING_BROKER"] == "prefect_redis.messaging"  # what is under test
+    options = FleetOptions.quick(
+        sample=sample_48k, stations=2, api_processes=2, recordings_per_station=3,
+        compressed_days=3, retention_days=2, recordings_per_day=1,
+    )
+    said: list[str] = []
+    with running_fleet(options, said.append) as (central, stacks):
+        first, second = stacks
+        assert (first.api_url, second.api_url) == (central.api_url(0), central.api_url(1))
+        assert central.api_url(0) != central.api_url(1)
+
+        drain = drain_phase(options, central, stacks, said.append)
+        assert drain["recordings"] == 6 and drain["rows_per_run"]["flow_run"] == 1.0
+        assert drain["rows_per_run"]["events"] == 0.0  # no stored event feed centrally
+        assert drain["central_cpu_s_per_recording"] > 0
+        # each run's four task runs are recorded by the services process: their states arrive as events through
+        # Redis, whichever API process the station talks to (now and then a few seconds late)
+        every_run_has_its_task_runs(central)
+
+        for view in station_view(central, stacks):
+            station = view["station"]
+            assert view["completed_runs"] == view["stored_recordings"] == 3, view
+            assert view["runs_seen_through_each_api_process"] == [3, 3], view
+            assert view["runs_in_other_pools"] == 0, view
+            assert view["deployments"] == [f"maintenance/{station}", f"process-recording/{station}"], view
+
+        # a rerun created through API process 1 of a run of the station that talks to API process 2
+        api_one, api_two = central.api_url(0), central.api_url(1)
+        [done] = prefect_post(api_one, "flow_runs/filter", {**second.recording_runs, "limit": 1})
+        rerun = prefect_post(api_one, f"deployments/{done['deployment_id']}/create_flow_run",
+                             {"parameters": done["parameters"], "name": "rerun-through-api-one"})
+        assert rerun["work_pool_name"] == "birdflow-station02"
+        deadline = time.monotonic() + 90
+        while run_state(api_two, rerun["id"]) != "COMPLETED":
+            assert time.monotonic() < deadline, run_state(api_two, rerun["id"])
+            time.sleep(1)
+        assert run_state(api_one, rerun["id"]) == "COMPLETED"
+        assert second.completed_runs() == 4 and first.completed_runs() == 3
+
+        # compressed days: the vacuum deletes runs past the two-day window, so the history stops growing
+        days = retention_phase(options, central, stacks, said.append)["days"]
+        assert [day["day"] for day in days] == [1, 2, 3]
+        assert days[0]["flow_run"] >= 9  # the 7 runs above and day 1's two, all inside the window
+        assert days[1]["flow_run"] == days[2]["flow_run"] < days[0]["flow_run"]
+        assert days[1]["log"] == days[2]["log"] <= days[2]["flow_run"]
+        assert all(day["task_run"] <= 4 * day["flow_run"] for day in days)
+        every_run_has_its_task_runs(central)
