@@ -75,6 +75,7 @@ class CentralPrefect:
             PREFECT_API_DATABASE_CONNECTION_URL=self.database_url,
             PREFECT_REDIS_MESSAGING_HOST=LOOPBACK,
             PREFECT_REDIS_MESSAGING_PORT=str(self.redis_port),
+            PREFECT_SERVER_DOCKET_URL=f"redis://{LOOPBACK}:{self.redis_port}/1",
             **self.settings,
         )
         return env
@@ -90,12 +91,15 @@ class CentralPrefect:
         self._spawn("redis", [redis_program(), "--bind", LOOPBACK, "--port", str(self.redis_port),
                               "--save", "", "--appendonly", "no"])
         wait_for_port(self.redis_port, 30)
+        # the schema once, before any Prefect process starts (the manifests: the services pod's init container)
+        upgrade = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "--yes"],
+                                 env=self.environment(), capture_output=True, text=True, timeout=timeout_s)
+        if upgrade.returncode != 0:
+            raise RuntimeError(f"prefect server database upgrade failed: {upgrade.stdout[-1000:]}{upgrade.stderr[-1000:]}")
         self.api_ports = [free_port() for _ in range(self.api_processes)]
         for index, port in enumerate(self.api_ports):
-            # the first process migrates the database; the others start once it has
             self._spawn(f"api{index}", [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK,
-                                        "--port", str(port), "--no-services"],
-                        PREFECT_API_DATABASE_MIGRATE_ON_START="true" if index == 0 else "false")
+                                        "--port", str(port), "--no-services"])
             api = self.processes[f"api{index}"]
             try:
                 wait_for_prefect(self.api_url(index), timeout_s, alive=lambda: api.poll() is None)
