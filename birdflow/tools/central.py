@@ -98,8 +98,9 @@ class CentralPrefect:
             raise RuntimeError(f"prefect server database upgrade failed: {upgrade.stdout[-1000:]}{upgrade.stderr[-1000:]}")
         self.api_ports = [free_port() for _ in range(self.api_processes)]
         for index, port in enumerate(self.api_ports):
+            # the UI it serves asks the API at this address (Prefect's default is port 4200)
             self._spawn(f"api{index}", [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK,
-                                        "--port", str(port), "--no-services"])
+                                        "--port", str(port), "--no-services"], PREFECT_UI_API_URL=self.api_url(index))
             api = self.processes[f"api{index}"]
             try:
                 wait_for_prefect(self.api_url(index), timeout_s, alive=lambda: api.poll() is None)

@@ -21,10 +21,17 @@ def run_state(api_url: str, run_id: str) -> str:
     return httpx.get(f"{api_url}/flow_runs/{run_id}", timeout=10).json()["state_type"]
 
 
+SHORT_OF_TASK_RUNS = (
+    "SELECT count(*) FROM flow_run JOIN flow ON flow.id = flow_run.flow_id WHERE flow.name = 'process-recording'"
+    " AND flow_run.state_type = 'COMPLETED' AND (SELECT count(*) FROM task_run WHERE flow_run_id = flow_run.id) <> 4"
+)
+
+
 def every_run_has_its_task_runs(central, timeout_s: float = 30) -> None:
+    """Every completed recording run has its four task runs (decode, analyze, write, archive) in the database."""
     deadline = time.monotonic() + timeout_s
-    while (history := central.history())["task_run"] != 4 * history["flow_run"]:
-        assert time.monotonic() < deadline, history
+    while short := central.query(SHORT_OF_TASK_RUNS)[0][0]:
+        assert time.monotonic() < deadline, f"{short} run(s) without their four task runs"
         time.sleep(1)
 
 
@@ -74,5 +81,5 @@ def test_two_api_processes_on_postgres_and_redis_serve_two_stations(sample_48k):
         assert days[0]["flow_run"] >= 9  # the 7 runs above and day 1's two, all inside the window
         assert days[1]["flow_run"] == days[2]["flow_run"] < days[0]["flow_run"]
         assert days[1]["log"] == days[2]["log"] <= days[2]["flow_run"]
-        assert all(day["task_run"] <= 4 * day["flow_run"] for day in days)
+        assert days[2]["task_run"] <= 4 * days[2]["flow_run"]
         every_run_has_its_task_runs(central)
