@@ -79,7 +79,6 @@ async def _listen(args, progress, bar, stop_signal: list[int]) -> list:
 def cmd_bench(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from birdflow.tools.bench import BenchOptions, run_bench, summary_rows
 
@@ -87,14 +86,10 @@ def cmd_bench(args) -> int:
         raise SystemExit(f"birdflow: no such file: {args.file} (give a 48 kHz PCM WAV with --file)")
     if args.stations:
         return fleet_bench(args)
-    chosen = {
-        key: value
-        for key, value in {
-            "recordings": args.recordings, "stream_listeners": args.listeners, "stream_seconds": args.stream_seconds,
-            "executor_workers": args.workers,
-        }.items()
-        if value is not None
-    }
+    chosen = given(
+        recordings=args.recordings, stream_listeners=args.listeners, stream_seconds=args.stream_seconds,
+        executor_workers=args.workers,
+    )
     common = dict(
         sample=args.file,
         prefect_database="postgres" if args.postgres else "sqlite",
@@ -112,31 +107,39 @@ def cmd_bench(args) -> int:
     except KeyboardInterrupt:
         console.print("bench interrupted; what it started has been stopped and removed")
         return 130
+    report(args, results, "birdflow bench", summary_rows(results))
+    return 0
+
+
+def given(**values) -> dict:
+    """The options given on the command line (argparse leaves the rest None), so the tools' defaults apply."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def report(args, results: dict, title: str, rows: list[tuple[str, str]]) -> None:
+    """One JSON object (--json, --compact), or a table of the summary rows."""
+    from rich.console import Console
+    from rich.table import Table
+
     if args.json:
         print(json.dumps(results, indent=None if args.compact else 2, default=str))
-    else:
-        table = Table(title="birdflow bench", show_header=False)
-        for name, value in summary_rows(results):
-            table.add_row(name, value)
-        Console().print(table)
-    return 0
+        return
+    table = Table(title=title, show_header=False)
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
 
 
 def fleet_bench(args) -> int:
     """`bench --stations N`: a central Prefect on Postgres and Redis, N stations (birdflow/tools/fleet_bench.py)."""
     from rich.console import Console
-    from rich.table import Table
 
     from birdflow.tools.fleet_bench import FleetOptions, fleet_summary_rows, run_fleet_bench
 
-    chosen = {
-        key: value
-        for key, value in {
-            "recordings_per_station": args.recordings, "executor_workers": args.workers, "max_rate": args.max_rate,
-            "step_seconds": args.step_seconds, "compressed_days": args.compressed_days, "retention_days": args.retention_days,
-        }.items()
-        if value is not None
-    }
+    chosen = given(
+        recordings_per_station=args.recordings, executor_workers=args.workers, max_rate=args.max_rate,
+        step_seconds=args.step_seconds, compressed_days=args.compressed_days, retention_days=args.retention_days,
+    )
     common = dict(sample=args.file, stations=args.stations, api_processes=args.api_processes, **chosen)
     options = FleetOptions.quick(**common) if args.quick else FleetOptions(**common)
     console = Console(stderr=True)
@@ -145,13 +148,7 @@ def fleet_bench(args) -> int:
     except KeyboardInterrupt:
         console.print("bench interrupted; what it started has been stopped and removed")
         return 130
-    if args.json:
-        print(json.dumps(results, indent=None if args.compact else 2, default=str))
-    else:
-        table = Table(title=f"birdflow bench --stations {args.stations}", show_header=False)
-        for name, value in fleet_summary_rows(results):
-            table.add_row(name, value)
-        Console().print(table)
+    report(args, results, f"birdflow bench --stations {args.stations}", fleet_summary_rows(results))
     return 0
 
 
@@ -168,7 +165,7 @@ def cmd_drill(args) -> int:
     unknown = set(names) - set(DRILLS)
     if unknown:
         raise SystemExit(f"birdflow: no drill named {', '.join(sorted(unknown))} (drills: {', '.join(DRILLS)})")
-    chosen = {key: value for key, value in {"outage_s": args.outage_s, "uploads": args.uploads}.items() if value is not None}
+    chosen = given(outage_s=args.outage_s, uploads=args.uploads)
     options = (DrillOptions.quick if args.quick else DrillOptions)(sample=args.file, **chosen)
     console = Console(stderr=True)
     columns = ("drill", "in", "out", "lost", "duplicated", "refused", "notes")
