@@ -152,11 +152,6 @@ class CentralPrefect:
         counts = self.query(" UNION ALL ".join(f"SELECT '{table}', count(*) FROM {table}" for table in HISTORY_TABLES))
         return {**{table: int(count) for table, count in counts}, "database_bytes": self.database_bytes()}
 
-    def table_bytes(self) -> dict[str, int]:
-        """Bytes of each history table with its indexes and TOAST."""
-        sizes = self.query(" UNION ALL ".join(f"SELECT '{table}', pg_total_relation_size('{table}')" for table in HISTORY_TABLES))
-        return {table: int(size) for table, size in sizes}
-
     def database_bytes(self) -> int:
         return int(self.query("SELECT pg_database_size('postgres')")[0][0])
 
