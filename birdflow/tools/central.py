@@ -21,7 +21,7 @@ import yaml
 
 from birdflow.app.supervisor import embedded_postgres, wait_for_port, wait_for_prefect
 from birdflow.settings import Settings
-from birdflow.tools.stack import cpu_seconds, process_tree
+from birdflow.tools.stack import cpu_seconds, environment_without_settings, process_tree
 from birdflow.tools.testbed import LOOPBACK, free_port, stop_process
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deployments" / "kubernetes" / "prefect.yaml"
@@ -68,7 +68,7 @@ class CentralPrefect:
         return f"http://{LOOPBACK}:{self.api_ports[index % len(self.api_ports)]}/api"
 
     def environment(self) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+        env = environment_without_settings()
         env.update(manifest_settings())
         env.update(
             PREFECT_HOME=str(self.root / "prefect-home"),

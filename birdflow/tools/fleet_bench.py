@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from birdflow.tools.bench import distinct_uploads, percentile, post_uploads, wait_stored
 from birdflow.tools.central import HISTORY_TABLES, CentralPrefect
-from birdflow.tools.stack import Stack
+from birdflow.tools.stack import Stack, environment_without_settings
 from birdflow.tools.testbed import prefect_post
 
 TERMINAL = "('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')"
@@ -87,10 +87,9 @@ def start_fleet(options: FleetOptions, root: Path, resources: ExitStack, say: Ca
     resources.callback(central.stop)
     central.start()
     stations = station_ids(options.stations)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "BIRDFLOW_"))}
     setup = subprocess.run(
         [sys.executable, "-m", "birdflow.app.cli", "central-setup", "--stations", ",".join(stations), "--pool-limit", "8"],
-        env={**env, "PREFECT_API_URL": central.api_url(0), "DATA_DIR": str(root / "central" / "setup")},
+        env={**environment_without_settings(), "PREFECT_API_URL": central.api_url(0), "DATA_DIR": str(root / "central" / "setup")},
         cwd=root, capture_output=True, text=True, timeout=120,
     )
     if setup.returncode != 0:
@@ -155,6 +154,7 @@ def drain_phase(options: FleetOptions, central: CentralPrefect, stacks: list[Sta
     time.sleep(2)  # the task-run recorder writes in batches, each at most a second late
     cpu, history, api = central.cpu(), central.history(), central.api_cpu()
     spent = {role: cpu[role] - cpu0[role] for role in cpu}
+    waits = latencies(sent, stored)
     return {
         "recordings": total,
         "wall_s": wall,
@@ -166,8 +166,8 @@ def drain_phase(options: FleetOptions, central: CentralPrefect, stacks: list[Sta
         "cores_busy_per_api_process": [(after - before) / wall for before, after in zip(api0, api)],
         "database_bytes_per_run": (history["database_bytes"] - history0["database_bytes"]) / total,
         "rows_per_run": {table: (history[table] - history0[table]) / total for table in HISTORY_TABLES},
-        "latency_p50_s": percentile(latencies(sent, stored), 0.5),
-        "latency_p95_s": percentile(latencies(sent, stored), 0.95),
+        "latency_p50_s": percentile(waits, 0.5),
+        "latency_p95_s": percentile(waits, 0.95),
     }
 
 

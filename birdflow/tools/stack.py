@@ -93,6 +93,12 @@ def command_line(pid: int) -> str:
         return ""
 
 
+def environment_without_settings() -> dict[str, str]:
+    """This process's environment without Prefect's and birdflow's settings: a child started from it is
+    configured by what it is given alone."""
+    return {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "BIRDFLOW_"))}
+
+
 def _epoch(iso_time: str) -> float:
     return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
 
@@ -149,8 +155,7 @@ class Stack:
         settings_file = self.root / "settings.yaml"
         settings_file.write_text(yaml.safe_dump(settings))
         # the stack under test is configured by its settings file alone
-        env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "BIRDFLOW_"))}
-        env.update(self.env)
+        env = {**environment_without_settings(), **self.env}
         start = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
