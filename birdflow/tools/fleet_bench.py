@@ -111,6 +111,14 @@ def start_fleet(options: FleetOptions, root: Path, resources: ExitStack, say: Ca
     return central, stacks
 
 
+def fleet_uploads(options: FleetOptions, stacks: list[Stack], per_station: int, first: int) -> dict[str, list]:
+    """station -> its uploads: every recording of the fleet different (numbered from `first`, 10,000 per station)."""
+    return {
+        stack.station_id: distinct_uploads(options.sample, per_station, first=first + number * 10_000)
+        for number, stack in enumerate(stacks)
+    }
+
+
 def send_and_wait(stacks: list[Stack], uploads: dict[str, list], timeout_s: float, interval_s: float = 0.0):
     """Every station's uploads at once (each `interval_s` apart), then until each recording's detections are
     stored and its run completed. Returns station -> recording id -> when its upload was answered, and when
@@ -142,10 +150,7 @@ def latencies(sent: dict[str, dict[str, float]], stored: dict[str, dict[str, flo
 def drain_phase(options: FleetOptions, central: CentralPrefect, stacks: list[Stack], say) -> dict:
     total = options.recordings_per_station * len(stacks)
     say(f"drain: {options.recordings_per_station} uploads to each of {len(stacks)} stations at once")
-    uploads = {
-        stack.station_id: distinct_uploads(options.sample, options.recordings_per_station, first=number * 100_000)
-        for number, stack in enumerate(stacks)
-    }
+    uploads = fleet_uploads(options, stacks, options.recordings_per_station, first=0)
     history0, cpu0, api0 = central.history(), central.cpu(), central.api_cpu()
     stations_cpu0 = sum(stack.cpu()["aggregator"] for stack in stacks)
     wall0 = time.time()
@@ -178,10 +183,7 @@ def rate_phase(options: FleetOptions, central: CentralPrefect, stacks: list[Stac
         per_station = max(1, round(rate * options.step_seconds / len(stacks)))
         interval = len(stacks) / rate
         say(f"sustained rate: {rate:.1f} runs/s over the fleet for {options.step_seconds:.0f} s")
-        uploads = {
-            stack.station_id: distinct_uploads(options.sample, per_station, first=first + number * 10_000)
-            for number, stack in enumerate(stacks)
-        }
+        uploads = fleet_uploads(options, stacks, per_station, first)
         first += 100_000
         cpu0 = central.cpu()
         wall0 = time.time()
@@ -240,12 +242,8 @@ def retention_phase(options: FleetOptions, central: CentralPrefect, stacks: list
     days, first = [], 50_000_000
     for day in range(1, options.compressed_days + 1):
         say(f"retention: day {day} of {options.compressed_days} (window {options.retention_days} days)")
-        uploads = {
-            stack.station_id: distinct_uploads(options.sample, options.recordings_per_day, first=first + number * 10_000)
-            for number, stack in enumerate(stacks)
-        }
+        send_and_wait(stacks, fleet_uploads(options, stacks, options.recordings_per_day, first), 300)
         first += 100_000
-        send_and_wait(stacks, uploads, 300)
         time.sleep(2)  # the last task-run states
         for statement in AGE_ONE_DAY:
             central.query(statement)
