@@ -2,6 +2,7 @@
 # The two commands of the README:
 #   ./run.sh up     install what is needed, then start the whole stack on embedded defaults
 #   ./run.sh test   install what is needed (with test extras), then run the test suite
+# Both install birdflow and its developer tools (tools/: `birdflow bench`, `birdflow drill`) in .venv, editable.
 # Anything after the command is passed on (to `birdflow up` or to pytest).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,9 +13,9 @@ install() {
     if [ ! -x .venv/bin/python ]; then
         "$PYTHON" -m venv .venv
     fi
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ tools/pyproject.toml -nt "$stamp" ]; then
         .venv/bin/python -m pip install --quiet --upgrade pip
-        .venv/bin/python -m pip install --quiet -e ".[$extras]"
+        .venv/bin/python -m pip install --quiet -e ".[$extras]" -e tools
         touch "$stamp"
     fi
 }

@@ -1,21 +1,12 @@
 #!/bin/sh
 # Entrypoint of the birdflow image. It also runs outside Docker (the tests call it).
-#   up (default) | worker | ingest | execute | backfill | ... : birdflow sub-commands
+#   up (default) | worker | ingest | init | sql | ... : birdflow sub-commands, run in the data folder
+#       (DATA_DIR, the volume), so the settings.yaml and .env there are read and `init` writes them there
 #   healthcheck : exit 0 when the ingest API answers /healthz
 #   anything else is executed as given
 set -eu
 
-# settings.yaml on the data volume, if there is one; environment variables override it either way
-if [ -z "${BIRDFLOW_SETTINGS:-}" ] && [ -f "${DATA_DIR:-/data}/settings.yaml" ]; then
-    export BIRDFLOW_SETTINGS="${DATA_DIR:-/data}/settings.yaml"
-fi
-
 command="${1:-up}"
-
-# a station that remote-writes metrics: (re)write the Prometheus agent's config from the settings
-if [ "$command" = up ] && [ -n "${PROMETHEUS_REMOTE_WRITE_URL:-}" ]; then
-    birdflow prometheus-config --output "${DATA_DIR:-/data}/prometheus-agent" >/dev/null
-fi
 case "$command" in
     healthcheck)
         exec python -c "
@@ -28,8 +19,16 @@ except httpx.HTTPError as exc:
     sys.exit(1)
 "
         ;;
-    up|worker|ingest|execute|backfill|detections|listen|bench|init|central-setup|blocks|prometheus-config)
+    up|worker|ingest|execute|backfill|detections|sql|listen|init|listeners|notify|central-setup|blocks|prometheus-config)
         [ $# -gt 0 ] && shift
+        mkdir -p "${DATA_DIR:-/data}"
+        DATA_DIR=$(cd "${DATA_DIR:-/data}" && pwd)
+        export DATA_DIR
+        cd "$DATA_DIR"
+        # a station that remote-writes metrics: (re)write the Prometheus agent's config from the settings
+        if [ "$command" = up ] && [ -n "${PROMETHEUS_REMOTE_WRITE_URL:-}" ]; then
+            birdflow prometheus-config --output "$DATA_DIR/prometheus-agent" >/dev/null
+        fi
         exec birdflow "$command" "$@"
         ;;
     *)

@@ -6,6 +6,7 @@ in the flows reaches for process-wide state.
 
 from __future__ import annotations
 
+import sys
 import threading
 from datetime import datetime, timezone
 from functools import cached_property
@@ -23,10 +24,32 @@ from birdflow.settings import Settings, load_settings
 from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink, read_hour
 
 
+def arrow_without_pandas_probe() -> None:
+    """pyarrow imports pandas (~45 MB of memory) the first time it converts Python values, only to ask
+    whether they are pandas objects, which the station's never are. That first look is made to find no
+    pandas; what really needs pandas (`to_pandas()`, the InfluxDB sink) still imports it then."""
+    if "pandas" in sys.modules:
+        return
+    blocker = _NoPandas()
+    sys.meta_path.insert(0, blocker)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(blocker)
+
+
+class _NoPandas:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas":
+            raise ImportError("pandas is not looked at for plain Python values")
+        return None
+
+
 class StationResources:
     """A plain class, not a dataclass: Prefect passes it to tasks as it is, without walking its fields."""
 
     def __init__(self, settings: Settings):
+        arrow_without_pandas_probe()
         self.settings = settings
         self._model: Optional[BirdNET] = None
         self._model_lock = threading.Lock()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from birdflow.tools.testbed import LineProtocolServer, SeaweedS3
+from birdflow_tools.testbed import LineProtocolServer, SeaweedS3
 from tests.servers import PrefectServer
 
 PROJECT = Path(__file__).resolve().parent.parent

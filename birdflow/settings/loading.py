@@ -94,5 +94,5 @@ def _problem(error: dict, source: dict[str, str]) -> str:
         return message  # a check across settings, whose message names them
     name = ".".join(location)
     if error["type"] == "extra_forbidden":
-        message = "unknown setting (see settings.example.yaml for the valid names)"
+        message = "unknown setting (the settings.yaml that `birdflow init` writes lists every valid name)"
     return f"setting '{name}' ({source.get(location[0], 'default')}): {message}"

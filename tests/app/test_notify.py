@@ -3,15 +3,14 @@ HTTP receiver as the webhook. A species new to the station notifies once; the sa
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from birdflow.tools.stack import Stack
-from birdflow.tools.testbed import WebhookReceiver
+from birdflow_tools.stack import Stack
+from birdflow_tools.testbed import WebhookReceiver
+from tests.browser import rendered
 
 
 def wait_for(check, timeout_s: float, what: str):
@@ -65,19 +64,8 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
         # what a person sees: the first run's artifact page in the Prefect UI, rendered by a real browser
         first_run = message["text"].rsplit("/", 1)[1]
         [artifact] = stack.api("artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first_run]}}})
-        page = rendered(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{artifact['id']}")
+        page = rendered(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{artifact['id']}", tmp_path / "browser")
         assert "American Goldfinch (Spinus tristis)" in page and "1 detection: American Goldfinch" in page
     finally:
         stack.stop()
 
-
-def rendered(url: str) -> str:
-    """The page's DOM after its scripts ran, from headless Chromium (Debian's `chromium`)."""
-    browser = shutil.which("chromium")
-    if not browser:
-        pytest.skip("chromium is not installed (Debian: apt install chromium)")
-    done = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
-    )
-    return done.stdout

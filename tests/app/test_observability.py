@@ -19,7 +19,7 @@ import yaml
 from birdflow.app import metrics
 from birdflow.core.detections import SCHEMA
 from tests.conftest import PROJECT
-from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
+from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 
 DASHBOARD = PROJECT / "deployments" / "kubernetes" / "grafana" / "dashboards" / "birdflow.json"
 DATASOURCES = PROJECT / "deployments" / "kubernetes" / "grafana" / "provisioning" / "datasources" / "birdflow.yml"

@@ -11,15 +11,19 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from birdflow.app.supervisor import TASK_RUN_RECORDER_BATCHING, VACUUM
 from birdflow.settings import Settings
 from tests.conftest import PROJECT
-from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
+from birdflow_tools.stack import Stack
+from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 
 DOCKER, BALENA = PROJECT / "docker", PROJECT / "balena"
 SETTING_VARIABLES = {name.upper() for name in Settings.flat_fields()}
@@ -115,3 +119,57 @@ def test_env_to_fleet_loads_what_init_writes(tmp_path):
     assert "skipping lower" in result.stderr
     missing = subprocess.run([str(BALENA / "env-to-fleet.sh"), "f", str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory) -> Path:
+    """birdflow's wheel (built from this tree, not editable) in a new virtualenv; its dependencies are those of
+    this environment, linked in, without birdflow itself or its developer tools. Returns the interpreter."""
+    root = tmp_path_factory.mktemp("wheel")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(root / "dist"), str(PROJECT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = (root / "dist").glob("birdflow-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert {"birdflow/settings/settings.example.yaml", "birdflow/core/kaiser_fast.npy"} <= names
+    assert not [name for name in names if name.startswith(("birdflow_tools/", "tests/", "birdflow/tools/"))]
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=120)
+    python = root / "venv" / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], check=True, timeout=300)
+    ours = sysconfig.get_paths()["purelib"]
+    dependencies = root / "dependencies"
+    dependencies.mkdir()
+    for entry in Path(ours).iterdir():
+        if not entry.name.startswith(("birdflow", "__editable__", "_birdflow")) and not entry.name.endswith(".pth"):
+            (dependencies / entry.name).symlink_to(entry)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "dependencies.pth").write_text(f"{dependencies}\n")
+    return python
+
+
+def test_the_wheel_in_a_fresh_virtualenv_runs_init_up_and_a_recording(installed_wheel, tmp_path, sample_48k):
+    where = subprocess.run(
+        [str(installed_wheel), "-c", "import birdflow; print(birdflow.__file__)"], capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert str(PROJECT) not in where.stdout and "site-packages" in where.stdout, where.stdout + where.stderr
+    init = subprocess.run(
+        [str(installed_wheel), "-m", "birdflow.app.cli", "init", "--dir", str(tmp_path / "station"), "--station", "wheel-1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert init.returncode == 0, init.stderr
+    assert "station_id: wheel-1" in (tmp_path / "station" / "settings.yaml").read_text()
+    stack = Stack(tmp_path / "up", station_id="wheel-1", python=str(installed_wheel))
+    stack.root.mkdir()
+    try:
+        stack.start()
+        response = httpx.post(f"{stack.url}/recordings_upload", files={"file": ("mic1_20250601T053000Z.wav", sample_48k.read_bytes())}, timeout=60)
+        assert response.status_code == 200, response.text
+        wait_until(lambda: stack.completed_runs() == 1, 120, "the recording's run")
+        listed = stack.cli("detections", "--format", "json")
+        assert "American Goldfinch" in listed.stdout, listed.stderr
+    finally:
+        stack.stop()

@@ -11,15 +11,17 @@ import yaml
 from prefect.client.orchestration import get_client
 
 from birdflow.settings import Settings, load_settings
-from birdflow.app.provisioning import ENV_TEMPLATE, SETTINGS_TEMPLATE
+from birdflow.app.provisioning import ENV_TEMPLATE, settings_template
 
 
-def test_example_settings_name_every_setting_with_its_default():
-    example = yaml.safe_load(SETTINGS_TEMPLATE.read_text())
+def test_example_settings_name_every_setting_with_its_default(tmp_path):
+    template = tmp_path / "settings.yaml"
+    template.write_text(settings_template())
+    example = yaml.safe_load(template.read_text())
     secrets = {"influx_token", "aws_secret_access_key", "prometheus_remote_write_password", "prefect_api_auth_string", "metrics_token"}
     assert set(Settings.flat_fields()) - set(example) == secrets  # secrets live in .env
     assert set(example) <= set(Settings.flat_fields())
-    assert load_settings(SETTINGS_TEMPLATE, environ={}) == Settings()
+    assert load_settings(template, environ={}) == Settings()
 
 
 def test_the_env_template_sets_only_settings():

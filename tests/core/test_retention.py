@@ -131,7 +131,7 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
     from birdflow.settings import Settings
     from birdflow.app.supervisor import prefect_environment
     from tests.servers import PrefectServer
-    from birdflow.tools.testbed import prefect_post, wait_until
+    from birdflow_tools.testbed import prefect_post, wait_until
 
     vacuum = {
         key: value for key, value in prefect_environment(Settings(data_dir=tmp_path / "data", run_retention_days=14)).items()

@@ -12,7 +12,7 @@ from birdflow.core.detections import detections_table
 from tests.builders import recording_info
 from birdflow.settings import SettingsError, load_settings
 from birdflow.core.sinks import InfluxSink, ParquetSink, read_detections
-from birdflow.tools.testbed import parse_line
+from birdflow_tools.testbed import parse_line
 
 RECORDING = recording_info(listener_id="mic-1", recording_id="mic-1_20250601T053000Z_abcdef12")
 FOUND = [

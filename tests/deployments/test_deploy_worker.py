@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.client.schemas.sorting import ArtifactSort
 
 from tests.conftest import PROJECT
-from birdflow.tools.testbed import wait_until
+from birdflow_tools.testbed import wait_until
 
 pytestmark = pytest.mark.e2e
 PREFECT = [sys.executable, "-m", "prefect"]

@@ -132,8 +132,8 @@ def test_the_kustomization_points_at_what_exists():
 
 def test_the_central_compose_file_runs_prefect_as_the_manifests_do():
     """What the cluster and `docker-compose.central.yml` share (retention, batching, no event feed) is the same,
-    and it is what `birdflow bench --stations` measures (birdflow/tools/central.py reads the ConfigMap)."""
-    from birdflow.tools.central import manifest_settings
+    and it is what `birdflow bench --stations` measures (tools/birdflow_tools/central.py reads the ConfigMap)."""
+    from birdflow_tools.central import manifest_settings
 
     compose = yaml.safe_load((PROJECT / "docker" / "docker-compose.central.yml").read_text())["services"]["prefect"]
     shared = {name: value for name, value in manifest_settings().items() if name in compose["environment"]}

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from birdflow.core.backfill import ALREADY_PROCESSED, UNKNOWN_LISTENER, UNREADABLE, candidate, parse_s3_source, plan, select
-from birdflow.tools.testbed import free_port
+from birdflow_tools.testbed import free_port
 
 UTC = timezone.utc
 

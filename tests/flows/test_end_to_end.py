@@ -32,7 +32,7 @@ from prefect.states import Scheduled
 
 from birdflow.core.flac import flac_identity
 from birdflow.core.recordings import RecordingStore
-from birdflow.tools.testbed import LOOPBACK, LineProtocolServer, free_port, parse_line, wait_until
+from birdflow_tools.testbed import LOOPBACK, LineProtocolServer, free_port, parse_line, wait_until
 
 pytestmark = pytest.mark.e2e
 STATION = "e2e"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 
-from birdflow.tools.testbed import free_port
+from birdflow_tools.testbed import free_port
 
 
 def run_execute(tmp_path, **settings) -> subprocess.CompletedProcess:
@@ -27,7 +27,7 @@ def run_execute(tmp_path, **settings) -> subprocess.CompletedProcess:
 
 
 def test_executor_that_cannot_load_its_model_exits_with_the_reason(prefect_server, tmp_path):
-    # asked of a new interpreter: this one may hold the test suite's tflite_runtime alias (birdflow.tools.reference)
+    # asked of a new interpreter: this one may hold the test suite's tflite_runtime alias (birdflow_tools.reference)
     if subprocess.run([sys.executable, "-c", "import tflite_runtime"], capture_output=True).returncode == 0:
         pytest.skip("tflite-runtime is installed here, so it cannot stand for a missing backend")
     executor = run_execute(

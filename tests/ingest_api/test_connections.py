@@ -17,7 +17,7 @@ import yaml
 
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.settings import Settings
-from birdflow.tools.testbed import LOOPBACK, free_port, wait_until
+from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 from ingest_api.framing import encode_frame
 from tests.ingest_client import GOOD, chunked_post, header, serving, stream_in_real_time, upload_claiming
 

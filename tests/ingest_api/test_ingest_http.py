@@ -15,7 +15,7 @@ import pytest
 from birdflow.settings import Settings
 from birdflow.core.wav import WavFormat, build_header
 from ingest_api.framing import encode_frame
-from birdflow.tools.testbed import LOOPBACK, wait_until
+from birdflow_tools.testbed import LOOPBACK, wait_until
 from tests.ingest_client import chunked_post, frames_of, serving, wav_bytes
 
 

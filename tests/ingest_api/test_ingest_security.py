@@ -15,7 +15,7 @@ import httpx
 
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.settings import Settings
-from birdflow.tools.testbed import LOOPBACK
+from birdflow_tools.testbed import LOOPBACK
 from ingest_api.framing import encode_frame
 from tests.ingest_client import GOOD, chunked_post, frames_of, header, serving, stream_in_real_time, upload_claiming, wav_bytes
 

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from birdflow.core.sql import query, station_tables
 from birdflow.settings import Settings
-from birdflow.tools.testbed import free_port, wait_until
+from birdflow_tools.testbed import free_port, wait_until
 from tests.ingest_client import LOOPBACK, serving
 
 

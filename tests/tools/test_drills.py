@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from birdflow.tools.drill import DRILL_FUNCTIONS, DrillOptions, drill_station
-from birdflow.tools.testbed import SeaweedS3
+from birdflow_tools.drill import DRILL_FUNCTIONS, DrillOptions, drill_station
+from birdflow_tools.testbed import SeaweedS3
 
 pytestmark = pytest.mark.e2e
 

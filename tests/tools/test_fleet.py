@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 import pytest
 
-from birdflow.tools.central import manifest_settings
-from birdflow.tools.fleet_bench import FleetOptions, drain_phase, retention_phase, running_fleet, station_view
-from birdflow.tools.testbed import prefect_post
+from birdflow_tools.central import manifest_settings
+from birdflow_tools.fleet_bench import FleetOptions, drain_phase, retention_phase, running_fleet, station_view
+from birdflow_tools.testbed import prefect_post
 
 pytestmark = pytest.mark.e2e
 

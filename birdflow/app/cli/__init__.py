@@ -1,22 +1,30 @@
 """The `birdflow` command: one module per group of sub-commands, each command a thin call into the code
-that does the work."""
+that does the work. Installed packages add groups through the entry point group `birdflow.commands`
+(the developer tools in tools/ add `bench`, `drill` and `image`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from importlib.metadata import entry_points
 from typing import Optional
 
-from birdflow.app.cli import configure, data, running, tools
+from birdflow.app.cli import configure, data, listen, running
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="birdflow", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="birdflow",
+        description="Edge acoustic monitoring: each recording a listener sends becomes a Prefect flow run that "
+        "runs BirdNET on it, stores the detections and archives the audio.",
+    )
     parser.add_argument("--settings", help="settings.yaml to read (default: $BIRDFLOW_SETTINGS or ./settings.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (running, tools, data, configure):
+    for group in (running, listen, data, configure):
         group.add_commands(commands)
+    for plugin in entry_points(group="birdflow.commands"):
+        plugin.load()(commands)
     return parser
 
 

@@ -18,7 +18,7 @@ def cmd_init(args) -> int:
     except FileExistsError as exc:
         raise SystemExit(f"birdflow: {exc}") from None
     print("\n".join(f"wrote {path}" for path in written))
-    print("edit them, then: ./run.sh up")
+    print("edit them, then start the station: birdflow up")
     return 0
 
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from birdflow.tools.drill_station import DrillOptions, DrillResult, DrillStation
+from birdflow_tools.drill_station import DrillOptions, DrillResult, DrillStation
 from birdflow.core.disk import MB
 from birdflow.core.results import ResultsDatabase
 from birdflow.core.sinks import HOUR_FILE_PREFIX

@@ -21,15 +21,15 @@ from typing import Callable, Iterator, Optional
 
 import httpx
 
-from birdflow.tools.bench import distinct_uploads
-from birdflow.tools.stack import Stack
+from birdflow_tools.bench import distinct_uploads
+from birdflow_tools.stack import Stack
 from birdflow.core.disk import MB
 from birdflow.app.folder_watch import FolderWatch
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.recordings import AUDIO_EXTENSIONS, parse_stream_partial
-from birdflow.tools.simulator import run_listeners
+from birdflow.app.simulated_listeners import run_listeners
 from birdflow.core.sinks import read_detections
-from birdflow.tools.testbed import FaultProxy, LineProtocolServer, SeaweedS3, parse_line
+from birdflow_tools.testbed import FaultProxy, LineProtocolServer, SeaweedS3, parse_line
 from birdflow.core.wav import parse_header
 
 

@@ -1,86 +1,21 @@
-"""Developer tools: simulated listeners, the bench and the fault drills."""
+"""The developer commands `birdflow bench`, `drill` and `image`, added to the `birdflow` command when this
+package is installed (entry point group `birdflow.commands`); a station's image does not carry them."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
+import sys
 from pathlib import Path
 
-from birdflow.settings import validate_listener_id
 from birdflow.app.cli.common import at_least
-
-
-def cmd_listen(args) -> int:
-    """Simulated listeners; Ctrl-C (or SIGTERM) ends them and still prints what was sent."""
-    from rich.progress import MofNCompleteColumn, Progress
-
-    from birdflow.tools.simulator import split_wav
-    from birdflow.core.wav import WavError
-
-    if not args.file.is_file():
-        raise SystemExit(f"birdflow: no such file: {args.file}")
-    try:
-        validate_listener_id(f"{args.prefix}{args.listeners:02d}")
-    except ValueError as exc:
-        raise SystemExit(f"birdflow: --prefix {args.prefix!r} makes an {exc}")
-    if not args.upload:
-        try:
-            split_wav(args.file.read_bytes())
-        except WavError as exc:
-            raise SystemExit(f"birdflow: {args.file}: {exc}; streaming needs a PCM WAV (--upload sends FLAC or MP3)")
-    total = args.listeners * args.recordings if args.recordings else None
-    until = f"{args.recordings} recording(s) each" if args.recordings else "until Ctrl-C"
-    stop_signal: list[int] = []
-
-    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=False) as progress:
-        bar = progress.add_task(f"{args.listeners} listener(s) -> {args.url}, {until}", total=total)
-        reports = asyncio.run(_listen(args, progress, bar, stop_signal))
-    sent = sum(report.recordings_sent for report in reports)
-    errors = [f"{report.listener_id}: {error}" for report in reports for error in report.errors]
-    print(f"sent {sent} recording(s) from {len(reports)} listener(s); {len(errors)} error(s)")
-    for error in errors[:10]:
-        print(f"  {error}")
-    if errors:
-        return 1
-    # Ctrl-C is how an endless run ends; it interrupts a counted one
-    return 0 if not stop_signal or not args.recordings else 128 + stop_signal[0]
-
-
-async def _listen(args, progress, bar, stop_signal: list[int]) -> list:
-    """The simulated listeners until they are done or a signal stops them (noted in `stop_signal`)."""
-    import signal
-
-    from birdflow.tools.simulator import run_listeners
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, lambda signum=signum: (stop_signal.append(signum), stop.set()))
-    return await run_listeners(
-        args.url.rstrip("/"),
-        args.file,
-        listeners=args.listeners,
-        interval_s=args.interval,
-        recordings=args.recordings,
-        stagger_s=args.stagger,
-        pace=args.pace,
-        upload=args.upload,
-        prefix=args.prefix,
-        on_recording=lambda listener: progress.advance(bar),
-        on_error=lambda listener, error: progress.console.print(f"{listener}: {error}", markup=False, highlight=False),
-        stop=stop,
-        distinct=args.distinct,
-        token=args.token or os.environ.get("LISTENER_TOKEN"),
-        health_port=args.health_port,
-    )
+from birdflow_tools.image import ARCHES
 
 
 def cmd_bench(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from birdflow.tools.bench import BenchOptions, run_bench, summary_rows
+    from birdflow_tools.bench import BenchOptions, run_bench, summary_rows
 
     if not args.file.is_file():
         raise SystemExit(f"birdflow: no such file: {args.file} (give a 48 kHz PCM WAV with --file)")
@@ -88,7 +23,7 @@ def cmd_bench(args) -> int:
         return fleet_bench(args)
     chosen = given(
         recordings=args.recordings, stream_listeners=args.listeners, stream_seconds=args.stream_seconds,
-        executor_workers=args.workers,
+        executor_workers=args.workers, other_rate_sample=args.other_rate_file if args.other_rate_file.is_file() else None,
     )
     common = dict(
         sample=args.file,
@@ -131,10 +66,10 @@ def report(args, results: dict, title: str, rows: list[tuple[str, str]]) -> None
 
 
 def fleet_bench(args) -> int:
-    """`bench --stations N`: a central Prefect on Postgres and Redis, N stations (birdflow/tools/fleet_bench.py)."""
+    """`bench --stations N`: a central Prefect on Postgres and Redis, N stations (tools/birdflow_tools/fleet_bench.py)."""
     from rich.console import Console
 
-    from birdflow.tools.fleet_bench import FleetOptions, fleet_summary_rows, run_fleet_bench
+    from birdflow_tools.fleet_bench import FleetOptions, fleet_summary_rows, run_fleet_bench
 
     chosen = given(
         recordings_per_station=args.recordings, executor_workers=args.workers, max_rate=args.max_rate,
@@ -157,7 +92,7 @@ def cmd_drill(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from birdflow.tools.drill import DRILLS, DrillOptions, run_drills
+    from birdflow_tools.drill import DRILLS, DrillOptions, run_drills
 
     if not args.file.is_file():
         raise SystemExit(f"birdflow: no such file: {args.file} (give a 48 kHz PCM WAV with --file)")
@@ -189,32 +124,34 @@ def cmd_drill(args) -> int:
     return 1 if any(result.lost or result.duplicated or "error" in result.facts for result in results) else 0
 
 
-def add_commands(commands) -> None:
-    listen = commands.add_parser("listen", help="simulate listeners streaming (or uploading) a WAV file")
-    listen.add_argument("--file", type=Path, required=True, help="PCM WAV file each listener sends")
-    listen.add_argument("--listeners", type=at_least(1), default=1)
-    listen.add_argument("--interval", type=float, default=2.0, help="seconds between recordings")
-    listen.add_argument(
-        "--recordings", type=at_least(0), default=0, help="recordings per listener (default 0: until Ctrl-C)"
-    )
-    listen.add_argument("--stagger", type=float, default=0.0, help="spread listener starts over this many seconds")
-    listen.add_argument("--pace", type=float, default=1.0, help="speed relative to real time (0 = no pacing)")
-    listen.add_argument("--upload", action="store_true", help="POST /recordings_upload instead of streaming")
-    listen.add_argument(
-        "--distinct", action="store_true",
-        help="change one sample per recording so none is a cached repeat (for load tests)",
-    )
-    listen.add_argument("--prefix", default="listener", help="listener ids are <prefix>01, <prefix>02, ...")
-    listen.add_argument("--url", default="http://127.0.0.1:8000")
-    listen.add_argument("--health-port", type=int, default=6000,
-                        help="UDP port for a health datagram after each recording (the station's health_port); 0: none")
-    listen.add_argument("--token", help="listener token for ingest_auth (default: $LISTENER_TOKEN); a token is one "
-                        "listener's, so with several listeners they must be exempt")
-    listen.set_defaults(func=cmd_listen)
+def cmd_image(args) -> int:
+    """Build (and with --try-recording run) the image; prints times and sizes."""
+    import tempfile
 
+    from birdflow_tools.image import build_and_try, podman_problem, emulation_problem
+
+    problem = podman_problem() or emulation_problem(args.arch)
+    if problem:
+        raise SystemExit(f"birdflow: {problem}")
+    if args.try_recording and not args.try_recording.is_file():
+        raise SystemExit(f"birdflow: no such file: {args.try_recording}")
+    backend = args.backend or ("ai-edge-litert" if args.arch == "amd64" else "tflite-runtime")
+    with tempfile.TemporaryDirectory(prefix="birdflow-image-") as scratch:
+        results = build_and_try(
+            Path(scratch), args.arch, backend, args.tag or f"birdflow:{args.arch}", args.try_recording,
+            say=lambda text: print(text, file=sys.stderr, flush=True),
+        )
+    report(args, results, f"birdflow image ({args.arch})", [(name, str(value)) for name, value in results.items()])
+    return 0 if results.get("recording_analysed", True) else 1
+
+
+def add_commands(commands) -> None:
     bench = commands.add_parser("bench", help="measure inference, pipeline drain, latency and stream capacity")
     bench.add_argument("--file", type=Path, default=Path("../shared/audio/listener_sample_48k.wav"),
                        help="48 kHz PCM WAV to feed (default: the shared field recording)")
+    bench.add_argument("--other-rate-file", type=Path, default=Path("../shared/audio/listener_sample_44k1.wav"),
+                       help="PCM WAV at another rate, resampled by the station, fed before memory is read "
+                            "(default: the shared 44.1 kHz field recording; skipped when absent)")
     bench.add_argument("--quick", action="store_true", help="fewer recordings and a shorter stream test")
     bench.add_argument("--recordings", type=at_least(1), help="recordings uploaded at once for the drain (default 100; with --stations, per station: 30)")
     bench.add_argument("--listeners", type=at_least(1), help="streaming listeners held (default 200)")
@@ -251,3 +188,17 @@ def add_commands(commands) -> None:
     drill.add_argument("--keep", action="store_true", help="keep the station's folder (logs, data) afterwards")
     drill.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     drill.set_defaults(func=cmd_drill)
+
+    image = commands.add_parser(
+        "image", help="build the station's image here with rootful podman (no Docker daemon, no registry needed)"
+    )
+    image.add_argument("--arch", choices=sorted(ARCHES), default="amd64",
+                       help="arm64 runs under qemu-user emulation (binfmt_misc) on an x86-64 machine")
+    image.add_argument("--backend", choices=["ai-edge-litert", "tflite-runtime"],
+                       help="BirdNET interpreter package (default: ai-edge-litert; tflite-runtime for emulated arm64)")
+    image.add_argument("--tag", help="image name (default birdflow:<arch>)")
+    image.add_argument("--try-recording", type=Path, metavar="WAV",
+                       help="then start a station in the image, upload this recording and time its analysis")
+    image.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    image.add_argument("--compact", action="store_true", help="JSON on one line")
+    image.set_defaults(func=cmd_image)

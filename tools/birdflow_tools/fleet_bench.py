@@ -1,6 +1,6 @@
 """`birdflow bench --stations N`: a fleet on this machine, measured from the central side.
 
-One central Prefect (birdflow/tools/central.py: Postgres, Redis, K API processes, Prefect's services, with the
+One central Prefect (tools/birdflow_tools/central.py: Postgres, Redis, K API processes, Prefect's services, with the
 Kubernetes manifests' settings) and N stations, each `birdflow up` in its own folder with its own ports,
 station id and work pool, spread over the API processes. Phases, in order:
 - drain: every station gets M uploads at once; runs/s, the central side's CPU-s per recording, database
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from birdflow.tools.bench import distinct_uploads, percentile, post_uploads, wait_stored
-from birdflow.tools.central import HISTORY_TABLES, CentralPrefect
-from birdflow.tools.stack import Stack, environment_without_settings
-from birdflow.tools.testbed import prefect_post
+from birdflow_tools.bench import distinct_uploads, percentile, post_uploads, wait_stored
+from birdflow_tools.central import HISTORY_TABLES, CentralPrefect
+from birdflow_tools.stack import Stack, environment_without_settings
+from birdflow_tools.testbed import prefect_post
 
 TERMINAL = "('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')"
 # one compressed day: every finished run (and every stored event) a day older

@@ -21,8 +21,8 @@ import yaml
 
 from birdflow.app.supervisor import embedded_postgres, wait_for_port, wait_for_prefect
 from birdflow.settings import Settings
-from birdflow.tools.stack import cpu_seconds, environment_without_settings, process_tree
-from birdflow.tools.testbed import LOOPBACK, free_port, stop_process
+from birdflow_tools.stack import cpu_seconds, environment_without_settings, process_tree
+from birdflow_tools.testbed import LOOPBACK, free_port, stop_process
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deployments" / "kubernetes" / "prefect.yaml"
 # what the official image needs at start, not a setting of a process started from this virtualenv

@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 import yaml
 
 from birdflow.settings import Settings
-from birdflow.tools.testbed import free_port, prefect_post
+from birdflow_tools.testbed import free_port, prefect_post
 
 # filters of the Prefect API
 RECORDING_RUNS = {"flows": {"name": {"any_": ["process-recording"]}}}
@@ -105,7 +105,8 @@ def _epoch(iso_time: str) -> float:
 
 @dataclass
 class Stack:
-    """`birdflow up` in a temporary folder, on loopback ports, with its own embedded Prefect server."""
+    """`birdflow up` in a temporary folder (also its working directory), on loopback ports, with its own
+    embedded Prefect server."""
 
     root: Path
     prefect_database: str = "sqlite"
@@ -116,6 +117,7 @@ class Stack:
     ingest_port: int = field(default_factory=free_port)
     prefect_port: int = field(default_factory=free_port)
     health_port: int = field(default_factory=free_port)  # UDP; a free TCP port number is as good as any
+    python: str = sys.executable  # the interpreter whose birdflow runs (another virtualenv's, say)
 
     @property
     def url(self) -> str:
@@ -159,8 +161,8 @@ class Stack:
         start = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), "up"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [self.python, "-m", "birdflow.app.cli", "--settings", str(settings_file), "up"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
             )
         deadline = time.monotonic() + timeout_s
         while "executor ready" not in self.log_path.read_bytes()[start:].decode(errors="replace"):
@@ -172,8 +174,8 @@ class Stack:
         """`birdflow <args>` with the stack's settings (and nothing of this process's Prefect environment)."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
         return subprocess.run(
-            [sys.executable, "-m", "birdflow.app.cli", "--settings", str(self.root / "settings.yaml"), *args],
-            capture_output=True, text=True, timeout=timeout_s, env={**env, **self.env},
+            [self.python, "-m", "birdflow.app.cli", "--settings", str(self.root / "settings.yaml"), *args],
+            capture_output=True, text=True, timeout=timeout_s, env={**env, **self.env}, cwd=self.root,
         )
 
     def log_tail(self, lines: int = 30) -> str:

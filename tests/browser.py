@@ -1,0 +1,30 @@
+"""Pages as a person sees them: headless Chromium (Debian's `chromium`) after the page's scripts ran."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+# no background traffic to hosts this machine cannot reach, a profile of its own each time; a desktop's window
+# (at Chromium's headless default, 800 x 600, Prefect's UI lays its run list out for a phone and leaves it out)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--virtual-time-budget=15000",
+         "--window-size=1400,1000"]
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    browser = shutil.which("chromium")
+    if not browser:
+        pytest.skip("chromium is not installed (Debian: apt install chromium)")
+    return subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120)
+
+
+def rendered(url: str, profile: Path, screenshot: Optional[Path] = None) -> str:
+    """The page's DOM once its scripts ran; with `screenshot`, also a PNG of it."""
+    if screenshot:
+        _chromium(f"--screenshot={screenshot}", url, profile=profile / "shot")
+    return _chromium("--dump-dom", url, profile=profile / "dom").stdout
