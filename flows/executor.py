@@ -105,6 +105,15 @@ def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) 
     raise AssertionError("unreachable")
 
 
+def work_key(item) -> str:
+    """One key per recording, whether the scan found its file (named by its recording id) or the server its
+    run (a re-drive, a rerun): the same recording is never queued twice, so never run twice at once. Runs of
+    no recording (maintenance) go by their id."""
+    if isinstance(item, Path):
+        return item.stem
+    return (item.parameters.get("recording") or {}).get("recording_id") or str(item.id)
+
+
 class ExecutorFailed(RuntimeError):
     """A flow-run thread could not start or died: the executor stops rather than leave recordings waiting."""
 
@@ -122,7 +131,8 @@ class Executor:
         # recordings whose run is not this scan's to start: scheduled for a re-drive, or being handled
         self._parked: set[str] = set()
         self._queue: queue.Queue = queue.Queue()
-        self._in_flight: set[str] = set()  # recording file stems and flow-run ids queued or running
+        # what is queued or running, by work_key: a recording is one key whether its file or its run was found
+        self._in_flight: set[str] = set()
         self._lock = threading.Lock()
         self._maintenance_slot = -1  # the maintenance interval that has its run
 
@@ -199,7 +209,7 @@ class Executor:
             item = self._queue.get()
             if item is None:
                 return
-            key = item.stem if isinstance(item, Path) else str(item.id)
+            key = work_key(item)
             try:
                 if not stop.is_set():
                     if isinstance(item, Path):
@@ -212,7 +222,8 @@ class Executor:
                 with self._lock:
                     self._in_flight.discard(key)
 
-    def _enqueue(self, key: str, item) -> None:
+    def _enqueue(self, item) -> None:
+        key = work_key(item)
         with self._lock:
             if key in self._in_flight:
                 return
@@ -226,7 +237,7 @@ class Executor:
         metrics.REDRIVE_WAITING.labels(self.settings.station_id).set(len(waiting))
         for path in pending:
             if path.stem not in self._parked:
-                self._enqueue(path.stem, path)
+                self._enqueue(path)
 
     def run_recording(self, client: SyncPrefectClient, path: Path) -> Optional[FlowRun]:
         if not path.exists():
@@ -292,7 +303,7 @@ class Executor:
         for flow_run in due:
             recording = flow_run.parameters.get("recording") or {}
             self._parked.discard(recording.get("recording_id", ""))
-            self._enqueue(str(flow_run.id), flow_run)
+            self._enqueue(flow_run)
 
     def execute(self, client: SyncPrefectClient, flow_run: FlowRun) -> None:
         """Claim a Scheduled run (Pending) and run it here."""

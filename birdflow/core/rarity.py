@@ -186,8 +186,10 @@ class SpeciesRecord:
         )
 
     def forget(self, now: float, keep_s: float) -> int:
-        """Drop what no longer matters: written hours and counted recordings older than `keep_s`, species not
-        heard within the rare window. Returns the hours dropped."""
+        """Drop what no longer matters: written hours and counted recordings older than `keep_s`. When each
+        species was last heard is kept: it is measured in the recordings' own time (a card dump from years
+        back, a listener with a wrong clock), which the wall clock says nothing about, and it is one row per
+        species the model knows. Returns the hours dropped."""
         execute = self.database.execute
         execute("BEGIN IMMEDIATE")
         try:
@@ -198,7 +200,6 @@ class SpeciesRecord:
                 execute("DELETE FROM hourly WHERE hour = ? AND station_id = ?", (hour, station))
                 execute("DELETE FROM hours WHERE hour = ? AND station_id = ?", (hour, station))
             execute("DELETE FROM counted WHERE counted_at < ?", (now - keep_s,))
-            execute("DELETE FROM last_heard WHERE heard_at < ?", (now - self.window_s,))
             execute("COMMIT")
         except BaseException:
             execute("ROLLBACK")

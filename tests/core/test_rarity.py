@@ -132,3 +132,15 @@ def test_a_rare_sighting_becomes_an_event_about_its_recording_station_and_listen
         "time": "2025-06-01T05:10:00+00:00", "station_id": "station01", "listener_id": "mic1", "watched": True,
         "archive_key": "station01/mic1/2025/06/01/r1.flac", "run_url": "http://127.0.0.1:4200/runs/flow-run/x",
     }
+
+
+def test_a_maintenance_run_never_makes_a_species_rare_again_in_recordings_dated_years_back(tmp_path):
+    record = SpeciesRecord(tmp_path / "species.sqlite", rare_window_days=30)
+    long_ago = datetime(2022, 5, 1, 5, 0, tzinfo=timezone.utc)
+    assert [s.common_name for s in record.tally(heard("card1", long_ago, (JUNCO, 0.9), listener="mic1")).rare] == ["Dark-eyed Junco"]
+    # maintenance today, years after the recordings were made
+    record.forget(datetime.now(timezone.utc).timestamp(), keep_s=14 * 86400)
+    again = record.tally(heard("card2", long_ago + timedelta(minutes=1), (JUNCO, 0.8), listener="mic2"))
+    assert again.rare == []  # heard a minute earlier in the recordings' time: frequent
+    later = record.tally(heard("card3", long_ago + timedelta(days=31), (JUNCO, 0.8), listener="mic2"))
+    assert [s.recording_id for s in later.rare] == ["card3"]  # past the window, in the recordings' time

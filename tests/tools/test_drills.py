@@ -28,6 +28,7 @@ def run(station, name: str):
     result = DRILL_FUNCTIONS[name](station)  # raises when the drill cannot finish
     assert result.lost == [], f"{name}: lost {result.lost}\n{station.stack.log_tail(60)}"
     assert result.duplicated == 0, name
+    assert result.executed_twice == 0, name  # no run started again while an attempt of it still ran
     assert result.processed == result.accepted
     return result
 

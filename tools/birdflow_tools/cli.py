@@ -88,7 +88,8 @@ def fleet_bench(args) -> int:
 
 
 def cmd_drill(args) -> int:
-    """Fault drills on a station of their own; exit 1 when any lost or duplicated a recording, or failed."""
+    """Fault drills on a station of their own; exit 1 when any lost or duplicated a recording, ran one twice at
+    once, or failed."""
     from rich.console import Console
     from rich.table import Table
 
@@ -103,13 +104,13 @@ def cmd_drill(args) -> int:
     chosen = given(outage_s=args.outage_s, uploads=args.uploads)
     options = (DrillOptions.quick if args.quick else DrillOptions)(sample=args.file, **chosen)
     console = Console(stderr=True)
-    columns = ("drill", "in", "out", "lost", "duplicated", "refused", "notes")
+    columns = ("drill", "in", "out", "lost", "duplicated", "twice at once", "refused", "notes")
     with console.status("starting") as status:
         results = run_drills(
             options, names, say=status.update, keep=args.keep,
             on_result=lambda result: console.print(
                 f"{result.name}: in {result.accepted}, out {result.processed}, lost {len(result.lost)}, "
-                f"duplicated {result.duplicated}", markup=False, highlight=False,
+                f"duplicated {result.duplicated}, twice at once {result.executed_twice}", markup=False, highlight=False,
             ),
         )
     if args.json:
@@ -121,7 +122,8 @@ def cmd_drill(args) -> int:
         for result in results:
             table.add_row(*(str(result.row()[column]) for column in columns))
         Console().print(table)
-    return 1 if any(result.lost or result.duplicated or "error" in result.facts for result in results) else 0
+    failed = (result.lost or result.duplicated or result.executed_twice or "error" in result.facts for result in results)
+    return 1 if any(failed) else 0
 
 
 def cmd_image(args) -> int:

@@ -10,6 +10,7 @@ can refuse writes. Each drill feeds it recordings, injects one fault, lets the s
   out         those analysed (recorded as processed, their detections in Parquet and InfluxDB) and archived
   lost        in - out
   duplicated  detection rows stored more than once
+  twice at once  runs started again while an attempt of theirs was still running (from their state history)
   refused     requests answered 507 at the disk floor: never accepted, so never lost; the senders retry
 """
 

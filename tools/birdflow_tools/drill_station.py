@@ -34,6 +34,7 @@ from birdflow.core.wav import parse_header
 
 
 BUCKET = "drill"
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 INFLUX_TOKEN = "drill-token"
@@ -64,6 +65,7 @@ class DrillResult:
     processed: int = 0  # "out"
     lost: list[str] = field(default_factory=list)
     duplicated: int = 0
+    executed_twice: int = 0
     refused: int = 0
     notes: list[str] = field(default_factory=list)
     facts: dict = field(default_factory=dict)  # what the drill checked beyond the counts
@@ -71,7 +73,8 @@ class DrillResult:
     def row(self) -> dict:
         return {
             "drill": self.name, "in": self.accepted, "out": self.processed, "lost": len(self.lost),
-            "duplicated": self.duplicated, "refused": self.refused, "notes": "; ".join(self.notes),
+            "duplicated": self.duplicated, "twice at once": self.executed_twice, "refused": self.refused,
+            "notes": "; ".join(self.notes),
         }
 
 
@@ -326,13 +329,32 @@ class DrillStation:
             name, accepted=len(accepted), processed=len(processed - missing_in_influx),
             lost=sorted((accepted - processed) | missing_in_influx), refused=refused,
             duplicated=sum(number - 1 for key, number in keys.items() if key[0] in accepted and number > 1),
+            executed_twice=self.executed_twice_at_once(accepted),
             facts={"runs_run_again": self.runs_run_again(accepted)},
         )
 
+    def recordings_runs(self, recording_ids: set[str]) -> list[dict]:
+        runs = self.stack.api("flow_runs/filter", {**self.stack.recording_runs, "sort": "EXPECTED_START_TIME_DESC", "limit": 200})
+        return [run for run in runs if run["parameters"].get("recording", {}).get("recording_id") in recording_ids]
+
+    def executed_twice_at_once(self, recording_ids: set[str]) -> int:
+        """How many of these recordings' runs were started again while an attempt was still running: in the
+        run's state history, a second Running with no final state (Completed, Failed, Crashed, Cancelled)
+        since the first."""
+        doubled = 0
+        for run in self.recordings_runs(recording_ids):
+            history = self.stack.get(f"flow_run_states/?flow_run_id={run['id']}")
+            running = False
+            for state in sorted(history, key=lambda state: state["timestamp"]):
+                if state["type"] == "RUNNING":
+                    if running:
+                        doubled += 1
+                        break
+                    running = True
+                elif state["type"] in FINAL_STATES:
+                    running = False
+        return doubled
+
     def runs_run_again(self, recording_ids: set[str]) -> int:
         """How many of these recordings' runs ran more than once (re-driven or taken over)."""
-        runs = self.stack.api("flow_runs/filter", {**self.stack.recording_runs, "sort": "EXPECTED_START_TIME_DESC", "limit": 200})
-        return sum(
-            1 for run in runs
-            if run["run_count"] > 1 and run["parameters"].get("recording", {}).get("recording_id") in recording_ids
-        )
+        return sum(1 for run in self.recordings_runs(recording_ids) if run["run_count"] > 1)

@@ -230,6 +230,14 @@ class Stack:
         """POST to the station's Prefect API."""
         return prefect_post(self.api_url, path, body)
 
+    def get(self, path: str):
+        """GET from the station's Prefect API."""
+        import httpx
+
+        response = httpx.get(f"{self.api_url}/{path}", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
     def completed_runs(self) -> int:
         """Completed runs of recordings (the maintenance deployment's are not counted)."""
         return int(self.api("flow_runs/count", {**self.recording_runs, **COMPLETED}))
