@@ -61,6 +61,7 @@ from flows.maintenance import maintenance
 from flows.process_recording import process_recording
 
 log = logging.getLogger("birdflow.executor")
+EXECUTOR_LOCK = "executor.lock"  # under data_dir: one executor per station (birdflow.app.single)
 
 
 def info_for_dropped_file(path: Path, settings: Settings) -> Optional[RecordingInfo]:

@@ -25,10 +25,12 @@ import httpx
 from prometheus_client import multiprocess
 
 from birdflow.app.metrics import MULTIPROC_ENV
+from birdflow.app.single import AlreadyRunning, dying_with_this_process, hold_lock
 from birdflow.settings import SETTINGS_FILE_ENV, Settings
 
 log = logging.getLogger("birdflow.up")
 STOP_GRACE_S = 15.0
+UP_LOCK = "up.lock"  # under data_dir, held by `up` and its children (birdflow.app.single)
 PREFECT_SERVER = "prefect server"
 # how often `up` looks for a first automation (the embedded server then needs its triggers on)
 AUTOMATION_CHECK_S = 30.0
@@ -105,7 +107,7 @@ def postgres_program(name: str) -> str:
     return str(found)
 
 
-def embedded_postgres(settings: Settings) -> "Child":
+def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> "Child":
     """A Postgres cluster under data_dir for the embedded Prefect server, created on first use.
 
     Postgres refuses to run as root, so as root it runs as the `postgres` user that the Debian package
@@ -131,7 +133,7 @@ def embedded_postgres(settings: Settings) -> "Child":
         "-k", str(folder), "-c", "synchronous_commit=off", "-c", "max_connections=60", "-c", "shared_buffers=64MB",
     ]
     # SIGINT to the postmaster alone is Postgres' "fast" shutdown
-    return Child("postgres", command, user=user, stop_signal=signal.SIGINT, signal_group=False)
+    return Child("postgres", command, user=user, stop_signal=signal.SIGINT, signal_group=False, keep_fds=keep_fds)
 
 
 def child_environment(settings: Settings, settings_file: Optional[str], triggers: bool = False) -> dict[str, str]:
@@ -186,6 +188,7 @@ class Child:
     user: Optional[str] = None
     stop_signal: int = signal.SIGTERM
     signal_group: bool = True  # False: signal the leader only, which stops its own workers in order
+    keep_fds: tuple[int, ...] = ()  # descriptors it inherits: the data folder's lock (birdflow.app.single)
     process: Optional[subprocess.Popen] = None
     restarts: int = 0
     started_at: float = field(default=0.0)
@@ -194,7 +197,8 @@ class Child:
     def start(self, env: dict[str, str]) -> None:
         log.info("starting %s", self.name)
         self.process = subprocess.Popen(
-            self.command, env=env, start_new_session=True, user=self.user, group=self.user
+            self.command, env=env, start_new_session=True, user=self.user, group=self.user,
+            pass_fds=self.keep_fds, preexec_fn=dying_with_this_process(),
         )
         self.started_at = time.monotonic()
 
@@ -210,10 +214,12 @@ class Child:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def start_prefect(settings: Settings, env: dict[str, str], children: list[Child], stop: threading.Event) -> None:
+def start_prefect(
+    settings: Settings, env: dict[str, str], children: list[Child], stop: threading.Event, keep_fds: tuple[int, ...] = ()
+) -> None:
     """The embedded Prefect server (and its Postgres when asked for), healthy before anything uses it."""
     if settings.prefect.prefect_database == "postgres" and not settings.prefect.prefect_database_url.get_secret_value():
-        database = embedded_postgres(settings)
+        database = embedded_postgres(settings, keep_fds)
         children.append(database)
         database.start(env)
         try:
@@ -224,6 +230,7 @@ def start_prefect(settings: Settings, env: dict[str, str], children: list[Child]
         PREFECT_SERVER,
         [sys.executable, "-m", "birdflow.app.prefect_server", "start", "--host", "127.0.0.1",
          "--port", str(settings.prefect.prefect_port)],
+        keep_fds=keep_fds,
     )
     children.append(server)
     server.start(env)
@@ -308,7 +315,12 @@ def prefect_server(children: list[Child]) -> Child:
 
 
 def supervise(settings: Settings, settings_file: Optional[str]) -> int:
-    """Run the stack until SIGINT/SIGTERM."""
+    """Run the stack until SIGINT/SIGTERM; refuse (1) while another `up` or its children run on the data folder."""
+    try:
+        lock = (hold_lock(settings.data_dir / UP_LOCK, "birdflow up"),)
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -319,7 +331,7 @@ def supervise(settings: Settings, settings_file: Optional[str]) -> int:
     children: list[Child] = []
     try:
         if settings.embedded_prefect:
-            start_prefect(settings, env, children, stop)
+            start_prefect(settings, env, children, stop, lock)
         else:
             wait_for_prefect(settings.api_url, 60)
         if not stop.is_set():
@@ -332,7 +344,7 @@ def supervise(settings: Settings, settings_file: Optional[str]) -> int:
             return 0  # Ctrl-C during start-up
         log.error("%s", exc)
         return 1
-    for child in (Child("ingest API", cli + ["ingest"]), Child("executor", cli + ["execute"])):
+    for child in (Child("ingest API", cli + ["ingest"], keep_fds=lock), Child("executor", cli + ["execute"], keep_fds=lock)):
         children.append(child)
         if not stop.is_set():
             child.start(env)

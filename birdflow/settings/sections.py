@@ -150,6 +150,12 @@ class SinkSettings(Section):
     def _a_sink_that_works(self) -> "SinkSettings":
         if self.influx_enabled and not self.influx_host:
             raise SettingsError("setting 'influx_host' is required when 'influx_enabled' is true")
+        if self.influx_enabled and not self.influx_token.get_secret_value():
+            # influxdb3-python refuses to start without one: the executor would exit and restart forever
+            raise SettingsError(
+                "setting 'influx_token' (env INFLUX_TOKEN) is required when 'influx_enabled' is true "
+                "(an InfluxDB 3 started --without-auth accepts any value)"
+            )
         if not self.parquet_enabled and not self.influx_enabled:
             raise SettingsError("enable at least one detection sink ('parquet_enabled' or 'influx_enabled')")
         return self

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
 from birdflow.settings import Settings
 from birdflow.app.supervisor import Child, restart_when_due
+from birdflow_tools.stack import Stack
 
 
 def test_a_crash_looping_child_does_not_hold_another_one_down(tmp_path):
@@ -54,3 +58,41 @@ def test_the_gauges_of_a_dead_child_stop_counting(tmp_path):
     assert 'birdflow_open_streams{station="s"} 2.0' in open_streams()
     restart_when_due(child, env, settings)
     assert "birdflow_open_streams{" not in open_streams()
+
+
+def test_up_cannot_be_doubled_and_its_children_end_with_it_even_when_it_is_killed(tmp_path):
+    stack = Stack(tmp_path / "first", station_id="single")
+    # a second `up` on the same data folder, on other ports
+    second = Stack(tmp_path / "second", station_id="single", settings={"data_dir": str(stack.places.data_dir)})
+    for each in (stack, second):
+        each.root.mkdir()
+    try:
+        stack.start()
+        children = [stack.child(role) for role in ("ingest", "executor", "server")]
+        assert all(children)
+        with pytest.raises(RuntimeError):
+            second.start(timeout_s=60)
+        assert "birdflow up already runs on" in second.log_tail() and str(stack.process.pid) in second.log_tail()
+        # nor can a second executor start beside the first
+        executor = stack.cli("execute", timeout_s=60)
+        assert executor.returncode == 1 and "an executor already runs on" in executor.stderr
+        # kill -9 of `up` alone: its children go too, and the data folder is free again once they have
+        os.kill(stack.process.pid, signal.SIGKILL)
+        stack.process.wait()
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in children)
+        second.start(timeout_s=120)
+        assert second.completed_runs() == 0  # a working station again
+    finally:
+        for each in (stack, second):
+            each.stop()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie its parent has not reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

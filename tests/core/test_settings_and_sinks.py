@@ -37,6 +37,7 @@ def test_yaml_with_env_overrides(tmp_path):
         ("", {"KEEP_LOCAL_RECORDINGS": "maybe"}, "KEEP_LOCAL_RECORDINGS"),
         ("max_duration_s: 2\n", {}, "'max_duration_s' (2.0) must be greater than 'min_duration_s'"),
         ("archive_backend: s3\n", {}, "'s3_bucket' is required"),
+        ("influx_enabled: true\ninflux_host: http://127.0.0.1:8181\n", {}, "setting 'influx_token' (env INFLUX_TOKEN) is required"),
         ("no_such_thing: 1\n", {}, "setting 'no_such_thing'"),
         ("station_id: ../x\n", {}, "setting 'station_id'"),
         ("- just\n- a list\n", {}, "must be a mapping"),

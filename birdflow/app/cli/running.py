@@ -40,13 +40,19 @@ def cmd_execute(args) -> int:
 
     import httpx
 
-    from flows.executor import Executor, ExecutorFailed
+    from birdflow.app.single import AlreadyRunning, hold_lock
+    from flows.executor import EXECUTOR_LOCK, Executor, ExecutorFailed
 
     settings = settings_with_prefect(args)
+    log = logging.getLogger("birdflow.executor")
+    try:
+        hold_lock(settings.data_dir / EXECUTOR_LOCK, "an executor")  # held until this process exits
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    log = logging.getLogger("birdflow.executor")
     try:
         Executor(settings).run_forever(stop)
     except ExecutorFailed as exc:
