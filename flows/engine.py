@@ -7,8 +7,9 @@ than the run's own bookkeeping are left out (see InProcessFlowRunEngine and engi
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from prefect import Flow
 from prefect._flow_run_suspension import register_flow_run_suspension_request
@@ -20,29 +21,80 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 
 ROUTINE_LINES = ("Beginning flow run", "Finished in state Completed(", "Finished in state Cached(")
+# a task's failed end, said again right after "Task run failed with exception: ... - Retries are exhausted"
+REPEATED_LINES = ("Finished in state Failed('Task run encountered an exception",)
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+TRACEBACK_EVERY_S = 3600.0
+LONGEST_LINE = 400
 
 
 class RoutineLinesFilter(logging.Filter):
     """Drops the engine's "Beginning flow run" and "Finished in state Completed()" lines, six per run:
     the run's states say the same, and they were ~15 % of what each run added to the Prefect database.
-    Failures, retries and everything else are still logged."""
+    Also a failed task's end, which repeats the line before it. Everything else is still logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno == logging.INFO and str(record.msg).startswith(ROUTINE_LINES))
+        message = str(record.msg)
+        return not (record.levelno == logging.INFO and message.startswith(ROUTINE_LINES)) and not message.startswith(REPEATED_LINES)
 
 
-def quiet_routine_lines() -> None:
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
+def one_line(text: str, limit: int = LONGEST_LINE) -> str:
+    """Whitespace (line breaks included) collapsed, cut at `limit` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def failure_kind(error: BaseException) -> tuple[str, str, int]:
+    """What makes two failures the same for a reader: the exception's type and where it was raised."""
+    traceback, where = error.__traceback__, ("", 0)
+    while traceback is not None:
+        where = (traceback.tb_frame.f_code.co_filename, traceback.tb_lineno)
+        traceback = traceback.tb_next
+    return type(error).__qualname__, *where
+
+
+class TracebackOncePerKind(logging.Filter):
+    """A failed task's traceback once an hour per kind of failure; after that, its message on one line.
+
+    The engine logs a task's last failed attempt with its whole traceback (50-130 lines through boto3 or
+    influxdb3-python), to the console and into the run's logs in the database: during an S3 outage ~400
+    lines per recording on the SD card that holds the database. A traceback says something new once."""
+
+    def __init__(self, every_s: float = TRACEBACK_EVERY_S, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self._shown: dict[tuple[str, str, int], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return True
+        kind, now = failure_kind(error), self.clock()
+        if now - self._shown.get(kind, float("-inf")) >= self.every_s:
+            if len(self._shown) >= 256:
+                self._shown.clear()
+            self._shown[kind] = now
+            return True
+        record.msg, record.args = one_line(record.getMessage()) + " (traceback shown earlier)", ()
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_run_logs() -> None:
+    """The filters above on the run loggers of this process (once)."""
+    for name in RUN_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, RoutineLinesFilter) for existing in logger.filters):
             logger.addFilter(RoutineLinesFilter())
+            logger.addFilter(TracebackOncePerKind())
 
 
 @contextmanager
 def engine_context() -> Iterator[SyncPrefectClient]:
     """One API client for all the runs of a thread, and no heartbeat thread per run (~0.7 s each):
     a run left Running by a crashed process is taken over when the executor restarts."""
-    quiet_routine_lines()
+    quiet_run_logs()
     with SyncClientContext.get_or_create() as context, temporary_settings(
         updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     ):

@@ -40,6 +40,7 @@ from birdflow.settings import Settings
 from birdflow.settings.sections import DetectionSettings
 from birdflow.core.sinks import write_all
 from flows.announce import announce_rare, show_detections
+from flows.engine import one_line
 from flows.resources import StationResources, station_resources
 
 # name of the Failed state of a run whose audio cannot be analysed (undecodable, or not what was archived)
@@ -285,7 +286,11 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
             metrics.PRIVACY_FILTERED.labels(recording.station_id, action).inc()
             logger.info("privacy filter: a human was heard in %.0f s of it; audio %s", sum(b - a for a, b in human), action)
     except ValueError as exc:  # the same audio would fail the same way: not worth a re-drive
-        return Failed(name=UNPROCESSABLE, message=f"{type(exc).__name__}: {exc}")
+        return Failed(name=UNPROCESSABLE, message=f"{type(exc).__name__}: {one_line(str(exc))}")
+    except Exception as exc:  # an archive, a sink or the disk failing: re-driven (flows/redrive.py)
+        # returned, not raised: Prefect would log the traceback once more and pickle the exception into the
+        # station's result storage on every failed attempt
+        return Failed(message=f"{type(exc).__name__}: {one_line(str(exc))}")
     if settings.detections.run_artifacts:
         show_detections(table, {sighting.scientific_name for sighting in tally.rare}, station.archive.uri)
     station.ledger.record(recording.recording_id, params.analysis_id)

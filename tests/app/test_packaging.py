@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -126,8 +127,11 @@ def installed_wheel(tmp_path_factory) -> Path:
     """birdflow's wheel (built from this tree, not editable) in a new virtualenv; its dependencies are those of
     this environment, linked in, without birdflow itself or its developer tools. Returns the interpreter."""
     root = tmp_path_factory.mktemp("wheel")
+    # built from a copy: an in-tree build keeps a build/ folder whose stale modules could end up in the wheel
+    source = root / "source"
+    shutil.copytree(PROJECT, source, ignore=shutil.ignore_patterns(".*", "build", "data", "*.egg-info", "__pycache__", "tests", "tools"))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(root / "dist"), str(PROJECT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(root / "dist"), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert built.returncode == 0, built.stderr
