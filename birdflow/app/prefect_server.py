@@ -10,18 +10,37 @@ access log). SQLite allows one writer at a time in any case, so beginning every 
 (wait for the write lock, up to Prefect's busy timeout, then read and write) loses no concurrency and
 fails nothing. Postgres is left as Prefect configures it.
 
+It also keeps the run history within the station's disk budget (birdflow/core/budget.py): a service of
+its own, run by Prefect's own scheduler of background services, deletes the oldest runs with Prefect's own
+vacuum when the database outgrows the budget or the disk nears its floor, and the database file gives the
+freed pages back to the disk (SQLite's incremental auto-vacuum).
+
 Run as `python -m birdflow.app.prefect_server start --host H --port P` (the arguments of
 `prefect server start`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import shutil
+import sqlite3
 import sys
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from contextlib import asynccontextmanager, closing
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import AsyncIterator, Optional
 
 from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
+
+from birdflow.core.budget import MB, HistoryBudget, derived_budget_bytes, sqlite_bytes_in_use
+from birdflow.settings import Settings, load_settings
+
+# a child of Prefect's logger: the server's logging configuration shows it
+log = logging.getLogger("prefect.birdflow.history")
+# Prefect's vacuum deletes runs older than its retention period, which it requires to exceed an hour
+SHORTEST_RETENTION = timedelta(hours=1, seconds=1)
 
 
 class WriteLockFirstSqliteConfiguration(AioSqliteConfiguration):
@@ -49,8 +68,110 @@ def use_write_lock_first_sqlite() -> None:
         MODELS_DEPENDENCIES["database_config"] = WriteLockFirstSqliteConfiguration(connection_url=url)
 
 
+def incremental_auto_vacuum(database: Path) -> None:
+    """A new database is made with auto_vacuum=INCREMENTAL, so that pages freed by deleting history can go
+    back to the disk; an existing one is converted once (VACUUM, which needs its own size free again)."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(database, timeout=60, isolation_level=None)) as connection:
+        if connection.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            return
+        size = database.stat().st_size
+        if size * 1.2 > shutil.disk_usage(database.parent).free:
+            log.warning("the Prefect database (%d MB) cannot be converted to give freed space back: too little disk free", size // MB)
+            return
+        connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        connection.execute("VACUUM")
+
+
+def give_space_back(database: Path) -> int:
+    """Return the database's free pages to the disk; the bytes freed."""
+    with closing(sqlite3.connect(database, timeout=60, isolation_level=None)) as connection:
+        free_pages, page_size = (connection.execute(f"PRAGMA {name}").fetchone()[0] for name in ("freelist_count", "page_size"))
+        if free_pages:
+            connection.execute("PRAGMA incremental_vacuum").fetchall()
+    return free_pages * page_size
+
+
+def state_bytes(settings: Settings) -> int:
+    """The station's state beside the run history: its SQLite files and Prefect's cached results."""
+    files = [*settings.state_dir.glob("*.sqlite"), *(settings.prefect_home / "storage").glob("*")]
+    return sum(sqlite_bytes_in_use(path) if path.suffix == ".sqlite" else path.stat().st_size for path in files if path.is_file())
+
+
+def history_budget(settings: Settings) -> HistoryBudget:
+    disk = shutil.disk_usage(settings.data_dir)
+    chosen = settings.unattended.history_budget_mb * MB
+    return HistoryBudget(chosen or derived_budget_bytes(disk.total), settings.unattended.min_free_disk_mb * MB)
+
+
+async def trim_history(settings: Settings, db) -> int:
+    """One pass: delete the oldest runs (with their task runs, logs, artifacts) through Prefect's own vacuum
+    until the history fits, then give the freed pages back; returns the runs deleted."""
+    import sqlalchemy as sa
+    from prefect.server.schemas.states import TERMINAL_STATES
+    from prefect.server.services.db_vacuum import vacuum_old_flow_runs
+    from prefect.settings import PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD, temporary_settings
+
+    database = settings.prefect_database_file
+    eligible = sa.and_(
+        db.FlowRun.parent_task_run_id.is_(None), db.FlowRun.state_type.in_(TERMINAL_STATES), db.FlowRun.end_time.is_not(None),
+    )
+    async with db.session_context() as session:
+        runs = (await session.execute(sa.select(sa.func.count()).select_from(db.FlowRun).where(eligible))).scalar_one()
+        history, state = sqlite_bytes_in_use(database), state_bytes(settings)
+        budget = history_budget(settings)
+        doomed = budget.runs_to_delete(history, state, runs, shutil.disk_usage(settings.data_dir).free)
+        cutoff = doomed and (
+            await session.execute(sa.select(db.FlowRun.end_time).where(eligible).order_by(db.FlowRun.end_time).offset(doomed - 1).limit(1))
+        ).scalar_one()
+    if doomed:
+        log.info(
+            "run history %d MB and state %d MB over the budget of %d MB: the oldest %d of %d runs go",
+            history // MB, state // MB, budget.budget_bytes // MB, doomed, runs,
+        )
+        retention = max(datetime.now(timezone.utc) - cutoff.astimezone(timezone.utc) - timedelta(microseconds=1), SHORTEST_RETENTION)
+        with temporary_settings(updates={PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD: retention}):
+            await vacuum_old_flow_runs(db=db)
+    await asyncio.to_thread(give_space_back, database)
+    return doomed
+
+
+def keep_history_within_budget(settings: Settings) -> None:
+    """Register trim_history with Prefect's perpetual services, every history_check_interval_s."""
+    from docket import Depends, Perpetual
+    from prefect.server.database import PrefectDBInterface, provide_database_interface
+    from prefect.server.services.perpetual_services import perpetual_service
+
+    every = timedelta(seconds=settings.unattended.history_check_interval_s)
+
+    @perpetual_service(enabled_getter=lambda: True)
+    async def keep_run_history_within_budget(
+        perpetual: Perpetual = Perpetual(automatic=True, every=every),
+        db: PrefectDBInterface = Depends(provide_database_interface),
+    ) -> None:
+        try:
+            await trim_history(settings, db)
+        except Exception:
+            log.exception("keeping the run history within its budget failed; tried again in %s", every)
+
+
+def station_settings() -> Optional[Settings]:
+    """The settings of the station whose embedded server this is (`up` starts it on the station's own SQLite
+    file); None for any other server."""
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+
+    from birdflow.app.supervisor import database_url
+
+    settings = load_settings()
+    return settings if PREFECT_API_DATABASE_CONNECTION_URL.value() == database_url(settings) else None
+
+
 def main() -> None:
     use_write_lock_first_sqlite()
+    settings = station_settings()
+    if settings is not None and settings.prefect.prefect_database == "sqlite":
+        incremental_auto_vacuum(settings.prefect_database_file)
+        keep_history_within_budget(settings)
     from prefect.cli import app
 
     sys.argv = ["prefect", "server", *sys.argv[1:]]

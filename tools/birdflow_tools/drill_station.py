@@ -268,9 +268,7 @@ class DrillStation:
     def age(self, days: float) -> None:
         """Make everything the station has done `days` older: run ends, cached results, detection files."""
         seconds = days * 86400
-        with closing(sqlite3.connect(self.places.prefect_database_file, timeout=60)) as database:
-            with database:
-                database.execute(f"UPDATE flow_run SET end_time = datetime(end_time, '-{days} days') WHERE end_time IS NOT NULL")
+        self.stack.age_runs(days)
         with closing(sqlite3.connect(self.places.results_file, timeout=60)) as database:
             with database:
                 database.execute("UPDATE results SET written_at = written_at - ?", (int(seconds),))

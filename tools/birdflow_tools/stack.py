@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -218,6 +219,12 @@ class Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+    def age_runs(self, days: float) -> None:
+        """Make the runs that ended `days` older, as if time had passed (the embedded SQLite server's)."""
+        with closing(sqlite3.connect(self.places.prefect_database_file, timeout=60)) as database:
+            with database:
+                database.execute(f"UPDATE flow_run SET end_time = datetime(end_time, '-{days} days') WHERE end_time IS NOT NULL")
 
     def stored_times(self) -> dict[str, float]:
         """recording id -> when its detections file was written (wall clock)."""
