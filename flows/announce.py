@@ -13,6 +13,9 @@ from prefect.settings import get_current_settings
 
 from birdflow.core.detections import artifact_rows, summary
 from birdflow.core.rarity import RARE_EVENT, RareSighting
+from birdflow.core.retention import Purged
+
+PURGED_EVENT = "birdflow.archive.purged"  # archived audio deleted (automations can notify on it)
 
 
 def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: Optional[str]) -> dict:
@@ -44,6 +47,24 @@ def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: Optiona
             "run_url": run_url or "",
         },
     }
+
+
+def purged_event_fields(item: Purged, station_id: str) -> dict:
+    return {
+        "event": PURGED_EVENT,
+        "resource": {
+            "prefect.resource.id": f"birdflow.recording.{item.recording_id}",
+            "prefect.resource.name": item.recording_id,
+            "birdflow.station": station_id,
+        },
+        "related": [{"prefect.resource.id": f"birdflow.station.{station_id}", "prefect.resource.role": "station"}],
+        "payload": {"reason": item.reason, "path": item.path, "size": item.size},
+    }
+
+
+def announce_purged(purged: list[Purged], station_id: str) -> None:
+    for item in purged:
+        emit_event(**purged_event_fields(item, station_id))
 
 
 def run_page() -> Optional[str]:

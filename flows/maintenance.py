@@ -28,10 +28,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 
+from birdflow.app import metrics
 from birdflow.core.health import closed_spool_files, health_table, read_spool
 from birdflow.core.results import ResultsDatabase
-from birdflow.core.retention import DAY_S, archive_retention, remove_stale_files
+from birdflow.core.retention import DAY_S, PurgeJournal, archive_retention, remove_stale_files
 from birdflow.core.sinks import compact_detections, write_all
+from flows.announce import announce_purged
 from flows.redrive import GIVEN_UP, redrive_or_give_up
 from birdflow.settings import Settings
 from flows.resources import station_resources
@@ -119,7 +121,14 @@ def redrive_failed_runs(settings: Settings) -> dict[str, int]:
 
 @task(name="apply retention", cache_policy=NO_CACHE, persist_result=False)
 def apply_retention(settings: Settings) -> dict[str, int]:
-    archive = archive_retention(settings)
+    station = station_resources()
+    archive = archive_retention(settings, worth=station.ledger.detections)
+    for item in archive:
+        metrics.ARCHIVE_PURGED.labels(settings.station_id, item.reason).inc()
+    journal = PurgeJournal(settings.purge_journal_file)
+    announced = journal.take()  # this run's deletions and those the ingest made at the floor
+    announce_purged(announced, settings.station_id)
+    journal.taken()
     temporary = remove_stale_files(
         [settings.staging_dir, settings.local_archive_dir, settings.detections_dir], TEMP_FILE_AGE_S
     )
@@ -129,8 +138,9 @@ def apply_retention(settings: Settings) -> dict[str, int]:
     results += remove_stale_files([settings.prefect_home / "storage"], retention_s, pattern="*").files
     compaction = compact_detections(settings.detections_dir)
     return {
-        "archive_files_deleted": archive.files,
-        "archive_bytes_deleted": archive.bytes,
+        "archive_files_deleted": len(archive),
+        "archive_bytes_deleted": sum(item.size for item in archive),
+        "archive_deletions_announced": len(announced),
         "temporary_files_deleted": temporary.files,
         "cached_results_deleted": results,
         "detection_files_merged": compaction.files_merged,

@@ -293,7 +293,7 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
         return Failed(message=f"{type(exc).__name__}: {one_line(str(exc))}")
     if settings.detections.run_artifacts:
         show_detections(table, {sighting.scientific_name for sighting in tally.rare}, station.archive.uri)
-    station.ledger.record(recording.recording_id, params.analysis_id)
+    station.ledger.record(recording.recording_id, params.analysis_id, table.num_rows)
     _release_local_copy(recording, settings)
     return {"recording_id": recording.recording_id, "detections": table.num_rows, "rare": len(tally.rare), "archive": archived}
 

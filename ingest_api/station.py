@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from birdflow.app import metrics
 from birdflow.core.disk import MB, DiskFloor
 from birdflow.core.recordings import RecordingStore
+from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.retention import archive_retention
 from birdflow.core.wav import WavFormat
 from birdflow.settings import Settings
@@ -50,7 +51,7 @@ class IngestStation:
         self.station_id = station = settings.station_id
         self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, station)
         recover_and_count(self.store, settings)  # nothing of this process is open yet: every partial is left over
-        self.disk = DiskFloor(settings.data_dir, settings.unattended.min_free_disk_mb * MB, relieve=lambda: archive_retention(settings))
+        self.disk = DiskFloor(settings.data_dir, settings.unattended.min_free_disk_mb * MB, relieve=self.relieve_disk)
         self.limits = StreamLimits(
             min_duration_s=settings.ingest.min_duration_s,
             max_duration_s=settings.ingest.max_duration_s,
@@ -71,6 +72,12 @@ class IngestStation:
             "metadata_frame": metrics.METADATA_FRAMES.labels(station),
         }
 
+
+    def relieve_disk(self) -> None:
+        """At the disk floor: what the archive retention allows, counted (maintenance announces it)."""
+        ledger = ProcessedLedger(self.settings.processed_record_file)
+        for item in archive_retention(self.settings, worth=ledger.detections):
+            metrics.ARCHIVE_PURGED.labels(self.station_id, item.reason).inc()
     def count_event(self, name: str, count: int) -> None:
         self._event_counters[name].inc(count)
 

@@ -86,6 +86,9 @@ DETECTIONS_BY_SPECIES = Counter(
     ["station", "species"],
 )
 SINK_WRITE_FAILURES = Counter("birdflow_sink_write_failures", "Failed detection writes (retried), by sink", ["station", "sink"])
+ARCHIVE_PURGED = Counter(
+    "birdflow_archive_purged", "Archived recordings deleted, by reason (age, size, floor, floor-copy)", ["station", "reason"]
+)
 ARCHIVE_BYTES = Counter("birdflow_archive_bytes", "Audio bytes uploaded to the archive (duplicates skipped)", ["station", "backend"])
 DISK_FREE = Gauge(
     "birdflow_disk_free_bytes", "Free space on the disk of the data directory", ["station"], multiprocess_mode="livemax"

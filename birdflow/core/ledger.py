@@ -2,19 +2,21 @@
 archived?" answered without its flow run, which run retention deletes after `run_retention_days`.
 
 It is what keeps a re-sent recording from being processed twice and what a backfill skips by. One row
-per recording and analysis (~60 bytes) in one SQLite file.
+per recording and analysis (~60 bytes) in one SQLite file, with how many detections it had (what the disk
+floor, when allowed to, deletes first is audio without any).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 from birdflow.core.local_db import LocalDatabase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed (recording_id TEXT NOT NULL, analysis_id TEXT NOT NULL,
-    processed_at INTEGER NOT NULL, PRIMARY KEY (recording_id, analysis_id)) WITHOUT ROWID;
+    processed_at INTEGER NOT NULL, detections INTEGER, PRIMARY KEY (recording_id, analysis_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS backfill_files (location TEXT PRIMARY KEY, size INTEGER NOT NULL,
     modified REAL NOT NULL, recording_id TEXT NOT NULL) WITHOUT ROWID;
 """
@@ -23,11 +25,20 @@ CREATE TABLE IF NOT EXISTS backfill_files (location TEXT PRIMARY KEY, size INTEG
 class ProcessedLedger:
     def __init__(self, path: Path):
         self.database = LocalDatabase(path, SCHEMA)
+        columns = {row[1] for row in self.database.execute("PRAGMA table_info(processed)")}
+        if "detections" not in columns:  # a record made before it counted detections
+            self.database.execute("ALTER TABLE processed ADD COLUMN detections INTEGER")
 
-    def record(self, recording_id: str, analysis_id: str) -> None:
+    def record(self, recording_id: str, analysis_id: str, detections: Optional[int] = None) -> None:
         self.database.execute(
-            "INSERT OR REPLACE INTO processed VALUES (?, ?, ?)", (recording_id, analysis_id, int(time.time()))
+            "INSERT OR REPLACE INTO processed VALUES (?, ?, ?, ?)", (recording_id, analysis_id, int(time.time()), detections)
         )
+
+    def detections(self, recording_id: str) -> int:
+        """The most detections any analysis of the recording found; 1 when unknown (recorded before they were
+        counted, or never processed): what the disk floor deletes last is what is worth the most."""
+        row = self.database.execute("SELECT max(coalesce(detections, 1)) FROM processed WHERE recording_id = ?", (recording_id,)).fetchone()
+        return 1 if row is None or row[0] is None else row[0]
 
     def contains(self, recording_id: str, analysis_id: str) -> bool:
         query = "SELECT 1 FROM processed WHERE recording_id = ? AND analysis_id = ?"

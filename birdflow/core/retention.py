@@ -1,5 +1,6 @@
-"""What a station deletes so that its storage stops growing: the local archive beyond its caps (or, at
-the disk floor, its oldest audio) and the temporary files of writes a crash interrupted.
+"""What a station deletes so that its storage stops growing: the local archive beyond its caps, at the
+disk floor copies of what S3 holds (the only copies only when the operator chose so), and the temporary
+files of writes a crash interrupted. Nothing archived goes silently: each deletion is logged and journalled.
 
 Flow runs with their task runs, logs and artifacts are deleted by the Prefect server's own vacuum
 service; cached task results and the detections dataset have their own pruning and compaction
@@ -8,18 +9,22 @@ service; cached task results and the detections dataset have their own pruning a
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from birdflow.core.disk import MB
 from birdflow.settings import Settings
 
+log = logging.getLogger("birdflow.retention")
 GB = 1 << 30
+CLIPS_FOLDER = "clips"  # under the local archive's root
 DAY_S = 86400.0
 FLOOR_HEADROOM = 1.1  # at the floor, free a little more than the floor, so the next recording fits
 _DAY_FOLDERS = re.compile(r"(\d{4})/(\d{2})/(\d{2})$")
@@ -43,11 +48,29 @@ class ArchivedFile:
     size: int
     path: Path
 
+    @property
+    def recording_id(self) -> str:
+        return self.path.stem
+
+
+@dataclass(frozen=True)
+class Purged:
+    """An archived recording deleted, and why: `age` or `size` (the local archive's caps), `floor` (at the
+    disk floor, the only copy: only when local_archive_purge_at_floor), `floor-copy` (a copy of S3's)."""
+
+    recording_id: str
+    path: str
+    size: int
+    reason: str
+
 
 def archived_files(root: Path) -> list[ArchivedFile]:
-    """The local archive's audio, oldest recording day first (then oldest copy first)."""
+    """The local archive's recordings, oldest recording day first (then oldest copy first). Clips are not
+    among them: they are kept by their own rules (birdflow.core.clips), a species' best never deleted."""
     found = []
-    for folder, _, names in os.walk(root):
+    for folder, subfolders, names in os.walk(root):
+        if Path(folder) == Path(root) and CLIPS_FOLDER in subfolders:
+            subfolders.remove(CLIPS_FOLDER)
         match = _DAY_FOLDERS.search(Path(folder).as_posix())
         day = "/".join(match.groups()) if match else ""
         for name in names:
@@ -70,25 +93,39 @@ def prune_local_archive(
     max_age_s: float = 0.0,
     free_target_bytes: int = 0,
     free_bytes: Optional[Callable[[], int]] = None,
+    floor_reason: str = "floor",
+    worth: Callable[[str], int] = lambda recording_id: 1,
     now: Optional[float] = None,
-) -> Freed:
-    """Delete the oldest archived audio while the archive is over `max_bytes`, older than `max_age_s`,
-    or the disk has less than `free_target_bytes` free (0 turns a rule off)."""
+) -> list[Purged]:
+    """Delete archived audio older than `max_age_s` or over `max_bytes`, oldest first; then, while the disk
+    has less than `free_target_bytes` free, the least worth first (`worth` of a recording id: 0 for one
+    without detections), oldest first among equals (0 turns a rule off). Returns what went, and why."""
     now = time.time() if now is None else now
     files = archived_files(Path(root)) if Path(root).is_dir() else []
     total = sum(item.size for item in files)
-    freed = Freed()
-    for item in files:
-        too_old = max_age_s > 0 and now - item.modified > max_age_s
-        too_big = max_bytes > 0 and total > max_bytes
-        too_full = free_target_bytes > 0 and free_bytes is not None and free_bytes() < free_target_bytes
-        if not (too_old or too_big or too_full):
-            break
+    purged: list[Purged] = []
+
+    def delete(item: ArchivedFile, reason: str) -> None:
+        nonlocal total
         item.path.unlink(missing_ok=True)
         total -= item.size
-        freed += Freed(1, item.size)
+        purged.append(Purged(item.recording_id, str(item.path), item.size, reason))
         _remove_empty_folders(item.path.parent, Path(root))
-    return freed
+
+    left = []
+    for item in files:
+        if max_age_s > 0 and now - item.modified > max_age_s:
+            delete(item, "age")
+        elif max_bytes > 0 and total > max_bytes:
+            delete(item, "size")
+        else:
+            left.append(item)
+    if free_target_bytes > 0 and free_bytes is not None:
+        for item in sorted(left, key=lambda item: worth(item.recording_id) > 0):  # stable: oldest first within
+            if free_bytes() >= free_target_bytes:
+                break
+            delete(item, floor_reason)
+    return purged
 
 
 def remove_stale_files(
@@ -123,15 +160,58 @@ def _remove_empty_folders(folder: Path, root: Path) -> None:
         folder = folder.parent
 
 
-def archive_retention(settings: Settings) -> Freed:
-    """The local archive's caps and, at the disk floor, its oldest audio: always with an S3 archive (the
-    local copies are all in S3 too), and with a local-only archive when local_archive_purge_at_floor."""
+def archive_retention(settings: Settings, worth: Callable[[str], int] = lambda recording_id: 1) -> list[Purged]:
+    """The local archive's caps and, at the disk floor, its audio: a copy of S3's always, the only copy only
+    when the operator chose it (local_archive_purge_at_floor), recordings without detections first. Every
+    deletion is logged and put in the purge journal (announced as Prefect events by maintenance)."""
     floor_bytes = settings.unattended.min_free_disk_mb * MB
-    purge_at_floor = settings.archive.archive_backend == "s3" or settings.unattended.local_archive_purge_at_floor
-    return prune_local_archive(
+    copies = settings.archive.archive_backend == "s3"
+    purge_at_floor = copies or settings.unattended.local_archive_purge_at_floor
+    purged = prune_local_archive(
         settings.local_archive_dir,
         max_bytes=int(settings.unattended.local_archive_max_gb * GB),
         max_age_s=settings.unattended.local_archive_max_days * DAY_S,
         free_target_bytes=int(floor_bytes * FLOOR_HEADROOM) if purge_at_floor else 0,
         free_bytes=lambda: shutil.disk_usage(settings.data_dir).free,
+        floor_reason="floor-copy" if copies else "floor",
+        worth=worth,
     )
+    for item in purged:
+        log.warning("archived audio deleted (%s): %s, %d bytes", item.reason, item.recording_id, item.size)
+    PurgeJournal(settings.purge_journal_file).add(purged)
+    return purged
+
+
+class PurgeJournal:
+    """Deletions not yet announced: JSON lines, appended by whichever process deleted, taken by maintenance."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def add(self, purged: Iterable[Purged]) -> None:
+        lines = "".join(json.dumps(asdict(item)) + "\n" for item in purged)
+        if lines:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as journal:
+                journal.write(lines)
+
+    def take(self) -> list[Purged]:
+        """What the journal holds, emptied (a line cut by a crash is skipped)."""
+        taking = self.path.with_suffix(".taking")
+        try:
+            os.replace(self.path, taking)
+        except FileNotFoundError:
+            pass
+        if not taking.exists():
+            return []
+        purged = []
+        for line in taking.read_text().splitlines():
+            try:
+                purged.append(Purged(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue
+        return purged
+
+    def taken(self) -> None:
+        """The entries take() returned were announced."""
+        self.path.with_suffix(".taking").unlink(missing_ok=True)

@@ -110,6 +110,11 @@ class Settings(BaseModel):
         return self.state_dir / "processed.sqlite"
 
     @property
+    def purge_journal_file(self) -> Path:
+        """Archived audio deleted and not yet announced as Prefect events (birdflow.core.retention)."""
+        return self.state_dir / "purged.jsonl"
+
+    @property
     def results_file(self) -> Path:
         """The analyze task's cached results (one SQLite file, not a file per result)."""
         return self.state_dir / "results.sqlite"

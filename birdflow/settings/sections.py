@@ -246,7 +246,8 @@ class UnattendedSettings(Section):
     local_archive_max_gb: float = Field(0.0, ge=0, description="Cap of the local archive, oldest first; 0: no cap")
     local_archive_max_days: float = Field(0.0, ge=0, description="Age limit of the local archive; 0: no limit")
     local_archive_purge_at_floor: bool = Field(
-        True, description="At the disk floor, delete the oldest local archive audio even when it is the only copy"
+        False, description="At the disk floor, delete local archive audio that is the only copy (recordings without "
+        "detections first, then the oldest; never clips) rather than refuse new recordings with 507",
     )
 
     @field_validator("redrive_delays_s")

@@ -4,6 +4,7 @@ the hourly compaction of the detections, and the processed-recordings record."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -12,9 +13,10 @@ import pytest
 from birdflow.core.birdnet import Detection
 from birdflow.core.detections import detections_table
 from birdflow.core.ledger import ProcessedLedger
+from birdflow.settings import Settings
 from tests.builders import recording_info
 from birdflow.core.results import ResultsDatabase
-from birdflow.core.retention import prune_local_archive, remove_stale_files
+from birdflow.core.retention import PurgeJournal, archive_retention, prune_local_archive, remove_stale_files
 from birdflow.core.sinks import ParquetSink, compact_detections, read_detections
 
 DAY = 86400
@@ -43,22 +45,54 @@ def archive(tmp_path):
 def test_the_archive_cap_deletes_the_oldest_recording_days_first(archive):
     root, (oldest, middle, newest) = archive
     freed = prune_local_archive(root, max_bytes=150)
-    assert (freed.files, freed.bytes) == (2, 200)
+    assert [(item.recording_id, item.size, item.reason) for item in freed] == [("a", 100, "size"), ("b", 100, "size")]
     assert not oldest.exists() and not middle.exists() and newest.exists()
     assert not (root / "st" / "mic1" / "2025" / "06" / "01").exists()  # emptied folders go too
 
 
 def test_the_age_limit_and_the_disk_floor(archive):
     root, (oldest, middle, newest) = archive
-    assert prune_local_archive(root, max_age_s=2.5 * DAY).files == 1 and not oldest.exists()
+    assert [item.reason for item in prune_local_archive(root, max_age_s=2.5 * DAY)] == ["age"] and not oldest.exists()
     free = iter([0, 0, 10**9])  # the disk is full until one more file went
-    assert prune_local_archive(root, free_target_bytes=10**6, free_bytes=lambda: next(free)).files == 2
+    assert len(prune_local_archive(root, free_target_bytes=10**6, free_bytes=lambda: next(free))) == 2
     assert not middle.exists() and not newest.exists()
 
 
 def test_nothing_is_deleted_without_a_rule(archive):
     root, files = archive
-    assert prune_local_archive(root).files == 0 and all(path.exists() for path in files)
+    assert prune_local_archive(root) == [] and all(path.exists() for path in files)
+
+
+def test_at_the_floor_the_only_copies_stay_unless_the_operator_chose_otherwise(tmp_path, monkeypatch):
+    root = tmp_path / "data" / "archive"
+    heard = archived(root, "2025/06/01", "mic1_20250601T050000Z_aaaaaaaa.flac", 100, 3 * DAY)
+    quiet = archived(root, "2025/06/02", "mic1_20250602T050000Z_bbbbbbbb.flac", 100, 2 * DAY)
+    best_clip = root / "clips" / "st" / "Spinus tristis" / "best.flac"
+    best_clip.parent.mkdir(parents=True)
+    best_clip.write_bytes(b"\0" * 100)
+    monkeypatch.setattr("birdflow.core.retention.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    worth = {"mic1_20250601T050000Z_aaaaaaaa": 2, "mic1_20250602T050000Z_bbbbbbbb": 0}.get
+    defaults = Settings(data_dir=tmp_path / "data")
+    assert archive_retention(defaults, worth) == [] and heard.exists() and quiet.exists()  # refused with 507 instead
+    chosen = Settings(data_dir=tmp_path / "data", local_archive_purge_at_floor=True)
+    purged = archive_retention(chosen, worth)
+    # the recording without detections went first although it is the newer; never a clip
+    assert [(item.recording_id, item.reason) for item in purged] == [
+        ("mic1_20250602T050000Z_bbbbbbbb", "floor"), ("mic1_20250601T050000Z_aaaaaaaa", "floor"),
+    ]
+    assert best_clip.exists()
+    journal = PurgeJournal(chosen.purge_journal_file)
+    assert [item.recording_id for item in journal.take()] == [item.recording_id for item in purged]
+    journal.taken()
+    assert journal.take() == []
+
+
+def test_at_the_floor_copies_of_what_s3_holds_may_go(tmp_path, monkeypatch):
+    root = tmp_path / "data" / "archive"
+    copy = archived(root, "2025/06/01", "mic1_20250601T050000Z_aaaaaaaa.flac", 100, DAY)
+    monkeypatch.setattr("birdflow.core.retention.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    s3 = Settings(data_dir=tmp_path / "data", archive_backend="s3", s3_bucket="b", keep_local_recordings=True)
+    assert [item.reason for item in archive_retention(s3)] == ["floor-copy"] and not copy.exists()
 
 
 def test_stale_temporary_files_go_and_fresh_ones_stay(tmp_path):

@@ -74,6 +74,7 @@ def test_disk_below_the_floor_refuses_then_recovers_by_itself(station):
     assert result.refused >= station.options.uploads  # each upload was refused at least once
     assert result.facts["rejected_counted"] >= result.refused  # and counted (streams too)
     assert result.facts["damaged_files"] == []
+    assert result.facts["gone_from_archive"] == []  # the floor deleted no archived audio
     assert result.accepted >= station.options.uploads
 
 

@@ -129,6 +129,7 @@ def drill_influx_down(station: DrillStation) -> DrillResult:
 def drill_disk_floor(station: DrillStation) -> DrillResult:
     """The disk filled to below the floor while recordings arrive and listeners stream; then space returns."""
     before = set(station.arrivals.ids)
+    archived_before = station.archived_ids()
     floor = station.floor_mb
     ballast = station.root / "ballast"
     free_mb = shutil.disk_usage(station.root).free // MB
@@ -148,8 +149,12 @@ def drill_disk_floor(station: DrillStation) -> DrillResult:
         ballast.unlink(missing_ok=True)
     result = station.count("disk below the floor", before, refused)
     rejected = int(station.metric(*insufficient_storage) - rejected_before)
-    result.facts.update(rejected_counted=rejected, damaged_files=damaged_files(station))
-    result.notes.append(f"{rejected} request(s) refused with 507, accepted again once space returned")
+    gone_from_archive = sorted(archived_before - station.archived_ids())
+    result.facts.update(rejected_counted=rejected, damaged_files=damaged_files(station), gone_from_archive=gone_from_archive)
+    result.notes.append(
+        f"{rejected} request(s) refused with 507, accepted again once space returned; "
+        f"{len(gone_from_archive)} archived recording(s) deleted"
+    )
     return result
 
 
