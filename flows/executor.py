@@ -39,7 +39,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import Abort
 from prefect.context import SettingsContext
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, Settings as PrefectSettings, get_current_settings
-from prefect.states import Pending, Scheduled
+from prefect.states import Crashed, Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
 from birdflow.app import metrics
@@ -273,7 +273,9 @@ class Executor:
             metrics.FLOW_RUNS_TRIGGERED.labels(self.settings.station_id).inc()
             self.finish(client, flow_run, run_in_process(self.flows[self.deployment_id], flow_run))
         else:
-            # left Pending/Running by an executor that stopped mid-run: take it over
+            # left Pending/Running by an executor that stopped mid-run: that attempt crashed (its history says so,
+            # and that it did not run twice at once); this one takes it over
+            client.set_flow_run_state(flow_run.id, Crashed(message="its executor stopped mid-run; taken over"), force=True)
             client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
             self.execute(client, flow_run)
         return flow_run

@@ -2,19 +2,22 @@
 
 - It re-drives failed recording runs that nothing re-drove yet. The executor re-drives the runs it
   executes as soon as they fail; this catches the rest (runs of a worker, runs left by a stopped executor).
-- It applies retention: cached results older than run_retention_days, the local archive's caps, temporary
-  files of interrupted writes; and it merges the detections into hourly Parquet files.
+- It applies retention: cached results older than run_retention_days (or than the oldest run the disk budget
+  kept), the processed record within its share of that budget, the local archive's caps, temporary files of
+  interrupted writes; it announces archived audio that was deleted; it merges the detections into hourly
+  Parquet files.
 - It writes the hourly species counts of closed hours to the sinks (Parquet, Influx `species_hourly`).
 
 Flow runs themselves (with their task runs, logs and artifacts) are deleted by the Prefect server's own
-db_vacuum service, which `birdflow up` turns on for run_retention_days.
+db_vacuum service, which `birdflow up` turns on for run_retention_days, and sooner by the embedded server's
+history budget (birdflow.app.prefect_server).
 """
 
 from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Optional
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -22,6 +25,7 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
     FlowRunFilter,
+    FlowRunFilterStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
@@ -30,6 +34,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 
 from birdflow.app import metrics
 from birdflow.core.health import closed_spool_files, health_table, read_spool
+from birdflow.core.budget import RECORD_SHARE
 from birdflow.core.results import ResultsDatabase
 from birdflow.core.retention import DAY_S, PurgeJournal, archive_retention, remove_stale_files
 from birdflow.core.sinks import compact_detections, write_all
@@ -119,6 +124,19 @@ def redrive_failed_runs(settings: Settings) -> dict[str, int]:
     return counts
 
 
+def oldest_recording_run(settings: Settings) -> Optional[datetime]:
+    """When the oldest recording run the station still keeps started (None without any)."""
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"process-recording/{settings.station_id}")
+        [oldest] = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),
+            sort=FlowRunSort.START_TIME_ASC,
+            limit=1,
+        ) or [None]
+    return oldest.start_time if oldest else None
+
+
 @task(name="apply retention", cache_policy=NO_CACHE, persist_result=False)
 def apply_retention(settings: Settings) -> dict[str, int]:
     station = station_resources()
@@ -132,8 +150,13 @@ def apply_retention(settings: Settings) -> dict[str, int]:
     temporary = remove_stale_files(
         [settings.staging_dir, settings.local_archive_dir, settings.detections_dir], TEMP_FILE_AGE_S
     )
+    # the state within the budget: cached results only while a run could still use them (retention, or the
+    # oldest run the budget kept), the processed record within its share
     retention_s = settings.unattended.run_retention_days * DAY_S
-    results = ResultsDatabase(settings.results_file).prune(retention_s)
+    oldest = oldest_recording_run(settings)
+    kept_s = (datetime.now(timezone.utc) - oldest).total_seconds() if oldest else retention_s
+    results = ResultsDatabase(settings.results_file).prune(min(retention_s, kept_s))
+    forgotten = station.ledger.keep_within(int(settings.history_budget().budget_bytes * RECORD_SHARE))
     # what Prefect itself stores beside the runs (the exception of a failed run), gone with them
     results += remove_stale_files([settings.prefect_home / "storage"], retention_s, pattern="*").files
     compaction = compact_detections(settings.detections_dir)
@@ -143,5 +166,6 @@ def apply_retention(settings: Settings) -> dict[str, int]:
         "archive_deletions_announced": len(announced),
         "temporary_files_deleted": temporary.files,
         "cached_results_deleted": results,
+        "processed_records_forgotten": forgotten,
         "detection_files_merged": compaction.files_merged,
     }

@@ -34,7 +34,7 @@ from typing import AsyncIterator, Optional
 from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
-from birdflow.core.budget import MB, HistoryBudget, derived_budget_bytes, sqlite_bytes_in_use
+from birdflow.core.budget import MB, sqlite_bytes_in_use
 from birdflow.settings import Settings, load_settings
 
 # a child of Prefect's logger: the server's logging configuration shows it
@@ -84,11 +84,13 @@ def incremental_auto_vacuum(database: Path) -> None:
 
 
 def give_space_back(database: Path) -> int:
-    """Return the database's free pages to the disk; the bytes freed."""
+    """Return the database's free pages to the disk, and its write-ahead log (up to 4 MB, kept at its largest
+    by SQLite) once checkpointed; the bytes freed from the database."""
     with closing(sqlite3.connect(database, timeout=60, isolation_level=None)) as connection:
         free_pages, page_size = (connection.execute(f"PRAGMA {name}").fetchone()[0] for name in ("freelist_count", "page_size"))
         if free_pages:
             connection.execute("PRAGMA incremental_vacuum").fetchall()
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # a busy log is left for the next pass
     return free_pages * page_size
 
 
@@ -96,12 +98,6 @@ def state_bytes(settings: Settings) -> int:
     """The station's state beside the run history: its SQLite files and Prefect's cached results."""
     files = [*settings.state_dir.glob("*.sqlite"), *(settings.prefect_home / "storage").glob("*")]
     return sum(sqlite_bytes_in_use(path) if path.suffix == ".sqlite" else path.stat().st_size for path in files if path.is_file())
-
-
-def history_budget(settings: Settings) -> HistoryBudget:
-    disk = shutil.disk_usage(settings.data_dir)
-    chosen = settings.unattended.history_budget_mb * MB
-    return HistoryBudget(chosen or derived_budget_bytes(disk.total), settings.unattended.min_free_disk_mb * MB)
 
 
 async def trim_history(settings: Settings, db) -> int:
@@ -119,7 +115,7 @@ async def trim_history(settings: Settings, db) -> int:
     async with db.session_context() as session:
         runs = (await session.execute(sa.select(sa.func.count()).select_from(db.FlowRun).where(eligible))).scalar_one()
         history, state = sqlite_bytes_in_use(database), state_bytes(settings)
-        budget = history_budget(settings)
+        budget = settings.history_budget()
         doomed = budget.runs_to_delete(history, state, runs, shutil.disk_usage(settings.data_dir).free)
         cutoff = doomed and (
             await session.execute(sa.select(db.FlowRun.end_time).where(eligible).order_by(db.FlowRun.end_time).offset(doomed - 1).limit(1))

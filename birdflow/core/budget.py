@@ -19,6 +19,8 @@ SMALLEST_BUDGET = 10 * MB
 LARGEST_BUDGET = 20 * 1024 * MB
 SHRINK_TO = 0.9  # once over, down to 90 % of what is allowed, so that not every pass deletes a little
 FLOOR_MARGIN = 2.0  # history gives way before audio: it shrinks once free space is below twice the floor
+# the processed record's share of the budget (~100 bytes a recording: 4 million recordings of 1.6 GB)
+RECORD_SHARE = 0.25
 
 
 def derived_budget_bytes(disk_total_bytes: int) -> int:
@@ -27,12 +29,14 @@ def derived_budget_bytes(disk_total_bytes: int) -> int:
 
 
 def sqlite_bytes_in_use(path: Path) -> int:
-    """Bytes of the pages an SQLite database uses (its file also holds pages it freed, for reuse)."""
+    """Bytes of the pages an SQLite database uses, its write-ahead log included (its file also holds pages it
+    freed, which it reuses)."""
     if not Path(path).exists():
         return 0
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as database:
         pages, free, size = (database.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "freelist_count", "page_size"))
-    return (pages - free) * size
+    log = Path(f"{path}-wal")
+    return (pages - free) * size + (log.stat().st_size if log.exists() else 0)
 
 
 @dataclass(frozen=True)

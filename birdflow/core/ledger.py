@@ -8,10 +8,12 @@ floor, when allowed to, deletes first is audio without any).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Optional
 
+from birdflow.core.budget import SHRINK_TO, sqlite_bytes_in_use
 from birdflow.core.local_db import LocalDatabase
 
 SCHEMA = """
@@ -56,6 +58,20 @@ class ProcessedLedger:
             (location, size, modified),
         ).fetchone()
         return row[0] if row else None
+
+    def keep_within(self, limit_bytes: int) -> int:
+        """Forget the oldest records while the record outgrows `limit_bytes` (its share of the disk budget): a
+        recording sent again after that is processed again. Returns the records forgotten."""
+        used = sqlite_bytes_in_use(self.database.path)
+        if used <= limit_bytes:
+            return 0
+        rows = self.database.execute("SELECT count(*) FROM processed").fetchone()[0]
+        surplus = math.ceil(rows * (1 - SHRINK_TO * limit_bytes / used))
+        return self.database.execute(
+            "DELETE FROM processed WHERE (recording_id, analysis_id) IN "
+            "(SELECT recording_id, analysis_id FROM processed ORDER BY processed_at LIMIT ?)",
+            (surplus,),
+        ).rowcount
 
     def listener_ids(self) -> set[str]:
         """Listeners with a processed recording (a recording id starts with its listener id and '_')."""

@@ -11,6 +11,9 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+# the write-ahead log is checkpointed at this many pages (1 MB) and cut back to that size afterwards
+WAL_PAGES = 256
+
 
 class LocalDatabase:
     def __init__(self, path: Path, schema: str):
@@ -25,6 +28,8 @@ class LocalDatabase:
             connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            connection.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             connection.executescript(self.schema)
             self._local.connection = connection
         return connection.execute(sql, parameters)

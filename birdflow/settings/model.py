@@ -4,12 +4,14 @@ them) or from sections (`Settings(ingest={...})`)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from birdflow.core.budget import MB, HistoryBudget, derived_budget_bytes
 from birdflow.settings.sections import (
     LISTENER_ID_PATTERN,
     AnalysisSettings,
@@ -178,6 +180,14 @@ class Settings(BaseModel):
     def prefect_database_file(self) -> Path:
         """The embedded Prefect server's SQLite database."""
         return self.prefect_home / "prefect.db"
+
+    def history_budget(self) -> HistoryBudget:
+        """The disk budget of run history and state: history_budget_mb, or a share of the data disk."""
+        disk = self.data_dir
+        while not disk.exists() and disk != disk.parent:
+            disk = disk.parent
+        chosen = self.unattended.history_budget_mb * MB
+        return HistoryBudget(chosen or derived_budget_bytes(shutil.disk_usage(disk).total), self.unattended.min_free_disk_mb * MB)
 
     @property
     def metrics_dir(self) -> Path:

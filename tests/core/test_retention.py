@@ -12,6 +12,7 @@ import pytest
 
 from birdflow.core.birdnet import Detection
 from birdflow.core.detections import detections_table
+from birdflow.core.budget import sqlite_bytes_in_use
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.settings import Settings
 from tests.builders import recording_info
@@ -199,3 +200,16 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
         assert httpx.get(f"{api}/flow_runs/{recent['id']}").status_code == 200
     finally:
         server.stop()
+
+
+def test_the_processed_record_forgets_its_oldest_past_its_share(tmp_path):
+    ledger = ProcessedLedger(tmp_path / "processed.sqlite")
+    for number in range(3000):
+        ledger.record(f"mic1_20250601T05{number:04d}Z_{number:08x}", "a1", number % 3)
+    used = sqlite_bytes_in_use(tmp_path / "processed.sqlite")
+    assert ledger.keep_within(used) == 0
+    forgotten = ledger.keep_within(used // 2)
+    assert 1200 < forgotten < 2000
+    assert not ledger.contains("mic1_20250601T050000Z_00000000", "a1")  # the oldest went
+    assert ledger.contains("mic1_20250601T052999Z_00000bb7", "a1")
+    assert ledger.detections("mic1_20250601T052999Z_00000bb7") == 2999 % 3

@@ -84,3 +84,19 @@ def test_retention_brings_storage_back_and_still_knows_what_was_processed(statio
     assert all(count > 0 for count in result.facts["at_start"].values()), result.facts
     assert all(count == 0 for count in result.facts["left"].values()), result.facts
     assert result.facts["resent_recognised"] == 1  # sent again after its run was deleted: known, not run again
+
+
+def test_a_year_on_a_card_keeps_history_within_its_budget_and_loses_nothing(station):
+    result = DRILL_FUNCTIONS["year"](station)
+    if any(note.startswith("skipped") for note in result.notes):
+        pytest.skip(result.notes[0])
+    assert result.lost == [] and result.duplicated == 0 and result.executed_twice == 0
+    assert result.processed == result.accepted == station.options.year_days * station.options.recordings_per_day
+    assert result.refused == 0  # nothing refused while history could be freed
+    facts = result.facts
+    assert facts["runs_kept"] < facts["runs_made"]  # the budget, not the 14-day retention, bounded the runs
+    held = [db + state for db, state in zip(facts["prefect_db_mb"], facts["state_mb"])]
+    assert max(held) <= facts["budget_mb"]
+    last = held[-4:]  # flat once the budget is reached
+    assert max(last) - min(last) < 0.15 * facts["budget_mb"]
+    assert 10 * 1024 < facts["bytes_per_run"] < 60 * 1024

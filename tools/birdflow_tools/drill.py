@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from birdflow.core.disk import MB
 from birdflow.core.results import ResultsDatabase
 from birdflow.core.sinks import HOUR_FILE_PREFIX
 from birdflow.core.wav import parse_header
+from birdflow.settings import Settings
 
 
 # --- the drills -------------------------------------------------------------------------------------
@@ -193,6 +195,82 @@ def drill_retention(station: DrillStation) -> DrillResult:
     return result
 
 
+FULL_DUTY_RUNS_PER_LISTENER_DAY = 86400 / 20  # 20 s recordings back to back
+CARD_BYTES = 32 * 1024 * MB
+
+
+def drill_year(station: DrillStation) -> DrillResult:
+    """A year on a 32 GB card with nobody watching, scaled down and in compressed time: a station whose data
+    disk is a tmpfs of 1/100 of the card (its disk floor and budget scaled with it), archiving to S3, fed
+    `recordings_per_day` recordings a simulated day, everything made a day older after each. The run
+    history must stop growing once it reaches its budget, no recording may be refused while history could
+    be freed, none lost, none run twice at once."""
+    options = station.options
+    card = station.root / "card"
+    card.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={options.card_mb}m", "tmpfs", str(card)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        skipped = DrillResult("a year on a card")
+        skipped.notes.append(f"skipped: cannot mount a tmpfs here ({mounted.stderr.strip() or 'needs root'})")
+        return skipped
+    year = None
+    try:
+        scaled_floor_mb = max(1, Settings().unattended.min_free_disk_mb * options.card_mb * MB // CARD_BYTES)
+        (station.root / "year").mkdir()
+        year = DrillStation(
+            station.root / "year", options, station.say, stack_root=card / "station",
+            settings_more={"min_free_disk_mb": scaled_floor_mb, "history_check_interval_s": 2, "maintenance_interval_s": 10},
+        )
+        year.start()
+        first = set(year.arrivals.ids)
+        refused, curve = 0, [year.footprint(0, first)]
+        for day in range(1, options.year_days + 1):
+            station.say(f"a year on a card: day {day} of {options.year_days}")
+            before = set(year.arrivals.ids)
+            refused += year.upload(year.next_uploads(options.recordings_per_day))
+            year.settle(year.arrivals.since(before), options.settle_timeout_s)
+            _wait_until(lambda: year.recording_runs() == year.stack.completed_runs(), 60, "the day's runs ended")
+            year.age(days=1)
+            time.sleep(3)  # a pass of the budget service (every 2 s)
+            curve.append(year.footprint(day, first))
+        result = year.count("a year on a card", first, refused)
+        result.facts.update(year_facts(curve, options, scaled_floor_mb))
+        facts = result.facts
+        result.notes.append(
+            f"{facts['runs_made']} runs made, {facts['runs_kept']} kept; Prefect database {facts['prefect_db_mb'][0]:.1f} -> "
+            f"{max(facts['prefect_db_mb']):.1f} MB at most (budget {facts['budget_mb']:.1f} MB); "
+            f"{facts['bytes_per_run'] / 1024:.1f} KB per run; a 32 GB card keeps {facts['card_runs']:,} runs: "
+            f"{facts['card_listener_days']:.0f} listener-days at full duty"
+        )
+        return result
+    finally:
+        if year is not None:
+            year.close()
+        subprocess.run(["umount", "--lazy", str(card)], capture_output=True)
+
+
+def year_facts(curve: list[dict], options, floor_mb: int) -> dict:
+    """The year drill's curve and what it says about a real card at the defaults."""
+    from birdflow.core.budget import derived_budget_bytes
+
+    base = curve[0]["prefect_db_bytes"]
+    fullest = max(curve, key=lambda point: point["runs_kept"])
+    bytes_per_run = (fullest["prefect_db_bytes"] - base) / max(1, fullest["runs_kept"])
+    card_runs = int((derived_budget_bytes(CARD_BYTES) - base) / bytes_per_run)
+    return {
+        "curve": curve,
+        "runs_made": curve[-1]["runs_made"],
+        "runs_kept": curve[-1]["runs_kept"],
+        "prefect_db_mb": [round(point["prefect_db_bytes"] / MB, 2) for point in curve],
+        "state_mb": [round(point["state_bytes"] / MB, 2) for point in curve],
+        "budget_mb": derived_budget_bytes(options.card_mb * MB) / MB,
+        "floor_mb": floor_mb,
+        "bytes_per_run": bytes_per_run,
+        "card_runs": card_runs,
+        "card_listener_days": card_runs / FULL_DUTY_RUNS_PER_LISTENER_DAY,
+    }
+
+
 def _loose_detection_files(station: DrillStation) -> int:
     files = station.places.detections_dir.rglob("*.parquet")
     return sum(1 for path in files if not path.name.startswith(HOUR_FILE_PREFIX))
@@ -261,6 +339,7 @@ DRILL_FUNCTIONS = {
     "influx-down": drill_influx_down,
     "disk-floor": drill_disk_floor,
     "retention": drill_retention,
+    "year": drill_year,
 }
 DRILLS = tuple(DRILL_FUNCTIONS)
 

@@ -50,11 +50,18 @@ class DrillOptions:
     redrive_delays_s: tuple[float, ...] = (10.0, 20.0, 30.0, 60.0)
     task_retries: int = 1
     retry_delay_s: float = 1.0
+    # the year drill: a card of 1/100 of 32 GB, days of recordings compressed into minutes
+    card_mb: int = 327
+    year_days: int = 30
+    recordings_per_day: int = 60
 
     @classmethod
     def quick(cls, **overrides) -> "DrillOptions":
         """Outages and re-drives of seconds instead of minutes (the test suite's drills)."""
-        values = dict(uploads=6, outage_s=12.0, settle_timeout_s=150.0, redrive_delays_s=(2.0, 4.0, 8.0), retry_delay_s=0.5)
+        values = dict(
+            uploads=6, outage_s=12.0, settle_timeout_s=150.0, redrive_delays_s=(2.0, 4.0, 8.0), retry_delay_s=0.5,
+            card_mb=300, year_days=12, recordings_per_day=40,
+        )
         return cls(**{**values, **overrides})
 
 
@@ -108,7 +115,12 @@ class Arrivals:
 class DrillStation:
     """The station the drills run on, and what they count with."""
 
-    def __init__(self, root: Path, options: DrillOptions, say: Callable[[str], None]):
+    def __init__(
+        self, root: Path, options: DrillOptions, say: Callable[[str], None],
+        stack_root: Optional[Path] = None, settings_more: Optional[dict] = None,
+    ):
+        """`stack_root`: where the station keeps its data (a disk of its own), else under `root`;
+        `settings_more`: more settings of the station."""
         self.root = root
         self.options = options
         self.say = say
@@ -134,7 +146,7 @@ class DrillStation:
                 aws_access_key_id=self.s3.access_key,
             )
             env["AWS_SECRET_ACCESS_KEY"] = self.s3.secret_key
-        self.stack = Stack(root / "station", station_id="drill", settings=settings, env=env)
+        self.stack = Stack(stack_root or root / "station", station_id="drill", settings={**settings, **(settings_more or {})}, env=env)
         self.places = self.stack.places
         self.arrivals = Arrivals(self.places.recordings_dir)
         self._next_upload = 0
@@ -283,6 +295,18 @@ class DrillStation:
             {"flows": {"name": {"any_": ["maintenance"]}}, "deployments": {"name": {"any_": [self.stack.station_id]}}},
         )
         self.stack.api(f"deployments/{deployment['id']}/create_flow_run", {})
+
+    def footprint(self, day: int, before: set[str]) -> dict:
+        """What the station keeps that is not audio, and its disk, after `day` days."""
+        from birdflow.app.prefect_server import state_bytes
+        from birdflow.core.budget import sqlite_bytes_in_use
+
+        database = self.places.prefect_database_file
+        return {
+            "day": day, "runs_made": len(self.arrivals.since(before)), "runs_kept": self.recording_runs(),
+            "prefect_db_bytes": sqlite_bytes_in_use(database), "prefect_db_file_bytes": database.stat().st_size,
+            "state_bytes": state_bytes(self.places), "free_bytes": shutil.disk_usage(database.parent).free,
+        }
 
     def recording_runs(self) -> int:
         return int(self.stack.api("flow_runs/count", self.stack.recording_runs))
