@@ -16,6 +16,7 @@ from birdflow.core.disk import InsufficientStorage
 from ingest_api.assembler import StreamAssembler, StreamRejected, StreamStats, TooManyRecordings
 from ingest_api.checks import Rejection, write_failure
 from ingest_api.deps import StationDep, TokenDep
+from ingest_api.station import RETRY_AFTER_S
 from ingest_api.framing import FrameParser, FramingError
 
 log = logging.getLogger("birdflow.ingest")
@@ -62,10 +63,10 @@ async def recordings_stream(request: Request, station: StationDep, token: TokenD
     except ClientDisconnect:
         log.info("listener %s disconnected", listener_id)
     except asyncio.CancelledError:
-        # the server is stopping and ends the streams: the recording in progress is closed and kept
-        # below, and nobody is left to read an answer
+        # the server is stopping and ends the streams: the recording in progress is closed and kept below;
+        # a listener that reads its socket gets "come back later", not a reset
         log.info("listener %s: stream closed because the ingest API is stopping", listener_id)
-        return Response(status_code=503)
+        return Response(status_code=503, headers={"Retry-After": RETRY_AFTER_S[503]})
     except FramingError as exc:
         rejection = Rejection(400, "malformed_frame", str(exc))
     except StreamRejected as exc:

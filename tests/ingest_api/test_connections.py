@@ -19,7 +19,7 @@ from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 from ingest_api.framing import encode_frame
-from tests.ingest_client import GOOD, chunked_post, header, serving, stream_in_real_time, upload_claiming
+from tests.ingest_client import GOOD, chunked_post, frames_of, header, serving, stream_in_real_time, upload_claiming
 
 
 class HostileConnections:
@@ -191,3 +191,54 @@ def test_stream_caps_answer_503_and_each_stage_of_a_request_has_a_deadline(tmp_p
           f"refused stream still sending {refused_sending:.1f} s")
     # the server counts from the headers it read, a moment before the client starts its clock
     assert 1.3 <= silent_stream < 3.5 and 1.8 <= stalled < 4.0 and 1.3 <= refused_sending < 3.5
+
+
+def stream_and_read(port: int, audio: bytes, seconds: float, on_the_way: Callable[[], None] = lambda: None) -> tuple[bytes, str]:
+    """A listener streaming in real time that also reads its socket; `on_the_way` runs after 2 s. Returns what
+    it read and how the connection ended ("" while it was still open at the end)."""
+    frames = frames_of(audio)
+    page = 32768 + 6
+    read, ended, started = b"", "", time.monotonic()
+    with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
+        sock.sendall(f"POST /recordings_stream?listener_id={GOOD} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        sock.setblocking(False)
+        done_on_the_way = False
+        for offset in range(0, len(frames), page):
+            if time.monotonic() - started > seconds:
+                break
+            chunk = frames[offset : offset + page]
+            try:
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                time.sleep(0.34)
+                if not done_on_the_way and time.monotonic() - started > 2:
+                    done_on_the_way = True
+                    on_the_way()
+                data = sock.recv(65536)
+                if not data:
+                    return read, "closed"
+                read += data
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                return read, f"reset ({exc})"
+    return read, ended
+
+
+def test_a_listener_whose_stream_the_station_cuts_reads_come_back_later_not_a_reset(tmp_path, sample_48k):
+    # the disk floor: the station answers 507 and reads on for a while, so the answer gets there
+    with serving(Settings(data_dir=tmp_path / "floor", min_free_disk_mb=10**9)) as port:
+        read, ended = stream_and_read(port, sample_48k.read_bytes(), 5)
+    assert read.startswith(b"HTTP/1.1 507 ") and b"retry-after: 300" in read.lower(), (read, ended)
+    # the ingest stopping (SIGTERM): the recording in progress is kept and the listener told 503
+    port = free_port()
+    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(
+        {"data_dir": str(tmp_path / "stop"), "ingest_host": LOOPBACK, "ingest_port": port, "health_port": free_port()}
+    ))
+    ingest = subprocess.Popen([sys.executable, "-m", "birdflow.app.cli", "--settings", str(tmp_path / "settings.yaml"), "ingest"], cwd=tmp_path)
+    try:
+        wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200, 30, "the ingest API")
+        read, ended = stream_and_read(port, sample_48k.read_bytes(), 9.5, on_the_way=ingest.terminate)
+    finally:
+        ingest.wait(30)
+    assert read.startswith(b"HTTP/1.1 503 ") and b"retry-after: 30" in read.lower(), (read, ended)
+    assert list((tmp_path / "stop" / "recordings").glob("good-1_*.wav"))  # what it had sent is kept
