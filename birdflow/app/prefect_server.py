@@ -41,6 +41,7 @@ from birdflow.settings import Settings, load_settings
 log = logging.getLogger("prefect.birdflow.history")
 # Prefect's vacuum deletes runs older than its retention period, which it requires to exceed an hour
 SHORTEST_RETENTION = timedelta(hours=1, seconds=1)
+CONVERT_AT_MOST = 256 * MB  # a VACUUM of this much takes seconds on an SD card, well within `up`'s start-up wait
 
 
 class WriteLockFirstSqliteConfiguration(AioSqliteConfiguration):
@@ -70,14 +71,15 @@ def use_write_lock_first_sqlite() -> None:
 
 def incremental_auto_vacuum(database: Path) -> None:
     """A new database is made with auto_vacuum=INCREMENTAL, so that pages freed by deleting history can go
-    back to the disk; an existing one is converted once (VACUUM, which needs its own size free again)."""
+    back to the disk; an existing one is converted once (VACUUM: it needs its own size free again, and time
+    before the server answers, so only up to CONVERT_AT_MOST; a larger one reuses its freed pages)."""
     database.parent.mkdir(parents=True, exist_ok=True)
     with closing(sqlite3.connect(database, timeout=60, isolation_level=None)) as connection:
         if connection.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
             return
         size = database.stat().st_size
-        if size * 1.2 > shutil.disk_usage(database.parent).free:
-            log.warning("the Prefect database (%d MB) cannot be converted to give freed space back: too little disk free", size // MB)
+        if size > CONVERT_AT_MOST or size * 1.2 > shutil.disk_usage(database.parent).free:
+            log.warning("the Prefect database (%d MB) is not converted to give freed space back to the disk; it reuses it", size // MB)
             return
         connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
         connection.execute("VACUUM")
