@@ -183,7 +183,7 @@ def add_commands(commands) -> None:
     drill.add_argument("--file", type=Path, default=Path("../shared/audio/listener_sample_48k.wav"),
                        help="48 kHz PCM WAV the drills send (default: the shared field recording)")
     drill.add_argument("--only", help="comma-separated drills (default all: executor-kill, ingest-kill, sigterm, "
-                                      "prefect-kill, s3-down, influx-down, disk-floor, retention)")
+                                      "prefect-kill, s3-down, influx-down, disk-floor, retention, year)")
     drill.add_argument("--quick", action="store_true", help="outages and re-drives of seconds instead of minutes")
     drill.add_argument("--outage-s", type=float, help="how long S3 or InfluxDB stays down (default 180, --quick 12)")
     drill.add_argument("--uploads", type=at_least(1), help="recordings uploaded in each upload drill (default 8)")
