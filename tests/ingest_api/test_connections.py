@@ -226,7 +226,8 @@ def stream_and_read(port: int, audio: bytes, seconds: float, on_the_way: Callabl
 
 def test_a_listener_whose_stream_the_station_cuts_reads_come_back_later_not_a_reset(tmp_path, sample_48k):
     # the disk floor: the station answers 507 and reads on for a while, so the answer gets there
-    with serving(Settings(data_dir=tmp_path / "floor", min_free_disk_mb=10**9)) as port:
+    # a station id of its own: the counters of this process are shared with the other tests
+    with serving(Settings(station_id="cut-off", data_dir=tmp_path / "floor", min_free_disk_mb=10**9)) as port:
         read, ended = stream_and_read(port, sample_48k.read_bytes(), 5)
     assert read.startswith(b"HTTP/1.1 507 ") and b"retry-after: 300" in read.lower(), (read, ended)
     # the ingest stopping (SIGTERM): the recording in progress is kept and the listener told 503
