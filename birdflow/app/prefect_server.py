@@ -35,7 +35,7 @@ from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteC
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
 from birdflow.core.budget import MB, sqlite_bytes_in_use
-from birdflow.settings import Settings, load_settings
+from birdflow.settings import Settings, SettingsError, load_settings
 
 # a child of Prefect's logger: the server's logging configuration shows it
 log = logging.getLogger("prefect.birdflow.history")
@@ -160,7 +160,10 @@ def station_settings() -> Optional[Settings]:
 
     from birdflow.app.supervisor import database_url
 
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except SettingsError:
+        return None  # not a station's server: `up` refuses invalid settings before it starts one
     return settings if PREFECT_API_DATABASE_CONNECTION_URL.value() == database_url(settings) else None
 
 

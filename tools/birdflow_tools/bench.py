@@ -13,18 +13,17 @@ import asyncio
 import json
 import os
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import httpx
 
+from birdflow.core.budget import sqlite_bytes_in_use
 from birdflow.settings import Settings
 from birdflow.app.simulated_listeners import make_distinct, run_listeners, split_wav
 from birdflow_tools.stack import Stack, peak_rss_mb, pin_threads, temporary_stack
@@ -158,14 +157,6 @@ def wait_stored(stack: Stack, ids: set[str], timeout_s: float, on_progress: Call
         if time.monotonic() > deadline or stack.process.poll() is not None:
             raise RuntimeError(f"{len(ids) - len(stored)} recording(s) not stored in time; log:\n{stack.log_tail()}")
         time.sleep(0.1)
-
-
-def sqlite_bytes_in_use(path: Path) -> int:
-    """Bytes of the pages an SQLite database uses (its file keeps pages it freed, for reuse)."""
-    if not path.exists():
-        return 0
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as database:
-        return database.execute("SELECT sum(pgsize) FROM dbstat").fetchone()[0] or 0
 
 
 def storage_snapshot(stack: Stack) -> dict[str, float]:
