@@ -140,9 +140,7 @@ def oldest_recording_run(settings: Settings) -> Optional[datetime]:
 @task(name="apply retention", cache_policy=NO_CACHE, persist_result=False)
 def apply_retention(settings: Settings) -> dict[str, int]:
     station = station_resources()
-    archive = archive_retention(settings, worth=station.ledger.detections)
-    for item in archive:
-        metrics.ARCHIVE_PURGED.labels(settings.station_id, item.reason).inc()
+    archive = metrics.count_purged(settings.station_id, archive_retention(settings, worth=station.ledger.detections))
     journal = PurgeJournal(settings.purge_journal_file)
     announced = journal.take()  # this run's deletions and those the ingest made at the floor
     announce_purged(announced, settings.station_id)

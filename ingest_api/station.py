@@ -75,8 +75,7 @@ class IngestStation:
     def relieve_disk(self) -> None:
         """At the disk floor: what the archive retention allows, counted (maintenance announces it)."""
         ledger = ProcessedLedger(self.settings.processed_record_file)
-        for item in archive_retention(self.settings, worth=ledger.detections):
-            metrics.ARCHIVE_PURGED.labels(self.station_id, item.reason).inc()
+        metrics.count_purged(self.station_id, archive_retention(self.settings, worth=ledger.detections))
 
     def count_event(self, name: str, count: int) -> None:
         self._event_counters[name].inc(count)

@@ -97,6 +97,13 @@ SPECIES_LABELS_MAX = 200
 _species_seen: set[str] = set()
 
 
+def count_purged(station_id: str, purged: list) -> list:
+    """Archived recordings deleted (birdflow.core.retention.Purged), counted by reason; returns them."""
+    for item in purged:
+        ARCHIVE_PURGED.labels(station_id, item.reason).inc()
+    return purged
+
+
 def species_label(scientific_name: str) -> str:
     """A bounded label set: the first SPECIES_LABELS_MAX species by name, then 'other'."""
     if scientific_name in _species_seen or len(_species_seen) < SPECIES_LABELS_MAX:
