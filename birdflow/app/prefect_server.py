@@ -91,7 +91,7 @@ def give_space_back(database: Path) -> int:
     with closing(sqlite3.connect(database, timeout=60, isolation_level=None)) as connection:
         free_pages, page_size = (connection.execute(f"PRAGMA {name}").fetchone()[0] for name in ("freelist_count", "page_size"))
         if free_pages:
-            connection.execute("PRAGMA incremental_vacuum").fetchall()
+            connection.executescript("PRAGMA incremental_vacuum;")  # (execute() steps it once: one page)
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # a busy log is left for the next pass
     return free_pages * page_size
 
@@ -118,14 +118,21 @@ async def trim_history(settings: Settings, db) -> int:
         runs = (await session.execute(sa.select(sa.func.count()).select_from(db.FlowRun).where(eligible))).scalar_one()
         history, state = sqlite_bytes_in_use(database), state_bytes(settings)
         budget = settings.history_budget()
-        doomed = budget.runs_to_delete(history, state, runs, shutil.disk_usage(settings.data_dir).free)
+        wanted = budget.runs_to_delete(history, state, runs, shutil.disk_usage(settings.data_dir).free)
+        old_enough = wanted and (
+            await session.execute(
+                sa.select(sa.func.count()).select_from(db.FlowRun)
+                .where(eligible, db.FlowRun.end_time < datetime.now(timezone.utc) - SHORTEST_RETENTION)
+            )
+        ).scalar_one()
+        doomed = min(wanted, old_enough)  # the youngest hour is Prefect's vacuum's to keep
         cutoff = doomed and (
             await session.execute(sa.select(db.FlowRun.end_time).where(eligible).order_by(db.FlowRun.end_time).offset(doomed - 1).limit(1))
         ).scalar_one()
     if doomed:
         log.info(
-            "run history %d MB and state %d MB over the budget of %d MB: the oldest %d of %d runs go",
-            history // MB, state // MB, budget.budget_bytes // MB, doomed, runs,
+            "run history %.1f MB and state %.1f MB over the budget of %.1f MB: the oldest %d of %d runs go",
+            history / MB, state / MB, budget.budget_bytes / MB, doomed, runs,
         )
         retention = max(datetime.now(timezone.utc) - cutoff.astimezone(timezone.utc) - timedelta(microseconds=1), SHORTEST_RETENTION)
         with temporary_settings(updates={PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD: retention}):

@@ -29,14 +29,13 @@ def derived_budget_bytes(disk_total_bytes: int) -> int:
 
 
 def sqlite_bytes_in_use(path: Path) -> int:
-    """Bytes of the pages an SQLite database uses, its write-ahead log included (its file also holds pages it
-    freed, which it reuses)."""
+    """Bytes of the pages an SQLite database uses: not the pages it freed (it reuses them), nor its write-ahead
+    log, which is transient and bounded (checkpointed back into the pages) and which deleting rows only grows."""
     if not Path(path).exists():
         return 0
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as database:
         pages, free, size = (database.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "freelist_count", "page_size"))
-    log = Path(f"{path}-wal")
-    return (pages - free) * size + (log.stat().st_size if log.exists() else 0)
+    return (pages - free) * size
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,7 @@ class Settings(BaseModel):
         disk = self.data_dir
         while not disk.exists() and disk != disk.parent:
             disk = disk.parent
-        chosen = self.unattended.history_budget_mb * MB
+        chosen = int(self.unattended.history_budget_mb * MB)
         return HistoryBudget(chosen or derived_budget_bytes(shutil.disk_usage(disk).total), self.unattended.min_free_disk_mb * MB)
 
     @property

@@ -236,8 +236,8 @@ class UnattendedSettings(Section):
     run_retention_days: float = Field(
         14.0, gt=1 / 24, description="Flow runs (task runs, logs, artifacts) and cached results older than this are deleted"
     )
-    history_budget_mb: int = Field(
-        0, ge=0, description="Disk for run history and state (Prefect database, caches, records); past it, or near the "
+    history_budget_mb: float = Field(
+        0.0, ge=0, description="Disk for run history and state (Prefect database, caches, records); past it, or near the "
         "disk floor, the oldest run history goes first. 0: 5 % of the data disk (1.6 GB of a 32 GB card)",
     )
     history_check_interval_s: float = Field(
