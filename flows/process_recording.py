@@ -18,7 +18,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -27,10 +26,10 @@ from prefect.tasks import exponential_backoff
 
 from birdflow.app import metrics
 from birdflow.core.archive import holds_recording
-from birdflow.core.audio import MODEL_SAMPLE_RATE, decode, windows
+from birdflow.core.audio import MODEL_SAMPLE_RATE, AudioSource, audio_info, decode_span, decoded_blocks, window_batches
 from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.birdnet import Detection, Heard, is_human
-from birdflow.core.clips import clip_budget, clip_plan, cut, flac_bytes, spectrogram_png
+from birdflow.core.clips import clip_budget, clip_plan, flac_bytes, spectrogram_png
 from birdflow.core.detections import detections_table, summary
 from birdflow.core.rarity import Tally
 from birdflow.core.flac import FlacError, can_encode, encode_flac
@@ -85,12 +84,12 @@ def local_path(recording: RecordingInfo, settings: Settings) -> Path:
 
 
 @task(name="decode", cache_policy=NO_CACHE, persist_result=False)
-def decode_recording(recording: RecordingInfo, station: StationResources) -> np.ndarray:
-    """Audio from the recordings folder, or from the archive once the local copy is gone (reruns)."""
+def decode_recording(recording: RecordingInfo, station: StationResources) -> tuple[AudioSource, float]:
+    """(the audio, its duration in seconds): the file in the recordings folder, or what the archive holds once the
+    local copy is gone (reruns), checked to decode. The samples are read a block at a time where they are used."""
     path = local_path(recording, station.settings)
-    if path.is_file():
-        return decode(path)
-    return decode(fetch_archived(recording, station))
+    source: AudioSource = path if path.is_file() else fetch_archived(recording, station)
+    return source, audio_info(source).duration_s
 
 
 def fetch_archived(recording: RecordingInfo, station: StationResources) -> bytes:
@@ -106,19 +105,18 @@ def fetch_archived(recording: RecordingInfo, station: StationResources) -> bytes
 
 
 @task(name="analyze", cache_key_fn=_analysis_key, persist_result=True)
-def analyze(recording: RecordingInfo, samples: np.ndarray, params: AnalysisParams, station: StationResources) -> Heard:
+def analyze(recording: RecordingInfo, source: AudioSource, params: AnalysisParams, station: StationResources) -> Heard:
     """Depends only on the audio and the analysis parameters (the cache key says so), so identical audio is
-    analyzed once."""
+    analyzed once. The audio streams through: memory does not grow with the recording's length."""
     started = time.perf_counter()
-    batch, starts = windows(samples, params.overlap_s)
-    heard = station.model.hear(batch, starts, params, recording.start_time)
+    heard = station.model.hear_all(window_batches(decoded_blocks(source), params.overlap_s), params, recording.start_time)
     metrics.ANALYSIS_SECONDS.labels(recording.station_id).observe(time.perf_counter() - started)
     return heard
 
 
 @task(name="clips", cache_policy=NO_CACHE, persist_result=False)
 def keep_clips(
-    recording: RecordingInfo, samples: np.ndarray, found: list[Detection], human: Spans, station: StationResources
+    recording: RecordingInfo, audio: tuple[AudioSource, float], found: list[Detection], human: Spans, station: StationResources
 ) -> dict[tuple[float, str], str]:
     """FLAC clip and spectrogram of the detections worth one (the most confident first, at most clip_budget per
     recording; a clip that would not stay is not cut), human spans silenced in them. Returns (start_s, scientific
@@ -126,7 +124,7 @@ def keep_clips(
     started = time.perf_counter()
     options, station_id = station.settings.detections, recording.station_id
     kept = {}
-    duration_s = len(samples) / MODEL_SAMPLE_RATE
+    source, duration_s = audio
     budget = clip_budget(duration_s)
     for detection in sorted(found, key=lambda d: -d.confidence):
         if detection.confidence < options.clip_min_confidence or len(kept) == budget:
@@ -139,9 +137,9 @@ def keep_clips(
             station_id, recording.recording_id, species, detected_at, detection.start_s, detection.end_s,
             options.clip_padding_s, duration_s,
         )
-        audio = silenced(cut(samples, MODEL_SAMPLE_RATE, plan.start_s, plan.end_s), MODEL_SAMPLE_RATE, human, plan.start_s)
-        _store_bytes(station, plan.base_key + ".flac", flac_bytes(audio, MODEL_SAMPLE_RATE))
-        _store_bytes(station, plan.base_key + ".png", spectrogram_png(audio, MODEL_SAMPLE_RATE))
+        clip = silenced(decode_span(source, plan.start_s, plan.end_s), MODEL_SAMPLE_RATE, human, plan.start_s)
+        _store_bytes(station, plan.base_key + ".flac", flac_bytes(clip, MODEL_SAMPLE_RATE))
+        _store_bytes(station, plan.base_key + ".png", spectrogram_png(clip, MODEL_SAMPLE_RATE))
         for pushed_out in station.clips.keep(plan.base_key, station_id, species, day, detection.confidence):
             station.archive.delete(pushed_out + ".flac")
             station.archive.delete(pushed_out + ".png")
@@ -267,12 +265,12 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
     params = run_analysis_params(station.params, analysis)
     try:
         local_path(recording, settings)  # a source outside the allowed folders fails the run before any task
-        samples = _with_io_retries(decode_recording, settings)(recording, station)
-        heard = _caching_in(station)(recording, samples, params, station)
+        audio = _with_io_retries(decode_recording, settings)(recording, station)
+        heard = _caching_in(station)(recording, audio[0], params, station)
         found, human, audio_kept = apply_privacy(heard, settings.detections)
         clips = {}
         if audio_kept and worth_a_clip(found, settings.detections):  # a task run only then: most recordings have none
-            clips = _with_io_retries(keep_clips, settings)(recording, samples, found, human, station)
+            clips = _with_io_retries(keep_clips, settings)(recording, audio, found, human, station)
         table = detections_table(recording, found, MODEL_VERSION, params.analysis_id, clips)
         logger = get_run_logger()
         logger.info(summary(table))

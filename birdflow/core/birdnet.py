@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -153,6 +154,17 @@ class BirdNET:
         self, windows: np.ndarray, starts: np.ndarray, params: AnalysisParams, recorded: datetime
     ) -> list[Detection]:
         return self.hear(windows, starts, params, recorded).detections
+
+    def hear_all(
+        self, batches: Iterable[tuple[np.ndarray, np.ndarray]], params: AnalysisParams, recorded: datetime
+    ) -> Heard:
+        """hear() over a recording's window batches as they are decoded (audio_windows), as one."""
+        parts = [self.hear(windows, starts, params, recorded) for windows, starts in batches]
+        return Heard(
+            [detection for part in parts for detection in part.detections],
+            [start for part in parts for start in part.window_starts],
+            [score for part in parts for score in part.human_scores],
+        )
 
     def hear(self, windows: np.ndarray, starts: np.ndarray, params: AnalysisParams, recorded: datetime) -> Heard:
         """Scores above min_confidence for species that pass the range filter and species lists, and each

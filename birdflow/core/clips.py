@@ -58,10 +58,6 @@ def clip_plan(
     return ClipPlan(key, start, end)
 
 
-def cut(samples: np.ndarray, rate: int, start_s: float, end_s: float) -> np.ndarray:
-    return samples[int(start_s * rate) : int(end_s * rate)]
-
-
 def flac_bytes(samples: np.ndarray, rate: int) -> bytes:
     """16-bit FLAC of float samples in [-1, 1]."""
     import soundfile

@@ -14,7 +14,7 @@ import numpy as np
 
 from birdflow.core.audio import WINDOW_S
 from birdflow.core.birdnet import Heard
-from birdflow.core.flac import FLAC_SUBTYPES, IDENTITY_PREFIX
+from birdflow.core.flac import BLOCK_FRAMES, FLAC_SUBTYPES, IDENTITY_PREFIX
 
 Spans = list[tuple[float, float]]
 
@@ -43,17 +43,19 @@ def silenced(samples: np.ndarray, rate: int, spans: Spans, offset_s: float = 0.0
 
 def write_silenced_copy(source: Path, target: Path, spans: Spans, as_flac: bool, source_sha256: str) -> None:
     """The recording with its human spans zeroed, in its own sample format: FLAC (naming the recording it was made
-    from, as archived FLAC copies do) or WAV."""
+    from, as archived FLAC copies do) or WAV. Copied a block at a time, whatever the recording's length."""
     import soundfile
 
     info = soundfile.info(str(source))
-    samples, rate = soundfile.read(str(source), dtype="int32", always_2d=True)
-    quiet = silenced(samples, rate, spans)
-    if as_flac and info.subtype in FLAC_SUBTYPES:
-        with soundfile.SoundFile(
-            str(target), "w", samplerate=rate, channels=info.channels, format="FLAC", subtype=FLAC_SUBTYPES[info.subtype]
-        ) as out:
+    rate, flac = info.samplerate, as_flac and info.subtype in FLAC_SUBTYPES
+    form = {"format": "FLAC", "subtype": FLAC_SUBTYPES[info.subtype]} if flac else {"format": "WAV", "subtype": info.subtype}
+    quiet_frames = [(int(start * rate), int(end * rate)) for start, end in spans]
+    with soundfile.SoundFile(str(target), "w", samplerate=rate, channels=info.channels, **form) as out:
+        if flac:
             out.comment = IDENTITY_PREFIX + source_sha256
-            out.write(quiet)
-    else:
-        soundfile.write(str(target), quiet, rate, format="WAV", subtype=info.subtype)
+        offset = 0
+        for block in soundfile.blocks(str(source), blocksize=BLOCK_FRAMES, dtype="int32", always_2d=True):
+            for first, last in quiet_frames:
+                block[max(0, first - offset) : max(0, last - offset)] = 0
+            out.write(block)
+            offset += len(block)

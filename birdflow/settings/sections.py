@@ -58,6 +58,10 @@ class IngestSettings(Section):
     max_gap_pages: int = Field(9, ge=0, description="Missing pages up to this many are padded with silence")
     max_frame_bytes: int = Field(1 << 20, ge=1024, le=(1 << 24) - 1, description="Larger frames are malformed")
     max_upload_bytes: int = Field(200 << 20, ge=1024, description="Larger uploads are refused with 413")
+    max_upload_duration_s: float = Field(
+        7200.0, gt=0, description="Longer uploaded recordings are refused with 422 (an AudioMoth's hour-long files fit; "
+        "backfill takes any length)",
+    )
     ingest_auth: Literal["off", "on"] = Field(
         "off", description="on: every request needs its listener's token (`birdflow listeners add`); off keeps old listeners working"
     )

@@ -57,6 +57,13 @@ async def recordings_upload(request: Request, station: StationDep, token: TokenD
         if details.duration < settings.ingest.min_duration_s:
             metrics.RECORDINGS_DISCARDED.labels(station.station_id, "too_short").inc()
             raise Rejection(422, "too_short", f"recording is {details.duration:.2f} s, shorter than the minimum {settings.ingest.min_duration_s} s")
+        if details.duration > settings.ingest.max_upload_duration_s:
+            metrics.RECORDINGS_DISCARDED.labels(station.station_id, "too_long").inc()
+            raise Rejection(
+                422, "too_long",
+                f"recording is {details.duration:.0f} s, longer than the maximum {settings.ingest.max_upload_duration_s:g} s "
+                "(setting 'max_upload_duration_s')",
+            )
         info = await run_in_threadpool(
             _publish_or_refuse, station.store, partial, listener_id=listener_id,
             start_time=name_start or datetime.now(timezone.utc), duration_s=details.duration,

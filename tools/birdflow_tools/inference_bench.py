@@ -74,8 +74,8 @@ def birdflow_path(sample: Path, backend: str, batch_size: int, seconds: float) -
 
 def clip_cost(sample: Path, backend: str, batch_size: int, seconds: float) -> dict:
     """CPU of one clip (5 s cut, FLAC, spectrogram PNG) against the analysis of the whole recording (decode + model)."""
-    from birdflow.core.audio import MODEL_SAMPLE_RATE
-    from birdflow.core.clips import cut, flac_bytes, spectrogram_png
+    from birdflow.core.audio import MODEL_SAMPLE_RATE, decode_span
+    from birdflow.core.clips import flac_bytes, spectrogram_png
 
     model = BirdNET(backend=backend, threads=1, batch_size=batch_size)
     params = AnalysisParams()
@@ -85,10 +85,8 @@ def clip_cost(sample: Path, backend: str, batch_size: int, seconds: float) -> di
         model.hear(batch, starts, params, SAMPLE_DATE)
         return 1
 
-    samples = decode(sample)
-
     def one_clip() -> int:
-        audio = cut(samples, MODEL_SAMPLE_RATE, 2.0, 7.0)
+        audio = decode_span(sample, 2.0, 7.0)
         flac_bytes(audio, MODEL_SAMPLE_RATE)
         spectrogram_png(audio, MODEL_SAMPLE_RATE)
         return 1

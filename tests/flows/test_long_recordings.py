@@ -1,0 +1,92 @@
+"""A recording of any length costs bounded memory: an hour-long recording, as an AudioMoth writes them, is
+analysed a block at a time by the station's executor, with the detections of its pieces analysed one by one."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+
+from birdflow.core.analysis import AnalysisParams
+from birdflow.core.audio import decoded_blocks, window_batches
+from birdflow.core.birdnet import BirdNET
+from birdflow_tools.stack import Stack, peak_rss_mb
+from birdflow_tools.testbed import wait_until
+
+PIECE_S = 9  # three whole windows: the hour's windows are its pieces' windows
+HOUR_S = 3600
+START = datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc)
+
+
+def pieces_of(sample: Path) -> list[np.ndarray]:
+    """Four different 9 s pieces of the field recording (int16 at 48 kHz)."""
+    samples, rate = soundfile.read(str(sample), dtype="int16")
+    assert rate == 48000
+    first, later = samples[: PIECE_S * rate], samples[rate : (PIECE_S + 1) * rate]
+    return [first, later, first // 2, later // 3]
+
+
+def write_hour(path: Path, pieces: list[np.ndarray]) -> None:
+    with soundfile.SoundFile(str(path), "w", samplerate=48000, channels=1, format="FLAC", subtype="PCM_16") as out:
+        for number in range(HOUR_S // PIECE_S):
+            out.write(pieces[number % len(pieces)])
+
+
+def detections_of_pieces(pieces: list[np.ndarray]) -> list[tuple[float, str, float]]:
+    """(start in the hour, species, confidence): each piece analysed on its own, placed where it lies in the hour."""
+    model, params = BirdNET(batch_size=4), AnalysisParams()
+    heard = []
+    for piece in pieces:
+        buffer = io.BytesIO()
+        soundfile.write(buffer, piece, 48000, format="WAV", subtype="PCM_16")
+        heard.append(model.hear_all(window_batches(decoded_blocks(buffer.getvalue())), params, START).detections)
+    found = []
+    for number in range(HOUR_S // PIECE_S):
+        for detection in heard[number % len(pieces)]:
+            found.append((detection.start_s + number * PIECE_S, detection.scientific_name, detection.confidence))
+    return sorted(found)
+
+
+def test_an_hour_long_recording_is_analysed_in_bounded_memory_as_its_pieces_are(tmp_path, sample_48k):
+    pieces = pieces_of(sample_48k)
+    hour = tmp_path / "mic1_20250601T050000Z.flac"
+    write_hour(hour, pieces)
+    (tmp_path / "station").mkdir()
+    stack = Stack(tmp_path / "station", station_id="hour", settings={"clips_enabled": False})
+    try:
+        stack.start()
+        warm = httpx.post(f"{stack.url}/recordings_upload", files={"file": ("mic1_20250601T040000Z.wav", sample_48k.read_bytes())}, timeout=60)
+        warm.raise_for_status()
+        wait_until(lambda: stack.completed_runs() == 1, 120, "the first recording analysed")
+        executor = stack.child("executor")
+        idle_mb = rss_mb(executor)
+        with open(hour, "rb") as body:
+            response = httpx.post(f"{stack.url}/recordings_upload", files={"file": (hour.name, body)}, timeout=120)
+        assert response.status_code == 200, response.text
+        recording_id = response.json()["recording_id"]
+        assert response.json()["duration_s"] == HOUR_S
+        wait_until(lambda: stack.completed_runs() == 2, 600, "the hour analysed")
+        peak_mb = peak_rss_mb([executor])
+        print(f"executor idle {idle_mb:.0f} MB, peak over the hour {peak_mb:.0f} MB")
+        assert peak_mb - idle_mb < 100
+        rows = pq.read_table([*stack.places.detections_dir.rglob(f"{recording_id}*.parquet")][0]).to_pylist()
+    finally:
+        stack.stop()
+    found = sorted((row["start_s"], row["scientific_name"], row["confidence"]) for row in rows)
+    expected = detections_of_pieces(pieces)
+    assert len(found) >= HOUR_S // PIECE_S  # the goldfinch at least once per piece's variant
+    assert [(start, name) for start, name, _ in found] == [(start, name) for start, name, _ in expected]
+    assert [confidence for *_, confidence in found] == pytest.approx([confidence for *_, confidence in expected], abs=1e-4)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no process {pid}")
