@@ -15,7 +15,8 @@ from ingest_api.station import IngestStation
 
 def create_app(settings: Settings) -> FastAPI:
     station = IngestStation(settings)
-    app = FastAPI(title="birdflow ingest API", version="1", lifespan=station.lifespan)
+    # no redirect to the same path with a slash: it would be built from the request's Host header
+    app = FastAPI(title="birdflow ingest API", version="1", lifespan=station.lifespan, redirect_slashes=False)
     app.state.station = station
     for routes in (streams, uploads, health):
         app.include_router(routes.router)

@@ -5,12 +5,13 @@ the API answers; messages name the problem, never a file on this server."""
 from __future__ import annotations
 
 import errno
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 import soundfile
 
-from birdflow.core.recordings import AUDIO_EXTENSIONS
+from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingNameError, checked_start, parse_file_name
 from birdflow.core.wav import WavError, check_rate_and_channels, looks_like_wav, parse_header
 from birdflow.settings import validate_listener_id
 
@@ -30,6 +31,15 @@ def checked_file_name(name: str) -> str:
     if any(char in name for char in "/\\\0"):
         raise Rejection(400, "bad_file_name", f"file name {name!r} must not contain path separators or NUL")
     return name
+
+
+def listener_and_start(name: str, now: datetime) -> tuple[Optional[str], Optional[datetime]]:
+    """The listener and start time a file's name gives; 400 for a time that does not exist or lies ahead."""
+    try:
+        listener, start = parse_file_name(name)
+        return listener, start and checked_start(start, now)
+    except RecordingNameError as exc:
+        raise Rejection(400, "bad_start_time", str(exc)) from None
 
 
 def checked_listener_id(listener_id: str) -> str:

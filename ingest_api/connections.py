@@ -6,12 +6,14 @@ connection whose headers take longer than `header_timeout_s`, an upload that sen
 `body_timeout_s`, and a stream whose first frame takes longer than `header_timeout_s` or that then
 sends nothing for `stream_idle_timeout_s` (listeners pause between recordings on an open stream).
 The body of a refused request is read and dropped for `header_timeout_s` at most, so the client can
-read its answer before the connection closes.
+read its answer before the connection closes. Headers larger than MAX_HEADER_BYTES get 431 and the connection
+closes: the parser would otherwise hold all of them (20 connections sending 40 MiB each took 700 MB).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import resource
 from typing import Optional
@@ -25,6 +27,12 @@ from birdflow.settings import Settings
 log = logging.getLogger("birdflow.ingest")
 STREAM_PATH = "/recordings_stream"
 WANTED_OPEN_FILES = 65536
+MAX_HEADER_BYTES = 64 * 1024  # the protocol's requests carry a few hundred bytes of headers
+_TOO_LARGE_BODY = json.dumps({"error": f"request headers exceed {MAX_HEADER_BYTES} bytes"}).encode()
+TOO_LARGE_HEADERS = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    + f"content-length: {len(_TOO_LARGE_BODY)}\r\n\r\n".encode() + _TOO_LARGE_BODY
+)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -38,9 +46,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._stage = ""
         self._limit_s = 0.0
         self._last_activity = 0.0
+        self._header_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self._stage == "headers":
+            self._header_bytes += len(data)
+        super().data_received(data)
+        if self._stage == "headers" and self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            metrics.REQUESTS_REJECTED.labels(self.settings.station_id, "headers_too_large").inc()
+            self.transport.write(TOO_LARGE_HEADERS)
+            self.transport.close()
 
     def _watch(self, stage: str, limit_s: float) -> None:
         self._stage, self._limit_s = stage, limit_s
+        self._header_bytes = 0
         self._last_activity = self.loop.time()
         self._unwatch()
         self._deadline_timer = self.loop.call_later(limit_s, self._check_deadline)

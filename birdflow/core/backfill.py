@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator, Optional
 
-from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingInfo, parse_file_name
+from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingInfo, name_parts_or_none
 
 ALREADY_PROCESSED = "already processed"
 UNKNOWN_LISTENER = "unknown listener"
@@ -29,7 +29,7 @@ class Candidate:
 
 def candidate(location: str, modified: datetime, size: int) -> Candidate:
     name = PurePosixPath(location).name
-    listener, start = parse_file_name(name)
+    listener, start = name_parts_or_none(name)
     return Candidate(location, name, listener, start, modified, size)
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -19,6 +19,7 @@ from pydantic import BaseModel, field_validator
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3")
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+FUTURE_START_ALLOWANCE = timedelta(hours=1)
 _NAME_PATTERN = re.compile(r"^(?P<listener>[^_]+)_(?P<stamp>\d{8}T\d{6}Z)")
 # A stream's partial file is named after its listener and start time, so that a crash leaves everything
 # needed to publish it (the format is in the WAV header at its first bytes); listener ids have no "_".
@@ -85,15 +86,43 @@ def recording_id_for(listener_id: str, start_time: datetime, content_hash: str) 
     return f"{listener_id}_{stamp}_{content_hash[:8]}"
 
 
+class RecordingNameError(ValueError):
+    """A file name whose start time cannot be: no such date, or later than the station's clock allows."""
+
+
 def parse_file_name(name: str) -> tuple[Optional[str], Optional[datetime]]:
-    """listener01_20250101T120000Z.wav -> ("listener01", 2025-01-01 12:00:00 UTC); missing parts are None."""
+    """listener01_20250101T120000Z.wav -> ("listener01", 2025-01-01 12:00:00 UTC); missing parts are None.
+    RecordingNameError for a time that does not exist (20251341T256161Z)."""
     stem = Path(name).name
     match = _NAME_PATTERN.match(stem)
     if match:
-        start = datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
+        try:
+            start = datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
+        except ValueError:
+            raise RecordingNameError(f"file name {stem!r}: {match['stamp']} is not a date and time") from None
         return match["listener"], start
     listener = stem.split("_", 1)[0] if "_" in stem else None
     return listener, None
+
+
+def name_parts_or_none(name: str) -> tuple[Optional[str], Optional[datetime]]:
+    """parse_file_name for files found on a card or in a folder: an impossible time in the name is no time (the
+    file's modification time stands in)."""
+    try:
+        return parse_file_name(name)
+    except RecordingNameError:
+        return Path(name).name.split("_", 1)[0], None
+
+
+def checked_start(start: datetime, now: datetime) -> datetime:
+    """A recording cannot start after it arrived: beyond FUTURE_START_ALLOWANCE (a listener's clock a little
+    ahead), its name's time is wrong (RecordingNameError)."""
+    if start > now + FUTURE_START_ALLOWANCE:
+        raise RecordingNameError(
+            f"the file name's start {start:%Y-%m-%dT%H:%M:%SZ} is after the station's clock ({now:%Y-%m-%dT%H:%M:%SZ}): "
+            "check the listener's clock"
+        )
+    return start
 
 
 class RecordingStore:
@@ -202,7 +231,7 @@ def describe_audio_file(path: Path, station_id: str, source: str, modified: Opti
     from birdflow.core.flac import flac_identity
 
     details = soundfile.info(str(path))
-    listener, start = parse_file_name(path.name)
+    listener, start = name_parts_or_none(path.name)
     start = start or modified or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
     source_hash = flac_identity(path) if path.suffix.lower() == ".flac" else None
     content_hash = source_hash or sha256_file(path)

@@ -72,7 +72,7 @@ def parse_header(data: bytes) -> WavHeader:
                 raise WavError("WAV data chunk comes before its fmt chunk")
             return WavHeader(wav_format, bytes(data[:body]))
         if chunk_id == b"fmt ":
-            if body + 16 > len(data):
+            if chunk_size < 16 or body + 16 > len(data):
                 raise WavError("WAV fmt chunk is truncated")
             wav_format = _parse_fmt(data[body : body + chunk_size])
         offset = body + chunk_size + (chunk_size & 1)

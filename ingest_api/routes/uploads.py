@@ -12,11 +12,12 @@ from starlette.datastructures import FormData, UploadFile
 
 from birdflow.app import metrics
 from birdflow.core.disk import InsufficientStorage
-from birdflow.core.recordings import RecordingStore, parse_file_name
+from birdflow.core.recordings import RecordingStore
 from ingest_api.checks import (
     Rejection,
     audio_details,
     checked_file_name,
+    listener_and_start,
     checked_listener_id,
     checked_suffix,
     declared_length,
@@ -46,7 +47,7 @@ async def recordings_upload(request: Request, station: StationDep, token: TokenD
         if not isinstance(upload, UploadFile):
             raise Rejection(400, "bad_form", "missing the 'file' field")
         name = checked_file_name(upload.filename or "")
-        name_listener, name_start = parse_file_name(name)
+        name_listener, name_start = listener_and_start(name, datetime.now(timezone.utc))
         listener_id = checked_listener_id(str(form.get("listener_id") or name_listener or sender or ""))
         station.access.admit_upload(sender, listener_id)
         suffix = checked_suffix(name)

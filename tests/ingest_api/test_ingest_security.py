@@ -4,14 +4,18 @@ file (inside or outside the data directory) and costs a listener sending at the 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import httpx
+import numpy as np
+import soundfile
 
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.settings import Settings
@@ -57,6 +61,18 @@ class Client:
         return int(head.split()[1]), body.decode(errors="replace")
 
 
+def wav_with_fmt_of(size: int) -> bytes:
+    """A RIFF/WAVE file whose fmt chunk is `size` bytes long (a real one has 16 or more)."""
+    chunks = b"fmt " + struct.pack("<I", size) + bytes(size) + b"data" + struct.pack("<I", 960) + bytes(960)
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def silence_flac(seconds: float) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(seconds * 48000), np.int16), 48000, format="FLAC")
+    return buffer.getvalue()
+
+
 def _short_recordings(count: int) -> bytes:
     """Recordings shorter than the minimum, one after another: many starts for few bytes."""
     return b"".join(encode_frame(0, header(48000, 16) + bytes(9600)) for _ in range(count))
@@ -85,6 +101,12 @@ CASES: list[tuple[str, int, Callable[[Client], tuple[int, str]]]] = [
     ("upload: 8-bit WAV", 415, lambda c: c.upload("mic-1_x.wav", wav_file(48000, 8))),
     ("upload: 4 kHz WAV", 415, lambda c: c.upload("mic-1_x.wav", wav_file(4000, 16))),
     ("upload: corrupt MP3", 415, lambda c: c.upload("mic-1_x.mp3", b"ID3\x03\x00\x00\x00\x00\x00\x00" + os.urandom(3000))),
+    ("upload: a WAV whose fmt chunk is 2 bytes", 415, lambda c: c.upload("mic-1_x.wav", wav_with_fmt_of(2))),
+    ("upload: a file name dated 20251341T256161Z", 400, lambda c: c.upload("mic-1_20251341T256161Z.wav", wav_bytes(1.0))),
+    ("upload: a file name dated 29991231T235959Z", 400, lambda c: c.upload("mic-1_29991231T235959Z.wav", wav_bytes(1.0))),
+    ("upload: FLAC longer than max_upload_duration_s", 422, lambda c: c.upload("mic-1_x.flac", silence_flac(61))),
+    ("upload: POST /recordings_upload/ with Host: evil.example (no redirect built from it)", 404, lambda c: c.raw(
+        b"POST /recordings_upload/ HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 0\r\n\r\n")),
     ("upload: empty file", 400, lambda c: c.upload("mic-1_x.wav", b"")),
     ("upload: .exe", 415, lambda c: c.upload("mic-1_x.exe", wav_bytes(1.0))),
     ("upload: Content-Length 10 GB, 1 KiB sent", 413, lambda c: c.raw(upload_claiming(10 << 30, c.tokens["mic-1"]))),
@@ -108,8 +130,8 @@ def files_under(root: Path) -> dict[str, int]:
 
 def test_bad_input_gets_its_status_and_changes_nothing_while_a_listener_streams(tmp_path):
     settings = Settings(
-        data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20, ingest_auth="on",
-        metrics_token="scrape-secret",
+        data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20, max_upload_duration_s=60,
+        ingest_auth="on", metrics_token="scrape-secret",
     )
     store = ListenerTokens(settings.listener_tokens_file)
     tokens = {listener: store.add(listener) for listener in ("mic-1", "mic-2", GOOD)}
@@ -155,3 +177,48 @@ def test_exempt_listeners_send_without_a_token_while_the_others_need_one(tmp_pat
     assert not list(settings.recordings_dir.glob("mic-1_*"))
 
 
+
+
+def send_until_closed(port: int, head: bytes, piece: bytes, most: int) -> tuple[int, bytes]:
+    """Send `head`, then `piece` until `most` bytes went or the server closed: (bytes sent, its answer)."""
+    sent = 0
+    with socket.create_connection((LOOPBACK, port), timeout=20) as sock:
+        try:
+            sock.sendall(head)
+            while sent < most:
+                sock.sendall(piece)
+                sent += len(piece)
+        except OSError:  # closed by the server, the answer waiting
+            pass
+        try:
+            return sent, sock.recv(65536)
+        except OSError:
+            return sent, b""
+
+
+def resident_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+def test_huge_headers_get_431_after_64_kib_and_cost_no_memory(tmp_path):
+    """20 connections each offering a 40 MiB header value, without a token: each is answered 431 and closed
+    after its first 64 KiB, and the ingest (in this process) grows by no more than a few MB."""
+    settings = Settings(data_dir=tmp_path / "data", ingest_auth="on")
+    head = b"POST /recordings_upload HTTP/1.1\r\nHost: station\r\nX-Padding: "
+    with serving(settings) as port:
+        before = resident_mb()
+        results: list[tuple[int, bytes]] = []
+        senders = [
+            threading.Thread(target=lambda: results.append(send_until_closed(port, head, b"a" * (256 << 10), 40 << 20)))
+            for _ in range(20)
+        ]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(60)
+        grown = resident_mb() - before
+        assert httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200
+    print(f"20 x 40 MiB headers: sent at most {max(sent for sent, _ in results) >> 10} KiB each; ingest RSS +{grown:.0f} MB")
+    assert len(results) == 20 and all(sent < 8 << 20 for sent, _ in results)
+    assert sum(answer.startswith(b"HTTP/1.1 431") for _, answer in results) >= 15  # (a reset may hide a few)
+    assert grown < 40
