@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from contextlib import asynccontextmanager
-from typing import Optional
+from collections import Counter
+from contextlib import asynccontextmanager, contextmanager
+from typing import Iterator, Optional
 
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -61,6 +62,7 @@ class IngestStation:
         )
         self.access = IngestAccess(settings)
         self.streams: set[StreamAssembler] = set()  # the streams connected now
+        self.uploads: Counter[str] = Counter()  # uploads in progress, by listener id ("" until it is known)
         # one thread seals closed recordings (fsync, hash, publish) in order, off the event loop
         self.sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
         self._event_counters = {
@@ -100,6 +102,31 @@ class IngestStation:
         per_listener = self.settings.ingest.max_streams_per_listener
         if sum(stream.listener_id == listener_id for stream in self.streams) >= per_listener:
             raise Rejection(503, "listener_streams", f"listener {listener_id!r} already has {per_listener} open streams")
+
+    @contextmanager
+    def upload_slot(self) -> Iterator[None]:
+        """Room for one more upload in progress (max_open_uploads), held until it is answered."""
+        if sum(self.uploads.values()) >= self.settings.ingest.max_open_uploads:
+            raise Rejection(503, "too_many_uploads", f"{sum(self.uploads.values())} uploads are in progress, the most this station takes")
+        self.uploads[""] += 1
+        try:
+            yield
+        finally:
+            self.uploads[""] -= 1
+
+    @contextmanager
+    def listener_upload(self, listener_id: str) -> Iterator[None]:
+        """Within an upload slot, once its listener is known: at most max_uploads_per_listener of one listener."""
+        per_listener = self.settings.ingest.max_uploads_per_listener
+        if self.uploads[listener_id] >= per_listener:
+            raise Rejection(503, "listener_uploads", f"listener {listener_id!r} already has {per_listener} uploads in progress")
+        self.uploads[listener_id] += 1
+        self.uploads[""] -= 1
+        try:
+            yield
+        finally:
+            self.uploads[listener_id] -= 1
+            self.uploads[""] += 1
 
     def submit_seal(self, listener_id: str, seal) -> concurrent.futures.Future:
         def report(future: concurrent.futures.Future) -> None:

@@ -74,6 +74,11 @@ class IngestSettings(Section):
         900.0, gt=0, description="A stream that sends nothing for this long is closed (longer than the listeners' duty-cycle pause)"
     )
     max_open_streams: int = Field(256, ge=1, description="Streams connected at once; more get 503")
+    max_open_uploads: int = Field(32, ge=1, description="Uploads in progress at once; more get 503")
+    max_uploads_per_listener: int = Field(2, ge=1, description="Uploads of one listener id in progress at once; more get 503")
+    min_upload_bytes_per_s: int = Field(
+        4096, ge=0, description="An upload slower than this on average, once body_timeout_s has passed, is cut (408); 0: no minimum"
+    )
     max_streams_per_listener: int = Field(2, ge=1, description="Streams of one listener id at once (a reconnect while the old one lingers); more get 503")
     max_recordings_per_minute: int = Field(
         12, ge=1, description="A stream that starts more recordings than this in a minute is cut (429)"

@@ -1,14 +1,21 @@
 """POST /recordings_upload: one finished recording as multipart/form-data, `file` and an optional
-`listener_id` (the protocol document, section 2). It is answered only once the recording is published."""
+`listener_id` (the protocol document, section 2). It is answered only once the recording is published.
+
+The body is parsed as it arrives (ingest_api/upload_form.py): the file goes straight into its partial file
+in the data directory, once its sender and name have been checked, and an upload slower than
+min_upload_bytes_per_s is cut."""
 
 from __future__ import annotations
 
+import time
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO, Optional
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData, UploadFile
+from starlette.requests import ClientDisconnect
 
 from birdflow.app import metrics
 from birdflow.core.disk import InsufficientStorage
@@ -17,98 +24,125 @@ from ingest_api.checks import (
     Rejection,
     audio_details,
     checked_file_name,
-    listener_and_start,
     checked_listener_id,
     checked_suffix,
     declared_length,
+    listener_and_start,
     sniff_audio,
     write_failure,
 )
 from ingest_api.deps import StationDep, TokenDep
+from ingest_api.station import IngestStation
+from ingest_api.upload_form import UploadForm
 
-UPLOAD_READ_BYTES = 1 << 20
 router = APIRouter()
+
+
+class UploadInProgress:
+    """One upload while its body arrives: who sends it, under what name, and where its file goes."""
+
+    def __init__(self, station: IngestStation, sender: Optional[str], holds: ExitStack):
+        self.station, self.sender, self.holds = station, sender, holds
+        self.listener_id: Optional[str] = None
+        self.name_listener: Optional[str] = None
+        self.start: Optional[datetime] = None
+        self.partial: Optional[Path] = None
+
+    def open_file(self, file_name: str, fields: dict[str, str]) -> BinaryIO:
+        """The file part begins: its name, its sender and their room are checked before a byte is kept."""
+        name = checked_file_name(file_name)
+        self.name_listener, self.start = listener_and_start(name, datetime.now(timezone.utc))
+        self.admit(fields)
+        self.partial = self.station.store.new_upload_partial(checked_suffix(name))
+        try:
+            return self.holds.enter_context(open(self.partial, "wb"))
+        except OSError as exc:
+            raise write_failure(exc) from exc
+
+    def admit(self, fields: dict[str, str]) -> None:
+        """The listener the form names (a listener_id field, else the file's name, else the token's owner); again
+        when a listener_id field came after the file."""
+        listener_id = checked_listener_id(str(fields.get("listener_id") or self.name_listener or self.sender or ""))
+        if listener_id == self.listener_id:
+            return
+        self.station.access.admit_upload(self.sender, listener_id)
+        self.holds.enter_context(self.station.listener_upload(listener_id))
+        self.listener_id = listener_id
+
+    async def receive(self, request: Request, form: UploadForm) -> None:
+        """The body into the form, counted: past the limit 413, slower than the minimum rate 408."""
+        ingest = self.station.settings.ingest
+        started, received = time.monotonic(), 0
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                form.feed(chunk)
+                elapsed = time.monotonic() - started
+                if ingest.min_upload_bytes_per_s and elapsed > ingest.body_timeout_s and received < elapsed * ingest.min_upload_bytes_per_s:
+                    raise Rejection(
+                        408, "too_slow",
+                        f"upload arrives at {received / elapsed:.0f} bytes/s, below the minimum of {ingest.min_upload_bytes_per_s}",
+                    )
+        except ClientDisconnect:
+            raise Rejection(400, "disconnected", "the client went away before the upload was complete") from None
+        except OSError as exc:
+            raise write_failure(exc) from exc
+        form.finish()
+        if form.file_bytes == 0:
+            raise Rejection(400, "empty", "the uploaded file is empty")
 
 
 @router.post("/recordings_upload")
 async def recordings_upload(request: Request, station: StationDep, token: TokenDep):
     settings = station.settings
-    listener_id = None
-    partial = None
-    try:
-        sender = station.access.upload_sender(token)  # before a byte of the body is read
-        declared_length(request.headers.get("content-length"), settings.ingest.max_upload_bytes)
+    upload: Optional[UploadInProgress] = None
+    with ExitStack() as holds:
         try:
-            station.disk.require_room()
-        except InsufficientStorage as exc:
-            raise Rejection(507, "insufficient_storage", str(exc)) from None
-        form = await _read_form(request)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise Rejection(400, "bad_form", "missing the 'file' field")
-        name = checked_file_name(upload.filename or "")
-        name_listener, name_start = listener_and_start(name, datetime.now(timezone.utc))
-        listener_id = checked_listener_id(str(form.get("listener_id") or name_listener or sender or ""))
-        station.access.admit_upload(sender, listener_id)
-        suffix = checked_suffix(name)
-        partial = station.store.new_upload_partial(suffix)
-        await _copy(upload, partial, settings.ingest.max_upload_bytes)
-        sniff_audio(partial, suffix)
-        details = audio_details(partial, suffix)
-        if details.duration < settings.ingest.min_duration_s:
-            metrics.RECORDINGS_DISCARDED.labels(station.station_id, "too_short").inc()
-            raise Rejection(422, "too_short", f"recording is {details.duration:.2f} s, shorter than the minimum {settings.ingest.min_duration_s} s")
-        if details.duration > settings.ingest.max_upload_duration_s:
-            metrics.RECORDINGS_DISCARDED.labels(station.station_id, "too_long").inc()
-            raise Rejection(
-                422, "too_long",
-                f"recording is {details.duration:.0f} s, longer than the maximum {settings.ingest.max_upload_duration_s:g} s "
-                "(setting 'max_upload_duration_s')",
+            sender = station.access.upload_sender(token)  # before a byte of the body is read
+            declared_length(request.headers.get("content-length"), settings.ingest.max_upload_bytes)
+            try:
+                station.disk.require_room()
+            except InsufficientStorage as exc:
+                raise Rejection(507, "insufficient_storage", str(exc)) from None
+            holds.enter_context(station.upload_slot())
+            upload = UploadInProgress(station, sender, holds)
+            form = UploadForm(request.headers.get("content-type"), upload.open_file, settings.ingest.max_upload_bytes)
+            holds.callback(form.close)
+            await upload.receive(request, form)
+            upload.admit(form.fields)
+            assert upload.partial is not None and form.file_name is not None
+            suffix = checked_suffix(form.file_name)
+            sniff_audio(upload.partial, suffix)
+            details = audio_details(upload.partial, suffix)
+            if details.duration < settings.ingest.min_duration_s:
+                metrics.RECORDINGS_DISCARDED.labels(station.station_id, "too_short").inc()
+                raise Rejection(422, "too_short", f"recording is {details.duration:.2f} s, shorter than the minimum {settings.ingest.min_duration_s} s")
+            if details.duration > settings.ingest.max_upload_duration_s:
+                metrics.RECORDINGS_DISCARDED.labels(station.station_id, "too_long").inc()
+                raise Rejection(
+                    422, "too_long",
+                    f"recording is {details.duration:.0f} s, longer than the maximum {settings.ingest.max_upload_duration_s:g} s "
+                    "(setting 'max_upload_duration_s')",
+                )
+            info = await run_in_threadpool(
+                _publish_or_refuse, station.store, upload.partial, listener_id=upload.listener_id,
+                start_time=upload.start or datetime.now(timezone.utc), duration_s=details.duration,
+                sample_rate=details.samplerate, channels=details.channels, gaps=0, source="upload",
             )
-        info = await run_in_threadpool(
-            _publish_or_refuse, station.store, partial, listener_id=listener_id,
-            start_time=name_start or datetime.now(timezone.utc), duration_s=details.duration,
-            sample_rate=details.samplerate, channels=details.channels, gaps=0, source="upload",
-        )
-        metrics.RECORDINGS_RECEIVED.labels(station.station_id, "upload").inc()
-        return {
-            "recording_id": info.recording_id,
-            "file_name": info.file_name,
-            "listener_id": info.listener_id,
-            "start_time": info.start_time.isoformat(),
-            "duration_s": info.duration_s,
-            "content_hash": info.content_hash,
-        }
-    except Rejection as rejection:
-        return station.reject(rejection, listener_id)
-    finally:
-        if partial is not None:
-            partial.unlink(missing_ok=True)  # published files were moved away; anything else goes
-
-
-async def _read_form(request: Request) -> FormData:
-    try:
-        return await request.form(max_files=1, max_fields=8)
-    except OSError as exc:
-        raise write_failure(exc) from exc
-    except Exception as exc:  # starlette raises several types for a broken body
-        raise Rejection(400, "bad_form", f"expected multipart/form-data with a 'file' field: {exc}") from exc
-
-
-async def _copy(upload: UploadFile, partial: Path, limit: int) -> None:
-    """The upload into its partial file, refused past `limit` bytes (a declared length can lie)."""
-    size = 0
-    try:
-        with open(partial, "wb") as out:
-            while block := await upload.read(UPLOAD_READ_BYTES):
-                size += len(block)
-                if size > limit:
-                    raise Rejection(413, "too_large", f"upload exceeds the limit of {limit} bytes")
-                out.write(block)
-    except OSError as exc:
-        raise write_failure(exc) from exc
-    if size == 0:
-        raise Rejection(400, "empty", "the uploaded file is empty")
+            metrics.RECORDINGS_RECEIVED.labels(station.station_id, "upload").inc()
+            return {
+                "recording_id": info.recording_id,
+                "file_name": info.file_name,
+                "listener_id": info.listener_id,
+                "start_time": info.start_time.isoformat(),
+                "duration_s": info.duration_s,
+                "content_hash": info.content_hash,
+            }
+        except Rejection as rejection:
+            return station.reject(rejection, upload.listener_id if upload else None)
+        finally:
+            if upload is not None and upload.partial is not None:
+                upload.partial.unlink(missing_ok=True)  # published files were moved away; anything else goes
 
 
 def _publish_or_refuse(store: RecordingStore, partial: Path, **details):
