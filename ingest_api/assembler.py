@@ -31,7 +31,31 @@ class StreamRejected(ValueError):
 
 
 class TooManyRecordings(ValueError):
-    """The stream starts recordings faster than any listener does (a flood): it is cut."""
+    """A listener starts recordings faster than any listener does (a flood): its stream is cut, its upload refused."""
+
+
+class RecordingRate:
+    """Recordings started per listener id in the last minute, over all its streams, reconnects and uploads."""
+
+    FORGET_AT = 4096  # listener ids tracked before those quiet for a minute are forgotten (bounded memory)
+
+    def __init__(self, per_minute: Optional[int]):
+        self.per_minute = per_minute  # None: no limit
+        self._starts: dict[str, deque[float]] = {}
+
+    def admit(self, listener_id: str, now: Optional[float] = None) -> None:
+        """Count one more recording of the listener, or raise TooManyRecordings."""
+        if self.per_minute is None:
+            return
+        now = time.monotonic() if now is None else now
+        if len(self._starts) >= self.FORGET_AT:
+            self._starts = {key: starts for key, starts in self._starts.items() if now - starts[-1] <= 60}
+        starts = self._starts.setdefault(listener_id, deque())
+        while starts and now - starts[0] > 60:
+            starts.popleft()
+        if len(starts) >= self.per_minute:
+            raise TooManyRecordings(f"listener {listener_id!r} started more than {self.per_minute} recordings within a minute")
+        starts.append(now)
 
 
 @dataclass(frozen=True)
@@ -40,7 +64,6 @@ class StreamLimits:
     max_duration_s: float
     max_gap_pages: int
     default_format: WavFormat
-    max_recordings_per_minute: Optional[int] = None  # None: no limit
 
 
 RECENT_RECORDINGS = 100  # a connection can last for days: its summary keeps the newest ones only
@@ -108,6 +131,7 @@ class StreamAssembler:
         clock: Callable[[], datetime] = _utc_now,
         sealer: Callable[[Callable[[], None]], None] = lambda seal: seal(),
         before_open: Callable[[], None] = lambda: None,
+        rate: Optional[RecordingRate] = None,
     ):
         """`sealer` runs each closed recording's seal step; the HTTP app hands it to a worker thread
         so an fsync never stalls the other listeners' streams. `before_open` runs before each new
@@ -123,7 +147,7 @@ class StreamAssembler:
         self.stats = StreamStats()
         self._open: Optional[_OpenRecording] = None
         self._announced: Optional[_Announced] = None
-        self._recent_starts: deque[float] = deque()
+        self.rate = rate or RecordingRate(None)  # shared by the station's streams and uploads
         self._last_header: Optional[WavHeader] = None
         self._last_seq = 0
         self._page_bytes = DEFAULT_PAGE_BYTES
@@ -202,14 +226,7 @@ class StreamAssembler:
 
     def _announce(self, header: WavHeader, start_time: datetime) -> None:
         """A recording starts (a header, or a rollover); its file is opened when audio arrives."""
-        limit = self.limits.max_recordings_per_minute
-        if limit is not None:
-            now = time.monotonic()
-            while self._recent_starts and now - self._recent_starts[0] > 60:
-                self._recent_starts.popleft()
-            if len(self._recent_starts) >= limit:
-                raise TooManyRecordings(f"more than {limit} recordings started within a minute")
-            self._recent_starts.append(now)
+        self.rate.admit(self.listener_id)
         self._announced = _Announced(header, start_time)
 
     def _open_announced(self) -> _OpenRecording:

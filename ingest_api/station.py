@@ -21,7 +21,7 @@ from birdflow.core.retention import archive_retention
 from birdflow.core.wav import WavFormat
 from birdflow.settings import Settings
 from ingest_api.access import IngestAccess
-from ingest_api.assembler import StreamAssembler, StreamLimits
+from ingest_api.assembler import RecordingRate, StreamAssembler, StreamLimits
 from ingest_api.checks import Rejection, checked_listener_id
 from ingest_api.recovery import recover_partials
 from ingest_api.telemetry import receive_health
@@ -58,8 +58,8 @@ class IngestStation:
             max_duration_s=settings.ingest.max_duration_s,
             max_gap_pages=settings.ingest.max_gap_pages,
             default_format=WavFormat(settings.ingest.default_sample_rate, settings.ingest.default_channels, settings.ingest.default_bits_per_sample),
-            max_recordings_per_minute=settings.ingest.max_recordings_per_minute,
         )
+        self.recording_rate = RecordingRate(settings.ingest.max_recordings_per_minute)
         self.access = IngestAccess(settings)
         self.streams: set[StreamAssembler] = set()  # the streams connected now
         self.uploads: Counter[str] = Counter()  # uploads in progress, by listener id ("" until it is known)

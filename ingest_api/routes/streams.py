@@ -50,7 +50,7 @@ async def recordings_stream(request: Request, station: StationDep, token: TokenD
 
     assembler = StreamAssembler(
         listener_id, station.store, station.limits, on_event=station.count_event, sealer=seal_later,
-        before_open=station.disk.require_room,
+        before_open=station.disk.require_room, rate=station.recording_rate,
     )
     station.streams.add(assembler)
     open_streams = metrics.OPEN_STREAMS.labels(station.station_id)
@@ -72,7 +72,7 @@ async def recordings_stream(request: Request, station: StationDep, token: TokenD
     except StreamRejected as exc:
         rejection = Rejection(415, "bad_header", str(exc))
     except TooManyRecordings as exc:
-        rejection = Rejection(429, "too_many_recordings", f"listener {listener_id}: {exc}")
+        rejection = Rejection(429, "too_many_recordings", str(exc))
     except InsufficientStorage as exc:  # checked as each recording opens; the ones before it are kept
         rejection = Rejection(507, "insufficient_storage", str(exc))
     except OSError as exc:

@@ -32,6 +32,7 @@ from ingest_api.checks import (
     write_failure,
 )
 from ingest_api.deps import StationDep, TokenDep
+from ingest_api.assembler import TooManyRecordings
 from ingest_api.station import IngestStation
 from ingest_api.upload_form import UploadForm
 
@@ -110,7 +111,7 @@ async def recordings_upload(request: Request, station: StationDep, token: TokenD
             holds.callback(form.close)
             await upload.receive(request, form)
             upload.admit(form.fields)
-            assert upload.partial is not None and form.file_name is not None
+            assert upload.partial is not None and form.file_name is not None and upload.listener_id is not None
             suffix = checked_suffix(form.file_name)
             sniff_audio(upload.partial, suffix)
             details = audio_details(upload.partial, suffix)
@@ -124,6 +125,10 @@ async def recordings_upload(request: Request, station: StationDep, token: TokenD
                     f"recording is {details.duration:.0f} s, longer than the maximum {settings.ingest.max_upload_duration_s:g} s "
                     "(setting 'max_upload_duration_s')",
                 )
+            try:
+                station.recording_rate.admit(upload.listener_id)
+            except TooManyRecordings as exc:
+                raise Rejection(429, "too_many_recordings", str(exc)) from None
             info = await run_in_threadpool(
                 _publish_or_refuse, station.store, upload.partial, listener_id=upload.listener_id,
                 start_time=upload.start or datetime.now(timezone.utc), duration_s=details.duration,

@@ -14,7 +14,7 @@ import pytest
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, wait_until
-from tests.ingest_client import serving, wav_bytes
+from tests.ingest_client import chunked_post, frames_of, serving, wav_bytes
 
 BOUNDARY = "upload-boundary"
 
@@ -122,3 +122,22 @@ def test_uploads_in_progress_are_capped_in_all_and_per_listener(station):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_listeners_recordings_per_minute_are_counted_over_its_reconnects_and_uploads(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, max_recordings_per_minute=4)
+    with serving(settings) as port:
+        first, _ = chunked_post(port, "/recordings_stream?listener_id=mic-1", [frames_of(wav_bytes(1.0, value=1))])
+        second, _ = chunked_post(port, "/recordings_stream?listener_id=mic-1", [frames_of(wav_bytes(1.0, value=2))])
+
+        def upload(listener: str, value: int) -> int:
+            return httpx.post(
+                f"http://{LOOPBACK}:{port}/recordings_upload",
+                files={"file": (f"{listener}_20250101T00000{value}Z.wav", wav_bytes(1.0, value=value))}, timeout=20,
+            ).status_code
+
+        uploads = [upload("mic-1", value) for value in (3, 4, 5)]
+        reconnect, answer = chunked_post(port, "/recordings_stream?listener_id=mic-1", [frames_of(wav_bytes(1.0, value=6))])
+        other = upload("mic-2", 7)
+    assert (first, second, uploads, reconnect, other) == (200, 200, [200, 200, 429], 429, 200)
+    assert len(list(settings.recordings_dir.glob("mic-1_*.wav"))) == 4
