@@ -314,6 +314,23 @@ def prefect_server(children: list[Child]) -> Child:
     return next(child for child in children if child.name == PREFECT_SERVER)
 
 
+def keep_data_private(settings: Settings) -> None:
+    """The data folder closed to other users, as an older version may have left it (its files were made
+    readable to all, the Prefect database and its key among them); the Postgres user, when `up` runs as root,
+    may pass through it to its own folder, and see nothing else."""
+    postgres_as_root = settings.prefect.prefect_database == "postgres" and os.geteuid() == 0
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        settings.data_dir.chmod(0o711 if postgres_as_root else 0o700)
+        if postgres_as_root:
+            settings.prefect_home.mkdir(parents=True, exist_ok=True)
+            settings.prefect_home.chmod(0o711)
+        for database in settings.prefect_home.glob("prefect.db*"):
+            database.chmod(0o600)
+    except OSError as exc:  # not its owner (a volume made by another user): say so, run anyway
+        log.warning("could not close %s to other users: %s", settings.data_dir, exc)
+
+
 def supervise(settings: Settings, settings_file: Optional[str]) -> int:
     """Run the stack until SIGINT/SIGTERM; refuse (1) while another `up` or its children run on the data folder."""
     try:
@@ -321,6 +338,7 @@ def supervise(settings: Settings, settings_file: Optional[str]) -> int:
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return 1
+    keep_data_private(settings)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -8,12 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
 from birdflow.settings import Settings
 from birdflow.app.supervisor import Child, restart_when_due
 from birdflow_tools.stack import Stack
+from birdflow_tools.testbed import wait_until
 
 
 def test_a_crash_looping_child_does_not_hold_another_one_down(tmp_path):
@@ -60,7 +62,7 @@ def test_the_gauges_of_a_dead_child_stop_counting(tmp_path):
     assert "birdflow_open_streams{" not in open_streams()
 
 
-def test_up_cannot_be_doubled_and_its_children_end_with_it_even_when_it_is_killed(tmp_path):
+def test_up_cannot_be_doubled_and_its_children_end_with_it_even_when_it_is_killed(tmp_path, sample_48k):
     stack = Stack(tmp_path / "first", station_id="single")
     # a second `up` on the same data folder, on other ports
     second = Stack(tmp_path / "second", station_id="single", settings={"data_dir": str(stack.places.data_dir)})
@@ -83,11 +85,23 @@ def test_up_cannot_be_doubled_and_its_children_end_with_it_even_when_it_is_kille
         while any(alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(alive(pid) for pid in children)
+        data, database = stack.places.data_dir, stack.places.prefect_database_file
+        data.chmod(0o755), database.chmod(0o644)  # as an older version left them
         second.start(timeout_s=120)
         assert second.completed_runs() == 0  # a working station again
+        httpx.post(f"{second.url}/recordings_upload", files={"file": ("mic1_20250601T053000Z.wav", sample_48k.read_bytes())}, timeout=60).raise_for_status()
+        wait_until(lambda: second.completed_runs() == 1, 120, "the recording analysed")
+        # closed to other users: the database holds the key to the stored secrets
+        assert (mode(data), mode(database)) == (0o700, 0o600)
+        written = [path for folder in ("archive", "state", "detections") for path in (data / folder).rglob("*") if path.is_file()]
+        assert written and all(mode(path) & 0o077 == 0 for path in written), {str(path): oct(mode(path)) for path in written}
     finally:
         for each in (stack, second):
             each.stop()
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
 
 
 def alive(pid: int) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from importlib.metadata import entry_points
 from typing import Optional
 
@@ -28,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what birdflow writes is its user's alone: recordings, tokens, and the Prefect database, which holds the key to
+# the secrets stored beside it (S3 keys, the InfluxDB token)
+PRIVATE_UMASK = 0o077
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    os.umask(PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
