@@ -22,6 +22,7 @@ from birdflow.app import metrics
 from birdflow.core.recordings import RecordingInfo
 from birdflow.core.redrive import RedrivePolicy
 from birdflow.settings import Settings
+from flows.engine import one_line
 from flows.process_recording import UNPROCESSABLE
 
 log = logging.getLogger("birdflow.redrive")
@@ -38,6 +39,10 @@ def redrive_or_give_up(client: SyncPrefectClient, flow_run: FlowRun, state: Stat
     """Schedule the failed run's next attempt and return its time, or give the run up (None). A run that
     cannot succeed, or that a person cancelled, is given up at once."""
     now = datetime.now(timezone.utc)
+    unusable = state.name not in GIVEN_UP and parameters_problem(flow_run)
+    if unusable:  # the same parameters fail the same way every time (a run made by hand, say)
+        state = Failed(name=UNPROCESSABLE, message=f"its parameters are not a recording: {unusable}"[:500])
+        client.set_flow_run_state(flow_run.id, state, force=True)
     retryable = state.name not in GIVEN_UP and not state.is_cancelled()
     due = policy(settings).next_attempt(flow_run.run_count, flow_run.created, now) if retryable else None
     if due is not None:
@@ -46,6 +51,15 @@ def redrive_or_give_up(client: SyncPrefectClient, flow_run: FlowRun, state: Stat
         log.info("flow run %s failed (%s); re-driven at %s", flow_run.name, state.message, f"{due:%H:%M:%S}")
         return due
     give_up(client, flow_run, state, settings)
+    return None
+
+
+def parameters_problem(flow_run: FlowRun) -> Optional[str]:
+    """What makes a run's `recording` parameter no recording (a file_name with a path in it...), or None."""
+    try:
+        RecordingInfo.model_validate(flow_run.parameters.get("recording"))
+    except ValueError as exc:
+        return one_line(str(exc))
     return None
 
 

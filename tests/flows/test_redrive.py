@@ -93,3 +93,19 @@ def test_the_maintenance_run_re_drives_what_nothing_re_drove(station, monkeypatc
     assert summary["redrive"] == {"redriven": 1, "given_up": 0}
     assert client.read_flow_run(flow_run.id).state.name == "AwaitingRetry"
     assert flows.maintenance.maintenance()["redrive"] == {"redriven": 0, "given_up": 0}  # once is enough
+
+
+def test_a_run_whose_parameters_are_no_recording_is_given_up_as_unprocessable_at_once(station):
+    """Prefect fails such a run before it starts (its parameters do not validate): no re-drive can help."""
+    from flows.process_recording import UNPROCESSABLE
+    from flows.redrive import redrive_or_give_up
+
+    settings, client, flow_run, info = station
+    bad = {**info.model_dump(mode="json"), "file_name": "../../etc/passwd"}
+    made_by_hand = client.create_flow_run_from_deployment(flow_run.deployment_id, parameters={"recording": bad})
+    client.set_flow_run_state(made_by_hand.id, Failed(message="Validation of flow parameters failed"), force=True)
+    made_by_hand = client.read_flow_run(made_by_hand.id)
+    assert redrive_or_give_up(client, made_by_hand, made_by_hand.state, settings) is None
+    state = client.read_flow_run(made_by_hand.id).state
+    assert (state.type.value, state.name) == ("FAILED", UNPROCESSABLE) and "must be a plain name" in state.message
+    assert (settings.recordings_dir / info.file_name).exists()  # nothing of the station's touched
