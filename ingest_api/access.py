@@ -8,6 +8,7 @@ With `ingest_auth: on` every request carries its listener's token (`Authorizatio
 from __future__ import annotations
 
 import hmac
+import time
 from ipaddress import ip_address
 from typing import Optional
 
@@ -30,12 +31,29 @@ def _unauthorized(listener_id: Optional[str]) -> Rejection:
     return Rejection(401, "unauthorized", f"missing or invalid token for {who} (see `birdflow listeners add`)")
 
 
+KNOWN_REFRESH_S = 30.0  # a listener added by `birdflow listeners add` is known this soon
+
+
 class IngestAccess:
     def __init__(self, settings: Settings):
         self.required = settings.ingest.ingest_auth == "on"
         self.exempt = frozenset(settings.ingest.ingest_auth_exempt)
         self.metrics_token = settings.observability.metrics_token.get_secret_value()
         self.tokens = ListenerTokens(settings.listener_tokens_file)
+        self._registered: frozenset[str] = frozenset()
+        self._registered_at = -KNOWN_REFRESH_S
+
+    def known_listener(self, listener_id: str) -> bool:
+        """One of the station's listeners (`birdflow listeners add`, or exempt): what UDP health, which carries
+        no token, trusts with gauges and a place in its table. A station that requires no token and has
+        registered no one knows all comers."""
+        now = time.monotonic()
+        if now - self._registered_at >= KNOWN_REFRESH_S:
+            self._registered = frozenset(record.listener_id for record in self.tokens.listed())
+            self._registered_at = now
+        if not self.required and not self._registered:
+            return True
+        return listener_id in self._registered or listener_id in self.exempt
 
     def _owner(self, token: Optional[str], listener_id: Optional[str]) -> Optional[str]:
         """The listener a presented token belongs to; None when none was presented; 401 for a wrong one."""

@@ -146,7 +146,7 @@ class IngestStation:
     @asynccontextmanager
     async def lifespan(self, app):
         sweeper = asyncio.create_task(self._sweep_partials())
-        health = asyncio.create_task(receive_health(self.settings))
+        health = asyncio.create_task(receive_health(self.settings, self.access.known_listener))
         yield
         sweeper.cancel()
         health.cancel()

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from birdflow.app import metrics
 from birdflow.core.health import HealthRefused, HealthReport, RateLimit, parse_datagram
@@ -52,29 +52,36 @@ class HealthSpool:
 
 
 class HealthReceiver(asyncio.DatagramProtocol):
-    def __init__(self, settings: Settings, spool: HealthSpool):
+    """Reports of the station's own listeners become gauges; those of ids it does not know are only spooled (the
+    metrics stay bounded by the real listeners, whatever ids a flood makes up)."""
+
+    def __init__(self, settings: Settings, spool: HealthSpool, known: Callable[[str], bool]):
         self.station = settings.station_id
         self.spool = spool
+        self.known = known
         self.limit = RateLimit(settings.ingest.health_min_interval_s, settings.ingest.health_max_listeners)
 
     def datagram_received(self, data: bytes, addr) -> None:
         now = time.time()
         try:
             report = parse_datagram(data, now)
-            self.limit.admit(report.listener_id, now)
+            known = self.known(report.listener_id)
+            self.limit.admit(report.listener_id, now, known)
         except HealthRefused as refused:
             metrics.HEALTH_REFUSED.labels(self.station, refused.reason).inc()
             return
         metrics.HEALTH_REPORTS.labels(self.station).inc()
+        self.spool.add(report)
+        if not known:
+            return
         metrics.LISTENER_LAST_HEALTH.labels(self.station, report.listener_id).set(now)
         for name, gauge in metrics.LISTENER_HEALTH.items():
             value = getattr(report, name)
             if value is not None:
                 gauge.labels(self.station, report.listener_id).set(value)
-        self.spool.add(report)
 
 
-async def receive_health(settings: Settings):
+async def receive_health(settings: Settings, known: Callable[[str], bool]):
     """Listen for health datagrams until cancelled; None (and one log line) when the port cannot be bound."""
     if not settings.ingest.health_port:
         return
@@ -82,7 +89,7 @@ async def receive_health(settings: Settings):
     loop = asyncio.get_running_loop()
     try:
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: HealthReceiver(settings, spool), local_addr=(settings.ingest.ingest_host, settings.ingest.health_port)
+            lambda: HealthReceiver(settings, spool, known), local_addr=(settings.ingest.ingest_host, settings.ingest.health_port)
         )
     except OSError as exc:
         log.error("listener health: cannot listen on UDP port %d (%s); recordings are not affected", settings.ingest.health_port, exc)

@@ -73,3 +73,33 @@ def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monke
                  station_tables(settings)).to_pylist()
     assert rows == [{"listener_id": "mic-1", "battery_v": 3.9, "firmware": "1.2.0"},
                     {"listener_id": "mic-2", "battery_v": 3.4, "firmware": None}]
+
+
+def test_a_flood_of_made_up_ids_leaves_the_stations_listeners_their_place_and_makes_no_gauges(tmp_path):
+    from birdflow.core.listener_tokens import ListenerTokens
+
+    health_port = free_port()
+    settings = Settings(station_id="made-up", data_dir=tmp_path / "data", health_port=health_port, ingest_auth="on",
+                        health_min_interval_s=1, health_max_listeners=100)
+    for listener in ("mic-1", "mic-2"):
+        ListenerTokens(settings.listener_tokens_file).add(listener)
+    taken = lambda: sample("birdflow_listener_health_reports_total", station="made-up")  # noqa: E731
+    last_seen = lambda listener: sample("birdflow_listener_health_last_seen_timestamp_seconds", station="made-up", listener=listener)  # noqa: E731
+    with serving(settings), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        send = lambda body: udp.sendto(json.dumps(body).encode(), (LOOPBACK, health_port))  # noqa: E731
+        wait_until(lambda: (send({"listener_id": "mic-1", "battery_v": 3.9}), last_seen("mic-1") > 0)[1], 10, "mic-1 heard")
+        for round_ in range(2):  # 1000 made-up ids, twice
+            for number in range(1000):
+                send({"listener_id": f"fake-{round_}-{number}", "battery_v": 1.0})
+                if number % 100 == 0:
+                    time.sleep(0.01)  # (so that the kernel keeps most of them)
+        flooded = taken()
+        send({"listener_id": "mic-2", "battery_v": 3.5})
+        wait_until(lambda: last_seen("mic-2") > 0, 10, "mic-2 heard after the flood")
+        time.sleep(1.1)
+        send({"listener_id": "mic-1", "battery_v": 3.8})
+        wait_until(lambda: sample("birdflow_listener_battery_v", station="made-up", listener="mic-1") == 3.8, 10, "mic-1 again")
+    assert flooded > 50  # the flood was read (and spooled, within the table's 100 places)
+    gauges = [metric for metric in REGISTRY.collect() if metric.name == "birdflow_listener_battery_v"]
+    listeners = {sample.labels["listener"] for metric in gauges for sample in metric.samples if sample.labels["station"] == "made-up"}
+    assert listeners == {"mic-1", "mic-2"}
