@@ -26,6 +26,9 @@ from birdflow.settings import Settings
 
 log = logging.getLogger("birdflow.ingest")
 STREAM_PATH = "/recordings_stream"
+# set in a stream's scope by its route once its first whole frame arrived: until then the first-frame deadline
+# holds, however many bytes trickle in (256 streams sending a byte each held every slot for 15 minutes)
+FIRST_FRAME_SEEN = "birdflow.first_frame_seen"
 WANTED_OPEN_FILES = 65536
 MAX_HEADER_BYTES = 64 * 1024  # the protocol's requests carry a few hundred bytes of headers
 _TOO_LARGE_BODY = json.dumps({"error": f"request headers exceed {MAX_HEADER_BYTES} bytes"}).encode()
@@ -74,6 +77,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._deadline_timer = None
         if self.transport.is_closing():
             return
+        self._first_frame_seen()
         remaining = self._last_activity + self._limit_s - self.loop.time()
         if remaining > 0 or self.flow.read_paused:  # the client was active, or the app is the slow one
             self._deadline_timer = self.loop.call_later(max(remaining, 1.0), self._check_deadline)
@@ -99,10 +103,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
-        if self._stage == "stream first frame":
-            self._stage, self._limit_s = "stream idle", self.settings.ingest.stream_idle_timeout_s
+        if self._stage == "stream first frame" and not self._first_frame_seen():
+            return  # bytes that do not make a frame yet do not move the deadline
         if self._stage != "unread body":
             self._last_activity = self.loop.time()
+
+    def _first_frame_seen(self) -> bool:
+        """A stream whose route has read its first frame waits for the next as long as a listener pauses."""
+        if self._stage == "stream first frame" and self.scope.get(FIRST_FRAME_SEEN):
+            self._stage, self._limit_s = "stream idle", self.settings.ingest.stream_idle_timeout_s
+            self._last_activity = self.loop.time()
+        return self._stage != "stream first frame"
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

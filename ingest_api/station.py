@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections import Counter
 from contextlib import asynccontextmanager, contextmanager
 from typing import Iterator, Optional
@@ -127,6 +128,15 @@ class IngestStation:
         finally:
             self.uploads[listener_id] -= 1
             self.uploads[""] += 1
+
+    def admit_next_recording(self, listener_id: str, token: Optional[str], connected_at: float) -> None:
+        """Before each recording of a stream: room on the disk, a token still valid (one revoked while the
+        stream lasts ends it), and a stream not older than max_stream_lifetime_s."""
+        self.disk.require_room()
+        self.access.admit_stream(listener_id, token)
+        lifetime = self.settings.ingest.max_stream_lifetime_s
+        if time.monotonic() - connected_at > lifetime:
+            raise Rejection(503, "stream_lifetime", f"the stream has lasted longer than {lifetime:g} s: reconnect")
 
     def submit_seal(self, listener_id: str, seal) -> concurrent.futures.Future:
         def report(future: concurrent.futures.Future) -> None:

@@ -74,6 +74,10 @@ class IngestSettings(Section):
         900.0, gt=0, description="A stream that sends nothing for this long is closed (longer than the listeners' duty-cycle pause)"
     )
     max_open_streams: int = Field(256, ge=1, description="Streams connected at once; more get 503")
+    max_stream_lifetime_s: float = Field(
+        86400.0, gt=0, description="A stream connected longer than this is ended at its next recording (503; the "
+        "listener reconnects, and its token is checked again)",
+    )
     max_open_uploads: int = Field(32, ge=1, description="Uploads in progress at once; more get 503")
     max_uploads_per_listener: int = Field(2, ge=1, description="Uploads of one listener id in progress at once; more get 503")
     min_upload_bytes_per_s: int = Field(

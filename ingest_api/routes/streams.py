@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
+from functools import partial
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -15,6 +17,7 @@ from birdflow.app import metrics
 from birdflow.core.disk import InsufficientStorage
 from ingest_api.assembler import StreamAssembler, StreamRejected, StreamStats, TooManyRecordings
 from ingest_api.checks import Rejection, write_failure
+from ingest_api.connections import FIRST_FRAME_SEEN
 from ingest_api.deps import StationDep, TokenDep
 from ingest_api.station import RETRY_AFTER_S
 from ingest_api.framing import FrameParser, FramingError
@@ -50,7 +53,7 @@ async def recordings_stream(request: Request, station: StationDep, token: TokenD
 
     assembler = StreamAssembler(
         listener_id, station.store, station.limits, on_event=station.count_event, sealer=seal_later,
-        before_open=station.disk.require_room, rate=station.recording_rate,
+        before_open=partial(station.admit_next_recording, listener_id, token, time.monotonic()), rate=station.recording_rate,
     )
     station.streams.add(assembler)
     open_streams = metrics.OPEN_STREAMS.labels(station.station_id)
@@ -60,6 +63,7 @@ async def recordings_stream(request: Request, station: StationDep, token: TokenD
         async for chunk in request.stream():
             for frame in parser.feed(chunk):
                 assembler.handle(frame)
+                request.scope[FIRST_FRAME_SEEN] = True
     except ClientDisconnect:
         log.info("listener %s disconnected", listener_id)
     except asyncio.CancelledError:
@@ -75,6 +79,8 @@ async def recordings_stream(request: Request, station: StationDep, token: TokenD
         rejection = Rejection(429, "too_many_recordings", str(exc))
     except InsufficientStorage as exc:  # checked as each recording opens; the ones before it are kept
         rejection = Rejection(507, "insufficient_storage", str(exc))
+    except Rejection as exc:  # a token revoked, or a stream past its lifetime, as a recording opens
+        rejection = exc
     except OSError as exc:
         assembler.abandon()  # a recording cut by a write error is not kept half-written
         rejection = write_failure(exc)

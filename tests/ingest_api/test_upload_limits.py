@@ -14,6 +14,7 @@ import pytest
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, wait_until
+from ingest_api.framing import encode_frame
 from tests.ingest_client import chunked_post, frames_of, serving, wav_bytes
 
 BOUNDARY = "upload-boundary"
@@ -141,3 +142,65 @@ def test_a_listeners_recordings_per_minute_are_counted_over_its_reconnects_and_u
         other = upload("mic-2", 7)
     assert (first, second, uploads, reconnect, other) == (200, 200, [200, 200, 429], 429, 200)
     assert len(list(settings.recordings_dir.glob("mic-1_*.wav"))) == 4
+
+
+def test_streams_that_never_complete_a_frame_lose_their_slot_after_the_first_frame_deadline(tmp_path):
+    """Without auth, made-up listeners each dripping a byte: cut header_timeout_s after they opened, so a real
+    listener finds a slot; a real stream that pauses after its first frame is not."""
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, header_timeout_s=1, max_open_streams=4)
+    big_frame = encode_frame(1, bytes(400_000))  # an audio page that a byte at a time never completes
+    with serving(settings) as port:
+        drips = []
+        for number in range(4):
+            sock = socket.create_connection((LOOPBACK, port), timeout=20)
+            sock.sendall(f"POST /recordings_stream?listener_id=fake-{number} HTTP/1.1\r\nHost: x\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n".encode() + chunk(big_frame[:1]))
+            drips.append(sock)
+        time.sleep(0.3)  # the four are admitted
+        full, _ = chunked_post(port, "/recordings_stream?listener_id=mic-1", [frames_of(wav_bytes(1.0))])
+        assert full == 503
+        cut_after: list[float] = []
+        started, dripped = time.monotonic(), 1
+        while len(cut_after) < 4 and time.monotonic() - started < 10:
+            for sock in drips:
+                try:
+                    sock.sendall(chunk(big_frame[dripped : dripped + 1]))  # a byte every 0.2 s: never a whole frame
+                    cut = bool(select.select([sock], [], [], 0.05)[0])  # an answer, or the end of the connection
+                except OSError:
+                    cut = True
+                if cut:
+                    cut_after.append(time.monotonic() - started)
+                    sock.close()
+            drips, dripped = [sock for sock in drips if sock.fileno() != -1], dripped + 1
+        assert len(cut_after) == 4 and max(cut_after) < 4
+        status, summary = chunked_post(port, "/recordings_stream?listener_id=mic-1", [frames_of(wav_bytes(1.0))])
+        assert status == 200 and summary["recordings_closed"] == 1
+
+
+def stream_two_recordings(port: int, token: Optional[str], between, value: int) -> tuple[bytes, int]:
+    """One stream: a recording, then `between()`, then a second recording: (the answer, its status)."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    with socket.create_connection((LOOPBACK, port), timeout=20) as sock:
+        sock.sendall(f"POST /recordings_stream?listener_id=mic-1 HTTP/1.1\r\nHost: x\r\n{auth}"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode() + chunk(frames_of(wav_bytes(1.0, value=value))))
+        time.sleep(0.3)
+        between()
+        try:
+            sock.sendall(chunk(frames_of(wav_bytes(1.0, value=value + 1))) + b"0\r\n\r\n")
+        except OSError:
+            pass
+        answer = answer_of(sock, 10)
+    return answer, int(answer.split()[1])
+
+
+def test_a_stream_ends_at_its_next_recording_once_its_token_is_revoked_or_it_is_too_old(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, ingest_auth="on", max_stream_lifetime_s=2)
+    tokens = ListenerTokens(settings.listener_tokens_file)
+    token = tokens.add("mic-1")
+    with serving(settings) as port:
+        revoked_answer, revoked = stream_two_recordings(port, token, lambda: tokens.revoke("mic-1"), 1)
+        kept = len(list(settings.recordings_dir.glob("mic-1_*.wav")))
+        old_answer, too_old = stream_two_recordings(port, tokens.add("mic-1"), lambda: time.sleep(2.1), 3)
+    assert (revoked, kept) == (401, 1) and b"recordings_closed" in revoked_answer  # the first recording kept
+    assert too_old == 503 and b"reconnect" in old_answer
+    assert len(list(settings.recordings_dir.glob("mic-1_*.wav"))) == 2
