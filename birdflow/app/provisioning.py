@@ -28,8 +28,9 @@ PREFECT_API_AUTH_STRING=birdflow:{prefect_password}
 METRICS_TOKEN={metrics_token}
 # Grafana's admin password (docker compose)
 GRAFANA_ADMIN_PASSWORD={grafana_password}
-# on: listeners need their token (birdflow listeners add ID); off keeps old firmware working (README, Security)
-INGEST_AUTH=off
+# on: each listener needs its token (`birdflow listeners add ID` prints it); off only for old firmware that
+# sends none (README, Security): without tokens anyone on the network can send recordings
+INGEST_AUTH=on
 # InfluxDB 3 token of the detections database (when influx_enabled is true)
 INFLUX_TOKEN=
 # S3 secret key of the archive (when archive_backend is s3)

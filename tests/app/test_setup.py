@@ -45,7 +45,7 @@ def test_init_writes_settings_and_env_that_load_back_and_keeps_existing_files(tm
     # secrets of its own for every station: Prefect's auth string and the metrics token
     user, _, password = settings.prefect.prefect_api_auth_string.get_secret_value().partition(":")
     assert user == "birdflow" and len(password) >= 24 and len(settings.observability.metrics_token.get_secret_value()) >= 24
-    assert settings.ingest.ingest_auth == "off"
+    assert settings.ingest.ingest_auth == "on"  # a new station takes recordings from its own listeners only
     monkeypatch.setenv("STATION_ID", "from-environment")  # the real environment wins over .env
     assert load_settings().station_id == "from-environment"
     again = subprocess.run(cli, capture_output=True, text=True, env=env)
