@@ -8,8 +8,10 @@ up` turns them on when one does (supervisor.triggers_wanted).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 from typing import Callable
 from urllib.parse import urlparse
 
@@ -31,30 +33,30 @@ class ChannelError(ValueError):
     """The channel's address cannot be used; the message says what was expected."""
 
 
-def _webhook(target: str):
+def _webhook(target: str, allow_loopback: bool = False):
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
-    _require_http(target, "a webhook URL")
+    _require_http(target, "a webhook URL", allow_loopback)
     return CustomWebhookNotificationBlock(
         name="birdflow", url=target, json_data={"subject": "{{subject}}", "text": "{{body}}"}
     )
 
 
-def _slack(target: str):
+def _slack(target: str, allow_loopback: bool = False):
     from prefect.blocks.notifications import SlackWebhook
 
-    _require_http(target, "a Slack incoming-webhook URL")
+    _require_http(target, "a Slack incoming-webhook URL", allow_loopback)
     return SlackWebhook(url=target)
 
 
-def _teams(target: str):
+def _teams(target: str, allow_loopback: bool = False):
     from prefect.blocks.notifications import MicrosoftTeamsWebhook
 
-    _require_http(target, "a Microsoft Teams webhook URL")
+    _require_http(target, "a Microsoft Teams webhook URL", allow_loopback)
     return MicrosoftTeamsWebhook(url=target)
 
 
-def _discord(target: str):
+def _discord(target: str, allow_loopback: bool = False):
     from prefect.blocks.notifications import DiscordWebhook
 
     match = re.search(r"/api/webhooks/(\d+)/([\w-]+)", target)
@@ -63,7 +65,7 @@ def _discord(target: str):
     return DiscordWebhook(webhook_id=match.group(1), webhook_token=match.group(2))
 
 
-def _email(target: str):
+def _email(target: str, allow_loopback: bool = False):
     from prefect.blocks.notifications import SendgridEmail
 
     addresses = [part.strip() for part in target.split(",") if part.strip()]
@@ -75,13 +77,36 @@ def _email(target: str):
     return SendgridEmail(api_key=key, sender_email=os.environ.get("SENDGRID_SENDER", addresses[0]), to_emails=addresses)
 
 
-def _require_http(target: str, what: str) -> None:
+def _require_http(target: str, what: str, allow_loopback: bool = False) -> None:
+    """An http(s) URL without template braces, whose host is not this machine's loopback (unless allowed: a
+    relay on the station itself) nor a link-local address (the cloud's metadata service, 169.254.169.254):
+    notifications must not reach the station's own APIs."""
     parsed = urlparse(target)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ChannelError(f"expected {what} (http:// or https://), got {target!r}")
+    if "{" in target or "}" in target:
+        raise ChannelError(f"{what} must not hold template braces ({{ }}): {target!r}")
+    for address in _addresses(parsed.hostname):
+        if address.is_link_local or address.is_unspecified or address.is_multicast:
+            raise ChannelError(f"{what} must not point at {address} (a link-local or unroutable address)")
+        if address.is_loopback and not allow_loopback:
+            raise ChannelError(f"{what} points at this machine ({address}): add --allow-loopback for a relay running here")
 
 
-CHANNELS: dict[str, Callable[[str], object]] = {
+def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The host as an address, or what its name resolves to now (nothing when it does not resolve here)."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return []
+    return [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in found]
+
+
+CHANNELS: dict[str, Callable[[str, bool], object]] = {
     "webhook": _webhook, "slack": _slack, "discord": _discord, "teams": _teams, "email": _email,
 }
 
@@ -90,12 +115,12 @@ def automation_name(settings: Settings, block_name: str) -> str:
     return f"birdflow {settings.station_id}: rare species -> {block_name}"
 
 
-def add_channel(settings: Settings, kind: str, target: str, name: str = "") -> tuple[str, str]:
+def add_channel(settings: Settings, kind: str, target: str, name: str = "", allow_loopback: bool = False) -> tuple[str, str]:
     """Save the channel's block and (re)create its automation; returns (block name, automation id)."""
     from prefect.automations import Automation, EventTrigger, SendNotification
     from prefect.events.schemas.automations import Posture
 
-    block = CHANNELS[kind](target)
+    block = CHANNELS[kind](target, allow_loopback)
     block_name = BLOCK_PREFIX + (name or f"{settings.station_id}-{kind}")
     if not re.fullmatch(r"[a-z0-9-]+", block_name):
         raise ChannelError(f"channel name {name!r}: use lower-case letters, digits and '-'")

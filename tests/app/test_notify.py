@@ -33,7 +33,9 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
     stack = Stack(tmp_path, station_id="notify")
     try:
         stack.start()
-        added = stack.cli("notify", "add", "webhook", receiver.url)
+        refused = stack.cli("notify", "add", "webhook", receiver.url)  # this machine: only when asked for
+        assert refused.returncode != 0 and "--allow-loopback" in refused.stderr and "Traceback" not in refused.stderr
+        added = stack.cli("notify", "add", "webhook", receiver.url, "--allow-loopback")
         assert added.returncode == 0, added.stderr
         assert "birdflow-notify-notify-webhook" in added.stdout
         listed = stack.cli("notify", "list")
@@ -69,3 +71,15 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
     finally:
         stack.stop()
 
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:4200/api/flow_runs", "http://localhost:8000/metrics", "http://[::1]/x", "http://169.254.169.254/latest/meta-data",
+    "http://[fe80::1]/x", "http://0.0.0.0:4200/", "https://hooks.example/{{ event }}", "ftp://hooks.example/x",
+])
+def test_a_webhook_cannot_point_at_the_station_itself_nor_at_link_local_addresses(url):
+    from birdflow.app.notify import CHANNELS, ChannelError
+
+    with pytest.raises(ChannelError):
+        CHANNELS["webhook"](url, False)
+    CHANNELS["webhook"]("https://203.0.113.7/hook", False)  # an address elsewhere: taken

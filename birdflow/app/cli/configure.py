@@ -101,7 +101,7 @@ def cmd_notify(args) -> int:
     require_prefect(settings)
     if args.notify_command == "add":
         try:
-            block, automation = notify.add_channel(settings, args.kind, args.target, args.name or "")
+            block, automation = notify.add_channel(settings, args.kind, args.target, args.name or "", args.allow_loopback)
         except notify.ChannelError as exc:
             raise SystemExit(f"birdflow: {exc}") from None
         print(f"{block}: rare species of station {settings.station_id} are sent to this {args.kind} (automation {automation})")
@@ -152,6 +152,7 @@ def add_commands(commands) -> None:
     add_channel = notify_commands.add_parser("add", help="send rare species to a webhook, Slack, Discord, Teams or e-mail")
     add_channel.add_argument("kind", choices=("webhook", "slack", "discord", "teams", "email"))
     add_channel.add_argument("target", help="the webhook URL, or e-mail addresses separated by commas (SENDGRID_API_KEY)")
+    add_channel.add_argument("--allow-loopback", action="store_true", help="let the URL point at this machine (a relay running here)")
     add_channel.add_argument("--name", help="name of the channel (default: <station>-<kind>); lower case, digits, '-'")
     notify_commands.add_parser("list", help="this station's channels and their automations")
     remove_channel = notify_commands.add_parser("remove", help="delete a channel's automation and block")
