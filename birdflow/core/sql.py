@@ -7,6 +7,7 @@ statement can neither write nor read what is not a table here.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def query(statement: str, tables: list[LocalTable]) -> pa.Table:
     import duckdb
 
     check_read_only(statement)
-    connection = duckdb.connect(":memory:")
+    spill = tempfile.TemporaryDirectory(prefix="birdflow-sql-")  # private (0700), gone after the query
+    connection = duckdb.connect(":memory:", config={"temp_directory": spill.name})
     try:
         folders = [str(table.folder.resolve()) + "/" for table in tables]
         connection.execute("SET allowed_directories = ?", [folders])
@@ -57,6 +59,7 @@ def query(statement: str, tables: list[LocalTable]) -> pa.Table:
             raise SqlError(one_line(exc)) from None
     finally:
         connection.close()
+        spill.cleanup()
 
 
 def check_read_only(statement: str) -> None:

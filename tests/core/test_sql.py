@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -116,3 +117,24 @@ def test_detections_fit_an_80_column_terminal(station, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert all(len(line.rstrip()) <= 80 for line in lines)
     assert any("2025-06-01 05:01:00" in line and "Pine Siskin" in line and "0.600" in line for line in lines), lines
+
+
+def test_lists_bytes_and_times_print_as_json_and_csv(station, capsys):
+    _, _, settings_file = station
+    statement = ("SELECT list(common_name ORDER BY common_name) AS names, '\\xAA\\x01'::BLOB AS raw, "
+                 "min(time) > TIMESTAMP '2000-01-01' AS recent FROM detections")
+    assert main(["--settings", str(settings_file), "sql", "--format", "json", statement]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row == {"names": ["Dark-eyed Junco", "Dark-eyed Junco", "Pine Siskin"], "raw": "aa01", "recent": True}
+    assert main(["--settings", str(settings_file), "sql", "--format", "csv", statement]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        '"names","raw","recent"', '"[""Dark-eyed Junco"", ""Dark-eyed Junco"", ""Pine Siskin""]","aa01",true',
+    ]
+
+
+def test_duckdb_spills_into_a_private_folder_of_its_own_that_goes_with_the_query(station, tmp_path, monkeypatch):
+    data, _, _ = station
+    monkeypatch.chdir(tmp_path)
+    [folder] = query("SELECT current_setting('temp_directory') AS folder", tables(data)).column("folder").to_pylist()
+    assert Path(folder).name.startswith("birdflow-sql-") and not Path(folder).exists()
+    assert not (tmp_path / ".tmp").exists()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
+from datetime import date, datetime, time
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -24,17 +24,41 @@ def cell(value) -> str:
     return str(value)
 
 
+def json_value(value):
+    """What json.dumps cannot write itself: times as ISO 8601, bytes as hex, anything else as its text."""
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    return str(value)
+
+
+def flat_columns(table: "pa.Table") -> "pa.Table":
+    """Lists, structs and maps (which CSV has no place for) as JSON text, bytes as hex, the rest as they are."""
+    import pyarrow as pa
+
+    for index, field in enumerate(table.schema):
+        kind = field.type
+        binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
+        if binary or pa.types.is_nested(kind):
+            text = json_value if binary else lambda value: json.dumps(value, default=json_value)
+            texts = [None if value is None else text(value) for value in table.column(index).to_pylist()]
+            table = table.set_column(index, field.name, pa.array(texts, pa.string()))
+    return table
+
+
 def print_table(table: "pa.Table", output_format: str, title: Optional[str] = None) -> None:
     import pyarrow as pa
 
     if output_format == "json":
-        print(json.dumps(table.to_pylist(), default=lambda value: value.isoformat(), indent=2))
+        print(json.dumps(table.to_pylist(), default=json_value, indent=2))
     elif output_format == "csv":
         import pyarrow.csv as pacsv
 
         if table.num_rows:
-            with pacsv.CSVWriter(sys.stdout.buffer, table.schema) as writer:
-                writer.write_table(table)
+            flat = flat_columns(table)
+            with pacsv.CSVWriter(sys.stdout.buffer, flat.schema) as writer:
+                writer.write_table(flat)
         else:
             print(",".join(table.schema.names))
     else:
