@@ -34,8 +34,10 @@ def candidate(location: str, modified: datetime, size: int) -> Candidate:
 
 
 def local_candidates(folder: Path) -> Iterator[Candidate]:
+    """The audio files under a folder; a link to a file outside it is not the folder's (a run would refuse it)."""
+    inside = folder.resolve()
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file():
+        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file() and path.resolve().is_relative_to(inside):
             stat = path.stat()
             yield candidate(str(path), datetime.fromtimestamp(stat.st_mtime, timezone.utc), stat.st_size)
 

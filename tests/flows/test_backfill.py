@@ -104,6 +104,8 @@ def test_a_card_dump_dry_run_without_a_server_then_unknown_listeners_refused_and
 
     (dump / "mic1_20250601T053000Z.wav").write_bytes(sample_48k.read_bytes())
     (dump / "mic9_20250601T053000Z.wav").write_bytes(sample_48k.read_bytes())
+    (tmp_path / "elsewhere.wav").write_bytes(sample_48k.read_bytes())
+    (dump / "mic1_20250601T070000Z.wav").symlink_to(tmp_path / "elsewhere.wav")  # not the card's: never listed
     samples, rate = soundfile.read(str(sample_48k), dtype="int16")
     soundfile.write(str(dump / "mic1_20250601T060000Z.wav"), samples // 2, rate)  # other audio of the same listener
     settings = {"station_id": "card", "data_dir": str(tmp_path / "data"), "backfill_roots": [str(dump)]}
