@@ -19,7 +19,7 @@ from typing import Optional
 import anyio.abc
 from prefect import Flow
 from prefect.client.schemas.objects import FlowRun
-from prefect.flows import load_flow_from_entrypoint
+from prefect.states import Failed
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
 from flows.engine import engine_context, run_in_process
@@ -31,20 +31,34 @@ class BirdflowWorkerResult(BaseWorkerResult):
     """Exit status of an in-process run: 0 when it completed."""
 
 
+# the modules whose flows birdflow deploys (prefect.yaml, deployments/station.py): the only code a worker runs
+OWN_FLOW_MODULES = frozenset({"flows.process_recording", "flows.backfill", "flows.maintenance"})
+
+
+class NotOurFlow(ValueError):
+    """A deployment in the pool names an entrypoint that is not one of birdflow's flows."""
+
+
 @lru_cache(maxsize=16)
 def flow_for(entrypoint: str) -> Flow:
     """Each deployment's flow, imported once per worker process.
 
-    prefect.yaml names files (flows/process_recording.py:process_recording); they are modules of the
-    installed birdflow package, so they are imported as such: the same module objects (and the same
-    loaded model) for every run, with no pull step needed. Other entrypoints load as Prefect does.
+    prefect.yaml names files (flows/process_recording.py:process_recording), the station's own deployments
+    module paths (flows.process_recording.process_recording); both are modules of the installed birdflow
+    package, imported as such: the same module objects (and the same loaded model) for every run. Nothing
+    else is loaded: whoever may create deployments in the pool cannot make every Pi import a file of theirs.
     """
-    path, _, name = entrypoint.rpartition(":")
-    module_name = path.removesuffix(".py").replace("/", ".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError):
-        return load_flow_from_entrypoint(entrypoint)
+    if ":" in entrypoint:
+        path, _, name = entrypoint.rpartition(":")
+        module_name = path.removesuffix(".py").replace("/", ".")
+    else:
+        module_name, _, name = entrypoint.rpartition(".")
+    if module_name not in OWN_FLOW_MODULES:
+        raise NotOurFlow(f"entrypoint {entrypoint!r} is not one of birdflow's flows ({', '.join(sorted(OWN_FLOW_MODULES))})")
+    flow = getattr(importlib.import_module(module_name), name, None)
+    if not isinstance(flow, Flow):
+        raise NotOurFlow(f"entrypoint {entrypoint!r} names no flow of {module_name}")
+    return flow
 
 
 class BirdflowWorker(BaseWorker[BaseJobConfiguration, BaseVariables, BirdflowWorkerResult]):
@@ -71,7 +85,12 @@ class BirdflowWorker(BaseWorker[BaseJobConfiguration, BaseVariables, BirdflowWor
         if task_status is not None:
             task_status.started(str(flow_run.id))
         deployment = await self.client.read_deployment(flow_run.deployment_id)
-        flow = flow_for(deployment.entrypoint)
+        try:
+            flow = flow_for(deployment.entrypoint or "")
+        except NotOurFlow as exc:
+            self._logger.error("flow run %s refused: %s", flow_run.name, exc)
+            await self.client.set_flow_run_state(flow_run.id, Failed(message=f"refused by the birdflow worker: {exc}"), force=True)
+            return BirdflowWorkerResult(identifier=str(flow_run.id), status_code=1)
         state = await asyncio.wrap_future(self._threads.submit(self._execute, flow, flow_run))
         return BirdflowWorkerResult(
             identifier=str(flow_run.id), status_code=0 if state is not None and state.is_completed() else 1

@@ -103,3 +103,16 @@ def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tm
             worker.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("entrypoint", [
+    "evil.py:flow", "/tmp/payload.py:anything", "flows/../payload.py:run", "os.system", "flows.engine.run_in_process",
+    "flows/process_recording.py:station_resources",
+])
+def test_the_worker_runs_birdflows_own_flows_and_nothing_else(entrypoint):
+    from flows.worker import NotOurFlow, flow_for
+
+    with pytest.raises(NotOurFlow):
+        flow_for(entrypoint)
+    assert flow_for("flows/process_recording.py:process_recording").name == "process-recording"
+    assert flow_for("flows.backfill.backfill") is flow_for("flows/backfill.py:backfill")
