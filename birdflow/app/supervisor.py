@@ -136,6 +136,14 @@ def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> "Ch
     return Child("postgres", command, user=user, stop_signal=signal.SIGINT, signal_group=False, keep_fds=keep_fds)
 
 
+SERVER_SECRETS = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
+def without_server_secrets(env: dict[str, str]) -> dict[str, str]:
+    """What a client of the Prefect server (ingest, executor, a command) needs: not the server's own secrets."""
+    return {name: value for name, value in env.items() if name not in SERVER_SECRETS}
+
+
 def child_environment(settings: Settings, settings_file: Optional[str], triggers: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.update(prefect_environment(settings, triggers))
@@ -188,6 +196,7 @@ class Child:
     user: Optional[str] = None
     stop_signal: int = signal.SIGTERM
     signal_group: bool = True  # False: signal the leader only, which stops its own workers in order
+    server_secrets: bool = False  # the Prefect server alone gets its auth string and database URL
     keep_fds: tuple[int, ...] = ()  # descriptors it inherits: the data folder's lock (birdflow.app.single)
     process: Optional[subprocess.Popen] = None
     restarts: int = 0
@@ -197,7 +206,7 @@ class Child:
     def start(self, env: dict[str, str]) -> None:
         log.info("starting %s", self.name)
         self.process = subprocess.Popen(
-            self.command, env=env, start_new_session=True, user=self.user, group=self.user,
+            self.command, env=env if self.server_secrets else without_server_secrets(env), start_new_session=True, user=self.user, group=self.user,
             pass_fds=self.keep_fds, preexec_fn=dying_with_this_process(),
         )
         self.started_at = time.monotonic()
@@ -230,7 +239,7 @@ def start_prefect(
         PREFECT_SERVER,
         [sys.executable, "-m", "birdflow.app.prefect_server", "start", "--host", "127.0.0.1",
          "--port", str(settings.prefect.prefect_port)],
-        keep_fds=keep_fds,
+        keep_fds=keep_fds, server_secrets=True,
     )
     children.append(server)
     server.start(env)
@@ -297,7 +306,7 @@ def register_blocks_in_a_child(cli: list[str], env: dict[str, str]) -> None:
     """`birdflow blocks register` as a short-lived child: this process, which lives as long as the station,
     never imports Prefect or the AWS libraries (~70 MB it would keep)."""
     try:
-        done = subprocess.run(cli + ["blocks", "register"], env=env, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(cli + ["blocks", "register"], env=without_server_secrets(env), capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
         raise RuntimeError("registering the Prefect blocks did not finish within 180 s") from None
     if done.returncode != 0:

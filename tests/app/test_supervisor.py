@@ -63,7 +63,7 @@ def test_the_gauges_of_a_dead_child_stop_counting(tmp_path):
 
 
 def test_up_cannot_be_doubled_and_its_children_end_with_it_even_when_it_is_killed(tmp_path, sample_48k):
-    stack = Stack(tmp_path / "first", station_id="single")
+    stack = Stack(tmp_path / "first", station_id="single", env={"PREFECT_API_AUTH_STRING": "birdflow:only-the-server-checks-it"})
     # a second `up` on the same data folder, on other ports
     second = Stack(tmp_path / "second", station_id="single", settings={"data_dir": str(stack.places.data_dir)})
     for each in (stack, second):
@@ -72,6 +72,9 @@ def test_up_cannot_be_doubled_and_its_children_end_with_it_even_when_it_is_kille
         stack.start()
         children = [stack.child(role) for role in ("ingest", "executor", "server")]
         assert all(children)
+        # the server's auth string and database URL are the server's alone
+        server_secrets = [b"PREFECT_SERVER_API_AUTH_STRING=" in environment(pid) for pid in children]
+        assert server_secrets == [False, False, True]
         with pytest.raises(RuntimeError):
             second.start(timeout_s=60)
         assert "birdflow up already runs on" in second.log_tail() and str(stack.process.pid) in second.log_tail()
@@ -98,6 +101,10 @@ def test_up_cannot_be_doubled_and_its_children_end_with_it_even_when_it_is_kille
     finally:
         for each in (stack, second):
             each.stop()
+
+
+def environment(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()
 
 
 def mode(path: Path) -> int:
