@@ -20,7 +20,7 @@ KUBERNETES_VERSION = "1.30.0"
 # the Secrets a user creates before applying (README, "Scaling out")
 SECRETS = {
     "birdflow-secrets": {"postgres-password", "prefect-database-url", "prefect-api-auth-string", "grafana-admin-password",
-                         "prometheus-remote-write-password", "influx-token", "s3-access-key", "s3-secret-key"},
+                         "prometheus-remote-write-password", "influx-token", "s3-access-key", "s3-secret-key", "redis-password"},
     "birdflow-prometheus-web": set(),
 }
 
@@ -144,3 +144,46 @@ def test_the_central_compose_file_runs_prefect_as_the_manifests_do():
             assert str(compose["environment"][name]) == value, name
     assert manifest_settings()["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"] == "1209600"
     assert "${RUN_RETENTION_SECONDS:-1209600}" in compose["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"]
+
+
+def pods() -> list[dict]:
+    return [resource["spec"]["template"]["spec"] for resource in resources() if "template" in resource.get("spec", {})]
+
+
+def test_no_pod_runs_as_root_nor_keeps_a_capability():
+    for pod in pods():
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] and context["runAsUser"] > 0 and context["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+            assert "EXTRA_PIP_PACKAGES" not in {variable["name"] for variable in container.get("env", [])}  # needs root
+
+
+def test_no_pod_reaches_the_metadata_service_and_stations_reach_only_the_offered_ports():
+    import ipaddress
+
+    policies = [resource for resource in resources() if resource["kind"] == "NetworkPolicy"]
+    deny_all = [policy for policy in policies if policy["spec"]["podSelector"] == {} and not policy["spec"].get("egress")
+                and policy["spec"]["policyTypes"] == ["Egress"]]
+    assert deny_all
+    metadata = ipaddress.ip_address("169.254.169.254")
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            for peer in rule.get("to", []):
+                block = peer.get("ipBlock")
+                if block and metadata in ipaddress.ip_network(block["cidr"]):
+                    assert any(metadata in ipaddress.ip_network(excepted) for excepted in block["except"]), policy["metadata"]["name"]
+    [stations] = [policy for policy in policies if policy["metadata"]["name"] == "station-facing-from-stations"]
+    offered = {port["port"] for rule in stations["spec"]["ingress"] for port in rule["ports"]}
+    assert 8333 in offered and not offered & {8888, 9333, 8080, 18888, 19333}  # SeaweedFS: S3 only
+
+
+def test_redis_answers_only_with_its_password_and_prefect_has_it():
+    [redis] = [resource for resource in resources() if resource["metadata"]["name"] == "redis" and resource["kind"] == "StatefulSet"]
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    assert "--requirepass" in container["args"]
+    for resource in resources():
+        if resource["metadata"]["name"] in ("prefect-api", "prefect-services") and resource["kind"] == "Deployment":
+            [prefect] = resource["spec"]["template"]["spec"]["containers"]
+            names = {variable["name"] for variable in prefect["env"]}
+            assert {"PREFECT_REDIS_MESSAGING_PASSWORD", "PREFECT_SERVER_DOCKET_URL"} <= names
