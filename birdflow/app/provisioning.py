@@ -26,15 +26,20 @@ STATION_ID={station_id}
 PREFECT_API_AUTH_STRING=birdflow:{prefect_password}
 # token Prometheus sends for the ingest API's /metrics
 METRICS_TOKEN={metrics_token}
-# Grafana's admin password (docker compose)
+# Grafana's admin password and the Postgres password of Prefect's database (docker compose)
 GRAFANA_ADMIN_PASSWORD={grafana_password}
+POSTGRES_PASSWORD={postgres_password}
+# where docker compose publishes the Prefect UI and Grafana (plain HTTP): this box only; 0.0.0.0 for the network
+UI_BIND=127.0.0.1
 # on: each listener needs its token (`birdflow listeners add ID` prints it); off only for old firmware that
 # sends none (README, Security): without tokens anyone on the network can send recordings
 INGEST_AUTH=on
 # InfluxDB 3 token of the detections database (when influx_enabled is true)
 INFLUX_TOKEN=
-# S3 secret key of the archive (when archive_backend is s3)
-AWS_SECRET_ACCESS_KEY=
+# S3 keys of the archive (when archive_backend is s3; docker compose gives its SeaweedFS these): replace
+# them with your S3's when you use another
+AWS_ACCESS_KEY_ID=birdflow
+AWS_SECRET_ACCESS_KEY={s3_secret}
 # password of the central Prometheus' remote-write endpoint (basic auth)
 PROMETHEUS_REMOTE_WRITE_PASSWORD=
 # an existing Postgres for the embedded Prefect server: postgresql+asyncpg://user:password@host/db
@@ -55,6 +60,8 @@ def init_station(folder: Path, station_id: str, force: bool = False) -> list[Pat
             prefect_password=secrets.token_urlsafe(24),
             metrics_token=secrets.token_urlsafe(24),
             grafana_password=secrets.token_urlsafe(18),
+            postgres_password=secrets.token_urlsafe(18),
+            s3_secret=secrets.token_urlsafe(24),
         ),
     }
     existing = [path for path in targets if path.exists()]

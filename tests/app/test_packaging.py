@@ -61,6 +61,12 @@ def test_compose_files_reference_existing_files_volumes_and_settings():
                 assert TASK_RUN_RECORDER_BATCHING.items() <= service["environment"].items(), path
             if name not in PUBLISHED_WITH_LOGIN.get(path.name, ()):  # the rest answers on loopback only
                 assert all(port.startswith("127.0.0.1:") for port in service.get("ports", [])), (path, name)
+    for path in COMPOSE_FILES:  # no secret has a default a stranger could guess
+        defaults = re.findall(r"\$\{(\w*(?:PASSWORD|SECRET|KEY)\w*):-", path.read_text())
+        assert not defaults, (path.name, defaults)
+    station = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())["services"]
+    assert station["prefect"]["ports"] == ["${UI_BIND:-127.0.0.1}:4200:4200"]  # plain HTTP: loopback unless asked
+    assert station["grafana"]["ports"] == ["${UI_BIND:-127.0.0.1}:3000:3000"]
     balena = yaml.safe_load((BALENA / "docker-compose.yml").read_text())
     assert str(balena["version"]).startswith("2.")
     devices = yaml.safe_load((BALENA / "balena.yml").read_text())["data"]["supportedDeviceTypes"]
@@ -113,7 +119,8 @@ def test_env_to_fleet_loads_what_init_writes(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[3] for line in lines] == [
-        "STATION_ID", "PREFECT_API_AUTH_STRING", "METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD", "INGEST_AUTH", "INFLUX_TOKEN_EXTRA",
+        "STATION_ID", "PREFECT_API_AUTH_STRING", "METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD", "POSTGRES_PASSWORD", "UI_BIND",
+        "INGEST_AUTH", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "INFLUX_TOKEN_EXTRA",
     ]
     assert lines[0] == "balena env set STATION_ID pi-9 --fleet north-fleet"
     assert lines[-1] == "balena env set INFLUX_TOKEN_EXTRA a\\ b --fleet north-fleet"

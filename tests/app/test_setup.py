@@ -26,7 +26,7 @@ def test_example_settings_name_every_setting_with_its_default(tmp_path):
 
 def test_the_env_template_sets_only_settings():
     names = {line.split("=", 1)[0].lstrip("# ") for line in ENV_TEMPLATE.splitlines() if "=" in line}
-    for_compose = {"GRAFANA_ADMIN_PASSWORD"}  # read by docker compose, not by birdflow
+    for_compose = {"GRAFANA_ADMIN_PASSWORD", "POSTGRES_PASSWORD", "UI_BIND"}  # read by docker compose, not by birdflow
     assert names - for_compose and names - for_compose <= {name.upper() for name in Settings.flat_fields()}
 
 
