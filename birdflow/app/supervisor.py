@@ -25,6 +25,7 @@ import httpx
 from prometheus_client import multiprocess
 
 from birdflow.app.metrics import MULTIPROC_ENV
+from birdflow.app.postgres import PostgresCredentials, credentials, provision_now
 from birdflow.app.single import AlreadyRunning, dying_with_this_process, hold_lock
 from birdflow.settings import SETTINGS_FILE_ENV, Settings
 
@@ -95,8 +96,16 @@ def database_url(settings: Settings) -> str:
     if settings.prefect.prefect_database == "sqlite":
         return "sqlite+aiosqlite:///" + str(settings.prefect_database_file.resolve())
     return settings.prefect.prefect_database_url.get_secret_value() or (
-        f"postgresql+asyncpg://prefect@127.0.0.1:{settings.prefect.postgres_port}/postgres"
+        postgres_credentials(settings).url(settings.prefect.postgres_port)
     )
+
+
+def postgres_cluster(settings: Settings) -> Path:
+    return (settings.prefect_home / "postgres").resolve()
+
+
+def postgres_credentials(settings: Settings) -> PostgresCredentials:
+    return credentials(settings.prefect_home / "postgres.secret", postgres_cluster(settings))
 
 
 def postgres_program(name: str) -> str:
@@ -114,16 +123,24 @@ def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> "Ch
     creates. Commits are not flushed one by one (synchronous_commit=off): a power cut can lose the
     last few hundred milliseconds of run history, never a recording, and each state change is cheaper.
     """
-    folder = (settings.prefect_home / "postgres").resolve()
+    folder = postgres_cluster(settings)
     user = "postgres" if os.geteuid() == 0 else None
     if not (folder / "PG_VERSION").exists():
+        made = postgres_credentials(settings)
         folder.mkdir(parents=True, exist_ok=True)
+        password_file = folder.parent / "postgres.initdb-password"  # read by initdb (as its user), then gone
+        password_file.write_text(made.superuser_password + "\n")
         if user:
             shutil.chown(folder, user, user)
-        result = subprocess.run(
-            [postgres_program("initdb"), "-D", str(folder), "-U", "prefect", "--auth=trust", "-E", "UTF8"],
-            capture_output=True, text=True, user=user, group=user,
-        )
+            shutil.chown(password_file, user, user)
+        try:
+            result = subprocess.run(
+                [postgres_program("initdb"), "-D", str(folder), "-U", made.superuser, "--auth=scram-sha-256",
+                 f"--pwfile={password_file}", "-E", "UTF8"],
+                capture_output=True, text=True, user=user, group=user,
+            )
+        finally:
+            password_file.unlink(missing_ok=True)
         if result.returncode != 0:
             shutil.rmtree(folder, ignore_errors=True)
             hint = f" (the {user} user must be able to reach {folder.parent})" if user else ""
@@ -235,6 +252,12 @@ def start_prefect(
             wait_for_port(settings.prefect.postgres_port, 60, alive=database.alive)
         except RuntimeError as exc:
             raise RuntimeError(f"Postgres did not start (is port {settings.prefect.postgres_port} in use?): {exc}") from None
+        try:
+            provision_now(settings.prefect.postgres_port, postgres_credentials(settings), postgres_cluster(settings))
+        except Exception as exc:  # asyncpg's errors: one line
+            raise RuntimeError(
+                f"the embedded Postgres refused birdflow's credentials (prefect/postgres.secret): {type(exc).__name__}: {exc}"
+            ) from None
     server = Child(
         PREFECT_SERVER,
         [sys.executable, "-m", "birdflow.app.prefect_server", "start", "--host", "127.0.0.1",

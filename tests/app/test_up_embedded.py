@@ -84,8 +84,83 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(databa
         [archived] = (data_root / "data" / "archive").rglob(f"{recording_id}.flac")
         assert flac_identity(archived) == hashlib.sha256(sample_48k.read_bytes()).hexdigest()
         assert np.array_equal(soundfile.read(archived, dtype="int16")[0], soundfile.read(sample_48k, dtype="int16")[0])
+        if database == "postgres":
+            assert postgres_refuses_strangers_and_prefect_is_no_superuser(data_root / "data", settings_file)
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(60)
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
     assert not port_open(prefect_port) and not port_open(ingest_port)
+
+
+def postgres_refuses_strangers_and_prefect_is_no_superuser(data: Path, settings_file: Path) -> bool:
+    """Without the password nobody gets in (not even as the superuser); with it, Prefect's role cannot run a program."""
+    import asyncio
+    import json
+
+    import asyncpg
+
+    port = yaml.safe_load(settings_file.read_text())["postgres_port"]
+    secret = data / "prefect" / "postgres.secret"
+    assert secret.stat().st_mode & 0o077 == 0
+    made = json.loads(secret.read_text())
+
+    async def check() -> None:
+        for user in ("postgres", "prefect", made["user"]):
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(host=LOOPBACK, port=port, user=user, database="postgres", password="guess", timeout=10)
+        connection = await asyncpg.connect(host=LOOPBACK, port=port, user=made["user"], password=made["password"],
+                                           database=made["database"], timeout=10)
+        try:
+            assert await connection.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is False
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await connection.execute("COPY (SELECT 1) TO PROGRAM 'id'")
+        finally:
+            await connection.close()
+
+    asyncio.run(check())
+    return True
+
+
+def test_a_cluster_of_an_earlier_version_that_trusted_everyone_asks_for_a_password_after_provisioning(data_root):
+    """An earlier `up` made its cluster with --auth=trust and the `prefect` superuser: the next one gives that role a
+    password and the cluster scram-sha-256 everywhere."""
+    import asyncio
+
+    import asyncpg
+
+    from birdflow.app.postgres import credentials, provision_now, trusts_connections
+
+    try:
+        initdb, postgres = postgres_program("initdb"), postgres_program("postgres")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    cluster = data_root / "prefect" / "postgres"
+    cluster.mkdir(parents=True)
+    user = "postgres" if os.geteuid() == 0 else None
+    if user:
+        shutil.chown(cluster, user, user)
+    subprocess.run([initdb, "-D", str(cluster), "-U", "prefect", "--auth=trust"], check=True, capture_output=True, user=user, group=user)
+    assert trusts_connections(cluster)
+    port = free_port()
+    server = subprocess.Popen([postgres, "-D", str(cluster), "-h", LOOPBACK, "-p", str(port), "-k", str(cluster)],
+                              user=user, group=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), 30, "the old cluster")
+        made = credentials(data_root / "prefect" / "postgres.secret", cluster)
+        assert (made.user, made.database) == ("prefect", "postgres")  # the old cluster's own role and database
+        provision_now(port, made, cluster)
+        provision_now(port, made, cluster)  # (again: nothing to do)
+
+        async def check() -> None:
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(host=LOOPBACK, port=port, user="prefect", database="postgres", timeout=10)
+            connection = await asyncpg.connect(host=LOOPBACK, port=port, user="prefect", database="postgres",
+                                               password=made.password, timeout=10)
+            await connection.close()
+
+        asyncio.run(check())
+        assert not trusts_connections(cluster)
+    finally:
+        server.terminate()
+        server.wait(30)
