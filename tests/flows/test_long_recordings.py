@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 from datetime import datetime, timezone
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,26 +15,12 @@ import soundfile
 from birdflow.core.analysis import AnalysisParams
 from birdflow.core.audio import decoded_blocks, window_batches
 from birdflow.core.birdnet import BirdNET
+from birdflow_tools.bench import PIECE_S, recording_pieces, resident_mb, write_long_recording
 from birdflow_tools.stack import Stack, peak_rss_mb
 from birdflow_tools.testbed import wait_until
 
-PIECE_S = 9  # three whole windows: the hour's windows are its pieces' windows
 HOUR_S = 3600
 START = datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc)
-
-
-def pieces_of(sample: Path) -> list[np.ndarray]:
-    """Four different 9 s pieces of the field recording (int16 at 48 kHz)."""
-    samples, rate = soundfile.read(str(sample), dtype="int16")
-    assert rate == 48000
-    first, later = samples[: PIECE_S * rate], samples[rate : (PIECE_S + 1) * rate]
-    return [first, later, first // 2, later // 3]
-
-
-def write_hour(path: Path, pieces: list[np.ndarray]) -> None:
-    with soundfile.SoundFile(str(path), "w", samplerate=48000, channels=1, format="FLAC", subtype="PCM_16") as out:
-        for number in range(HOUR_S // PIECE_S):
-            out.write(pieces[number % len(pieces)])
 
 
 def detections_of_pieces(pieces: list[np.ndarray]) -> list[tuple[float, str, float]]:
@@ -54,9 +39,9 @@ def detections_of_pieces(pieces: list[np.ndarray]) -> list[tuple[float, str, flo
 
 
 def test_an_hour_long_recording_is_analysed_in_bounded_memory_as_its_pieces_are(tmp_path, sample_48k):
-    pieces = pieces_of(sample_48k)
+    pieces = recording_pieces(sample_48k)
     hour = tmp_path / "mic1_20250601T050000Z.flac"
-    write_hour(hour, pieces)
+    write_long_recording(hour, pieces, HOUR_S)
     (tmp_path / "station").mkdir()
     stack = Stack(tmp_path / "station", station_id="hour", settings={"clips_enabled": False})
     try:
@@ -65,7 +50,7 @@ def test_an_hour_long_recording_is_analysed_in_bounded_memory_as_its_pieces_are(
         warm.raise_for_status()
         wait_until(lambda: stack.completed_runs() == 1, 120, "the first recording analysed")
         executor = stack.child("executor")
-        idle_mb = rss_mb(executor)
+        idle_mb = resident_mb(executor)
         with open(hour, "rb") as body:
             response = httpx.post(f"{stack.url}/recordings_upload", files={"file": (hour.name, body)}, timeout=120)
         assert response.status_code == 200, response.text
@@ -84,9 +69,3 @@ def test_an_hour_long_recording_is_analysed_in_bounded_memory_as_its_pieces_are(
     assert [(start, name) for start, name, _ in found] == [(start, name) for start, name, _ in expected]
     assert [confidence for *_, confidence in found] == pytest.approx([confidence for *_, confidence in expected], abs=1e-4)
 
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no process {pid}")

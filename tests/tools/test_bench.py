@@ -66,6 +66,9 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
         memory["executor_peak_rss_mb"] + memory["ingest_peak_rss_mb"] + memory["supervisor_peak_rss_mb"]
     )
     assert memory["server_peak_rss_mb"] > 100
+    long_recording = report["long_recording"]  # three minutes, analysed a block at a time
+    assert long_recording["seconds"] == 180 and 0 < long_recording["stored_after_s"] < 600
+    assert 100 < long_recording["executor_rss_before_mb"] <= long_recording["executor_rss_highest_mb"]
     # the fleet layout: the aggregator alone on one core, the server on the other
     assert report["fleet"]["recordings"] == 8 and report["fleet"]["completed_runs"] >= 8
     assert report["fleet_drain_ratio_to_raw_limit_per_core"] > 0 and report["fleet_server_cpu_s_per_recording"] > 0

@@ -16,12 +16,15 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import httpx
+import numpy as np
+import soundfile
 
 from birdflow.core.budget import sqlite_bytes_in_use
 from birdflow.settings import Settings
@@ -51,6 +54,7 @@ class BenchOptions:
     # recordings at another rate, resampled before analysis, fed after the 48 kHz ones: the memory phase
     other_rate_sample: Optional[Path] = None
     other_rate_recordings: int = 20
+    long_recording_s: int = 3600  # one recording this long (an AudioMoth's hour), after the rest: 0 skips it
 
     def stack_settings(self) -> dict:
         return {} if self.executor_workers is None else {"executor_workers": self.executor_workers}
@@ -58,7 +62,7 @@ class BenchOptions:
     @classmethod
     def quick(cls, **overrides) -> "BenchOptions":
         values = dict(recordings=16, latency_recordings=6, stream_listeners=20, stream_seconds=15.0, inference_seconds=2.0,
-                      other_rate_recordings=6)
+                      other_rate_recordings=6, long_recording_s=180)
         values.update(overrides)
         return cls(**values)
 
@@ -322,6 +326,60 @@ def memory_phase(stack: Stack, options: BenchOptions, progress) -> dict:
     }
 
 
+PIECE_S = 9  # three whole windows: a long recording's windows are its pieces' windows
+
+
+def recording_pieces(sample: Path) -> list[np.ndarray]:
+    """Four different 9 s pieces of a 48 kHz field recording (int16), a long recording is made of."""
+    samples, rate = soundfile.read(str(sample), dtype="int16")
+    if rate != 48000 or len(samples) < (PIECE_S + 1) * rate:
+        raise ValueError(f"{sample}: a long recording is made of a 48 kHz recording of at least {PIECE_S + 1} s")
+    first, later = samples[: PIECE_S * rate], samples[rate : (PIECE_S + 1) * rate]
+    return [first, later, first // 2, later // 3]
+
+
+def write_long_recording(path: Path, pieces: list[np.ndarray], seconds: int) -> None:
+    """A FLAC of `seconds` (a multiple of PIECE_S) of the pieces in turn, written a piece at a time."""
+    with soundfile.SoundFile(str(path), "w", samplerate=48000, channels=1, format="FLAC", subtype="PCM_16") as out:
+        for number in range(seconds // PIECE_S):
+            out.write(pieces[number % len(pieces)])
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def long_recording_phase(stack: Stack, options: BenchOptions, progress) -> dict:
+    """One recording of long_recording_s uploaded as FLAC: how long until it is stored, and the executor's memory
+    while it is analysed against before (a recording of any length is analysed a block at a time)."""
+    seconds = options.long_recording_s // PIECE_S * PIECE_S
+    with tempfile.TemporaryDirectory(prefix="birdflow-long-") as folder:
+        path = Path(folder) / "long01_20250601T040000Z.flac"
+        write_long_recording(path, recording_pieces(options.sample), seconds)
+        executor = stack.child("executor")
+        before = highest = resident_mb(executor)
+        bar = progress.add_task(f"long recording: {seconds} s", total=1)
+        started = time.monotonic()
+        with open(path, "rb") as body:
+            response = httpx.post(f"{stack.url}/recordings_upload", files={"file": (path.name, body)}, timeout=300)
+        response.raise_for_status()
+        recording_id = response.json()["recording_id"]
+        deadline = started + 120 + seconds
+        while recording_id not in stack.stored_times():
+            if time.monotonic() > deadline or stack.process.poll() is not None:
+                raise RuntimeError(f"the long recording was not stored in time; log:\n{stack.log_tail()}")
+            highest = max(highest, resident_mb(executor))
+            time.sleep(0.5)
+        progress.update(bar, completed=1)
+        return {
+            "seconds": seconds, "flac_mb": path.stat().st_size / 1e6, "stored_after_s": time.monotonic() - started,
+            "executor_rss_before_mb": before, "executor_rss_highest_mb": highest, "executor_rss_growth_mb": highest - before,
+        }
+
+
 def fleet_phase(options: BenchOptions, progress) -> dict:
     """The layout of a fleet, on one machine: the Prefect server and its database pinned to the first core,
     the aggregator (supervisor, ingest, executor) to the second, as if the server were central. What the
@@ -400,6 +458,7 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         latency = latency_phase(stack, options, drain["recordings_per_s"], progress)
         stream = stream_phase(stack, options, progress)
         memory = memory_phase(stack, options, progress)
+        long_recording = long_recording_phase(stack, options, progress) if options.long_recording_s >= PIECE_S else None
     if options.fleet and cores >= 2:
         say("fleet layout: the Prefect server on one core, the aggregator on another")
         fleet = fleet_phase(options, progress)
@@ -423,6 +482,7 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         stream_listeners=stream["listeners"],
         ingest_cpu_share_of_one_core=stream["ingest_cpu_share_of_one_core"],
         memory=memory,
+        long_recording=long_recording,
         peak_rss_mb=memory["aggregator_peak_rss_mb"],
         executor_peak_rss_mb=memory["executor_peak_rss_mb"],
         storage_per_recording=drain["storage_per_recording"],
@@ -439,6 +499,14 @@ def memory_row(memory: dict) -> str:
         f"aggregator processes {memory['aggregator_peak_rss_mb']:.0f} MB (executor {memory['executor_peak_rss_mb']:.0f}, "
         f"ingest {memory['ingest_peak_rss_mb']:.0f}, supervisor {memory['supervisor_peak_rss_mb']:.0f}); "
         f"Prefect server {memory['server_peak_rss_mb']:.0f} MB{other}"
+    )
+
+
+def long_recording_row(long: dict) -> str:
+    return (
+        f"{long['seconds'] / 60:.0f} min ({long['flac_mb']:.0f} MB of FLAC) stored {long['stored_after_s']:.0f} s after its "
+        f"upload began; executor {long['executor_rss_before_mb']:.0f} MB before, {long['executor_rss_highest_mb']:.0f} MB "
+        f"at most while analysing it (+{long['executor_rss_growth_mb']:.0f})"
     )
 
 
@@ -474,6 +542,7 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
          f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
          f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})"),
         ("peak RSS", memory_row(results["memory"])),
+        *([("long recording", long_recording_row(results["long_recording"]))] if results.get("long_recording") else []),
         *([("fleet layout", f"aggregator on one core drains {results['fleet']['audio_s_per_s']:.1f} audio-s/s "
             f"({results['fleet_drain_ratio_to_raw_limit_per_core']:.0%} of the raw model limit of a core); "
             f"Prefect server {results['fleet_server_cpu_s_per_recording']:.3f} CPU-s per recording")]

@@ -24,6 +24,7 @@ def cmd_bench(args) -> int:
     chosen = given(
         recordings=args.recordings, stream_listeners=args.listeners, stream_seconds=args.stream_seconds,
         executor_workers=args.workers, other_rate_sample=args.other_rate_file if args.other_rate_file.is_file() else None,
+        long_recording_s=args.long_recording_s,
     )
     common = dict(
         sample=args.file,
@@ -155,6 +156,8 @@ def add_commands(commands) -> None:
                        help="PCM WAV at another rate, resampled by the station, fed before memory is read "
                             "(default: the shared 44.1 kHz field recording; skipped when absent)")
     bench.add_argument("--quick", action="store_true", help="fewer recordings and a shorter stream test")
+    bench.add_argument("--long-recording-s", type=at_least(0),
+                       help="one recording this long, analysed last, its memory measured (default 3600; --quick 180; 0 skips it)")
     bench.add_argument("--recordings", type=at_least(1), help="recordings uploaded at once for the drain (default 100; with --stations, per station: 30)")
     bench.add_argument("--listeners", type=at_least(1), help="streaming listeners held (default 200)")
     bench.add_argument("--stream-seconds", type=float, help="how long they stream (default 60)")
