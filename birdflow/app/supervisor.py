@@ -128,6 +128,9 @@ def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> "Ch
     if not (folder / "PG_VERSION").exists():
         made = postgres_credentials(settings)
         folder.mkdir(parents=True, exist_ok=True)
+        if user:  # the Postgres user passes through the folders birdflow made (umask 077) to its own
+            for own in (settings.data_dir, settings.prefect_home):
+                own.chmod(own.stat().st_mode | 0o011)
         password_file = folder.parent / "postgres.initdb-password"  # read by initdb (as its user), then gone
         password_file.write_text(made.superuser_password + "\n")
         if user:

@@ -19,7 +19,10 @@ from typing import Optional
 
 import yaml
 
-from birdflow.app.supervisor import embedded_postgres, wait_for_port, wait_for_prefect
+from birdflow.app.postgres import provision_now
+from birdflow.app.supervisor import (
+    database_url, embedded_postgres, postgres_cluster, postgres_credentials, wait_for_port, wait_for_prefect,
+)
 from birdflow.settings import Settings
 from birdflow_tools.stack import cpu_seconds, environment_without_settings, process_tree
 from birdflow_tools.testbed import LOOPBACK, free_port, stop_process
@@ -61,8 +64,13 @@ class CentralPrefect:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
+    def places(self) -> Settings:
+        """Where its Postgres cluster and that cluster's credentials live (as a station's `up` keeps them)."""
+        return Settings(data_dir=self.root / "postgres", postgres_port=self.postgres_port, prefect_database="postgres")
+
+    @property
     def database_url(self) -> str:
-        return f"postgresql+asyncpg://prefect@{LOOPBACK}:{self.postgres_port}/postgres"
+        return database_url(self.places)
 
     def api_url(self, index: int = 0) -> str:
         return f"http://{LOOPBACK}:{self.api_ports[index % len(self.api_ports)]}/api"
@@ -83,11 +91,12 @@ class CentralPrefect:
     def start(self, timeout_s: float = 180) -> "CentralPrefect":
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # Postgres runs as its own user when we are root
-        places = Settings(data_dir=self.root / "postgres", postgres_port=self.postgres_port)
+        places = self.places
         database = embedded_postgres(places)  # the cluster a station's `up` would start, created here
         # room for every API process's and the services' connection pools
         self._spawn("database", database.command + ["-c", "max_connections=200"], user=database.user)
         wait_for_port(self.postgres_port, 60, lambda: self.processes["database"].poll() is None)
+        provision_now(self.postgres_port, postgres_credentials(places), postgres_cluster(places))
         self._spawn("redis", [redis_program(), "--bind", LOOPBACK, "--port", str(self.redis_port),
                               "--save", "", "--appendonly", "no"])
         wait_for_port(self.redis_port, 30)
@@ -139,7 +148,10 @@ class CentralPrefect:
         import asyncpg
 
         async def run() -> list[tuple]:
-            connection = await asyncpg.connect(host=LOOPBACK, port=self.postgres_port, user="prefect", database="postgres")
+            made = postgres_credentials(self.places)
+            connection = await asyncpg.connect(
+                host=LOOPBACK, port=self.postgres_port, user=made.user, password=made.password, database=made.database,
+            )
             try:
                 return [tuple(row) for row in await connection.fetch(statement)]
             finally:
@@ -153,7 +165,7 @@ class CentralPrefect:
         return {**{table: int(count) for table, count in counts}, "database_bytes": self.database_bytes()}
 
     def database_bytes(self) -> int:
-        return int(self.query("SELECT pg_database_size('postgres')")[0][0])
+        return int(self.query("SELECT pg_database_size(current_database())")[0][0])
 
     def stop(self) -> None:
         database = self.processes.pop("database", None)

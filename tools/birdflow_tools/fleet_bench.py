@@ -239,7 +239,7 @@ def station_view(central: CentralPrefect, stacks: list[Stack]) -> list[dict]:
 
 def retention_phase(options: FleetOptions, central: CentralPrefect, stacks: list[Stack], say) -> dict:
     """Compressed days; after each, the run history's rows and the database's bytes once the vacuum passed."""
-    days, first = [], 50_000_000
+    days, first = [], 2_000_000  # (numbered recordings are dated from 2025-06 on, 10 s apart: still in the past)
     for day in range(1, options.compressed_days + 1):
         say(f"retention: day {day} of {options.compressed_days} (window {options.retention_days} days)")
         send_and_wait(stacks, fleet_uploads(options, stacks, options.recordings_per_day, first), 300)

@@ -153,6 +153,8 @@ class Stack:
             "prefect_database": self.prefect_database,
             "postgres_port": free_port(),
             "health_port": self.health_port,
+            # benches and drills send each listener's recordings faster than real time
+            "max_recordings_per_minute": 1_000_000,
             **self.settings,
         }
         settings_file = self.root / "settings.yaml"
