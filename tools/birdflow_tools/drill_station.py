@@ -60,7 +60,7 @@ class DrillOptions:
         """Outages and re-drives of seconds instead of minutes (the test suite's drills)."""
         values = dict(
             uploads=6, outage_s=12.0, settle_timeout_s=150.0, redrive_delays_s=(2.0, 4.0, 8.0), retry_delay_s=0.5,
-            card_mb=300, year_days=12, recordings_per_day=40,
+            card_mb=200, year_days=12, recordings_per_day=40,  # a 10 MB budget: 480 runs (~13 MB) outgrow it
         )
         return cls(**{**values, **overrides})
 
