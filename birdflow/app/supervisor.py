@@ -125,12 +125,12 @@ def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> "Ch
     """
     folder = postgres_cluster(settings)
     user = "postgres" if os.geteuid() == 0 else None
+    folder.mkdir(parents=True, exist_ok=True)
+    if user:  # the Postgres user passes through the folders birdflow keeps to itself (umask 077) to its own
+        for own in (settings.data_dir, settings.prefect_home):
+            own.chmod(own.stat().st_mode | 0o011)
     if not (folder / "PG_VERSION").exists():
         made = postgres_credentials(settings)
-        folder.mkdir(parents=True, exist_ok=True)
-        if user:  # the Postgres user passes through the folders birdflow made (umask 077) to its own
-            for own in (settings.data_dir, settings.prefect_home):
-                own.chmod(own.stat().st_mode | 0o011)
         password_file = folder.parent / "postgres.initdb-password"  # read by initdb (as its user), then gone
         password_file.write_text(made.superuser_password + "\n")
         if user:
@@ -351,15 +351,11 @@ def prefect_server(children: list[Child]) -> Child:
 
 def keep_data_private(settings: Settings) -> None:
     """The data folder closed to other users, as an older version may have left it (its files were made
-    readable to all, the Prefect database and its key among them); the Postgres user, when `up` runs as root,
-    may pass through it to its own folder, and see nothing else."""
-    postgres_as_root = settings.prefect.prefect_database == "postgres" and os.geteuid() == 0
+    readable to all, the Prefect database and its key among them); the embedded Postgres, run as its own user
+    when `up` runs as root, is then let through to its folder (embedded_postgres)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        settings.data_dir.chmod(0o711 if postgres_as_root else 0o700)
-        if postgres_as_root:
-            settings.prefect_home.mkdir(parents=True, exist_ok=True)
-            settings.prefect_home.chmod(0o711)
+        settings.data_dir.chmod(0o700)
         for database in settings.prefect_home.glob("prefect.db*"):
             database.chmod(0o600)
     except OSError as exc:  # not its owner (a volume made by another user): say so, run anyway
