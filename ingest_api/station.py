@@ -63,7 +63,8 @@ class IngestStation:
         self.recording_rate = RecordingRate(settings.ingest.max_recordings_per_minute)
         self.access = IngestAccess(settings)
         self.streams: set[StreamAssembler] = set()  # the streams connected now
-        self.uploads: Counter[str] = Counter()  # uploads in progress, by listener id ("" until it is known)
+        self.open_uploads = 0  # uploads in progress
+        self.listener_uploads: Counter[str] = Counter()  # of those, by listener id once it is known
         # one thread seals closed recordings (fsync, hash, publish) in order, off the event loop
         self.sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
         self._event_counters = {
@@ -107,27 +108,25 @@ class IngestStation:
     @contextmanager
     def upload_slot(self) -> Iterator[None]:
         """Room for one more upload in progress (max_open_uploads), held until it is answered."""
-        if sum(self.uploads.values()) >= self.settings.ingest.max_open_uploads:
-            raise Rejection(503, "too_many_uploads", f"{sum(self.uploads.values())} uploads are in progress, the most this station takes")
-        self.uploads[""] += 1
+        if self.open_uploads >= self.settings.ingest.max_open_uploads:
+            raise Rejection(503, "too_many_uploads", f"{self.open_uploads} uploads are in progress, the most this station takes")
+        self.open_uploads += 1
         try:
             yield
         finally:
-            self.uploads[""] -= 1
+            self.open_uploads -= 1
 
     @contextmanager
     def listener_upload(self, listener_id: str) -> Iterator[None]:
         """Within an upload slot, once its listener is known: at most max_uploads_per_listener of one listener."""
         per_listener = self.settings.ingest.max_uploads_per_listener
-        if self.uploads[listener_id] >= per_listener:
+        if self.listener_uploads[listener_id] >= per_listener:
             raise Rejection(503, "listener_uploads", f"listener {listener_id!r} already has {per_listener} uploads in progress")
-        self.uploads[listener_id] += 1
-        self.uploads[""] -= 1
+        self.listener_uploads[listener_id] += 1
         try:
             yield
         finally:
-            self.uploads[listener_id] -= 1
-            self.uploads[""] += 1
+            self.listener_uploads[listener_id] -= 1
 
     def admit_next_recording(self, listener_id: str, token: Optional[str], connected_at: float) -> None:
         """Before each recording of a stream: room on the disk, a token still valid (one revoked while the
