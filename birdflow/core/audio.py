@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
@@ -105,40 +106,29 @@ def window_batches(
     blocks: Iterable[np.ndarray], overlap_s: float = 0.0, per_batch: int = WINDOWS_PER_BATCH
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """3 s windows every (3 - overlap) s, the tail zero-padded when it holds at least 1.5 s, in batches of
-    `per_batch`: (windows, start seconds) as the blocks arrive, holding no more than a block and a window."""
-    step = int((WINDOW_S - overlap_s) * MODEL_SAMPLE_RATE)
-    held, held_from, next_start = np.zeros(0, np.float32), 0, 0
-    batch: list[np.ndarray] = []
-    starts: list[int] = []
+    `per_batch`: (windows, start seconds) as the blocks arrive."""
+    pending = _each_window(blocks, int((WINDOW_S - overlap_s) * MODEL_SAMPLE_RATE))
+    while batch := list(islice(pending, per_batch)):
+        rows = np.stack([window for _, window in batch]).astype(np.float32, copy=False)
+        yield rows, np.array([start for start, _ in batch], np.float64) / MODEL_SAMPLE_RATE
 
-    def take(window: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        nonlocal next_start
-        batch.append(window)
-        starts.append(next_start)
-        next_start += step
-        if len(batch) == per_batch:
-            yield _batch(batch, starts)
-            batch.clear(), starts.clear()
 
+def _each_window(blocks: Iterable[np.ndarray], step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start sample, window) of every window, holding no more than a block and a window of the signal."""
+    held, held_from, start = np.zeros(0, np.float32), 0, 0
     for block in blocks:
         held = np.concatenate([held, block])
-        while next_start + WINDOW_SAMPLES <= held_from + len(held):
-            offset = next_start - held_from
-            yield from take(held[offset : offset + WINDOW_SAMPLES])
-        dropped = max(0, min(next_start - held_from, len(held)))
+        while start + WINDOW_SAMPLES <= held_from + len(held):
+            yield start, held[start - held_from : start - held_from + WINDOW_SAMPLES]
+            start += step
+        dropped = max(0, min(start - held_from, len(held)))
         held, held_from = held[dropped:], held_from + dropped
-    end = held_from + len(held)
-    while end - next_start >= int(MIN_WINDOW_S * MODEL_SAMPLE_RATE):
+    while held_from + len(held) - start >= int(MIN_WINDOW_S * MODEL_SAMPLE_RATE):
         tail = np.zeros(WINDOW_SAMPLES, np.float32)
-        piece = held[next_start - held_from :]
-        tail[: len(piece)] = piece[:WINDOW_SAMPLES]
-        yield from take(tail)
-    if batch:
-        yield _batch(batch, starts)
-
-
-def _batch(windows: list[np.ndarray], starts: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack(windows).astype(np.float32, copy=False), np.array(starts, dtype=np.float64) / MODEL_SAMPLE_RATE
+        piece = held[start - held_from : start - held_from + WINDOW_SAMPLES]
+        tail[: len(piece)] = piece
+        yield start, tail
+        start += step
 
 
 def windows(samples: np.ndarray, overlap_s: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

@@ -158,7 +158,7 @@ class BirdNET:
     def hear_all(
         self, batches: Iterable[tuple[np.ndarray, np.ndarray]], params: AnalysisParams, recorded: datetime
     ) -> Heard:
-        """hear() over a recording's window batches as they are decoded (audio_windows), as one."""
+        """hear() over a recording's window batches as they are decoded (audio.window_batches), as one."""
         parts = [self.hear(windows, starts, params, recorded) for windows, starts in batches]
         return Heard(
             [detection for part in parts for detection in part.detections],
