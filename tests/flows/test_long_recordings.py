@@ -15,8 +15,8 @@ import soundfile
 from birdflow.core.analysis import AnalysisParams
 from birdflow.core.audio import decoded_blocks, window_batches
 from birdflow.core.birdnet import BirdNET
-from birdflow_tools.bench import PIECE_S, recording_pieces, resident_mb, write_long_recording
-from birdflow_tools.stack import Stack, peak_rss_mb
+from birdflow_tools.bench import PIECE_S, recording_pieces, write_long_recording
+from birdflow_tools.stack import Stack, peak_rss_mb, resident_mb
 from birdflow_tools.testbed import wait_until
 
 HOUR_S = 3600

@@ -29,7 +29,7 @@ import soundfile
 from birdflow.core.budget import sqlite_bytes_in_use
 from birdflow.settings import Settings
 from birdflow.app.simulated_listeners import make_distinct, run_listeners, split_wav
-from birdflow_tools.stack import Stack, peak_rss_mb, pin_threads, temporary_stack
+from birdflow_tools.stack import Stack, peak_rss_mb, pin_threads, resident_mb, temporary_stack
 from birdflow_tools.testbed import WebhookReceiver
 
 BYTES_PER_SECOND_48K = 96000
@@ -343,13 +343,6 @@ def write_long_recording(path: Path, pieces: list[np.ndarray], seconds: int) -> 
     with soundfile.SoundFile(str(path), "w", samplerate=48000, channels=1, format="FLAC", subtype="PCM_16") as out:
         for number in range(seconds // PIECE_S):
             out.write(pieces[number % len(pieces)])
-
-
-def resident_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def long_recording_phase(stack: Stack, options: BenchOptions, progress) -> dict:

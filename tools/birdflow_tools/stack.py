@@ -75,16 +75,26 @@ def pin_threads(pids: list[int], cores: set[int]) -> None:
                 continue  # a thread that has just ended
 
 
-def peak_rss_mb(pids: list[int]) -> float:
+def _status_mb(pids: list[int], field: str) -> float:
+    """The sum of one memory field of /proc/<pid>/status (kB) over the processes still there, in MB."""
     total = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1])
         except OSError:
             continue
     return total / 1024
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    return _status_mb(pids, "VmHWM")
+
+
+def resident_mb(pid: int) -> float:
+    """What a process holds now (its peak is peak_rss_mb)."""
+    return _status_mb([pid], "VmRSS")
 
 
 def command_line(pid: int) -> str:
