@@ -23,8 +23,14 @@ def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120)
 
 
-def rendered(url: str, profile: Path, screenshot: Optional[Path] = None) -> str:
-    """The page's DOM once its scripts ran; with `screenshot`, also a PNG of it."""
+def rendered(url: str, profile: Path, screenshot: Optional[Path] = None, showing: tuple[str, ...] = (), attempts: int = 3) -> str:
+    """The page's DOM once its scripts ran; with `screenshot`, also a PNG of it. With `showing`, loaded again
+    (up to `attempts` times) until the DOM holds all of those texts: on a busy machine a single-page app may
+    still be waiting for its API when the browser's time budget ends. The last DOM is returned either way."""
+    for attempt in range(attempts):
+        page = _chromium("--dump-dom", url, profile=profile / f"dom{attempt}").stdout
+        if all(text in page for text in showing):
+            break
     if screenshot:
         _chromium(f"--screenshot={screenshot}", url, profile=profile / "shot")
-    return _chromium("--dump-dom", url, profile=profile / "dom").stdout
+    return page

@@ -172,6 +172,9 @@ def child_environment(settings: Settings, settings_file: Optional[str], triggers
     # glibc gives each thread that allocates its own heap arena, up to 8 per core: the executor's run threads
     # held ~16 MB more that way, for no measurable speed (birdflow bench)
     env.setdefault("MALLOC_ARENA_MAX", "2")
+    # glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which decoded audio
+    # comes from the heap and stays resident once the run is over; a fixed threshold gives it back
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 << 10))
     if settings_file:
         env[SETTINGS_FILE_ENV] = os.path.abspath(settings_file)
     return env

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from fractions import Fraction
-from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
@@ -24,8 +23,8 @@ MODEL_SAMPLE_RATE = 48000
 WINDOW_S = 3.0
 MIN_WINDOW_S = 1.5  # a shorter tail is not analyzed; a longer one is padded with zeros
 WINDOW_SAMPLES = int(WINDOW_S * MODEL_SAMPLE_RATE)
-BLOCK_S = 30.0  # decoded a block at a time: ~6 MB of float32 at 48 kHz
-WINDOWS_PER_BATCH = 20  # handed to the model a minute of audio at a time
+BLOCK_S = 10.0  # decoded a block at a time: ~2 MB of float32 at 48 kHz
+WINDOWS_PER_BATCH = 8  # handed to the model 24 s of audio at a time
 # context read on each side of a span, so that the resampling filter sees what it would in the whole file
 SPAN_CONTEXT_S = 0.05
 
@@ -107,10 +106,16 @@ def window_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """3 s windows every (3 - overlap) s, the tail zero-padded when it holds at least 1.5 s, in batches of
     `per_batch`: (windows, start seconds) as the blocks arrive."""
-    pending = _each_window(blocks, int((WINDOW_S - overlap_s) * MODEL_SAMPLE_RATE))
-    while batch := list(islice(pending, per_batch)):
-        rows = np.stack([window for _, window in batch]).astype(np.float32, copy=False)
-        yield rows, np.array([start for start, _ in batch], np.float64) / MODEL_SAMPLE_RATE
+    rows, starts = np.empty((per_batch, WINDOW_SAMPLES), np.float32), []
+    for start, window in _each_window(blocks, int((WINDOW_S - overlap_s) * MODEL_SAMPLE_RATE)):
+        # copied at once: a window is a view of the decoded block, which it would otherwise keep alive
+        rows[len(starts)] = window
+        starts.append(start)
+        if len(starts) == per_batch:
+            yield rows, np.array(starts, np.float64) / MODEL_SAMPLE_RATE
+            rows, starts = np.empty((per_batch, WINDOW_SAMPLES), np.float32), []
+    if starts:
+        yield rows[: len(starts)], np.array(starts, np.float64) / MODEL_SAMPLE_RATE
 
 
 def _each_window(blocks: Iterable[np.ndarray], step: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -66,8 +66,9 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
         # what a person sees: the first run's artifact page in the Prefect UI, rendered by a real browser
         first_run = message["text"].rsplit("/", 1)[1]
         [artifact] = stack.api("artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first_run]}}})
-        page = rendered(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{artifact['id']}", tmp_path / "browser")
-        assert "American Goldfinch (Spinus tristis)" in page and "1 detection: American Goldfinch" in page
+        expected = ("American Goldfinch (Spinus tristis)", "1 detection: American Goldfinch")
+        page = rendered(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{artifact['id']}", tmp_path / "browser", showing=expected)
+        assert all(text in page for text in expected)
     finally:
         stack.stop()
 
