@@ -219,7 +219,10 @@ def drill_year(station: DrillStation) -> DrillResult:
         (station.root / "year").mkdir()
         year = DrillStation(
             station.root / "year", options, station.say, stack_root=card / "station",
-            settings_more={"min_free_disk_mb": scaled_floor_mb, "history_check_interval_s": 2, "maintenance_interval_s": 10},
+            settings_more={
+                "min_free_disk_mb": scaled_floor_mb, "history_budget_mb": options.history_budget_mb,
+                "history_check_interval_s": 2, "maintenance_interval_s": 10,
+            },
         )
         year.start()
         first = set(year.arrivals.ids)
@@ -263,7 +266,7 @@ def year_facts(curve: list[dict], options, floor_mb: int) -> dict:
         "runs_kept": curve[-1]["runs_kept"],
         "prefect_db_mb": [round(point["prefect_db_bytes"] / MB, 2) for point in curve],
         "state_mb": [round(point["state_bytes"] / MB, 2) for point in curve],
-        "budget_mb": derived_budget_bytes(options.card_mb * MB) / MB,
+        "budget_mb": options.history_budget_mb or derived_budget_bytes(options.card_mb * MB) / MB,
         "floor_mb": floor_mb,
         "bytes_per_run": bytes_per_run,
         "card_runs": card_runs,

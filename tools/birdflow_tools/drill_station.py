@@ -54,13 +54,15 @@ class DrillOptions:
     card_mb: int = 327
     year_days: int = 30
     recordings_per_day: int = 60
+    history_budget_mb: float = 0.0  # 0: the card's share (5 %, at least 10 MB), as on a station left at its defaults
 
     @classmethod
     def quick(cls, **overrides) -> "DrillOptions":
         """Outages and re-drives of seconds instead of minutes (the test suite's drills)."""
         values = dict(
             uploads=6, outage_s=12.0, settle_timeout_s=150.0, redrive_delays_s=(2.0, 4.0, 8.0), retry_delay_s=0.5,
-            card_mb=200, year_days=12, recordings_per_day=40,  # a 10 MB budget: 480 runs (~13 MB) outgrow it
+            # ~1 MB of history a day against a 4 MB budget: full on day 4 of 8, then flat
+            card_mb=200, year_days=8, recordings_per_day=30, history_budget_mb=4.0,
         )
         return cls(**{**values, **overrides})
 
