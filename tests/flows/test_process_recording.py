@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Optional
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
@@ -80,7 +81,8 @@ def test_a_run_whose_source_lies_outside_the_allowed_folders_fails_at_once(prefe
     assert not settings.local_archive_dir.exists() and outside.read_bytes() == sample_48k.read_bytes()
 
 
-def run_logs_and_artifacts(flow_run_id, expected_logs: int) -> tuple[list[str], list]:
+def run_logs_and_artifacts(flow_run_id, expected_line: Optional[str] = None) -> tuple[list[str], list]:
+    """The run's log lines, once one holds `expected_line` (they reach the server in batches), and its artifacts."""
     import time
 
     from prefect import get_client
@@ -88,7 +90,7 @@ def run_logs_and_artifacts(flow_run_id, expected_logs: int) -> tuple[list[str], 
     with get_client(sync_client=True) as client:
         for _ in range(100):  # logs reach the server in batches, every 2 s
             logs = [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
-            if len(logs) >= expected_logs:
+            if expected_line is None or any(expected_line in line for line in logs):
                 break
             time.sleep(0.2)
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
@@ -116,7 +118,7 @@ def test_a_run_shows_what_it_heard_and_a_species_is_rare_only_the_first_time(pre
         shutil.copy(source, settings.recordings_dir / info.file_name)
         state = process_recording(info, return_state=True)
         assert state.is_completed()
-        logs, artifacts = run_logs_and_artifacts(state.state_details.flow_run_id, expected_logs=2)
+        logs, artifacts = run_logs_and_artifacts(state.state_details.flow_run_id, " detection")
         results.append((state.result(), logs, artifacts))
     (first, first_logs, [first_artifact]), (second, second_logs, [second_artifact]) = results
     assert (first["rare"], second["rare"]) == (1, 0)
@@ -212,7 +214,7 @@ def test_silence_keeps_birds_and_clips_but_zeroes_the_human_voice(prefect_server
     assert not kept[12 * 48000 :].any()  # the windows where BirdNET hears the voice (12-15 s, 15 s-end), gone
     assert REGISTRY.get_sample_value(
         "birdflow_privacy_filtered_recordings_total", {"station": "quiet", "action": "silenced"}) == silenced_before + 1
-    _, [artifact] = run_logs_and_artifacts(state.state_details.flow_run_id, expected_logs=0)
+    _, [artifact] = run_logs_and_artifacts(state.state_details.flow_run_id)
     import json
 
     table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
