@@ -36,6 +36,13 @@ def comma_list(value: Any) -> Any:
     return value
 
 
+def yaml_switch(value: Any) -> Any:
+    """YAML 1.1 reads a bare `on` or `off` as a boolean: taken back as the word the user wrote."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
 Names = Annotated[list[str], BeforeValidator(comma_list)]
 Seconds = Annotated[list[float], BeforeValidator(comma_list)]
 Folders = Annotated[list[Path], BeforeValidator(comma_list)]
@@ -62,7 +69,7 @@ class IngestSettings(Section):
         7200.0, gt=0, description="Longer uploaded recordings are refused with 422 (an AudioMoth's hour-long files fit; "
         "backfill takes any length)",
     )
-    ingest_auth: Literal["off", "on"] = Field(
+    ingest_auth: Annotated[Literal["off", "on"], BeforeValidator(yaml_switch)] = Field(
         "off", description="on: every request needs its listener's token (`birdflow listeners add`); off keeps old listeners working"
     )
     ingest_auth_exempt: Names = Field(
@@ -194,7 +201,7 @@ class DetectionSettings(Section):
     clips_per_species_per_day: int = Field(
         10, ge=1, description="Clips kept per species and day, the most confident; a species' best clip ever is never deleted"
     )
-    privacy_filter: Literal["off", "silence", "drop"] = Field(
+    privacy_filter: Annotated[Literal["off", "silence", "drop"], BeforeValidator(yaml_switch)] = Field(
         "off", description="Human voices: silence zeroes their windows in the archive and clips; drop archives no audio of such a recording"
     )
     privacy_threshold: float = Field(0.3, ge=0.01, le=0.99, description="A window whose human score (BirdNET's human classes) reaches this holds a human")

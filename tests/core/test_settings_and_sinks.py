@@ -29,6 +29,16 @@ def test_yaml_with_env_overrides(tmp_path):
     assert settings.analysis.exclude_species == ("a", "b")
 
 
+def test_switches_written_bare_in_yaml_are_the_words_written(tmp_path):
+    file = tmp_path / "settings.yaml"
+    file.write_text("ingest_auth: on\nprivacy_filter: off\n")  # YAML 1.1 reads both as booleans
+    settings = load_settings(file, {})
+    assert (settings.ingest.ingest_auth, settings.detections.privacy_filter) == ("on", "off")
+    file.write_text("privacy_filter: on\n")  # not one of its words: still refused, by name
+    with pytest.raises(SettingsError, match="setting 'privacy_filter'"):
+        load_settings(file, {})
+
+
 @pytest.mark.parametrize(
     "yaml_text, env, message",
     [
