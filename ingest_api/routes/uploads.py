@@ -63,7 +63,13 @@ class UploadInProgress:
     def admit(self, fields: dict[str, str]) -> None:
         """The listener the form names (a listener_id field, else the file's name, else the token's owner); again
         when a listener_id field came after the file."""
-        listener_id = checked_listener_id(str(fields.get("listener_id") or self.name_listener or self.sender or ""))
+        named = fields.get("listener_id") or self.name_listener or self.sender
+        if not named:
+            raise Rejection(
+                400, "no_listener_id",
+                "no listener id: send a listener_id form field before the file, or name the file <listener>_<start>.wav",
+            )
+        listener_id = checked_listener_id(str(named))
         if listener_id == self.listener_id:
             return
         self.station.access.admit_upload(self.sender, listener_id)

@@ -163,6 +163,16 @@ def test_bad_input_gets_its_status_and_changes_nothing_while_a_listener_streams(
     print("\n".join(f"{status} (expected {expected}) {name}" for name, expected, status in outcomes))
 
 
+def test_an_upload_naming_no_listener_is_told_how_to_name_one(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5)
+    with serving(settings) as port:
+        client = Client(port, {})
+        status, body = client.upload("recording.wav", wav_bytes(1.0), token_of=None)
+        assert status == 400 and "no listener id" in body and "listener_id form field" in body, body
+        assert client.upload("recording.wav", wav_bytes(1.0), listener_id="mic-1", token_of=None)[0] == 200
+    assert [path.name.split("_")[0] for path in settings.recordings_dir.glob("*.wav")] == ["mic-1"]
+
+
 def test_exempt_listeners_send_without_a_token_while_the_others_need_one(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, ingest_auth="on", ingest_auth_exempt=["old-1"])
     with serving(settings) as port:
