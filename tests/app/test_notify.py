@@ -39,7 +39,9 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
         assert added.returncode == 0, added.stderr
         assert "birdflow-notify-notify-webhook" in added.stdout
         listed = stack.cli("notify", "list")
-        assert "birdflow-notify-notify-webhook" in listed.stdout and "enabled: yes" in listed.stdout
+        header, row = listed.stdout.splitlines()
+        assert header.split("\t") == ["channel", "enabled", "automation"]
+        assert row.split("\t")[:2] == ["birdflow-notify-notify-webhook", "yes"]
         bad = stack.cli("notify", "add", "webhook", "not-a-url")
         assert bad.returncode != 0 and bad.stderr.strip().startswith("birdflow: expected a webhook URL")
         # `up` finds the automation when it starts and turns the embedded server's triggers on
@@ -69,6 +71,9 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
         expected = ("American Goldfinch (Spinus tristis)", "1 detection: American Goldfinch")
         page = rendered(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{artifact['id']}", tmp_path / "browser", showing=expected)
         assert all(text in page for text in expected)
+        removed = stack.cli("notify", "remove", "birdflow-notify-notify-webhook")
+        assert removed.returncode == 0 and removed.stdout.startswith("removed channel birdflow-notify-notify-webhook")
+        assert stack.cli("notify", "list").stdout == ""
     finally:
         stack.stop()
 

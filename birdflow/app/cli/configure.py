@@ -39,6 +39,8 @@ def cmd_listeners(args) -> int:
         )
     elif args.listeners_command == "list":
         records = tokens.listed()
+        if records:
+            print("listener\ttoken\tcreated (UTC)")
         for record in records:
             created = datetime.fromtimestamp(record.created_at, timezone.utc)
             print(f"{record.listener_id}\t{record.token_id}\t{created:%Y-%m-%dT%H:%M:%SZ}")
@@ -109,13 +111,17 @@ def cmd_notify(args) -> int:
             print("the embedded Prefect server turns its triggers on within 30 s (a restart of a few seconds)", file=sys.stderr)
     elif args.notify_command == "list":
         channels = notify.list_channels(settings)
+        if channels:
+            print("channel\tenabled\tautomation")
         for channel in channels:
-            print(f"{channel['channel']}\tautomation {channel['automation_id']}\tenabled: {channel['enabled']}")
+            print(f"{channel['channel']}\t{channel['enabled']}\t{channel['automation_id']}")
         if not channels:
             print("no notification channels (birdflow notify add webhook URL)", file=sys.stderr)
     elif not notify.remove_channel(settings, args.name):
         print(f"birdflow: no notification channel {args.name!r} (see `birdflow notify list`)", file=sys.stderr)
         return 1
+    else:
+        print(f"removed channel {args.name} (its automation and notification block)")
     return 0
 
 
