@@ -103,6 +103,15 @@ def test_the_command_prints_json_csv_and_one_line_errors(station, capsys):
     assert str(failed.value) == "birdflow sql: only SELECT statements are run here (this one is DROP)"
 
 
+def test_a_table_printed_for_people_ends_with_its_row_count(station, capsys, monkeypatch):
+    _, _, settings_file = station
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["--settings", str(settings_file), "sql", COUNT_BY_SPECIES]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 rows"
+    assert main(["--settings", str(settings_file), "sql", "SELECT * FROM detections WHERE confidence > 2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "0 rows"
+
+
 def test_influx_without_a_host_is_one_line(station):
     _, _, settings_file = station
     with pytest.raises(SystemExit) as failed:

@@ -71,4 +71,6 @@ def print_table(table: "pa.Table", output_format: str, title: Optional[str] = No
             view.add_column(name, justify="right" if numeric else "left", overflow="fold")
         for row in table.to_pylist():
             view.add_row(*(cell(value) for value in row.values()))
-        Console().print(view)
+        console = Console()
+        console.print(view)
+        console.print(f"{table.num_rows} row{'' if table.num_rows == 1 else 's'}", style="dim")
