@@ -53,6 +53,8 @@ class Source:
         elif not self.s3:
             self.folder = Path(source)
             if not self.folder.is_dir():
+                if self.folder.resolve() == settings.failed_dir.resolve():
+                    raise ValueError(f"backfill source {source!r}: nothing has failed on this station (the folder comes with the first failure)")
                 raise ValueError(f"backfill source {source!r} is not a folder, s3://bucket/prefix or 'archive'")
             if not is_inside(self.folder, settings.audio_roots):
                 raise ValueError(

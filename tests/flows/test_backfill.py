@@ -35,6 +35,21 @@ def test_select_by_time_listener_and_station():
 
 
 @pytest.mark.e2e
+def test_a_folder_source_that_is_missing_or_not_allowed_says_why(tmp_path):
+    from birdflow.settings import Settings
+    from flows.backfill import Source
+
+    settings = Settings(data_dir=tmp_path / "data")
+    with pytest.raises(ValueError, match="nothing has failed on this station"):
+        Source(str(settings.failed_dir), settings)
+    with pytest.raises(ValueError, match="is not a folder"):
+        Source(str(tmp_path / "nowhere"), settings)
+    (tmp_path / "card").mkdir()
+    with pytest.raises(ValueError, match="add it to the setting 'backfill_roots'"):
+        Source(str(tmp_path / "card"), settings)
+    assert Source(str(tmp_path / "card"), Settings(data_dir=tmp_path / "data", backfill_roots=[tmp_path / "card"])).folder.is_dir()
+
+
 def test_backfill_from_s3_dry_run_then_process_then_skip(prefect_server, seaweed, tmp_path, sample_48k):
     bucket = "birdflow-backfill"
     seaweed.create_bucket(bucket)
