@@ -174,7 +174,7 @@ def plan_only(source: str, settings: Settings, analysis: Optional[dict[str, Any]
     return walk(*decide(source, settings, ledger, params.analysis_id, selection, allow_unknown, offline=True), would_process)
 
 
-@flow(name="backfill", log_prints=False)
+@flow(name="backfill", flow_run_name="backfill-{source}", log_prints=False)
 def backfill(
     source: str = ARCHIVE,
     since: Optional[datetime] = None,

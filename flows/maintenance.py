@@ -49,7 +49,12 @@ SETTLE_S = 60.0
 TEMP_FILE_AGE_S = 3600.0
 
 
-@flow(name="maintenance", persist_result=False, log_prints=False)
+def maintenance_run_name() -> str:
+    """Named by when it started, so that it stands apart from the recording runs in the UI."""
+    return f"maintenance-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+
+
+@flow(name="maintenance", flow_run_name=maintenance_run_name, persist_result=False, log_prints=False)
 def maintenance() -> dict[str, Any]:
     """Re-drive what failed, then retention and compaction (see the module's docstring)."""
     settings = station_resources().settings

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
 from prefect.states import Failed
 from prometheus_client import REGISTRY
 
@@ -93,6 +94,8 @@ def test_the_maintenance_run_re_drives_what_nothing_re_drove(station, monkeypatc
     assert summary["redrive"] == {"redriven": 1, "given_up": 0}
     assert client.read_flow_run(flow_run.id).state.name == "AwaitingRetry"
     assert flows.maintenance.maintenance()["redrive"] == {"redriven": 0, "given_up": 0}  # once is enough
+    names = [run.name for run in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["maintenance"])))]
+    assert names and all(re.fullmatch(r"maintenance-\d{8}T\d{6}Z", name) for name in names), names
 
 
 def test_a_run_whose_parameters_are_no_recording_is_given_up_as_unprocessable_at_once(station):
