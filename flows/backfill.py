@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 
 from birdflow.core.backfill import (
     ALREADY_PROCESSED,
@@ -215,6 +216,12 @@ def backfill(
         markdown=summary_markdown(source, summary, params.analysis_id, dry_run),
         description=f"backfill of {source}",
     )
+    if summary["failed"] or summary["refused"]:  # what the command exits 1 for: the run says so too
+        return Failed(
+            message=f"backfill of {source}: {summary['refused']} refused (unknown listener: allow_unknown), "
+            f"{summary['failed']} failed, {summary['processed']} processed",
+            data=summary,
+        )
     return summary
 
 

@@ -13,6 +13,8 @@ import yaml
 
 from birdflow.core.backfill import ALREADY_PROCESSED, UNKNOWN_LISTENER, UNREADABLE, candidate, parse_s3_source, plan, select
 from birdflow_tools.testbed import free_port
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
 UTC = timezone.utc
 
@@ -144,6 +146,10 @@ def test_a_card_dump_dry_run_without_a_server_then_unknown_listeners_refused_and
     # interrupted after the first recording (what --until reproduces), then run again: nothing done twice
     first = birdflow("backfill", str(dump), "--until", "2025-06-01T05:45")
     assert "found 2, skipped 0 (already processed), refused 1 (unknown listener), processed 1, failed 0" in first.stdout, first.stderr[-3000:]
+    assert first.returncode == 1 and "Traceback" not in first.stderr  # the refusal: and its run ended Failed
+    with get_client(sync_client=True) as client:
+        [refusing] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"backfill-{dump}"])))
+    assert refusing.state.type.value == "FAILED" and "1 refused (unknown listener: allow_unknown)" in refusing.state.message
     resumed = birdflow("backfill", str(dump), "--allow-unknown")
     assert "found 3, skipped 1 (already processed), refused 0 (unknown listener), processed 2, failed 0" in resumed.stdout, resumed.stderr[-3000:]
     again = birdflow("backfill", str(dump), "--dry-run", "--allow-unknown", api_url=nobody)

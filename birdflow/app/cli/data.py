@@ -87,7 +87,12 @@ def cmd_backfill(args) -> int:
             if args.dry_run:
                 summary = plan_only(args.source, settings, analysis, args.allow_unknown, **selection)
             else:
-                summary = backfill(source=args.source, analysis=analysis, allow_unknown=args.allow_unknown, **selection)
+                state = backfill(
+                    source=args.source, analysis=analysis, allow_unknown=args.allow_unknown, **selection, return_state=True
+                )
+                summary = state.result(raise_on_failure=False)  # a run with refusals ends Failed, with its summary
+                if isinstance(summary, BaseException):
+                    raise summary
         except ValueError as exc:
             raise SystemExit(f"birdflow: {exc}") from None
     print_backfill_summary(summary, args.dry_run)
