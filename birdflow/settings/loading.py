@@ -65,14 +65,21 @@ def _yaml_values(file: Path) -> dict[str, Any]:
     return {str(key): value for key, value in loaded.items()}
 
 
+def settings_file_in_use(path: Optional[os.PathLike | str] = None, environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+    """The settings file load_settings reads: the one given, else BIRDFLOW_SETTINGS, else ./settings.yaml if any."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(SETTINGS_FILE_ENV)
+    if path is None and Path("settings.yaml").is_file():
+        path = "settings.yaml"
+    return Path(path) if path is not None else None
+
+
 def load_settings(path: Optional[os.PathLike | str] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:
     """Read settings.yaml (if any) and apply upper-case environment overrides, validating everything."""
     if environ is None:
         environ = {**(read_env_file(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
-    path = path or environ.get(SETTINGS_FILE_ENV)
-    if path is None and Path("settings.yaml").is_file():
-        path = "settings.yaml"
-    values = _yaml_values(Path(path)) if path is not None else {}
+    path = settings_file_in_use(path, environ)
+    values = _yaml_values(path) if path is not None else {}
     source = {name: f"in {path}" for name in values}
     for name, field in Settings.flat_fields().items():
         if name.upper() in environ:

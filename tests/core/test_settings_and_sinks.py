@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,18 @@ def test_yaml_with_env_overrides(tmp_path):
     settings = load_settings(file, {"MAX_DURATION_S": "15", "KEEP_LOCAL_RECORDINGS": "0", "EXCLUDE_SPECIES": "a, b"})
     assert (settings.station_id, settings.ingest.max_duration_s, settings.archive.keep_local_recordings) == ("ridge", 15.0, False)
     assert settings.analysis.exclude_species == ("a", "b")
+
+
+def test_the_settings_file_in_use_is_the_one_given_then_the_environments_then_the_folders(tmp_path, monkeypatch):
+    from birdflow.settings import settings_file_in_use
+
+    monkeypatch.chdir(tmp_path)
+    assert settings_file_in_use(None, {}) is None
+    (tmp_path / "settings.yaml").write_text("station_id: here\n")
+    assert settings_file_in_use(None, {}) == Path("settings.yaml")
+    assert settings_file_in_use(None, {"BIRDFLOW_SETTINGS": "/etc/b.yaml"}) == Path("/etc/b.yaml")
+    assert settings_file_in_use("given.yaml", {"BIRDFLOW_SETTINGS": "/etc/b.yaml"}) == Path("given.yaml")
+    assert load_settings(None, {}).station_id == "here"
 
 
 def test_switches_written_bare_in_yaml_are_the_words_written(tmp_path):

@@ -78,6 +78,7 @@ def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tm
                 )
             wait_until(lambda: client.read_flow_run(runs["a"].id).state.is_final(), 240, "station a's backfill run")
             assert client.read_flow_run(runs["a"].id).state.is_completed(), (tmp_path / "worker.log").read_text()[-3000:]
+            assert f"worker of station a on pool birdflow-a, settings from {settings_file}" in (tmp_path / "worker.log").read_text()
             children = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[runs["a"].id]))
             )
