@@ -104,8 +104,11 @@ def central_setup(
             except ObjectAlreadyExists:
                 client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=pool_limit))
                 say(f"work pool {name} exists; concurrency limit set to {pool_limit}")
-    for slug in register_blocks(settings):
+    registered = register_blocks(settings)
+    for slug in registered:
         say(f"block {slug} registered")
+    if not registered:
+        say("no blocks registered: the S3 archive and InfluxDB are both off in the settings")
     if not settings.sinks.influx_enabled:
         say("InfluxDB is off in the settings: no database created")
     elif not shutil.which("influxdb3"):
