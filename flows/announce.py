@@ -80,6 +80,15 @@ def announce_rare(sightings: list[RareSighting], archive_key: str) -> None:
 
 
 def show_detections(table: pa.Table, rare_species: set[str], link: Callable[[str], str]) -> None:
-    """The run's table artifact (a run that heard nothing gets none: one API call saved per quiet recording)."""
-    if table.num_rows:
+    """The run's table artifact (a run that heard nothing gets none: one API call saved per quiet recording). A
+    rerun (the UI's, or a re-drive) that finds its first attempt's table, which the same audio makes again, adds none."""
+    if table.num_rows and not (flow_run.run_count > 1 and _has_artifacts(flow_run.id)):
         create_table_artifact(artifact_rows(table, rare_species, link), description=summary(table))
+
+
+def _has_artifacts(run_id: str) -> bool:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return bool(client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])), limit=1))

@@ -21,6 +21,8 @@ import soundfile
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
     DeploymentFilter,
     DeploymentFilterName,
     FlowFilter,
@@ -203,11 +205,16 @@ def cached_analysis(client, flow_run_id) -> bool:
     return any(task.name.startswith("analyze") and task.state and task.state.name == "Cached" for task in task_runs)
 
 
+def artifact_types(client, run_id) -> list[str]:
+    return [artifact.type for artifact in client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))]
+
+
 def test_rerun_from_the_ui_reuses_the_cache_and_duplicates_nothing(stack):
     runs = wait_for_completed_runs(4)
     before = detections(stack)
     target = next(run for run in runs if run.parameters["recording"]["listener_id"] == "listener01")
     with get_client(sync_client=True) as client:
+        assert artifact_types(client, target.id) == ["table"]
         client.set_flow_run_state(target.id, Scheduled(), force=True)  # what the UI's rerun does
         wait_until(
             lambda: client.read_flow_run(target.id).run_count >= 2 and client.read_flow_run(target.id).state.is_completed(),
@@ -215,11 +222,12 @@ def test_rerun_from_the_ui_reuses_the_cache_and_duplicates_nothing(stack):
         )
         # task-run states reach the server as events, a moment after the flow run's own state
         wait_until(lambda: cached_analysis(client, target.id), 60, "the rerun's analyze task recorded as Cached")
+        assert artifact_types(client, target.id) == ["table"]  # the same table, shown once
     assert detections(stack) == before
 
 
 def test_audio_that_cannot_be_decoded_is_given_up_at_once_and_kept(stack):
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilterName
 
     data = stack["root"] / "data"
     store = RecordingStore(data / "partial", data / "recordings", STATION)
