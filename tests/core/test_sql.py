@@ -103,6 +103,16 @@ def test_the_command_prints_json_csv_and_one_line_errors(station, capsys):
     assert str(failed.value) == "birdflow sql: only SELECT statements are run here (this one is DROP)"
 
 
+def test_detections_wide_fold_no_column_in_an_80_column_terminal(station, capsys, monkeypatch):
+    _, _, settings_file = station
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["--settings", str(settings_file), "detections", "--wide"]) == 0
+    title, header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["time", "(UTC)", "listener", "species", "scientific", "confidence", "recording_id"]
+    assert len(rows) == 3 and max(len(line) for line in rows) > 80  # a line a row, however long
+    assert any("Pine Siskin" in line and "Spinus pinus" in line for line in rows), rows
+
+
 def test_a_table_printed_for_people_ends_with_its_row_count(station, capsys, monkeypatch):
     _, _, settings_file = station
     monkeypatch.setenv("COLUMNS", "80")

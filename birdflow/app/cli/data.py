@@ -27,7 +27,7 @@ def cmd_detections(args) -> int:
             columns[3:3] = ["scientific_name"]
             columns.append("recording_id")
         table = table.select(columns).rename_columns([NARROW_NAMES.get(name, name) for name in columns])
-    print_table(table, args.format, title=f"{table.num_rows} detection(s)")
+    print_table(table, args.format, title=f"{table.num_rows} detection(s)", wide=args.wide)
     return 0
 
 

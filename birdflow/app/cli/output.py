@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
+UNLIMITED_WIDTH = 10_000  # --wide: no column folded, whatever the terminal
+
+
 def cell(value) -> str:
     if value is None:
         return ""
@@ -47,7 +50,9 @@ def flat_columns(table: "pa.Table") -> "pa.Table":
     return table
 
 
-def print_table(table: "pa.Table", output_format: str, title: Optional[str] = None) -> None:
+def print_table(table: "pa.Table", output_format: str, title: Optional[str] = None, wide: bool = False) -> None:
+    """As JSON, CSV, or a table for people: fitted to the terminal (long cells folded), or with `wide` at its
+    natural width for a pager or a wide window; without a title, it ends with its row count."""
     import pyarrow as pa
 
     if output_format == "json":
@@ -71,6 +76,7 @@ def print_table(table: "pa.Table", output_format: str, title: Optional[str] = No
             view.add_column(name, justify="right" if numeric else "left", overflow="fold")
         for row in table.to_pylist():
             view.add_row(*(cell(value) for value in row.values()))
-        console = Console()
-        console.print(view)
-        console.print(f"{table.num_rows} row{'' if table.num_rows == 1 else 's'}", style="dim")
+        console = Console(width=UNLIMITED_WIDTH if wide else None)
+        console.print(view, crop=False)
+        if title is None:
+            console.print(f"{table.num_rows} row{'' if table.num_rows == 1 else 's'}", style="dim")
