@@ -65,9 +65,14 @@ def _yaml_values(file: Path) -> dict[str, Any]:
     return {str(key): value for key, value in loaded.items()}
 
 
+def _environment() -> dict[str, str]:
+    """The process environment over ./.env (what the settings read when not given an environment)."""
+    return {**(read_env_file(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
+
+
 def settings_file_in_use(path: Optional[os.PathLike | str] = None, environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
     """The settings file load_settings reads: the one given, else BIRDFLOW_SETTINGS, else ./settings.yaml if any."""
-    environ = os.environ if environ is None else environ
+    environ = _environment() if environ is None else environ
     path = path or environ.get(SETTINGS_FILE_ENV)
     if path is None and Path("settings.yaml").is_file():
         path = "settings.yaml"
@@ -76,8 +81,7 @@ def settings_file_in_use(path: Optional[os.PathLike | str] = None, environ: Opti
 
 def load_settings(path: Optional[os.PathLike | str] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:
     """Read settings.yaml (if any) and apply upper-case environment overrides, validating everything."""
-    if environ is None:
-        environ = {**(read_env_file(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
+    environ = _environment() if environ is None else environ
     path = settings_file_in_use(path, environ)
     values = _yaml_values(path) if path is not None else {}
     source = {name: f"in {path}" for name in values}

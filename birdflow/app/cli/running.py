@@ -67,18 +67,18 @@ def cmd_execute(args) -> int:
 def cmd_worker(args) -> int:
     """`prefect worker start --type birdflow` for this station's pool, with birdflow's Prefect settings."""
     from birdflow.app.supervisor import prefect_environment
-
     from birdflow.settings import SETTINGS_FILE_ENV, settings_file_in_use
 
     settings = settings_of(args)
     env = {**os.environ, **prefect_environment(settings)}
     settings_file = settings_file_in_use(args.settings)
     if settings_file:  # absolute: the runs it starts work in BIRDFLOW_HOME, not in this folder
-        env[SETTINGS_FILE_ENV] = str(settings_file.resolve())
+        settings_file = settings_file.resolve()
+        env[SETTINGS_FILE_ENV] = str(settings_file)
     pool = args.pool or f"birdflow-{settings.station_id}"
     print(
         f"birdflow worker of station {settings.station_id} on pool {pool}, settings from "
-        + (str(settings_file.resolve()) if settings_file else "the environment and the defaults (no settings.yaml here)"),
+        + (str(settings_file) if settings_file else "the environment and the defaults (no settings.yaml here)"),
         file=sys.stderr,
     )
     command = [sys.executable, "-m", "prefect", "worker", "start", "--type", "birdflow", "--pool", pool]
