@@ -6,8 +6,9 @@ them into blocks so the Prefect UI shows, and flow runs on any worker load, the 
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import TYPE_CHECKING
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from prefect.blocks.core import Block
 from prefect.exceptions import ObjectNotFound
@@ -43,10 +44,11 @@ class SQLiteResultStorage(WritableFileSystem):
 
     path: str = Field(..., description="The SQLite file")
 
-    def read_path(self, path: str, _sync: bool = True) -> bytes:
+    # synchronous, as Prefect's LocalFileSystem is: the result store calls it with _sync=True
+    def read_path(self, path: str, _sync: bool = True) -> bytes:  # type: ignore[override]
         return _results_database(self.path).read(path)
 
-    def write_path(self, path: str, content: bytes, _sync: bool = True) -> None:
+    def write_path(self, path: str, content: bytes, _sync: bool = True) -> None:  # type: ignore[override]
         _results_database(self.path).write(path, content)
 
     async def aread_path(self, path: str) -> bytes:
@@ -56,10 +58,10 @@ class SQLiteResultStorage(WritableFileSystem):
         self.write_path(path, content)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _results_database(path: str) -> ResultsDatabase:
     """One per file and process, so each thread keeps its connection across runs."""
-    return ResultsDatabase(path)
+    return ResultsDatabase(Path(path))
 
 
 # An unreachable store fails a request in seconds, not after botocore's own minutes of retries: the task's
@@ -70,14 +72,18 @@ S3_CLIENT_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect
 def s3_bucket_from_settings(settings: Settings) -> S3Bucket:
     from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
 
-    client_parameters = AwsClientParameters(endpoint_url=settings.archive.s3_endpoint_url or None, config=S3_CLIENT_CONFIG)
+    client_parameters = AwsClientParameters(
+        endpoint_url=settings.archive.s3_endpoint_url or None, config=S3_CLIENT_CONFIG
+    )
     credentials = AwsCredentials(
         aws_access_key_id=settings.archive.aws_access_key_id or None,
         aws_secret_access_key=settings.archive.aws_secret_access_key.get_secret_value() or None,
         region_name=settings.archive.s3_region,
         aws_client_parameters=client_parameters,
     )
-    return S3Bucket(bucket_name=settings.archive.s3_bucket, bucket_folder=settings.archive.s3_prefix, credentials=credentials)
+    return S3Bucket(
+        bucket_name=settings.archive.s3_bucket, bucket_folder=settings.archive.s3_prefix, credentials=credentials
+    )
 
 
 def influx_from_settings(settings: Settings) -> InfluxDB3Connection:
@@ -106,13 +112,13 @@ def load_s3_bucket(settings: Settings) -> S3Bucket:
     from prefect_aws import S3Bucket
 
     try:
-        return S3Bucket.load(settings.archive.s3_block_name)
+        return cast(S3Bucket, S3Bucket.load(settings.archive.s3_block_name))
     except (ObjectNotFound, ValueError):
         return s3_bucket_from_settings(settings)
 
 
 def load_influx(settings: Settings) -> InfluxDB3Connection:
     try:
-        return InfluxDB3Connection.load(INFLUX_BLOCK_NAME)
+        return cast(InfluxDB3Connection, InfluxDB3Connection.load(INFLUX_BLOCK_NAME))
     except (ObjectNotFound, ValueError):
         return influx_from_settings(settings)

@@ -3,7 +3,7 @@ notification) and the run's table artifact of what it heard."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pyarrow as pa
 from prefect.artifacts import create_table_artifact
@@ -18,7 +18,7 @@ from birdflow.core.retention import Purged
 PURGED_EVENT = "birdflow.archive.purged"  # archived audio deleted (automations can notify on it)
 
 
-def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: Optional[str]) -> dict:
+def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: str | None) -> dict:
     """The event's resource (the recording, labelled with station and listener), related resources and payload."""
     return {
         "event": RARE_EVENT,
@@ -67,7 +67,7 @@ def announce_purged(purged: list[Purged], station_id: str) -> None:
         emit_event(**purged_event_fields(item, station_id))
 
 
-def run_page() -> Optional[str]:
+def run_page() -> str | None:
     """This run's page in the Prefect UI (the address the engine's "View at" log line gives)."""
     ui_url = get_current_settings().ui_url
     return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui_url and flow_run.id else None
@@ -80,8 +80,9 @@ def announce_rare(sightings: list[RareSighting], archive_key: str) -> None:
 
 
 def show_detections(table: pa.Table, rare_species: set[str], link: Callable[[str], str]) -> None:
-    """The run's table artifact (a run that heard nothing gets none: one API call saved per quiet recording). A
-    rerun (the UI's, or a re-drive) that finds its first attempt's table, which the same audio makes again, adds none."""
+    """The run's table artifact (a run that heard nothing gets none: one API call saved per quiet recording).
+    A rerun (the UI's, or a re-drive) that finds its first attempt's table, which the same audio makes again,
+    adds none."""
     if table.num_rows and not (flow_run.run_count > 1 and _has_artifacts(flow_run.id)):
         create_table_artifact(artifact_rows(table, rare_species, link), description=summary(table))
 
@@ -91,4 +92,8 @@ def _has_artifacts(run_id: str) -> bool:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        return bool(client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])), limit=1))
+        return bool(
+            client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])), limit=1
+            )
+        )

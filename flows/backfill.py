@@ -2,23 +2,25 @@
 
 Each recording not yet processed with these analysis parameters (the processed-recordings ledger says
 so, long after the runs are deleted) is processed as a child run of process-recording; `dry_run` only
-lists them. A summary (found / skipped / processed / failed) is saved as a Prefect artifact. The nightly schedule in prefect.yaml runs it over
-the archive, which picks up whatever failed or was never processed.
+lists them. A summary (found / skipped / processed / failed) is saved as a Prefect artifact. The nightly
+schedule in prefect.yaml runs it over the archive, which picks up whatever failed or was never processed.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
 from prefect.states import Failed
 
-from birdflow.core.backfill import (
+from birdflow.core.backfill_plan import (
     ALREADY_PROCESSED,
     UNKNOWN_LISTENER,
     Candidate,
@@ -33,7 +35,7 @@ from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingInfo, describe_audio_file, is_inside
 from birdflow.settings import Settings
 from flows.process_recording import process_recording, run_analysis_params
-from flows.resources import station_resources
+from flows.run_resources import run_resources
 
 ARCHIVE = "archive"
 # called with (location, done, total) after each recording: the CLI's progress bar
@@ -55,7 +57,10 @@ class Source:
             self.folder = Path(source)
             if not self.folder.is_dir():
                 if self.folder.resolve() == settings.failed_dir.resolve():
-                    raise ValueError(f"backfill source {source!r}: nothing has failed on this station (the folder comes with the first failure)")
+                    raise ValueError(
+                        f"backfill source {source!r}: nothing has failed on this station (the folder comes with the "
+                        "first failure)"
+                    )
                 raise ValueError(f"backfill source {source!r} is not a folder, s3://bucket/prefix or 'archive'")
             if not is_inside(self.folder, settings.audio_roots):
                 raise ValueError(
@@ -107,8 +112,13 @@ def known_listeners(settings: Settings, ledger: ProcessedLedger) -> set[str]:
 
 
 def decide(
-    source: str, settings: Settings, ledger: ProcessedLedger, analysis_id: str, selection: dict[str, Any],
-    allow_unknown: bool, offline: bool = False,
+    source: str,
+    settings: Settings,
+    ledger: ProcessedLedger,
+    analysis_id: str,
+    selection: dict[str, Any],
+    allow_unknown: bool,
+    offline: bool = False,
 ) -> tuple[Source, list[Candidate], Iterator[Decision]]:
     """The source, what it holds that the selection picks, and each one's decision (made lazily, in order).
     Only a folder (an SD-card dump) is checked for listeners the station does not know; its archive and S3
@@ -127,8 +137,16 @@ def decide(
 
 
 def new_summary(found: int) -> dict[str, Any]:
-    return {"found": found, "skipped": 0, "refused": 0, "processed": 0, "failed": 0,
-            "would_process": [], "unknown_listeners": [], "unreadable": []}
+    return {
+        "found": found,
+        "skipped": 0,
+        "refused": 0,
+        "processed": 0,
+        "failed": 0,
+        "would_process": [],
+        "unknown_listeners": [],
+        "unreadable": [],
+    }
 
 
 def count(summary: dict[str, Any], decision: Decision) -> None:
@@ -144,8 +162,12 @@ def count(summary: dict[str, Any], decision: Decision) -> None:
         summary["unreadable"].append(f"{decision.item.location}: {decision.detail}")
 
 
-def walk(origin: Source, chosen: list[Candidate], decisions: Iterator[Decision],
-         on_process: Callable[[Decision, dict[str, Any]], None]) -> dict[str, Any]:
+def walk(
+    origin: Source,
+    chosen: list[Candidate],
+    decisions: Iterator[Decision],
+    on_process: Callable[[Decision, dict[str, Any]], None],
+) -> dict[str, Any]:
     """Each decision in turn: a skipped file counted under its reason, the rest handed to `on_process`; scratch
     downloads released and progress reported either way."""
     summary = new_summary(len(chosen))
@@ -167,28 +189,31 @@ def would_process(decision: Decision, summary: dict[str, Any]) -> None:
     summary["would_process"].append(decision.item.location)
 
 
-def plan_only(source: str, settings: Settings, analysis: Optional[dict[str, Any]] = None, allow_unknown: bool = False,
-              **selection) -> dict[str, Any]:
+def plan_only(
+    source: str, settings: Settings, analysis: dict[str, Any] | None = None, allow_unknown: bool = False, **selection
+) -> dict[str, Any]:
     """What a backfill would do, decided here without Prefect (no server needed)."""
     params = run_analysis_params(settings.analysis.parameters(), analysis)
     ledger = ProcessedLedger(settings.processed_record_file)
-    return walk(*decide(source, settings, ledger, params.analysis_id, selection, allow_unknown, offline=True), would_process)
+    return walk(
+        *decide(source, settings, ledger, params.analysis_id, selection, allow_unknown, offline=True), would_process
+    )
 
 
 @flow(name="backfill", flow_run_name="backfill-{source}", log_prints=False)
 def backfill(
     source: str = ARCHIVE,
-    since: Optional[datetime] = None,
-    until: Optional[datetime] = None,
-    listener: Optional[str] = None,
-    station: Optional[str] = None,
-    analysis: Optional[dict[str, Any]] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    listener: str | None = None,
+    station: str | None = None,
+    analysis: dict[str, Any] | None = None,
     dry_run: bool = False,
     allow_unknown: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Reprocess what `source` holds: a folder, s3://bucket/prefix, or "archive" (the station's)."""
     logger = get_run_logger()
-    resources = station_resources()  # (`station` is the parameter that filters by station)
+    resources = run_resources()
     settings = resources.settings
     params = run_analysis_params(resources.params, analysis)
     selection = {"since": since, "until": until, "listener": listener, "station": station}
@@ -196,7 +221,9 @@ def backfill(
 
     def process(decision: Decision, summary: dict[str, Any]) -> None:
         info, item = decision.info, decision.item
-        state = process_recording.with_options(flow_run_name=info.run_name)(info, analysis, return_state=True)
+        assert info is not None, "a decision to process carries what was read of the file"
+        run = process_recording.with_options(flow_run_name=info.run_name)
+        state = cast(State, run(info, analysis, return_state=True))
         summary["processed" if state.is_completed() else "failed"] += 1
         if state.is_completed():
             ledger.remember_file(item.location, item.size, item.modified.timestamp(), info.recording_id)
@@ -208,7 +235,8 @@ def backfill(
     if summary["unknown_listeners"]:
         logger.warning(
             "%d recording(s) of listeners this station does not know were not processed: %s (allow_unknown)",
-            summary["refused"], ", ".join(summary["unknown_listeners"]),
+            summary["refused"],
+            ", ".join(summary["unknown_listeners"]),
         )
     logger.info("backfill of %s: %s", source, {key: value for key, value in summary.items() if key != "would_process"})
     create_markdown_artifact(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
 
 from prefect import Flow
 from prefect._flow_run_suspension import register_flow_run_suspension_request
@@ -18,7 +18,6 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import SyncClientContext
 from prefect.flow_engine import FlowRunEngine
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
 
 ROUTINE_LINES = ("Beginning flow run", "Finished in state Completed(", "Finished in state Cached(")
 # a task's failed end, said again right after "Task run failed with exception: ... - Retries are exhausted"
@@ -35,7 +34,9 @@ class RoutineLinesFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        return not (record.levelno == logging.INFO and message.startswith(ROUTINE_LINES)) and not message.startswith(REPEATED_LINES)
+        return not (record.levelno == logging.INFO and message.startswith(ROUTINE_LINES)) and not message.startswith(
+            REPEATED_LINES
+        )
 
 
 def one_line(text: str, limit: int = LONGEST_LINE) -> str:
@@ -95,8 +96,9 @@ def engine_context() -> Iterator[SyncPrefectClient]:
     """One API client for all the runs of a thread, and no heartbeat thread per run (~0.7 s each):
     a run left Running by a crashed process is taken over when the executor restarts."""
     quiet_run_logs()
-    with SyncClientContext.get_or_create() as context, temporary_settings(
-        updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    with (
+        SyncClientContext.get_or_create() as context,
+        temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
     ):
         yield context.client
 
@@ -116,7 +118,7 @@ class InProcessFlowRunEngine(FlowRunEngine):
             yield request
 
 
-def run_in_process(flow: Flow, flow_run: FlowRun) -> Optional[State]:
+def run_in_process(flow: Flow, flow_run: FlowRun) -> State | None:
     """What `prefect.flow_engine.run_flow` does for a sync flow, with the engine above."""
     engine = InProcessFlowRunEngine(flow=flow, parameters=flow_run.parameters, flow_run=flow_run)
     with engine.start():

@@ -16,14 +16,14 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
 from uuid import UUID
 
 import httpx
 import soundfile
-
 from prefect import Flow
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
@@ -36,15 +36,14 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import Abort
-from prefect.context import SettingsContext
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, Settings as PrefectSettings, get_current_settings
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
+from prefect.settings import Settings as PrefectSettings
 from prefect.states import Crashed, Pending, Scheduled
 from prefect.utilities.engine import propose_state_sync
 
-from birdflow.app import metrics
 from birdflow.core.birdnet import load_interpreter_class
-from birdflow.app.folder_watch import FolderWatch
 from birdflow.core.recordings import (
     RecordingInfo,
     RecordingStore,
@@ -52,19 +51,20 @@ from birdflow.core.recordings import (
     load_info,
     remove_recording,
 )
+from birdflow.runtime import metrics
+from birdflow.runtime.folder_watch import FolderWatch
 from birdflow.settings import Settings
 from flows.engine import engine_context, run_in_process
-from flows.redrive import redrive_or_give_up
-from flows.resources import use_station
-from deployments.station import ensure_deployment, ensure_maintenance_deployment
 from flows.maintenance import maintenance
 from flows.process_recording import process_recording
+from flows.redrive import redrive_or_give_up
+from flows.run_resources import use_run_resources
 
 log = logging.getLogger("birdflow.executor")
 EXECUTOR_LOCK = "executor.lock"  # under data_dir: one executor per station (birdflow.app.single)
 
 
-def info_for_dropped_file(path: Path, settings: Settings) -> Optional[RecordingInfo]:
+def info_for_dropped_file(path: Path, settings: Settings) -> RecordingInfo | None:
     """Metadata for an audio file placed in the recordings folder without a sidecar (copied in by hand);
     None, and the file set aside in the failed folder, when it is not audio."""
     try:
@@ -97,7 +97,7 @@ def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) 
     """
     for attempt in range(attempts):
         try:
-            with SettingsContext(profile=SettingsContext.get().profile, settings=settings_without_client_retries()):
+            with SettingsContext(profile=get_settings_context().profile, settings=settings_without_client_retries()):
                 return create()
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code != 503 or attempt == attempts - 1:
@@ -119,16 +119,24 @@ class ExecutorFailed(RuntimeError):
     """A flow-run thread could not start or died: the executor stops rather than leave recordings waiting."""
 
 
+@dataclass(frozen=True)
+class StationDeployments:
+    """The station's two deployments on the Prefect server (deployments.registration creates them)."""
+
+    recordings: UUID
+    maintenance: UUID
+
+
 class Executor:
     """Scans for recordings and due runs; `workers` threads execute them, each with its own model."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, deployments: StationDeployments):
         self.settings = settings
         self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
-        self.station = use_station(settings)
+        self.resources = use_run_resources(settings)
         self.flows: dict[UUID, Flow] = {}  # deployment id -> the flow its runs execute
-        self.deployment_id: Optional[UUID] = None
-        self.maintenance_id: Optional[UUID] = None
+        self.deployment_id = deployments.recordings
+        self.maintenance_id = deployments.maintenance
         # recordings whose run is not this scan's to start: scheduled for a re-drive, or being handled
         self._parked: set[str] = set()
         self._queue: queue.Queue = queue.Queue()
@@ -138,18 +146,16 @@ class Executor:
         self._maintenance_slot = -1  # the maintenance interval that has its run
 
     def start(self) -> None:
-        """Register the deployments and open the sinks and archive before the first recording arrives."""
+        """Open the sinks and archive before the first recording arrives."""
         self.settings.recordings_dir.mkdir(parents=True, exist_ok=True)
-        self.deployment_id = ensure_deployment(self.settings)
-        self.maintenance_id = ensure_maintenance_deployment(self.settings)
         # the flows carry the station's result storage: without one, each run asks the server for its
         # default storage (an API call per run; the runs themselves persist no flow result)
-        storage = self.station.result_storage
+        storage = self.resources.result_storage
         self.flows = {
             self.deployment_id: process_recording.with_options(result_storage=storage),
             self.maintenance_id: maintenance.with_options(result_storage=storage),
         }
-        _ = self.station.sinks, self.station.archive, self.station.ledger
+        _ = self.resources.sinks, self.resources.archive, self.resources.ledger
 
     def run_forever(self, stop: threading.Event) -> None:
         """Until `stop` is set. Raises ExecutorFailed when a flow-run thread cannot start or dies: the
@@ -170,7 +176,9 @@ class Executor:
                 raise ExecutorFailed("a flow-run thread could not start (see the error above)") from None
             log.info(
                 "executor ready: deployment %s, %d worker(s), BirdNET on %s",
-                self.deployment_id, len(workers), load_interpreter_class(self.settings.analysis.birdnet_backend)[0],
+                self.deployment_id,
+                len(workers),
+                load_interpreter_class(self.settings.analysis.birdnet_backend)[0],
             )
             interval = self.settings.prefect.poll_interval_s
             looked_up = float("-inf")
@@ -195,7 +203,7 @@ class Executor:
     def _work(self, stop: threading.Event, ready: threading.Barrier) -> None:
         """One flow-run thread: its own API client, and the shared BirdNET loaded before it says ready."""
         try:
-            _ = self.station.model
+            _ = self.resources.model
             with engine_context() as client:
                 ready.wait()
                 self._run_queue(stop, client)
@@ -240,13 +248,13 @@ class Executor:
             if path.stem not in self._parked:
                 self._enqueue(path)
 
-    def run_recording(self, client: SyncPrefectClient, path: Path) -> Optional[FlowRun]:
+    def run_recording(self, client: SyncPrefectClient, path: Path) -> FlowRun | None:
         if not path.exists():
             return None  # finished by a run that was queued before this scan saw the file
         info = load_info(path) or info_for_dropped_file(path, self.settings)
         if info is None:
             return None
-        if self.station.ledger.contains(info.recording_id, self.station.params.analysis_id):
+        if self.resources.ledger.contains(info.recording_id, self.resources.params.analysis_id):
             # the same recording was sent again after it had been processed (its run may be long deleted)
             remove_recording(self.settings.recordings_dir / info.file_name)
             metrics.RECORDINGS_DISCARDED.labels(self.settings.station_id, "already_processed").inc()
@@ -275,7 +283,9 @@ class Executor:
         else:
             # left Pending/Running by an executor that stopped mid-run: that attempt crashed (its history says so,
             # and that it did not run twice at once); this one takes it over
-            client.set_flow_run_state(flow_run.id, Crashed(message="its executor stopped mid-run; taken over"), force=True)
+            client.set_flow_run_state(
+                flow_run.id, Crashed(message="its executor stopped mid-run; taken over"), force=True
+            )
             client.set_flow_run_state(flow_run.id, Scheduled(), force=True)
             self.execute(client, flow_run)
         return flow_run
@@ -308,6 +318,12 @@ class Executor:
             self._parked.discard(recording.get("recording_id", ""))
             self._enqueue(flow_run)
 
+    def flow_of(self, flow_run: FlowRun) -> Flow:
+        """The flow a run of one of the station's deployments executes (the scan finds no other runs)."""
+        if flow_run.deployment_id not in self.flows:
+            raise ExecutorFailed(f"flow run {flow_run.name} is of no deployment of this station")
+        return self.flows[flow_run.deployment_id]
+
     def execute(self, client: SyncPrefectClient, flow_run: FlowRun) -> None:
         """Claim a Scheduled run (Pending) and run it here."""
         try:
@@ -316,9 +332,9 @@ class Executor:
             log.info("flow run %s was claimed elsewhere: %s", flow_run.name, exc)
             return
         if state.is_pending():
-            self.finish(client, flow_run, run_in_process(self.flows[flow_run.deployment_id], flow_run))
+            self.finish(client, flow_run, run_in_process(self.flow_of(flow_run), flow_run))
 
-    def finish(self, client: SyncPrefectClient, flow_run: FlowRun, final: Optional[State]) -> None:
+    def finish(self, client: SyncPrefectClient, flow_run: FlowRun, final: State | None) -> None:
         """Count a recording's run, and re-drive or give up what failed (a maintenance run's state is its own)."""
         if flow_run.deployment_id != self.deployment_id:
             return

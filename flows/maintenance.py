@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -32,16 +32,17 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 
-from birdflow.app import metrics
-from birdflow.core.health import closed_spool_files, health_table, read_spool
 from birdflow.core.budget import RECORD_SHARE
+from birdflow.core.health import closed_spool_files, health_table, read_spool
 from birdflow.core.results import ResultsDatabase
-from birdflow.core.retention import DAY_S, PurgeJournal, archive_retention, remove_stale_files
+from birdflow.core.retention import DAY_S, PurgeJournal, remove_stale_files
 from birdflow.core.sinks import compact_detections, write_all
+from birdflow.runtime import metrics
+from birdflow.runtime.archive_retention import archive_retention
+from birdflow.settings import Settings
 from flows.announce import announce_purged
 from flows.redrive import GIVEN_UP, redrive_or_give_up
-from birdflow.settings import Settings
-from flows.resources import station_resources
+from flows.run_resources import run_resources
 
 SWEEP_BATCH = 200
 # a run that failed this recently is being re-driven by the executor that ran it
@@ -57,7 +58,7 @@ def maintenance_run_name() -> str:
 @flow(name="maintenance", flow_run_name=maintenance_run_name, persist_result=False, log_prints=False)
 def maintenance() -> dict[str, Any]:
     """Re-drive what failed, then retention and compaction (see the module's docstring)."""
-    settings = station_resources().settings
+    settings = run_resources().settings
     return {
         "redrive": redrive_failed_runs(settings),
         "hourly_counts": write_hourly_counts(settings),
@@ -70,21 +71,23 @@ def maintenance() -> dict[str, Any]:
 def write_hourly_counts(settings: Settings) -> dict[str, int]:
     """Closed hours whose counts changed go to every sink. An hour a sink refuses stays due for the next run,
     and the rest of maintenance (retention above all) goes on: an InfluxDB outage must not fill the disk."""
-    station = station_resources()
+    resources = run_resources()
     now = time.time()
     counts = {"hours_written": 0, "rows_written": 0, "hours_failed": 0}
-    for hour, station_id, version in station.species.hours_to_write(now, settings.detections.hourly_settle_s):
-        table = station.species.hour_table(hour, station_id)
+    for hour, station_id, version in resources.species.hours_to_write(now, settings.detections.hourly_settle_s):
+        table = resources.species.hour_table(hour, station_id)
         try:
-            written = write_all(station.sinks, table, kind="hourly")
+            written = write_all(resources.sinks, table, kind="hourly")
         except Exception as exc:
-            get_run_logger().warning("hourly counts of %s not written yet (%s: %s)", table.column("time")[0], type(exc).__name__, exc)
+            get_run_logger().warning(
+                "hourly counts of %s not written yet (%s: %s)", table.column("time")[0], type(exc).__name__, exc
+            )
             counts["hours_failed"] += 1
             continue
-        station.species.written(hour, station_id, version)
+        resources.species.written(hour, station_id, version)
         counts["hours_written"] += 1
         counts["rows_written"] += max(written.values(), default=0)
-    counts["hours_forgotten"] = station.species.forget(now, max(settings.unattended.run_retention_days, 2.0) * DAY_S)
+    counts["hours_forgotten"] = resources.species.forget(now, max(settings.unattended.run_retention_days, 2.0) * DAY_S)
     return counts
 
 
@@ -92,13 +95,13 @@ def write_hourly_counts(settings: Settings) -> dict[str, int]:
 def write_listener_health(settings: Settings) -> dict[str, int]:
     """The health reports the ingest spooled, as the table listener_health in every sink; the spool files go once
     all sinks took them (a refused batch waits for the next run, and maintenance goes on)."""
-    station = station_resources()
+    resources = run_resources()
     files = closed_spool_files(settings.health_spool_dir, time.time())
     if not files:
         return {"reports": 0}
     table = health_table(read_spool(files), settings.station_id)
     try:
-        write_all(station.sinks, table, kind="health")
+        write_all(resources.sinks, table, kind="health")
     except Exception as exc:
         get_run_logger().warning("listener health not written yet (%s: %s)", type(exc).__name__, exc)
         return {"reports": 0, "waiting": table.num_rows}
@@ -122,30 +125,31 @@ def redrive_failed_runs(settings: Settings) -> dict[str, int]:
             limit=SWEEP_BATCH,
         )
         for flow_run in failed:
-            if flow_run.state.name in GIVEN_UP or flow_run.state.timestamp > settled:
+            state = flow_run.state
+            if state is None or state.name in GIVEN_UP or state.timestamp > settled:
                 continue
-            due = redrive_or_give_up(client, flow_run, flow_run.state, settings)
+            due = redrive_or_give_up(client, flow_run, state, settings)
             counts["redriven" if due else "given_up"] += 1
     return counts
 
 
-def oldest_recording_run(settings: Settings) -> Optional[datetime]:
+def oldest_recording_run(settings: Settings) -> datetime | None:
     """When the oldest recording run the station still keeps started (None without any)."""
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(f"process-recording/{settings.station_id}")
-        [oldest] = client.read_flow_runs(
+        oldest = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
             flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),
             sort=FlowRunSort.START_TIME_ASC,
             limit=1,
-        ) or [None]
-    return oldest.start_time if oldest else None
+        )
+    return oldest[0].start_time if oldest else None
 
 
 @task(name="apply retention", cache_policy=NO_CACHE, persist_result=False)
 def apply_retention(settings: Settings) -> dict[str, int]:
-    station = station_resources()
-    archive = metrics.count_purged(settings.station_id, archive_retention(settings, worth=station.ledger.detections))
+    resources = run_resources()
+    archive = metrics.count_purged(settings.station_id, archive_retention(settings, worth=resources.ledger.detections))
     journal = PurgeJournal(settings.purge_journal_file)
     announced = journal.take()  # this run's deletions and those the ingest made at the floor
     announce_purged(announced, settings.station_id)
@@ -159,7 +163,7 @@ def apply_retention(settings: Settings) -> dict[str, int]:
     oldest = oldest_recording_run(settings)
     kept_s = (datetime.now(timezone.utc) - oldest).total_seconds() if oldest else retention_s
     results = ResultsDatabase(settings.results_file).prune(min(retention_s, kept_s))
-    forgotten = station.ledger.keep_within(int(settings.history_budget().budget_bytes * RECORD_SHARE))
+    forgotten = resources.ledger.keep_within(int(settings.history_budget().budget_bytes * RECORD_SHARE))
     # what Prefect itself stores beside the runs (the exception of a failed run), gone with them
     results += remove_stale_files([settings.prefect_home / "storage"], retention_s, pattern="*").files
     compaction = compact_detections(settings.detections_dir)

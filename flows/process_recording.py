@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
@@ -24,23 +25,23 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
-from birdflow.app import metrics
+from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.archive import holds_recording
 from birdflow.core.audio import MODEL_SAMPLE_RATE, AudioSource, audio_info, decode_span, decoded_blocks, window_batches
-from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.birdnet import Detection, Heard, is_human
 from birdflow.core.clips import clip_budget, clip_plan, flac_bytes, spectrogram_png
 from birdflow.core.detections import detections_table, summary
-from birdflow.core.rarity import Tally
 from birdflow.core.flac import FlacError, can_encode, encode_flac
 from birdflow.core.privacy import Spans, human_spans, silenced, write_silenced_copy
+from birdflow.core.rarity import Tally
 from birdflow.core.recordings import RecordingInfo, is_inside, remove_recording, sha256_file
+from birdflow.core.sinks import write_all
+from birdflow.runtime import metrics
 from birdflow.settings import Settings
 from birdflow.settings.sections import DetectionSettings
-from birdflow.core.sinks import write_all
 from flows.announce import announce_rare, show_detections
 from flows.engine import one_line
-from flows.resources import StationResources, station_resources
+from flows.run_resources import RunResources, run_resources
 
 # name of the Failed state of a run whose audio cannot be analysed (undecodable, or not what was archived)
 UNPROCESSABLE = "Unprocessable"
@@ -51,7 +52,7 @@ def _recording(parameters: dict[str, Any]) -> RecordingInfo:
     return value if isinstance(value, RecordingInfo) else RecordingInfo.model_validate(value)
 
 
-def run_analysis_params(base: AnalysisParams, overrides: Optional[dict[str, Any]]) -> AnalysisParams:
+def run_analysis_params(base: AnalysisParams, overrides: dict[str, Any] | None) -> AnalysisParams:
     """The station's analysis parameters with a run's overrides (a backfill with other thresholds)."""
     if not overrides:
         return base
@@ -84,18 +85,18 @@ def local_path(recording: RecordingInfo, settings: Settings) -> Path:
 
 
 @task(name="decode", cache_policy=NO_CACHE, persist_result=False)
-def decode_recording(recording: RecordingInfo, station: StationResources) -> tuple[AudioSource, float]:
+def decode_recording(recording: RecordingInfo, resources: RunResources) -> tuple[AudioSource, float]:
     """(the audio, its duration in seconds): the file in the recordings folder, or what the archive holds once the
     local copy is gone (reruns), checked to decode. The samples are read a block at a time where they are used."""
-    path = local_path(recording, station.settings)
-    source: AudioSource = path if path.is_file() else fetch_archived(recording, station)
+    path = local_path(recording, resources.settings)
+    source: AudioSource = path if path.is_file() else fetch_archived(recording, resources)
     return source, audio_info(source).duration_s
 
 
-def fetch_archived(recording: RecordingInfo, station: StationResources) -> bytes:
+def fetch_archived(recording: RecordingInfo, resources: RunResources) -> bytes:
     """The recording read back from the archive, checked to be this recording (a FLAC copy names its source)."""
-    for name in recording.archive_names(station.settings.archive.archive_format):
-        data = station.archive.fetch(recording.archive_key(name))
+    for name in recording.archive_names(resources.settings.archive.archive_format):
+        data = resources.archive.fetch(recording.archive_key(name))
         if data is None:
             continue
         if not holds_recording(data, recording.content_hash):
@@ -105,25 +106,31 @@ def fetch_archived(recording: RecordingInfo, station: StationResources) -> bytes
 
 
 @task(name="analyze", cache_key_fn=_analysis_key, persist_result=True)
-def analyze(recording: RecordingInfo, source: AudioSource, params: AnalysisParams, station: StationResources) -> Heard:
+def analyze(recording: RecordingInfo, source: AudioSource, params: AnalysisParams, resources: RunResources) -> Heard:
     """Depends only on the audio and the analysis parameters (the cache key says so), so identical audio is
     analyzed once. The audio streams through: memory does not grow with the recording's length."""
     started = time.perf_counter()
-    heard = station.model.hear_all(window_batches(decoded_blocks(source), params.overlap_s), params, recording.start_time)
+    heard = resources.model.hear_all(
+        window_batches(decoded_blocks(source), params.overlap_s), params, recording.start_time
+    )
     metrics.ANALYSIS_SECONDS.labels(recording.station_id).observe(time.perf_counter() - started)
     return heard
 
 
 @task(name="clips", cache_policy=NO_CACHE, persist_result=False)
 def keep_clips(
-    recording: RecordingInfo, audio: tuple[AudioSource, float], found: list[Detection], human: Spans, station: StationResources
+    recording: RecordingInfo,
+    audio: tuple[AudioSource, float],
+    found: list[Detection],
+    human: Spans,
+    resources: RunResources,
 ) -> dict[tuple[float, str], str]:
     """FLAC clip and spectrogram of the detections worth one (the most confident first, at most clip_budget per
     recording; a clip that would not stay is not cut), human spans silenced in them. Returns (start_s, scientific
     name) -> clip key."""
     started = time.perf_counter()
-    options, station_id = station.settings.detections, recording.station_id
-    kept = {}
+    options, station_id = resources.settings.detections, recording.station_id
+    kept: dict[tuple[float, str], str] = {}
     source, duration_s = audio
     budget = clip_budget(duration_s)
     for detection in sorted(found, key=lambda d: -d.confidence):
@@ -131,30 +138,36 @@ def keep_clips(
             break
         detected_at = recording.start_time + timedelta(seconds=detection.start_s)
         day, species = f"{detected_at:%Y-%m-%d}", detection.scientific_name
-        if not station.clips.wanted(station_id, species, day, detection.confidence):
+        if not resources.clips.wanted(station_id, species, day, detection.confidence):
             continue
         plan = clip_plan(
-            station_id, recording.recording_id, species, detected_at, detection.start_s, detection.end_s,
-            options.clip_padding_s, duration_s,
+            station_id,
+            recording.recording_id,
+            species,
+            detected_at,
+            detection.start_s,
+            detection.end_s,
+            options.clip_padding_s,
+            duration_s,
         )
         clip = silenced(decode_span(source, plan.start_s, plan.end_s), MODEL_SAMPLE_RATE, human, plan.start_s)
-        _store_bytes(station, plan.base_key + ".flac", flac_bytes(clip, MODEL_SAMPLE_RATE))
-        _store_bytes(station, plan.base_key + ".png", spectrogram_png(clip, MODEL_SAMPLE_RATE))
-        for pushed_out in station.clips.keep(plan.base_key, station_id, species, day, detection.confidence):
-            station.archive.delete(pushed_out + ".flac")
-            station.archive.delete(pushed_out + ".png")
+        _store_bytes(resources, plan.base_key + ".flac", flac_bytes(clip, MODEL_SAMPLE_RATE))
+        _store_bytes(resources, plan.base_key + ".png", spectrogram_png(clip, MODEL_SAMPLE_RATE))
+        for pushed_out in resources.clips.keep(plan.base_key, station_id, species, day, detection.confidence):
+            resources.archive.delete(pushed_out + ".flac")
+            resources.archive.delete(pushed_out + ".png")
         kept[(detection.start_s, species)] = plan.base_key
     metrics.CLIP_SECONDS.labels(station_id).observe(time.perf_counter() - started)
     return kept
 
 
-def _store_bytes(station: StationResources, key: str, data: bytes) -> None:
-    staging = station.settings.staging_dir
+def _store_bytes(resources: RunResources, key: str, data: bytes) -> None:
+    staging = resources.settings.staging_dir
     staging.mkdir(parents=True, exist_ok=True)
     path = staging / f"{uuid.uuid4().hex}.clip.partial"
     try:
         path.write_bytes(data)
-        station.archive.store(path, key, hashlib.sha256(data).hexdigest())
+        resources.archive.store(path, key, hashlib.sha256(data).hexdigest())
     finally:
         path.unlink(missing_ok=True)
 
@@ -162,45 +175,51 @@ def _store_bytes(station: StationResources, key: str, data: bytes) -> None:
 # The write and the archive keep no cached result (a file or a row per run that only a rerun would read):
 # both are idempotent, so a rerun repeats them and changes nothing.
 @task(name="write detections", cache_policy=NO_CACHE, persist_result=False)
-def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str, station: StationResources) -> Tally:
+def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str, resources: RunResources) -> Tally:
     """Rows to every sink, counted in their hours, and rare species announced once they are written (again
     on a retry until the announcement got out: at least once, never for a recording counted before)."""
     station_id = recording.station_id
-    tally = station.species.tally(table, seed_hour=station.hour_written)
+    tally = resources.species.tally(table, seed_hour=resources.hour_written)
     written = write_all(
-        station.sinks, table, on_failure=lambda sink: metrics.SINK_WRITE_FAILURES.labels(station_id, sink).inc()
+        resources.sinks, table, on_failure=lambda sink: metrics.SINK_WRITE_FAILURES.labels(station_id, sink).inc()
     )
     for sink, rows in written.items():
         metrics.DETECTIONS_WRITTEN.labels(station_id, sink).inc(rows)
     for species in table.column("scientific_name").to_pylist():
         metrics.DETECTIONS_BY_SPECIES.labels(station_id, metrics.species_label(species)).inc()
     if tally.to_announce:
-        announce_rare(tally.rare, recording.archive_key(recording.archive_names(station.settings.archive.archive_format)[0]))
-        station.species.announced(recording.recording_id)
+        announce_rare(
+            tally.rare, recording.archive_key(recording.archive_names(resources.settings.archive.archive_format)[0])
+        )
+        resources.species.announced(recording.recording_id)
         metrics.RARE_SIGHTINGS.labels(station_id).inc(len(tally.rare))
     return tally
 
 
 @task(name="archive", cache_policy=NO_CACHE, persist_result=False)
-def archive_recording(recording: RecordingInfo, station: StationResources, human: Spans) -> dict[str, Any]:
+def archive_recording(recording: RecordingInfo, resources: RunResources, human: Spans) -> dict[str, Any]:
     """The recording into the archive (with the human spans silenced when there are any)."""
-    path = local_path(recording, station.settings)
+    path = local_path(recording, resources.settings)
     if not path.is_file():
         # decode read it back from the archive, so it is there already
         return {"uploaded": False, "read_back": True}
-    with archive_copy(path, recording, station.settings, human) as (copy, name):
+    with archive_copy(path, recording, resources.settings, human) as (copy, name):
         key = recording.archive_key(name)
         sha256 = sha256_file(copy)
-        stored = station.archive.store(copy, key, sha256)
-        if station.local_copy is not None:
-            station.local_copy.store(copy, key, sha256)
+        stored = resources.archive.store(copy, key, sha256)
+        if resources.local_copy is not None:
+            resources.local_copy.store(copy, key, sha256)
     if stored.uploaded:
-        metrics.ARCHIVE_BYTES.labels(recording.station_id, station.settings.archive.archive_backend).inc(stored.size_bytes)
+        metrics.ARCHIVE_BYTES.labels(recording.station_id, resources.settings.archive.archive_backend).inc(
+            stored.size_bytes
+        )
     return {"key": key, "uri": stored.uri, "uploaded": stored.uploaded, "bytes": stored.size_bytes}
 
 
 @contextmanager
-def archive_copy(path: Path, recording: RecordingInfo, settings: Settings, human: Spans = ()) -> Iterator[tuple[Path, str]]:
+def archive_copy(
+    path: Path, recording: RecordingInfo, settings: Settings, human: Sequence[tuple[float, float]] = ()
+) -> Iterator[tuple[Path, str]]:
     """(file to archive, its name): a checked FLAC copy of a WAV when the settings ask for FLAC, else the file;
     with human spans, a copy with them silenced."""
     name, flac = recording.archive_names(settings.archive.archive_format)[0], None
@@ -238,7 +257,7 @@ def _with_io_retries(io_task, settings: Settings):
     return _retrying(io_task, settings.prefect.task_retries, settings.prefect.retry_delay_s)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _retrying(io_task, retries: int, delay_s: float):
     """The task with the station's retry policy, built once per policy rather than in every run."""
     return io_task.with_options(
@@ -248,41 +267,43 @@ def _retrying(io_task, retries: int, delay_s: float):
     )
 
 
-@lru_cache(maxsize=None)
-def _caching_in(station: StationResources):
+@cache
+def _caching_in(resources: RunResources):
     """The analyze task keeping its results in the station's results database, built once per process."""
-    return analyze.with_options(result_storage=station.result_storage)
+    return analyze.with_options(result_storage=resources.result_storage)
 
 
 # Runs are named when they are created (RecordingInfo.run_name): a flow_run_name here would cost every
 # run one more API call to rename it.
 @flow(name="process-recording", persist_result=False, log_prints=False)
-def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any]] = None):
+def process_recording(recording: RecordingInfo, analysis: dict[str, Any] | None = None):
     """`analysis` overrides analysis parameters (min_confidence, sensitivity, ...) for this run; its rows
     carry their own analysis id, side by side with earlier ones."""
-    station = station_resources()
-    settings = station.settings
-    params = run_analysis_params(station.params, analysis)
+    resources = run_resources()
+    settings = resources.settings
+    params = run_analysis_params(resources.params, analysis)
     try:
         local_path(recording, settings)  # a source outside the allowed folders fails the run before any task
-        audio = _with_io_retries(decode_recording, settings)(recording, station)
-        heard = _caching_in(station)(recording, audio[0], params, station)
+        audio = _with_io_retries(decode_recording, settings)(recording, resources)
+        heard = _caching_in(resources)(recording, audio[0], params, resources)
         found, human, audio_kept = apply_privacy(heard, settings.detections)
         clips = {}
         if audio_kept and worth_a_clip(found, settings.detections):  # a task run only then: most recordings have none
-            clips = _with_io_retries(keep_clips, settings)(recording, audio, found, human, station)
+            clips = _with_io_retries(keep_clips, settings)(recording, audio, found, human, resources)
         table = detections_table(recording, found, MODEL_VERSION, params.analysis_id, clips)
         logger = get_run_logger()
         logger.info(summary(table))
-        tally = _with_io_retries(write_detections, settings)(recording, table, params.analysis_id, station)
+        tally = _with_io_retries(write_detections, settings)(recording, table, params.analysis_id, resources)
         if audio_kept:
-            archived = _with_io_retries(archive_recording, settings)(recording, station, human)
+            archived = _with_io_retries(archive_recording, settings)(recording, resources, human)
         else:
             archived = {"privacy_dropped": True}
         if human:
             action = "silenced" if audio_kept else "dropped"
             metrics.PRIVACY_FILTERED.labels(recording.station_id, action).inc()
-            logger.info("privacy filter: a human was heard in %.0f s of it; audio %s", sum(b - a for a, b in human), action)
+            logger.info(
+                "privacy filter: a human was heard in %.0f s of it; audio %s", sum(b - a for a, b in human), action
+            )
     except ValueError as exc:  # the same audio would fail the same way: not worth a re-drive
         return Failed(name=UNPROCESSABLE, message=f"{type(exc).__name__}: {one_line(str(exc))}")
     except Exception as exc:  # an archive, a sink or the disk failing: re-driven (flows/redrive.py)
@@ -290,10 +311,15 @@ def process_recording(recording: RecordingInfo, analysis: Optional[dict[str, Any
         # station's result storage on every failed attempt
         return Failed(message=f"{type(exc).__name__}: {one_line(str(exc))}")
     if settings.detections.run_artifacts:
-        show_detections(table, {sighting.scientific_name for sighting in tally.rare}, station.archive.uri)
-    station.ledger.record(recording.recording_id, params.analysis_id, table.num_rows)
+        show_detections(table, {sighting.scientific_name for sighting in tally.rare}, resources.archive.uri)
+    resources.ledger.record(recording.recording_id, params.analysis_id, table.num_rows)
     _release_local_copy(recording, settings)
-    return {"recording_id": recording.recording_id, "detections": table.num_rows, "rare": len(tally.rare), "archive": archived}
+    return {
+        "recording_id": recording.recording_id,
+        "detections": table.num_rows,
+        "rare": len(tally.rare),
+        "archive": archived,
+    }
 
 
 def worth_a_clip(found: list[Detection], options: DetectionSettings) -> bool:

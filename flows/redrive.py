@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Optional
 
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import ArtifactCreate
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.states import AwaitingRetry, Failed
 
-from birdflow.app import metrics
 from birdflow.core.recordings import RecordingInfo
-from birdflow.core.redrive import RedrivePolicy
+from birdflow.core.redrive_policy import RedrivePolicy
+from birdflow.runtime import metrics
 from birdflow.settings import Settings
 from flows.engine import one_line
 from flows.process_recording import UNPROCESSABLE
@@ -32,10 +31,14 @@ REPORT_KEY = "given-up-recordings"
 
 
 def policy(settings: Settings) -> RedrivePolicy:
-    return RedrivePolicy(tuple(settings.unattended.redrive_delays_s), timedelta(days=settings.unattended.redrive_max_age_days))
+    return RedrivePolicy(
+        tuple(settings.unattended.redrive_delays_s), timedelta(days=settings.unattended.redrive_max_age_days)
+    )
 
 
-def redrive_or_give_up(client: SyncPrefectClient, flow_run: FlowRun, state: State, settings: Settings) -> Optional[datetime]:
+def redrive_or_give_up(
+    client: SyncPrefectClient, flow_run: FlowRun, state: State, settings: Settings
+) -> datetime | None:
     """Schedule the failed run's next attempt and return its time, or give the run up (None). A run that
     cannot succeed, or that a person cancelled, is given up at once."""
     now = datetime.now(timezone.utc)
@@ -44,7 +47,7 @@ def redrive_or_give_up(client: SyncPrefectClient, flow_run: FlowRun, state: Stat
         state = Failed(name=UNPROCESSABLE, message=f"its parameters are not a recording: {unusable}"[:500])
         client.set_flow_run_state(flow_run.id, state, force=True)
     retryable = state.name not in GIVEN_UP and not state.is_cancelled()
-    due = policy(settings).next_attempt(flow_run.run_count, flow_run.created, now) if retryable else None
+    due = policy(settings).next_attempt(flow_run.run_count, flow_run.created or now, now) if retryable else None
     if due is not None:
         message = f"re-drive {flow_run.run_count} after: {state.message or state.name}"[:500]
         client.set_flow_run_state(flow_run.id, AwaitingRetry(scheduled_time=due, message=message))
@@ -54,7 +57,7 @@ def redrive_or_give_up(client: SyncPrefectClient, flow_run: FlowRun, state: Stat
     return None
 
 
-def parameters_problem(flow_run: FlowRun) -> Optional[str]:
+def parameters_problem(flow_run: FlowRun) -> str | None:
     """What makes a run's `recording` parameter no recording (a file_name with a path in it...), or None."""
     try:
         RecordingInfo.model_validate(flow_run.parameters.get("recording"))
@@ -71,8 +74,11 @@ def give_up(client: SyncPrefectClient, flow_run: FlowRun, state: State, settings
         reason = "cancelled"
     else:
         reason = "expired"
-        age = datetime.now(timezone.utc) - flow_run.created
-        state = Failed(name=EXPIRED, message=f"still failing after {age.days} d {age.seconds // 3600} h: {state.message}"[:500])
+        now = datetime.now(timezone.utc)
+        age = now - (flow_run.created or now)
+        state = Failed(
+            name=EXPIRED, message=f"still failing after {age.days} d {age.seconds // 3600} h: {state.message}"[:500]
+        )
         client.set_flow_run_state(flow_run.id, state, force=True)
     recording = flow_run.parameters.get("recording") or {}
     kept = keep_audio(recording, settings)
@@ -94,7 +100,7 @@ def give_up(client: SyncPrefectClient, flow_run: FlowRun, state: State, settings
     )
 
 
-def keep_audio(recording: dict, settings: Settings) -> Optional[Path]:
+def keep_audio(recording: dict, settings: Settings) -> Path | None:
     """Move a given-up recording (audio and metadata) from the recordings folder to the failed folder."""
     if not recording.get("file_name") or recording.get("source_path"):
         return None

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from functools import lru_cache
-from typing import Optional
+from typing import Any
 
 import anyio.abc
 from prefect import Flow
@@ -31,7 +31,7 @@ class BirdflowWorkerResult(BaseWorkerResult):
     """Exit status of an in-process run: 0 when it completed."""
 
 
-# the modules whose flows birdflow deploys (prefect.yaml, deployments/station.py): the only code a worker runs
+# the modules whose flows birdflow deploys (prefect.yaml, deployments/registration.py): the only code a worker runs
 OWN_FLOW_MODULES = frozenset({"flows.process_recording", "flows.backfill", "flows.maintenance"})
 
 
@@ -54,7 +54,9 @@ def flow_for(entrypoint: str) -> Flow:
     else:
         module_name, _, name = entrypoint.rpartition(".")
     if module_name not in OWN_FLOW_MODULES:
-        raise NotOurFlow(f"entrypoint {entrypoint!r} is not one of birdflow's flows ({', '.join(sorted(OWN_FLOW_MODULES))})")
+        raise NotOurFlow(
+            f"entrypoint {entrypoint!r} is not one of birdflow's flows ({', '.join(sorted(OWN_FLOW_MODULES))})"
+        )
     flow = getattr(importlib.import_module(module_name), name, None)
     if not isinstance(flow, Flow):
         raise NotOurFlow(f"entrypoint {entrypoint!r} names no flow of {module_name}")
@@ -73,23 +75,26 @@ class BirdflowWorker(BaseWorker[BaseJobConfiguration, BaseVariables, BirdflowWor
         super().__init__(*args, **kwargs)
         threads = kwargs.get("limit") or DEFAULT_THREADS
         self._per_thread = threading.local()
-        # long-lived threads: each keeps its API client; all share the process's one BirdNET (flows.resources)
+        # long-lived threads: each keeps its API client; all share the process's one BirdNET (flows.run_resources)
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="birdflow-run")
 
     async def run(
         self,
         flow_run: FlowRun,
         configuration: BaseJobConfiguration,
-        task_status: Optional[anyio.abc.TaskStatus[str]] = None,
+        task_status: anyio.abc.TaskStatus[Any] | None = None,
     ) -> BirdflowWorkerResult:
         if task_status is not None:
             task_status.started(str(flow_run.id))
+        assert flow_run.deployment_id is not None, "a worker is handed runs of deployments only"
         deployment = await self.client.read_deployment(flow_run.deployment_id)
         try:
             flow = flow_for(deployment.entrypoint or "")
         except NotOurFlow as exc:
             self._logger.error("flow run %s refused: %s", flow_run.name, exc)
-            await self.client.set_flow_run_state(flow_run.id, Failed(message=f"refused by the birdflow worker: {exc}"), force=True)
+            await self.client.set_flow_run_state(
+                flow_run.id, Failed(message=f"refused by the birdflow worker: {exc}"), force=True
+            )
             return BirdflowWorkerResult(identifier=str(flow_run.id), status_code=1)
         state = await asyncio.wrap_future(self._threads.submit(self._execute, flow, flow_run))
         return BirdflowWorkerResult(

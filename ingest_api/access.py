@@ -10,14 +10,13 @@ from __future__ import annotations
 import hmac
 import time
 from ipaddress import ip_address
-from typing import Optional
 
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.settings import Settings
 from ingest_api.checks import Rejection
 
 
-def presented_token(authorization: Optional[str], query_token: Optional[str]) -> Optional[str]:
+def presented_token(authorization: str | None, query_token: str | None) -> str | None:
     """The token a request carries: the Authorization header's bearer token, else ?token=."""
     if authorization:
         scheme, _, credentials = authorization.partition(" ")
@@ -26,7 +25,7 @@ def presented_token(authorization: Optional[str], query_token: Optional[str]) ->
     return query_token or None
 
 
-def _unauthorized(listener_id: Optional[str]) -> Rejection:
+def _unauthorized(listener_id: str | None) -> Rejection:
     who = f"listener {listener_id!r}" if listener_id else "this request"
     return Rejection(401, "unauthorized", f"missing or invalid token for {who} (see `birdflow listeners add`)")
 
@@ -55,7 +54,7 @@ class IngestAccess:
             return True
         return listener_id in self._registered or listener_id in self.exempt
 
-    def _owner(self, token: Optional[str], listener_id: Optional[str]) -> Optional[str]:
+    def _owner(self, token: str | None, listener_id: str | None) -> str | None:
         """The listener a presented token belongs to; None when none was presented; 401 for a wrong one."""
         if token is None:
             return None
@@ -64,14 +63,14 @@ class IngestAccess:
             raise _unauthorized(listener_id)
         return owner
 
-    def admit_stream(self, listener_id: str, token: Optional[str]) -> None:
+    def admit_stream(self, listener_id: str, token: str | None) -> None:
         if not self.required:
             return
         owner = self._owner(token, listener_id)
         if owner != listener_id and not (owner is None and listener_id in self.exempt):
             raise _unauthorized(listener_id)
 
-    def upload_sender(self, token: Optional[str]) -> Optional[str]:
+    def upload_sender(self, token: str | None) -> str | None:
         """Before an upload's body is read: the listener its token names (None: no token, allowed only
         while some listeners are exempt, whose ids are in the body)."""
         if not self.required:
@@ -81,7 +80,7 @@ class IngestAccess:
             raise _unauthorized(None)
         return owner
 
-    def admit_upload(self, sender: Optional[str], listener_id: str) -> None:
+    def admit_upload(self, sender: str | None, listener_id: str) -> None:
         """After the form is read: the recording must be the token's listener's (or an exempt one's)."""
         if not self.required:
             return
@@ -90,16 +89,18 @@ class IngestAccess:
         if sender is not None and sender != listener_id:
             raise Rejection(403, "wrong_listener", f"this token is not listener {listener_id!r}'s")
 
-    def admit_metrics(self, authorization: Optional[str], client_host: Optional[str]) -> None:
+    def admit_metrics(self, authorization: str | None, client_host: str | None) -> None:
         if self.metrics_token:
             token = presented_token(authorization, None) or ""
             if not hmac.compare_digest(token.encode(), self.metrics_token.encode()):
                 raise Rejection(401, "unauthorized", "/metrics needs the metrics token (setting 'metrics_token')")
         elif self.required and not _is_loopback(client_host):
-            raise Rejection(403, "metrics_remote", "/metrics answers loopback only; set 'metrics_token' to scrape it remotely")
+            raise Rejection(
+                403, "metrics_remote", "/metrics answers loopback only; set 'metrics_token' to scrape it remotely"
+            )
 
 
-def _is_loopback(host: Optional[str]) -> bool:
+def _is_loopback(host: str | None) -> bool:
     try:
         return ip_address(host or "").is_loopback
     except ValueError:

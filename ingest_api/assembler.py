@@ -10,10 +10,11 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO
 
 from birdflow.core.recordings import RecordingInfo, RecordingStore
 from birdflow.core.wav import WavError, WavFormat, WavHeader, build_header, looks_like_wav, parse_header, patch_sizes
@@ -39,11 +40,11 @@ class RecordingRate:
 
     FORGET_AT = 4096  # listener ids tracked before those quiet for a minute are forgotten (bounded memory)
 
-    def __init__(self, per_minute: Optional[int]):
+    def __init__(self, per_minute: int | None):
         self.per_minute = per_minute  # None: no limit
         self._starts: dict[str, deque[float]] = {}
 
-    def admit(self, listener_id: str, now: Optional[float] = None) -> None:
+    def admit(self, listener_id: str, now: float | None = None) -> None:
         """Count one more recording of the listener, or raise TooManyRecordings."""
         if self.per_minute is None:
             return
@@ -54,7 +55,9 @@ class RecordingRate:
         while starts and now - starts[0] > 60:
             starts.popleft()
         if len(starts) >= self.per_minute:
-            raise TooManyRecordings(f"listener {listener_id!r} started more than {self.per_minute} recordings within a minute")
+            raise TooManyRecordings(
+                f"listener {listener_id!r} started more than {self.per_minute} recordings within a minute"
+            )
         starts.append(now)
 
 
@@ -131,7 +134,7 @@ class StreamAssembler:
         clock: Callable[[], datetime] = _utc_now,
         sealer: Callable[[Callable[[], None]], None] = lambda seal: seal(),
         before_open: Callable[[], None] = lambda: None,
-        rate: Optional[RecordingRate] = None,
+        rate: RecordingRate | None = None,
     ):
         """`sealer` runs each closed recording's seal step; the HTTP app hands it to a worker thread
         so an fsync never stalls the other listeners' streams. `before_open` runs before each new
@@ -145,10 +148,10 @@ class StreamAssembler:
         self.on_event = on_event
         self.clock = clock
         self.stats = StreamStats()
-        self._open: Optional[_OpenRecording] = None
-        self._announced: Optional[_Announced] = None
+        self._open: _OpenRecording | None = None
+        self._announced: _Announced | None = None
         self.rate = rate or RecordingRate(None)  # shared by the station's streams and uploads
-        self._last_header: Optional[WavHeader] = None
+        self._last_header: WavHeader | None = None
         self._last_seq = 0
         self._page_bytes = DEFAULT_PAGE_BYTES
 
@@ -188,7 +191,7 @@ class StreamAssembler:
         self._write_audio(frame.payload)
 
     @property
-    def open_path(self) -> Optional[Path]:
+    def open_path(self) -> Path | None:
         """The partial file of the recording in progress."""
         return self._open.path if self._open else None
 
@@ -231,6 +234,7 @@ class StreamAssembler:
 
     def _open_announced(self) -> _OpenRecording:
         announced, self._announced = self._announced, None
+        assert announced is not None, "audio before any header"
         self.before_open()
         path = self.store.new_stream_partial(self.listener_id, announced.start_time)
         file = open(path, "wb")
@@ -253,11 +257,14 @@ class StreamAssembler:
 
     def _roll_over(self) -> None:
         previous = self._open
+        assert previous is not None, "a roll-over of no open recording"
         self._close()
         self._announce(previous.header, previous.start_time + timedelta(seconds=previous.duration_s))
 
     def _pad_silence(self, pages: int) -> None:
-        block_align = (self._open or self._announced).header.format.block_align
+        current = self._open or self._announced
+        assert current is not None, "a gap before any header"
+        block_align = current.header.format.block_align
         self._write_audio(bytes(pages * self._page_bytes // block_align * block_align))
         if self._open:  # pages shorter than a sample frame pad nothing
             self._open.gaps += 1

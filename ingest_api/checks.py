@@ -7,13 +7,12 @@ from __future__ import annotations
 import errno
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 import soundfile
 
+from birdflow.core.listener_ids import validate_listener_id
 from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingNameError, checked_start, parse_file_name
 from birdflow.core.wav import WavError, check_rate_and_channels, looks_like_wav, parse_header
-from birdflow.settings import validate_listener_id
 
 FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -33,7 +32,7 @@ def checked_file_name(name: str) -> str:
     return name
 
 
-def listener_and_start(name: str, now: datetime) -> tuple[Optional[str], Optional[datetime]]:
+def listener_and_start(name: str, now: datetime) -> tuple[str | None, datetime | None]:
     """The listener and start time a file's name gives; 400 for a time that does not exist or lies ahead."""
     try:
         listener, start = parse_file_name(name)
@@ -52,11 +51,13 @@ def checked_listener_id(listener_id: str) -> str:
 def checked_suffix(name: str) -> str:
     suffix = Path(name).suffix.lower()
     if suffix not in AUDIO_EXTENSIONS:
-        raise Rejection(415, "unsupported_type", f"unsupported file type {suffix or '(none)'}: send .wav, .flac or .mp3")
+        raise Rejection(
+            415, "unsupported_type", f"unsupported file type {suffix or '(none)'}: send .wav, .flac or .mp3"
+        )
     return suffix
 
 
-def declared_length(header: Optional[str], limit: int) -> int:
+def declared_length(header: str | None, limit: int) -> int:
     try:
         declared = int(header or 0)
     except ValueError:
@@ -79,7 +80,9 @@ def sniff_audio(path: Path, suffix: str) -> None:
             raise Rejection(415, "not_pcm", str(exc)) from exc
     elif suffix == ".flac" and head[:4] != b"fLaC":
         raise Rejection(415, "not_audio", "file is not FLAC")
-    elif suffix == ".mp3" and not (head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)):
+    elif suffix == ".mp3" and not (
+        head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+    ):
         raise Rejection(415, "not_audio", "file is not MP3")
 
 
@@ -88,7 +91,9 @@ def audio_details(path: Path, suffix: str):
     try:
         details = soundfile.info(str(path))
     except (soundfile.LibsndfileError, RuntimeError):  # their messages name the file on this server
-        raise Rejection(415, "not_audio", f"file cannot be decoded as {suffix[1:].upper()} (corrupt or another format)") from None
+        raise Rejection(
+            415, "not_audio", f"file cannot be decoded as {suffix[1:].upper()} (corrupt or another format)"
+        ) from None
     try:
         check_rate_and_channels(details.samplerate, details.channels)
     except WavError as exc:

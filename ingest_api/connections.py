@@ -16,12 +16,11 @@ import asyncio
 import json
 import logging
 import resource
-from typing import Optional
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from birdflow.app import metrics
+from birdflow.runtime import metrics
 from birdflow.settings import Settings
 
 log = logging.getLogger("birdflow.ingest")
@@ -34,7 +33,8 @@ MAX_HEADER_BYTES = 64 * 1024  # the protocol's requests carry a few hundred byte
 _TOO_LARGE_BODY = json.dumps({"error": f"request headers exceed {MAX_HEADER_BYTES} bytes"}).encode()
 TOO_LARGE_HEADERS = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    + f"content-length: {len(_TOO_LARGE_BODY)}\r\n\r\n".encode() + _TOO_LARGE_BODY
+    + f"content-length: {len(_TOO_LARGE_BODY)}\r\n\r\n".encode()
+    + _TOO_LARGE_BODY
 )
 
 
@@ -45,7 +45,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._deadline_timer: Optional[asyncio.TimerHandle] = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._stage = ""
         self._limit_s = 0.0
         self._last_activity = 0.0
@@ -86,7 +86,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         log.info("closed a connection from %s: %s took longer than %.0f s", self.client, self._stage, self._limit_s)
         self.transport.close()
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._watch("headers", self.settings.ingest.header_timeout_s)
 
@@ -133,7 +133,7 @@ def guarded_protocol(settings: Settings) -> type[GuardedHttpProtocol]:
     return type("StationHttpProtocol", (GuardedHttpProtocol,), {"settings": settings})
 
 
-def server_config(app, settings: Settings, host: Optional[str] = None, port: Optional[int] = None) -> uvicorn.Config:
+def server_config(app, settings: Settings, host: str | None = None, port: int | None = None) -> uvicorn.Config:
     """The ingest API's uvicorn configuration (the `ingest` command and the tests use the same)."""
     return uvicorn.Config(
         app,

@@ -1,22 +1,22 @@
-"""Dependencies of the routes: the app's IngestStation, and the token a request carries."""
+"""Dependencies of the routes: the app's IngestState, and the token a request carries."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
 from ingest_api.access import presented_token
-from ingest_api.station import IngestStation
+from ingest_api.ingest_state import IngestState
 
 
-def get_station(request: Request) -> IngestStation:
-    return request.app.state.station
+def get_ingest_state(request: Request) -> IngestState:
+    return request.app.state.ingest
 
 
-def get_token(request: Request, token: Optional[str] = Query(None)) -> Optional[str]:
+def get_token(request: Request, token: str | None = Query(None)) -> str | None:
     return presented_token(request.headers.get("authorization"), token)
 
 
-StationDep = Annotated[IngestStation, Depends(get_station)]
-TokenDep = Annotated[Optional[str], Depends(get_token)]
+IngestStateDep = Annotated[IngestState, Depends(get_ingest_state)]
+TokenDep = Annotated[str | None, Depends(get_token)]

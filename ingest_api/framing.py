@@ -6,8 +6,8 @@ incomplete frame between feeds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 HEADER_BYTES = 6
 SEQ_MODULUS = 1 << 24

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Optional
 
 from birdflow.core.recordings import RecordingInfo, RecordingStore, parse_stream_partial
 from birdflow.core.wav import WavError, parse_header, patch_sizes
@@ -30,7 +30,7 @@ class Recovery:
 def recover_partials(
     store: RecordingStore,
     min_duration_s: float,
-    untouched_for_s: Optional[float] = None,
+    untouched_for_s: float | None = None,
     in_use: Collection[Path] = (),
 ) -> Recovery:
     """Publish or remove every partial file except those `in_use` and, when `untouched_for_s` is given,
@@ -78,7 +78,13 @@ def _publish_stream_partial(store, path: Path, listener_id: str, start_time, min
         file.flush()
         os.fsync(file.fileno())
     info = store.publish(
-        path, listener_id=listener_id, start_time=start_time, duration_s=duration_s,
-        sample_rate=wav_format.sample_rate, channels=wav_format.channels, gaps=0, source="recovered",
+        path,
+        listener_id=listener_id,
+        start_time=start_time,
+        duration_s=duration_s,
+        sample_rate=wav_format.sample_rate,
+        channels=wav_format.channels,
+        gaps=0,
+        source="recovered",
     )
     return info, ""

@@ -11,11 +11,12 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TextIO
 
-from birdflow.app import metrics
 from birdflow.core.health import HealthRefused, HealthReport, RateLimit, parse_datagram
+from birdflow.runtime import metrics
 from birdflow.settings import Settings
 
 log = logging.getLogger("birdflow.ingest")
@@ -28,8 +29,8 @@ class HealthSpool:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self._file = None
-        self._path: Optional[Path] = None
+        self._file: TextIO | None = None
+        self._path: Path | None = None
         self._opened = 0.0
 
     def add(self, report: HealthReport) -> None:
@@ -45,7 +46,7 @@ class HealthSpool:
             self.close()
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._file is not None and self._path is not None:
             self._file.close()
             os.replace(self._path, self._path.with_suffix(""))  # drops ".partial"
             self._file = None
@@ -89,10 +90,15 @@ async def receive_health(settings: Settings, known: Callable[[str], bool]):
     loop = asyncio.get_running_loop()
     try:
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: HealthReceiver(settings, spool, known), local_addr=(settings.ingest.ingest_host, settings.ingest.health_port)
+            lambda: HealthReceiver(settings, spool, known),
+            local_addr=(settings.ingest.ingest_host, settings.ingest.health_port),
         )
     except OSError as exc:
-        log.error("listener health: cannot listen on UDP port %d (%s); recordings are not affected", settings.ingest.health_port, exc)
+        log.error(
+            "listener health: cannot listen on UDP port %d (%s); recordings are not affected",
+            settings.ingest.health_port,
+            exc,
+        )
         return
     try:
         while True:

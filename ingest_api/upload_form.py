@@ -8,7 +8,8 @@ outside the data directory, which the disk floor does not watch, however large, 
 
 from __future__ import annotations
 
-from typing import BinaryIO, Callable, Optional
+from collections.abc import Callable
+from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -27,16 +28,16 @@ def _bad_form(detail: str) -> Rejection:
 class UploadForm:
     """Feed it the body's chunks, then finish(); `fields` and `file_bytes` tell what came."""
 
-    def __init__(self, content_type: Optional[str], open_file: FileOpener, limit_bytes: int):
+    def __init__(self, content_type: str | None, open_file: FileOpener, limit_bytes: int):
         media, options = parse_options_header(content_type or "")
         if media != b"multipart/form-data" or not options.get(b"boundary"):
             raise _bad_form(f"Content-Type is {content_type or '(none)'}")
         self.fields: dict[str, str] = {}
-        self.file_name: Optional[str] = None
+        self.file_name: str | None = None
         self.file_bytes = 0
         self._open_file, self._limit = open_file, limit_bytes
-        self._file: Optional[BinaryIO] = None
-        self._part_name: Optional[str] = None
+        self._file: BinaryIO | None = None
+        self._part_name: str | None = None
         self._part_is_file = False
         self._value = bytearray()
         self._header_name = bytearray()
@@ -44,16 +45,19 @@ class UploadForm:
         self._disposition = b""
         self._parts = 0
         self._ended = False
-        self._parser = MultipartParser(options[b"boundary"], {
-            "on_part_begin": self._part_begin,
-            "on_header_field": lambda data, start, end: self._header_bytes(self._header_name, data[start:end]),
-            "on_header_value": lambda data, start, end: self._header_bytes(self._header_value, data[start:end]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-            "on_end": self._end,
-        })
+        self._parser = MultipartParser(
+            options[b"boundary"],
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": lambda data, start, end: self._header_bytes(self._header_name, data[start:end]),
+                "on_header_value": lambda data, start, end: self._header_bytes(self._header_value, data[start:end]),
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+        )
 
     def feed(self, chunk: bytes) -> None:
         try:

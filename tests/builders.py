@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from birdflow.core.recordings import RecordingInfo, TIMESTAMP_FORMAT
+from birdflow.core.recordings import TIMESTAMP_FORMAT, RecordingInfo
 
 JUNE_MORNING = datetime(2025, 6, 1, 5, 30, tzinfo=timezone.utc)
 
@@ -15,8 +15,14 @@ def recording_info(
     """A recording as the ingest API would have published it (its id from listener, start and hash)."""
     recording_id = overrides.pop("recording_id", f"{listener_id}_{start_time:{TIMESTAMP_FORMAT}}_{content_hash[:8]}")
     values = dict(
-        recording_id=recording_id, listener_id=listener_id, station_id="station01", start_time=start_time,
-        duration_s=10.0, sample_rate=48000, content_hash=content_hash, size_bytes=960044,
+        recording_id=recording_id,
+        listener_id=listener_id,
+        station_id="station01",
+        start_time=start_time,
+        duration_s=10.0,
+        sample_rate=48000,
+        content_hash=content_hash,
+        size_bytes=960044,
         file_name=f"{recording_id}.wav",
     )
     return RecordingInfo(**{**values, **overrides})

@@ -9,14 +9,13 @@ import struct
 import threading
 import time
 from contextlib import contextmanager
-from typing import Optional
 
 import httpx
 import uvicorn
 
+from birdflow.core.wav import WavFormat, build_header
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
-from birdflow.core.wav import WavFormat, build_header
 from ingest_api.app import create_app
 from ingest_api.connections import server_config
 from ingest_api.framing import encode_frame
@@ -38,9 +37,8 @@ def serving(settings: Settings):
         thread.join(10)
 
 
-
 def chunked_post(
-    port: int, path: str, chunks: list[bytes], finish: bool = True, timeout: float = 20, headers: Optional[dict] = None
+    port: int, path: str, chunks: list[bytes], finish: bool = True, timeout: float = 20, headers: dict | None = None
 ) -> tuple[int, dict]:
     """POST with Transfer-Encoding: chunked, one HTTP chunk per item; finish=False vanishes mid-body."""
     extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
@@ -95,7 +93,8 @@ def wav_bytes(seconds: float, sample_rate: int = 48000, value: int = 1000) -> by
 def frames_of(wav: bytes, page: int = 32768) -> bytes:
     header, audio = wav[:44], wav[44:]
     return encode_frame(0, header) + b"".join(
-        encode_frame(seq, audio[offset : offset + page]) for seq, offset in enumerate(range(0, len(audio), page), start=1)
+        encode_frame(seq, audio[offset : offset + page])
+        for seq, offset in enumerate(range(0, len(audio), page), start=1)
     )
 
 
@@ -110,10 +109,14 @@ def header(rate: int, bits: int, tag: int = 1) -> bytes:
 
 def upload_claiming(length: int, token: str) -> bytes:
     return (
-        f"POST /recordings_upload HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-        f"Authorization: Bearer {token}\r\n"
-        f"Content-Length: {length}\r\n\r\n"
-    ).encode() + b"--b\r\n" + b"x" * 1024
+        (
+            f"POST /recordings_upload HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Authorization: Bearer {token}\r\n"
+            f"Content-Length: {length}\r\n\r\n"
+        ).encode()
+        + b"--b\r\n"
+        + b"x" * 1024
+    )
 
 
 def stream_in_real_time(port: int, token: str, recordings: int, seconds: float, result: dict) -> None:
@@ -122,7 +125,9 @@ def stream_in_real_time(port: int, token: str, recordings: int, seconds: float, 
     for number in range(recordings):
         wav = wav_bytes(seconds, value=1000 + number)  # each its own audio, as in the field
         body.append(encode_frame(0, wav[:44]))
-        body += [encode_frame(seq, wav[offset : offset + 9600]) for seq, offset in enumerate(range(44, len(wav), 9600), 1)]
+        body += [
+            encode_frame(seq, wav[offset : offset + 9600]) for seq, offset in enumerate(range(44, len(wav), 9600), 1)
+        ]
     with socket.create_connection((LOOPBACK, port), timeout=60) as sock:
         sock.sendall(
             f"POST /recordings_stream?listener_id={GOOD}&token={token} HTTP/1.1\r\nHost: {LOOPBACK}\r\n"

@@ -33,11 +33,20 @@ class PrefectServer:
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
         }
 
-    def start(self, log: Path) -> "PrefectServer":
+    def start(self, log: Path) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             # the server `birdflow up` embeds: Prefect's, with SQLite transactions that take the write lock first
-            [sys.executable, "-m", "birdflow.app.prefect_server", "start", "--host", LOOPBACK, "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "birdflow.app.prefect_server",
+                "start",
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(self.port),
+            ],
             env={**os.environ, **self.env(), **self.extra_env},
             stdout=open(log, "wb"),
             stderr=subprocess.STDOUT,
@@ -49,5 +58,3 @@ class PrefectServer:
     def stop(self) -> None:
         if self.process:
             stop_process(self.process, grace_s=10)
-
-

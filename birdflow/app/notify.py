@@ -12,7 +12,8 @@ import ipaddress
 import os
 import re
 import socket
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlparse
 
 from birdflow.core.rarity import RARE_EVENT
@@ -27,6 +28,9 @@ BODY = (
     "Run: {{ event.payload.run_url }}"
 )
 BLOCK_PREFIX = "birdflow-notify-"
+
+if TYPE_CHECKING:
+    from prefect.blocks.core import Block
 
 
 class ChannelError(ValueError):
@@ -90,7 +94,9 @@ def _require_http(target: str, what: str, allow_loopback: bool = False) -> None:
         if address.is_link_local or address.is_unspecified or address.is_multicast:
             raise ChannelError(f"{what} must not point at {address} (a link-local or unroutable address)")
         if address.is_loopback and not allow_loopback:
-            raise ChannelError(f"{what} points at this machine ({address}): add --allow-loopback for a relay running here")
+            raise ChannelError(
+                f"{what} points at this machine ({address}): add --allow-loopback for a relay running here"
+            )
 
 
 def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -103,11 +109,15 @@ def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
         found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return []
-    return [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in found]
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in found]
 
 
-CHANNELS: dict[str, Callable[[str, bool], object]] = {
-    "webhook": _webhook, "slack": _slack, "discord": _discord, "teams": _teams, "email": _email,
+CHANNELS: dict[str, Callable[[str, bool], Block]] = {
+    "webhook": _webhook,
+    "slack": _slack,
+    "discord": _discord,
+    "teams": _teams,
+    "email": _email,
 }
 
 
@@ -115,7 +125,9 @@ def automation_name(settings: Settings, block_name: str) -> str:
     return f"birdflow {settings.station_id}: rare species -> {block_name}"
 
 
-def add_channel(settings: Settings, kind: str, target: str, name: str = "", allow_loopback: bool = False) -> tuple[str, str]:
+def add_channel(
+    settings: Settings, kind: str, target: str, name: str = "", allow_loopback: bool = False
+) -> tuple[str, str]:
     """Save the channel's block and (re)create its automation; returns (block name, automation id)."""
     from prefect.automations import Automation, EventTrigger, SendNotification
     from prefect.events.schemas.automations import Posture
@@ -130,12 +142,15 @@ def add_channel(settings: Settings, kind: str, target: str, name: str = "", allo
         name=automation_name(settings, block_name),
         description=f"Sends {RARE_EVENT} events of station {settings.station_id} to {kind} ({block_name})",
         trigger=EventTrigger(
-            expect={RARE_EVENT}, match={"birdflow.station": settings.station_id}, posture=Posture.Reactive,
-            threshold=1, within=0,
+            expect={RARE_EVENT},
+            match={"birdflow.station": settings.station_id},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=0,
         ),
         actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],
     ).create()
-    return block_name, str(automation.id)
+    return block_name, str(cast(Automation, automation).id)
 
 
 def list_channels(settings: Settings) -> list[dict[str, str]]:
@@ -145,8 +160,11 @@ def list_channels(settings: Settings) -> list[dict[str, str]]:
     with get_client(sync_client=True) as client:
         automations = client.read_automations()
     return [
-        {"channel": automation.name.removeprefix(prefix), "automation_id": str(automation.id),
-         "enabled": "yes" if automation.enabled else "no"}
+        {
+            "channel": automation.name.removeprefix(prefix),
+            "automation_id": str(automation.id),
+            "enabled": "yes" if automation.enabled else "no",
+        }
         for automation in automations
         if automation.name.startswith(prefix)
     ]

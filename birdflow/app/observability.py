@@ -27,7 +27,9 @@ def prometheus_config(settings: Settings, target: str = "") -> dict[str, Any]:
             {
                 "job_name": "birdflow",
                 "metrics_path": "/metrics",
-                "static_configs": [{"targets": [target or scrape_target(settings)], "labels": {"station": settings.station_id}}],
+                "static_configs": [
+                    {"targets": [target or scrape_target(settings)], "labels": {"station": settings.station_id}}
+                ],
             }
         ],
     }

@@ -4,7 +4,7 @@ A cluster made by an earlier version trusted every connection from 127.0.0.1 and
 any local user could read Prefect's encryption key and the secrets of its blocks, and run programs as the
 Postgres user (COPY ... TO PROGRAM). A new cluster asks for passwords (scram-sha-256) and Prefect's database
 belongs to `birdflow_prefect`, an ordinary role; an existing one is switched to passwords at the next `up`
-(its role stays the superuser it was made: README, "Upgrade notes"). The passwords live in
+(its role stays the superuser it was made: docs/operating.md, "Upgrade notes"). The passwords live in
 prefect/postgres.secret (0600).
 """
 
@@ -42,7 +42,9 @@ def credentials(secret_file: Path, cluster: Path) -> PostgresCredentials:
         password = secrets.token_urlsafe(24)
         made = PostgresCredentials("prefect", password, "postgres", "prefect", password)
     else:
-        made = PostgresCredentials(APP_ROLE, secrets.token_urlsafe(24), APP_DATABASE, SUPERUSER, secrets.token_urlsafe(24))
+        made = PostgresCredentials(
+            APP_ROLE, secrets.token_urlsafe(24), APP_DATABASE, SUPERUSER, secrets.token_urlsafe(24)
+        )
     secret_file.parent.mkdir(parents=True, exist_ok=True)
     partial = secret_file.with_suffix(".partial")
     partial.write_text(json.dumps(asdict(made)))
@@ -54,7 +56,9 @@ def credentials(secret_file: Path, cluster: Path) -> PostgresCredentials:
 def trusts_connections(cluster: Path) -> bool:
     """A cluster of an earlier version: its pg_hba.conf trusts connections."""
     hba = cluster / "pg_hba.conf"
-    return hba.exists() and any(line.split()[-1:] == ["trust"] for line in hba.read_text().splitlines() if not line.startswith("#"))
+    return hba.exists() and any(
+        line.split()[-1:] == ["trust"] for line in hba.read_text().splitlines() if not line.startswith("#")
+    )
 
 
 async def provision(port: int, made: PostgresCredentials, cluster: Path) -> None:
@@ -64,8 +68,12 @@ async def provision(port: int, made: PostgresCredentials, cluster: Path) -> None
 
     trusting = trusts_connections(cluster)
     connection = await asyncpg.connect(
-        host="127.0.0.1", port=port, user=made.superuser, database="postgres",
-        password=None if trusting else made.superuser_password, timeout=30,
+        host="127.0.0.1",
+        port=port,
+        user=made.superuser,
+        database="postgres",
+        password=None if trusting else made.superuser_password,
+        timeout=30,
     )
     try:
         if trusting:
@@ -76,7 +84,8 @@ async def provision(port: int, made: PostgresCredentials, cluster: Path) -> None
         if made.user != made.superuser:
             if not await connection.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", made.user):
                 await connection.execute(
-                    f'CREATE ROLE "{made.user}" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {_literal(made.password)}'
+                    f'CREATE ROLE "{made.user}" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE '
+                    f"PASSWORD {_literal(made.password)}"
                 )
             if not await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", made.database):
                 await connection.execute(f'CREATE DATABASE "{made.database}" OWNER "{made.user}"')

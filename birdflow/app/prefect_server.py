@@ -26,10 +26,11 @@ import logging
 import shutil
 import sqlite3
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import cast
 
 from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
@@ -79,7 +80,10 @@ def incremental_auto_vacuum(database: Path) -> None:
             return
         size = database.stat().st_size
         if size > CONVERT_AT_MOST or size * 1.2 > shutil.disk_usage(database.parent).free:
-            log.warning("the Prefect database (%d MB) is not converted to give freed space back to the disk; it reuses it", size // MB)
+            log.warning(
+                "the Prefect database (%d MB) is not converted to give freed space back to the disk; it reuses it",
+                size // MB,
+            )
             return
         connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
         connection.execute("VACUUM")
@@ -89,7 +93,9 @@ def give_space_back(database: Path) -> int:
     """Return the database's free pages to the disk, and its write-ahead log (up to 4 MB, kept at its largest
     by SQLite) once checkpointed; the bytes freed from the database."""
     with closing(sqlite3.connect(database, timeout=60, isolation_level=None)) as connection:
-        free_pages, page_size = (connection.execute(f"PRAGMA {name}").fetchone()[0] for name in ("freelist_count", "page_size"))
+        free_pages, page_size = (
+            connection.execute(f"PRAGMA {name}").fetchone()[0] for name in ("freelist_count", "page_size")
+        )
         if free_pages:
             connection.executescript("PRAGMA incremental_vacuum;")  # (execute() steps it once: one page)
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # a busy log is left for the next pass
@@ -99,7 +105,11 @@ def give_space_back(database: Path) -> int:
 def state_bytes(settings: Settings) -> int:
     """The station's state beside the run history: its SQLite files and Prefect's cached results."""
     files = [*settings.state_dir.glob("*.sqlite"), *(settings.prefect_home / "storage").glob("*")]
-    return sum(sqlite_bytes_in_use(path) if path.suffix == ".sqlite" else path.stat().st_size for path in files if path.is_file())
+    return sum(
+        sqlite_bytes_in_use(path) if path.suffix == ".sqlite" else path.stat().st_size
+        for path in files
+        if path.is_file()
+    )
 
 
 async def trim_history(settings: Settings, db) -> int:
@@ -112,29 +122,51 @@ async def trim_history(settings: Settings, db) -> int:
 
     database = settings.prefect_database_file
     eligible = sa.and_(
-        db.FlowRun.parent_task_run_id.is_(None), db.FlowRun.state_type.in_(TERMINAL_STATES), db.FlowRun.end_time.is_not(None),
+        db.FlowRun.parent_task_run_id.is_(None),
+        db.FlowRun.state_type.in_(TERMINAL_STATES),
+        db.FlowRun.end_time.is_not(None),
     )
     async with db.session_context() as session:
         runs = (await session.execute(sa.select(sa.func.count()).select_from(db.FlowRun).where(eligible))).scalar_one()
         history, state = sqlite_bytes_in_use(database), state_bytes(settings)
         budget = settings.history_budget()
         wanted = budget.runs_to_delete(history, state, runs, shutil.disk_usage(settings.data_dir).free)
-        old_enough = wanted and (
-            await session.execute(
-                sa.select(sa.func.count()).select_from(db.FlowRun)
-                .where(eligible, db.FlowRun.end_time < datetime.now(timezone.utc) - SHORTEST_RETENTION)
-            )
-        ).scalar_one()
+        old_enough = (
+            wanted
+            and (
+                await session.execute(
+                    sa.select(sa.func.count())
+                    .select_from(db.FlowRun)
+                    .where(eligible, db.FlowRun.end_time < datetime.now(timezone.utc) - SHORTEST_RETENTION)
+                )
+            ).scalar_one()
+        )
         doomed = min(wanted, old_enough)  # the youngest hour is Prefect's vacuum's to keep
-        cutoff = doomed and (
-            await session.execute(sa.select(db.FlowRun.end_time).where(eligible).order_by(db.FlowRun.end_time).offset(doomed - 1).limit(1))
-        ).scalar_one()
+        cutoff = (
+            doomed
+            and (
+                await session.execute(
+                    sa.select(db.FlowRun.end_time)
+                    .where(eligible)
+                    .order_by(db.FlowRun.end_time)
+                    .offset(doomed - 1)
+                    .limit(1)
+                )
+            ).scalar_one()
+        )
     if doomed:
         log.info(
             "run history %.1f MB and state %.1f MB over the budget of %.1f MB: the oldest %d of %d runs go",
-            history / MB, state / MB, budget.budget_bytes / MB, doomed, runs,
+            history / MB,
+            state / MB,
+            budget.budget_bytes / MB,
+            doomed,
+            runs,
         )
-        retention = max(datetime.now(timezone.utc) - cutoff.astimezone(timezone.utc) - timedelta(microseconds=1), SHORTEST_RETENTION)
+        retention = max(
+            datetime.now(timezone.utc) - cast(datetime, cutoff).astimezone(timezone.utc) - timedelta(microseconds=1),
+            SHORTEST_RETENTION,
+        )
         with temporary_settings(updates={PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD: retention}):
             await vacuum_old_flow_runs(db=db)
     await asyncio.to_thread(give_space_back, database)
@@ -160,7 +192,7 @@ def keep_history_within_budget(settings: Settings) -> None:
             log.exception("keeping the run history within its budget failed; tried again in %s", every)
 
 
-def station_settings() -> Optional[Settings]:
+def station_settings() -> Settings | None:
     """The settings of the station whose embedded server this is (`up` starts it on the station's own SQLite
     file); None for any other server."""
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
@@ -174,7 +206,19 @@ def station_settings() -> Optional[Settings]:
     return settings if PREFECT_API_DATABASE_CONNECTION_URL.value() == database_url(settings) else None
 
 
+def one_line_welcome() -> None:
+    """Prefect greets every start with a 15-line banner (logo, `prefect config set` advice, docs link); `up`
+    restarts its server after a crash and keeps one log, so one line says where it listens instead."""
+    from prefect.cli import _server_utils
+
+    def welcome(base_url: str, ui_enabled: bool) -> str:
+        return f"Prefect server listening on {base_url}" + (" (UI and API)" if ui_enabled else " (API)")
+
+    _server_utils.generate_welcome_blurb = welcome
+
+
 def main() -> None:
+    one_line_welcome()
     use_write_lock_first_sqlite()
     settings = station_settings()
     if settings is not None and settings.prefect.prefect_database == "sqlite":

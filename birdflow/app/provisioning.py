@@ -5,9 +5,9 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from birdflow.settings import Settings
 
@@ -32,7 +32,7 @@ POSTGRES_PASSWORD={postgres_password}
 # where docker compose publishes the Prefect UI and Grafana (plain HTTP): this box only; 0.0.0.0 for the network
 UI_BIND=127.0.0.1
 # on: each listener needs its token (`birdflow listeners add ID` prints it); off only for old firmware that
-# sends none (README, Security): without tokens anyone on the network can send recordings
+# sends none (docs/security.md): without tokens anyone on the network can send recordings
 INGEST_AUTH=on
 # InfluxDB 3 token of the detections database (when influx_enabled is true)
 INFLUX_TOKEN=
@@ -52,9 +52,7 @@ PROMETHEUS_REMOTE_WRITE_PASSWORD=
 def init_station(folder: Path, station_id: str, force: bool = False) -> list[Path]:
     """Write a commented settings.yaml and a .env template; existing files are kept unless forced."""
     targets = {
-        folder / "settings.yaml": settings_template().replace(
-            "station_id: station01", f"station_id: {station_id}", 1
-        ),
+        folder / "settings.yaml": settings_template().replace("station_id: station01", f"station_id: {station_id}", 1),
         folder / ".env": ENV_TEMPLATE.format(
             station_id=station_id,
             prefect_password=secrets.token_urlsafe(24),
@@ -77,7 +75,16 @@ def init_station(folder: Path, station_id: str, force: bool = False) -> list[Pat
 def influx_commands(settings: Settings, admin_token: str) -> list[list[str]]:
     """The `influxdb3` CLI calls that create the detections database (InfluxDB 3 Core/Enterprise)."""
     return [
-        ["influxdb3", "create", "database", settings.sinks.influx_database, "--host", settings.sinks.influx_host, "--token", admin_token],
+        [
+            "influxdb3",
+            "create",
+            "database",
+            settings.sinks.influx_database,
+            "--host",
+            settings.sinks.influx_host,
+            "--token",
+            admin_token,
+        ],
     ]
 
 
@@ -98,7 +105,9 @@ def central_setup(
             name = f"birdflow-{station}"
             try:
                 client.create_work_pool(
-                    WorkPoolCreate(name=name, type=BirdflowWorker.type, base_job_template=template, concurrency_limit=pool_limit)
+                    WorkPoolCreate(
+                        name=name, type=BirdflowWorker.type, base_job_template=template, concurrency_limit=pool_limit
+                    )
                 )
                 say(f"work pool {name} created (at most {pool_limit} runs at once)")
             except ObjectAlreadyExists:
@@ -112,8 +121,10 @@ def central_setup(
     if not settings.sinks.influx_enabled:
         say("InfluxDB is off in the settings: no database created")
     elif not shutil.which("influxdb3"):
-        say("the influxdb3 CLI is not installed here; create the database with:\n  "
-            + "\n  ".join(" ".join(command) for command in influx_commands(settings, "<admin token>")))
+        say(
+            "the influxdb3 CLI is not installed here; create the database with:\n  "
+            + "\n  ".join(" ".join(command) for command in influx_commands(settings, "<admin token>"))
+        )
     elif not admin_token:
         say("set INFLUX_ADMIN_TOKEN (influxdb3 create token --admin) to create the database")
     else:

@@ -12,10 +12,10 @@ import json
 import random
 import time
 import zlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import AsyncIterator, Callable, Optional
 
 import httpx
 
@@ -179,7 +179,8 @@ def _json_or_text(response: httpx.Response) -> dict:
 
 
 class HealthSender:
-    """What a listener's firmware sends after each recording: one health datagram over UDP (README, "Listener health")."""
+    """What a listener's firmware sends after each recording: one health datagram over UDP (docs/listener-protocol.md,
+    "Listener health")."""
 
     def __init__(self, base_url: str, port: int):
         import socket
@@ -192,8 +193,12 @@ class HealthSender:
     def send(self, listener_id: str) -> None:
         uptime = time.monotonic() - self.started
         report = {
-            "listener_id": listener_id, "battery_v": round(4.15 - uptime / 86400, 3), "rssi_dbm": random.randint(-85, -45),
-            "temperature_c": round(random.uniform(5, 25), 1), "free_storage_mb": 30000.0, "uptime_s": round(uptime),
+            "listener_id": listener_id,
+            "battery_v": round(4.15 - uptime / 86400, 3),
+            "rssi_dbm": random.randint(-85, -45),
+            "temperature_c": round(random.uniform(5, 25), 1),
+            "free_storage_mb": 30000.0,
+            "uptime_s": round(uptime),
             "firmware": "birdflow-listen",
         }
         try:
@@ -218,10 +223,10 @@ async def run_listeners(
     prefix: str = "listener",
     on_recording: Callable[[str], None] = lambda listener: None,
     on_error: Callable[[str, str], None] = lambda listener, error: None,
-    timeout_s: Optional[float] = None,
-    stop: Optional[asyncio.Event] = None,
+    timeout_s: float | None = None,
+    stop: asyncio.Event | None = None,
     distinct: bool = False,
-    token: Optional[str] = None,
+    token: str | None = None,
     health_port: int = 0,
 ) -> list[ListenerReport]:
     """Run the listeners until each has sent its recordings, `stop` is set or `timeout_s` has passed;
@@ -247,13 +252,29 @@ async def run_listeners(
             await asyncio.sleep(random.uniform(0, stagger_s) if stagger_s else 0)
             if upload:
                 await upload_listener(
-                    client, base_url, report, data, file.suffix.lower(), recordings=recordings,
-                    interval_s=interval_s, on_recording=on_recording, reconnect=Reconnect(on_error), distinct=distinct,
+                    client,
+                    base_url,
+                    report,
+                    data,
+                    file.suffix.lower(),
+                    recordings=recordings,
+                    interval_s=interval_s,
+                    on_recording=on_recording,
+                    reconnect=Reconnect(on_error),
+                    distinct=distinct,
                 )
             else:
                 await stream_listener(
-                    client, base_url, report, data, recordings=recordings, interval_s=interval_s, pace=pace,
-                    on_recording=on_recording, reconnect=Reconnect(on_error), distinct=distinct,
+                    client,
+                    base_url,
+                    report,
+                    data,
+                    recordings=recordings,
+                    interval_s=interval_s,
+                    pace=pace,
+                    on_recording=on_recording,
+                    reconnect=Reconnect(on_error),
+                    distinct=distinct,
                 )
 
         tasks = [asyncio.create_task(one(report)) for report in reports]

@@ -13,8 +13,8 @@ import ctypes
 import fcntl
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 

@@ -18,15 +18,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import httpx
-
 from prometheus_client import multiprocess
 
-from birdflow.app.metrics import MULTIPROC_ENV
 from birdflow.app.postgres import PostgresCredentials, credentials, provision_now
 from birdflow.app.single import AlreadyRunning, dying_with_this_process, hold_lock
+from birdflow.runtime.metrics import MULTIPROC_ENV
 from birdflow.settings import SETTINGS_FILE_ENV, Settings
 
 log = logging.getLogger("birdflow.up")
@@ -51,8 +49,8 @@ VACUUM = "events,flow_runs"
 
 
 def prefect_environment(settings: Settings, triggers: bool = False) -> dict[str, str]:
-    """Prefect settings for every birdflow process (documented in the README's Prefect section). `triggers`:
-    the embedded server evaluates automations (turned on once one exists, see `automations_exist`)."""
+    """Prefect settings for every birdflow process (docs/fleet.md, "Prefect settings birdflow sets"). `triggers`: the
+    embedded server evaluates automations (turned on once one exists, see `automations_exist`)."""
     settings.prefect_home.mkdir(parents=True, exist_ok=True)
     env = {
         "PREFECT_HOME": str(settings.prefect_home.resolve()),
@@ -83,7 +81,9 @@ def prefect_environment(settings: Settings, triggers: bool = False) -> dict[str,
         # task runs, logs and artifacts, in batches of 200 once an hour
         env.update(TASK_RUN_RECORDER_BATCHING)
         env["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] = VACUUM
-        env["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"] = str(int(settings.unattended.run_retention_days * 86400))
+        env["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"] = str(
+            int(settings.unattended.run_retention_days * 86400)
+        )
         if not settings.prefect.prefect_events_enabled:
             # automations (triggers) and the stored event feed: ~15 % of the server's CPU per run;
             # run, task-run and log history do not depend on them
@@ -110,13 +110,17 @@ def postgres_credentials(settings: Settings) -> PostgresCredentials:
 
 def postgres_program(name: str) -> str:
     """initdb/postgres from PATH or from Debian's versioned folder (which is not on PATH)."""
-    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None)
+    found = shutil.which(name) or next(
+        iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None
+    )
     if not found:
-        raise RuntimeError(f"prefect_database is postgres but `{name}` is not installed (Debian: apt install postgresql)")
+        raise RuntimeError(
+            f"prefect_database is postgres but `{name}` is not installed (Debian: apt install postgresql)"
+        )
     return str(found)
 
 
-def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> "Child":
+def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> Child:
     """A Postgres cluster under data_dir for the embedded Prefect server, created on first use.
 
     Postgres refuses to run as root, so as root it runs as the `postgres` user that the Debian package
@@ -138,9 +142,21 @@ def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> "Ch
             shutil.chown(password_file, user, user)
         try:
             result = subprocess.run(
-                [postgres_program("initdb"), "-D", str(folder), "-U", made.superuser, "--auth=scram-sha-256",
-                 f"--pwfile={password_file}", "-E", "UTF8"],
-                capture_output=True, text=True, user=user, group=user,
+                [
+                    postgres_program("initdb"),
+                    "-D",
+                    str(folder),
+                    "-U",
+                    made.superuser,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={password_file}",
+                    "-E",
+                    "UTF8",
+                ],
+                capture_output=True,
+                text=True,
+                user=user,
+                group=user,
             )
         finally:
             password_file.unlink(missing_ok=True)
@@ -149,8 +165,21 @@ def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> "Ch
             hint = f" (the {user} user must be able to reach {folder.parent})" if user else ""
             raise RuntimeError(f"initdb failed{hint}: {result.stderr.strip()[-500:]}")
     command = [
-        postgres_program("postgres"), "-D", str(folder), "-h", "127.0.0.1", "-p", str(settings.prefect.postgres_port),
-        "-k", str(folder), "-c", "synchronous_commit=off", "-c", "max_connections=60", "-c", "shared_buffers=64MB",
+        postgres_program("postgres"),
+        "-D",
+        str(folder),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(settings.prefect.postgres_port),
+        "-k",
+        str(folder),
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "max_connections=60",
+        "-c",
+        "shared_buffers=64MB",
     ]
     # SIGINT to the postmaster alone is Postgres' "fast" shutdown
     return Child("postgres", command, user=user, stop_signal=signal.SIGINT, signal_group=False, keep_fds=keep_fds)
@@ -164,7 +193,7 @@ def without_server_secrets(env: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in env.items() if name not in SERVER_SECRETS}
 
 
-def child_environment(settings: Settings, settings_file: Optional[str], triggers: bool = False) -> dict[str, str]:
+def child_environment(settings: Settings, settings_file: str | None, triggers: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.update(prefect_environment(settings, triggers))
     env[MULTIPROC_ENV] = str(settings.metrics_dir.resolve())
@@ -216,21 +245,26 @@ def wait_for_port(port: int, timeout_s: float, alive=lambda: True) -> None:
 class Child:
     name: str
     command: list[str]
-    user: Optional[str] = None
+    user: str | None = None
     stop_signal: int = signal.SIGTERM
     signal_group: bool = True  # False: signal the leader only, which stops its own workers in order
     server_secrets: bool = False  # the Prefect server alone gets its auth string and database URL
     keep_fds: tuple[int, ...] = ()  # descriptors it inherits: the data folder's lock (birdflow.app.single)
-    process: Optional[subprocess.Popen] = None
+    process: subprocess.Popen | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
-    restart_at: Optional[float] = None  # set while it waits out its back-off
+    restart_at: float | None = None  # set while it waits out its back-off
 
     def start(self, env: dict[str, str]) -> None:
         log.info("starting %s", self.name)
         self.process = subprocess.Popen(
-            self.command, env=env if self.server_secrets else without_server_secrets(env), start_new_session=True, user=self.user, group=self.user,
-            pass_fds=self.keep_fds, preexec_fn=dying_with_this_process(),
+            self.command,
+            env=env if self.server_secrets else without_server_secrets(env),
+            start_new_session=True,
+            user=self.user,
+            group=self.user,
+            pass_fds=self.keep_fds,
+            preexec_fn=dying_with_this_process(),
         )
         self.started_at = time.monotonic()
 
@@ -238,16 +272,20 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        if self.alive():
+        if self.process is not None and self.alive():
             (os.killpg if self.signal_group else os.kill)(self.process.pid, self.stop_signal)
 
     def kill(self) -> None:
-        if self.alive():
+        if self.process is not None and self.alive():
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def start_prefect(
-    settings: Settings, env: dict[str, str], children: list[Child], stop: threading.Event, keep_fds: tuple[int, ...] = ()
+    settings: Settings,
+    env: dict[str, str],
+    children: list[Child],
+    stop: threading.Event,
+    keep_fds: tuple[int, ...] = (),
 ) -> None:
     """The embedded Prefect server (and its Postgres when asked for), healthy before anything uses it."""
     if settings.prefect.prefect_database == "postgres" and not settings.prefect.prefect_database_url.get_secret_value():
@@ -257,33 +295,49 @@ def start_prefect(
         try:
             wait_for_port(settings.prefect.postgres_port, 60, alive=database.alive)
         except RuntimeError as exc:
-            raise RuntimeError(f"Postgres did not start (is port {settings.prefect.postgres_port} in use?): {exc}") from None
+            raise RuntimeError(
+                f"Postgres did not start (is port {settings.prefect.postgres_port} in use?): {exc}"
+            ) from None
         try:
             provision_now(settings.prefect.postgres_port, postgres_credentials(settings), postgres_cluster(settings))
         except Exception as exc:  # asyncpg's errors: one line
             raise RuntimeError(
-                f"the embedded Postgres refused birdflow's credentials (prefect/postgres.secret): {type(exc).__name__}: {exc}"
+                "the embedded Postgres refused birdflow's credentials (prefect/postgres.secret): "
+                f"{type(exc).__name__}: {exc}"
             ) from None
     server = Child(
         PREFECT_SERVER,
-        [sys.executable, "-m", "birdflow.app.prefect_server", "start", "--host", "127.0.0.1",
-         "--port", str(settings.prefect.prefect_port)],
-        keep_fds=keep_fds, server_secrets=True,
+        [
+            sys.executable,
+            "-m",
+            "birdflow.app.prefect_server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(settings.prefect.prefect_port),
+        ],
+        keep_fds=keep_fds,
+        server_secrets=True,
     )
     children.append(server)
     server.start(env)
     wait_for_prefect(settings.api_url, 120, alive=lambda: server.alive() and not stop.is_set())
     if not server.alive():
-        raise RuntimeError(f"the Prefect server exited during start-up (is port {settings.prefect.prefect_port} in use?)")
+        raise RuntimeError(
+            f"the Prefect server exited during start-up (is port {settings.prefect.prefect_port} in use?)"
+        )
 
 
-def automations_exist(settings: Settings) -> Optional[bool]:
+def automations_exist(settings: Settings) -> bool | None:
     """Whether the Prefect server holds an automation (None when it does not answer)."""
     auth = settings.prefect.prefect_api_auth_string.get_secret_value()
     try:
         response = httpx.post(
-            f"{settings.api_url}/automations/count", json={}, timeout=5,
-            auth=tuple(auth.split(":", 1)) if ":" in auth else None,
+            f"{settings.api_url}/automations/count",
+            json={},
+            timeout=5,
+            auth=(auth.partition(":")[0], auth.partition(":")[2]) if ":" in auth else None,
         )
         response.raise_for_status()
     except httpx.HTTPError:
@@ -291,7 +345,9 @@ def automations_exist(settings: Settings) -> Optional[bool]:
     return int(response.json()) > 0
 
 
-def restart_with_triggers(settings: Settings, settings_file: Optional[str], server: "Child", stop: threading.Event) -> dict[str, str]:
+def restart_with_triggers(
+    settings: Settings, settings_file: str | None, server: Child, stop: threading.Event
+) -> dict[str, str]:
     """The embedded server again, now evaluating automations; returns the environment children start with."""
     log.info("an automation exists: restarting the Prefect server with its triggers on")
     env = child_environment(settings, settings_file, triggers=True)
@@ -315,7 +371,7 @@ def stop_all(children: list[Child]) -> None:
 def restart_when_due(child: Child, env: dict[str, str], settings: Settings) -> None:
     """A child found dead waits out its own back-off, then starts again."""
     now = time.monotonic()
-    if child.alive():
+    if child.alive() or child.process is None:
         return
     if child.restart_at is None:
         # the gauges a dead process left (open streams, backlog) must not count any more
@@ -335,7 +391,9 @@ def register_blocks_in_a_child(cli: list[str], env: dict[str, str]) -> None:
     """`birdflow blocks register` as a short-lived child: this process, which lives as long as the station,
     never imports Prefect or the AWS libraries (~70 MB it would keep)."""
     try:
-        done = subprocess.run(cli + ["blocks", "register"], env=without_server_secrets(env), capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            cli + ["blocks", "register"], env=without_server_secrets(env), capture_output=True, text=True, timeout=180
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeError("registering the Prefect blocks did not finish within 180 s") from None
     if done.returncode != 0:
@@ -365,7 +423,7 @@ def keep_data_private(settings: Settings) -> None:
         log.warning("could not close %s to other users: %s", settings.data_dir, exc)
 
 
-def supervise(settings: Settings, settings_file: Optional[str]) -> int:
+def supervise(settings: Settings, settings_file: str | None) -> int:
     """Run the stack until SIGINT/SIGTERM; refuse (1) while another `up` or its children run on the data folder."""
     try:
         lock = (hold_lock(settings.data_dir / UP_LOCK, "birdflow up"),)
@@ -396,7 +454,10 @@ def supervise(settings: Settings, settings_file: Optional[str]) -> int:
             return 0  # Ctrl-C during start-up
         log.error("%s", exc)
         return 1
-    for child in (Child("ingest API", cli + ["ingest"], keep_fds=lock), Child("executor", cli + ["execute"], keep_fds=lock)):
+    for child in (
+        Child("ingest API", cli + ["ingest"], keep_fds=lock),
+        Child("executor", cli + ["execute"], keep_fds=lock),
+    ):
         children.append(child)
         if not stop.is_set():
             child.start(env)

@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,10 +25,12 @@ class AnalysisParams(BaseModel):
     min_confidence: float = Field(0.25, ge=0.01, le=0.99, description="Detections below this are not reported")
     overlap_s: float = Field(0.0, ge=0.0, lt=3.0, description="Overlap of consecutive 3 s windows")
     sensitivity: float = Field(1.0, ge=0.5, le=1.5, description="BirdNET's sigmoid sensitivity")
-    latitude: Optional[float] = Field(None, ge=-90, le=90, description="With longitude: the range filter's place")
-    longitude: Optional[float] = Field(None, ge=-180, le=180)
+    latitude: float | None = Field(None, ge=-90, le=90, description="With longitude: the range filter's place")
+    longitude: float | None = Field(None, ge=-180, le=180)
     species_week: int = Field(0, ge=-1, le=48, description="Range filter week: 0 from the recording date, -1 all year")
-    range_filter_threshold: float = Field(0.03, gt=0, lt=1, description="Species less likely than this here are dropped")
+    range_filter_threshold: float = Field(
+        0.03, gt=0, lt=1, description="Species less likely than this here are dropped"
+    )
     include_species: tuple[str, ...] = Field((), description="Only these (scientific or common names)")
     exclude_species: tuple[str, ...] = Field((), description="Never these")
 
@@ -45,7 +47,7 @@ class AnalysisParams(BaseModel):
             raise ValueError("settings 'latitude' and 'longitude' must be set together")
         return self
 
-    def parameters(self) -> "AnalysisParams":
+    def parameters(self) -> AnalysisParams:
         """Just the parameters (a subclass may carry more, such as how the model runs)."""
         return AnalysisParams(**{name: getattr(self, name) for name in AnalysisParams.model_fields})
 
@@ -56,7 +58,7 @@ class AnalysisParams(BaseModel):
         blob = json.dumps({"model": MODEL_VERSION, **values}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
-    def range_week(self, recorded: datetime) -> Optional[int]:
+    def range_week(self, recorded: datetime) -> int | None:
         """The week the range filter uses for a recording, or None when no location is set."""
         if self.latitude is None or self.longitude is None:
             return None

@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 from birdflow.core.flac import flac_identity
 from birdflow.core.recordings import sha256_file
@@ -36,7 +36,7 @@ class ArchivedObject:
 class Archive(Protocol):
     def store(self, path: Path, key: str, sha256: str) -> ArchivedObject: ...
 
-    def fetch(self, key: str) -> Optional[bytes]:
+    def fetch(self, key: str) -> bytes | None:
         """The stored object, None when there is none (a store that cannot be reached raises)."""
 
     def delete(self, key: str) -> None:
@@ -73,7 +73,7 @@ class LocalArchive:
         os.replace(partial, target)
         return ArchivedObject(target.as_uri(), size, uploaded=True)
 
-    def fetch(self, key: str) -> Optional[bytes]:
+    def fetch(self, key: str) -> bytes | None:
         path = self._path(key)
         return path.read_bytes() if path.is_file() else None
 
@@ -137,14 +137,13 @@ class S3Archive:
             raise ArchiveError(f"{uri} does not match the recording after upload")
         return ArchivedObject(uri, size, uploaded=True)
 
-    def fetch(self, key: str) -> Optional[bytes]:
+    def fetch(self, key: str) -> bytes | None:
         try:
             return self._client.get_object(Bucket=self.bucket.bucket_name, Key=self._key(key))["Body"].read()
         except self._client.exceptions.ClientError as exc:
             if _missing(exc):
                 return None
             raise
-
 
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self.bucket.bucket_name, Key=self._key(key))

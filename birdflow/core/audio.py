@@ -9,10 +9,10 @@ grow with the recording (an AudioMoth writes hour-long files; 1 h at 48 kHz is 6
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator, Union
 
 import numpy as np
 import soundfile
@@ -28,7 +28,7 @@ WINDOWS_PER_BATCH = 8  # handed to the model 24 s of audio at a time
 # context read on each side of a span, so that the resampling filter sees what it would in the whole file
 SPAN_CONTEXT_S = 0.05
 
-AudioSource = Union[Path, bytes]
+AudioSource = Path | bytes
 
 
 class AudioError(ValueError):
@@ -106,7 +106,7 @@ def window_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """3 s windows every (3 - overlap) s, the tail zero-padded when it holds at least 1.5 s, in batches of
     `per_batch`: (windows, start seconds) as the blocks arrive."""
-    rows, starts = np.empty((per_batch, WINDOW_SAMPLES), np.float32), []
+    rows, starts = np.empty((per_batch, WINDOW_SAMPLES), np.float32), list[float]()
     for start, window in _each_window(blocks, int((WINDOW_S - overlap_s) * MODEL_SAMPLE_RATE)):
         # copied at once: a window is a view of the decoded block, which it would otherwise keep alive
         rows[len(starts)] = window

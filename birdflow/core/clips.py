@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -50,8 +49,14 @@ def species_folder(scientific_name: str) -> str:
 
 
 def clip_plan(
-    station_id: str, recording_id: str, scientific_name: str, detected_at: datetime, start_s: float, end_s: float,
-    padding_s: float, duration_s: float,
+    station_id: str,
+    recording_id: str,
+    scientific_name: str,
+    detected_at: datetime,
+    start_s: float,
+    end_s: float,
+    padding_s: float,
+    duration_s: float,
 ) -> ClipPlan:
     start, end = max(0.0, start_s - padding_s), min(duration_s, end_s + padding_s)
     key = f"clips/{station_id}/{species_folder(scientific_name)}/{detected_at:%Y/%m/%d}/{recording_id}_{start_s:g}s"
@@ -116,7 +121,8 @@ class ClipIndex:
     def wanted(self, station_id: str, species: str, day: str, confidence: float) -> bool:
         """Whether a clip of this confidence would be kept (a full day keeps only better ones)."""
         rows = self.database.execute(
-            "SELECT confidence FROM clips WHERE station_id = ? AND species = ? AND day = ? ORDER BY confidence DESC LIMIT ?",
+            "SELECT confidence FROM clips WHERE station_id = ? AND species = ? AND day = ? ORDER BY confidence DESC "
+            "LIMIT ?",
             (station_id, species, day, self.per_day),
         ).fetchall()
         return len(rows) < self.per_day or confidence > rows[-1][0]
@@ -130,8 +136,9 @@ class ClipIndex:
                 "INSERT OR REPLACE INTO clips VALUES (?, ?, ?, ?, ?, ?)",
                 (base_key, station_id, species, day, confidence, time.time()),
             )
-            best: Optional[tuple] = execute(
-                "SELECT base_key FROM clips WHERE station_id = ? AND species = ? ORDER BY confidence DESC, kept_at LIMIT 1",
+            (best,) = execute(
+                "SELECT base_key FROM clips WHERE station_id = ? AND species = ? ORDER BY confidence DESC, kept_at "
+                "LIMIT 1",
                 (station_id, species),
             ).fetchone()
             surplus = execute(
@@ -139,7 +146,7 @@ class ClipIndex:
                 " ORDER BY confidence DESC, kept_at LIMIT -1 OFFSET ?",
                 (station_id, species, day, self.per_day),
             ).fetchall()
-            evicted = [key for (key,) in surplus if key != best[0]]
+            evicted = [key for (key,) in surplus if key != best]
             for key in evicted:
                 execute("DELETE FROM clips WHERE base_key = ?", (key,))
             execute("COMMIT")
@@ -148,7 +155,7 @@ class ClipIndex:
             raise
         return evicted
 
-    def count(self, station_id: str, species: str, day: Optional[str] = None) -> int:
+    def count(self, station_id: str, species: str, day: str | None = None) -> int:
         query, parameters = "SELECT count(*) FROM clips WHERE station_id = ? AND species = ?", [station_id, species]
         if day:
             query, parameters = query + " AND day = ?", parameters + [day]

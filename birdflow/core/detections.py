@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import Iterable, Mapping, Optional
 
 import pyarrow as pa
 
@@ -28,12 +28,23 @@ SCHEMA = pa.schema(
     ]
 )
 # Columns that identify a series in InfluxDB (tags); the rest are fields.
-TAG_COLUMNS = ["station_id", "listener_id", "recording_id", "scientific_name", "common_name", "model_version", "analysis_id"]
+TAG_COLUMNS = [
+    "station_id",
+    "listener_id",
+    "recording_id",
+    "scientific_name",
+    "common_name",
+    "model_version",
+    "analysis_id",
+]
 
 
 def detections_table(
-    recording: RecordingInfo, detections: Iterable[Detection], model_version: str, analysis_id: str,
-    clips: Optional[Mapping[tuple[float, str], str]] = None,
+    recording: RecordingInfo,
+    detections: Iterable[Detection],
+    model_version: str,
+    analysis_id: str,
+    clips: Mapping[tuple[float, str], str] | None = None,
 ) -> pa.Table:
     """Detection time is the recording's start plus the window's offset; `clips` maps (start_s, scientific
     name) to the clip's key."""

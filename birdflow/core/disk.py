@@ -9,8 +9,8 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 MB = 1 << 20
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class DiskFloor:
         self.relieve = relieve
         self.relieve_every_s = relieve_every_s
         self._last_relief = -float("inf")
-        self._relief: Optional[threading.Thread] = None
+        self._relief: threading.Thread | None = None
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.path).free

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import soundfile
@@ -33,7 +32,11 @@ def encode_flac(wav: Path, flac: Path, source_sha256: str) -> None:
     """Write `flac` from `wav` and check it sample for sample; FlacError (and no file) otherwise."""
     info = soundfile.info(str(wav))
     with soundfile.SoundFile(
-        str(flac), "w", samplerate=info.samplerate, channels=info.channels, format="FLAC",
+        str(flac),
+        "w",
+        samplerate=info.samplerate,
+        channels=info.channels,
+        format="FLAC",
         subtype=FLAC_SUBTYPES[info.subtype],
     ) as out:
         out.comment = IDENTITY_PREFIX + source_sha256
@@ -58,7 +61,7 @@ def _check_identical(wav: Path, flac: Path) -> None:
                 raise FlacError(f"FLAC copy of {wav.name} does not decode to the source's samples")
 
 
-def flac_identity(source: Union[Path, bytes]) -> Optional[str]:
+def flac_identity(source: Path | bytes) -> str | None:
     """The SHA-256 of the WAV a birdflow FLAC was made from, or None for any other file."""
     try:
         with soundfile.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as file:
@@ -67,4 +70,4 @@ def flac_identity(source: Union[Path, bytes]) -> Optional[str]:
             comment = file.comment or ""
     except (soundfile.LibsndfileError, RuntimeError):
         return None
-    return comment[len(IDENTITY_PREFIX):] if comment.startswith(IDENTITY_PREFIX) else None
+    return comment[len(IDENTITY_PREFIX) :] if comment.startswith(IDENTITY_PREFIX) else None

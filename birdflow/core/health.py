@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any
 
-from birdflow.settings import validate_listener_id
+from birdflow.core.listener_ids import validate_listener_id
 
 MAX_DATAGRAM_BYTES = 512
 # field -> (type, low, high); strings carry a length limit and a character rule instead
@@ -45,12 +46,12 @@ class HealthRefused(ValueError):
 class HealthReport:
     listener_id: str
     received_at: float
-    battery_v: Optional[float] = None
-    rssi_dbm: Optional[float] = None
-    temperature_c: Optional[float] = None
-    free_storage_mb: Optional[float] = None
-    uptime_s: Optional[float] = None
-    firmware: Optional[str] = None
+    battery_v: float | None = None
+    rssi_dbm: float | None = None
+    temperature_c: float | None = None
+    free_storage_mb: float | None = None
+    uptime_s: float | None = None
+    firmware: str | None = None
 
     def to_line(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -69,22 +70,31 @@ def parse_datagram(data: bytes, received_at: float) -> HealthReport:
     unknown = set(body) - set(NUMBERS) - {"listener_id", "firmware"}
     if unknown:
         raise HealthRefused("schema", f"unknown fields {sorted(unknown)}")
-    listener = body.get("listener_id")
+    named = body.get("listener_id")
     try:
-        validate_listener_id(listener if isinstance(listener, str) else "")
+        listener = validate_listener_id(named if isinstance(named, str) else "")
     except ValueError:
         raise HealthRefused("listener_id") from None
-    values = {}
+    values: dict[str, Any] = {}
     for name, (_, low, high) in NUMBERS.items():
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not low <= value <= high
+        ):
             raise HealthRefused("schema", f"{name} out of range")
         values[name] = float(value)
     firmware = body.get("firmware")
     if firmware is not None:
-        if not isinstance(firmware, str) or not 0 < len(firmware) <= FIRMWARE_MAX or set(firmware) - FIRMWARE_CHARACTERS:
+        if (
+            not isinstance(firmware, str)
+            or not 0 < len(firmware) <= FIRMWARE_MAX
+            or set(firmware) - FIRMWARE_CHARACTERS
+        ):
             raise HealthRefused("schema", "firmware")
         values["firmware"] = firmware
     if not values:
@@ -162,8 +172,11 @@ def health_schema():
     import pyarrow as pa
 
     return pa.schema(
-        [pa.field("time", pa.timestamp("ms", tz="UTC"), nullable=False), pa.field("station_id", pa.string(), nullable=False),
-         pa.field("listener_id", pa.string(), nullable=False)]
+        [
+            pa.field("time", pa.timestamp("ms", tz="UTC"), nullable=False),
+            pa.field("station_id", pa.string(), nullable=False),
+            pa.field("listener_id", pa.string(), nullable=False),
+        ]
         + [pa.field(name, pa.float64()) for name in NUMBERS]
         + [pa.field("firmware", pa.string())]
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 from birdflow.core.budget import SHRINK_TO, sqlite_bytes_in_use
 from birdflow.core.local_db import LocalDatabase
@@ -31,15 +30,18 @@ class ProcessedLedger:
         if "detections" not in columns:  # a record made before it counted detections
             self.database.execute("ALTER TABLE processed ADD COLUMN detections INTEGER")
 
-    def record(self, recording_id: str, analysis_id: str, detections: Optional[int] = None) -> None:
+    def record(self, recording_id: str, analysis_id: str, detections: int | None = None) -> None:
         self.database.execute(
-            "INSERT OR REPLACE INTO processed VALUES (?, ?, ?, ?)", (recording_id, analysis_id, int(time.time()), detections)
+            "INSERT OR REPLACE INTO processed VALUES (?, ?, ?, ?)",
+            (recording_id, analysis_id, int(time.time()), detections),
         )
 
     def detections(self, recording_id: str) -> int:
         """The most detections any analysis of the recording found; 1 when unknown (recorded before they were
         counted, or never processed): what the disk floor deletes last is what is worth the most."""
-        row = self.database.execute("SELECT max(coalesce(detections, 1)) FROM processed WHERE recording_id = ?", (recording_id,)).fetchone()
+        row = self.database.execute(
+            "SELECT max(coalesce(detections, 1)) FROM processed WHERE recording_id = ?", (recording_id,)
+        ).fetchone()
         return 1 if row is None or row[0] is None else row[0]
 
     def contains(self, recording_id: str, analysis_id: str) -> bool:
@@ -75,7 +77,9 @@ class ProcessedLedger:
 
     def listener_ids(self) -> set[str]:
         """Listeners with a processed recording (a recording id starts with its listener id and '_')."""
-        rows = self.database.execute("SELECT DISTINCT substr(recording_id, 1, instr(recording_id, '_') - 1) FROM processed")
+        rows = self.database.execute(
+            "SELECT DISTINCT substr(recording_id, 1, instr(recording_id, '_') - 1) FROM processed"
+        )
         return {row[0] for row in rows if row[0]}
 
     def recording_ids(self) -> set[str]:

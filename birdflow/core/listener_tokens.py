@@ -14,7 +14,6 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from birdflow.core.local_db import LocalDatabase
 
@@ -53,10 +52,12 @@ class ListenerTokens:
         return token
 
     def listed(self) -> list[TokenRecord]:
-        rows = self.database.execute("SELECT token_id, listener_id, created_at FROM tokens ORDER BY listener_id, created_at")
+        rows = self.database.execute(
+            "SELECT token_id, listener_id, created_at FROM tokens ORDER BY listener_id, created_at"
+        )
         return [TokenRecord(*row) for row in rows]
 
-    def revoke(self, listener_id: str, token_id: Optional[str] = None) -> int:
+    def revoke(self, listener_id: str, token_id: str | None = None) -> int:
         """Revoke one token of the listener (by id or its prefix), or all of them; returns how many."""
         if token_id:
             cursor = self.database.execute(
@@ -66,7 +67,7 @@ class ListenerTokens:
             cursor = self.database.execute("DELETE FROM tokens WHERE listener_id = ?", (listener_id,))
         return cursor.rowcount
 
-    def listener_of(self, token: str) -> Optional[str]:
+    def listener_of(self, token: str) -> str | None:
         """The listener a token belongs to, or None. The stored hash is compared in constant time; the
         lookup by the hash's first digits tells an attacker nothing about any token."""
         digest = _hash(token)

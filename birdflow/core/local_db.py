@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # the write-ahead log is checkpointed at this many pages (1 MB) and cut back to that size afterwards
 WAL_PAGES = 256

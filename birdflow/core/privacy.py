@@ -48,7 +48,11 @@ def write_silenced_copy(source: Path, target: Path, spans: Spans, as_flac: bool,
 
     info = soundfile.info(str(source))
     rate, flac = info.samplerate, as_flac and info.subtype in FLAC_SUBTYPES
-    form = {"format": "FLAC", "subtype": FLAC_SUBTYPES[info.subtype]} if flac else {"format": "WAV", "subtype": info.subtype}
+    form = (
+        {"format": "FLAC", "subtype": FLAC_SUBTYPES[info.subtype]}
+        if flac
+        else {"format": "WAV", "subtype": info.subtype}
+    )
     quiet_frames = [(int(start * rate), int(end * rate)) for start, end in spans]
     with soundfile.SoundFile(str(target), "w", samplerate=rate, channels=info.channels, **form) as out:
         if flac:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Any
 
 import pyarrow as pa
 
@@ -80,7 +81,7 @@ class SpeciesRecord:
         self.window_s = rare_window_days * 86400
         self.watched = {name.lower() for name in watch_species}
 
-    def tally(self, detections: pa.Table, seed_hour: Optional[Callable[[int, str], pa.Table]] = None) -> Tally:
+    def tally(self, detections: pa.Table, seed_hour: Callable[[int, str], pa.Table] | None = None) -> Tally:
         """Count a recording's detections (once) and say which were rare. `seed_hour` reads an hour already
         written and no longer held here (a late recording of an old hour adds to it, not replaces it)."""
         if detections.num_rows == 0:
@@ -119,22 +120,30 @@ class SpeciesRecord:
             heard = row["time"].timestamp()
             watched = species.lower() in self.watched or row["common_name"].lower() in self.watched
             last = self.database.execute(
-                "SELECT heard_at FROM last_heard WHERE station_id = ? AND scientific_name = ?", (row["station_id"], species)
+                "SELECT heard_at FROM last_heard WHERE station_id = ? AND scientific_name = ?",
+                (row["station_id"], species),
             ).fetchone()
             if watched or last is None or heard - last[0] > self.window_s:
                 rare.append(
                     RareSighting(
-                        row["station_id"], row["listener_id"], row["recording_id"], species, row["common_name"],
-                        round(row["confidence"], 4), row["time"].astimezone(timezone.utc).isoformat(), watched,
+                        row["station_id"],
+                        row["listener_id"],
+                        row["recording_id"],
+                        species,
+                        row["common_name"],
+                        round(row["confidence"], 4),
+                        row["time"].astimezone(timezone.utc).isoformat(),
+                        watched,
                     )
                 )
             self.database.execute(
-                "INSERT INTO last_heard VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET heard_at = max(heard_at, excluded.heard_at)",
+                "INSERT INTO last_heard VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET heard_at = max(heard_at, "
+                "excluded.heard_at)",
                 (row["station_id"], species, heard),
             )
         return rare
 
-    def _count(self, row: dict, seed_hour: Optional[Callable[[int, str], pa.Table]]) -> None:
+    def _count(self, row: dict, seed_hour: Callable[[int, str], pa.Table] | None) -> None:
         hour, station = hour_of(row["time"].timestamp()), row["station_id"]
         known = self.database.execute(
             "UPDATE hours SET version = version + 1 WHERE hour = ? AND station_id = ?", (hour, station)
@@ -142,14 +151,22 @@ class SpeciesRecord:
         if not known:
             self.database.execute("INSERT INTO hours VALUES (?, ?, 1, 0)", (hour, station))
             for held in (seed_hour(hour, station) if seed_hour else HOURLY_SCHEMA.empty_table()).to_pylist():
-                self._add(hour, held["station_id"], held["listener_id"], held["scientific_name"], held["common_name"],
-                          held["detections"], held["best_confidence"])
+                self._add(
+                    hour,
+                    held["station_id"],
+                    held["listener_id"],
+                    held["scientific_name"],
+                    held["common_name"],
+                    held["detections"],
+                    held["best_confidence"],
+                )
         self._add(hour, station, row["listener_id"], row["scientific_name"], row["common_name"], 1, row["confidence"])
 
     def _add(self, hour: int, station: str, listener: str, species: str, common: str, count: int, best: float) -> None:
         self.database.execute(
             "INSERT INTO hourly VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
-            " detections = detections + excluded.detections, best_confidence = max(best_confidence, excluded.best_confidence)",
+            " detections = detections + excluded.detections, best_confidence = max(best_confidence, "
+            "excluded.best_confidence)",
             (hour, station, listener, species, common, count, round(best, 6)),
         )
 
@@ -159,7 +176,8 @@ class SpeciesRecord:
     def hours_to_write(self, now: float, settle_s: float) -> list[tuple[int, str, int]]:
         """(hour, station, version) of closed hours whose counts changed since they were last written."""
         return self.database.execute(
-            "SELECT hour, station_id, version FROM hours WHERE version > written_version AND hour + ? + ? <= ? ORDER BY hour",
+            "SELECT hour, station_id, version FROM hours WHERE version > written_version AND hour + ? + ? <= ? ORDER "
+            "BY hour",
             (HOUR_S, settle_s, now),
         ).fetchall()
 
@@ -170,11 +188,17 @@ class SpeciesRecord:
             (hour, station),
         ).fetchall()
         start = datetime.fromtimestamp(hour, timezone.utc)
-        columns = list(zip(*rows)) if rows else [[]] * 5
+        columns: list[Any] = list(zip(*rows)) if rows else [[]] * 5
         return pa.table(
-            {"time": [start] * len(rows), "station_id": [station] * len(rows), "listener_id": columns[0],
-             "scientific_name": columns[1], "common_name": columns[2], "detections": columns[3],
-             "best_confidence": columns[4]},
+            {
+                "time": [start] * len(rows),
+                "station_id": [station] * len(rows),
+                "listener_id": columns[0],
+                "scientific_name": columns[1],
+                "common_name": columns[2],
+                "detections": columns[3],
+                "best_confidence": columns[4],
+            },
             schema=HOURLY_SCHEMA,
         )
 
@@ -194,7 +218,8 @@ class SpeciesRecord:
         execute("BEGIN IMMEDIATE")
         try:
             old = execute(
-                "SELECT hour, station_id FROM hours WHERE hour < ? AND version = written_version", (hour_of(now - keep_s),)
+                "SELECT hour, station_id FROM hours WHERE hour < ? AND version = written_version",
+                (hour_of(now - keep_s),),
             ).fetchall()
             for hour, station in old:
                 execute("DELETE FROM hourly WHERE hour = ? AND station_id = ?", (hour, station))

@@ -13,7 +13,7 @@ import re
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, field_validator
 
@@ -43,7 +43,7 @@ class RecordingInfo(BaseModel):
     file_name: str
     source: Literal["stream", "upload", "recovered", "folder", "archive", "backfill"] = "stream"
     # where the audio is read from when it is not in the recordings folder (a backfill source); never deleted
-    source_path: Optional[str] = None
+    source_path: str | None = None
 
     @field_validator("recording_id", "listener_id", "station_id", "file_name")
     @classmethod
@@ -90,7 +90,7 @@ class RecordingNameError(ValueError):
     """A file name whose start time cannot be: no such date, or later than the station's clock allows."""
 
 
-def parse_file_name(name: str) -> tuple[Optional[str], Optional[datetime]]:
+def parse_file_name(name: str) -> tuple[str | None, datetime | None]:
     """listener01_20250101T120000Z.wav -> ("listener01", 2025-01-01 12:00:00 UTC); missing parts are None.
     RecordingNameError for a time that does not exist (20251341T256161Z)."""
     stem = Path(name).name
@@ -105,7 +105,7 @@ def parse_file_name(name: str) -> tuple[Optional[str], Optional[datetime]]:
     return listener, None
 
 
-def name_parts_or_none(name: str) -> tuple[Optional[str], Optional[datetime]]:
+def name_parts_or_none(name: str) -> tuple[str | None, datetime | None]:
     """parse_file_name for files found on a card or in a folder: an impossible time in the name is no time (the
     file's modification time stands in)."""
     try:
@@ -119,7 +119,8 @@ def checked_start(start: datetime, now: datetime) -> datetime:
     ahead), its name's time is wrong (RecordingNameError)."""
     if start > now + FUTURE_START_ALLOWANCE:
         raise RecordingNameError(
-            f"the file name's start {start:%Y-%m-%dT%H:%M:%SZ} is after the station's clock ({now:%Y-%m-%dT%H:%M:%SZ}): "
+            f"the file name's start {start:%Y-%m-%dT%H:%M:%SZ} is after the station's clock "
+            f"({now:%Y-%m-%dT%H:%M:%SZ}): "
             "check the listener's clock"
         )
     return start
@@ -200,7 +201,7 @@ def is_inside(path: Path, roots: list[Path]) -> bool:
     return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
 
 
-def parse_stream_partial(name: str) -> Optional[tuple[str, datetime]]:
+def parse_stream_partial(name: str) -> tuple[str, datetime] | None:
     """(listener id, start time) of a stream's partial file name, or None for any other file."""
     match = _STREAM_PARTIAL_PATTERN.match(name)
     if not match:
@@ -209,7 +210,7 @@ def parse_stream_partial(name: str) -> Optional[tuple[str, datetime]]:
     return match["listener"], start
 
 
-def load_info(audio_path: Path) -> Optional[RecordingInfo]:
+def load_info(audio_path: Path) -> RecordingInfo | None:
     """The metadata published beside an audio file, or None when it was dropped in by hand."""
     sidecar = audio_path.with_suffix(".json")
     if not sidecar.is_file():
@@ -222,7 +223,7 @@ def remove_recording(audio_path: Path) -> None:
     audio_path.with_suffix(".json").unlink(missing_ok=True)
 
 
-def describe_audio_file(path: Path, station_id: str, source: str, modified: Optional[datetime] = None) -> RecordingInfo:
+def describe_audio_file(path: Path, station_id: str, source: str, modified: datetime | None = None) -> RecordingInfo:
     """Metadata for an audio file that arrived without a sidecar: listener and start time from its name
     (listener01_20250101T120000Z...), else "unknown" and the file's modification time. A FLAC copy from
     a birdflow archive is the recording it was made from: same content hash, same recording id."""

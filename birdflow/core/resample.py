@@ -10,12 +10,12 @@ product per run of input blocks. Works as a stream: input in pieces of any size,
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from importlib import resources
 from math import isqrt
-from typing import Iterable, Iterator
 
 import numpy as np
 

@@ -12,9 +12,7 @@ from pathlib import Path
 
 from birdflow.core.local_db import LocalDatabase
 
-SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, content BLOB NOT NULL, written_at INTEGER NOT NULL)"
-)
+SCHEMA = "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, content BLOB NOT NULL, written_at INTEGER NOT NULL)"
 
 
 class ResultsDatabase:

@@ -13,14 +13,10 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
-
-from birdflow.core.disk import MB
-from birdflow.settings import Settings
 
 log = logging.getLogger("birdflow.retention")
 GB = 1 << 30
@@ -35,7 +31,7 @@ class Freed:
     files: int = 0
     bytes: int = 0
 
-    def __iadd__(self, other: "Freed") -> "Freed":
+    def __iadd__(self, other: Freed) -> Freed:
         self.files += other.files
         self.bytes += other.bytes
         return self
@@ -92,10 +88,10 @@ def prune_local_archive(
     max_bytes: int = 0,
     max_age_s: float = 0.0,
     free_target_bytes: int = 0,
-    free_bytes: Optional[Callable[[], int]] = None,
+    free_bytes: Callable[[], int] | None = None,
     floor_reason: str = "floor",
     worth: Callable[[str], int] = lambda recording_id: 1,
-    now: Optional[float] = None,
+    now: float | None = None,
 ) -> list[Purged]:
     """Delete archived audio older than `max_age_s` or over `max_bytes`, oldest first; then, while the disk
     has less than `free_target_bytes` free, the least worth first (`worth` of a recording id: 0 for one
@@ -129,7 +125,7 @@ def prune_local_archive(
 
 
 def remove_stale_files(
-    folders: Iterable[Path], older_than_s: float, pattern: str = "*.partial", now: Optional[float] = None
+    folders: Iterable[Path], older_than_s: float, pattern: str = "*.partial", now: float | None = None
 ) -> Freed:
     """Files matching `pattern` not touched for `older_than_s`: by default the `*.partial` files of a copy
     or write a crash interrupted."""
@@ -158,28 +154,6 @@ def _remove_empty_folders(folder: Path, root: Path) -> None:
         except OSError:
             return
         folder = folder.parent
-
-
-def archive_retention(settings: Settings, worth: Callable[[str], int] = lambda recording_id: 1) -> list[Purged]:
-    """The local archive's caps and, at the disk floor, its audio: a copy of S3's always, the only copy only
-    when the operator chose it (local_archive_purge_at_floor), recordings without detections first. Every
-    deletion is logged and put in the purge journal (announced as Prefect events by maintenance)."""
-    floor_bytes = settings.unattended.min_free_disk_mb * MB
-    copies = settings.archive.archive_backend == "s3"
-    purge_at_floor = copies or settings.unattended.local_archive_purge_at_floor
-    purged = prune_local_archive(
-        settings.local_archive_dir,
-        max_bytes=int(settings.unattended.local_archive_max_gb * GB),
-        max_age_s=settings.unattended.local_archive_max_days * DAY_S,
-        free_target_bytes=int(floor_bytes * FLOOR_HEADROOM) if purge_at_floor else 0,
-        free_bytes=lambda: shutil.disk_usage(settings.data_dir).free,
-        floor_reason="floor-copy" if copies else "floor",
-        worth=worth,
-    )
-    for item in purged:
-        log.warning("archived audio deleted (%s): %s, %d bytes", item.reason, item.recording_id, item.size)
-    PurgeJournal(settings.purge_journal_file).add(purged)
-    return purged
 
 
 class PurgeJournal:

@@ -1,4 +1,5 @@
-"""Where detections, hourly species counts and listener health go: local Parquet (the embedded default) and/or InfluxDB 3.
+"""Where detections, hourly species counts and listener health go: local Parquet (the embedded default) and/or
+InfluxDB 3.
 
 Writes are idempotent: the same recording analysed with the same parameters lands on the same
 Parquet file and the same Influx series and timestamps, so a retry never duplicates rows. The
@@ -14,10 +15,11 @@ import fcntl
 import hashlib
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -65,13 +67,16 @@ class ParquetSink:
         self.health_root = Path(health_root)
 
     def write(self, table: pa.Table) -> int:
-        return _write_by_day(self.root, table, lambda first: f"{_first(table, 'recording_id')}__{_first(table, 'analysis_id')}")
+        return _write_by_day(
+            self.root, table, lambda first: f"{_first(table, 'recording_id')}__{_first(table, 'analysis_id')}"
+        )
 
     def write_hourly(self, table: pa.Table) -> int:
         return _write_by_day(self.hourly_root, table, lambda hour: f"{hour:%H}")
 
     def write_health(self, table: pa.Table) -> int:
-        """A file per batch, named by its first report's time and a digest of its rows: a retry rewrites the same file."""
+        """A file per batch, named by its first report's time and a digest of its rows: a retry rewrites the same
+        file."""
         rows = (table.column("listener_id").to_pylist(), table.column("time").to_pylist())
         digest = hashlib.sha256(repr(rows).encode()).hexdigest()[:12]
         return _write_by_day(self.health_root, table, lambda first: f"{first:%H%M%S}-{digest}")
@@ -103,8 +108,15 @@ class InfluxSink:
 
     name = "influxdb3"
 
-    def __init__(self, host: str, database: str, table: str, token: str, hourly_table: str = "species_hourly",
-                 timeout_ms: int = 10_000):
+    def __init__(
+        self,
+        host: str,
+        database: str,
+        table: str,
+        token: str,
+        hourly_table: str = "species_hourly",
+        timeout_ms: int = 10_000,
+    ):
         from influxdb_client_3 import InfluxDBClient3
 
         self.table = table
@@ -132,11 +144,11 @@ class InfluxSink:
 
 def read_detections(
     root: Path,
-    listener: Optional[str] = None,
-    species: Optional[str] = None,
-    since: Optional[datetime] = None,
-    until: Optional[datetime] = None,
-    min_confidence: Optional[float] = None,
+    listener: str | None = None,
+    species: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    min_confidence: float | None = None,
 ) -> pa.Table:
     """Detections from the local dataset, oldest first; species matches scientific or common name."""
     import pyarrow.dataset as ds  # imports pandas (~50 MB): only readers load it, not the executor
@@ -173,7 +185,8 @@ def read_detections(
 
 def dataset_files(root: Path) -> tuple[list[str], list[str]]:
     """(hour files, per-recording files) of the dataset."""
-    hourly, loose = [], []
+    hourly: list[str] = []
+    loose: list[str] = []
     if root.is_dir():
         for path in sorted(root.rglob("*.parquet")):
             (hourly if path.name.startswith(HOUR_FILE_PREFIX) else loose).append(str(path))
@@ -205,7 +218,7 @@ class Compaction:
     hour_files_written: int = 0
 
 
-def compact_detections(root: Path, settled_s: float = 300.0, now: Optional[float] = None) -> Compaction:
+def compact_detections(root: Path, settled_s: float = 300.0, now: float | None = None) -> Compaction:
     """Merge per-recording files not written for `settled_s` into `YYYY/MM/DD/hour-HH.parquet` (the hour
     of each recording's first detection); their rows replace that recording's earlier rows there."""
     root = Path(root)
@@ -250,7 +263,9 @@ def _unchanged(path: Path, stat: os.stat_result) -> bool:
 
 
 def write_all(
-    sinks: Sequence[DetectionSink], table: pa.Table, on_failure: Callable[[str], None] = lambda sink: None,
+    sinks: Sequence[DetectionSink],
+    table: pa.Table,
+    on_failure: Callable[[str], None] = lambda sink: None,
     kind: str = "detections",
 ) -> dict[str, int]:
     """Every sink gets the table (`kind`: detections, hourly or health); a failing sink is reported (then raises,

@@ -3,6 +3,6 @@ sinks, archive, unattended, observability), from settings.yaml and the environme
 
 from birdflow.settings.loading import SETTINGS_FILE_ENV, load_settings, settings_file_in_use
 from birdflow.settings.model import Settings
-from birdflow.settings.sections import SettingsError, validate_listener_id
+from birdflow.settings.sections import SettingsError
 
-__all__ = ["SETTINGS_FILE_ENV", "Settings", "SettingsError", "load_settings", "settings_file_in_use", "validate_listener_id"]
+__all__ = ["SETTINGS_FILE_ENV", "Settings", "SettingsError", "load_settings", "settings_file_in_use"]

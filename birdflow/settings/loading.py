@@ -9,11 +9,13 @@ the setting and where its value came from.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from birdflow.settings.model import SECTIONS, Settings
 from birdflow.settings.sections import SettingsError
@@ -70,7 +72,9 @@ def _environment() -> dict[str, str]:
     return {**(read_env_file(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
 
 
-def settings_file_in_use(path: Optional[os.PathLike | str] = None, environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+def settings_file_in_use(
+    path: os.PathLike | str | None = None, environ: Mapping[str, str] | None = None
+) -> Path | None:
     """The settings file load_settings reads: the one given, else BIRDFLOW_SETTINGS, else ./settings.yaml if any."""
     environ = _environment() if environ is None else environ
     path = path or environ.get(SETTINGS_FILE_ENV)
@@ -79,7 +83,7 @@ def settings_file_in_use(path: Optional[os.PathLike | str] = None, environ: Opti
     return Path(path) if path is not None else None
 
 
-def load_settings(path: Optional[os.PathLike | str] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:
+def load_settings(path: os.PathLike | str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read settings.yaml (if any) and apply upper-case environment overrides, validating everything."""
     environ = _environment() if environ is None else environ
     path = settings_file_in_use(path, environ)
@@ -95,7 +99,7 @@ def load_settings(path: Optional[os.PathLike | str] = None, environ: Optional[Ma
         raise SettingsError("; ".join(_problem(error, source) for error in exc.errors())) from None
 
 
-def _problem(error: dict, source: dict[str, str]) -> str:
+def _problem(error: ErrorDetails, source: dict[str, str]) -> str:
     """One validation error as "setting 'name' (where its value came from): what is wrong"."""
     message = error["msg"].removeprefix("Value error, ")
     location = [str(part) for part in error["loc"]]

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.fields import FieldInfo
 
 from birdflow.core.budget import MB, HistoryBudget, derived_budget_bytes
+from birdflow.core.listener_ids import LISTENER_ID_PATTERN
 from birdflow.settings.sections import (
-    LISTENER_ID_PATTERN,
     AnalysisSettings,
     ArchiveSettings,
     DetectionSettings,
@@ -145,7 +145,10 @@ class Settings(BaseModel):
     def audio_roots(self) -> list[Path]:
         """The only folders a flow run reads audio from."""
         return [
-            self.recordings_dir, self.failed_dir, self.backfill_scratch_dir, self.local_archive_dir,
+            self.recordings_dir,
+            self.failed_dir,
+            self.backfill_scratch_dir,
+            self.local_archive_dir,
             *self.archive.backfill_roots,
         ]
 
@@ -187,7 +190,9 @@ class Settings(BaseModel):
         while not disk.exists() and disk != disk.parent:
             disk = disk.parent
         chosen = int(self.unattended.history_budget_mb * MB)
-        return HistoryBudget(chosen or derived_budget_bytes(shutil.disk_usage(disk).total), self.unattended.min_free_disk_mb * MB)
+        return HistoryBudget(
+            chosen or derived_budget_bytes(shutil.disk_usage(disk).total), self.unattended.min_free_disk_mb * MB
+        )
 
     @property
     def metrics_dir(self) -> Path:

@@ -3,30 +3,17 @@ settings.yaml and the environment use (INGEST_PORT sets `ingest.ingest_port`).""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from birdflow.core.analysis import AnalysisParams
-
-LISTENER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")  # matched in full (fullmatch)
+from birdflow.core.listener_ids import validate_listener_id
 
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message names it."""
-
-
-def validate_listener_id(listener_id: str) -> str:
-    """Listener ids become file names: refuse anything that could name another path."""
-    if not LISTENER_ID_PATTERN.fullmatch(listener_id or ""):
-        raise ValueError(
-            f"invalid listener id {listener_id!r}: use 1-64 letters, digits, '.' or '-' (no '/', '_', '..' or NUL)"
-        )
-    if ".." in listener_id:
-        raise ValueError(f"invalid listener id {listener_id!r}: '..' is not allowed")
-    return listener_id
 
 
 def comma_list(value: Any) -> Any:
@@ -53,7 +40,7 @@ class Section(BaseModel):
 
 
 class IngestSettings(Section):
-    """The listener protocol's endpoints, and what one connection may cost (README, "Security")."""
+    """The listener protocol's endpoints, and what one connection may cost (docs/security.md)."""
 
     ingest_host: str = Field("0.0.0.0", description="Address the ingest API binds (listeners must reach it)")
     ingest_port: int = Field(8000, ge=1, le=65535)
@@ -66,37 +53,63 @@ class IngestSettings(Section):
     max_frame_bytes: int = Field(1 << 20, ge=1024, le=(1 << 24) - 1, description="Larger frames are malformed")
     max_upload_bytes: int = Field(200 << 20, ge=1024, description="Larger uploads are refused with 413")
     max_upload_duration_s: float = Field(
-        7200.0, gt=0, description="Longer uploaded recordings are refused with 422 (an AudioMoth's hour-long files fit; "
+        7200.0,
+        gt=0,
+        description="Longer uploaded recordings are refused with 422 (an AudioMoth's hour-long files fit; "
         "backfill takes any length)",
     )
     ingest_auth: Annotated[Literal["off", "on"], BeforeValidator(yaml_switch)] = Field(
-        "off", description="on: every request needs its listener's token (`birdflow listeners add`); off keeps old listeners working"
+        "off",
+        description=(
+            "on: every request needs its listener's token (`birdflow listeners add`); off keeps old listeners working"
+        ),
     )
     ingest_auth_exempt: Names = Field(
-        default_factory=list, description="Listener ids that may still send without a token while ingest_auth is on (a migration)"
+        default_factory=list,
+        description="Listener ids that may still send without a token while ingest_auth is on (a migration)",
     )
-    header_timeout_s: float = Field(10.0, gt=0, le=300, description="A request's headers, and a stream's first frame, must arrive within this")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="A request's headers, and a stream's first frame, must arrive within this"
+    )
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="An upload that sends nothing for this long is cut")
     stream_idle_timeout_s: float = Field(
-        900.0, gt=0, description="A stream that sends nothing for this long is closed (longer than the listeners' duty-cycle pause)"
+        900.0,
+        gt=0,
+        description="A stream that sends nothing for this long is closed (longer than the listeners' duty-cycle pause)",
     )
     max_open_streams: int = Field(256, ge=1, description="Streams connected at once; more get 503")
     max_stream_lifetime_s: float = Field(
-        86400.0, gt=0, description="A stream connected longer than this is ended at its next recording (503; the "
+        86400.0,
+        gt=0,
+        description="A stream connected longer than this is ended at its next recording (503; the "
         "listener reconnects, and its token is checked again)",
     )
     max_open_uploads: int = Field(32, ge=1, description="Uploads in progress at once; more get 503")
-    max_uploads_per_listener: int = Field(2, ge=1, description="Uploads of one listener id in progress at once; more get 503")
-    min_upload_bytes_per_s: int = Field(
-        4096, ge=0, description="An upload slower than this on average, once body_timeout_s has passed, is cut (408); 0: no minimum"
+    max_uploads_per_listener: int = Field(
+        2, ge=1, description="Uploads of one listener id in progress at once; more get 503"
     )
-    max_streams_per_listener: int = Field(2, ge=1, description="Streams of one listener id at once (a reconnect while the old one lingers); more get 503")
+    min_upload_bytes_per_s: int = Field(
+        4096,
+        ge=0,
+        description=(
+            "An upload slower than this on average, once body_timeout_s has passed, is cut (408); 0: no minimum"
+        ),
+    )
+    max_streams_per_listener: int = Field(
+        2, ge=1, description="Streams of one listener id at once (a reconnect while the old one lingers); more get 503"
+    )
     max_recordings_per_minute: int = Field(
         12, ge=1, description="A stream that starts more recordings than this in a minute is cut (429)"
     )
-    health_port: int = Field(6000, ge=0, le=65535, description="UDP port of listener health datagrams (README, \"Listener health\"); 0: off")
-    health_min_interval_s: float = Field(10.0, ge=0, description="A listener's health is taken at most this often; more is counted and dropped")
-    health_max_listeners: int = Field(1000, ge=1, le=100000, description="Listeners whose health is tracked at once (bounds memory and metrics)")
+    health_port: int = Field(
+        6000, ge=0, le=65535, description="UDP port of listener health datagrams (docs/listener-protocol.md); 0: off"
+    )
+    health_min_interval_s: float = Field(
+        10.0, ge=0, description="A listener's health is taken at most this often; more is counted and dropped"
+    )
+    health_max_listeners: int = Field(
+        1000, ge=1, le=100000, description="Listeners whose health is tracked at once (bounds memory and metrics)"
+    )
 
     @field_validator("ingest_auth_exempt")
     @classmethod
@@ -106,7 +119,7 @@ class IngestSettings(Section):
         return value
 
     @model_validator(mode="after")
-    def _durations(self) -> "IngestSettings":
+    def _durations(self) -> IngestSettings:
         if self.max_duration_s <= self.min_duration_s:
             raise SettingsError(
                 f"setting 'max_duration_s' ({self.max_duration_s}) must be greater than "
@@ -134,13 +147,19 @@ class PrefectSettings(Section):
     )
     postgres_port: int = Field(5433, ge=1, le=65535, description="Loopback port of the Postgres that `up` starts")
     poll_interval_s: float = Field(
-        1.0, gt=0, le=60, description="How often the executor looks for runs scheduled from the UI (new files wake it at once)"
+        1.0,
+        gt=0,
+        le=60,
+        description="How often the executor looks for runs scheduled from the UI (new files wake it at once)",
     )
     work_pool: str = Field(
         "", description="Work pool of the station's deployments in a fleet (prefect.yaml: birdflow-<station_id>)"
     )
     executor_workers: int = Field(
-        4, ge=1, le=16, description="Flow runs executed at once; they share one BirdNET interpreter (one copy of the model)"
+        4,
+        ge=1,
+        le=16,
+        description="Flow runs executed at once; they share one BirdNET interpreter (one copy of the model)",
     )
     task_retries: int = Field(3, ge=0, le=20, description="Retries of the I/O tasks (decode, write, archive)")
     retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
@@ -167,7 +186,7 @@ class SinkSettings(Section):
     influx_token: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
-    def _a_sink_that_works(self) -> "SinkSettings":
+    def _a_sink_that_works(self) -> SinkSettings:
         if self.influx_enabled and not self.influx_host:
             raise SettingsError("setting 'influx_host' is required when 'influx_enabled' is true")
         if self.influx_enabled and not self.influx_token.get_secret_value():
@@ -182,29 +201,50 @@ class SinkSettings(Section):
 
 
 class DetectionSettings(Section):
-    """What is done with what was heard: rare species pushed, clips kept, human voices filtered (README, "What was heard")."""
+    """What is done with what was heard: rare species pushed, clips kept, human voices filtered
+    (docs/operating.md, "What was heard")."""
 
     rare_window_days: float = Field(
-        30.0, gt=0, description="A species not heard at this station for this long is rare again (an event, a notification)"
+        30.0,
+        gt=0,
+        description="A species not heard at this station for this long is rare again (an event, a notification)",
     )
     watch_species: Names = Field(
-        default_factory=list, description="Species (scientific or common names) that are always rare: every recording with one is pushed"
+        default_factory=list,
+        description="Species (scientific or common names) that are always rare: every recording with one is pushed",
     )
-    run_artifacts: bool = Field(True, description="Each run with detections carries a table artifact of them in the Prefect UI")
+    run_artifacts: bool = Field(
+        True, description="Each run with detections carries a table artifact of them in the Prefect UI"
+    )
     hourly_settle_s: float = Field(
-        300.0, ge=0, description="An hour of species counts is written this long after it closes (late recordings still add to it)"
+        300.0,
+        ge=0,
+        description="An hour of species counts is written this long after it closes (late recordings still add to it)",
     )
     influx_hourly_table: str = Field("species_hourly", description="Influx table of the hourly species counts")
-    clips_enabled: bool = Field(True, description="Keep a FLAC clip and a spectrogram PNG of good detections, in the archive under clips/")
+    clips_enabled: bool = Field(
+        True, description="Keep a FLAC clip and a spectrogram PNG of good detections, in the archive under clips/"
+    )
     clip_min_confidence: float = Field(0.6, ge=0.01, le=1.0, description="Detections at or above this get a clip")
     clip_padding_s: float = Field(1.0, ge=0, le=10, description="Audio kept before and after the 3 s window of a clip")
     clips_per_species_per_day: int = Field(
-        10, ge=1, description="Clips kept per species and day, the most confident; a species' best clip ever is never deleted"
+        10,
+        ge=1,
+        description="Clips kept per species and day, the most confident; a species' best clip ever is never deleted",
     )
     privacy_filter: Annotated[Literal["off", "silence", "drop"], BeforeValidator(yaml_switch)] = Field(
-        "off", description="Human voices: silence zeroes their windows in the archive and clips; drop archives no audio of such a recording"
+        "off",
+        description=(
+            "Human voices: silence zeroes their windows in the archive and clips; drop archives no audio of such a "
+            "recording"
+        ),
     )
-    privacy_threshold: float = Field(0.3, ge=0.01, le=0.99, description="A window whose human score (BirdNET's human classes) reaches this holds a human")
+    privacy_threshold: float = Field(
+        0.3,
+        ge=0.01,
+        le=0.99,
+        description="A window whose human score (BirdNET's human classes) reaches this holds a human",
+    )
 
 
 class ArchiveSettings(Section):
@@ -212,10 +252,12 @@ class ArchiveSettings(Section):
 
     backfill_roots: Folders = Field(
         default_factory=list,
-        description="Folders a backfill may read besides the station's own data and archive; flow runs read no audio elsewhere",
+        description=(
+            "Folders a backfill may read besides the station's own data and archive; flow runs read no audio elsewhere"
+        ),
     )
     archive_backend: Literal["local", "s3"] = "local"
-    archive_dir: Optional[Path] = Field(None, description="Local archive root; default <data_dir>/archive")
+    archive_dir: Path | None = Field(None, description="Local archive root; default <data_dir>/archive")
     s3_bucket: str = ""
     s3_prefix: str = ""
     s3_endpoint_url: str = ""
@@ -224,21 +266,22 @@ class ArchiveSettings(Section):
     aws_secret_access_key: SecretStr = SecretStr("")
     s3_block_name: str = "birdflow-archive"
     archive_format: Literal["wav", "flac"] = Field(
-        "flac", description="WAV recordings are archived as lossless FLAC (verified to decode to identical PCM) or as sent"
+        "flac",
+        description="WAV recordings are archived as lossless FLAC (verified to decode to identical PCM) or as sent",
     )
     keep_local_recordings: bool = Field(
         False, description="With an S3 archive, also keep a local copy in the local archive (subject to its retention)"
     )
 
     @model_validator(mode="after")
-    def _s3_has_a_bucket(self) -> "ArchiveSettings":
+    def _s3_has_a_bucket(self) -> ArchiveSettings:
         if self.archive_backend == "s3" and not self.s3_bucket:
             raise SettingsError("setting 's3_bucket' is required when 'archive_backend' is 's3'")
         return self
 
 
 class UnattendedSettings(Section):
-    """Running unattended: re-drive of failed runs, the disk floor, retention (README, "Running unattended")."""
+    """Running unattended: re-drive of failed runs, the disk floor, retention (docs/operating.md)."""
 
     redrive_delays_s: Seconds = Field(
         default_factory=lambda: [60.0, 120.0, 300.0, 900.0, 3600.0],
@@ -248,25 +291,34 @@ class UnattendedSettings(Section):
         7.0, gt=0, description="A recording whose run still fails this long after it arrived is given up (audio kept)"
     )
     maintenance_interval_s: float = Field(
-        600.0, ge=10, description="How often the executor runs the maintenance deployment (re-drive sweep, retention, compaction)"
+        600.0,
+        ge=10,
+        description="How often the executor runs the maintenance deployment (re-drive sweep, retention, compaction)",
     )
     min_free_disk_mb: int = Field(
         500, ge=0, description="Below this free space retention runs at once, then new recordings are refused (507)"
     )
     run_retention_days: float = Field(
-        14.0, gt=1 / 24, description="Flow runs (task runs, logs, artifacts) and cached results older than this are deleted"
+        14.0,
+        gt=1 / 24,
+        description="Flow runs (task runs, logs, artifacts) and cached results older than this are deleted",
     )
     history_budget_mb: float = Field(
-        0.0, ge=0, description="Disk for run history and state (Prefect database, caches, records); past it, or near the "
+        0.0,
+        ge=0,
+        description="Disk for run history and state (Prefect database, caches, records); past it, or near the "
         "disk floor, the oldest run history goes first. 0: 5 % of the data disk (1.6 GB of a 32 GB card)",
     )
     history_check_interval_s: float = Field(
-        300.0, ge=1, description="How often the embedded Prefect server checks its run history against history_budget_mb"
+        300.0,
+        ge=1,
+        description="How often the embedded Prefect server checks its run history against history_budget_mb",
     )
     local_archive_max_gb: float = Field(0.0, ge=0, description="Cap of the local archive, oldest first; 0: no cap")
     local_archive_max_days: float = Field(0.0, ge=0, description="Age limit of the local archive; 0: no limit")
     local_archive_purge_at_floor: bool = Field(
-        False, description="At the disk floor, delete local archive audio that is the only copy (recordings without "
+        False,
+        description="At the disk floor, delete local archive audio that is the only copy (recordings without "
         "detections first, then the oldest; never clips) rather than refuse new recordings with 507",
     )
 
@@ -282,7 +334,10 @@ class ObservabilitySettings(Section):
     """Metrics: who may read /metrics, and the Prometheus agent that remote-writes them centrally."""
 
     metrics_token: SecretStr = Field(
-        SecretStr(""), description="Bearer token Prometheus sends for /metrics; empty: /metrics answers loopback only when ingest_auth is on"
+        SecretStr(""),
+        description=(
+            "Bearer token Prometheus sends for /metrics; empty: /metrics answers loopback only when ingest_auth is on"
+        ),
     )
     prometheus_scrape_interval_s: int = Field(15, ge=1, le=3600)
     prometheus_remote_write_url: str = Field("", description="Central Prometheus /api/v1/write; empty: none")

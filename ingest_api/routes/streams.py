@@ -13,14 +13,14 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from birdflow.app import metrics
 from birdflow.core.disk import InsufficientStorage
+from birdflow.runtime import metrics
 from ingest_api.assembler import StreamAssembler, StreamRejected, StreamStats, TooManyRecordings
 from ingest_api.checks import Rejection, write_failure
 from ingest_api.connections import FIRST_FRAME_SEEN
-from ingest_api.deps import StationDep, TokenDep
-from ingest_api.station import RETRY_AFTER_S
+from ingest_api.deps import IngestStateDep, TokenDep
 from ingest_api.framing import FrameParser, FramingError
+from ingest_api.ingest_state import RETRY_AFTER_S
 
 log = logging.getLogger("birdflow.ingest")
 router = APIRouter()
@@ -39,26 +39,31 @@ def summary(listener_id: str, stats: StreamStats) -> dict:
 
 
 @router.post("/recordings_stream")
-async def recordings_stream(request: Request, station: StationDep, token: TokenDep, listener_id: str = Query(...)):
+async def recordings_stream(request: Request, ingest: IngestStateDep, token: TokenDep, listener_id: str = Query(...)):
     try:
-        station.admit_stream(listener_id, token)
-    except Rejection as rejection:
-        return station.reject(rejection, listener_id)
-    parser = FrameParser(station.settings.ingest.max_frame_bytes)
+        ingest.admit_stream(listener_id, token)
+    except Rejection as refused:
+        return ingest.reject(refused, listener_id)
+    parser = FrameParser(ingest.settings.ingest.max_frame_bytes)
     sealing: list[concurrent.futures.Future] = []
 
     def seal_later(seal) -> None:
         sealing[:] = [future for future in sealing if not future.done()]  # bounded on days-long streams
-        sealing.append(station.submit_seal(listener_id, seal))
+        sealing.append(ingest.submit_seal(listener_id, seal))
 
     assembler = StreamAssembler(
-        listener_id, station.store, station.limits, on_event=station.count_event, sealer=seal_later,
-        before_open=partial(station.admit_next_recording, listener_id, token, time.monotonic()), rate=station.recording_rate,
+        listener_id,
+        ingest.store,
+        ingest.limits,
+        on_event=ingest.count_event,
+        sealer=seal_later,
+        before_open=partial(ingest.admit_next_recording, listener_id, token, time.monotonic()),
+        rate=ingest.recording_rate,
     )
-    station.streams.add(assembler)
-    open_streams = metrics.OPEN_STREAMS.labels(station.station_id)
+    ingest.streams.add(assembler)
+    open_streams = metrics.OPEN_STREAMS.labels(ingest.station_id)
     open_streams.inc()
-    rejection = None
+    rejection: Rejection | None = None
     try:
         async for chunk in request.stream():
             for frame in parser.feed(chunk):
@@ -83,18 +88,19 @@ async def recordings_stream(request: Request, station: StationDep, token: TokenD
         rejection = exc
     except OSError as exc:
         assembler.abandon()  # a recording cut by a write error is not kept half-written
-        rejection = write_failure(exc)
-        if not isinstance(rejection, Rejection):
+        failure = write_failure(exc)
+        if not isinstance(failure, Rejection):
             raise
+        rejection = failure
     finally:
         if parser.pending_bytes and rejection is None:
             log.info("listener %s: stream ended inside a frame (%d bytes dropped)", listener_id, parser.pending_bytes)
-            station.count_event("frame_dropped", 1)
+            ingest.count_event("frame_dropped", 1)
         stats = assembler.finish()
-        station.streams.discard(assembler)
+        ingest.streams.discard(assembler)
         open_streams.dec()
         # this stream's recordings are published before its answer lists them
         await asyncio.gather(*(asyncio.wrap_future(future) for future in sealing), return_exceptions=True)
     if rejection:
-        return station.reject(rejection, listener_id, summary(listener_id, stats))
+        return ingest.reject(rejection, listener_id, summary(listener_id, stats))
     return summary(listener_id, stats)

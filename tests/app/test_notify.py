@@ -50,7 +50,9 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
         assert "restarting the Prefect server with its triggers on" in stack.log_tail(200)
 
         def upload(name: str) -> dict:
-            response = httpx.post(f"{stack.url}/recordings_upload", files={"file": (name, sample_48k.read_bytes())}, timeout=30)
+            response = httpx.post(
+                f"{stack.url}/recordings_upload", files={"file": (name, sample_48k.read_bytes())}, timeout=30
+            )
             assert response.status_code == 200, response.text
             return response.json()
 
@@ -69,7 +71,11 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
         first_run = message["text"].rsplit("/", 1)[1]
         [artifact] = stack.api("artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first_run]}}})
         expected = ("American Goldfinch (Spinus tristis)", "1 detection: American Goldfinch")
-        page = rendered(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{artifact['id']}", tmp_path / "browser", showing=expected)
+        page = rendered(
+            f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{artifact['id']}",
+            tmp_path / "browser",
+            showing=expected,
+        )
         assert all(text in page for text in expected)
         removed = stack.cli("notify", "remove", "birdflow-notify-notify-webhook")
         assert removed.returncode == 0 and removed.stdout.startswith("removed channel birdflow-notify-notify-webhook")
@@ -78,11 +84,19 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
         stack.stop()
 
 
-
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:4200/api/flow_runs", "http://localhost:8000/metrics", "http://[::1]/x", "http://169.254.169.254/latest/meta-data",
-    "http://[fe80::1]/x", "http://0.0.0.0:4200/", "https://hooks.example/{{ event }}", "ftp://hooks.example/x",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:4200/api/flow_runs",
+        "http://localhost:8000/metrics",
+        "http://[::1]/x",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[fe80::1]/x",
+        "http://0.0.0.0:4200/",
+        "https://hooks.example/{{ event }}",
+        "ftp://hooks.example/x",
+    ],
+)
 def test_a_webhook_cannot_point_at_the_station_itself_nor_at_link_local_addresses(url):
     from birdflow.app.notify import CHANNELS, ChannelError
 

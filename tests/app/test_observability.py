@@ -16,10 +16,10 @@ import httpx
 import pytest
 import yaml
 
-from birdflow.app import metrics
 from birdflow.core.detections import SCHEMA
-from tests.conftest import PROJECT
+from birdflow.runtime import metrics
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
+from tests.conftest import PROJECT
 
 DASHBOARD = PROJECT / "deployments" / "kubernetes" / "grafana" / "dashboards" / "birdflow.json"
 DATASOURCES = PROJECT / "deployments" / "kubernetes" / "grafana" / "provisioning" / "datasources" / "birdflow.yml"
@@ -27,10 +27,14 @@ DATASOURCES = PROJECT / "deployments" / "kubernetes" / "grafana" / "provisioning
 
 def exported_series() -> set[str]:
     """Every series name birdflow's metrics produce (counters as *_total, histograms as _bucket/_sum/_count)."""
-    names = set()
+    names: set[str] = set()
     from prometheus_client.metrics import MetricWrapperBase
 
-    found = [metric for value in vars(metrics).values() for metric in (value.values() if isinstance(value, dict) else [value])]
+    found = [
+        metric
+        for value in vars(metrics).values()
+        for metric in (value.values() if isinstance(value, dict) else [value])
+    ]
     for value in found:  # a dict of metrics (the listener health gauges) counts by its members
         if not isinstance(value, MetricWrapperBase):
             continue
@@ -83,12 +87,19 @@ def test_agent_config_scrapes_birdflow_and_remote_writes_to_central_prometheus(t
     ingest_port, central_port, agent_port = free_port(), free_port(), free_port()
     password = "s3cret-remote-write"
     settings_file = tmp_path / "settings.yaml"
-    settings_file.write_text(yaml.safe_dump({
-        "station_id": "obs-test", "data_dir": str(tmp_path / "data"), "ingest_host": LOOPBACK,
-        "ingest_port": ingest_port, "prometheus_scrape_interval_s": 1,
-        "prometheus_remote_write_url": f"http://{LOOPBACK}:{central_port}/api/v1/write",
-        "prometheus_remote_write_user": "birdflow",
-    }))
+    settings_file.write_text(
+        yaml.safe_dump(
+            {
+                "station_id": "obs-test",
+                "data_dir": str(tmp_path / "data"),
+                "ingest_host": LOOPBACK,
+                "ingest_port": ingest_port,
+                "prometheus_scrape_interval_s": 1,
+                "prometheus_remote_write_url": f"http://{LOOPBACK}:{central_port}/api/v1/write",
+                "prometheus_remote_write_user": "birdflow",
+            }
+        )
+    )
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["PROMETHEUS_REMOTE_WRITE_PASSWORD"] = password
     cli = [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file)]
@@ -105,22 +116,42 @@ def test_agent_config_scrapes_birdflow_and_remote_writes_to_central_prometheus(t
     (central_dir / "web.yml").write_text(yaml.safe_dump({"basic_auth_users": {"birdflow": hashed}}))
     processes = [
         start(cli + ["ingest"], tmp_path / "ingest.log", env),
-        start([prometheus_binary, f"--config.file={central_dir / 'prometheus.yml'}",
-               f"--storage.tsdb.path={central_dir / 'data'}", f"--web.listen-address={LOOPBACK}:{central_port}",
-               f"--web.config.file={central_dir / 'web.yml'}", "--web.enable-remote-write-receiver"],
-              tmp_path / "central.log"),
-        start([prometheus_binary, "--enable-feature=agent", f"--config.file={agent_dir / 'prometheus.yml'}",
-               f"--storage.agent.path={agent_dir / 'data'}", f"--web.listen-address={LOOPBACK}:{agent_port}"],
-              tmp_path / "agent.log"),
+        start(
+            [
+                prometheus_binary,
+                f"--config.file={central_dir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={central_dir / 'data'}",
+                f"--web.listen-address={LOOPBACK}:{central_port}",
+                f"--web.config.file={central_dir / 'web.yml'}",
+                "--web.enable-remote-write-receiver",
+            ],
+            tmp_path / "central.log",
+        ),
+        start(
+            [
+                prometheus_binary,
+                "--enable-feature=agent",
+                f"--config.file={agent_dir / 'prometheus.yml'}",
+                f"--storage.agent.path={agent_dir / 'data'}",
+                f"--web.listen-address={LOOPBACK}:{agent_port}",
+            ],
+            tmp_path / "agent.log",
+        ),
     ]
     try:
         auth = ("birdflow", password)
 
         def central_has(query: str) -> bool:
-            response = httpx.get(f"http://{LOOPBACK}:{central_port}/api/v1/query", params={"query": query}, auth=auth, timeout=5)
+            response = httpx.get(
+                f"http://{LOOPBACK}:{central_port}/api/v1/query", params={"query": query}, auth=auth, timeout=5
+            )
             return response.status_code == 200 and bool(response.json()["data"]["result"])
 
-        wait_until(lambda: central_has('birdflow_disk_free_bytes{station="obs-test"} > 0'), 90, "birdflow metrics in the central Prometheus")
+        wait_until(
+            lambda: central_has('birdflow_disk_free_bytes{station="obs-test"} > 0'),
+            90,
+            "birdflow metrics in the central Prometheus",
+        )
         assert central_has('up{job="birdflow", station="obs-test"} == 1')
         unauthorised = httpx.get(f"http://{LOOPBACK}:{central_port}/api/v1/query", params={"query": "up"}, timeout=5)
         assert unauthorised.status_code == 401

@@ -22,13 +22,13 @@ import yaml
 
 from birdflow.app.supervisor import TASK_RUN_RECORDER_BATCHING, VACUUM
 from birdflow.settings import Settings
-from tests.conftest import PROJECT
 from birdflow_tools.stack import Stack
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
+from tests.conftest import PROJECT
 
 DOCKER, BALENA = PROJECT / "docker", PROJECT / "balena"
 SETTING_VARIABLES = {name.upper() for name in Settings.flat_fields()}
-# services published beyond the box, each asking for credentials (README, "Security")
+# services published beyond the box, each asking for credentials (docs/security.md)
 PUBLISHED_WITH_LOGIN = {
     "docker-compose.yml": {"aggregator", "prefect", "grafana"},
     "docker-compose.central.yml": {"prefect", "grafana", "influxdb3", "prometheus", "seaweedfs"},
@@ -91,16 +91,22 @@ def test_entrypoint_runs_outside_docker(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     port = free_port()
-    (data / "settings.yaml").write_text(yaml.safe_dump({"station_id": "from-volume", "ingest_port": port, "ingest_host": LOOPBACK}))
+    (data / "settings.yaml").write_text(
+        yaml.safe_dump({"station_id": "from-volume", "ingest_port": port, "ingest_host": LOOPBACK})
+    )
     env = {key: value for key, value in os.environ.items() if key.upper() not in SETTING_VARIABLES}
     env.update(DATA_DIR=str(data), INGEST_PORT=str(port), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
     env.pop("BIRDFLOW_SETTINGS", None)
     assert entrypoint("healthcheck", env=env).returncode == 1  # nothing listens yet
     config = entrypoint("prometheus-config", env=env)
     assert config.returncode == 0 and "station: from-volume" in config.stdout  # settings.yaml on the volume
-    ingest = subprocess.Popen([str(DOCKER / "entrypoint.sh"), "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ingest = subprocess.Popen(
+        [str(DOCKER / "entrypoint.sh"), "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
-        wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200, 60, "ingest via the entrypoint")
+        wait_until(
+            lambda: httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200, 60, "ingest via the entrypoint"
+        )
         assert entrypoint("healthcheck", env=env).returncode == 0
         assert entrypoint("sh", "-c", "echo passthrough", env=env).stdout.strip() == "passthrough"
     finally:
@@ -109,23 +115,39 @@ def test_entrypoint_runs_outside_docker(tmp_path):
 
 
 def test_env_to_fleet_loads_what_init_writes(tmp_path):
-    subprocess.run([sys.executable, "-m", "birdflow.app.cli", "init", "--dir", str(tmp_path), "--station", "pi-9"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "birdflow.app.cli", "init", "--dir", str(tmp_path), "--station", "pi-9"],
+        check=True,
+        capture_output=True,
+    )
     env_file = tmp_path / ".env"
     env_file.write_text(env_file.read_text() + "INFLUX_TOKEN_EXTRA='a b'\nlower=x\n")
     result = subprocess.run(
-        [str(BALENA / "env-to-fleet.sh"), "north-fleet", str(env_file)], capture_output=True, text=True,
+        [str(BALENA / "env-to-fleet.sh"), "north-fleet", str(env_file)],
+        capture_output=True,
+        text=True,
         env={**os.environ, "DRY_RUN": "1"},
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[3] for line in lines] == [
-        "STATION_ID", "PREFECT_API_AUTH_STRING", "METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD", "POSTGRES_PASSWORD", "UI_BIND",
-        "INGEST_AUTH", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "INFLUX_TOKEN_EXTRA",
+        "STATION_ID",
+        "PREFECT_API_AUTH_STRING",
+        "METRICS_TOKEN",
+        "GRAFANA_ADMIN_PASSWORD",
+        "POSTGRES_PASSWORD",
+        "UI_BIND",
+        "INGEST_AUTH",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "INFLUX_TOKEN_EXTRA",
     ]
     assert lines[0] == "balena env set STATION_ID pi-9 --fleet north-fleet"
     assert lines[-1] == "balena env set INFLUX_TOKEN_EXTRA a\\ b --fleet north-fleet"
     assert "skipping lower" in result.stderr
-    missing = subprocess.run([str(BALENA / "env-to-fleet.sh"), "f", str(tmp_path / "nope")], capture_output=True, text=True)
+    missing = subprocess.run(
+        [str(BALENA / "env-to-fleet.sh"), "f", str(tmp_path / "nope")], capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
@@ -136,10 +158,16 @@ def installed_wheel(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     # built from a copy: an in-tree build keeps a build/ folder whose stale modules could end up in the wheel
     source = root / "source"
-    shutil.copytree(PROJECT, source, ignore=shutil.ignore_patterns(".*", "build", "data", "*.egg-info", "__pycache__", "tests", "tools"))
+    shutil.copytree(
+        PROJECT,
+        source,
+        ignore=shutil.ignore_patterns(".*", "build", "data", "*.egg-info", "__pycache__", "tests", "tools"),
+    )
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(root / "dist"), str(source)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert built.returncode == 0, built.stderr
     [wheel] = (root / "dist").glob("birdflow-*.whl")
@@ -149,27 +177,48 @@ def installed_wheel(tmp_path_factory) -> Path:
     assert not [name for name in names if name.startswith(("birdflow_tools/", "tests/", "birdflow/tools/"))]
     subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=120)
     python = root / "venv" / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], check=True, timeout=300
+    )
     ours = sysconfig.get_paths()["purelib"]
     dependencies = root / "dependencies"
     dependencies.mkdir()
     for entry in Path(ours).iterdir():
         if not entry.name.startswith(("birdflow", "__editable__", "_birdflow")) and not entry.name.endswith(".pth"):
             (dependencies / entry.name).symlink_to(entry)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (Path(site) / "dependencies.pth").write_text(f"{dependencies}\n")
     return python
 
 
 def test_the_wheel_in_a_fresh_virtualenv_runs_init_up_and_a_recording(installed_wheel, tmp_path, sample_48k):
     where = subprocess.run(
-        [str(installed_wheel), "-c", "import birdflow; print(birdflow.__file__)"], capture_output=True, text=True, cwd=tmp_path,
+        [str(installed_wheel), "-c", "import birdflow; print(birdflow.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert str(PROJECT) not in where.stdout and "site-packages" in where.stdout, where.stdout + where.stderr
     init = subprocess.run(
-        [str(installed_wheel), "-m", "birdflow.app.cli", "init", "--dir", str(tmp_path / "station"), "--station", "wheel-1"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            str(installed_wheel),
+            "-m",
+            "birdflow.app.cli",
+            "init",
+            "--dir",
+            str(tmp_path / "station"),
+            "--station",
+            "wheel-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert init.returncode == 0, init.stderr
     assert "station_id: wheel-1" in (tmp_path / "station" / "settings.yaml").read_text()
@@ -177,7 +226,11 @@ def test_the_wheel_in_a_fresh_virtualenv_runs_init_up_and_a_recording(installed_
     stack.root.mkdir()
     try:
         stack.start()
-        response = httpx.post(f"{stack.url}/recordings_upload", files={"file": ("mic1_20250601T053000Z.wav", sample_48k.read_bytes())}, timeout=60)
+        response = httpx.post(
+            f"{stack.url}/recordings_upload",
+            files={"file": ("mic1_20250601T053000Z.wav", sample_48k.read_bytes())},
+            timeout=60,
+        )
         assert response.status_code == 200, response.text
         wait_until(lambda: stack.completed_runs() == 1, 120, "the recording's run")
         listed = stack.cli("detections", "--format", "json")

@@ -79,7 +79,9 @@ def test_the_embedded_server_keeps_run_history_within_its_budget_oldest_first(tm
     """40 runs (~0.75 MB of history on a 1.35 MB database) against a budget of 1.8 MB: once the runs are two days
     old, Prefect's vacuum deletes the oldest until the database fits, and the file gives the space back."""
     budget = 1.8 * MB
-    stack = Stack(tmp_path, station_id="budget", settings={"history_budget_mb": budget / MB, "history_check_interval_s": 1})
+    stack = Stack(
+        tmp_path, station_id="budget", settings={"history_budget_mb": budget / MB, "history_check_interval_s": 1}
+    )
     database = stack.places.prefect_database_file
     try:
         stack.start()
@@ -100,3 +102,9 @@ def test_the_embedded_server_keeps_run_history_within_its_budget_oldest_first(tm
         assert "over the budget of 1.8 MB: the oldest" in stack.log_tail(400)
     finally:
         stack.stop()
+
+
+def test_the_server_says_where_it_listens_in_one_line_without_prefects_banner(prefect_server):
+    log = (prefect_server.home / "server.log").read_text()
+    assert f"Prefect server listening on {prefect_server.api_url.removesuffix('/api')}" in log, log[:2000]
+    assert "___" not in log and "prefect config set" not in log, log[:2000]

@@ -10,15 +10,21 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 
-from birdflow.settings import Settings, load_settings
 from birdflow.app.provisioning import ENV_TEMPLATE, settings_template
+from birdflow.settings import Settings, load_settings
 
 
 def test_example_settings_name_every_setting_with_its_default(tmp_path):
     template = tmp_path / "settings.yaml"
     template.write_text(settings_template())
     example = yaml.safe_load(template.read_text())
-    secrets = {"influx_token", "aws_secret_access_key", "prometheus_remote_write_password", "prefect_api_auth_string", "metrics_token"}
+    secrets = {
+        "influx_token",
+        "aws_secret_access_key",
+        "prometheus_remote_write_password",
+        "prefect_api_auth_string",
+        "metrics_token",
+    }
     assert set(Settings.flat_fields()) - set(example) == secrets  # secrets live in .env
     assert set(example) <= set(Settings.flat_fields())
     assert load_settings(template, environ={}) == Settings()
@@ -32,11 +38,17 @@ def test_the_env_template_sets_only_settings():
 
 def test_init_writes_settings_and_env_that_load_back_and_keeps_existing_files(tmp_path, monkeypatch):
     cli = [sys.executable, "-m", "birdflow.app.cli", "init", "--dir", str(tmp_path), "--station", "pi-7"]
-    env = {key: value for key, value in os.environ.items() if key.upper() not in {name.upper() for name in Settings.flat_fields()}}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key.upper() not in {name.upper() for name in Settings.flat_fields()}
+    }
     first = subprocess.run(cli, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr
     assert (tmp_path / ".env").stat().st_mode & 0o077 == 0  # secrets file readable by its owner only
-    (tmp_path / ".env").write_text((tmp_path / ".env").read_text().replace("INFLUX_TOKEN=", "INFLUX_TOKEN='from-dotenv'"))
+    (tmp_path / ".env").write_text(
+        (tmp_path / ".env").read_text().replace("INFLUX_TOKEN=", "INFLUX_TOKEN='from-dotenv'")
+    )
     monkeypatch.chdir(tmp_path)
     for name in ("STATION_ID", "INFLUX_TOKEN"):
         monkeypatch.delenv(name, raising=False)
@@ -44,7 +56,11 @@ def test_init_writes_settings_and_env_that_load_back_and_keeps_existing_files(tm
     assert settings.station_id == "pi-7" and settings.sinks.influx_token.get_secret_value() == "from-dotenv"
     # secrets of its own for every station: Prefect's auth string and the metrics token
     user, _, password = settings.prefect.prefect_api_auth_string.get_secret_value().partition(":")
-    assert user == "birdflow" and len(password) >= 24 and len(settings.observability.metrics_token.get_secret_value()) >= 24
+    assert (
+        user == "birdflow"
+        and len(password) >= 24
+        and len(settings.observability.metrics_token.get_secret_value()) >= 24
+    )
     assert settings.ingest.ingest_auth == "on"  # a new station takes recordings from its own listeners only
     monkeypatch.setenv("STATION_ID", "from-environment")  # the real environment wins over .env
     assert load_settings().station_id == "from-environment"
@@ -56,14 +72,29 @@ def test_init_writes_settings_and_env_that_load_back_and_keeps_existing_files(tm
 @pytest.mark.e2e
 def test_central_setup_creates_station_pools_with_limits(prefect_server, tmp_path):
     settings_file = tmp_path / "settings.yaml"
-    settings_file.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "prefect_api_url": prefect_server.api_url}))
-    command = [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), "central-setup",
-               "--stations", "north,south", "--pool-limit", "3"]
+    settings_file.write_text(
+        yaml.safe_dump({"data_dir": str(tmp_path / "data"), "prefect_api_url": prefect_server.api_url})
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "birdflow.app.cli",
+        "--settings",
+        str(settings_file),
+        "central-setup",
+        "--stations",
+        "north,south",
+        "--pool-limit",
+        "3",
+    ]
     for limit in ("3", "1"):
         command[-1] = limit
         result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
-    assert "InfluxDB is off" in result.stdout and "no blocks registered: the S3 archive and InfluxDB are both off" in result.stdout
+    assert (
+        "InfluxDB is off" in result.stdout
+        and "no blocks registered: the S3 archive and InfluxDB are both off" in result.stdout
+    )
     with get_client(sync_client=True) as client:
         for station in ("north", "south"):
             pool = client.read_work_pool(f"birdflow-{station}")

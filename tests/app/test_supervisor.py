@@ -12,8 +12,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-from birdflow.settings import Settings
 from birdflow.app.supervisor import Child, restart_when_due
+from birdflow.settings import Settings
 from birdflow_tools.stack import Stack
 from birdflow_tools.testbed import wait_until
 
@@ -47,7 +47,10 @@ def test_the_gauges_of_a_dead_child_stop_counting(tmp_path):
     settings.metrics_dir.mkdir(parents=True)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(settings.metrics_dir)}
     # a child that holds two streams open and dies without closing them (kill -9)
-    dies_with_two_streams = "from birdflow.app import metrics; metrics.OPEN_STREAMS.labels('s').inc(2); import os; os.kill(os.getpid(), 9)"
+    dies_with_two_streams = (
+        "from birdflow.runtime import metrics; metrics.OPEN_STREAMS.labels('s').inc(2); "
+        "import os; os.kill(os.getpid(), 9)"
+    )
     child = Child("ingest", [sys.executable, "-c", dies_with_two_streams])
     child.start(env)
     child.process.wait()
@@ -63,7 +66,9 @@ def test_the_gauges_of_a_dead_child_stop_counting(tmp_path):
 
 
 def test_up_cannot_be_doubled_and_its_children_end_with_it_even_when_it_is_killed(tmp_path, sample_48k):
-    stack = Stack(tmp_path / "first", station_id="single", env={"PREFECT_API_AUTH_STRING": "birdflow:only-the-server-checks-it"})
+    stack = Stack(
+        tmp_path / "first", station_id="single", env={"PREFECT_API_AUTH_STRING": "birdflow:only-the-server-checks-it"}
+    )
     # a second `up` on the same data folder, on other ports
     second = Stack(tmp_path / "second", station_id="single", settings={"data_dir": str(stack.places.data_dir)})
     for each in (stack, second):
@@ -92,12 +97,23 @@ def test_up_cannot_be_doubled_and_its_children_end_with_it_even_when_it_is_kille
         data.chmod(0o755), database.chmod(0o644)  # as an older version left them
         second.start(timeout_s=120)
         assert second.completed_runs() == 0  # a working station again
-        httpx.post(f"{second.url}/recordings_upload", files={"file": ("mic1_20250601T053000Z.wav", sample_48k.read_bytes())}, timeout=60).raise_for_status()
+        httpx.post(
+            f"{second.url}/recordings_upload",
+            files={"file": ("mic1_20250601T053000Z.wav", sample_48k.read_bytes())},
+            timeout=60,
+        ).raise_for_status()
         wait_until(lambda: second.completed_runs() == 1, 120, "the recording analysed")
         # closed to other users: the database holds the key to the stored secrets
         assert (mode(data), mode(database)) == (0o700, 0o600)
-        written = [path for folder in ("archive", "state", "detections") for path in (data / folder).rglob("*") if path.is_file()]
-        assert written and all(mode(path) & 0o077 == 0 for path in written), {str(path): oct(mode(path)) for path in written}
+        written = [
+            path
+            for folder in ("archive", "state", "detections")
+            for path in (data / folder).rglob("*")
+            if path.is_file()
+        ]
+        assert written and all(mode(path) & 0o077 == 0 for path in written), {
+            str(path): oct(mode(path)) for path in written
+        }
     finally:
         for each in (stack, second):
             each.stop()

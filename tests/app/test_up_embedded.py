@@ -19,8 +19,8 @@ import pytest
 import soundfile
 import yaml
 
-from birdflow.core.flac import flac_identity
 from birdflow.app.supervisor import postgres_program
+from birdflow.core.flac import flac_identity
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -52,18 +52,29 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(databa
             pytest.skip(str(exc))
     ingest_port, prefect_port = free_port(), free_port()
     settings_file = tmp_path / "settings.yaml"
-    settings_file.write_text(yaml.safe_dump({
-        "data_dir": str(data_root / "data"), "ingest_host": LOOPBACK, "ingest_port": ingest_port,
-        "prefect_port": prefect_port, "poll_interval_s": 0.5,
-        "prefect_database": database, "postgres_port": free_port(),
-        "prefect_api_auth_string": "birdflow:up-test-secret",  # Prefect's own auth, which every process must send
-    }))
+    settings_file.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(data_root / "data"),
+                "ingest_host": LOOPBACK,
+                "ingest_port": ingest_port,
+                "prefect_port": prefect_port,
+                "poll_interval_s": 0.5,
+                "prefect_database": database,
+                "postgres_port": free_port(),
+                # Prefect's own auth, which every process must send
+                "prefect_api_auth_string": "birdflow:up-test-secret",
+            }
+        )
+    )
     log = open(tmp_path / "up.log", "wb")
     # without the session's PREFECT_* variables, which would point `up` at the fixture's server
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     process = subprocess.Popen(
         [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), "up"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{ingest_port}/healthz").status_code == 200, 120, "ingest API")
@@ -71,7 +82,12 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(databa
         secrets_query = {"include_secrets": True}
         api = f"http://{LOOPBACK}:{prefect_port}/api"
         assert httpx.post(f"{api}/block_documents/filter", json=secrets_query).status_code == 401
-        assert httpx.post(f"{api}/block_documents/filter", json=secrets_query, auth=("birdflow", "up-test-secret")).status_code == 200
+        assert (
+            httpx.post(
+                f"{api}/block_documents/filter", json=secrets_query, auth=("birdflow", "up-test-secret")
+            ).status_code
+            == 200
+        )
         response = httpx.post(
             f"http://{LOOPBACK}:{ingest_port}/recordings_upload",
             files={"file": ("mic-1_20250601T053000Z.wav", sample_48k.read_bytes())},
@@ -108,9 +124,17 @@ def postgres_refuses_strangers_and_prefect_is_no_superuser(data: Path, settings_
     async def check() -> None:
         for user in ("postgres", "prefect", made["user"]):
             with pytest.raises(asyncpg.InvalidPasswordError):
-                await asyncpg.connect(host=LOOPBACK, port=port, user=user, database="postgres", password="guess", timeout=10)
-        connection = await asyncpg.connect(host=LOOPBACK, port=port, user=made["user"], password=made["password"],
-                                           database=made["database"], timeout=10)
+                await asyncpg.connect(
+                    host=LOOPBACK, port=port, user=user, database="postgres", password="guess", timeout=10
+                )
+        connection = await asyncpg.connect(
+            host=LOOPBACK,
+            port=port,
+            user=made["user"],
+            password=made["password"],
+            database=made["database"],
+            timeout=10,
+        )
         try:
             assert await connection.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is False
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -140,11 +164,22 @@ def test_a_cluster_of_an_earlier_version_that_trusted_everyone_asks_for_a_passwo
     user = "postgres" if os.geteuid() == 0 else None
     if user:
         shutil.chown(cluster, user, user)
-    subprocess.run([initdb, "-D", str(cluster), "-U", "prefect", "--auth=trust"], check=True, capture_output=True, user=user, group=user)
+    subprocess.run(
+        [initdb, "-D", str(cluster), "-U", "prefect", "--auth=trust"],
+        check=True,
+        capture_output=True,
+        user=user,
+        group=user,
+    )
     assert trusts_connections(cluster)
     port = free_port()
-    server = subprocess.Popen([postgres, "-D", str(cluster), "-h", LOOPBACK, "-p", str(port), "-k", str(cluster)],
-                              user=user, group=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [postgres, "-D", str(cluster), "-h", LOOPBACK, "-p", str(port), "-k", str(cluster)],
+        user=user,
+        group=user,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until(lambda: port_open(port), 30, "the old cluster")
         made = credentials(data_root / "prefect" / "postgres.secret", cluster)
@@ -155,8 +190,9 @@ def test_a_cluster_of_an_earlier_version_that_trusted_everyone_asks_for_a_passwo
         async def check() -> None:
             with pytest.raises(asyncpg.InvalidPasswordError):
                 await asyncpg.connect(host=LOOPBACK, port=port, user="prefect", database="postgres", timeout=10)
-            connection = await asyncpg.connect(host=LOOPBACK, port=port, user="prefect", database="postgres",
-                                               password=made.password, timeout=10)
+            connection = await asyncpg.connect(
+                host=LOOPBACK, port=port, user="prefect", database="postgres", password=made.password, timeout=10
+            )
             await connection.close()
 
         asyncio.run(check())

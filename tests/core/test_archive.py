@@ -26,8 +26,12 @@ def recording(tmp_path, sample_48k):
 def s3_archive(seaweed):
     seaweed.create_bucket("archive-test")
     settings = Settings(
-        archive_backend="s3", s3_bucket="archive-test", s3_prefix="raw", s3_endpoint_url=seaweed.endpoint_url,
-        aws_access_key_id=seaweed.access_key, aws_secret_access_key=seaweed.secret_key,
+        archive_backend="s3",
+        s3_bucket="archive-test",
+        s3_prefix="raw",
+        s3_endpoint_url=seaweed.endpoint_url,
+        aws_access_key_id=seaweed.access_key,
+        aws_secret_access_key=seaweed.secret_key,
     )
     return S3Archive(s3_bucket_from_settings(settings)), seaweed.client()
 

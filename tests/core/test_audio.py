@@ -22,7 +22,9 @@ from birdflow.core.audio import (
 def windows_of_the_whole(samples: np.ndarray, overlap_s: float) -> tuple[np.ndarray, list[float]]:
     """The rule spelled out on the whole signal: a window every (3 - overlap) s, a tail of >= 1.5 s zero-padded."""
     step = int((3.0 - overlap_s) * MODEL_SAMPLE_RATE)
-    starts = [start for start in range(0, len(samples), step) if len(samples) - start >= MIN_WINDOW_S * MODEL_SAMPLE_RATE]
+    starts = [
+        start for start in range(0, len(samples), step) if len(samples) - start >= MIN_WINDOW_S * MODEL_SAMPLE_RATE
+    ]
     rows = np.zeros((len(starts), WINDOW_SAMPLES), np.float32)
     for row, start in enumerate(starts):
         piece = samples[start : start + WINDOW_SAMPLES]

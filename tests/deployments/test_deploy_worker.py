@@ -18,11 +18,16 @@ import time
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+)
 from prefect.client.schemas.sorting import ArtifactSort
 
-from tests.conftest import PROJECT
 from birdflow_tools.testbed import wait_until
+from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.e2e
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -38,9 +43,11 @@ def summary_row(client) -> list[int]:
     """found, skipped, processed, failed, would process: from the newest backfill-summary artifact."""
     artifact = client.read_artifacts(
         artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["backfill-summary"])),
-        sort=ArtifactSort.CREATED_DESC, limit=1,
+        sort=ArtifactSort.CREATED_DESC,
+        limit=1,
     )[0]
     row = re.search(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", artifact.data, re.MULTILINE)
+    assert row, artifact.data
     return [int(value) for value in row.groups()]
 
 
@@ -57,13 +64,19 @@ def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tm
     shutil.copy(sample_48k, sdcard / "mic1_20250601T053000Z.wav")
     data = tmp_path / "data-a"
     settings_file = tmp_path / "a.yaml"
-    # a backfill reads only the folders the station allows (README, Security)
-    settings_file.write_text(yaml.safe_dump({"station_id": "a", "data_dir": str(data), "backfill_roots": [str(sdcard.parent)]}))
+    # a backfill reads only the folders the station allows (docs/security.md)
+    settings_file.write_text(
+        yaml.safe_dump({"station_id": "a", "data_dir": str(data), "backfill_roots": [str(sdcard.parent)]})
+    )
     worker_env = {**base, "BIRDFLOW_SETTINGS": str(settings_file)}
     log = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), "worker"],
-        env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=worker_env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         with get_client(sync_client=True) as client:
@@ -77,8 +90,13 @@ def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tm
                     deployment.id, parameters={"source": str(sdcard.parent), "dry_run": False, "allow_unknown": True}
                 )
             wait_until(lambda: client.read_flow_run(runs["a"].id).state.is_final(), 240, "station a's backfill run")
-            assert client.read_flow_run(runs["a"].id).state.is_completed(), (tmp_path / "worker.log").read_text()[-3000:]
-            assert f"worker of station a on pool birdflow-a, settings from {settings_file}" in (tmp_path / "worker.log").read_text()
+            assert client.read_flow_run(runs["a"].id).state.is_completed(), (tmp_path / "worker.log").read_text()[
+                -3000:
+            ]
+            assert (
+                f"worker of station a on pool birdflow-a, settings from {settings_file}"
+                in (tmp_path / "worker.log").read_text()
+            )
             children = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[runs["a"].id]))
             )
@@ -106,10 +124,17 @@ def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tm
             os.killpg(worker.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("entrypoint", [
-    "evil.py:flow", "/tmp/payload.py:anything", "flows/../payload.py:run", "os.system", "flows.engine.run_in_process",
-    "flows/process_recording.py:station_resources",
-])
+@pytest.mark.parametrize(
+    "entrypoint",
+    [
+        "evil.py:flow",
+        "/tmp/payload.py:anything",
+        "flows/../payload.py:run",
+        "os.system",
+        "flows.engine.run_in_process",
+        "flows/process_recording.py:run_resources",
+    ],
+)
 def test_the_worker_runs_birdflows_own_flows_and_nothing_else(entrypoint):
     from flows.worker import NotOurFlow, flow_for
 

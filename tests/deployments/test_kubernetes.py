@@ -17,10 +17,19 @@ from tests.conftest import PROJECT
 FOLDER = PROJECT / "deployments" / "kubernetes"
 KUSTOMIZATION = yaml.safe_load((FOLDER / "kustomization.yaml").read_text())
 KUBERNETES_VERSION = "1.30.0"
-# the Secrets a user creates before applying (README, "Scaling out")
+# the Secrets a user creates before applying (docs/fleet.md, "Scaling out")
 SECRETS = {
-    "birdflow-secrets": {"postgres-password", "prefect-database-url", "prefect-api-auth-string", "grafana-admin-password",
-                         "prometheus-remote-write-password", "influx-token", "s3-access-key", "s3-secret-key", "redis-password"},
+    "birdflow-secrets": {
+        "postgres-password",
+        "prefect-database-url",
+        "prefect-api-auth-string",
+        "grafana-admin-password",
+        "prometheus-remote-write-password",
+        "influx-token",
+        "s3-access-key",
+        "s3-secret-key",
+        "redis-password",
+    },
     "birdflow-prometheus-web": set(),
 }
 
@@ -43,12 +52,25 @@ def test_every_manifest_is_listed_and_valid_kubernetes():
     for resource in resources():
         kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
     kinds = {resource["kind"] for resource in resources()}
-    assert {"Namespace", "Deployment", "StatefulSet", "Service", "ConfigMap", "NetworkPolicy", "ServiceAccount", "Role",
-            "RoleBinding"} <= kinds
+    assert {
+        "Namespace",
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "ConfigMap",
+        "NetworkPolicy",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+    } <= kinds
 
 
 def test_a_broken_manifest_would_be_caught():
-    [api] = [resource for resource in resources() if resource["metadata"]["name"] == "prefect-api" and resource["kind"] == "Deployment"]
+    [api] = [
+        resource
+        for resource in resources()
+        if resource["metadata"]["name"] == "prefect-api" and resource["kind"] == "Deployment"
+    ]
     broken = {**api, "spec": {**api["spec"], "replicas": "two"}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
@@ -71,16 +93,18 @@ def test_secrets_are_referenced_never_inlined():
     for resource in resources():
         for container in containers(resource):
             for variable in container.get("env", []):
-                assert "value" not in variable or not re.search(r"PASSWORD|TOKEN|SECRET|AUTH_STRING", variable["name"]), variable
+                assert "value" not in variable or not re.search(
+                    r"PASSWORD|TOKEN|SECRET|AUTH_STRING", variable["name"]
+                ), variable
                 reference = variable.get("valueFrom", {}).get("secretKeyRef")
                 if reference:
                     assert reference["key"] in SECRETS[reference["name"]], reference
         for volume in resource.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []):
             if "secret" in volume:
                 assert volume["secret"]["secretName"] in SECRETS
-    # and the README says how to create them
-    readme = (PROJECT / "README.md").read_text()
-    assert all(key in readme for keys in SECRETS.values() for key in keys) and "birdflow-prometheus-web" in readme
+    # and the fleet guide says how to create them
+    guide = (PROJECT / "docs" / "fleet.md").read_text()
+    assert all(key in guide for keys in SECRETS.values() for key in keys) and "birdflow-prometheus-web" in guide
 
 
 def prefect_setting_names() -> set[str]:
@@ -111,7 +135,9 @@ def test_every_prefect_setting_is_one_prefect_has():
         if resource["kind"] == "ConfigMap":
             used |= {name for name in resource["data"] if name.startswith("PREFECT_")}
         for container in containers(resource):
-            used |= {variable["name"] for variable in container.get("env", []) if variable["name"].startswith("PREFECT_")}
+            used |= {
+                variable["name"] for variable in container.get("env", []) if variable["name"].startswith("PREFECT_")
+            }
     assert len(used) >= 10
     assert used <= known, used - known
 
@@ -125,8 +151,12 @@ def test_the_kustomization_points_at_what_exists():
     generated = {generator["name"] for generator in KUSTOMIZATION["configMapGenerator"]}
     for generator in KUSTOMIZATION["configMapGenerator"]:
         assert all((FOLDER / name).is_file() for name in generator["files"]), generator
-    mounted = {volume["configMap"]["name"] for resource in resources()
-               for volume in resource.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []) if "configMap" in volume}
+    mounted = {
+        volume["configMap"]["name"]
+        for resource in resources()
+        for volume in resource.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", [])
+        if "configMap" in volume
+    }
     assert mounted <= generated, mounted - generated
 
 
@@ -137,13 +167,19 @@ def test_the_central_compose_file_runs_prefect_as_the_manifests_do():
 
     compose = yaml.safe_load((PROJECT / "docker" / "docker-compose.central.yml").read_text())["services"]["prefect"]
     shared = {name: value for name, value in manifest_settings().items() if name in compose["environment"]}
-    assert {"PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED", "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED",
-            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"} <= set(shared)
+    assert {
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE",
+    } <= set(shared)
     for name, value in shared.items():
         if name != "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD":  # compose reads it from .env
             assert str(compose["environment"][name]) == value, name
     assert manifest_settings()["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"] == "1209600"
-    assert "${RUN_RETENTION_SECONDS:-1209600}" in compose["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"]
+    assert (
+        "${RUN_RETENTION_SECONDS:-1209600}"
+        in compose["environment"]["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"]
+    )
 
 
 def pods() -> list[dict]:
@@ -153,9 +189,16 @@ def pods() -> list[dict]:
 def test_no_pod_runs_as_root_nor_keeps_a_capability():
     for pod in pods():
         context = pod["securityContext"]
-        assert context["runAsNonRoot"] and context["runAsUser"] > 0 and context["seccompProfile"]["type"] == "RuntimeDefault"
+        assert (
+            context["runAsNonRoot"]
+            and context["runAsUser"] > 0
+            and context["seccompProfile"]["type"] == "RuntimeDefault"
+        )
         for container in pod["containers"] + pod.get("initContainers", []):
-            assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
             assert "EXTRA_PIP_PACKAGES" not in {variable["name"] for variable in container.get("env", [])}  # needs root
 
 
@@ -163,8 +206,13 @@ def test_no_pod_reaches_the_metadata_service_and_stations_reach_only_the_offered
     import ipaddress
 
     policies = [resource for resource in resources() if resource["kind"] == "NetworkPolicy"]
-    deny_all = [policy for policy in policies if policy["spec"]["podSelector"] == {} and not policy["spec"].get("egress")
-                and policy["spec"]["policyTypes"] == ["Egress"]]
+    deny_all = [
+        policy
+        for policy in policies
+        if policy["spec"]["podSelector"] == {}
+        and not policy["spec"].get("egress")
+        and policy["spec"]["policyTypes"] == ["Egress"]
+    ]
     assert deny_all
     metadata = ipaddress.ip_address("169.254.169.254")
     for policy in policies:
@@ -172,14 +220,20 @@ def test_no_pod_reaches_the_metadata_service_and_stations_reach_only_the_offered
             for peer in rule.get("to", []):
                 block = peer.get("ipBlock")
                 if block and metadata in ipaddress.ip_network(block["cidr"]):
-                    assert any(metadata in ipaddress.ip_network(excepted) for excepted in block["except"]), policy["metadata"]["name"]
+                    assert any(metadata in ipaddress.ip_network(excepted) for excepted in block["except"]), policy[
+                        "metadata"
+                    ]["name"]
     [stations] = [policy for policy in policies if policy["metadata"]["name"] == "station-facing-from-stations"]
     offered = {port["port"] for rule in stations["spec"]["ingress"] for port in rule["ports"]}
     assert 8333 in offered and not offered & {8888, 9333, 8080, 18888, 19333}  # SeaweedFS: S3 only
 
 
 def test_redis_answers_only_with_its_password_and_prefect_has_it():
-    [redis] = [resource for resource in resources() if resource["metadata"]["name"] == "redis" and resource["kind"] == "StatefulSet"]
+    [redis] = [
+        resource
+        for resource in resources()
+        if resource["metadata"]["name"] == "redis" and resource["kind"] == "StatefulSet"
+    ]
     [container] = redis["spec"]["template"]["spec"]["containers"]
     assert "--requirepass" in container["args"]
     for resource in resources():

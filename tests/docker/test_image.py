@@ -15,7 +15,15 @@ import httpx
 import pytest
 
 from birdflow_tools.image import (
-    ARCHES, Container, Podman, build, build_and_try, detection_rows, emulation_problem, make_base, podman_problem,
+    ARCHES,
+    Container,
+    Podman,
+    build,
+    build_and_try,
+    detection_rows,
+    emulation_problem,
+    make_base,
+    podman_problem,
 )
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 from tests.browser import rendered
@@ -44,7 +52,10 @@ def station(podman, tmp_path_factory):
     """`up` in the image on its defaults, with a host folder as its volume; healthy before the tests use it."""
     ports = {"INGEST_PORT": free_port(), "PREFECT_PORT": free_port(), "HEALTH_PORT": free_port()}
     container = Container(
-        podman, IMAGE, f"birdflow-test-{os.getpid()}", tmp_path_factory.mktemp("volume"),
+        podman,
+        IMAGE,
+        f"birdflow-test-{os.getpid()}",
+        tmp_path_factory.mktemp("volume"),
         {name: str(port) for name, port in ports.items()},
     )
     container.run()
@@ -68,7 +79,9 @@ def port(container: Container, name: str) -> int:
 
 def upload(container: Container, name: str, audio: bytes) -> None:
     response = httpx.post(
-        f"http://{LOOPBACK}:{port(container, 'INGEST_PORT')}/recordings_upload", files={"file": (name, audio)}, timeout=60,
+        f"http://{LOOPBACK}:{port(container, 'INGEST_PORT')}/recordings_upload",
+        files={"file": (name, audio)},
+        timeout=60,
     )
     assert response.status_code == 200, response.text
 
@@ -76,7 +89,8 @@ def upload(container: Container, name: str, audio: bytes) -> None:
 def recording_runs(container: Container) -> list[dict]:
     response = httpx.post(
         f"http://{LOOPBACK}:{port(container, 'PREFECT_PORT')}/api/flow_runs/filter",
-        json={"flows": {"name": {"any_": ["process-recording"]}}}, timeout=30,
+        json={"flows": {"name": {"any_": ["process-recording"]}}},
+        timeout=30,
     )
     response.raise_for_status()
     return response.json()
@@ -101,7 +115,9 @@ def test_up_in_the_image_analyses_an_upload_and_the_prefect_ui_shows_its_run(sta
 def test_the_image_runs_as_its_own_user_not_root(station):
     assert station.exec("id", "-u").stdout.strip() == "1000"
     users = station.podman("top", station.name, "user", "args").stdout.splitlines()[1:]
-    assert len(users) >= 4 and all(line.split()[0] == "birdflow" for line in users), users  # up, server, ingest, executor
+    assert len(users) >= 4 and all(line.split()[0] == "birdflow" for line in users), (
+        users
+    )  # up, server, ingest, executor
 
 
 def stream_slowly(ingest_port: int, audio: bytes, stop: threading.Event) -> None:
@@ -109,7 +125,8 @@ def stream_slowly(ingest_port: int, audio: bytes, stop: threading.Event) -> None
     frames = frames_of(audio)
     with socket.create_connection((LOOPBACK, ingest_port), timeout=30) as sock:
         sock.sendall(
-            f"POST /recordings_stream?listener_id=streamer HTTP/1.1\r\nHost: {LOOPBACK}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            f"POST /recordings_stream?listener_id=streamer HTTP/1.1\r\nHost: {LOOPBACK}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
         )
         page = 32768 + 6  # a frame: its header and one page of audio (0.34 s at 48 kHz)
         for offset in range(0, len(frames), page):
@@ -127,7 +144,9 @@ def test_the_volume_keeps_everything_across_stop_and_start_with_a_stream_in_prog
     wait_until(lambda: detection_rows(station), 120, "the station's first recording")  # whatever ran first
     runs_before = {run["id"] for run in recording_runs(station)}
     stop_streaming = threading.Event()
-    listener = threading.Thread(target=stream_slowly, args=(port(station, "INGEST_PORT"), sample_48k.read_bytes(), stop_streaming))
+    listener = threading.Thread(
+        target=stream_slowly, args=(port(station, "INGEST_PORT"), sample_48k.read_bytes(), stop_streaming)
+    )
     listener.start()
     try:
         wait_until(lambda: any((station.data / "partial").glob("stream_*")), 30, "the stream's partial file")
@@ -142,8 +161,11 @@ def test_the_volume_keeps_everything_across_stop_and_start_with_a_stream_in_prog
     assert not list((station.data / "partial").glob("stream_*"))  # published on the way down
     station.start()
     wait_healthy(station)
-    wait_until(lambda: any(row["listener_id"] == "streamer" for row in detection_rows(station)), 120,
-               "the recording that was streaming at the stop, analysed after the start")
+    wait_until(
+        lambda: any(row["listener_id"] == "streamer" for row in detection_rows(station)),
+        120,
+        "the recording that was streaming at the stop, analysed after the start",
+    )
     # what was there before the stop is still there: run history, detections, the archive
     assert runs_before <= {run["id"] for run in recording_runs(station)}
     assert {"mic1", "streamer"} <= {row["listener_id"] for row in detection_rows(station)}
@@ -157,13 +179,22 @@ def test_the_commands_people_run_inside_the_image(station, sample_48k):
     assert "mic9" in station.exec("birdflow", "listeners", "list").stdout
     table = station.exec("birdflow", "detections")
     assert table.returncode == 0 and "American Goldfinch" in table.stdout, table.stderr
-    counted = station.exec("birdflow", "sql", "SELECT common_name, count(*) AS n FROM detections GROUP BY 1", "--format", "csv")
+    counted = station.exec(
+        "birdflow", "sql", "SELECT common_name, count(*) AS n FROM detections GROUP BY 1", "--format", "csv"
+    )
     assert counted.returncode == 0 and "American Goldfinch" in counted.stdout, counted.stderr
     # a card dump copied into the container, backfilled as a dry run (no server needed)
     station.exec("mkdir", "-p", "/tmp/card")
     station.podman("cp", str(sample_48k), f"{station.name}:/tmp/card/mic1_20250602T060000Z.wav")
     dry = station.podman(
-        "exec", "--env=BACKFILL_ROOTS=/tmp/card", station.name, "birdflow", "backfill", "/tmp/card", "--dry-run", check=False,
+        "exec",
+        "--env=BACKFILL_ROOTS=/tmp/card",
+        station.name,
+        "birdflow",
+        "backfill",
+        "/tmp/card",
+        "--dry-run",
+        check=False,
     )
     assert dry.returncode == 0 and "mic1_20250602T060000Z" in dry.stdout + dry.stderr, dry.stdout + dry.stderr
 
@@ -184,12 +215,14 @@ def test_init_in_the_image_writes_settings_and_secrets_onto_the_volume(podman, t
 
 @pytest.mark.skipif(
     os.environ.get("BIRDFLOW_TEST_ARM64") != "1",
-    reason="linux/arm64 under qemu emulation takes ~10 minutes (set BIRDFLOW_TEST_ARM64=1; README, \"The image\")",
+    reason='linux/arm64 under qemu emulation takes ~10 minutes (set BIRDFLOW_TEST_ARM64=1; docs/fleet.md, "The image")',
 )
 def test_the_arm64_image_analyses_a_recording_under_emulation(tmp_path, sample_48k):
     problem = podman_problem() or emulation_problem("arm64")
     if problem:
         pytest.skip(problem)
-    results = build_and_try(tmp_path, "arm64", "tflite-runtime", "birdflow:test-arm64", sample_48k, say=lambda text: None)
+    results = build_and_try(
+        tmp_path, "arm64", "tflite-runtime", "birdflow:test-arm64", sample_48k, say=lambda text: None
+    )
     assert results["recording_analysed"] and results["detections"] >= 1, results
     assert results["image_mb"] <= 900, results

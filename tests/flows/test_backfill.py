@@ -10,11 +10,19 @@ from datetime import datetime, timezone
 
 import pytest
 import yaml
-
-from birdflow.core.backfill import ALREADY_PROCESSED, UNKNOWN_LISTENER, UNREADABLE, candidate, parse_s3_source, plan, select
-from birdflow_tools.testbed import free_port
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+from birdflow.core.backfill_plan import (
+    ALREADY_PROCESSED,
+    UNKNOWN_LISTENER,
+    UNREADABLE,
+    candidate,
+    parse_s3_source,
+    plan,
+    select,
+)
+from birdflow_tools.testbed import free_port
 
 UTC = timezone.utc
 
@@ -49,26 +57,46 @@ def test_a_folder_source_that_is_missing_or_not_allowed_says_why(tmp_path):
     (tmp_path / "card").mkdir()
     with pytest.raises(ValueError, match="add it to the setting 'backfill_roots'"):
         Source(str(tmp_path / "card"), settings)
-    assert Source(str(tmp_path / "card"), Settings(data_dir=tmp_path / "data", backfill_roots=[tmp_path / "card"])).folder.is_dir()
+    assert Source(
+        str(tmp_path / "card"), Settings(data_dir=tmp_path / "data", backfill_roots=[tmp_path / "card"])
+    ).folder.is_dir()
 
 
 def test_backfill_from_s3_dry_run_then_process_then_skip(prefect_server, seaweed, tmp_path, sample_48k):
     bucket = "birdflow-backfill"
     seaweed.create_bucket(bucket)
-    seaweed.client().put_object(Bucket=bucket, Key="old-station/mic3_20250601T053000Z.wav", Body=sample_48k.read_bytes())
+    seaweed.client().put_object(
+        Bucket=bucket, Key="old-station/mic3_20250601T053000Z.wav", Body=sample_48k.read_bytes()
+    )
     settings_file = tmp_path / "settings.yaml"
-    settings_file.write_text(yaml.safe_dump({
-        "station_id": "bf", "data_dir": str(tmp_path / "data"), "prefect_api_url": prefect_server.api_url,
-        "archive_backend": "s3", "s3_bucket": bucket, "s3_prefix": "archive", "s3_endpoint_url": seaweed.endpoint_url,
-        "aws_access_key_id": seaweed.access_key, "s3_block_name": "backfill-test-archive",
-    }))
+    settings_file.write_text(
+        yaml.safe_dump(
+            {
+                "station_id": "bf",
+                "data_dir": str(tmp_path / "data"),
+                "prefect_api_url": prefect_server.api_url,
+                "archive_backend": "s3",
+                "s3_bucket": bucket,
+                "s3_prefix": "archive",
+                "s3_endpoint_url": seaweed.endpoint_url,
+                "aws_access_key_id": seaweed.access_key,
+                "s3_block_name": "backfill-test-archive",
+            }
+        )
+    )
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
     cli = [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file)]
     subprocess.run(cli + ["blocks", "register"], env=env, check=True, capture_output=True, timeout=120)
 
     def backfill(*extra) -> str:
-        result = subprocess.run(cli + ["backfill", f"s3://{bucket}/old-station", *extra], env=env,
-                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        result = subprocess.run(
+            cli + ["backfill", f"s3://{bucket}/old-station", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stdout
 
@@ -100,12 +128,19 @@ def test_plan_skips_files_seen_before_without_reading_them_and_refuses_unknown_l
             raise ValueError("cannot decode audio: not a WAV")
         return type("Info", (), {"recording_id": "id-" + item.name})()
 
-    decisions = list(plan(
-        [seen, fresh, stranger, broken], describe, processed=lambda recording_id: recording_id == "id-seen",
-        known_recording=lambda item: "id-seen" if item is seen else None, listener_known=lambda listener: listener == "mic1",
-    ))
+    decisions = list(
+        plan(
+            [seen, fresh, stranger, broken],
+            describe,
+            processed=lambda recording_id: recording_id == "id-seen",
+            known_recording=lambda item: "id-seen" if item is seen else None,
+            listener_known=lambda listener: listener == "mic1",
+        )
+    )
     assert [(d.process, d.reason, d.detail) for d in decisions] == [
-        (False, ALREADY_PROCESSED, ""), (True, "", ""), (False, UNKNOWN_LISTENER, "mic9"),
+        (False, ALREADY_PROCESSED, ""),
+        (True, "", ""),
+        (False, UNKNOWN_LISTENER, "mic9"),
         (False, UNREADABLE, "cannot decode audio: not a WAV"),
     ]
     assert read == [fresh.name, broken.name]  # neither the file seen before nor the stranger's was read
@@ -131,8 +166,13 @@ def test_a_card_dump_dry_run_without_a_server_then_unknown_listeners_refused_and
 
     def birdflow(*args, api_url: str = prefect_server.api_url) -> subprocess.CompletedProcess:
         settings_file.write_text(yaml.safe_dump({**settings, "prefect_api_url": api_url}))
-        return subprocess.run([sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), *args],
-                              env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     assert birdflow("listeners", "add", "mic1").returncode == 0  # the station knows mic1, not mic9
     nobody = f"http://127.0.0.1:{free_port()}/api"  # no server there
@@ -142,15 +182,28 @@ def test_a_card_dump_dry_run_without_a_server_then_unknown_listeners_refused_and
     assert "listener(s) mic9, which this station does not know" in dry.stdout
     assert dry.stdout.count(f"  {dump}/mic1_") == 2 and "Traceback" not in dry.stderr
     down = birdflow("backfill", str(dump), api_url=nobody)
-    assert down.returncode != 0 and down.stderr.strip() == f"birdflow: the Prefect API at {nobody} does not answer: check setting 'prefect_api_url'"
+    assert (
+        down.returncode != 0
+        and down.stderr.strip()
+        == f"birdflow: the Prefect API at {nobody} does not answer: check setting 'prefect_api_url'"
+    )
     # interrupted after the first recording (what --until reproduces), then run again: nothing done twice
     first = birdflow("backfill", str(dump), "--until", "2025-06-01T05:45")
-    assert "found 2, skipped 0 (already processed), refused 1 (unknown listener), processed 1, failed 0" in first.stdout, first.stderr[-3000:]
+    assert (
+        "found 2, skipped 0 (already processed), refused 1 (unknown listener), processed 1, failed 0" in first.stdout
+    ), first.stderr[-3000:]
     assert first.returncode == 1 and "Traceback" not in first.stderr  # the refusal: and its run ended Failed
     with get_client(sync_client=True) as client:
-        [refusing] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"backfill-{dump}"])))
-    assert refusing.state.type.value == "FAILED" and "1 refused (unknown listener: allow_unknown)" in refusing.state.message
+        [refusing] = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"backfill-{dump}"]))
+        )
+    assert (
+        refusing.state.type.value == "FAILED"
+        and "1 refused (unknown listener: allow_unknown)" in refusing.state.message
+    )
     resumed = birdflow("backfill", str(dump), "--allow-unknown")
-    assert "found 3, skipped 1 (already processed), refused 0 (unknown listener), processed 2, failed 0" in resumed.stdout, resumed.stderr[-3000:]
+    assert (
+        "found 3, skipped 1 (already processed), refused 0 (unknown listener), processed 2, failed 0" in resumed.stdout
+    ), resumed.stderr[-3000:]
     again = birdflow("backfill", str(dump), "--dry-run", "--allow-unknown", api_url=nobody)
     assert "found 3, skipped 3 (already processed)" in again.stdout and "would process 0:" in again.stdout

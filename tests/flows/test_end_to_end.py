@@ -43,7 +43,7 @@ TASKS = {"decode", "analyze", "write detections", "archive"}
 
 @pytest.fixture(scope="module")
 def stack(prefect_server, seaweed, tmp_path_factory, request):
-    from tests.conftest import require_sample, SAMPLE_48K
+    from tests.conftest import SAMPLE_48K, require_sample
 
     sample = require_sample(SAMPLE_48K)
     bucket = "birdflow-e2e"
@@ -76,20 +76,35 @@ def stack(prefect_server, seaweed, tmp_path_factory, request):
     partial = store.new_upload_partial(".wav")
     partial.write_bytes(sample.read_bytes())
     seeded = store.publish(
-        partial, listener_id="seeded", start_time=datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc),
-        duration_s=10.0, sample_rate=48000, channels=1, gaps=0, source="stream",
+        partial,
+        listener_id="seeded",
+        start_time=datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc),
+        duration_s=10.0,
+        sample_rate=48000,
+        channels=1,
+        gaps=0,
+        source="stream",
     )
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key, "INFLUX_TOKEN": "e2e-token"}
     log = open(root / "up.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), "up"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://{LOOPBACK}:{port}"
     wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "ingest API of birdflow up")
     handle = {
-        "url": url, "settings_file": settings_file, "root": root, "seaweed": seaweed, "bucket": bucket,
-        "influx": influx, "sample": sample, "seeded": seeded, "env": env,
+        "url": url,
+        "settings_file": settings_file,
+        "root": root,
+        "seaweed": seaweed,
+        "bucket": bucket,
+        "influx": influx,
+        "sample": sample,
+        "seeded": seeded,
+        "env": env,
     }
     try:
         yield handle
@@ -116,24 +131,56 @@ def station_runs():
 def wait_for_completed_runs(count: int, timeout_s: float = 180):
     wait_until(
         lambda: sum(run.state and run.state.is_completed() for run in station_runs()) >= count,
-        timeout_s, f"{count} completed flow runs",
+        timeout_s,
+        f"{count} completed flow runs",
     )
     return [run for run in station_runs() if run.state.is_completed()]
 
 
 def detections(stack) -> list[dict]:
     out = subprocess.run(
-        [sys.executable, "-m", "birdflow.app.cli", "--settings", str(stack["settings_file"]), "detections", "--format", "json"],
-        env=stack["env"], capture_output=True, text=True, check=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "birdflow.app.cli",
+            "--settings",
+            str(stack["settings_file"]),
+            "detections",
+            "--format",
+            "json",
+        ],
+        env=stack["env"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     return json.loads(out.stdout)
 
 
 def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(stack):
     listen = subprocess.run(
-        [sys.executable, "-m", "birdflow.app.cli", "listen", "--file", str(stack["sample"]), "--listeners", "2",
-         "--recordings", "1", "--pace", "0", "--interval", "0", "--url", stack["url"]],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "birdflow.app.cli",
+            "listen",
+            "--file",
+            str(stack["sample"]),
+            "--listeners",
+            "2",
+            "--recordings",
+            "1",
+            "--pace",
+            "0",
+            "--interval",
+            "0",
+            "--url",
+            stack["url"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert listen.returncode == 0, listen.stdout + listen.stderr
     upload = httpx.post(
@@ -159,10 +206,13 @@ def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(s
 
     with get_client(sync_client=True) as client:
         for run in runs:  # task-run states arrive as events, shortly after the flow run's state
-            wait_until(lambda: tasks_completed(client, run), 30, f"the four tasks of {run.name} completed")
+            wait_until(lambda run=run: tasks_completed(client, run), 30, f"the four tasks of {run.name} completed")
         # the write that met the 503 ran twice, and succeeded the second time
         write_attempts = sorted(
-            task.run_count for run in runs for task in task_runs_of(client, run) if task.name.startswith("write detections")
+            task.run_count
+            for run in runs
+            for task in task_runs_of(client, run)
+            if task.name.startswith("write detections")
         )
         assert write_attempts == [1, 1, 1, 2], write_attempts
     assert stack["influx"].fail_next == 0
@@ -188,7 +238,9 @@ def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(s
 
     # the same rows reached InfluxDB as line protocol
     influx_rows = [parse_line(line) for line in stack["influx"].lines]
-    assert {tags["listener_id"] for _, tags, _, _ in influx_rows if tags["scientific_name"] == "Spinus tristis"} == set(by_listener)
+    assert {tags["listener_id"] for _, tags, _, _ in influx_rows if tags["scientific_name"] == "Spinus tristis"} == set(
+        by_listener
+    )
 
     # local copies are gone once analyzed and archived
     recordings_dir = stack["root"] / "data" / "recordings"
@@ -206,7 +258,12 @@ def cached_analysis(client, flow_run_id) -> bool:
 
 
 def artifact_types(client, run_id) -> list[str]:
-    return [artifact.type for artifact in client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))]
+    return [
+        artifact.type
+        for artifact in client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    ]
 
 
 def test_rerun_from_the_ui_reuses_the_cache_and_duplicates_nothing(stack):
@@ -217,8 +274,11 @@ def test_rerun_from_the_ui_reuses_the_cache_and_duplicates_nothing(stack):
         assert artifact_types(client, target.id) == ["table"]
         client.set_flow_run_state(target.id, Scheduled(), force=True)  # what the UI's rerun does
         wait_until(
-            lambda: client.read_flow_run(target.id).run_count >= 2 and client.read_flow_run(target.id).state.is_completed(),
-            120, "rerun completed",
+            lambda: (
+                client.read_flow_run(target.id).run_count >= 2 and client.read_flow_run(target.id).state.is_completed()
+            ),
+            120,
+            "rerun completed",
         )
         # task-run states reach the server as events, a moment after the flow run's own state
         wait_until(lambda: cached_analysis(client, target.id), 60, "the rerun's analyze task recorded as Cached")
@@ -234,18 +294,30 @@ def test_audio_that_cannot_be_decoded_is_given_up_at_once_and_kept(stack):
     partial = store.new_upload_partial(".wav")
     partial.write_bytes(b"RIFF" + bytes(4) + b"WAVE" + b"\x13" * 4000)  # a header soundfile rejects
     broken = store.publish(
-        partial, listener_id="broken", start_time=datetime(2025, 6, 2, tzinfo=timezone.utc), duration_s=5.0,
-        sample_rate=48000, channels=1, gaps=0, source="upload",
+        partial,
+        listener_id="broken",
+        start_time=datetime(2025, 6, 2, tzinfo=timezone.utc),
+        duration_s=5.0,
+        sample_rate=48000,
+        channels=1,
+        gaps=0,
+        source="upload",
     )
     (data / "recordings" / "stray_20250602T000000Z.wav").write_bytes(b"not audio at all")  # dropped in by hand
     failed = data / "failed"
-    wait_until(lambda: (failed / broken.file_name).exists() and (failed / "stray_20250602T000000Z.wav").exists(), 60, "set aside")
+    wait_until(
+        lambda: (failed / broken.file_name).exists() and (failed / "stray_20250602T000000Z.wav").exists(),
+        60,
+        "set aside",
+    )
     assert (failed / f"{broken.recording_id}.json").exists()
     with get_client(sync_client=True) as client:
         [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[broken.run_name])))
         assert (run.state.name, run.run_count) == ("Unprocessable", 1)  # not retried, not re-driven
         assert "cannot decode audio" in run.state.message
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
         assert [artifact.key for artifact in artifacts] == ["given-up-recordings"]
     metrics = httpx.get(f"{stack['url']}/metrics").text
     assert f'birdflow_recordings_given_up_total{{reason="unprocessable",station="{STATION}"}} 1.0' in metrics

@@ -22,7 +22,10 @@ def run_execute(tmp_path, **settings) -> subprocess.CompletedProcess:
     env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
     return subprocess.run(
         [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), "execute"],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 

@@ -46,7 +46,11 @@ def test_an_hour_long_recording_is_analysed_in_bounded_memory_as_its_pieces_are(
     stack = Stack(tmp_path / "station", station_id="hour", settings={"clips_enabled": False})
     try:
         stack.start()
-        warm = httpx.post(f"{stack.url}/recordings_upload", files={"file": ("mic1_20250601T040000Z.wav", sample_48k.read_bytes())}, timeout=60)
+        warm = httpx.post(
+            f"{stack.url}/recordings_upload",
+            files={"file": ("mic1_20250601T040000Z.wav", sample_48k.read_bytes())},
+            timeout=60,
+        )
         warm.raise_for_status()
         wait_until(lambda: stack.completed_runs() == 1, 120, "the first recording analysed")
         executor = stack.child("executor")
@@ -67,5 +71,6 @@ def test_an_hour_long_recording_is_analysed_in_bounded_memory_as_its_pieces_are(
     expected = detections_of_pieces(pieces)
     assert len(found) >= HOUR_S // PIECE_S  # the goldfinch at least once per piece's variant
     assert [(start, name) for start, name, _ in found] == [(start, name) for start, name, _ in expected]
-    assert [confidence for *_, confidence in found] == pytest.approx([confidence for *_, confidence in expected], abs=1e-4)
-
+    assert [confidence for *_, confidence in found] == pytest.approx(
+        [confidence for *_, confidence in expected], abs=1e-4
+    )

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Optional
+from typing import cast
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from prometheus_client import REGISTRY
+from prefect.client.schemas.objects import State
 from prefect.states import Failed
+from prometheus_client import REGISTRY
 
+from birdflow.core.analysis import AnalysisParams
 from birdflow.core.archive import ArchiveError
 from birdflow.core.audio import AudioError
-from birdflow.core.analysis import AnalysisParams
 from birdflow.core.recordings import RecordingInfo
 from flows.process_recording import analysis_cache_key, worth_retrying
 from tests.builders import recording_info
@@ -44,71 +45,91 @@ def test_analysis_cache_key_follows_content_parameters_and_range_week():
     assert key != analysis_cache_key(recording("a" * 64, june), AnalysisParams(min_confidence=0.5))
     # without a range filter the date does not matter; with one, the week does
     assert key == analysis_cache_key(recording("a" * 64, december), plain)
-    assert analysis_cache_key(recording("a" * 64, june), ranged) != analysis_cache_key(recording("a" * 64, december), ranged)
+    assert analysis_cache_key(recording("a" * 64, june), ranged) != analysis_cache_key(
+        recording("a" * 64, december), ranged
+    )
 
 
-@pytest.mark.parametrize("field, value", [("file_name", "../../etc/x.wav"), ("listener_id", "a/b"), ("recording_id", "x\ny")])
+@pytest.mark.parametrize(
+    "field, value", [("file_name", "../../etc/x.wav"), ("listener_id", "a/b"), ("recording_id", "x\ny")]
+)
 def test_a_recording_names_no_other_path(field, value):
     good = recording("ab" * 32, datetime(2025, 6, 1, tzinfo=timezone.utc)).model_dump()
     with pytest.raises(ValueError, match="plain name"):
         RecordingInfo.model_validate({**good, field: value})
 
 
-def test_a_run_whose_source_lies_outside_the_allowed_folders_fails_at_once(prefect_server, tmp_path, sample_48k, monkeypatch):
+def test_a_run_whose_source_lies_outside_the_allowed_folders_fails_at_once(
+    prefect_server, tmp_path, sample_48k, monkeypatch
+):
     """What a caller of the Prefect API could try: point a run at any WAV on the station."""
     import shutil
 
     from birdflow.settings import Settings
-    from flows import resources
+    from flows import run_resources
     from flows.process_recording import UNPROCESSABLE, process_recording
-    from flows.resources import use_station
+    from flows.run_resources import use_run_resources
 
-    monkeypatch.setattr(resources, "_current", None)  # this test's resources go with it
+    monkeypatch.setattr(run_resources, "_current", None)  # this test's resources go with it
     settings = Settings(station_id="confined", data_dir=tmp_path / "data", backfill_roots=[tmp_path / "allowed"])
-    use_station(settings)
+    use_run_resources(settings)
     outside = tmp_path / "private" / "mic1_20250601T000000Z.wav"
     outside.parent.mkdir()
     shutil.copy(sample_48k, outside)
     (tmp_path / "allowed").mkdir()
     (tmp_path / "allowed" / "escape.wav").symlink_to(outside)  # a link out of an allowed folder is outside too
     refused = lambda: REGISTRY.get_sample_value("birdflow_sources_refused_total", {"station": "confined"}) or 0  # noqa: E731
-    for source in (outside, tmp_path / "allowed" / "escape.wav", settings.recordings_dir / ".." / ".." / "private" / outside.name):
+    for source in (
+        outside,
+        tmp_path / "allowed" / "escape.wav",
+        settings.recordings_dir / ".." / ".." / "private" / outside.name,
+    ):
         before = refused()
-        info = recording("cd" * 32, datetime(2025, 6, 1, tzinfo=timezone.utc)).model_copy(update={"source_path": str(source)})
-        state = process_recording(info, return_state=True)
+        info = recording("cd" * 32, datetime(2025, 6, 1, tzinfo=timezone.utc)).model_copy(
+            update={"source_path": str(source)}
+        )
+        state = cast(State, process_recording(info, return_state=True))
         assert state.is_failed() and state.name == UNPROCESSABLE and "backfill_roots" in state.message, source
         assert refused() == before + 1
     assert not settings.local_archive_dir.exists() and outside.read_bytes() == sample_48k.read_bytes()
 
 
-def run_logs_and_artifacts(flow_run_id, expected_line: Optional[str] = None) -> tuple[list[str], list]:
+def run_logs_and_artifacts(flow_run_id, expected_line: str | None = None) -> tuple[list[str], list]:
     """The run's log lines, once one holds `expected_line` (they reach the server in batches), and its artifacts."""
     import time
 
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
     with get_client(sync_client=True) as client:
         for _ in range(100):  # logs reach the server in batches, every 2 s
-            logs = [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+            logs = [
+                log.message
+                for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            ]
             if expected_line is None or any(expected_line in line for line in logs):
                 break
             time.sleep(0.2)
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return logs, artifacts
 
 
-def test_a_run_shows_what_it_heard_and_a_species_is_rare_only_the_first_time(prefect_server, tmp_path, sample_48k, monkeypatch):
+def test_a_run_shows_what_it_heard_and_a_species_is_rare_only_the_first_time(
+    prefect_server, tmp_path, sample_48k, monkeypatch
+):
     import shutil
 
     from birdflow.core.recordings import describe_audio_file
     from birdflow.settings import Settings
-    from flows import resources
+    from flows import run_resources
     from flows.process_recording import process_recording
-    from flows.resources import use_station
+    from flows.run_resources import use_run_resources
 
-    monkeypatch.setattr(resources, "_current", None)
+    monkeypatch.setattr(run_resources, "_current", None)
     settings = Settings(station_id="heard", data_dir=tmp_path / "data")
-    use_station(settings)
+    use_run_resources(settings)
     settings.recordings_dir.mkdir(parents=True)
     results = []
     for listener in ("mic1", "mic2"):  # the same audio from two listeners: two recordings of the same species
@@ -122,7 +143,9 @@ def test_a_run_shows_what_it_heard_and_a_species_is_rare_only_the_first_time(pre
         results.append((state.result(), logs, artifacts))
     (first, first_logs, [first_artifact]), (second, second_logs, [second_artifact]) = results
     assert (first["rare"], second["rare"]) == (1, 0)
-    assert any(line.startswith(f"{first['detections']} detection") and "American Goldfinch" in line for line in first_logs), first_logs
+    assert any(
+        line.startswith(f"{first['detections']} detection") and "American Goldfinch" in line for line in first_logs
+    ), first_logs
     import json
 
     rows = json.loads(first_artifact.data) if isinstance(first_artifact.data, str) else first_artifact.data
@@ -138,7 +161,8 @@ def test_a_run_shows_what_it_heard_and_a_species_is_rare_only_the_first_time(pre
     assert write_hourly_counts.fn(settings)["hours_written"] == 1
     hour = read_hour(settings.species_hourly_dir, datetime(2025, 6, 1, 5, tzinfo=timezone.utc))
     assert [(r["listener_id"], r["common_name"], r["detections"]) for r in hour.to_pylist()] == [
-        ("mic1", "American Goldfinch", first["detections"]), ("mic2", "American Goldfinch", second["detections"]),
+        ("mic1", "American Goldfinch", first["detections"]),
+        ("mic2", "American Goldfinch", second["detections"]),
     ]
     assert write_hourly_counts.fn(settings)["hours_written"] == 0  # written: not again until it changes
 
@@ -158,9 +182,20 @@ def birds_then_speech(tmp_path, sample_48k):
         pytest.skip("espeak-ng is not installed (Debian: apt install espeak-ng)")
     speech = tmp_path / "speech.wav"
     subprocess.run(
-        ["espeak-ng", "-v", "en+f3", "-s", "140", "-a", "180", "-w", str(speech),
-         "Good morning. I am walking along the river with my dog. We can hear birds singing all around us today."],
-        check=True, timeout=60,
+        [
+            "espeak-ng",
+            "-v",
+            "en+f3",
+            "-s",
+            "140",
+            "-a",
+            "180",
+            "-w",
+            str(speech),
+            "Good morning. I am walking along the river with my dog. We can hear birds singing all around us today.",
+        ],
+        check=True,
+        timeout=60,
     )
     audio = np.concatenate([decode(sample_48k), decode(speech)])
     path = tmp_path / "mic1_20250601T053000Z.wav"
@@ -174,29 +209,40 @@ def process_on(station_id: str, tmp_path, recording_path, **settings_values):
     from birdflow.core.recordings import describe_audio_file
     from birdflow.settings import Settings
     from flows.process_recording import process_recording
-    from flows.resources import use_station
+    from flows.run_resources import use_run_resources
 
     settings = Settings(station_id=station_id, data_dir=tmp_path / station_id, **settings_values)
-    station = use_station(settings)
+    station = use_run_resources(settings)
     settings.recordings_dir.mkdir(parents=True, exist_ok=True)
     info = describe_audio_file(recording_path, station_id, "upload")
     shutil.copy(recording_path, settings.recordings_dir / info.file_name)
-    state = process_recording(info, return_state=True)
+    state = cast(State, process_recording(info, return_state=True))
     assert state.is_completed(), state.message
     return settings, station, info, state
 
 
-def test_silence_keeps_birds_and_clips_but_zeroes_the_human_voice(prefect_server, tmp_path, birds_then_speech, monkeypatch):
+def test_silence_keeps_birds_and_clips_but_zeroes_the_human_voice(
+    prefect_server, tmp_path, birds_then_speech, monkeypatch
+):
     import soundfile
 
     from birdflow.core.sinks import read_detections
-    from flows import resources
+    from flows import run_resources
 
-    monkeypatch.setattr(resources, "_current", None)
-    silenced_before = REGISTRY.get_sample_value(
-        "birdflow_privacy_filtered_recordings_total", {"station": "quiet", "action": "silenced"}) or 0
+    monkeypatch.setattr(run_resources, "_current", None)
+    silenced_before = (
+        REGISTRY.get_sample_value(
+            "birdflow_privacy_filtered_recordings_total", {"station": "quiet", "action": "silenced"}
+        )
+        or 0
+    )
     settings, station, info, state = process_on(
-        "quiet", tmp_path, birds_then_speech, privacy_filter="silence", privacy_threshold=0.3, clip_min_confidence=0.3,
+        "quiet",
+        tmp_path,
+        birds_then_speech,
+        privacy_filter="silence",
+        privacy_threshold=0.3,
+        clip_min_confidence=0.3,
     )
     rows = read_detections(settings.detections_dir).to_pylist()
     assert rows and not [row for row in rows if row["scientific_name"].startswith("Human")]
@@ -212,8 +258,12 @@ def test_silence_keeps_birds_and_clips_but_zeroes_the_human_voice(prefect_server
     assert len(kept) == len(original)
     assert (kept[:480000] == original[:480000]).all()  # the birds, untouched
     assert not kept[12 * 48000 :].any()  # the windows where BirdNET hears the voice (12-15 s, 15 s-end), gone
-    assert REGISTRY.get_sample_value(
-        "birdflow_privacy_filtered_recordings_total", {"station": "quiet", "action": "silenced"}) == silenced_before + 1
+    assert (
+        REGISTRY.get_sample_value(
+            "birdflow_privacy_filtered_recordings_total", {"station": "quiet", "action": "silenced"}
+        )
+        == silenced_before + 1
+    )
     _, [artifact] = run_logs_and_artifacts(state.state_details.flow_run_id)
     import json
 
@@ -223,11 +273,16 @@ def test_silence_keeps_birds_and_clips_but_zeroes_the_human_voice(prefect_server
 
 def test_drop_keeps_the_detections_and_no_audio(prefect_server, tmp_path, birds_then_speech, monkeypatch):
     from birdflow.core.sinks import read_detections
-    from flows import resources
+    from flows import run_resources
 
-    monkeypatch.setattr(resources, "_current", None)
+    monkeypatch.setattr(run_resources, "_current", None)
     settings, _, info, state = process_on(
-        "private", tmp_path, birds_then_speech, privacy_filter="drop", privacy_threshold=0.3, clip_min_confidence=0.3,
+        "private",
+        tmp_path,
+        birds_then_speech,
+        privacy_filter="drop",
+        privacy_threshold=0.3,
+        clip_min_confidence=0.3,
     )
     assert state.result()["archive"] == {"privacy_dropped": True}
     rows = read_detections(settings.detections_dir).to_pylist()
@@ -243,26 +298,26 @@ def test_an_hour_a_sink_refuses_stays_due_and_maintenance_goes_on(prefect_server
     from birdflow.core.detections import detections_table
     from birdflow.settings import Settings
     from blocks import register_blocks
-    from flows import resources
+    from flows import run_resources
     from flows.maintenance import write_hourly_counts
-    from flows.resources import use_station
+    from flows.run_resources import use_run_resources
 
     @flow
     def hourly(settings):
         return write_hourly_counts(settings)
 
-    monkeypatch.setattr(resources, "_current", None)
+    monkeypatch.setattr(run_resources, "_current", None)
     info = recording_info(start_time=datetime(2025, 6, 1, 5, 30, tzinfo=timezone.utc))
     table = detections_table(info, [Detection(0.0, 3.0, "Junco hyemalis", "Dark-eyed Junco", 0.8)], "m", "a1")
     values = dict(station_id="hourly", data_dir=tmp_path / "data", influx_enabled=True, influx_host=influx_server.url)
     register_blocks(Settings(**values, influx_token="wrong-token"))  # the sinks load the saved block
-    refused = use_station(Settings(**values, influx_token="wrong-token"))
+    refused = use_run_resources(Settings(**values, influx_token="wrong-token"))
     refused.species.tally(table)
     outcome = hourly(refused.settings)
     assert (outcome["hours_written"], outcome["hours_failed"]) == (0, 1)
     assert not [line for line in influx_server.lines if line.startswith("species_hourly")]
     register_blocks(Settings(**values, influx_token="test-token"))  # the token fixed: the hour goes out
-    accepted = use_station(Settings(**values, influx_token="test-token"))
+    accepted = use_run_resources(Settings(**values, influx_token="test-token"))
     outcome = hourly(accepted.settings)
     assert (outcome["hours_written"], outcome["hours_failed"]) == (1, 0)
     [line] = [line for line in influx_server.lines if line.startswith("species_hourly")]
@@ -277,9 +332,9 @@ def test_clips_in_s3_keep_only_the_best_of_a_species_day(prefect_server, seaweed
 
     from birdflow.core.sinks import read_detections
     from blocks import register_blocks
-    from flows import resources
+    from flows import run_resources
 
-    monkeypatch.setattr(resources, "_current", None)
+    monkeypatch.setattr(run_resources, "_current", None)
     seaweed.create_bucket("clips-test")
     samples, rate = soundfile.read(str(sample_48k), dtype="int16")
     recordings = []
@@ -288,16 +343,26 @@ def test_clips_in_s3_keep_only_the_best_of_a_species_day(prefect_server, seaweed
         soundfile.write(str(path), (samples * scale).astype(np.int16), rate, subtype="PCM_16")
         recordings.append(path)
     values = dict(
-        archive_backend="s3", s3_bucket="clips-test", s3_prefix="archive", s3_endpoint_url=seaweed.endpoint_url,
-        aws_access_key_id=seaweed.access_key, aws_secret_access_key=seaweed.secret_key, s3_block_name="clips-test-archive",
-        clip_min_confidence=0.1, clips_per_species_per_day=1,
+        archive_backend="s3",
+        s3_bucket="clips-test",
+        s3_prefix="archive",
+        s3_endpoint_url=seaweed.endpoint_url,
+        aws_access_key_id=seaweed.access_key,
+        aws_secret_access_key=seaweed.secret_key,
+        s3_block_name="clips-test-archive",
+        clip_min_confidence=0.1,
+        clips_per_species_per_day=1,
     )
     from birdflow.settings import Settings
 
     register_blocks(Settings(station_id="s3clips", data_dir=tmp_path / "s3clips", **values))
     for path in recordings:
         settings, _, _, _ = process_on("s3clips", tmp_path, path, **values)
-    rows = [row for row in read_detections(settings.detections_dir).to_pylist() if row["common_name"] == "American Goldfinch"]
+    rows = [
+        row
+        for row in read_detections(settings.detections_dir).to_pylist()
+        if row["common_name"] == "American Goldfinch"
+    ]
     assert len(rows) == 2 and len({row["confidence"] for row in rows}) == 2
     best = max(rows, key=lambda row: row["confidence"])
     listed = seaweed.client().list_objects_v2(Bucket="clips-test", Prefix="archive/clips/s3clips/Spinus_tristis/")

@@ -13,7 +13,7 @@ from prefect.states import Failed
 from prometheus_client import REGISTRY
 
 from birdflow.core.recordings import RecordingStore
-from birdflow.core.redrive import RedrivePolicy
+from birdflow.core.redrive_policy import RedrivePolicy
 from birdflow.settings import Settings
 
 UTC = timezone.utc
@@ -32,20 +32,30 @@ def test_delays_grow_then_the_last_repeats_until_the_maximum_age():
 @pytest.fixture
 def station(prefect_server, tmp_path):
     """A station's deployment on the test server, and a recording published in its folder."""
-    from deployments.station import ensure_deployment
+    from deployments.registration import ensure_deployment
     from tests.conftest import SAMPLE_48K, require_sample
 
-    settings = Settings(station_id=f"redrive-{time.monotonic_ns()}", data_dir=tmp_path / "data", redrive_delays_s=[30, 90])
+    settings = Settings(
+        station_id=f"redrive-{time.monotonic_ns()}", data_dir=tmp_path / "data", redrive_delays_s=[30, 90]
+    )
     deployment_id = ensure_deployment(settings)
     store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
     partial = store.new_upload_partial(".wav")
     partial.write_bytes(require_sample(SAMPLE_48K).read_bytes())
     info = store.publish(
-        partial, listener_id="mic1", start_time=datetime(2025, 6, 1, tzinfo=UTC), duration_s=10,
-        sample_rate=48000, channels=1, gaps=0, source="upload",
+        partial,
+        listener_id="mic1",
+        start_time=datetime(2025, 6, 1, tzinfo=UTC),
+        duration_s=10,
+        sample_rate=48000,
+        channels=1,
+        gaps=0,
+        source="upload",
     )
     with get_client(sync_client=True) as client:
-        flow_run = client.create_flow_run_from_deployment(deployment_id, parameters={"recording": info.model_dump(mode="json")})
+        flow_run = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"recording": info.model_dump(mode="json")}
+        )
         client.set_flow_run_state(flow_run.id, Failed(message="EndpointConnectionError: S3 unreachable"), force=True)
         yield settings, client, client.read_flow_run(flow_run.id), info
 
@@ -68,7 +78,9 @@ def test_a_run_failing_past_its_maximum_age_is_given_up_and_reported(station):
     from flows.redrive import EXPIRED, REPORT_KEY, redrive_or_give_up
 
     settings, client, flow_run, info = station
-    settings = settings.model_copy(update={"unattended": settings.unattended.model_copy(update={"redrive_max_age_days": 1e-9})})
+    settings = settings.model_copy(
+        update={"unattended": settings.unattended.model_copy(update={"redrive_max_age_days": 1e-9})}
+    )
     labels = {"station": settings.station_id, "reason": "expired"}
     assert redrive_or_give_up(client, flow_run, flow_run.state, settings) is None
     state = client.read_flow_run(flow_run.id).state
@@ -77,24 +89,31 @@ def test_a_run_failing_past_its_maximum_age_is_given_up_and_reported(station):
     assert (settings.failed_dir / info.file_name).read_bytes()[:4] == b"RIFF"
     assert (settings.failed_dir / f"{info.recording_id}.json").exists()
     assert REGISTRY.get_sample_value("birdflow_recordings_given_up_total", labels) == 1.0
-    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+    )
     assert [artifact.key for artifact in artifacts] == [REPORT_KEY]
     assert info.recording_id in artifacts[0].data
 
 
 def test_the_maintenance_run_re_drives_what_nothing_re_drove(station, monkeypatch):
     import flows.maintenance
-    from flows.resources import use_station
+    from flows.run_resources import use_run_resources
 
     settings, client, flow_run, info = station
-    use_station(settings)
-    assert flows.maintenance.maintenance()["redrive"] == {"redriven": 0, "given_up": 0}  # it just failed: its executor's
+    use_run_resources(settings)
+    assert flows.maintenance.maintenance()["redrive"] == {
+        "redriven": 0,
+        "given_up": 0,
+    }  # it just failed: its executor's
     monkeypatch.setattr(flows.maintenance, "SETTLE_S", 0.0)  # as if a minute had passed without a re-drive
     summary = flows.maintenance.maintenance()
     assert summary["redrive"] == {"redriven": 1, "given_up": 0}
     assert client.read_flow_run(flow_run.id).state.name == "AwaitingRetry"
     assert flows.maintenance.maintenance()["redrive"] == {"redriven": 0, "given_up": 0}  # once is enough
-    names = [run.name for run in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["maintenance"])))]
+    names = [
+        run.name for run in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["maintenance"])))
+    ]
     assert names and all(re.fullmatch(r"maintenance-\d{8}T\d{6}Z", name) for name in names), names
 
 

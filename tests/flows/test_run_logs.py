@@ -37,7 +37,10 @@ def test_a_kind_of_failure_shows_its_traceback_once_an_hour_then_one_line_each()
 
 
 def test_long_and_multi_line_messages_become_one_bounded_line():
-    assert one_line("ApiException: (503)\nReason: Service Unavailable\n\n") == "ApiException: (503) Reason: Service Unavailable"
+    assert (
+        one_line("ApiException: (503)\nReason: Service Unavailable\n\n")
+        == "ApiException: (503) Reason: Service Unavailable"
+    )
     assert len(one_line("x " * 1000)) == 400
 
 

@@ -70,7 +70,11 @@ def test_frame_parser_reassembles_frames_split_across_any_chunking():
     stream = b"".join(encode_frame(seq, page(seq, 1000)) for seq in range(5)) + encode_frame(METADATA_SEQ, b"{}")
     for chunk_size in (1, 5, 6, 7, 999, 1006, len(stream)):
         parser = FrameParser(max_payload=4096)
-        frames = [frame for start in range(0, len(stream), chunk_size) for frame in parser.feed(stream[start : start + chunk_size])]
+        frames = [
+            frame
+            for start in range(0, len(stream), chunk_size)
+            for frame in parser.feed(stream[start : start + chunk_size])
+        ]
         assert [frame.seq for frame in frames] == [0, 1, 2, 3, 4, METADATA_SEQ]
         assert frames[3].payload == page(3, 1000) and parser.pending_bytes == 0
 

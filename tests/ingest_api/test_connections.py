@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import httpx
 import yaml
@@ -57,14 +58,15 @@ class HostileConnections:
                         self._closed(sock)
                 next_drip = time.monotonic() + 1.0
             for key, _ in self.selector.select(timeout=0.2):
+                sock = cast(socket.socket, key.fileobj)
                 try:
-                    if key.fileobj.recv(65536):
+                    if sock.recv(65536):
                         continue  # an answer (503) before the close
                 except BlockingIOError:
                     continue
                 except OSError:
                     pass
-                self._closed(key.fileobj)
+                self._closed(sock)
 
     def _closed(self, sock: socket.socket) -> None:
         if sock in self.opened:
@@ -78,21 +80,31 @@ class HostileConnections:
 
 
 def test_600_hostile_connections_cost_a_listener_nothing_with_1024_open_files(tmp_path, sample_48k):
-    """The ingest runs with systemd's default open-file limit and ingest_auth on (the README's advice)."""
+    """The ingest runs with systemd's default open-file limit and ingest_auth on (docs/security.md's advice)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2048:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
     port = free_port()
     settings_file = tmp_path / "settings.yaml"
-    settings_file.write_text(yaml.safe_dump({
-        "data_dir": str(tmp_path / "data"), "ingest_host": LOOPBACK, "ingest_port": port, "min_duration_s": 0.5,
-        "header_timeout_s": 8.0, "ingest_auth": "on",
-    }))
+    settings_file.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "ingest_host": LOOPBACK,
+                "ingest_port": port,
+                "min_duration_s": 0.5,
+                "header_timeout_s": 8.0,
+                "ingest_auth": "on",
+            }
+        )
+    )
     token = ListenerTokens(Settings(data_dir=tmp_path / "data").listener_tokens_file).add(GOOD)
     limit_open_files = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))  # noqa: E731
     ingest = subprocess.Popen(
         [sys.executable, "-m", "birdflow.app.cli", "--settings", str(settings_file), "ingest"],
-        preexec_fn=limit_open_files, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=limit_open_files,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     hostile = None
     try:
@@ -105,7 +117,8 @@ def test_600_hostile_connections_cost_a_listener_nothing_with_1024_open_files(tm
         hostile.watch(until=lambda: not listener.is_alive(), timeout_s=30)
         health = [httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=5).status_code for _ in range(5)]
         upload = httpx.post(
-            f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": (f"{GOOD}_20250101T000000Z.wav", sample_48k.read_bytes())},
+            f"http://{LOOPBACK}:{port}/recordings_upload",
+            files={"file": (f"{GOOD}_20250101T000000Z.wav", sample_48k.read_bytes())},
             headers={"Authorization": f"Bearer {token}"},
         )
         served_within_s = time.monotonic() - attack_began
@@ -126,14 +139,17 @@ def test_600_hostile_connections_cost_a_listener_nothing_with_1024_open_files(tm
     assert 'birdflow_connections_timed_out_total{stage="headers",station="station01"} 300.0' in metrics
     # the silent streams were refused (401) at their headers, then closed when they stayed silent
     assert 'birdflow_requests_rejected_total{reason="unauthorized",station="station01"} 300.0' in metrics
-    print(f"listener served within {served_within_s:.1f} s of 600 hostile connections; "
-          f"they were closed after {min(hostile.lifetimes):.1f}-{max(hostile.lifetimes):.1f} s")
+    print(
+        f"listener served within {served_within_s:.1f} s of 600 hostile connections; "
+        f"they were closed after {min(hostile.lifetimes):.1f}-{max(hostile.lifetimes):.1f} s"
+    )
 
 
 def _open_stream(port: int, listener: str) -> socket.socket:
     sock = socket.create_connection((LOOPBACK, port), timeout=10)
     sock.sendall(
-        f"POST /recordings_stream?listener_id={listener} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        f"POST /recordings_stream?listener_id={listener} HTTP/1.1\r\nHost: x\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
     )
     return sock
 
@@ -152,7 +168,7 @@ def _seconds_until_closed(sock: socket.socket, keep_sending: bool = False, limit
                 _send_chunk(sock, b"\x00" * 64)
             if sock.recv(65536) == b"":
                 break
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             break
@@ -162,8 +178,12 @@ def _seconds_until_closed(sock: socket.socket, keep_sending: bool = False, limit
 
 def test_stream_caps_answer_503_and_each_stage_of_a_request_has_a_deadline(tmp_path):
     settings = Settings(
-        data_dir=tmp_path / "data", min_duration_s=0.5, header_timeout_s=1.5, body_timeout_s=2.0,
-        max_open_streams=3, max_streams_per_listener=1,
+        data_dir=tmp_path / "data",
+        min_duration_s=0.5,
+        header_timeout_s=1.5,
+        body_timeout_s=2.0,
+        max_open_streams=3,
+        max_streams_per_listener=1,
     )
     with serving(settings) as port:
         first = _open_stream(port, "cap-1")
@@ -187,20 +207,27 @@ def test_stream_caps_answer_503_and_each_stage_of_a_request_has_a_deadline(tmp_p
         stalled = _seconds_until_closed(stalled_upload)
         refused = _open_stream(port, "bad_id")  # answered 400 at once; what it goes on sending is not waited for
         refused_sending = _seconds_until_closed(refused, keep_sending=True)
-    print(f"closed after: silent stream {silent_stream:.1f} s, stalled upload {stalled:.1f} s, "
-          f"refused stream still sending {refused_sending:.1f} s")
+    print(
+        f"closed after: silent stream {silent_stream:.1f} s, stalled upload {stalled:.1f} s, "
+        f"refused stream still sending {refused_sending:.1f} s"
+    )
     # the server counts from the headers it read, a moment before the client starts its clock
     assert 1.3 <= silent_stream < 3.5 and 1.8 <= stalled < 4.0 and 1.3 <= refused_sending < 3.5
 
 
-def stream_and_read(port: int, audio: bytes, seconds: float, on_the_way: Callable[[], None] = lambda: None) -> tuple[bytes, str]:
+def stream_and_read(
+    port: int, audio: bytes, seconds: float, on_the_way: Callable[[], None] = lambda: None
+) -> tuple[bytes, str]:
     """A listener streaming in real time that also reads its socket; `on_the_way` runs after 2 s. Returns what
     it read and how the connection ended ("" while it was still open at the end)."""
     frames = frames_of(audio)
     page = 32768 + 6
     read, ended, started = b"", "", time.monotonic()
     with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
-        sock.sendall(f"POST /recordings_stream?listener_id={GOOD} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /recordings_stream?listener_id={GOOD} HTTP/1.1\r\nHost: x\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
         sock.setblocking(False)
         done_on_the_way = False
         for offset in range(0, len(frames), page):
@@ -232,10 +259,20 @@ def test_a_listener_whose_stream_the_station_cuts_reads_come_back_later_not_a_re
     assert read.startswith(b"HTTP/1.1 507 ") and b"retry-after: 300" in read.lower(), (read, ended)
     # the ingest stopping (SIGTERM): the recording in progress is kept and the listener told 503
     port = free_port()
-    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(
-        {"data_dir": str(tmp_path / "stop"), "ingest_host": LOOPBACK, "ingest_port": port, "health_port": free_port()}
-    ))
-    ingest = subprocess.Popen([sys.executable, "-m", "birdflow.app.cli", "--settings", str(tmp_path / "settings.yaml"), "ingest"], cwd=tmp_path)
+    (tmp_path / "settings.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "stop"),
+                "ingest_host": LOOPBACK,
+                "ingest_port": port,
+                "health_port": free_port(),
+            }
+        )
+    )
+    ingest = subprocess.Popen(
+        [sys.executable, "-m", "birdflow.app.cli", "--settings", str(tmp_path / "settings.yaml"), "ingest"],
+        cwd=tmp_path,
+    )
     try:
         wait_until(lambda: httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200, 30, "the ingest API")
         read, ended = stream_and_read(port, sample_48k.read_bytes(), 9.5, on_the_way=ingest.terminate)

@@ -12,17 +12,19 @@ import wave
 import httpx
 import pytest
 
-from birdflow.settings import Settings
 from birdflow.core.wav import WavFormat, build_header
-from ingest_api.framing import encode_frame
+from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, wait_until
+from ingest_api.framing import encode_frame
 from tests.ingest_client import chunked_post, frames_of, serving, wav_bytes
 
 
 @pytest.fixture
 def ingest(tmp_path):
     # these tests send recordings faster than real time: no per-minute limit
-    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20, max_recordings_per_minute=10_000)
+    settings = Settings(
+        data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20, max_recordings_per_minute=10_000
+    )
     with serving(settings) as port:
         yield settings, port
 
@@ -131,7 +133,9 @@ def test_oversize_upload_is_refused_with_413(ingest):
 
 def test_too_short_upload_is_discarded_with_422(ingest):
     settings, port = ingest
-    response = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": ("mic-1_x.wav", wav_bytes(0.2))})
+    response = httpx.post(
+        f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": ("mic-1_x.wav", wav_bytes(0.2))}
+    )
     assert response.status_code == 422 and "shorter" in response.json()["error"]
 
 
@@ -140,9 +144,25 @@ def test_endless_simulator_stops_on_ctrl_c_and_reports_what_it_sent(ingest, tmp_
     source = tmp_path / "two_seconds.wav"
     source.write_bytes(wav_bytes(2.0))
     listen = subprocess.Popen(
-        [sys.executable, "-m", "birdflow.app.cli", "listen", "--file", str(source), "--listeners", "2",
-         "--interval", "0.2", "--pace", "8", "--url", f"http://{LOOPBACK}:{port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "birdflow.app.cli",
+            "listen",
+            "--file",
+            str(source),
+            "--listeners",
+            "2",
+            "--interval",
+            "0.2",
+            "--pace",
+            "8",
+            "--url",
+            f"http://{LOOPBACK}:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_until(lambda: len(recordings(settings)) >= 4, 30, "four streamed recordings")
@@ -165,9 +185,24 @@ def test_simulator_gives_up_on_a_refused_upload_instead_of_resending_it(ingest, 
     notes = tmp_path / "notes.txt"
     notes.write_text("not audio")
     listen = subprocess.run(
-        [sys.executable, "-m", "birdflow.app.cli", "listen", "--upload", "--file", str(notes), "--listeners", "2",
-         "--interval", "0", "--url", f"http://{LOOPBACK}:{port}"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "birdflow.app.cli",
+            "listen",
+            "--upload",
+            "--file",
+            str(notes),
+            "--listeners",
+            "2",
+            "--interval",
+            "0",
+            "--url",
+            f"http://{LOOPBACK}:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert listen.returncode == 1
     # each listener reports its refusal as it happens, then the summary counts one error each
@@ -187,8 +222,20 @@ def test_simulator_refuses_bad_options_before_sending_anything(tmp_path, content
     source = tmp_path / "recording.wav"
     source.write_bytes(wav_bytes(1.0) if content is None else content)
     listen = subprocess.run(
-        [sys.executable, "-m", "birdflow.app.cli", "listen", "--file", str(source), *options, "--url", "http://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "birdflow.app.cli",
+            "listen",
+            "--file",
+            str(source),
+            *options,
+            "--url",
+            "http://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert listen.returncode == 1 and message in listen.stderr and "Traceback" not in listen.stderr
 
@@ -196,7 +243,9 @@ def test_simulator_refuses_bad_options_before_sending_anything(tmp_path, content
 def test_below_the_disk_floor_recordings_are_refused_with_507_and_nothing_is_written(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, min_free_disk_mb=1 << 30)  # always below
     with serving(settings) as port:
-        upload = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": ("mic-1_x.wav", wav_bytes(1.0))})
+        upload = httpx.post(
+            f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": ("mic-1_x.wav", wav_bytes(1.0))}
+        )
         status, body = chunked_post(port, "/recordings_stream?listener_id=mic-2", [frames_of(wav_bytes(1.0))])
         metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics").text
     assert upload.status_code == 507 and "min_free_disk_mb" in upload.json()["error"]

@@ -9,9 +9,9 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import httpx
 import numpy as np
@@ -21,7 +21,16 @@ from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK
 from ingest_api.framing import encode_frame
-from tests.ingest_client import GOOD, chunked_post, frames_of, header, serving, stream_in_real_time, upload_claiming, wav_bytes
+from tests.ingest_client import (
+    GOOD,
+    chunked_post,
+    frames_of,
+    header,
+    serving,
+    stream_in_real_time,
+    upload_claiming,
+    wav_bytes,
+)
 
 
 def wav_file(rate: int, bits: int, seconds: float = 1.0) -> bytes:
@@ -33,16 +42,16 @@ class Client:
     port: int
     tokens: dict[str, str]
 
-    def bearer(self, listener: Optional[str]) -> dict:
+    def bearer(self, listener: str | None) -> dict:
         return {"Authorization": f"Bearer {self.tokens[listener]}"} if listener else {}
 
-    def stream(self, listener_query: str, body: bytes, token_of: Optional[str] = "mic-1") -> tuple[int, str]:
+    def stream(self, listener_query: str, body: bytes, token_of: str | None = "mic-1") -> tuple[int, str]:
         status, summary = chunked_post(
             self.port, f"/recordings_stream?listener_id={listener_query}", [body], headers=self.bearer(token_of)
         )
         return status, str(summary)
 
-    def upload(self, name: str, content: bytes, listener_id: Optional[str] = None, token_of: Optional[str] = "mic-1"):
+    def upload(self, name: str, content: bytes, listener_id: str | None = None, token_of: str | None = "mic-1"):
         response = httpx.post(
             f"http://{LOOPBACK}:{self.port}/recordings_upload",
             files={"file": (name, content)},
@@ -86,36 +95,75 @@ CASES: list[tuple[str, int, Callable[[Client], tuple[int, str]]]] = [
     ("stream: no token", 401, lambda c: c.stream("mic-1", frames_of(wav_bytes(1.0)), token_of=None)),
     ("stream: a revoked token", 401, lambda c: c.stream("mic-1", frames_of(wav_bytes(1.0)), token_of="revoked")),
     ("stream: another listener's token", 401, lambda c: c.stream("mic-1", frames_of(wav_bytes(1.0)), token_of="mic-2")),
-    ("stream: header 1000 Hz 8-bit", 415, lambda c: c.stream("mic-1", encode_frame(0, header(1000, 8)) + encode_frame(1, bytes(40000)))),
+    (
+        "stream: header 1000 Hz 8-bit",
+        415,
+        lambda c: c.stream("mic-1", encode_frame(0, header(1000, 8)) + encode_frame(1, bytes(40000))),
+    ),
     ("stream: header 48 kHz 8-bit", 415, lambda c: c.stream("mic-1", encode_frame(0, header(48000, 8)))),
     ("stream: header 4 kHz 16-bit", 415, lambda c: c.stream("mic-1", encode_frame(0, header(4000, 16)))),
     ("stream: header 384 kHz", 415, lambda c: c.stream("mic-1", encode_frame(0, header(384000, 16)))),
     ("stream: header of float samples", 415, lambda c: c.stream("mic-1", encode_frame(0, header(48000, 32, tag=3)))),
-    ("stream: frame length beyond the limit", 400, lambda c: c.stream("mic-1", b"\x01\x00\x00\xff\xff\xff" + bytes(64))),
-    ("stream: 10,000 seq=0 frames", 429, lambda c: c.stream("mic-2", encode_frame(0, header(48000, 16)) * 10_000, token_of="mic-2")),
+    (
+        "stream: frame length beyond the limit",
+        400,
+        lambda c: c.stream("mic-1", b"\x01\x00\x00\xff\xff\xff" + bytes(64)),
+    ),
+    (
+        "stream: 10,000 seq=0 frames",
+        429,
+        lambda c: c.stream("mic-2", encode_frame(0, header(48000, 16)) * 10_000, token_of="mic-2"),
+    ),
     ("stream: 40 recordings of 0.1 s", 429, lambda c: c.stream("mic-2", _short_recordings(40), token_of="mic-2")),
     ("upload: file name ../../x.wav", 400, lambda c: c.upload("../../mic-1_x.wav", wav_bytes(1.0))),
-    ("upload: listener_id with a trailing newline", 400, lambda c: c.upload("a.wav", wav_bytes(1.0), listener_id="mic-1\n")),
+    (
+        "upload: listener_id with a trailing newline",
+        400,
+        lambda c: c.upload("a.wav", wav_bytes(1.0), listener_id="mic-1\n"),
+    ),
     ("upload: listener_id ../x", 400, lambda c: c.upload("a.wav", wav_bytes(1.0), listener_id="../x")),
     ("upload: text named .wav", 415, lambda c: c.upload("mic-1_x.wav", b"hello, not audio" * 100)),
     ("upload: 8-bit WAV", 415, lambda c: c.upload("mic-1_x.wav", wav_file(48000, 8))),
     ("upload: 4 kHz WAV", 415, lambda c: c.upload("mic-1_x.wav", wav_file(4000, 16))),
-    ("upload: corrupt MP3", 415, lambda c: c.upload("mic-1_x.mp3", b"ID3\x03\x00\x00\x00\x00\x00\x00" + os.urandom(3000))),
+    (
+        "upload: corrupt MP3",
+        415,
+        lambda c: c.upload("mic-1_x.mp3", b"ID3\x03\x00\x00\x00\x00\x00\x00" + os.urandom(3000)),
+    ),
     ("upload: a WAV whose fmt chunk is 2 bytes", 415, lambda c: c.upload("mic-1_x.wav", wav_with_fmt_of(2))),
-    ("upload: a file name dated 20251341T256161Z", 400, lambda c: c.upload("mic-1_20251341T256161Z.wav", wav_bytes(1.0))),
-    ("upload: a file name dated 29991231T235959Z", 400, lambda c: c.upload("mic-1_29991231T235959Z.wav", wav_bytes(1.0))),
+    (
+        "upload: a file name dated 20251341T256161Z",
+        400,
+        lambda c: c.upload("mic-1_20251341T256161Z.wav", wav_bytes(1.0)),
+    ),
+    (
+        "upload: a file name dated 29991231T235959Z",
+        400,
+        lambda c: c.upload("mic-1_29991231T235959Z.wav", wav_bytes(1.0)),
+    ),
     ("upload: FLAC longer than max_upload_duration_s", 422, lambda c: c.upload("mic-1_x.flac", silence_flac(61))),
-    ("upload: POST /recordings_upload/ with Host: evil.example (no redirect built from it)", 404, lambda c: c.raw(
-        b"POST /recordings_upload/ HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 0\r\n\r\n")),
+    (
+        "upload: POST /recordings_upload/ with Host: evil.example (no redirect built from it)",
+        404,
+        lambda c: c.raw(b"POST /recordings_upload/ HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 0\r\n\r\n"),
+    ),
     ("upload: empty file", 400, lambda c: c.upload("mic-1_x.wav", b"")),
     ("upload: .exe", 415, lambda c: c.upload("mic-1_x.exe", wav_bytes(1.0))),
     ("upload: Content-Length 10 GB, 1 KiB sent", 413, lambda c: c.raw(upload_claiming(10 << 30, c.tokens["mic-1"]))),
     ("upload: no token", 401, lambda c: c.upload("mic-1_x.wav", wav_bytes(1.0), token_of=None)),
     ("upload: another listener's token", 403, lambda c: c.upload("mic-1_x.wav", wav_bytes(1.0), token_of="mic-2")),
-    ("upload: not multipart", 400, lambda c: (lambda r: (r.status_code, r.text))(
-        httpx.post(f"http://{LOOPBACK}:{c.port}/recordings_upload", content=b"x" * 100, headers=c.bearer("mic-1")))),
-    ("metrics: without the metrics token", 401, lambda c: (lambda r: (r.status_code, r.text))(
-        httpx.get(f"http://{LOOPBACK}:{c.port}/metrics"))),
+    (
+        "upload: not multipart",
+        400,
+        lambda c: (lambda r: (r.status_code, r.text))(
+            httpx.post(f"http://{LOOPBACK}:{c.port}/recordings_upload", content=b"x" * 100, headers=c.bearer("mic-1"))
+        ),
+    ),
+    (
+        "metrics: without the metrics token",
+        401,
+        lambda c: (lambda r: (r.status_code, r.text))(httpx.get(f"http://{LOOPBACK}:{c.port}/metrics")),
+    ),
 ]
 
 
@@ -130,8 +178,12 @@ def files_under(root: Path) -> dict[str, int]:
 
 def test_bad_input_gets_its_status_and_changes_nothing_while_a_listener_streams(tmp_path):
     settings = Settings(
-        data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20, max_upload_duration_s=60,
-        ingest_auth="on", metrics_token="scrape-secret",
+        data_dir=tmp_path / "data",
+        min_duration_s=0.5,
+        max_upload_bytes=4 << 20,
+        max_upload_duration_s=60,
+        ingest_auth="on",
+        metrics_token="scrape-secret",
     )
     store = ListenerTokens(settings.listener_tokens_file)
     tokens = {listener: store.add(listener) for listener in ("mic-1", "mic-2", GOOD)}
@@ -155,7 +207,12 @@ def test_bad_input_gets_its_status_and_changes_nothing_while_a_listener_streams(
         # the same server still takes what is right
         assert client.stream("mic-1", frames_of(wav_bytes(1.0)), token_of=None)[0] == 401
         assert client.upload("mic-1_20250101T000000Z.wav", wav_bytes(1.0))[0] == 200
-        assert httpx.get(f"http://{LOOPBACK}:{port}/metrics", headers={"Authorization": "Bearer scrape-secret"}).status_code == 200
+        assert (
+            httpx.get(
+                f"http://{LOOPBACK}:{port}/metrics", headers={"Authorization": "Bearer scrape-secret"}
+            ).status_code
+            == 200
+        )
         metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics", headers={"Authorization": "Bearer scrape-secret"}).text
     assert b" 200 " in good["answer"].split(b"\r\n")[0] and b'"recordings_closed":5' in good["answer"]
     assert len(list(settings.recordings_dir.glob(f"{GOOD}_*.wav"))) == 5
@@ -185,8 +242,6 @@ def test_exempt_listeners_send_without_a_token_while_the_others_need_one(tmp_pat
         assert httpx.get(f"http://{LOOPBACK}:{port}/metrics").status_code == 200
     assert len(list(settings.recordings_dir.glob("old-1_*.wav"))) == 2
     assert not list(settings.recordings_dir.glob("mic-1_*"))
-
-
 
 
 def send_until_closed(port: int, head: bytes, piece: bytes, most: int) -> tuple[int, bytes]:
@@ -228,7 +283,10 @@ def test_huge_headers_get_431_after_64_kib_and_cost_no_memory(tmp_path):
             sender.join(60)
         grown = resident_mb() - before
         assert httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200
-    print(f"20 x 40 MiB headers: sent at most {max(sent for sent, _ in results) >> 10} KiB each; ingest RSS +{grown:.0f} MB")
+    print(
+        f"20 x 40 MiB headers: sent at most {max(sent for sent, _ in results) >> 10} KiB each; ingest RSS +{grown:.0f} "
+        "MB"
+    )
     assert len(results) == 20 and all(sent < 8 << 20 for sent, _ in results)
     assert sum(answer.startswith(b"HTTP/1.1 431") for _, answer in results) >= 15  # (a reset may hide a few)
     assert grown < 40

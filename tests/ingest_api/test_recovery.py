@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 import pytest
 
 from birdflow.core.recordings import RecordingStore, load_info, parse_stream_partial
-from birdflow.settings import Settings
 from birdflow.core.wav import WavFormat, build_header
+from birdflow.settings import Settings
 from ingest_api.assembler import StreamAssembler, StreamLimits
 from ingest_api.framing import Frame
 from ingest_api.recovery import recover_partials

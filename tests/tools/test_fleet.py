@@ -6,6 +6,7 @@ other; Prefect's vacuum holds the history flat over compressed days."""
 from __future__ import annotations
 
 import time
+
 import pytest
 
 from birdflow_tools.central import manifest_settings
@@ -38,8 +39,13 @@ def every_run_has_its_task_runs(central, timeout_s: float = 30) -> None:
 def test_two_api_processes_on_postgres_and_redis_serve_two_stations(sample_48k):
     assert manifest_settings()["PREFECT_MESSAGING_BROKER"] == "prefect_redis.messaging"  # what is under test
     options = FleetOptions.quick(
-        sample=sample_48k, stations=2, api_processes=2, recordings_per_station=3,
-        compressed_days=3, retention_days=2, recordings_per_day=1,
+        sample=sample_48k,
+        stations=2,
+        api_processes=2,
+        recordings_per_station=3,
+        compressed_days=3,
+        retention_days=2,
+        recordings_per_day=1,
     )
     said: list[str] = []
     with running_fleet(options, said.append) as (central, stacks):
@@ -65,8 +71,11 @@ def test_two_api_processes_on_postgres_and_redis_serve_two_stations(sample_48k):
         # a rerun created through API process 1 of a run of the station that talks to API process 2
         api_one, api_two = central.api_url(0), central.api_url(1)
         [done] = prefect_post(api_one, "flow_runs/filter", {**second.recording_runs, "limit": 1})
-        rerun = prefect_post(api_one, f"deployments/{done['deployment_id']}/create_flow_run",
-                             {"parameters": done["parameters"], "name": "rerun-through-api-one"})
+        rerun = prefect_post(
+            api_one,
+            f"deployments/{done['deployment_id']}/create_flow_run",
+            {"parameters": done["parameters"], "name": "rerun-through-api-one"},
+        )
         assert rerun["work_pool_name"] == "birdflow-station02"
         deadline = time.monotonic() + 90
         while run_state(api_two, rerun["id"]) != "COMPLETED":

@@ -18,17 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any
 
 import httpx
 import numpy as np
 import soundfile
 
+from birdflow.app.simulated_listeners import make_distinct, run_listeners, split_wav
 from birdflow.core.budget import sqlite_bytes_in_use
 from birdflow.settings import Settings
-from birdflow.app.simulated_listeners import make_distinct, run_listeners, split_wav
 from birdflow_tools.stack import Stack, peak_rss_mb, pin_threads, resident_mb, temporary_stack
 from birdflow_tools.testbed import WebhookReceiver
 
@@ -46,13 +47,13 @@ class BenchOptions:
     inference_seconds: float = 8.0
     batch_size: int = 4
     prefect_database: str = "sqlite"
-    tflite_venv: Optional[Path] = None
+    tflite_venv: Path | None = None
     upload_concurrency: int = 4
     fleet: bool = False  # also measure the fleet layout (see fleet_phase)
     automation: bool = False  # a notification channel configured: the embedded server runs its triggers
-    executor_workers: Optional[int] = None  # the station's default unless given
+    executor_workers: int | None = None  # the station's default unless given
     # recordings at another rate, resampled before analysis, fed after the 48 kHz ones: the memory phase
-    other_rate_sample: Optional[Path] = None
+    other_rate_sample: Path | None = None
     other_rate_recordings: int = 20
     long_recording_s: int = 3600  # one recording this long (an AudioMoth's hour), after the rest: 0 skips it
 
@@ -60,9 +61,16 @@ class BenchOptions:
         return {} if self.executor_workers is None else {"executor_workers": self.executor_workers}
 
     @classmethod
-    def quick(cls, **overrides) -> "BenchOptions":
-        values = dict(recordings=16, latency_recordings=6, stream_listeners=20, stream_seconds=15.0, inference_seconds=2.0,
-                      other_rate_recordings=6, long_recording_s=180)
+    def quick(cls, **overrides) -> BenchOptions:
+        values: dict[str, Any] = dict(
+            recordings=16,
+            latency_recordings=6,
+            stream_listeners=20,
+            stream_seconds=15.0,
+            inference_seconds=2.0,
+            other_rate_recordings=6,
+            long_recording_s=180,
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -83,7 +91,7 @@ def percentile(values: list[float], fraction: float) -> float:
 # --- phases -----------------------------------------------------------------------------------------
 
 
-def reference_python(venv: Path, say: Callable[[str], None]) -> Optional[Path]:
+def reference_python(venv: Path, say: Callable[[str], None]) -> Path | None:
     """A virtualenv with tflite-runtime and numpy < 2 (which the main one cannot host), made once."""
     python = venv / "bin" / "python"
     if not python.exists():
@@ -102,8 +110,14 @@ def reference_python(venv: Path, say: Callable[[str], None]) -> Optional[Path]:
 def run_inference_bench(python: Path, options: BenchOptions, include_birdnetlib: bool = True) -> dict:
     tools = Path(__file__).resolve().parents[1]  # this package's folder; birdflow's is above it
     command = [
-        str(python), "-m", "birdflow_tools.inference_bench", str(options.sample),
-        "--batch-size", str(options.batch_size), "--seconds", str(options.inference_seconds),
+        str(python),
+        "-m",
+        "birdflow_tools.inference_bench",
+        str(options.sample),
+        "--batch-size",
+        str(options.batch_size),
+        "--seconds",
+        str(options.inference_seconds),
     ]
     if not include_birdnetlib:
         command.append("--no-birdnetlib")
@@ -131,7 +145,10 @@ def distinct_uploads(sample: Path, count: int, first: int = 0) -> list[tuple[str
 
 
 async def post_uploads(
-    url: str, uploads: list[tuple[str, bytes]], concurrency: int, interval_s: float = 0.0,
+    url: str,
+    uploads: list[tuple[str, bytes]],
+    concurrency: int,
+    interval_s: float = 0.0,
     on_sent: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """POST each upload; recording id -> wall time its response arrived (the recording is closed then)."""
@@ -158,7 +175,7 @@ def wait_stored(stack: Stack, ids: set[str], timeout_s: float, on_progress: Call
         on_progress(len(stored))
         if len(stored) == len(ids):
             return stored
-        if time.monotonic() > deadline or stack.process.poll() is not None:
+        if time.monotonic() > deadline or stack.up.poll() is not None:
             raise RuntimeError(f"{len(ids) - len(stored)} recording(s) not stored in time; log:\n{stack.log_tail()}")
         time.sleep(0.1)
 
@@ -166,16 +183,25 @@ def wait_stored(stack: Stack, ids: set[str], timeout_s: float, on_progress: Call
 def storage_snapshot(stack: Stack) -> dict[str, float]:
     """What the station keeps on its disk: database bytes in use, files outside the archive, archive bytes."""
     places = stack.places
-    folders = (places.local_archive_dir, places.recordings_dir, places.partial_dir, places.metrics_dir, places.staging_dir)
+    folders = (
+        places.local_archive_dir,
+        places.recordings_dir,
+        places.partial_dir,
+        places.metrics_dir,
+        places.staging_dir,
+    )
     transient = {folder.name for folder in folders}  # folders right under data_dir
     kept = [
-        path for path in places.data_dir.rglob("*")
-        if path.is_file() and path.relative_to(places.data_dir).parts[0] not in transient
+        path
+        for path in places.data_dir.rglob("*")
+        if path.is_file()
+        and path.relative_to(places.data_dir).parts[0] not in transient
         and not path.name.endswith(("-wal", "-shm"))
     ]
     return {
         "prefect_db_bytes": sqlite_bytes_in_use(places.prefect_database_file),
-        "birdflow_state_bytes": sqlite_bytes_in_use(places.results_file) + sqlite_bytes_in_use(places.processed_record_file),
+        "birdflow_state_bytes": sqlite_bytes_in_use(places.results_file)
+        + sqlite_bytes_in_use(places.processed_record_file),
         "detections_bytes": sum(path.stat().st_size for path in places.detections_dir.rglob("*.parquet")),
         "files": len(kept),
         "archive_bytes": sum(path.stat().st_size for path in places.local_archive_dir.rglob("*") if path.is_file()),
@@ -189,7 +215,9 @@ def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
     stored_before = storage_snapshot(stack)
     before, wall0 = stack.cpu(), time.time()
     sent = asyncio.run(post_uploads(stack.url, uploads, options.upload_concurrency))
-    stored = wait_stored(stack, set(sent), 60 + 10 * options.recordings, lambda done: progress.update(bar, completed=done))
+    stored = wait_stored(
+        stack, set(sent), 60 + 10 * options.recordings, lambda done: progress.update(bar, completed=done)
+    )
     wall = max(stored.values()) - wall0
     after = stack.cpu()
     # detections are stored before the run's archive task ends: let the last runs finish
@@ -265,8 +293,16 @@ def stream_phase(stack: Stack, options: BenchOptions, progress) -> dict:
     async def hold_streams() -> list:
         task = asyncio.create_task(
             run_listeners(
-                stack.url, options.sample, listeners=listeners, interval_s=0.0, recordings=0,
-                stagger_s=ramp, pace=1.0, prefix="stream", distinct=True, timeout_s=hold,
+                stack.url,
+                options.sample,
+                listeners=listeners,
+                interval_s=0.0,
+                recordings=0,
+                stagger_s=ramp,
+                pace=1.0,
+                prefix="stream",
+                distinct=True,
+                timeout_s=hold,
             )
         )
         started = time.monotonic()
@@ -315,9 +351,11 @@ def memory_phase(stack: Stack, options: BenchOptions, progress) -> dict:
         uploads = distinct_uploads(options.other_rate_sample, options.other_rate_recordings, first=1_000_000)
         bar = progress.add_task("memory: recordings at another rate", total=len(uploads))
         sent = asyncio.run(post_uploads(stack.url, uploads, options.upload_concurrency))
-        resampled = len(wait_stored(stack, set(sent), 60 + 10 * len(uploads), lambda done: progress.update(bar, completed=done)))
-    peaks = {role: peak_rss_mb([stack.child(role)]) for role in ("executor", "ingest")}
-    peaks["supervisor"] = peak_rss_mb([stack.process.pid])
+        resampled = len(
+            wait_stored(stack, set(sent), 60 + 10 * len(uploads), lambda done: progress.update(bar, completed=done))
+        )
+    peaks = {role: peak_rss_mb([stack.required_child(role)]) for role in ("executor", "ingest")}
+    peaks["supervisor"] = peak_rss_mb([stack.up.pid])
     return {
         **{f"{role}_peak_rss_mb": value for role, value in peaks.items()},
         "aggregator_peak_rss_mb": sum(peaks.values()),
@@ -352,7 +390,7 @@ def long_recording_phase(stack: Stack, options: BenchOptions, progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="birdflow-long-") as folder:
         path = Path(folder) / "long01_20250601T040000Z.flac"
         write_long_recording(path, recording_pieces(options.sample), seconds)
-        executor = stack.child("executor")
+        executor = stack.required_child("executor")
         before = highest = resident_mb(executor)
         bar = progress.add_task(f"long recording: {seconds} s", total=1)
         started = time.monotonic()
@@ -362,14 +400,18 @@ def long_recording_phase(stack: Stack, options: BenchOptions, progress) -> dict:
         recording_id = response.json()["recording_id"]
         deadline = started + 120 + seconds
         while recording_id not in stack.stored_times():
-            if time.monotonic() > deadline or stack.process.poll() is not None:
+            if time.monotonic() > deadline or stack.up.poll() is not None:
                 raise RuntimeError(f"the long recording was not stored in time; log:\n{stack.log_tail()}")
             highest = max(highest, resident_mb(executor))
             time.sleep(0.5)
         progress.update(bar, completed=1)
         return {
-            "seconds": seconds, "flac_mb": path.stat().st_size / 1e6, "stored_after_s": time.monotonic() - started,
-            "executor_rss_before_mb": before, "executor_rss_highest_mb": highest, "executor_rss_growth_mb": highest - before,
+            "seconds": seconds,
+            "flac_mb": path.stat().st_size / 1e6,
+            "stored_after_s": time.monotonic() - started,
+            "executor_rss_before_mb": before,
+            "executor_rss_highest_mb": highest,
+            "executor_rss_growth_mb": highest - before,
         }
 
 
@@ -457,7 +499,8 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         fleet = fleet_phase(options, progress)
         results.update(
             fleet=fleet,
-            fleet_drain_ratio_to_raw_limit_per_core=fleet["audio_s_per_s"] / (results["raw_chunks_per_s_per_core"] * 3.0),
+            fleet_drain_ratio_to_raw_limit_per_core=fleet["audio_s_per_s"]
+            / (results["raw_chunks_per_s_per_core"] * 3.0),
             fleet_server_cpu_s_per_recording=fleet["server_cpu_s_per_recording"],
         )
     results.update(
@@ -487,9 +530,12 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
 
 
 def memory_row(memory: dict) -> str:
-    other = f", {memory['other_rate_recordings']} of its recordings resampled" if memory["other_rate_recordings"] else ""
+    other = (
+        f", {memory['other_rate_recordings']} of its recordings resampled" if memory["other_rate_recordings"] else ""
+    )
     return (
-        f"aggregator processes {memory['aggregator_peak_rss_mb']:.0f} MB (executor {memory['executor_peak_rss_mb']:.0f}, "
+        f"aggregator processes {memory['aggregator_peak_rss_mb']:.0f} MB (executor "
+        f"{memory['executor_peak_rss_mb']:.0f}, "
         f"ingest {memory['ingest_peak_rss_mb']:.0f}, supervisor {memory['supervisor_peak_rss_mb']:.0f}); "
         f"Prefect server {memory['server_peak_rss_mb']:.0f} MB{other}"
     )
@@ -497,8 +543,10 @@ def memory_row(memory: dict) -> str:
 
 def long_recording_row(long: dict) -> str:
     return (
-        f"{long['seconds'] / 60:.0f} min ({long['flac_mb']:.0f} MB of FLAC) stored {long['stored_after_s']:.0f} s after its "
-        f"upload began; executor {long['executor_rss_before_mb']:.0f} MB before, {long['executor_rss_highest_mb']:.0f} MB "
+        f"{long['seconds'] / 60:.0f} min ({long['flac_mb']:.0f} MB of FLAC) stored {long['stored_after_s']:.0f} s "
+        "after its "
+        f"upload began; executor {long['executor_rss_before_mb']:.0f} MB before, {long['executor_rss_highest_mb']:.0f} "
+        "MB "
         f"at most while analysing it (+{long['executor_rss_growth_mb']:.0f})"
     )
 
@@ -506,44 +554,92 @@ def long_recording_row(long: dict) -> str:
 def summary_rows(results: dict) -> list[tuple[str, str]]:
     drain, latency, stream = results["drain"], results["latency"], results["stream"]
     rows = [
-        (f"raw model, {backend}", ", ".join(f"{key.replace('_', ' ')}: {rate:.1f} chunks/s/core" for key, rate in rates.items()))
+        (
+            f"raw model, {backend}",
+            ", ".join(f"{key.replace('_', ' ')}: {rate:.1f} chunks/s/core" for key, rate in rates.items()),
+        )
         for backend, rates in results["raw_model"].items()
     ]
     rows += [
-        ("birdnetlib", f"{results['birdnetlib_chunks_per_s']:.1f} chunks/s on {results['birdnetlib_backend']}"
-         f" ({results['birdnetlib_on_ai_edge_litert_chunks_per_s']:.1f} with ai-edge-litert swapped in)"),
-        ("birdflow inference", f"{results['birdflow_chunks_per_s']:.1f} chunks/s on {results['backend']}: "
-         f"{results['inference_speedup_vs_birdnetlib']:.2f}x birdnetlib, detections "
-         f"{'identical' if results['detections_match_birdnetlib'] else 'DIFFERENT'}"),
-        ("clips", f"one clip (FLAC + spectrogram) {results['inference']['main']['clips']['clip_cpu_s'] * 1000:.1f} ms CPU: "
-         f"{results['clip_cpu_share_of_analysis']:.1%} of the recording's analysis"),
-        ("drain", f"{drain['recordings']} recordings in {drain['wall_s']:.1f} s: {drain['audio_s_per_s']:.1f} audio-s/s "
-         f"({results['drain_ratio_to_raw_limit']:.0%} of the raw model limit on {results['cores']} cores); "
-         f"{drain['completed_runs']} completed flow runs; CPU {drain['cpu_busy_share']:.0%} busy"),
-        *([("automation", f"triggers on, {results['notifications_sent']} notification(s) sent during the drain")]
-          if "notifications_sent" in results else []),
-        ("CPU per recording", f"aggregator {drain['aggregator_cpu_s_per_10s_recording']:.3f} s per 10 s recording, "
-         f"Prefect server{' + Postgres' if results['prefect_database'] == 'postgres' else ''} "
-         f"{drain['server_cpu_s_per_recording']:.3f} s"),
-        ("latency during drain", f"p50 {drain['latency_p50_s']:.2f} s, p95 {drain['latency_p95_s']:.2f} s (all queued at once)"),
-        ("latency at half capacity", f"p50 {latency['p50_s']:.2f} s, p95 {latency['p95_s']:.2f} s "
-         f"at {latency['rate_recordings_per_s']:.2f} recordings/s"),
-        ("one run (medians)", f"starts {latency['run_start_after_close_s']:.2f} s after the recording closed, "
-         f"lasts {latency['run_wall_s']:.2f} s: tasks {latency['task_run_time_s']:.2f} s, "
-         f"flow-run overhead {latency['flow_run_overhead_s']:.2f} s"),
-        ("stream capacity", f"{stream['listeners']} listeners ({stream['mb_per_s']:.1f} MB/s): ingest {stream['ingest_cpu_share_of_one_core']:.1%} of one core; "
-         f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
-         f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})"),
+        (
+            "birdnetlib",
+            f"{results['birdnetlib_chunks_per_s']:.1f} chunks/s on {results['birdnetlib_backend']}"
+            f" ({results['birdnetlib_on_ai_edge_litert_chunks_per_s']:.1f} with ai-edge-litert swapped in)",
+        ),
+        (
+            "birdflow inference",
+            f"{results['birdflow_chunks_per_s']:.1f} chunks/s on {results['backend']}: "
+            f"{results['inference_speedup_vs_birdnetlib']:.2f}x birdnetlib, detections "
+            f"{'identical' if results['detections_match_birdnetlib'] else 'DIFFERENT'}",
+        ),
+        (
+            "clips",
+            f"one clip (FLAC + spectrogram) {results['inference']['main']['clips']['clip_cpu_s'] * 1000:.1f} ms CPU: "
+            f"{results['clip_cpu_share_of_analysis']:.1%} of the recording's analysis",
+        ),
+        (
+            "drain",
+            f"{drain['recordings']} recordings in {drain['wall_s']:.1f} s: {drain['audio_s_per_s']:.1f} audio-s/s "
+            f"({results['drain_ratio_to_raw_limit']:.0%} of the raw model limit on {results['cores']} cores); "
+            f"{drain['completed_runs']} completed flow runs; CPU {drain['cpu_busy_share']:.0%} busy",
+        ),
+        *(
+            [("automation", f"triggers on, {results['notifications_sent']} notification(s) sent during the drain")]
+            if "notifications_sent" in results
+            else []
+        ),
+        (
+            "CPU per recording",
+            f"aggregator {drain['aggregator_cpu_s_per_10s_recording']:.3f} s per 10 s recording, "
+            f"Prefect server{' + Postgres' if results['prefect_database'] == 'postgres' else ''} "
+            f"{drain['server_cpu_s_per_recording']:.3f} s",
+        ),
+        (
+            "latency during drain",
+            f"p50 {drain['latency_p50_s']:.2f} s, p95 {drain['latency_p95_s']:.2f} s (all queued at once)",
+        ),
+        (
+            "latency at half capacity",
+            f"p50 {latency['p50_s']:.2f} s, p95 {latency['p95_s']:.2f} s "
+            f"at {latency['rate_recordings_per_s']:.2f} recordings/s",
+        ),
+        (
+            "one run (medians)",
+            f"starts {latency['run_start_after_close_s']:.2f} s after the recording closed, "
+            f"lasts {latency['run_wall_s']:.2f} s: tasks {latency['task_run_time_s']:.2f} s, "
+            f"flow-run overhead {latency['flow_run_overhead_s']:.2f} s",
+        ),
+        (
+            "stream capacity",
+            f"{stream['listeners']} listeners ({stream['mb_per_s']:.1f} MB/s): ingest "
+            f"{stream['ingest_cpu_share_of_one_core']:.1%} of one core; "
+            f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
+            f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})",
+        ),
         ("peak RSS", memory_row(results["memory"])),
         *([("long recording", long_recording_row(results["long_recording"]))] if results.get("long_recording") else []),
-        *([("fleet layout", f"aggregator on one core drains {results['fleet']['audio_s_per_s']:.1f} audio-s/s "
-            f"({results['fleet_drain_ratio_to_raw_limit_per_core']:.0%} of the raw model limit of a core); "
-            f"Prefect server {results['fleet_server_cpu_s_per_recording']:.3f} CPU-s per recording")]
-          if "fleet" in results else []),
-        ("storage per recording", "; ".join(
-            f"{name.removesuffix('_bytes').replace('_', ' ')} {value / 1024:.1f} KB" if name.endswith("_bytes")
-            else f"{value:.2f} {name}" for name, value in results["storage_per_recording"].items()
-        ) + " (the drain's recordings, before any retention or compaction)"),
+        *(
+            [
+                (
+                    "fleet layout",
+                    f"aggregator on one core drains {results['fleet']['audio_s_per_s']:.1f} audio-s/s "
+                    f"({results['fleet_drain_ratio_to_raw_limit_per_core']:.0%} of the raw model limit of a core); "
+                    f"Prefect server {results['fleet_server_cpu_s_per_recording']:.3f} CPU-s per recording",
+                )
+            ]
+            if "fleet" in results
+            else []
+        ),
+        (
+            "storage per recording",
+            "; ".join(
+                f"{name.removesuffix('_bytes').replace('_', ' ')} {value / 1024:.1f} KB"
+                if name.endswith("_bytes")
+                else f"{value:.2f} {name}"
+                for name, value in results["storage_per_recording"].items()
+            )
+            + " (the drain's recordings, before any retention or compaction)",
+        ),
         ("estimate", f"about {results['full_duty_listeners_estimate']} full-duty listeners on this machine"),
     ]
     return rows

@@ -1,5 +1,5 @@
 """The central side of a fleet on loopback ports, laid out as the Kubernetes manifests lay it out
-(README, "Scaling out"): one Postgres, one Redis carrying Prefect's messages (prefect-redis), K Prefect API
+(docs/fleet.md, "Scaling out"): one Postgres, one Redis carrying Prefect's messages (prefect-redis), K Prefect API
 processes (`prefect server start --no-services`) and one process of Prefect's background services. Every
 Prefect process gets the settings of the manifests' `prefect-settings` ConfigMap, so what is measured here
 is what a cluster runs. Used by `birdflow bench --stations` and the tests.
@@ -15,13 +15,17 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
 from birdflow.app.postgres import provision_now
 from birdflow.app.supervisor import (
-    database_url, embedded_postgres, postgres_cluster, postgres_credentials, wait_for_port, wait_for_prefect,
+    database_url,
+    embedded_postgres,
+    postgres_cluster,
+    postgres_credentials,
+    wait_for_port,
+    wait_for_prefect,
 )
 from birdflow.settings import Settings
 from birdflow_tools.stack import cpu_seconds, environment_without_settings, process_tree
@@ -32,7 +36,14 @@ MANIFEST = Path(__file__).resolve().parents[2] / "deployments" / "kubernetes" / 
 NOT_SETTINGS = {"EXTRA_PIP_PACKAGES"}
 # the run history a fleet keeps: Prefect's tables that grow with every run
 HISTORY_TABLES = (
-    "flow_run", "flow_run_state", "task_run", "task_run_state", "log", "artifact", "events", "event_resources",
+    "flow_run",
+    "flow_run_state",
+    "task_run",
+    "task_run_state",
+    "log",
+    "artifact",
+    "events",
+    "event_resources",
 )
 
 
@@ -66,7 +77,9 @@ class CentralPrefect:
     @property
     def places(self) -> Settings:
         """Where its Postgres cluster and that cluster's credentials live (as a station's `up` keeps them)."""
-        return Settings(data_dir=self.root / "postgres", postgres_port=self.postgres_port, prefect_database="postgres")
+        return Settings.model_validate(
+            {"data_dir": self.root / "postgres", "postgres_port": self.postgres_port, "prefect_database": "postgres"}
+        )
 
     @property
     def database_url(self) -> str:
@@ -88,7 +101,7 @@ class CentralPrefect:
         )
         return env
 
-    def start(self, timeout_s: float = 180) -> "CentralPrefect":
+    def start(self, timeout_s: float = 180) -> CentralPrefect:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # Postgres runs as its own user when we are root
         places = self.places
@@ -97,33 +110,64 @@ class CentralPrefect:
         self._spawn("database", database.command + ["-c", "max_connections=200"], user=database.user)
         wait_for_port(self.postgres_port, 60, lambda: self.processes["database"].poll() is None)
         provision_now(self.postgres_port, postgres_credentials(places), postgres_cluster(places))
-        self._spawn("redis", [redis_program(), "--bind", LOOPBACK, "--port", str(self.redis_port),
-                              "--save", "", "--appendonly", "no"])
+        self._spawn(
+            "redis",
+            [redis_program(), "--bind", LOOPBACK, "--port", str(self.redis_port), "--save", "", "--appendonly", "no"],
+        )
         wait_for_port(self.redis_port, 30)
         # the schema once, before any Prefect process starts (the manifests: the services pod's init container)
-        upgrade = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "--yes"],
-                                 env=self.environment(), capture_output=True, text=True, timeout=timeout_s)
+        upgrade = subprocess.run(
+            [sys.executable, "-m", "prefect", "server", "database", "upgrade", "--yes"],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
         if upgrade.returncode != 0:
-            raise RuntimeError(f"prefect server database upgrade failed: {upgrade.stdout[-1000:]}{upgrade.stderr[-1000:]}")
+            raise RuntimeError(
+                f"prefect server database upgrade failed: {upgrade.stdout[-1000:]}{upgrade.stderr[-1000:]}"
+            )
         self.api_ports = [free_port() for _ in range(self.api_processes)]
         for index, port in enumerate(self.api_ports):
             # the UI it serves asks the API at this address (Prefect's default is port 4200)
-            self._spawn(f"api{index}", [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK,
-                                        "--port", str(port), "--no-services"], PREFECT_UI_API_URL=self.api_url(index))
+            self._spawn(
+                f"api{index}",
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    str(port),
+                    "--no-services",
+                ],
+                PREFECT_UI_API_URL=self.api_url(index),
+            )
             api = self.processes[f"api{index}"]
             try:
-                wait_for_prefect(self.api_url(index), timeout_s, alive=lambda: api.poll() is None)
+                wait_for_prefect(self.api_url(index), timeout_s, alive=lambda api=api: api.poll() is None)
             except RuntimeError as exc:
                 raise RuntimeError(f"{exc}; its log ends:\n{self.log_tail(f'api{index}')}") from None
-        self._spawn("services", [sys.executable, "-m", "prefect", "server", "services", "start"],
-                    PREFECT_API_URL=self.api_url(0))
+        self._spawn(
+            "services",
+            [sys.executable, "-m", "prefect", "server", "services", "start"],
+            PREFECT_API_URL=self.api_url(0),
+        )
         return self
 
-    def _spawn(self, name: str, command: list[str], user: Optional[str] = None, **env: str) -> None:
+    def _spawn(self, name: str, command: list[str], user: str | None = None, **env: str) -> None:
         with open(self.root / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
-                command, env={**self.environment(), **env}, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, user=user, group=user,
+                command,
+                env={**self.environment(), **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=user,
+                group=user,
             )
 
     def log_tail(self, name: str, lines: int = 20) -> str:
@@ -150,7 +194,11 @@ class CentralPrefect:
         async def run() -> list[tuple]:
             made = postgres_credentials(self.places)
             connection = await asyncpg.connect(
-                host=LOOPBACK, port=self.postgres_port, user=made.user, password=made.password, database=made.database,
+                host=LOOPBACK,
+                port=self.postgres_port,
+                user=made.user,
+                password=made.password,
+                database=made.database,
             )
             try:
                 return [tuple(row) for row in await connection.fetch(statement)]

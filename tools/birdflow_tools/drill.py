@@ -22,17 +22,16 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
-from birdflow_tools.drill_station import DrillOptions, DrillResult, DrillStation
 from birdflow.core.disk import MB
 from birdflow.core.results import ResultsDatabase
 from birdflow.core.sinks import HOUR_FILE_PREFIX
 from birdflow.core.wav import parse_header
 from birdflow.settings import Settings
-
+from birdflow_tools.drill_station import DrillOptions, DrillResult, DrillStation
 
 # --- the drills -------------------------------------------------------------------------------------
 
@@ -47,7 +46,9 @@ def drill_executor_kill(station: DrillStation) -> DrillResult:
         time.sleep(1.0)
     feeder.join()
     result = station.count("executor kill -9 x3", before)
-    result.notes.append(f"up restarted it each time; {result.facts['runs_run_again']} run(s) it left unfinished taken over")
+    result.notes.append(
+        f"up restarted it each time; {result.facts['runs_run_again']} run(s) it left unfinished taken over"
+    )
     return result
 
 
@@ -61,7 +62,9 @@ def drill_ingest_kill(station: DrillStation) -> DrillResult:
         in_progress = station.stream_partials()  # what the dead ingest left on disk
         station.wait_for_ingest()
         _wait_for_streams(station, "streams resumed after the restart")
-    recovered = station.metric("birdflow_recordings_received_total", 'source="recovered",station="drill"') - recovered_before
+    recovered = (
+        station.metric("birdflow_recordings_received_total", 'source="recovered",station="drill"') - recovered_before
+    )
     result = station.count("ingest kill -9 mid-stream", before)
     result.facts.update(partials_at_kill=len(in_progress), recovered=int(recovered))
     result.notes.append(f"{len(in_progress)} recording(s) in progress, {int(recovered)} recovered at restart")
@@ -80,7 +83,9 @@ def drill_sigterm(station: DrillStation) -> DrillResult:
         _wait_for_streams(station, "streams resumed after the restart")
     result = station.count("SIGTERM of up mid-stream", before)
     result.facts.update(partials_left=len(left), published_at_stop=published_at_stop)
-    result.notes.append(f"{published_at_stop} recording(s) closed and published on the way down, {len(left)} partial(s) left")
+    result.notes.append(
+        f"{published_at_stop} recording(s) closed and published on the way down, {len(left)} partial(s) left"
+    )
     return result
 
 
@@ -152,7 +157,9 @@ def drill_disk_floor(station: DrillStation) -> DrillResult:
     result = station.count("disk below the floor", before, refused)
     rejected = int(station.metric(*insufficient_storage) - rejected_before)
     gone_from_archive = sorted(archived_before - station.archived_ids())
-    result.facts.update(rejected_counted=rejected, damaged_files=damaged_files(station), gone_from_archive=gone_from_archive)
+    result.facts.update(
+        rejected_counted=rejected, damaged_files=damaged_files(station), gone_from_archive=gone_from_archive
+    )
     result.notes.append(
         f"{rejected} request(s) refused with 507, accepted again once space returned; "
         f"{len(gone_from_archive)} archived recording(s) deleted"
@@ -171,8 +178,11 @@ def drill_retention(station: DrillStation) -> DrillResult:
     # a recording is recorded as processed just before its run's final state lands: age only ended runs
     _wait_until(lambda: station.recording_runs() == station.stack.completed_runs(), 60, "the runs ended")
     results = ResultsDatabase(station.places.results_file)
-    kept = {"runs": station.recording_runs, "cached results": results.count,
-            "per-recording detection files": lambda: _loose_detection_files(station)}
+    kept = {
+        "runs": station.recording_runs,
+        "cached results": results.count,
+        "per-recording detection files": lambda: _loose_detection_files(station),
+    }
     at_start = {what: count() for what, count in kept.items()}
     station.age(days=20)
     station.start_maintenance()
@@ -189,7 +199,8 @@ def drill_retention(station: DrillStation) -> DrillResult:
         at_start=at_start, left=left, resent_recognised=int(station.metric(*already_processed) - duplicates_before)
     )
     result.notes.append(
-        "20 days later: " + ", ".join(f"{what} {at_start[what]} -> {left[what]}" for what in kept)
+        "20 days later: "
+        + ", ".join(f"{what} {at_start[what]} -> {left[what]}" for what in kept)
         + f"; a recording sent again {'known' if result.facts['resent_recognised'] else 'NOT known'} as processed"
     )
     return result
@@ -208,7 +219,9 @@ def drill_year(station: DrillStation) -> DrillResult:
     options = station.options
     card = station.root / "card"
     card.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={options.card_mb}m", "tmpfs", str(card)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={options.card_mb}m", "tmpfs", str(card)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         skipped = DrillResult("a year on a card")
         skipped.notes.append(f"skipped: cannot mount a tmpfs here ({mounted.stderr.strip() or 'needs root'})")
@@ -218,10 +231,15 @@ def drill_year(station: DrillStation) -> DrillResult:
         scaled_floor_mb = max(1, Settings().unattended.min_free_disk_mb * options.card_mb * MB // CARD_BYTES)
         (station.root / "year").mkdir()
         year = DrillStation(
-            station.root / "year", options, station.say, stack_root=card / "station",
+            station.root / "year",
+            options,
+            station.say,
+            stack_root=card / "station",
             settings_more={
-                "min_free_disk_mb": scaled_floor_mb, "history_budget_mb": options.history_budget_mb,
-                "history_check_interval_s": 2, "maintenance_interval_s": 10,
+                "min_free_disk_mb": scaled_floor_mb,
+                "history_budget_mb": options.history_budget_mb,
+                "history_check_interval_s": 2,
+                "maintenance_interval_s": 10,
             },
         )
         year.start()
@@ -240,7 +258,8 @@ def drill_year(station: DrillStation) -> DrillResult:
         result.facts.update(year_facts(curve, options, scaled_floor_mb))
         facts = result.facts
         result.notes.append(
-            f"{facts['runs_made']} runs made, {facts['runs_kept']} kept; Prefect database {facts['prefect_db_mb'][0]:.1f} -> "
+            f"{facts['runs_made']} runs made, {facts['runs_kept']} kept; Prefect database "
+            f"{facts['prefect_db_mb'][0]:.1f} -> "
             f"{max(facts['prefect_db_mb']):.1f} MB at most (budget {facts['budget_mb']:.1f} MB); "
             f"{facts['bytes_per_run'] / 1024:.1f} KB per run; a 32 GB card keeps {facts['card_runs']:,} runs: "
             f"{facts['card_listener_days']:.0f} listener-days at full duty"
@@ -312,7 +331,7 @@ class _Thread(threading.Thread):
         except Exception as exc:
             self._outcome = (None, exc)
 
-    def join(self, timeout: Optional[float] = None):
+    def join(self, timeout: float | None = None):
         super().join(timeout)
         value, error = self._outcome
         if error:

@@ -14,24 +14,23 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import httpx
 
-from birdflow_tools.bench import distinct_uploads
-from birdflow_tools.stack import Stack
+from birdflow.app.simulated_listeners import run_listeners
 from birdflow.core.disk import MB
-from birdflow.app.folder_watch import FolderWatch
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.recordings import AUDIO_EXTENSIONS, parse_stream_partial
-from birdflow.app.simulated_listeners import run_listeners
 from birdflow.core.sinks import read_detections
-from birdflow_tools.testbed import FaultProxy, LineProtocolServer, SeaweedS3, parse_line
 from birdflow.core.wav import parse_header
-
+from birdflow.runtime.folder_watch import FolderWatch
+from birdflow_tools.bench import distinct_uploads
+from birdflow_tools.stack import Stack
+from birdflow_tools.testbed import FaultProxy, LineProtocolServer, SeaweedS3, parse_line
 
 BUCKET = "drill"
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -57,12 +56,19 @@ class DrillOptions:
     history_budget_mb: float = 0.0  # 0: the card's share (5 %, at least 10 MB), as on a station left at its defaults
 
     @classmethod
-    def quick(cls, **overrides) -> "DrillOptions":
+    def quick(cls, **overrides) -> DrillOptions:
         """Outages and re-drives of seconds instead of minutes (the test suite's drills)."""
         values = dict(
-            uploads=6, outage_s=12.0, settle_timeout_s=150.0, redrive_delays_s=(2.0, 4.0, 8.0), retry_delay_s=0.5,
+            uploads=6,
+            outage_s=12.0,
+            settle_timeout_s=150.0,
+            redrive_delays_s=(2.0, 4.0, 8.0),
+            retry_delay_s=0.5,
             # ~1 MB of history a day against a 4 MB budget: full on day 4 of 8, then flat
-            card_mb=200, year_days=8, recordings_per_day=30, history_budget_mb=4.0,
+            card_mb=200,
+            year_days=8,
+            recordings_per_day=30,
+            history_budget_mb=4.0,
         )
         return cls(**{**values, **overrides})
 
@@ -81,8 +87,13 @@ class DrillResult:
 
     def row(self) -> dict:
         return {
-            "drill": self.name, "in": self.accepted, "out": self.processed, "lost": len(self.lost),
-            "duplicated": self.duplicated, "twice at once": self.executed_twice, "refused": self.refused,
+            "drill": self.name,
+            "in": self.accepted,
+            "out": self.processed,
+            "lost": len(self.lost),
+            "duplicated": self.duplicated,
+            "twice at once": self.executed_twice,
+            "refused": self.refused,
             "notes": "; ".join(self.notes),
         }
 
@@ -118,8 +129,12 @@ class DrillStation:
     """The station the drills run on, and what they count with."""
 
     def __init__(
-        self, root: Path, options: DrillOptions, say: Callable[[str], None],
-        stack_root: Optional[Path] = None, settings_more: Optional[dict] = None,
+        self,
+        root: Path,
+        options: DrillOptions,
+        say: Callable[[str], None],
+        stack_root: Path | None = None,
+        settings_more: dict | None = None,
     ):
         """`stack_root`: where the station keeps its data (a disk of its own), else under `root`;
         `settings_more`: more settings of the station."""
@@ -129,12 +144,16 @@ class DrillStation:
         # a floor 3 GB below the free space at the start: out of reach until the disk drill fills the disk
         self.floor_mb = max(0, shutil.disk_usage(root).free // MB - 3072)
         self.influx = LineProtocolServer(token=INFLUX_TOKEN).start()
-        self.s3: Optional[SeaweedS3] = None
-        self.s3_proxy: Optional[FaultProxy] = None
+        self.s3: SeaweedS3 | None = None
+        self.s3_proxy: FaultProxy | None = None
         settings = {
-            "influx_enabled": True, "influx_host": self.influx.url, "influx_database": "drill",
-            "task_retries": options.task_retries, "retry_delay_s": options.retry_delay_s,
-            "redrive_delays_s": list(options.redrive_delays_s), "poll_interval_s": 0.5,
+            "influx_enabled": True,
+            "influx_host": self.influx.url,
+            "influx_database": "drill",
+            "task_retries": options.task_retries,
+            "retry_delay_s": options.retry_delay_s,
+            "redrive_delays_s": list(options.redrive_delays_s),
+            "poll_interval_s": 0.5,
             "min_free_disk_mb": self.floor_mb,
         }
         # the retention drill ages the run history by 20 days; the server's vacuum looks every 5 s, not hourly
@@ -144,11 +163,16 @@ class DrillStation:
             self.s3.create_bucket(BUCKET)
             self.s3_proxy = FaultProxy(self.s3.s3_port).up()
             settings.update(
-                archive_backend="s3", s3_bucket=BUCKET, s3_prefix="archive", s3_endpoint_url=self.s3_proxy.url,
+                archive_backend="s3",
+                s3_bucket=BUCKET,
+                s3_prefix="archive",
+                s3_endpoint_url=self.s3_proxy.url,
                 aws_access_key_id=self.s3.access_key,
             )
             env["AWS_SECRET_ACCESS_KEY"] = self.s3.secret_key
-        self.stack = Stack(stack_root or root / "station", station_id="drill", settings={**settings, **(settings_more or {})}, env=env)
+        self.stack = Stack(
+            stack_root or root / "station", station_id="drill", settings={**settings, **(settings_more or {})}, env=env
+        )
         self.places = self.stack.places
         self.arrivals = Arrivals(self.places.recordings_dir)
         self._next_upload = 0
@@ -207,8 +231,14 @@ class DrillStation:
         async def listen() -> None:
             reports.extend(
                 await run_listeners(
-                    self.stack.url, self.options.sample, listeners=self.options.listeners, interval_s=0.0,
-                    recordings=0, prefix=prefix, stop=stop, distinct=True,
+                    self.stack.url,
+                    self.options.sample,
+                    listeners=self.options.listeners,
+                    interval_s=0.0,
+                    recordings=0,
+                    prefix=prefix,
+                    stop=stop,
+                    distinct=True,
                 )
             )
 
@@ -305,9 +335,13 @@ class DrillStation:
 
         database = self.places.prefect_database_file
         return {
-            "day": day, "runs_made": len(self.arrivals.since(before)), "runs_kept": self.recording_runs(),
-            "prefect_db_bytes": sqlite_bytes_in_use(database), "prefect_db_file_bytes": database.stat().st_size,
-            "state_bytes": state_bytes(self.places), "free_bytes": shutil.disk_usage(database.parent).free,
+            "day": day,
+            "runs_made": len(self.arrivals.since(before)),
+            "runs_kept": self.recording_runs(),
+            "prefect_db_bytes": sqlite_bytes_in_use(database),
+            "prefect_db_file_bytes": database.stat().st_size,
+            "state_bytes": state_bytes(self.places),
+            "free_bytes": shutil.disk_usage(database.parent).free,
         }
 
     def recording_runs(self) -> int:
@@ -344,21 +378,31 @@ class DrillStation:
         processed = self.settle(accepted, self.options.settle_timeout_s)
         rows = read_detections(self.places.detections_dir)
         keys = Counter(
-            zip(*(rows.column(column).to_pylist() for column in ("recording_id", "analysis_id", "start_s", "scientific_name")))
+            zip(
+                *(
+                    rows.column(column).to_pylist()
+                    for column in ("recording_id", "analysis_id", "start_s", "scientific_name")
+                )
+            )
         )
         with_rows = {key[0] for key in keys} & processed
         in_influx = {parse_line(line)[1].get("recording_id") for line in list(self.influx.lines)}
         missing_in_influx = with_rows - in_influx
         return DrillResult(
-            name, accepted=len(accepted), processed=len(processed - missing_in_influx),
-            lost=sorted((accepted - processed) | missing_in_influx), refused=refused,
+            name,
+            accepted=len(accepted),
+            processed=len(processed - missing_in_influx),
+            lost=sorted((accepted - processed) | missing_in_influx),
+            refused=refused,
             duplicated=sum(number - 1 for key, number in keys.items() if key[0] in accepted and number > 1),
             executed_twice=self.executed_twice_at_once(accepted),
             facts={"runs_run_again": self.runs_run_again(accepted)},
         )
 
     def recordings_runs(self, recording_ids: set[str]) -> list[dict]:
-        runs = self.stack.api("flow_runs/filter", {**self.stack.recording_runs, "sort": "EXPECTED_START_TIME_DESC", "limit": 200})
+        runs = self.stack.api(
+            "flow_runs/filter", {**self.stack.recording_runs, "sort": "EXPECTED_START_TIME_DESC", "limit": 200}
+        )
         return [run for run in runs if run["parameters"].get("recording", {}).get("recording_id") in recording_ids]
 
     def executed_twice_at_once(self, recording_ids: set[str]) -> int:

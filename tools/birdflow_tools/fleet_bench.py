@@ -23,10 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any
 
 from birdflow_tools.bench import distinct_uploads, percentile, post_uploads, wait_stored
 from birdflow_tools.central import HISTORY_TABLES, CentralPrefect
@@ -57,11 +58,13 @@ class FleetOptions:
     compressed_days: int = 0  # 0: no retention phase
     retention_days: int = 3
     recordings_per_day: int = 4  # per station
-    executor_workers: Optional[int] = None
+    executor_workers: int | None = None
 
     @classmethod
-    def quick(cls, **overrides) -> "FleetOptions":
-        values = dict(stations=2, recordings_per_station=8, step_seconds=8.0, first_rate=2.0, rate_factor=2.0, max_rate=8.0)
+    def quick(cls, **overrides) -> FleetOptions:
+        values: dict[str, Any] = dict(
+            stations=2, recordings_per_station=8, step_seconds=8.0, first_rate=2.0, rate_factor=2.0, max_rate=8.0
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -88,9 +91,25 @@ def start_fleet(options: FleetOptions, root: Path, resources: ExitStack, say: Ca
     central.start()
     stations = station_ids(options.stations)
     setup = subprocess.run(
-        [sys.executable, "-m", "birdflow.app.cli", "central-setup", "--stations", ",".join(stations), "--pool-limit", "8"],
-        env={**environment_without_settings(), "PREFECT_API_URL": central.api_url(0), "DATA_DIR": str(root / "central" / "setup")},
-        cwd=root, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "birdflow.app.cli",
+            "central-setup",
+            "--stations",
+            ",".join(stations),
+            "--pool-limit",
+            "8",
+        ],
+        env={
+            **environment_without_settings(),
+            "PREFECT_API_URL": central.api_url(0),
+            "DATA_DIR": str(root / "central" / "setup"),
+        },
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if setup.returncode != 0:
         raise RuntimeError(f"birdflow central-setup failed: {setup.stderr.strip()[-1000:]}")
@@ -127,18 +146,24 @@ def send_and_wait(stacks: list[Stack], uploads: dict[str, list], timeout_s: floa
 
     async def everything():
         return await asyncio.gather(
-            *(post_uploads(stack.url, uploads[stack.station_id], concurrency=4, interval_s=interval_s) for stack in stacks)
+            *(
+                post_uploads(stack.url, uploads[stack.station_id], concurrency=4, interval_s=interval_s)
+                for stack in stacks
+            )
         )
 
     sent = dict(zip((stack.station_id for stack in stacks), asyncio.run(everything())))
     stored = {
-        stack.station_id: wait_stored(stack, set(sent[stack.station_id]), timeout_s, lambda done: None) for stack in stacks
+        stack.station_id: wait_stored(stack, set(sent[stack.station_id]), timeout_s, lambda done: None)
+        for stack in stacks
     }
     deadline = time.monotonic() + 60  # detections are stored before a run's archive task ends
     for stack in stacks:
         while stack.completed_runs() < completed_before[stack.station_id] + len(sent[stack.station_id]):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"station {stack.station_id}: runs stored but not completed; log:\n{stack.log_tail()}")
+                raise RuntimeError(
+                    f"station {stack.station_id}: runs stored but not completed; log:\n{stack.log_tail()}"
+                )
             time.sleep(0.2)
     return sent, stored
 
@@ -191,14 +216,16 @@ def rate_phase(options: FleetOptions, central: CentralPrefect, stacks: list[Stac
         wall = max(max(times.values()) for times in stored.values()) - wall0
         spent = sum(central.cpu().values()) - sum(cpu0.values())
         waits = latencies(sent, stored)
-        steps.append({
-            "offered_runs_per_s": rate,
-            "runs": len(waits),
-            "achieved_runs_per_s": len(waits) / wall,
-            "latency_p50_s": percentile(waits, 0.5),
-            "latency_p95_s": percentile(waits, 0.95),
-            "central_cores_busy": spent / wall,
-        })
+        steps.append(
+            {
+                "offered_runs_per_s": rate,
+                "runs": len(waits),
+                "achieved_runs_per_s": len(waits) / wall,
+                "latency_p50_s": percentile(waits, 0.5),
+                "latency_p95_s": percentile(waits, 0.95),
+                "central_cores_busy": spent / wall,
+            }
+        )
         if steps[-1]["latency_p95_s"] > options.latency_limit_s:
             break
         rate *= options.rate_factor
@@ -223,17 +250,21 @@ def station_view(central: CentralPrefect, stacks: list[Stack]) -> list[dict]:
             int(prefect_post(central.api_url(index), "flow_runs/count", stack.recording_runs))
             for index in range(central.api_processes)
         ]
-        view.append({
-            "station": station,
-            "work_pool": pool,
-            "deployments": sorted(f"{flows[item['flow_id']]}/{item['name']}" for item in deployments),
-            "stored_recordings": len(stack.stored_times()),
-            "completed_runs": stack.completed_runs(),
-            "runs_seen_through_each_api_process": seen,
-            "runs_in_other_pools": int(
-                stack.api("flow_runs/count", {**stack.recording_runs, "work_pools": {"name": {"any_": others}}})
-            ) if others else 0,
-        })
+        view.append(
+            {
+                "station": station,
+                "work_pool": pool,
+                "deployments": sorted(f"{flows[item['flow_id']]}/{item['name']}" for item in deployments),
+                "stored_recordings": len(stack.stored_times()),
+                "completed_runs": stack.completed_runs(),
+                "runs_seen_through_each_api_process": seen,
+                "runs_in_other_pools": int(
+                    stack.api("flow_runs/count", {**stack.recording_runs, "work_pools": {"name": {"any_": others}}})
+                )
+                if others
+                else 0,
+            }
+        )
     return view
 
 
@@ -282,7 +313,9 @@ def running_fleet(options: FleetOptions, say: Callable[[str], None], keep: bool 
 def run_fleet_bench(options: FleetOptions, say: Callable[[str], None]) -> dict:
     with running_fleet(options, say) as (central, stacks):
         results: dict = {
-            "cores": os.cpu_count(), "stations": len(stacks), "api_processes": options.api_processes,
+            "cores": os.cpu_count(),
+            "stations": len(stacks),
+            "api_processes": options.api_processes,
             "drain": drain_phase(options, central, stacks, say),
             "rate": rate_phase(options, central, stacks, say),
         }
@@ -296,31 +329,60 @@ def fleet_summary_rows(results: dict) -> list[tuple[str, str]]:
     drain, rate = results["drain"], results["rate"]
     roles = ", ".join(f"{role} {value:.3f}" for role, value in drain["central_cpu_s_per_recording_by_role"].items())
     rows = [
-        ("fleet", f"{results['stations']} stations, {results['api_processes']} Prefect API process(es), "
-         f"{results['cores']} cores shared by all"),
-        ("drain", f"{drain['recordings']} recordings in {drain['wall_s']:.1f} s: {drain['runs_per_s']:.2f} runs/s; "
-         f"latency p95 {drain['latency_p95_s']:.1f} s"),
-        ("central CPU per recording", f"{drain['central_cpu_s_per_recording']:.3f} s ({roles}); "
-         f"{drain['central_cores_busy']:.2f} cores busy during the drain, per API process "
-         + ", ".join(f"{busy:.2f}" for busy in drain["cores_busy_per_api_process"])),
+        (
+            "fleet",
+            f"{results['stations']} stations, {results['api_processes']} Prefect API process(es), "
+            f"{results['cores']} cores shared by all",
+        ),
+        (
+            "drain",
+            f"{drain['recordings']} recordings in {drain['wall_s']:.1f} s: {drain['runs_per_s']:.2f} runs/s; "
+            f"latency p95 {drain['latency_p95_s']:.1f} s",
+        ),
+        (
+            "central CPU per recording",
+            f"{drain['central_cpu_s_per_recording']:.3f} s ({roles}); "
+            f"{drain['central_cores_busy']:.2f} cores busy during the drain, per API process "
+            + ", ".join(f"{busy:.2f}" for busy in drain["cores_busy_per_api_process"]),
+        ),
         ("station CPU per recording", f"{drain['station_cpu_s_per_recording']:.3f} s"),
-        ("database growth per run", f"{drain['database_bytes_per_run'] / 1024:.1f} KB; rows: " + ", ".join(
-            f"{table} {count:.1f}" for table, count in drain["rows_per_run"].items())),
+        (
+            "database growth per run",
+            f"{drain['database_bytes_per_run'] / 1024:.1f} KB; rows: "
+            + ", ".join(f"{table} {count:.1f}" for table, count in drain["rows_per_run"].items()),
+        ),
     ]
     rows += [
-        (f"rate {step['offered_runs_per_s']:.1f} runs/s", f"achieved {step['achieved_runs_per_s']:.2f}, "
-         f"p50 {step['latency_p50_s']:.2f} s, p95 {step['latency_p95_s']:.2f} s, central {step['central_cores_busy']:.2f} cores")
+        (
+            f"rate {step['offered_runs_per_s']:.1f} runs/s",
+            f"achieved {step['achieved_runs_per_s']:.2f}, "
+            f"p50 {step['latency_p50_s']:.2f} s, p95 {step['latency_p95_s']:.2f} s, central "
+            f"{step['central_cores_busy']:.2f} cores",
+        )
         for step in rate["steps"]
     ]
-    rows.append(("sustained", f"{rate['sustained_runs_per_s']:.2f} runs/s with latency p95 under the limit"
-                 + ("" if rate["limit_reached"] else " (the limit was not reached: raise --max-rate)")))
+    rows.append(
+        (
+            "sustained",
+            f"{rate['sustained_runs_per_s']:.2f} runs/s with latency p95 under the limit"
+            + ("" if rate["limit_reached"] else " (the limit was not reached: raise --max-rate)"),
+        )
+    )
     rows += [
-        (f"station {view['station']}", f"{view['completed_runs']} runs in pool {view['work_pool']} "
-         f"(seen through each API process: {view['runs_seen_through_each_api_process']}); "
-         f"deployments {', '.join(view['deployments'])}; runs in other pools {view['runs_in_other_pools']}")
+        (
+            f"station {view['station']}",
+            f"{view['completed_runs']} runs in pool {view['work_pool']} "
+            f"(seen through each API process: {view['runs_seen_through_each_api_process']}); "
+            f"deployments {', '.join(view['deployments'])}; runs in other pools {view['runs_in_other_pools']}",
+        )
         for view in results["stations_view"]
     ]
     for day in results.get("retention", {}).get("days", []):
-        rows.append((f"retention day {day['day']}", f"flow runs {day['flow_run']}, task runs {day['task_run']}, "
-                     f"logs {day['log']}, events {day['events']}, database {day['database_bytes'] / 1e6:.1f} MB"))
+        rows.append(
+            (
+                f"retention day {day['day']}",
+                f"flow runs {day['flow_run']}, task runs {day['task_run']}, "
+                f"logs {day['log']}, events {day['events']}, database {day['database_bytes'] / 1e6:.1f} MB",
+            )
+        )
     return rows

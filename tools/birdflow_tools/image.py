@@ -15,9 +15,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 PROJECT = Path(__file__).resolve().parents[2]
 DOCKERFILE = PROJECT / "docker" / "Dockerfile"
@@ -55,7 +55,7 @@ def base_image(arch: str) -> str:
     return OFFICIAL_BASE if ARCHES[arch] == platform.machine() else f"{OFFICIAL_BASE}-{arch}"
 
 
-def podman_problem() -> Optional[str]:
+def podman_problem() -> str | None:
     """Why containers cannot run here, or None."""
     if not shutil.which("podman") or not shutil.which("runc"):
         return "podman and runc are not installed (Debian: apt install podman runc)"
@@ -64,14 +64,16 @@ def podman_problem() -> Optional[str]:
     return None
 
 
-def emulation_problem(arch: str) -> Optional[str]:
+def emulation_problem(arch: str) -> str | None:
     """Why `arch` binaries cannot run here, or None (foreign ones run through qemu-user's binfmt_misc handler)."""
     if ARCHES[arch] == platform.machine():
         return None
     handler = Path(f"/proc/sys/fs/binfmt_misc/qemu-{ARCHES[arch]}")
     if not handler.exists():
-        return (f"no binfmt_misc handler for {arch} (Debian: apt install qemu-user-static binfmt-support; "
-                f"mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; update-binfmts --enable qemu-{ARCHES[arch]})")
+        return (
+            f"no binfmt_misc handler for {arch} (Debian: apt install qemu-user-static binfmt-support; "
+            f"mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; update-binfmts --enable qemu-{ARCHES[arch]})"
+        )
     return None if handler.read_text().startswith("enabled") else f"the binfmt_misc handler for {arch} is disabled"
 
 
@@ -81,7 +83,9 @@ def debian_mirror() -> str:
     texts = [path.read_text() for path in sorted(sources.glob("*.sources"))] if sources.is_dir() else []
     for text in texts:
         for stanza in text.split("\n\n"):
-            if re.search(r"^Suites:.*\bbookworm\b", stanza, re.MULTILINE) and (found := re.search(r"^URIs:\s*(\S+)", stanza, re.MULTILINE)):
+            if re.search(r"^Suites:.*\bbookworm\b", stanza, re.MULTILINE) and (
+                found := re.search(r"^URIs:\s*(\S+)", stanza, re.MULTILINE)
+            ):
                 return found.group(1)
     listed = Path("/etc/apt/sources.list")
     if listed.is_file() and (found := re.search(r"^deb\s+(\S+)\s+bookworm\s", listed.read_text(), re.MULTILINE)):
@@ -103,8 +107,12 @@ class Podman:
     def env(self) -> dict[str, str]:
         return {**os.environ, "CONTAINERS_CONF": str(self.folder / "containers.conf")}
 
-    def __call__(self, *args: str, timeout_s: float = 120, check: bool = True, **options) -> subprocess.CompletedProcess:
-        done = subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True, timeout=timeout_s, **options)
+    def __call__(
+        self, *args: str, timeout_s: float = 120, check: bool = True, **options
+    ) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            ["podman", *args], env=self.env, capture_output=True, text=True, timeout=timeout_s, **options
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"podman {' '.join(args[:3])} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         return done
@@ -134,8 +142,18 @@ def make_base(podman: Podman, arch: str, say: Callable[[str], None] = print) -> 
         root = Path(scratch) / "root"
         say(f"debootstrap of a bookworm base for {arch} (minutes under emulation)")
         done = subprocess.run(
-            ["debootstrap", f"--arch={arch}", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm", str(root), debian_mirror()],
-            capture_output=True, text=True, timeout=3600,
+            [
+                "debootstrap",
+                f"--arch={arch}",
+                "--variant=minbase",
+                f"--include={BASE_PACKAGES}",
+                "bookworm",
+                str(root),
+                debian_mirror(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3600,
         )
         if done.returncode != 0:
             raise RuntimeError(f"debootstrap failed: {(done.stdout + done.stderr).strip()[-2000:]}")
@@ -152,8 +170,15 @@ def _slim(root: Path) -> None:
         'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };\n'
         'Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";\n'
     )
-    for pattern in ("usr/share/doc/*/*", "usr/share/man/*", "usr/share/info/*", "usr/share/locale/*",
-                    "var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*"):
+    for pattern in (
+        "usr/share/doc/*/*",
+        "usr/share/man/*",
+        "usr/share/info/*",
+        "usr/share/locale/*",
+        "var/cache/apt/archives/*.deb",
+        "var/cache/apt/*.bin",
+        "var/lib/apt/lists/*",
+    ):
         for path in root.glob(pattern):
             if path.name == "copyright":
                 continue
@@ -165,10 +190,21 @@ def build(podman: Podman, tag: str, arch: str, backend: str = "ai-edge-litert") 
     lent = [f"--volume={path}:{path}:ro" for path in HOST_BUILD_FILES if os.path.exists(path)]
     started = time.monotonic()
     podman(
-        "build", "--format", "docker", "--pull=never", f"--platform=linux/{arch}", "--network=host",
-        f"--ulimit=nofile={BUILD_OPEN_FILES}:{BUILD_OPEN_FILES}", *lent,
-        f"--build-arg=BASE_IMAGE={base_image(arch)}", f"--build-arg=BIRDNET_BACKEND={backend}",
-        "--file", str(DOCKERFILE), "--tag", tag, str(PROJECT),
+        "build",
+        "--format",
+        "docker",
+        "--pull=never",
+        f"--platform=linux/{arch}",
+        "--network=host",
+        f"--ulimit=nofile={BUILD_OPEN_FILES}:{BUILD_OPEN_FILES}",
+        *lent,
+        f"--build-arg=BASE_IMAGE={base_image(arch)}",
+        f"--build-arg=BIRDNET_BACKEND={backend}",
+        "--file",
+        str(DOCKERFILE),
+        "--tag",
+        tag,
+        str(PROJECT),
         timeout_s=7200,
     )
     return time.monotonic() - started
@@ -190,16 +226,33 @@ class Container:
         os.chown(self.data, 1000, 1000)  # the image's user
         variables = [f"--env={key}={value}" for key, value in self.env.items()]
         self.podman(
-            "run", "--detach", f"--name={self.name}", "--ulimit=host", "--network=host", f"--volume={self.data}:/data",
-            *variables, self.image, *command, timeout_s=120,
+            "run",
+            "--detach",
+            f"--name={self.name}",
+            "--ulimit=host",
+            "--network=host",
+            f"--volume={self.data}:/data",
+            *variables,
+            self.image,
+            *command,
+            timeout_s=120,
         )
 
     def once(self, *command: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
         """A one-off container of the image on the same volume and environment (`podman run --rm`)."""
         variables = [f"--env={key}={value}" for key, value in self.env.items()]
         return self.podman(
-            "run", "--rm", "--ulimit=host", "--network=host", "--no-healthcheck", f"--volume={self.data}:/data",
-            *variables, self.image, *command, timeout_s=timeout_s, check=False,
+            "run",
+            "--rm",
+            "--ulimit=host",
+            "--network=host",
+            "--no-healthcheck",
+            f"--volume={self.data}:/data",
+            *variables,
+            self.image,
+            *command,
+            timeout_s=timeout_s,
+            check=False,
         )
 
     def exec(self, *command: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
@@ -245,7 +298,12 @@ def base_image_of(podman: Podman, image: str) -> str:
 
 
 def build_and_try(
-    scratch: Path, arch: str, backend: str, tag: str, recording: Optional[Path], say: Callable[[str], None] = print,
+    scratch: Path,
+    arch: str,
+    backend: str,
+    tag: str,
+    recording: Path | None,
+    say: Callable[[str], None] = print,
 ) -> dict:
     """The stand-in base (if missing), the image, its size by layer group; with `recording`, a station started
     in the image and the recording pushed through it."""
@@ -268,7 +326,9 @@ def try_recording(podman: Podman, image: str, recording: Path, data: Path, say: 
     from birdflow_tools.testbed import free_port
 
     ports = {"INGEST_PORT": free_port(), "PREFECT_PORT": free_port(), "HEALTH_PORT": free_port()}
-    container = Container(podman, image, f"birdflow-try-{os.getpid()}", data, {key: str(value) for key, value in ports.items()})
+    container = Container(
+        podman, image, f"birdflow-try-{os.getpid()}", data, {key: str(value) for key, value in ports.items()}
+    )
     results: dict = {}
     try:
         started = time.monotonic()
@@ -282,7 +342,8 @@ def try_recording(podman: Podman, image: str, recording: Path, data: Path, say: 
         uploaded = time.monotonic()
         response = httpx.post(
             f"http://127.0.0.1:{ports['INGEST_PORT']}/recordings_upload",
-            files={"file": (f"mic1_20250601T053000Z{recording.suffix}", recording.read_bytes())}, timeout=120,
+            files={"file": (f"mic1_20250601T053000Z{recording.suffix}", recording.read_bytes())},
+            timeout=120,
         )
         response.raise_for_status()
         say("waiting for the recording to be analysed")

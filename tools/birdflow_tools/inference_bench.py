@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from birdflow.core.audio import decode, windows
 from birdflow.core.analysis import AnalysisParams
+from birdflow.core.audio import decode, windows
 from birdflow.core.birdnet import BirdNET, installed_backends
 
 SAMPLE_DATE = datetime(2025, 6, 15, 6, 0, tzinfo=timezone.utc)

@@ -12,12 +12,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Optional
 
 import yaml
 
@@ -124,7 +124,7 @@ class Stack:
     station_id: str = "bench"
     settings: dict = field(default_factory=dict)  # more settings for settings.yaml
     env: dict = field(default_factory=dict)  # more environment (secrets)
-    process: Optional[subprocess.Popen] = None
+    process: subprocess.Popen | None = None
     ingest_port: int = field(default_factory=free_port)
     prefect_port: int = field(default_factory=free_port)
     health_port: int = field(default_factory=free_port)  # UDP; a free TCP port number is as good as any
@@ -175,11 +175,15 @@ class Stack:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [self.python, "-m", "birdflow.app.cli", "--settings", str(settings_file), "up"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.root,
             )
         deadline = time.monotonic() + timeout_s
         while "executor ready" not in self.log_path.read_bytes()[start:].decode(errors="replace"):
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if self.up.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the stack did not start; its log ends:\n{self.log_tail()}")
             time.sleep(0.25)
 
@@ -188,26 +192,47 @@ class Stack:
         env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
         return subprocess.run(
             [self.python, "-m", "birdflow.app.cli", "--settings", str(self.root / "settings.yaml"), *args],
-            capture_output=True, text=True, timeout=timeout_s, env={**env, **self.env}, cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**env, **self.env},
+            cwd=self.root,
         )
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def child(self, role: str) -> Optional[int]:
+    @property
+    def up(self) -> subprocess.Popen:
+        """The `birdflow up` process (RuntimeError before start())."""
+        if self.process is None:
+            raise RuntimeError("the stack has not been started")
+        return self.process
+
+    def child(self, role: str) -> int | None:
         """The process id of `up`'s child: "ingest", "executor" or "server" (the Prefect server)."""
-        module, word = {"ingest": ("birdflow.app.cli", "ingest"), "executor": ("birdflow.app.cli", "execute"),
-                        "server": ("birdflow.app.prefect_server", "start")}[role]
-        for pid in _children(self.process.pid):
+        module, word = {
+            "ingest": ("birdflow.app.cli", "ingest"),
+            "executor": ("birdflow.app.cli", "execute"),
+            "server": ("birdflow.app.prefect_server", "start"),
+        }[role]
+        for pid in _children(self.up.pid):
             command = command_line(pid).split()  # python -m <module> <command> ...
             if module in command[:3] and word in command[3:]:
                 return pid
         return None
 
+    def required_child(self, role: str) -> int:
+        """The child's process id; RuntimeError, with the stack's log, when it is not running."""
+        pid = self.child(role)
+        if pid is None:
+            raise RuntimeError(f"up runs no {role} process; log:\n{self.log_tail()}")
+        return pid
+
     def groups(self) -> dict[str, list[int]]:
         """Process ids by role: aggregator (supervisor, ingest, executor), server, database, ingest alone."""
-        groups: dict[str, list[int]] = {"aggregator": [self.process.pid], "server": [], "database": [], "ingest": []}
-        for child in _children(self.process.pid):
+        groups: dict[str, list[int]] = {"aggregator": [self.up.pid], "server": [], "database": [], "ingest": []}
+        for child in _children(self.up.pid):
             command = command_line(child)
             tree = process_tree(child)
             if "birdflow.app.prefect_server" in command:
@@ -274,7 +299,10 @@ class Stack:
         tasks = self.api("task_runs/filter", {"flow_runs": {"id": {"any_": list(runs)}}, "limit": 200}) if runs else []
         timings = {
             run["parameters"]["recording"]["recording_id"]: {
-                "start": _epoch(run["start_time"]), "end": _epoch(run["end_time"]), "tasks": 0, "tasks_s": 0.0,
+                "start": _epoch(run["start_time"]),
+                "end": _epoch(run["end_time"]),
+                "tasks": 0,
+                "tasks_s": 0.0,
             }
             for run in runs.values()
         }
@@ -287,7 +315,7 @@ class Stack:
 
 
 @contextmanager
-def temporary_stack(prefect_database: str, keep: bool = False, settings: Optional[dict] = None) -> Iterator[Stack]:
+def temporary_stack(prefect_database: str, keep: bool = False, settings: dict | None = None) -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="birdflow-bench-"))
     root.chmod(0o755)  # an embedded Postgres runs as its own user when we are root
     # no maintenance run during the bench: it would merge the detection files the bench times

@@ -13,10 +13,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Optional
 from urllib.parse import parse_qs, urlparse
 
 LOOPBACK = "127.0.0.1"
@@ -70,7 +70,7 @@ class SeaweedS3:
     access_key: str = "birdflow-test"
     secret_key: str = "birdflow-test-secret"
     s3_port: int = field(default_factory=free_port)
-    process: Optional[subprocess.Popen] = None
+    process: subprocess.Popen | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -91,7 +91,7 @@ class SeaweedS3:
             region_name="us-east-1",
         )
 
-    def start(self, log: Path, attempts: int = 3) -> "SeaweedS3":
+    def start(self, log: Path, attempts: int = 3) -> SeaweedS3:
         """Start `weed server -s3`; when it exits early (one of its eight ports was taken between being chosen
         and being bound, e.g. by one of its own outgoing connections), start again on new ports."""
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
@@ -101,15 +101,27 @@ class SeaweedS3:
             if attempt > 1:
                 self.s3_port = free_port()
             command = [
-                weed, f"-logdir={self.data}", "server", f"-dir={self.data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+                weed,
+                f"-logdir={self.data}",
+                "server",
+                f"-dir={self.data}",
+                f"-ip={LOOPBACK}",
+                f"-ip.bind={LOOPBACK}",
                 # each bucket (collection) grows its own volumes: room for several buckets, kept small
-                "-volume.max=64", "-master.volumeSizeLimitMB=64",
-                f"-master.port={free_port()}", f"-master.port.grpc={free_port()}",
-                f"-volume.port={free_port()}", f"-volume.port.grpc={free_port()}",
-                f"-filer.port={free_port()}", f"-filer.port.grpc={free_port()}",
-                "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={free_port()}",
+                "-volume.max=64",
+                "-master.volumeSizeLimitMB=64",
+                f"-master.port={free_port()}",
+                f"-master.port.grpc={free_port()}",
+                f"-volume.port={free_port()}",
+                f"-volume.port.grpc={free_port()}",
+                f"-filer.port={free_port()}",
+                f"-filer.port.grpc={free_port()}",
+                "-s3",
+                f"-s3.port={self.s3_port}",
+                f"-s3.port.grpc={free_port()}",
                 # its Iceberg and Lance listeners default to fixed ports: a second server would exit on them
-                f"-s3.port.iceberg={free_port()}", f"-s3.port.lance={free_port()}",
+                f"-s3.port.iceberg={free_port()}",
+                f"-s3.port.lance={free_port()}",
             ]
             with open(log, "ab") as output:
                 self.process = subprocess.Popen(
@@ -182,7 +194,9 @@ class LineProtocolServer:
                     import gzip
 
                     body = gzip.decompress(body)
-                server.requests.append({"path": url.path, "query": parse_qs(url.query), "auth": self.headers.get("Authorization")})
+                server.requests.append(
+                    {"path": url.path, "query": parse_qs(url.query), "auth": self.headers.get("Authorization")}
+                )
                 if url.path not in ("/api/v3/write_lp", "/api/v2/write"):
                     return self._reply(404, b'{"error":"not found"}')
                 if self.headers.get("Authorization") not in (f"Token {server.token}", f"Bearer {server.token}"):
@@ -209,7 +223,7 @@ class LineProtocolServer:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.httpd.server_address[1]}"
 
-    def start(self) -> "LineProtocolServer":
+    def start(self) -> LineProtocolServer:
         self.thread.start()
         return self
 
@@ -254,7 +268,7 @@ class FaultProxy:
     def __init__(self, target_port: int):
         self.target_port = target_port
         self.port = free_port()
-        self._listener: Optional[socket.socket] = None
+        self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
 
@@ -262,7 +276,7 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def up(self) -> "FaultProxy":
+    def up(self) -> FaultProxy:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((LOOPBACK, self.port))

@@ -8,7 +8,6 @@ import argparse
 import logging
 import os
 from importlib.metadata import entry_points
-from typing import Optional
 
 from birdflow.app.cli import configure, data, listen, running
 
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 PRIVATE_UMASK = 0o077
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     os.umask(PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
     logging.basicConfig(

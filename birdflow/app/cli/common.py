@@ -6,7 +6,8 @@ import argparse
 import os
 from datetime import datetime, timezone
 
-from birdflow.settings import SettingsError, load_settings, validate_listener_id
+from birdflow.core.listener_ids import validate_listener_id
+from birdflow.settings import SettingsError, load_settings
 
 
 def settings_of(args):
@@ -43,7 +44,8 @@ def utc_time(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO date/time: {text!r} (e.g. 2025-06-01 or 2025-06-01T05:30)")
+        example = "e.g. 2025-06-01 or 2025-06-01T05:30"
+        raise argparse.ArgumentTypeError(f"not an ISO date/time: {text!r} ({example})") from None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
@@ -54,7 +56,7 @@ def at_least(minimum: int):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
@@ -66,4 +68,4 @@ def listener_id_argument(text: str) -> str:
     try:
         return validate_listener_id(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc))
+        raise argparse.ArgumentTypeError(str(exc)) from None

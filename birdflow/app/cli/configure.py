@@ -90,8 +90,10 @@ def cmd_prometheus_config(args) -> int:
         secret.touch(mode=0o600)
         secret.chmod(0o600)
         secret.write_text(content)
-    print(f"wrote {args.output / 'prometheus.yml'}; run: prometheus --enable-feature=agent "
-          f"--config.file={args.output / 'prometheus.yml'}")
+    print(
+        f"wrote {args.output / 'prometheus.yml'}; run: prometheus --enable-feature=agent "
+        f"--config.file={args.output / 'prometheus.yml'}"
+    )
     return 0
 
 
@@ -103,12 +105,20 @@ def cmd_notify(args) -> int:
     require_prefect(settings)
     if args.notify_command == "add":
         try:
-            block, automation = notify.add_channel(settings, args.kind, args.target, args.name or "", args.allow_loopback)
+            block, automation = notify.add_channel(
+                settings, args.kind, args.target, args.name or "", args.allow_loopback
+            )
         except notify.ChannelError as exc:
             raise SystemExit(f"birdflow: {exc}") from None
-        print(f"{block}: rare species of station {settings.station_id} are sent to this {args.kind} (automation {automation})")
+        print(
+            f"{block}: rare species of station {settings.station_id} are sent to this {args.kind} (automation "
+            f"{automation})"
+        )
         if settings.embedded_prefect and not settings.prefect.prefect_events_enabled:
-            print("the embedded Prefect server turns its triggers on within 30 s (a restart of a few seconds)", file=sys.stderr)
+            print(
+                "the embedded Prefect server turns its triggers on within 30 s (a restart of a few seconds)",
+                file=sys.stderr,
+            )
     elif args.notify_command == "list":
         channels = notify.list_channels(settings)
         if channels:
@@ -155,17 +165,25 @@ def add_commands(commands) -> None:
 
     notify_parser = commands.add_parser("notify", help="notifications of rare species: add, list, remove channels")
     notify_commands = notify_parser.add_subparsers(dest="notify_command", required=True)
-    add_channel = notify_commands.add_parser("add", help="send rare species to a webhook, Slack, Discord, Teams or e-mail")
+    add_channel = notify_commands.add_parser(
+        "add", help="send rare species to a webhook, Slack, Discord, Teams or e-mail"
+    )
     add_channel.add_argument("kind", choices=("webhook", "slack", "discord", "teams", "email"))
-    add_channel.add_argument("target", help="the webhook URL, or e-mail addresses separated by commas (SENDGRID_API_KEY)")
-    add_channel.add_argument("--allow-loopback", action="store_true", help="let the URL point at this machine (a relay running here)")
+    add_channel.add_argument(
+        "target", help="the webhook URL, or e-mail addresses separated by commas (SENDGRID_API_KEY)"
+    )
+    add_channel.add_argument(
+        "--allow-loopback", action="store_true", help="let the URL point at this machine (a relay running here)"
+    )
     add_channel.add_argument("--name", help="name of the channel (default: <station>-<kind>); lower case, digits, '-'")
     notify_commands.add_parser("list", help="this station's channels and their automations")
     remove_channel = notify_commands.add_parser("remove", help="delete a channel's automation and block")
     remove_channel.add_argument("name", help="the channel's name as `list` shows it")
     notify_parser.set_defaults(func=cmd_notify)
 
-    prometheus = commands.add_parser("prometheus-config", help="Prometheus agent config: scrape birdflow, remote-write centrally")
+    prometheus = commands.add_parser(
+        "prometheus-config", help="Prometheus agent config: scrape birdflow, remote-write centrally"
+    )
     prometheus.add_argument("--output", type=Path, help="folder for prometheus.yml (+ password file); default: print")
     prometheus.add_argument("--target", help="host:port to scrape (default: the ingest API)")
     prometheus.set_defaults(func=cmd_prometheus_config)

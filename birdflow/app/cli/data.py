@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from birdflow.app.cli.common import at_least, require_prefect, settings_of, settings_with_prefect, utc_time
 from birdflow.app.cli.output import print_table
 
@@ -31,7 +33,12 @@ def cmd_detections(args) -> int:
     return 0
 
 
-NARROW_NAMES = {"time": "time (UTC)", "listener_id": "listener", "common_name": "species", "scientific_name": "scientific"}
+NARROW_NAMES = {
+    "time": "time (UTC)",
+    "listener_id": "listener",
+    "common_name": "species",
+    "scientific_name": "scientific",
+}
 
 
 def cmd_sql(args) -> int:
@@ -75,9 +82,9 @@ def cmd_backfill(args) -> int:
     if not args.dry_run:
         require_prefect(settings)
     from flows.backfill import backfill, plan_only, progress_listeners
-    from flows.resources import use_station
+    from flows.run_resources import use_run_resources
 
-    use_station(settings)
+    use_run_resources(settings)
     analysis = {"min_confidence": args.min_confidence} if args.min_confidence is not None else None
     selection = dict(since=args.since, until=args.until, listener=args.listener, station=args.station)
     with Progress(transient=True) as progress:
@@ -88,9 +95,15 @@ def cmd_backfill(args) -> int:
                 summary = plan_only(args.source, settings, analysis, args.allow_unknown, **selection)
             else:
                 state = backfill(
-                    source=args.source, analysis=analysis, allow_unknown=args.allow_unknown, **selection, return_state=True
+                    source=args.source,
+                    analysis=analysis,
+                    allow_unknown=args.allow_unknown,
+                    **selection,
+                    return_state=True,
                 )
-                summary = state.result(raise_on_failure=False)  # a run with refusals ends Failed, with its summary
+                summary = cast(
+                    dict[str, Any], state.result(raise_on_failure=False)
+                )  # a run with refusals ends Failed, with its summary
                 if isinstance(summary, BaseException):
                     raise summary
         except ValueError as exc:
@@ -107,7 +120,8 @@ def print_backfill_summary(summary: dict, dry_run: bool) -> None:
     if summary["unknown_listeners"]:
         print(
             f"not processed: recordings of listener(s) {', '.join(summary['unknown_listeners'])}, which this station "
-            "does not know (no token, nothing processed before); add them with `birdflow listeners add ID` or pass --allow-unknown"
+            "does not know (no token, nothing processed before); add them with `birdflow listeners add ID` or pass "
+            "--allow-unknown"
         )
     for line in summary["unreadable"][:20]:
         print(f"unreadable: {line}")
@@ -130,14 +144,22 @@ def add_commands(commands) -> None:
     detections.set_defaults(func=cmd_detections)
 
     sql = commands.add_parser(
-        "sql", help="one read-only SELECT over the local tables (detections, species_hourly, listener_health), or InfluxDB 3 with --influx"
+        "sql",
+        help=(
+            "one read-only SELECT over the local tables (detections, species_hourly, listener_health), or InfluxDB 3 "
+            "with --influx"
+        ),
     )
     sql.add_argument("statement", help='e.g. "SELECT common_name, count(*) FROM detections GROUP BY 1 ORDER BY 2 DESC"')
     sql.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    sql.add_argument("--influx", action="store_true", help="run it on InfluxDB 3 (settings influx_host, influx_database)")
+    sql.add_argument(
+        "--influx", action="store_true", help="run it on InfluxDB 3 (settings influx_host, influx_database)"
+    )
     sql.set_defaults(func=cmd_sql)
 
-    backfill = commands.add_parser("backfill", help="reprocess recordings from a folder, s3://bucket/prefix or the archive")
+    backfill = commands.add_parser(
+        "backfill", help="reprocess recordings from a folder, s3://bucket/prefix or the archive"
+    )
     backfill.add_argument("source", help="a folder (e.g. an SD-card dump), s3://bucket/prefix, or 'archive'")
     backfill.add_argument("--dry-run", action="store_true", help="list what would be processed, process nothing")
     backfill.add_argument("--since", type=utc_time)
@@ -145,5 +167,7 @@ def add_commands(commands) -> None:
     backfill.add_argument("--listener")
     backfill.add_argument("--station", help="only under this station's folder (archive layout)")
     backfill.add_argument("--min-confidence", type=float, help="analyze with this threshold (rows kept side by side)")
-    backfill.add_argument("--allow-unknown", action="store_true", help="also listeners this station does not know (a folder's files)")
+    backfill.add_argument(
+        "--allow-unknown", action="store_true", help="also listeners this station does not know (a folder's files)"
+    )
     backfill.set_defaults(func=cmd_backfill)

@@ -6,8 +6,8 @@ import asyncio
 import os
 from pathlib import Path
 
-from birdflow.settings import validate_listener_id
 from birdflow.app.cli.common import at_least
+from birdflow.core.listener_ids import validate_listener_id
 
 
 def cmd_listen(args) -> int:
@@ -22,12 +22,13 @@ def cmd_listen(args) -> int:
     try:
         validate_listener_id(f"{args.prefix}{args.listeners:02d}")
     except ValueError as exc:
-        raise SystemExit(f"birdflow: --prefix {args.prefix!r} makes an {exc}")
+        raise SystemExit(f"birdflow: --prefix {args.prefix!r} makes an {exc}") from None
     if not args.upload:
         try:
             split_wav(args.file.read_bytes())
         except WavError as exc:
-            raise SystemExit(f"birdflow: {args.file}: {exc}; streaming needs a PCM WAV (--upload sends FLAC or MP3)")
+            needs = "streaming needs a PCM WAV (--upload sends FLAC or MP3)"
+            raise SystemExit(f"birdflow: {args.file}: {exc}; {needs}") from None
     total = args.listeners * args.recordings if args.recordings else None
     until = f"{args.recordings} recording(s) each" if args.recordings else "until Ctrl-C"
     stop_signal: list[int] = []
@@ -54,8 +55,13 @@ async def _listen(args, progress, bar, stop_signal: list[int]) -> list:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        stop_signal.append(signum)
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, lambda signum=signum: (stop_signal.append(signum), stop.set()))
+        loop.add_signal_handler(signum, on_signal, signum)
     return await run_listeners(
         args.url.rstrip("/"),
         args.file,
@@ -87,13 +93,21 @@ def add_commands(commands) -> None:
     listen.add_argument("--pace", type=float, default=1.0, help="speed relative to real time (0 = no pacing)")
     listen.add_argument("--upload", action="store_true", help="POST /recordings_upload instead of streaming")
     listen.add_argument(
-        "--distinct", action="store_true",
+        "--distinct",
+        action="store_true",
         help="change one sample per recording so none is a cached repeat (for load tests)",
     )
     listen.add_argument("--prefix", default="listener", help="listener ids are <prefix>01, <prefix>02, ...")
     listen.add_argument("--url", default="http://127.0.0.1:8000")
-    listen.add_argument("--health-port", type=int, default=6000,
-                        help="UDP port for a health datagram after each recording (the station's health_port); 0: none")
-    listen.add_argument("--token", help="listener token for ingest_auth (default: $LISTENER_TOKEN); a token is one "
-                        "listener's, so with several listeners they must be exempt")
+    listen.add_argument(
+        "--health-port",
+        type=int,
+        default=6000,
+        help="UDP port for a health datagram after each recording (the station's health_port); 0: none",
+    )
+    listen.add_argument(
+        "--token",
+        help="listener token for ingest_auth (default: $LISTENER_TOKEN); a token is one "
+        "listener's, so with several listeners they must be exempt",
+    )
     listen.set_defaults(func=cmd_listen)

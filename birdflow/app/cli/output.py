@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import date, datetime, time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -36,7 +36,7 @@ def json_value(value):
     return str(value)
 
 
-def flat_columns(table: "pa.Table") -> "pa.Table":
+def flat_columns(table: pa.Table) -> pa.Table:
     """Lists, structs and maps (which CSV has no place for) as JSON text, bytes as hex, the rest as they are."""
     import pyarrow as pa
 
@@ -50,7 +50,7 @@ def flat_columns(table: "pa.Table") -> "pa.Table":
     return table
 
 
-def print_table(table: "pa.Table", output_format: str, title: Optional[str] = None, wide: bool = False) -> None:
+def print_table(table: pa.Table, output_format: str, title: str | None = None, wide: bool = False) -> None:
     """As JSON, CSV, or a table for people: fitted to the terminal (long cells folded), or with `wide` at its
     natural width for a pager or a wide window; without a title, it ends with its row count."""
     import pyarrow as pa

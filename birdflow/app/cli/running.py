@@ -29,7 +29,9 @@ def cmd_ingest(args) -> int:
     open_files = raise_open_file_limit()
     if open_files < 4 * settings.ingest.max_open_streams:
         logging.getLogger("birdflow.ingest").warning(
-            "open-file limit %d is low for max_open_streams=%d (README, Security: LimitNOFILE)", open_files, settings.ingest.max_open_streams
+            "open-file limit %d is low for max_open_streams=%d (docs/security.md: LimitNOFILE)",
+            open_files,
+            settings.ingest.max_open_streams,
         )
     uvicorn.Server(server_config(create_app(settings), settings, args.host, args.port)).run()
     return 0
@@ -41,6 +43,7 @@ def cmd_execute(args) -> int:
     import httpx
 
     from birdflow.app.single import AlreadyRunning, hold_lock
+    from deployments.registration import register_deployments
     from flows.executor import EXECUTOR_LOCK, Executor, ExecutorFailed
 
     settings = settings_with_prefect(args)
@@ -54,7 +57,7 @@ def cmd_execute(args) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        Executor(settings).run_forever(stop)
+        Executor(settings, register_deployments(settings)).run_forever(stop)
     except ExecutorFailed as exc:
         log.error("executor stopped: %s", exc)
         return 1

@@ -8,18 +8,18 @@ import concurrent.futures
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Iterator, Optional
 
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from birdflow.app import metrics
 from birdflow.core.disk import MB, DiskFloor
-from birdflow.core.recordings import RecordingStore
 from birdflow.core.ledger import ProcessedLedger
-from birdflow.core.retention import archive_retention
+from birdflow.core.recordings import RecordingStore
 from birdflow.core.wav import WavFormat
+from birdflow.runtime import metrics
+from birdflow.runtime.archive_retention import archive_retention
 from birdflow.settings import Settings
 from ingest_api.access import IngestAccess
 from ingest_api.assembler import RecordingRate, StreamAssembler, StreamLimits
@@ -34,7 +34,7 @@ RETRY_AFTER_S = {503: "30", 507: "300", 429: "60"}
 
 
 def recover_and_count(
-    store: RecordingStore, settings: Settings, untouched_for_s: Optional[float] = None, in_use: frozenset = frozenset()
+    store: RecordingStore, settings: Settings, untouched_for_s: float | None = None, in_use: frozenset = frozenset()
 ) -> None:
     """Publish (or remove) partial files a crash or a failed close left behind, and count them."""
     outcome = recover_partials(store, settings.ingest.min_duration_s, untouched_for_s, in_use)
@@ -47,7 +47,7 @@ def recover_and_count(
         log.info("removed %d partial file(s): %s", count, reason)
 
 
-class IngestStation:
+class IngestState:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.station_id = station = settings.station_id
@@ -58,7 +58,11 @@ class IngestStation:
             min_duration_s=settings.ingest.min_duration_s,
             max_duration_s=settings.ingest.max_duration_s,
             max_gap_pages=settings.ingest.max_gap_pages,
-            default_format=WavFormat(settings.ingest.default_sample_rate, settings.ingest.default_channels, settings.ingest.default_bits_per_sample),
+            default_format=WavFormat(
+                settings.ingest.default_sample_rate,
+                settings.ingest.default_channels,
+                settings.ingest.default_bits_per_sample,
+            ),
         )
         self.recording_rate = RecordingRate(settings.ingest.max_recordings_per_minute)
         self.access = IngestAccess(settings)
@@ -84,7 +88,7 @@ class IngestStation:
     def count_event(self, name: str, count: int) -> None:
         self._event_counters[name].inc(count)
 
-    def reject(self, rejection: Rejection, listener_id: Optional[str], extra: Optional[dict] = None) -> JSONResponse:
+    def reject(self, rejection: Rejection, listener_id: str | None, extra: dict | None = None) -> JSONResponse:
         """The answer to a refused request (the connection then drops what is left of its body)."""
         metrics.REQUESTS_REJECTED.labels(self.station_id, rejection.reason).inc()
         log.warning("rejected request from listener %r: %s", listener_id, rejection)
@@ -95,21 +99,27 @@ class IngestStation:
             headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse({"error": str(rejection), **(extra or {})}, status_code=rejection.status, headers=headers)
 
-    def admit_stream(self, listener_id: str, token: Optional[str]) -> None:
+    def admit_stream(self, listener_id: str, token: str | None) -> None:
         """A valid id, the listener's token when auth is on, and room for one more stream."""
         checked_listener_id(listener_id)
         self.access.admit_stream(listener_id, token)
         if len(self.streams) >= self.settings.ingest.max_open_streams:
-            raise Rejection(503, "too_many_streams", f"{len(self.streams)} streams are open, the most this station takes")
+            raise Rejection(
+                503, "too_many_streams", f"{len(self.streams)} streams are open, the most this station takes"
+            )
         per_listener = self.settings.ingest.max_streams_per_listener
         if sum(stream.listener_id == listener_id for stream in self.streams) >= per_listener:
-            raise Rejection(503, "listener_streams", f"listener {listener_id!r} already has {per_listener} open streams")
+            raise Rejection(
+                503, "listener_streams", f"listener {listener_id!r} already has {per_listener} open streams"
+            )
 
     @contextmanager
     def upload_slot(self) -> Iterator[None]:
         """Room for one more upload in progress (max_open_uploads), held until it is answered."""
         if self.open_uploads >= self.settings.ingest.max_open_uploads:
-            raise Rejection(503, "too_many_uploads", f"{self.open_uploads} uploads are in progress, the most this station takes")
+            raise Rejection(
+                503, "too_many_uploads", f"{self.open_uploads} uploads are in progress, the most this station takes"
+            )
         self.open_uploads += 1
         try:
             yield
@@ -121,14 +131,16 @@ class IngestStation:
         """Within an upload slot, once its listener is known: at most max_uploads_per_listener of one listener."""
         per_listener = self.settings.ingest.max_uploads_per_listener
         if self.listener_uploads[listener_id] >= per_listener:
-            raise Rejection(503, "listener_uploads", f"listener {listener_id!r} already has {per_listener} uploads in progress")
+            raise Rejection(
+                503, "listener_uploads", f"listener {listener_id!r} already has {per_listener} uploads in progress"
+            )
         self.listener_uploads[listener_id] += 1
         try:
             yield
         finally:
             self.listener_uploads[listener_id] -= 1
 
-    def admit_next_recording(self, listener_id: str, token: Optional[str], connected_at: float) -> None:
+    def admit_next_recording(self, listener_id: str, token: str | None, connected_at: float) -> None:
         """Before each recording of a stream: room on the disk, a token still valid (one revoked while the
         stream lasts ends it), and a stream not older than max_stream_lifetime_s."""
         self.disk.require_room()

@@ -1,6 +1,6 @@
 """What a flow-executing process builds once and keeps: settings, the BirdNET model, sinks and archive.
 
-A flow body obtains them once (`station_resources()`) and hands the tasks what they need; nothing else
+A flow body obtains them once (`run_resources()`) and hands the tasks what they need; nothing else
 in the flows reaches for process-wide state.
 """
 
@@ -10,18 +10,17 @@ import sys
 import threading
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Optional
 
 import pyarrow as pa
 
-from birdflow.core.archive import Archive, LocalArchive, S3Archive
 from birdflow.core.analysis import AnalysisParams
+from birdflow.core.archive import Archive, LocalArchive, S3Archive
 from birdflow.core.birdnet import BirdNET
 from birdflow.core.clips import ClipIndex
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.rarity import HOURLY_SCHEMA, SpeciesRecord
-from birdflow.settings import Settings, load_settings
 from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink, read_hour
+from birdflow.settings import Settings, load_settings
 
 
 def arrow_without_pandas_probe() -> None:
@@ -45,13 +44,13 @@ class _NoPandas:
         return None
 
 
-class StationResources:
+class RunResources:
     """A plain class, not a dataclass: Prefect passes it to tasks as it is, without walking its fields."""
 
     def __init__(self, settings: Settings):
         arrow_without_pandas_probe()
         self.settings = settings
-        self._model: Optional[BirdNET] = None
+        self._model: BirdNET | None = None
         self._model_lock = threading.Lock()
 
     @cached_property
@@ -72,14 +71,21 @@ class StationResources:
         settings = self.settings
         sinks: list[DetectionSink] = []
         if self.settings.sinks.parquet_enabled:
-            sinks.append(ParquetSink(settings.detections_dir, settings.species_hourly_dir, settings.listener_health_dir))
+            sinks.append(
+                ParquetSink(settings.detections_dir, settings.species_hourly_dir, settings.listener_health_dir)
+            )
         if self.settings.sinks.influx_enabled:
             from blocks import load_influx
 
             block = load_influx(self.settings)
             sinks.append(
-                InfluxSink(block.host, block.database, block.table, block.token.get_secret_value(),
-                           self.settings.detections.influx_hourly_table)
+                InfluxSink(
+                    block.host,
+                    block.database,
+                    block.table,
+                    block.token.get_secret_value(),
+                    self.settings.detections.influx_hourly_table,
+                )
             )
         return sinks
 
@@ -92,7 +98,7 @@ class StationResources:
         return LocalArchive(self.settings.local_archive_dir)
 
     @cached_property
-    def local_copy(self) -> Optional[LocalArchive]:
+    def local_copy(self) -> LocalArchive | None:
         """With an S3 archive and keep_local_recordings: the local archive keeps a copy too."""
         if self.settings.archive.archive_backend == "s3" and self.settings.archive.keep_local_recordings:
             return LocalArchive(self.settings.local_archive_dir)
@@ -127,22 +133,22 @@ class StationResources:
         return storage
 
 
-_current: Optional[StationResources] = None
+_current: RunResources | None = None
 _current_lock = threading.Lock()
 
 
-def station_resources() -> StationResources:
+def run_resources() -> RunResources:
     """This process's resources, built from the settings on first use (any process can run the flows)."""
     global _current
     with _current_lock:
         if _current is None:
-            _current = StationResources(load_settings())
+            _current = RunResources(load_settings())
         return _current
 
 
-def use_station(settings: Settings) -> StationResources:
+def use_run_resources(settings: Settings) -> RunResources:
     """Install the resources of these settings (the executor, worker and CLI do this once at start)."""
     global _current
     with _current_lock:
-        _current = StationResources(settings)
+        _current = RunResources(settings)
         return _current

@@ -3,10 +3,10 @@ S3 prefix, filtered by time, station and listener. No Prefect here; the backfill
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator, Optional
 
 from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingInfo, name_parts_or_none
 
@@ -21,8 +21,8 @@ class Candidate:
 
     location: str
     name: str
-    listener_id: Optional[str]
-    start_time: Optional[datetime]
+    listener_id: str | None
+    start_time: datetime | None
     modified: datetime
     size: int
 
@@ -44,10 +44,10 @@ def local_candidates(folder: Path) -> Iterator[Candidate]:
 
 def select(
     found: Iterable[Candidate],
-    since: Optional[datetime] = None,
-    until: Optional[datetime] = None,
-    listener: Optional[str] = None,
-    station: Optional[str] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    listener: str | None = None,
+    station: str | None = None,
 ) -> list[Candidate]:
     """Those recorded in [since, until) (start time from the name, else the file time), of the listener,
     and under a `<station>/` folder when a station is given (the archive's layout)."""
@@ -64,7 +64,7 @@ def select(
     return chosen
 
 
-def parse_s3_source(source: str) -> Optional[tuple[str, str]]:
+def parse_s3_source(source: str) -> tuple[str, str] | None:
     """s3://bucket/prefix -> (bucket, prefix); None for anything else."""
     if not source.startswith("s3://"):
         return None
@@ -82,14 +82,14 @@ class Decision:
     process: bool
     reason: str = ""  # ALREADY_PROCESSED, UNKNOWN_LISTENER or UNREADABLE when it is skipped
     detail: str = ""
-    info: Optional[RecordingInfo] = None
+    info: RecordingInfo | None = None
 
 
 def plan(
     chosen: Iterable[Candidate],
     describe: Callable[[Candidate], RecordingInfo],
     processed: Callable[[str], bool],
-    known_recording: Callable[[Candidate], Optional[str]] = lambda item: None,
+    known_recording: Callable[[Candidate], str | None] = lambda item: None,
     listener_known: Callable[[str], bool] = lambda listener: True,
 ) -> Iterator[Decision]:
     """Each candidate decided in turn. A file a backfill saw before (same place, size and time) whose recording

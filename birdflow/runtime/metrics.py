@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -19,7 +27,9 @@ RECORDINGS_RECEIVED = Counter(
 RECORDINGS_DISCARDED = Counter(
     "birdflow_recordings_discarded", "Recordings dropped before processing", ["station", "reason"]
 )
-FRAMES_DROPPED = Counter("birdflow_frames_dropped", "Stream frames dropped (no open recording, repeated, late)", ["station"])
+FRAMES_DROPPED = Counter(
+    "birdflow_frames_dropped", "Stream frames dropped (no open recording, repeated, late)", ["station"]
+)
 GAPS = Counter("birdflow_gaps", "Gaps in streams padded with silence", ["station"])
 METADATA_FRAMES = Counter("birdflow_metadata_frames", "Metadata frames skipped", ["station"])
 REQUESTS_REJECTED = Counter("birdflow_requests_rejected", "Ingest requests refused with a 4xx", ["station", "reason"])
@@ -29,16 +39,23 @@ CONNECTIONS_TIMED_OUT = Counter(
 SOURCES_REFUSED = Counter(
     "birdflow_sources_refused", "Flow runs refused because their audio lies outside the allowed folders", ["station"]
 )
-OPEN_STREAMS = Gauge("birdflow_open_streams", "Listener streams connected now", ["station"], multiprocess_mode="livesum")
+OPEN_STREAMS = Gauge(
+    "birdflow_open_streams", "Listener streams connected now", ["station"], multiprocess_mode="livesum"
+)
 FLOW_RUNS_TRIGGERED = Counter("birdflow_flow_runs_triggered", "Flow runs created for recordings", ["station"])
 FLOW_RUNS_FINISHED = Counter("birdflow_flow_runs_finished", "Flow runs executed, by final state", ["station", "state"])
-BACKLOG = Gauge("birdflow_backlog_recordings", "Recordings waiting for their flow run", ["station"], multiprocess_mode="livemax")
+BACKLOG = Gauge(
+    "birdflow_backlog_recordings", "Recordings waiting for their flow run", ["station"], multiprocess_mode="livemax"
+)
 REDRIVE_WAITING = Gauge(
-    "birdflow_redrive_waiting_recordings", "Recordings whose run failed and waits for its automatic re-drive",
-    ["station"], multiprocess_mode="livemax",
+    "birdflow_redrive_waiting_recordings",
+    "Recordings whose run failed and waits for its automatic re-drive",
+    ["station"],
+    multiprocess_mode="livemax",
 )
 RECORDINGS_GIVEN_UP = Counter(
-    "birdflow_recordings_given_up", "Recordings not processed (audio kept in the failed folder), by reason",
+    "birdflow_recordings_given_up",
+    "Recordings not processed (audio kept in the failed folder), by reason",
     ["station", "reason"],
 )
 ANALYSIS_SECONDS = Histogram(
@@ -49,23 +66,29 @@ ANALYSIS_SECONDS = Histogram(
 )
 DETECTIONS_WRITTEN = Counter("birdflow_detections_written", "Detection rows written, by sink", ["station", "sink"])
 CLIP_SECONDS = Histogram(
-    "birdflow_clip_seconds", "Time to cut, encode and store a recording's clips and spectrograms (compare with analysis)",
-    ["station"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    "birdflow_clip_seconds",
+    "Time to cut, encode and store a recording's clips and spectrograms (compare with analysis)",
+    ["station"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 PRIVACY_FILTERED = Counter(
-    "birdflow_privacy_filtered_recordings", "Recordings in which a human was heard: audio silenced or not kept (privacy_filter)",
+    "birdflow_privacy_filtered_recordings",
+    "Recordings in which a human was heard: audio silenced or not kept (privacy_filter)",
     ["station", "action"],
 )
 HEALTH_REPORTS = Counter("birdflow_listener_health_reports", "Listener health datagrams taken", ["station"])
 HEALTH_REFUSED = Counter(
-    "birdflow_listener_health_refused", "Listener health datagrams dropped, by reason (their content is never logged)",
+    "birdflow_listener_health_refused",
+    "Listener health datagrams dropped, by reason (their content is never logged)",
     ["station", "reason"],
 )
 # per listener, at most health_max_listeners of them; "max" keeps the last value after the ingest restarts, so a
 # listener that went quiet shows as stale instead of vanishing
 LISTENER_LAST_HEALTH = Gauge(
-    "birdflow_listener_health_last_seen_timestamp_seconds", "When the listener last sent its health (Unix time)",
-    ["station", "listener"], multiprocess_mode="max",
+    "birdflow_listener_health_last_seen_timestamp_seconds",
+    "When the listener last sent its health (Unix time)",
+    ["station", "listener"],
+    multiprocess_mode="max",
 )
 LISTENER_HEALTH = {
     name: Gauge(f"birdflow_listener_{name}", help_text, ["station", "listener"], multiprocess_mode="max")
@@ -78,18 +101,26 @@ LISTENER_HEALTH = {
     }.items()
 }
 RARE_SIGHTINGS = Counter(
-    "birdflow_rare_sightings", "Species heard for the first time within rare_window_days (or watched), announced as events",
+    "birdflow_rare_sightings",
+    "Species heard for the first time within rare_window_days (or watched), announced as events",
     ["station"],
 )
 DETECTIONS_BY_SPECIES = Counter(
-    "birdflow_species_detections", "Detections by species (the first species seen by name, later ones as 'other')",
+    "birdflow_species_detections",
+    "Detections by species (the first species seen by name, later ones as 'other')",
     ["station", "species"],
 )
-SINK_WRITE_FAILURES = Counter("birdflow_sink_write_failures", "Failed detection writes (retried), by sink", ["station", "sink"])
-ARCHIVE_PURGED = Counter(
-    "birdflow_archive_purged", "Archived recordings deleted, by reason (age, size, floor, floor-copy)", ["station", "reason"]
+SINK_WRITE_FAILURES = Counter(
+    "birdflow_sink_write_failures", "Failed detection writes (retried), by sink", ["station", "sink"]
 )
-ARCHIVE_BYTES = Counter("birdflow_archive_bytes", "Audio bytes uploaded to the archive (duplicates skipped)", ["station", "backend"])
+ARCHIVE_PURGED = Counter(
+    "birdflow_archive_purged",
+    "Archived recordings deleted, by reason (age, size, floor, floor-copy)",
+    ["station", "reason"],
+)
+ARCHIVE_BYTES = Counter(
+    "birdflow_archive_bytes", "Audio bytes uploaded to the archive (duplicates skipped)", ["station", "backend"]
+)
 DISK_FREE = Gauge(
     "birdflow_disk_free_bytes", "Free space on the disk of the data directory", ["station"], multiprocess_mode="livemax"
 )

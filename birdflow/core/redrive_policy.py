@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class RedrivePolicy:
     delays_s: Sequence[float]
     max_age: timedelta
 
-    def next_attempt(self, failures: int, arrived: datetime, failed_at: datetime) -> Optional[datetime]:
+    def next_attempt(self, failures: int, arrived: datetime, failed_at: datetime) -> datetime | None:
         """When to run again after the `failures`-th failed attempt (1, 2, ...), or None: give up."""
         if failed_at - arrived >= self.max_age:
             return None

@@ -1,0 +1,84 @@
+"""The commands the README and docs/ show run as written: every `birdflow` line of their shell blocks is one the
+command line accepts, and the ones that only read or set up a station folder are run, in a fresh one."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from birdflow.app.cli import build_parser
+from tests.conftest import PROJECT
+
+DOCUMENTS = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
+# what runs against a station folder without a server, a network or a listener
+SAFE = {"init", "listeners", "detections", "sql"}
+NEEDS_A_SERVER = {"--influx", "revoke"}
+BIRDFLOW = Path(sys.executable).parent / "birdflow"
+
+
+def shell_lines(document: Path) -> list[str]:
+    """The command lines of a document's ```bash blocks, continuations joined, comments dropped."""
+    lines, language, pending = [], None, ""
+    for line in document.read_text().splitlines():
+        if line.startswith("```"):
+            language = None if language is not None else (line[3:].strip() or "text")
+            continue
+        if language not in ("bash", "sh"):
+            continue
+        pending += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            lines.append(pending.strip())
+            pending = ""
+    return [line for line in lines if line]
+
+
+def birdflow_commands(line: str) -> list[list[str]]:
+    """The birdflow invocations of one line (`a && b` is two), as argument lists without the program."""
+    found = []
+    for part in re.split(r"&&|;", line):
+        words = shlex.split(part, comments=True)
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value before the command
+            words.pop(0)
+        if words and Path(words[0]).name == "birdflow":
+            found.append(words[1:])
+    return found
+
+
+DOCUMENTED = [
+    (document.relative_to(PROJECT).as_posix(), line, arguments)
+    for document in DOCUMENTS
+    for line in shell_lines(document)
+    for arguments in birdflow_commands(line)
+]
+
+
+def test_the_docs_show_commands_of_every_kind():
+    """The extraction finds what the documents hold (a change to their format would otherwise test nothing)."""
+    kinds = {arguments[0] for _, _, arguments in DOCUMENTED}
+    assert {"init", "listen", "detections", "sql", "listeners", "backfill", "worker", "bench"} <= kinds, kinds
+    assert {document for document, _, _ in DOCUMENTED} >= {"README.md", "docs/security.md", "docs/fleet.md"}
+
+
+@pytest.mark.parametrize(("document", "line", "arguments"), DOCUMENTED, ids=[line for _, line, _ in DOCUMENTED])
+def test_a_documented_command_is_one_the_command_line_takes(document, line, arguments, capsys):
+    try:
+        build_parser().parse_args(arguments)
+    except SystemExit as exc:
+        pytest.fail(f"{document}: `{line}` is refused: {capsys.readouterr().err.strip()} (exit {exc.code})")
+
+
+def test_the_safe_documented_commands_run_as_written_in_a_new_station(tmp_path):
+    subprocess.run([str(BIRDFLOW), "init", "--station", "docs01"], cwd=tmp_path, check=True, capture_output=True)
+    ran = []
+    for document, line, arguments in DOCUMENTED:
+        if arguments[0] not in SAFE or NEEDS_A_SERVER & set(arguments):
+            continue
+        result = subprocess.run([str(BIRDFLOW), *arguments], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{document}: `{line}` exited {result.returncode}:\n{result.stderr[-2000:]}"
+        ran.append(arguments[0])
+    assert {"init", "listeners", "detections", "sql"} <= set(ran), ran
