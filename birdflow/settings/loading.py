@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from dotenv import dotenv_values
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
@@ -25,34 +26,19 @@ EMPTY_MEANS_NONE = ("latitude", "longitude", "archive_dir")
 
 
 def _env_value(name: str, raw: str, annotation: Any) -> Any:
-    """Environment values are strings; booleans are "0"/"1" (as field devices write them) or true/false."""
-    if annotation is bool or annotation == "bool":
-        lowered = raw.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off", ""):
-            return False
-        raise SettingsError(f"setting '{name}' (env {name.upper()}): expected 0/1 or true/false, got {raw!r}")
+    """Environment values are strings, which pydantic parses (booleans as 0/1, true/false, yes/no, on/off); an
+    empty one is false for a switch and unset for an optional place or coordinate."""
+    if raw == "" and (annotation is bool or annotation == "bool"):
+        return False
     if raw == "" and name in EMPTY_MEANS_NONE:
         return None
     return raw
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of a .env file (comments, blank lines and `export ` allowed; quotes stripped)."""
-    values = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.removeprefix("export ").partition("=")
-        if not sep or not key.strip():
-            raise SettingsError(f"{path}, line {number}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
+    """KEY=VALUE lines of a .env file, read as pydantic-settings reads one (python-dotenv), without expanding
+    `$`: secrets are taken as written."""
+    return {key: value or "" for key, value in dotenv_values(path, interpolate=False).items()}
 
 
 def _yaml_values(file: Path) -> dict[str, Any]:

@@ -56,6 +56,19 @@ def test_switches_written_bare_in_yaml_are_the_words_written(tmp_path):
         load_settings(file, {})
 
 
+def test_a_dot_env_file_counts_as_environment_that_the_real_one_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(
+        "# secrets\nexport STATION_ID='from-dotenv'\nINFLUX_TOKEN=pa$word\nKEEP_LOCAL_RECORDINGS=yes\nLATITUDE=\n"
+    )
+    monkeypatch.delenv("STATION_ID", raising=False)
+    settings = load_settings()
+    assert settings.station_id == "from-dotenv" and settings.sinks.influx_token.get_secret_value() == "pa$word"
+    assert settings.archive.keep_local_recordings is True and settings.analysis.latitude is None
+    monkeypatch.setenv("STATION_ID", "from-environment")
+    assert load_settings().station_id == "from-environment"
+
+
 @pytest.mark.parametrize(
     "yaml_text, env, message",
     [
