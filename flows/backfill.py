@@ -25,14 +25,14 @@ from birdflow.core.backfill_plan import (
     UNKNOWN_LISTENER,
     Candidate,
     Decision,
-    candidate,
     local_candidates,
     parse_s3_source,
     plan,
+    s3_candidates,
     select,
 )
 from birdflow.core.ledger import ProcessedLedger
-from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingInfo, describe_audio_file, is_inside
+from birdflow.core.recordings import RecordingInfo, describe_audio_file, is_inside
 from birdflow.settings import Settings
 from flows.process_recording import process_recording, run_analysis_params
 from flows.run_resources import run_resources
@@ -75,15 +75,7 @@ class Source:
         self.scratch = settings.backfill_scratch_dir
 
     def candidates(self) -> list[Candidate]:
-        if not self.s3:
-            return list(local_candidates(self.folder))
-        bucket, prefix = self.s3
-        found = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                if Path(item["Key"]).suffix.lower() in AUDIO_EXTENSIONS:
-                    found.append(candidate(item["Key"], item["LastModified"], item["Size"]))
-        return found
+        return list(s3_candidates(self.client, *self.s3) if self.s3 else local_candidates(self.folder))
 
     def describe(self, item: Candidate, station_id: str) -> RecordingInfo:
         """Metadata (with the content hash) of a candidate; S3 objects are downloaded to a scratch file."""

@@ -42,6 +42,14 @@ def local_candidates(folder: Path) -> Iterator[Candidate]:
             yield candidate(str(path), datetime.fromtimestamp(stat.st_mtime, timezone.utc), stat.st_size)
 
 
+def s3_candidates(client, bucket: str, prefix: str) -> Iterator[Candidate]:
+    """The audio objects under an S3 prefix, listed a page at a time (`client`: a boto3 S3 client)."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if Path(item["Key"]).suffix.lower() in AUDIO_EXTENSIONS:
+                yield candidate(item["Key"], item["LastModified"], item["Size"])
+
+
 def select(
     found: Iterable[Candidate],
     since: datetime | None = None,

@@ -253,7 +253,8 @@ class ArchiveSettings(Section):
     backfill_roots: Folders = Field(
         default_factory=list,
         description=(
-            "Folders a backfill may read besides the station's own data and archive; flow runs read no audio elsewhere"
+            "Folders a backfill may read besides the station's recordings, failed and archive folders; "
+            "flow runs read no audio elsewhere"
         ),
     )
     archive_backend: Literal["local", "s3"] = "local"
