@@ -186,11 +186,13 @@ def _slim(root: Path) -> None:
 
 
 def build(podman: Podman, tag: str, arch: str, backend: str = "ai-edge-litert") -> float:
-    """docker/Dockerfile built as `tag` for `arch` on the stand-in base; returns the seconds it took."""
+    """docker/Dockerfile built as `tag` for `arch` on the stand-in base; returns the seconds it took.
+
+    Its build stage is tagged too (`<tag>-build`), so that the next build reuses its dependency layer (a code
+    change then builds in ~40 s instead of ~130), and what earlier builds left untagged is pruned: repeated
+    builds keep one image and one build stage per tag, not ~870 MB more each."""
     lent = [f"--volume={path}:{path}:ro" for path in HOST_BUILD_FILES if os.path.exists(path)]
-    started = time.monotonic()
-    podman(
-        "build",
+    options = [
         "--format",
         "docker",
         "--pull=never",
@@ -202,11 +204,11 @@ def build(podman: Podman, tag: str, arch: str, backend: str = "ai-edge-litert") 
         f"--build-arg=BIRDNET_BACKEND={backend}",
         "--file",
         str(DOCKERFILE),
-        "--tag",
-        tag,
-        str(PROJECT),
-        timeout_s=7200,
-    )
+    ]
+    started = time.monotonic()
+    podman("build", *options, "--target", "build", "--tag", f"{tag}-build", str(PROJECT), timeout_s=7200)
+    podman("build", *options, "--tag", tag, str(PROJECT), timeout_s=7200)
+    podman("image", "prune", "--force", "--filter", "label=io.birdflow.part-of=birdflow", timeout_s=600)
     return time.monotonic() - started
 
 
