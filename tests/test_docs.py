@@ -3,6 +3,7 @@ command line accepts, and the ones that only read or set up a station folder are
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -16,9 +17,11 @@ from tests.conftest import PROJECT
 
 DOCUMENTS = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
 # what runs against a station folder without a server, a network or a listener
-SAFE = {"init", "listeners", "detections", "sql"}
+SAFE = {"init", "listeners", "detections", "sql", "export"}
 NEEDS_A_SERVER = {"--influx", "revoke"}
 BIRDFLOW = Path(sys.executable).parent / "birdflow"
+# a station whose place is set, as a Darwin Core export needs
+WITH_COORDINATES = {**os.environ, "LATITUDE": "45.52", "LONGITUDE": "-122.68"}
 
 
 def shell_lines(document: Path) -> list[str]:
@@ -78,7 +81,9 @@ def test_the_safe_documented_commands_run_as_written_in_a_new_station(tmp_path):
     for document, line, arguments in DOCUMENTED:
         if arguments[0] not in SAFE or NEEDS_A_SERVER & set(arguments):
             continue
-        result = subprocess.run([str(BIRDFLOW), *arguments], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [str(BIRDFLOW), *arguments], cwd=tmp_path, env=WITH_COORDINATES, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, f"{document}: `{line}` exited {result.returncode}:\n{result.stderr[-2000:]}"
         ran.append(arguments[0])
-    assert {"init", "listeners", "detections", "sql"} <= set(ran), ran
+    assert {"init", "listeners", "detections", "sql", "export"} <= set(ran), ran

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 from birdflow.app.cli.common import at_least, require_prefect, settings_of, settings_with_prefect, utc_time
 from birdflow.app.cli.output import print_table
+from birdflow.core.exports import FORMATS
 
 
 def cmd_detections(args) -> int:
@@ -39,6 +41,30 @@ NARROW_NAMES = {
     "common_name": "species",
     "scientific_name": "scientific",
 }
+
+
+def cmd_export(args) -> int:
+    """The local detections as files other tools read (birdflow.core.exports)."""
+    from birdflow.core.exports import ExportError, Place, export
+    from birdflow.core.sinks import read_detections
+
+    settings = settings_of(args)
+    table = read_detections(
+        settings.detections_dir,
+        listener=args.listener,
+        species=args.species,
+        since=args.since,
+        until=args.until,
+        min_confidence=args.min_confidence,
+    )
+    place = Place(settings.station_id, settings.analysis.latitude, settings.analysis.longitude)
+    try:
+        written = export(table, args.format, args.output, place)
+    except ExportError as exc:
+        raise SystemExit(f"birdflow export: {exc}") from None
+    where = written[0] if args.format == "dwc" else args.output
+    print(f"{table.num_rows} detection(s) exported as {args.format}: {len(written)} file(s), {where}")
+    return 0
 
 
 def cmd_sql(args) -> int:
@@ -142,6 +168,21 @@ def add_commands(commands) -> None:
     detections.add_argument("--format", choices=("table", "json", "csv"), default="table")
     detections.add_argument("--wide", action="store_true", help="also the scientific name and the recording id")
     detections.set_defaults(func=cmd_detections)
+
+    exports = commands.add_parser(
+        "export",
+        help="detections as Raven selection tables, Audacity labels, CSV, eBird records or a Darwin Core Archive",
+    )
+    exports.add_argument("--format", choices=FORMATS, required=True)
+    exports.add_argument(
+        "--output", type=Path, required=True, help="a folder (dwc: a .zip file, or a folder to put one in)"
+    )
+    exports.add_argument("--listener")
+    exports.add_argument("--species", help="scientific or common name")
+    exports.add_argument("--since", type=utc_time, help="from this UTC time on (2025-06-01 or 2025-06-01T05:30)")
+    exports.add_argument("--until", type=utc_time, help="before this UTC time")
+    exports.add_argument("--min-confidence", type=float)
+    exports.set_defaults(func=cmd_export)
 
     sql = commands.add_parser(
         "sql",
