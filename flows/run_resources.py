@@ -13,14 +13,14 @@ from functools import cached_property
 
 import pyarrow as pa
 
-from birdflow.core.analysis import AnalysisParams
+from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.archive import Archive, LocalArchive, S3Archive
 from birdflow.core.birdnet import BirdNET
 from birdflow.core.clips import ClipIndex
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.rarity import HOURLY_SCHEMA, SpeciesRecord
 from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink, read_hour
-from birdflow.settings import Settings, load_settings
+from birdflow.settings import Settings, SettingsError, load_settings
 
 
 def arrow_without_pandas_probe() -> None:
@@ -63,7 +63,15 @@ class RunResources:
         with self._model_lock:
             if self._model is None:
                 analysis = self.settings.analysis
-                self._model = BirdNET(analysis.birdnet_backend, analysis.birdnet_threads, analysis.birdnet_batch_size)
+                model = BirdNET(analysis.birdnet_backend, analysis.birdnet_threads, analysis.birdnet_batch_size)
+                unknown = model.unknown_species(self.params)
+                if unknown:
+                    raise SettingsError(
+                        f"settings 'include_species', 'exclude_species' or 'species_min_confidence' name "
+                        f"{', '.join(repr(name) for name in unknown)}, no species of {MODEL_VERSION} "
+                        "(scientific or common names as in its labels)"
+                    )
+                self._model = model
             return self._model
 
     @cached_property

@@ -33,6 +33,17 @@ class AnalysisParams(BaseModel):
     )
     include_species: tuple[str, ...] = Field((), description="Only these (scientific or common names)")
     exclude_species: tuple[str, ...] = Field((), description="Never these")
+    species_min_confidence: tuple[tuple[str, float], ...] = Field(
+        (),
+        description="Thresholds of their own (species: threshold, scientific or common name), above or below "
+        "min_confidence; in the environment 'Spinus tristis=0.6, American Robin=0.4'",
+    )
+    confirm_count: int = Field(
+        1, ge=1, le=20, description="A species is reported once heard in this many windows of confirm_window_s"
+    )
+    confirm_window_s: float = Field(
+        15.0, gt=0, le=600, description="Within one recording: how close together those windows must start"
+    )
 
     @field_validator("include_species", "exclude_species", mode="before")
     @classmethod
@@ -40,6 +51,36 @@ class AnalysisParams(BaseModel):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("species_min_confidence", mode="before")
+    @classmethod
+    def _species_thresholds(cls, value: Any) -> Any:
+        """A mapping (YAML) or 'name=threshold, ...' (the environment), kept as sorted pairs: hashable, and
+        one analysis id whatever order they were written in."""
+        if isinstance(value, str):
+            pairs = [part.partition("=") for part in value.split(",") if part.strip()]
+            if any(not sep or not name.strip() for name, sep, _ in pairs):
+                raise ValueError("expected 'species=threshold' pairs separated by commas")
+            value = {name.strip(): threshold.strip() for name, _, threshold in pairs}
+        if isinstance(value, dict):
+            value = sorted(value.items())
+        return value
+
+    @field_validator("species_min_confidence")
+    @classmethod
+    def _thresholds_in_range(cls, value: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+        for name, threshold in value:
+            if not 0.01 <= threshold <= 0.99:
+                raise ValueError(f"the threshold of {name!r} must lie within 0.01..0.99, not {threshold}")
+        return value
+
+    def threshold_of(self, scientific: str, common: str) -> float:
+        """The confidence a detection of this species must exceed."""
+        own = {name.lower(): threshold for name, threshold in self.species_min_confidence}
+        return own.get(scientific.lower(), own.get(common.lower(), self.min_confidence))
+
+    def lowest_threshold(self) -> float:
+        return min([self.min_confidence, *(threshold for _, threshold in self.species_min_confidence)])
 
     @model_validator(mode="after")
     def _place_is_whole(self):

@@ -72,6 +72,24 @@ class Detection:
     confidence: float
 
 
+def confirmed(found: list[Detection], count: int, window_s: float) -> list[Detection]:
+    """The detections of species heard in at least `count` windows starting within `window_s` of each other
+    (BirdNET-Go's false-positive filter); a lone window of a species is dropped. Order is kept."""
+    if count <= 1:
+        return found
+    by_species: dict[str, list[int]] = {}
+    for index, detection in enumerate(found):
+        by_species.setdefault(detection.scientific_name, []).append(index)
+    keep: set[int] = set()
+    for indices in by_species.values():
+        indices.sort(key=lambda index: found[index].start_s)
+        for first in range(len(indices) - count + 1):
+            group = indices[first : first + count]
+            if found[group[-1]].start_s - found[group[0]].start_s <= window_s:
+                keep.update(group)
+    return [detection for index, detection in enumerate(found) if index in keep]
+
+
 @dataclass(frozen=True)
 class Heard:
     """What the model heard in a recording: the detections, and for each window (by its start) how likely a
@@ -130,6 +148,12 @@ class BirdNET:
                 out[first : first + len(chunk)] = self._interpreter.get_tensor(self._output)
         return out
 
+    def unknown_species(self, params: AnalysisParams) -> list[str]:
+        """Names in the species settings that are no species of the model: a typo would never match."""
+        known = {name.lower() for pair in self._names for name in pair}
+        named = [*params.include_species, *params.exclude_species, *(name for name, _ in params.species_min_confidence)]
+        return [name for name in named if name.lower() not in known]
+
     def allowed_labels(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
         return self._allowed_labels(round(latitude, 4), round(longitude, 4), week, threshold)
 
@@ -160,8 +184,9 @@ class BirdNET:
     ) -> Heard:
         """hear() over a recording's window batches as they are decoded (audio.window_batches), as one."""
         parts = [self.hear(windows, starts, params, recorded) for windows, starts in batches]
+        found = [detection for part in parts for detection in part.detections]
         return Heard(
-            [detection for part in parts for detection in part.detections],
+            confirmed(found, params.confirm_count, params.confirm_window_s),
             [start for part in parts for start in part.window_starts],
             [score for part in parts for score in part.human_scores],
         )
@@ -182,9 +207,11 @@ class BirdNET:
         include = {name.lower() for name in params.include_species}
         exclude = {name.lower() for name in params.exclude_species}
         found = []
-        for row, column in zip(*np.nonzero(scores > params.min_confidence)):
+        for row, column in zip(*np.nonzero(scores > params.lowest_threshold())):
             label = self.labels[column]
             scientific, common = self._names[column]
+            if scores[row, column] <= params.threshold_of(scientific, common):
+                continue
             if allowed is not None and label not in allowed:
                 continue
             if include and scientific.lower() not in include and common.lower() not in include:

