@@ -32,7 +32,7 @@ class BirdflowWorkerResult(BaseWorkerResult):
 
 
 # the modules whose flows birdflow deploys (prefect.yaml, deployments/registration.py): the only code a worker runs
-OWN_FLOW_MODULES = frozenset({"flows.process_recording", "flows.backfill", "flows.maintenance"})
+OWN_FLOW_MODULES = frozenset({"flows.process_recording", "flows.backfill", "flows.maintenance", "flows.export"})
 
 
 class NotOurFlow(ValueError):

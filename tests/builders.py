@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
+from birdflow.core.birdnet import Detection
+from birdflow.core.detections import detections_table
 from birdflow.core.recordings import TIMESTAMP_FORMAT, RecordingInfo
 
 JUNE_MORNING = datetime(2025, 6, 1, 5, 30, tzinfo=timezone.utc)
@@ -26,3 +28,29 @@ def recording_info(
         file_name=f"{recording_id}.wav",
     )
     return RecordingInfo(**{**values, **overrides})
+
+
+ROBIN = ("Turdus migratorius", "American Robin")
+HAWK = ("Accipiter cooperii", "Cooper's Hawk")
+
+
+def two_listeners_detections():
+    """Two listeners, three recordings, one of them an hour later; a name with an apostrophe."""
+    import pyarrow as pa
+
+    tables = [
+        detections_table(
+            recording_info("mic1"),
+            [Detection(0.0, 3.0, *ROBIN, 0.91), Detection(3.0, 6.0, *ROBIN, 0.62), Detection(6.0, 9.0, *HAWK, 0.4)],
+            "BirdNET_GLOBAL_6K_V2.4",
+            "a1",
+        ),
+        detections_table(recording_info("mic2"), [Detection(1.5, 4.5, *HAWK, 0.77)], "BirdNET_GLOBAL_6K_V2.4", "a1"),
+        detections_table(
+            recording_info("mic1", start_time=JUNE_MORNING + timedelta(hours=1), content_hash="cd" * 32),
+            [Detection(0.0, 3.0, *ROBIN, 0.55)],
+            "BirdNET_GLOBAL_6K_V2.4",
+            "a1",
+        ),
+    ]
+    return pa.concat_tables(tables)

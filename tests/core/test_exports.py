@@ -6,48 +6,21 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import crowsetta
 import pytest
 from dwca.read import DwCAReader
 
-from birdflow.core.birdnet import Detection
-from birdflow.core.detections import detections_table
 from birdflow.core.exports import ExportError, Place, export
 from birdflow.core.sinks import ParquetSink
-from tests.builders import JUNE_MORNING, recording_info
+from tests.builders import HAWK, ROBIN, two_listeners_detections
 
-ROBIN = ("Turdus migratorius", "American Robin")
-HAWK = ("Accipiter cooperii", "Cooper's Hawk")
 PLACE = Place("station01", 45.5231, -122.6765)
 
 
-def detections():
-    """Two listeners, three recordings, one of them an hour later; a name with an apostrophe."""
-    import pyarrow as pa
-
-    tables = [
-        detections_table(
-            recording_info("mic1"),
-            [Detection(0.0, 3.0, *ROBIN, 0.91), Detection(3.0, 6.0, *ROBIN, 0.62), Detection(6.0, 9.0, *HAWK, 0.4)],
-            "BirdNET_GLOBAL_6K_V2.4",
-            "a1",
-        ),
-        detections_table(recording_info("mic2"), [Detection(1.5, 4.5, *HAWK, 0.77)], "BirdNET_GLOBAL_6K_V2.4", "a1"),
-        detections_table(
-            recording_info("mic1", start_time=JUNE_MORNING + timedelta(hours=1), content_hash="cd" * 32),
-            [Detection(0.0, 3.0, *ROBIN, 0.55)],
-            "BirdNET_GLOBAL_6K_V2.4",
-            "a1",
-        ),
-    ]
-    return pa.concat_tables(tables)
-
-
 def test_raven_tables_read_back_by_crowsetta_to_the_same_selections(tmp_path):
-    table = detections()
+    table = two_listeners_detections()
     written = export(table, "raven", tmp_path / "raven", PLACE)
     assert len(written) == 3 and all(path.name.endswith(".BirdNET.selection.table.txt") for path in written)
     for path in written:
@@ -64,7 +37,7 @@ def test_raven_tables_read_back_by_crowsetta_to_the_same_selections(tmp_path):
 
 
 def test_audacity_labels_read_back_by_crowsetta_to_the_same_times(tmp_path):
-    table = detections()
+    table = two_listeners_detections()
     written = export(table, "audacity", tmp_path / "labels", PLACE)
     assert len(written) == 3
     first = min(written)
@@ -78,7 +51,7 @@ def test_audacity_labels_read_back_by_crowsetta_to_the_same_times(tmp_path):
 
 
 def test_csv_holds_every_detection_and_column(tmp_path):
-    table = detections()
+    table = two_listeners_detections()
     [path] = export(table, "csv", tmp_path / "csv", PLACE)
     with open(path, newline="") as file:
         rows = list(csv.DictReader(file))
@@ -87,7 +60,7 @@ def test_csv_holds_every_detection_and_column(tmp_path):
 
 
 def test_ebird_records_are_one_per_listener_hour_and_species(tmp_path):
-    [path] = export(detections(), "ebird", tmp_path / "ebird", PLACE)
+    [path] = export(two_listeners_detections(), "ebird", tmp_path / "ebird", PLACE)
     with open(path, newline="") as file:
         records = list(csv.reader(file))
     assert all(len(record) == 19 for record in records)  # eBird's record format (extended)
@@ -100,7 +73,7 @@ def test_ebird_records_are_one_per_listener_hour_and_species(tmp_path):
 
 
 def test_a_darwin_core_archive_opens_in_dwca_reader_with_every_occurrence(tmp_path):
-    table = detections()
+    table = two_listeners_detections()
     [archive] = export(table, "dwc", tmp_path / "out", PLACE)
     assert archive == tmp_path / "out" / "station01-dwca.zip"
     term = "http://rs.tdwg.org/dwc/terms/"
@@ -118,11 +91,11 @@ def test_a_darwin_core_archive_opens_in_dwca_reader_with_every_occurrence(tmp_pa
 
 def test_an_export_that_cannot_be_made_says_why_and_writes_nothing(tmp_path):
     with pytest.raises(ExportError, match="latitude and longitude"):
-        export(detections(), "dwc", tmp_path / "a.zip", Place("station01"))
+        export(two_listeners_detections(), "dwc", tmp_path / "a.zip", Place("station01"))
     with pytest.raises(ExportError, match="unknown export format 'kml'"):
-        export(detections(), "kml", tmp_path / "x", PLACE)
+        export(two_listeners_detections(), "kml", tmp_path / "x", PLACE)
     with pytest.raises(ExportError, match="into a folder"):
-        export(detections(), "raven", tmp_path / "tables.txt", PLACE)
+        export(two_listeners_detections(), "raven", tmp_path / "tables.txt", PLACE)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -131,7 +104,9 @@ def test_birdflow_export_writes_the_stations_detections(tmp_path):
     station.mkdir()
     (station / "settings.yaml").write_text("station_id: station01\nlatitude: 45.5231\nlongitude: -122.6765\n")
     data = station / "data"
-    ParquetSink(data / "detections", data / "species_hourly", data / "listener_health").write(detections())
+    ParquetSink(data / "detections", data / "species_hourly", data / "listener_health").write(
+        two_listeners_detections()
+    )
     birdflow = [str(Path(sys.executable).parent / "birdflow")]
     result = subprocess.run(
         [*birdflow, "export", "--format", "dwc", "--output", "occurrences.zip", "--listener", "mic1"],

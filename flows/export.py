@@ -1,0 +1,70 @@
+"""The export flow: a day's detections as the files science tools read (birdflow.core.exports), stored in the
+station's archive (local or S3) under `exports/<station>/<YYYY>/<MM>/<DD>/`, and linked from the run's page.
+prefect.yaml deploys it daily, for the day before; `birdflow export` writes the same files by hand."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from birdflow.core.exports import FORMATS, ExportError, Place, export
+from birdflow.core.recordings import sha256_file
+from birdflow.core.sinks import read_detections
+from flows.run_resources import run_resources
+
+DAILY_FORMATS = ("csv", "raven", "audacity", "ebird", "dwc")
+
+
+def export_key(station_id: str, day: date, format: str, name: str) -> str:
+    return f"exports/{station_id}/{day:%Y/%m/%d}/{format}/{name}"
+
+
+@flow(name="export", flow_run_name="export-{day}", log_prints=False)
+def export_day(day: date | None = None, formats: list[str] | None = None) -> dict[str, list[str]]:
+    """The detections of `day` (UTC; the day before today when not given) in each of `formats`, archived.
+    Returns the archive URIs by format; a format that cannot be made (dwc without the station's coordinates)
+    is skipped with a warning, not failed."""
+    logger = get_run_logger()
+    resources = run_resources()
+    settings = resources.settings
+    day = day or (datetime.now(timezone.utc) - timedelta(days=1)).date()
+    formats = formats or list(DAILY_FORMATS)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}: use {', '.join(FORMATS)}")
+    since = datetime.combine(day, time(), timezone.utc)
+    table = read_detections(settings.detections_dir, since=since, until=since + timedelta(days=1))
+    place = Place(settings.station_id, settings.analysis.latitude, settings.analysis.longitude)
+    archived: dict[str, list[str]] = {}
+    settings.staging_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.staging_dir) as folder:
+        for format in formats:
+            output = Path(folder) / format
+            try:
+                written = export(table, format, output / "occurrences.zip" if format == "dwc" else output, place)
+            except ExportError as exc:
+                logger.warning("export %s of %s skipped: %s", format, day, exc)
+                continue
+            archived[format] = [
+                resources.archive.store(
+                    path, export_key(settings.station_id, day, format, path.name), sha256_file(path)
+                ).uri
+                for path in written
+            ]
+    logger.info("%d detection(s) of %s exported: %s", table.num_rows, day, ", ".join(archived) or "nothing")
+    create_markdown_artifact(
+        key="export", markdown=export_markdown(day, table.num_rows, archived), description=f"exports of {day}"
+    )
+    return archived
+
+
+def export_markdown(day: date, detections: int, archived: dict[str, list[str]]) -> str:
+    lines = [f"# Exports of {day}", "", f"{detections} detection(s).", "", "| format | files |", "|---|---|"]
+    for format, uris in archived.items():
+        shown = ", ".join(f"[{uri.rsplit('/', 1)[-1]}]({uri})" for uri in uris[:20])
+        lines.append(f"| {format} | {shown}{' ...' if len(uris) > 20 else ''} ({len(uris)}) |")
+    return "\n".join(lines) + "\n"
