@@ -53,6 +53,7 @@ from birdflow.core.recordings import (
 )
 from birdflow.runtime import metrics
 from birdflow.runtime.folder_watch import FolderWatch
+from birdflow.runtime.mqtt import Publisher
 from birdflow.settings import Settings
 from flows.engine import engine_context, run_in_process
 from flows.maintenance import maintenance
@@ -168,6 +169,9 @@ class Executor:
         ]
         for worker in workers:
             worker.start()
+        if self.settings.mqtt.mqtt_host:
+            publisher = Publisher(self.settings)
+            threading.Thread(target=publisher.run, args=(stop,), name="mqtt", daemon=True).start()
         watch = FolderWatch(self.settings.recordings_dir)
         try:
             try:

@@ -34,11 +34,13 @@ from prefect.client.schemas.sorting import FlowRunSort
 
 from birdflow.core.budget import RECORD_SHARE
 from birdflow.core.health import closed_spool_files, health_table, read_spool
+from birdflow.core.mqtt_messages import health_messages
 from birdflow.core.results import ResultsDatabase
 from birdflow.core.retention import DAY_S, PurgeJournal, remove_stale_files
 from birdflow.core.sinks import compact_detections, write_all
 from birdflow.runtime import metrics
 from birdflow.runtime.archive_retention import archive_retention
+from birdflow.runtime.mqtt import topics_of
 from birdflow.settings import Settings
 from flows.announce import announce_purged
 from flows.redrive import GIVEN_UP, redrive_or_give_up
@@ -105,6 +107,8 @@ def write_listener_health(settings: Settings) -> dict[str, int]:
     except Exception as exc:
         get_run_logger().warning("listener health not written yet (%s: %s)", type(exc).__name__, exc)
         return {"reports": 0, "waiting": table.num_rows}
+    if resources.outbox is not None:
+        resources.outbox.put(health_messages(table.to_pylist(), topics_of(settings)))
     for path in files:
         path.unlink(missing_ok=True)
     return {"reports": table.num_rows}

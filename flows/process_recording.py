@@ -32,11 +32,13 @@ from birdflow.core.birdnet import Detection, Heard, is_human
 from birdflow.core.clips import clip_budget, clip_plan, flac_bytes, spectrogram_png
 from birdflow.core.detections import detections_table, summary
 from birdflow.core.flac import FlacError, can_encode, encode_flac
+from birdflow.core.mqtt_messages import detection_messages
 from birdflow.core.privacy import Spans, human_spans, silenced, write_silenced_copy
 from birdflow.core.rarity import Tally
 from birdflow.core.recordings import RecordingInfo, is_inside, remove_recording, sha256_file
 from birdflow.core.sinks import write_all
 from birdflow.runtime import metrics
+from birdflow.runtime.mqtt import topics_of
 from birdflow.settings import Settings
 from birdflow.settings.sections import DetectionSettings
 from flows.announce import announce_rare, show_detections
@@ -193,6 +195,10 @@ def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str
         )
         resources.species.announced(recording.recording_id)
         metrics.RARE_SIGHTINGS.labels(station_id).inc(len(tally.rare))
+    if resources.outbox is not None:
+        rare = {sighting.scientific_name for sighting in tally.rare}
+        messages = detection_messages(table.to_pylist(), rare, topics_of(resources.settings))
+        resources.outbox.put(messages, once_for=f"{recording.recording_id}:{analysis_id}")
     return tally
 
 

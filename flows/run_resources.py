@@ -18,8 +18,10 @@ from birdflow.core.archive import Archive, LocalArchive, S3Archive
 from birdflow.core.birdnet import BirdNET
 from birdflow.core.clips import ClipIndex
 from birdflow.core.ledger import ProcessedLedger
+from birdflow.core.outbox import Outbox
 from birdflow.core.rarity import HOURLY_SCHEMA, SpeciesRecord
 from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink, read_hour
+from birdflow.runtime.mqtt import outbox_of
 from birdflow.settings import Settings, SettingsError, load_settings
 
 
@@ -111,6 +113,11 @@ class RunResources:
         if self.settings.archive.archive_backend == "s3" and self.settings.archive.keep_local_recordings:
             return LocalArchive(self.settings.local_archive_dir)
         return None
+
+    @cached_property
+    def outbox(self) -> Outbox | None:
+        """Messages for the MQTT broker (None while mqtt_host is empty); the executor publishes them."""
+        return outbox_of(self.settings)
 
     @cached_property
     def ledger(self) -> ProcessedLedger:

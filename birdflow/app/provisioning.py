@@ -42,6 +42,8 @@ AWS_ACCESS_KEY_ID=birdflow
 AWS_SECRET_ACCESS_KEY={s3_secret}
 # password of the central Prometheus' remote-write endpoint (basic auth)
 PROMETHEUS_REMOTE_WRITE_PASSWORD=
+# password of the MQTT broker (when mqtt_host is set)
+MQTT_PASSWORD=
 # an existing Postgres for the embedded Prefect server: postgresql+asyncpg://user:password@host/db
 # PREFECT_DATABASE_URL=
 # the central Prefect server, in a fleet: http://prefect.example:4200/api

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,13 @@ class LocalDatabase:
         self._local = threading.local()
 
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._connection().execute(sql, parameters)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return self._connection().executemany(sql, rows)
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened (and the schema made) on its first use."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,4 +40,4 @@ class LocalDatabase:
             connection.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             connection.executescript(self.schema)
             self._local.connection = connection
-        return connection.execute(sql, parameters)
+        return connection

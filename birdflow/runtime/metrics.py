@@ -76,6 +76,14 @@ PRIVACY_FILTERED = Counter(
     "Recordings in which a human was heard: audio silenced or not kept (privacy_filter)",
     ["station", "action"],
 )
+MQTT_PUBLISHED = Counter("birdflow_mqtt_published", "MQTT messages the broker acknowledged", ["station"])
+MQTT_SECONDS = Counter("birdflow_mqtt_publish_seconds", "Time spent publishing to MQTT (wall)", ["station"])
+MQTT_WAITING = Gauge(
+    "birdflow_mqtt_waiting_messages",
+    "MQTT messages waiting in the outbox for the broker",
+    ["station"],
+    multiprocess_mode="livemax",
+)
 HEALTH_REPORTS = Counter("birdflow_listener_health_reports", "Listener health datagrams taken", ["station"])
 HEALTH_REFUSED = Counter(
     "birdflow_listener_health_refused",

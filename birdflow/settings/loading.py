@@ -22,7 +22,7 @@ from birdflow.settings.model import SECTIONS, Settings
 from birdflow.settings.sections import SettingsError
 
 SETTINGS_FILE_ENV = "BIRDFLOW_SETTINGS"
-EMPTY_MEANS_NONE = ("latitude", "longitude", "archive_dir")
+EMPTY_MEANS_NONE = ("latitude", "longitude", "archive_dir", "mqtt_ca_file")
 
 
 def _env_value(name: str, raw: str, annotation: Any) -> Any:

@@ -18,6 +18,7 @@ from birdflow.settings.sections import (
     ArchiveSettings,
     DetectionSettings,
     IngestSettings,
+    MqttSettings,
     ObservabilitySettings,
     PrefectSettings,
     SinkSettings,
@@ -33,6 +34,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "archive": ArchiveSettings,
     "unattended": UnattendedSettings,
     "observability": ObservabilitySettings,
+    "mqtt": MqttSettings,
 }
 # flat setting name -> its section
 SECTION_OF = {name: section for section, model in SECTIONS.items() for name in model.model_fields}
@@ -51,6 +53,7 @@ class Settings(BaseModel):
     archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
     unattended: UnattendedSettings = Field(default_factory=UnattendedSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -130,6 +133,11 @@ class Settings(BaseModel):
     def clips_file(self) -> Path:
         """The clips kept per species and day (which to delete when better ones come)."""
         return self.state_dir / "clips.sqlite"
+
+    @property
+    def mqtt_outbox_file(self) -> Path:
+        """Messages waiting for the MQTT broker (birdflow.core.outbox)."""
+        return self.state_dir / "mqtt_outbox.sqlite"
 
     @property
     def listener_tokens_file(self) -> Path:

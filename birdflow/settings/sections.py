@@ -344,3 +344,28 @@ class ObservabilitySettings(Section):
     prometheus_remote_write_url: str = Field("", description="Central Prometheus /api/v1/write; empty: none")
     prometheus_remote_write_user: str = ""
     prometheus_remote_write_password: SecretStr = SecretStr("")
+
+
+class MqttSettings(Section):
+    """Detections, rare species and listener health published to an MQTT broker, with Home Assistant's
+    discovery (docs/operating.md, "MQTT"). Off while mqtt_host is empty."""
+
+    mqtt_host: str = Field("", description="Broker host; empty: nothing is published")
+    mqtt_port: int = Field(1883, ge=1, le=65535, description="1883, or 8883 with TLS")
+    mqtt_username: str = ""
+    mqtt_password: SecretStr = SecretStr("")
+    mqtt_tls: bool = Field(False, description="TLS to the broker, checked against mqtt_ca_file or the system's CAs")
+    mqtt_ca_file: Path | None = Field(None, description="CA certificate of the broker's (empty: the system's)")
+    mqtt_topic_prefix: str = Field("birdflow", pattern=r"^[^#+\s]+$", description="Topics: <prefix>/<station>/...")
+    mqtt_discovery_prefix: str = Field(
+        "homeassistant", pattern=r"^[^#+\s]*$", description="Home Assistant's discovery prefix; empty: no discovery"
+    )
+    mqtt_outbox_max_messages: int = Field(
+        100_000, ge=100, description="Messages kept while the broker is away; past it the oldest go (counted)"
+    )
+
+    @model_validator(mode="after")
+    def _tls_has_its_port(self):
+        if self.mqtt_ca_file is not None and not self.mqtt_tls:
+            raise SettingsError("setting 'mqtt_ca_file' is for TLS: set 'mqtt_tls' to true as well")
+        return self

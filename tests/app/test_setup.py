@@ -24,6 +24,7 @@ def test_example_settings_name_every_setting_with_its_default(tmp_path):
         "prometheus_remote_write_password",
         "prefect_api_auth_string",
         "metrics_token",
+        "mqtt_password",
     }
     assert set(Settings.flat_fields()) - set(example) == secrets  # secrets live in .env
     assert set(example) <= set(Settings.flat_fields())

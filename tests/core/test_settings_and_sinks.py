@@ -85,6 +85,8 @@ def test_a_dot_env_file_counts_as_environment_that_the_real_one_overrides(tmp_pa
         ("no_such_thing: 1\n", {}, "setting 'no_such_thing'"),
         ("station_id: ../x\n", {}, "setting 'station_id'"),
         ("- just\n- a list\n", {}, "must be a mapping"),
+        ("mqtt_ca_file: /etc/broker-ca.crt\n", {}, "'mqtt_ca_file' is for TLS"),
+        ("", {"MQTT_TOPIC_PREFIX": "birds/#"}, "setting 'mqtt_topic_prefix' (env MQTT_TOPIC_PREFIX)"),
     ],
 )
 def test_invalid_settings_name_the_setting(tmp_path, yaml_text, env, message):

@@ -368,3 +368,24 @@ def test_clips_in_s3_keep_only_the_best_of_a_species_day(prefect_server, seaweed
     listed = seaweed.client().list_objects_v2(Bucket="clips-test", Prefix="archive/clips/s3clips/Spinus_tristis/")
     keys = sorted(item["Key"] for item in listed.get("Contents", []))
     assert keys == [f"archive/{best['clip_key']}.flac", f"archive/{best['clip_key']}.png"]
+
+
+def test_a_run_queues_its_detections_for_mqtt_once_however_often_it_runs(
+    prefect_server, tmp_path, sample_48k, monkeypatch
+):
+    import json
+
+    from flows import run_resources
+    from flows.process_recording import process_recording
+
+    monkeypatch.setattr(run_resources, "_current", None)
+    settings, station, info, _ = process_on("mqtt02", tmp_path, sample_48k, mqtt_host="127.0.0.1")
+    queued = [item.message for item in station.outbox.head(100)]
+    detections = [json.loads(message.payload) for message in queued if message.topic == "birdflow/mqtt02/detection"]
+    assert [d["common_name"] for d in detections] == ["American Goldfinch"]
+    assert {message.topic for message in queued if message.retain} >= {
+        "birdflow/mqtt02/species/spinus_tristis",
+        "homeassistant/sensor/birdflow_mqtt02_spinus_tristis/config",
+    }
+    rerun = cast(State, process_recording(info, return_state=True))  # as the UI's rerun, from the archive
+    assert rerun.is_completed() and len(station.outbox) == len(queued)

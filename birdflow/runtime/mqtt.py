@@ -1,0 +1,110 @@
+"""The MQTT publisher: drains the station's outbox (birdflow.core.outbox) to the broker the settings name,
+QoS 1 and in order, a message removed only once the broker acknowledged it. Runs as a thread of the executor;
+while the broker is away or refuses the credentials, messages wait in the outbox and the reason is logged."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from birdflow.core.mqtt_messages import Topics
+from birdflow.core.outbox import Outbox
+from birdflow.runtime import metrics
+from birdflow.settings import Settings
+
+log = logging.getLogger("birdflow.mqtt")
+BATCH = 100  # messages in flight at once (paho's own window is raised to match)
+ACK_TIMEOUT_S = 10.0
+IDLE_POLL_S = 0.5
+
+
+def outbox_of(settings: Settings) -> Outbox | None:
+    """The station's MQTT outbox, or None while mqtt_host is empty (nothing is published)."""
+    if not settings.mqtt.mqtt_host:
+        return None
+    return Outbox(settings.mqtt_outbox_file, settings.mqtt.mqtt_outbox_max_messages)
+
+
+def topics_of(settings: Settings) -> Topics:
+    options = settings.mqtt
+    return Topics(options.mqtt_topic_prefix, settings.station_id, options.mqtt_discovery_prefix)
+
+
+class Publisher:
+    def __init__(self, settings: Settings):
+        import paho.mqtt.client as mqtt
+
+        options = settings.mqtt
+        self.settings = settings
+        self.outbox = Outbox(settings.mqtt_outbox_file, options.mqtt_outbox_max_messages)
+        self.connected = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"birdflow-{settings.station_id}", clean_session=True
+        )
+        self.client.max_inflight_messages_set(BATCH)
+        if options.mqtt_username:
+            self.client.username_pw_set(options.mqtt_username, options.mqtt_password.get_secret_value() or None)
+        if options.mqtt_tls:
+            self.client.tls_set(ca_certs=str(options.mqtt_ca_file) if options.mqtt_ca_file else None)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self._refused = ""
+
+    def _on_connect(self, client, userdata, flags, reason, properties) -> None:
+        if reason.is_failure:
+            if str(reason) != self._refused:
+                log.error("MQTT broker %s refused the connection: %s", self.settings.mqtt.mqtt_host, reason)
+            self._refused = str(reason)
+            return
+        self._refused = ""
+        log.info("MQTT: connected to %s:%d", self.settings.mqtt.mqtt_host, self.settings.mqtt.mqtt_port)
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
+        if self.connected.is_set():
+            log.warning("MQTT: disconnected from %s (%s); messages wait", self.settings.mqtt.mqtt_host, reason)
+        self.connected.clear()
+
+    def run(self, stop: threading.Event) -> None:
+        """Until `stop` is set: connect (and reconnect), then send what the outbox holds, oldest first."""
+        options = self.settings.mqtt
+        self.client.connect_async(options.mqtt_host, options.mqtt_port, keepalive=30)
+        self.client.loop_start()
+        try:
+            waiting = metrics.MQTT_WAITING.labels(self.settings.station_id)
+            while not stop.is_set():
+                waiting.set(len(self.outbox))
+                if not self.connected.wait(IDLE_POLL_S):
+                    continue
+                if not self.send_batch():
+                    stop.wait(IDLE_POLL_S)
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
+
+    def send_batch(self) -> int:
+        """The oldest messages, published; returns how many the broker acknowledged (they leave the outbox)."""
+        queued = self.outbox.head(BATCH)
+        if not queued:
+            return 0
+        started = time.perf_counter()
+        sent = [
+            (item.id, self.client.publish(item.message.topic, item.message.payload, qos=1, retain=item.message.retain))
+            for item in queued
+        ]
+        acknowledged = []
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        for id, info in sent:
+            try:
+                info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):  # not connected any more, or the queue is gone
+                break
+            if not info.is_published():
+                break
+            acknowledged.append(id)
+        self.outbox.remove(acknowledged)
+        metrics.MQTT_PUBLISHED.labels(self.settings.station_id).inc(len(acknowledged))
+        metrics.MQTT_SECONDS.labels(self.settings.station_id).inc(time.perf_counter() - started)
+        return len(acknowledged)
