@@ -4,6 +4,8 @@ while the broker is away or refuses the credentials, messages wait in the outbox
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -17,6 +19,16 @@ log = logging.getLogger("birdflow.mqtt")
 BATCH = 100  # messages in flight at once (paho's own window is raised to match)
 ACK_TIMEOUT_S = 10.0
 IDLE_POLL_S = 0.5
+PR_SET_NAME = 15
+
+
+def name_this_thread(name: str) -> None:
+    """The calling thread's name as the system shows it (/proc/<pid>/task/<tid>/comm, top -H), on Linux."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def outbox_of(settings: Settings) -> Outbox | None:
@@ -68,10 +80,13 @@ class Publisher:
         self.connected.clear()
 
     def run(self, stop: threading.Event) -> None:
-        """Until `stop` is set: connect (and reconnect), then send what the outbox holds, oldest first."""
+        """Until `stop` is set: connect (and reconnect), then send what the outbox holds, oldest first. Its
+        threads are named for the system ("mqtt", "mqtt-network"), so that their CPU can be told apart."""
+        name_this_thread("mqtt")
         options = self.settings.mqtt
         self.client.connect_async(options.mqtt_host, options.mqtt_port, keepalive=30)
-        self.client.loop_start()
+        network = threading.Thread(target=self._network, name="mqtt-network", daemon=True)
+        network.start()
         try:
             waiting = metrics.MQTT_WAITING.labels(self.settings.station_id)
             while not stop.is_set():
@@ -82,7 +97,11 @@ class Publisher:
                     stop.wait(IDLE_POLL_S)
         finally:
             self.client.disconnect()
-            self.client.loop_stop()
+            network.join(timeout=10)
+
+    def _network(self) -> None:
+        name_this_thread("mqtt-network")
+        self.client.loop_forever(retry_first_connection=True)
 
     def send_batch(self) -> int:
         """The oldest messages, published; returns how many the broker acknowledged (they leave the outbox)."""

@@ -249,7 +249,7 @@ def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
 
 def mqtt_phase(stack: Stack, recordings: int) -> dict:
     """What publishing the drain's detections cost, once the broker acknowledged them all: messages, and the
-    CPU of the executor's publishing thread (named "mqtt"), per recording."""
+    CPU of the executor's publishing threads ("mqtt", "mqtt-network"), per recording."""
     from birdflow.core.outbox import Outbox
 
     outbox = Outbox(stack.places.mqtt_outbox_file)
@@ -279,12 +279,12 @@ def metric_total(stack: Stack, name: str) -> float:
 
 
 def thread_cpu_s(pid: int, name: str) -> float:
-    """User + system CPU of a process's threads of this name (/proc/<pid>/task/<tid>/comm)."""
+    """User + system CPU of a process's threads whose name begins so (/proc/<pid>/task/<tid>/comm)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            if (task / "comm").read_text().strip() == name:
+            if (task / "comm").read_text().strip().startswith(name):
                 fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
                 total += (int(fields[11]) + int(fields[12])) / ticks
         except OSError:
