@@ -166,3 +166,16 @@ def test_duckdb_spills_into_a_private_folder_of_its_own_that_goes_with_the_query
     [folder] = query("SELECT current_setting('temp_directory') AS folder", tables(data)).column("folder").to_pylist()
     assert Path(folder).name.startswith("birdflow-sql-") and not Path(folder).exists()
     assert not (tmp_path / ".tmp").exists()
+
+
+def test_a_table_wider_than_the_terminal_is_printed_a_row_at_a_time(station, capsys, monkeypatch):
+    _, _, settings_file = station
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["--settings", str(settings_file), "sql", "SELECT * FROM detections ORDER BY time"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("-[ row ") for line in lines) == 3
+    assert max(len(line) for line in lines) <= 80 and lines[-1] == "3 rows"
+    assert any(line.split() == ["common_name", "Dark-eyed", "Junco"] for line in lines)
+    assert main(["--settings", str(settings_file), "sql", "--wide", "SELECT * FROM detections"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()[:4]
+    assert header.split()[:3] == ["time", "station_id", "listener_id"] and max(len(line) for line in rows) > 80

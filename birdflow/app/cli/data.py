@@ -81,7 +81,7 @@ def cmd_sql(args) -> int:
         raise SystemExit(f"birdflow sql: {exc}") from None
     except Exception as exc:  # the Influx client's errors: one line, not a traceback
         raise SystemExit(f"birdflow sql: {type(exc).__name__}: {one_line(exc)}") from None
-    print_table(table, args.format)
+    print_table(table, args.format, wide=args.wide)
     return 0
 
 
@@ -193,6 +193,7 @@ def add_commands(commands) -> None:
     )
     sql.add_argument("statement", help='e.g. "SELECT common_name, count(*) FROM detections GROUP BY 1 ORDER BY 2 DESC"')
     sql.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    sql.add_argument("--wide", action="store_true", help="a line a row at the table's natural width, however wide")
     sql.add_argument(
         "--influx", action="store_true", help="run it on InfluxDB 3 (settings influx_host, influx_database)"
     )

@@ -51,8 +51,9 @@ def flat_columns(table: pa.Table) -> pa.Table:
 
 
 def print_table(table: pa.Table, output_format: str, title: str | None = None, wide: bool = False) -> None:
-    """As JSON, CSV, or a table for people: fitted to the terminal (long cells folded), or with `wide` at its
-    natural width for a pager or a wide window; without a title, it ends with its row count."""
+    """As JSON, CSV, or a table for people: at its natural width when it fits the terminal (or with `wide`, for a
+    pager or a wide window), else a row at a time, a line per column (as psql's expanded display); without a
+    title, it ends with its row count."""
     import pyarrow as pa
 
     if output_format == "json":
@@ -70,13 +71,29 @@ def print_table(table: pa.Table, output_format: str, title: str | None = None, w
         from rich.console import Console
         from rich.table import Table
 
-        view = Table(title=title, title_justify="left", pad_edge=False, box=None, header_style="bold")
-        for name, column_type in zip(table.schema.names, table.schema.types):
-            numeric = pa.types.is_integer(column_type) or pa.types.is_floating(column_type)
-            view.add_column(name, justify="right" if numeric else "left", overflow="fold")
-        for row in table.to_pylist():
-            view.add_row(*(cell(value) for value in row.values()))
+        rows = [[cell(value) for value in row.values()] for row in table.to_pylist()]
         console = Console(width=UNLIMITED_WIDTH if wide else None)
-        console.print(view, crop=False)
+        widths = [max([len(name), *(len(row[index]) for row in rows)]) for index, name in enumerate(table.schema.names)]
+        if rows and sum(widths) + 2 * (len(widths) - 1) > console.width:
+            print_rows_expanded(console, table.schema.names, rows, title)
+        else:
+            view = Table(title=title, title_justify="left", pad_edge=False, box=None, header_style="bold")
+            for name, column_type in zip(table.schema.names, table.schema.types):
+                numeric = pa.types.is_integer(column_type) or pa.types.is_floating(column_type)
+                view.add_column(name, justify="right" if numeric else "left", overflow="fold")
+            for row in rows:
+                view.add_row(*row)
+            console.print(view, crop=False)
         if title is None:
             console.print(f"{table.num_rows} row{'' if table.num_rows == 1 else 's'}", style="dim")
+
+
+def print_rows_expanded(console, names: list[str], rows: list[list[str]], title: str | None) -> None:
+    """Each row as a block of "column  value" lines: what a table too wide for the terminal reads as."""
+    if title:
+        console.print(title, style="italic")
+    label = max(len(name) for name in names)
+    for number, row in enumerate(rows, start=1):
+        console.print(f"-[ row {number} ]" + "-" * max(0, min(console.width, label + 30) - 12), style="dim")
+        for name, value in zip(names, row):
+            console.print(f"{name:<{label}}  {value}", highlight=False, soft_wrap=True)
