@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import datetime, timedelta, timezone
 
 from birdflow.core.birdnet import Detection
@@ -54,3 +56,13 @@ def two_listeners_detections():
         ),
     ]
     return pa.concat_tables(tables)
+
+
+def archived(root, day: str, name: str, size: int, age_s: float):
+    """An archived recording of `size` bytes under a day folder, last modified `age_s` ago."""
+    path = root / "st" / "mic1" / day / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * size)
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path

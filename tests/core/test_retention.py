@@ -1,10 +1,9 @@
-"""What keeps storage from growing: local archive retention, stale temporary files, cached results,
+"""What keeps storage from growing: local archive pruning, stale temporary files, cached results,
 the hourly compaction of the detections, and the processed-recordings record."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -15,22 +14,12 @@ from birdflow.core.budget import sqlite_bytes_in_use
 from birdflow.core.detections import detections_table
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.results import ResultsDatabase
-from birdflow.core.retention import PurgeJournal, prune_local_archive, remove_stale_files
+from birdflow.core.retention import prune_local_archive, remove_stale_files
 from birdflow.core.sinks import ParquetSink, compact_detections, read_detections
-from birdflow.runtime.archive_retention import archive_retention
 from birdflow.settings import Settings
-from tests.builders import recording_info
+from tests.builders import archived, recording_info
 
 DAY = 86400
-
-
-def archived(root, day: str, name: str, size: int, age_s: float):
-    path = root / "st" / "mic1" / day / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\0" * size)
-    stamp = time.time() - age_s
-    os.utime(path, (stamp, stamp))
-    return path
 
 
 @pytest.fixture
@@ -63,43 +52,6 @@ def test_the_age_limit_and_the_disk_floor(archive):
 def test_nothing_is_deleted_without_a_rule(archive):
     root, files = archive
     assert prune_local_archive(root) == [] and all(path.exists() for path in files)
-
-
-def test_at_the_floor_the_only_copies_stay_unless_the_operator_chose_otherwise(tmp_path, monkeypatch):
-    root = tmp_path / "data" / "archive"
-    heard = archived(root, "2025/06/01", "mic1_20250601T050000Z_aaaaaaaa.flac", 100, 3 * DAY)
-    quiet = archived(root, "2025/06/02", "mic1_20250602T050000Z_bbbbbbbb.flac", 100, 2 * DAY)
-    best_clip = root / "clips" / "st" / "Spinus tristis" / "best.flac"
-    best_clip.parent.mkdir(parents=True)
-    best_clip.write_bytes(b"\0" * 100)
-    monkeypatch.setattr(
-        "birdflow.runtime.archive_retention.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0)
-    )
-    worth = {"mic1_20250601T050000Z_aaaaaaaa": 2, "mic1_20250602T050000Z_bbbbbbbb": 0}.get
-    defaults = Settings(data_dir=tmp_path / "data")
-    assert archive_retention(defaults, worth) == [] and heard.exists() and quiet.exists()  # refused with 507 instead
-    chosen = Settings(data_dir=tmp_path / "data", local_archive_purge_at_floor=True)
-    purged = archive_retention(chosen, worth)
-    # the recording without detections went first although it is the newer; never a clip
-    assert [(item.recording_id, item.reason) for item in purged] == [
-        ("mic1_20250602T050000Z_bbbbbbbb", "floor"),
-        ("mic1_20250601T050000Z_aaaaaaaa", "floor"),
-    ]
-    assert best_clip.exists()
-    journal = PurgeJournal(chosen.purge_journal_file)
-    assert [item.recording_id for item in journal.take()] == [item.recording_id for item in purged]
-    journal.taken()
-    assert journal.take() == []
-
-
-def test_at_the_floor_copies_of_what_s3_holds_may_go(tmp_path, monkeypatch):
-    root = tmp_path / "data" / "archive"
-    copy = archived(root, "2025/06/01", "mic1_20250601T050000Z_aaaaaaaa.flac", 100, DAY)
-    monkeypatch.setattr(
-        "birdflow.runtime.archive_retention.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0)
-    )
-    s3 = Settings(data_dir=tmp_path / "data", archive_backend="s3", s3_bucket="b", keep_local_recordings=True)
-    assert [item.reason for item in archive_retention(s3)] == ["floor-copy"] and not copy.exists()
 
 
 def test_stale_temporary_files_go_and_fresh_ones_stay(tmp_path):
@@ -172,7 +124,6 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
     import httpx
 
     from birdflow.app.supervisor import prefect_environment
-    from birdflow.settings import Settings
     from birdflow_tools.testbed import prefect_post, wait_until
     from tests.servers import PrefectServer
 
