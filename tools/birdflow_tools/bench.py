@@ -279,14 +279,13 @@ def metric_total(stack: Stack, name: str) -> float:
 
 
 def thread_cpu_s(pid: int, name: str) -> float:
-    """User + system CPU of a process's threads whose name begins so (/proc/<pid>/task/<tid>/comm)."""
-    ticks = os.sysconf("SC_CLK_TCK")
+    """CPU time of a process's threads whose name begins so (/proc/<pid>/task/<tid>/comm), from the scheduler's
+    nanosecond count (schedstat): the 10 ms ticks of /proc/.../stat would round a quiet thread to nothing."""
     total = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             if (task / "comm").read_text().strip().startswith(name):
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / ticks
+                total += int((task / "schedstat").read_text().split()[0]) / 1e9
         except OSError:
             continue
     return total
