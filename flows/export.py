@@ -19,11 +19,23 @@ from flows.run_resources import run_resources
 DAILY_FORMATS = ("csv", "raven", "audacity", "ebird", "dwc")
 
 
+def day_to_export(day: date | None) -> date:
+    """The day asked for, else the day before today (UTC): what the daily deployment exports."""
+    return day or (datetime.now(timezone.utc) - timedelta(days=1)).date()
+
+
+def run_name() -> str:
+    """`export-<day>`, the day a scheduled run (which passes none) exports included."""
+    from prefect.runtime import flow_run
+
+    return f"export-{day_to_export(flow_run.parameters.get('day'))}"
+
+
 def export_key(station_id: str, day: date, format: str, name: str) -> str:
     return f"exports/{station_id}/{day:%Y/%m/%d}/{format}/{name}"
 
 
-@flow(name="export", flow_run_name="export-{day}", log_prints=False)
+@flow(name="export", flow_run_name=run_name, log_prints=False)
 def export_day(day: date | None = None, formats: list[str] | None = None) -> dict[str, list[str]]:
     """The detections of `day` (UTC; the day before today when not given) in each of `formats`, archived.
     Returns the archive URIs by format; a format that cannot be made (dwc without the station's coordinates)
@@ -31,7 +43,7 @@ def export_day(day: date | None = None, formats: list[str] | None = None) -> dic
     logger = get_run_logger()
     resources = run_resources()
     settings = resources.settings
-    day = day or (datetime.now(timezone.utc) - timedelta(days=1)).date()
+    day = day_to_export(day)
     formats = formats or list(DAILY_FORMATS)
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:

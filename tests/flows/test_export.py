@@ -3,7 +3,7 @@ the run's page; a format the station cannot make is skipped, the others still st
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -64,3 +64,8 @@ def test_without_coordinates_the_darwin_core_archive_is_skipped_and_the_rest_sto
     run_resources.use_run_resources(station_with_detections(tmp_path))
     state = export_day(day=date(2025, 6, 1), formats=["csv", "dwc"], return_state=True)
     assert state.is_completed() and set(state.result()) == {"csv"}
+    # a scheduled run passes no day: it exports the day before, and its name says which
+    yesterday = export_day(formats=["csv"], return_state=True)
+    with get_client(sync_client=True) as client:
+        name = client.read_flow_run(yesterday.state_details.flow_run_id).name
+    assert name == f"export-{(datetime.now(timezone.utc) - timedelta(days=1)).date()}", name
