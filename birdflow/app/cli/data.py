@@ -10,11 +10,11 @@ from birdflow.app.cli.output import print_table
 from birdflow.core.exports import FORMATS
 
 
-def cmd_detections(args) -> int:
+def selected_detections(settings, args):
+    """The local detections that --listener, --species, --since, --until and --min-confidence select."""
     from birdflow.core.sinks import read_detections
 
-    settings = settings_of(args)
-    table = read_detections(
+    return read_detections(
         settings.detections_dir,
         listener=args.listener,
         species=args.species,
@@ -22,6 +22,20 @@ def cmd_detections(args) -> int:
         until=args.until,
         min_confidence=args.min_confidence,
     )
+
+
+def add_selection_arguments(parser) -> None:
+    """The options selected_detections reads."""
+    parser.add_argument("--listener")
+    parser.add_argument("--species", help="scientific or common name")
+    parser.add_argument("--since", type=utc_time, help="from this UTC time on (2025-06-01 or 2025-06-01T05:30)")
+    parser.add_argument("--until", type=utc_time, help="before this UTC time")
+    parser.add_argument("--min-confidence", type=float)
+
+
+def cmd_detections(args) -> int:
+    settings = settings_of(args)
+    table = selected_detections(settings, args)
     if args.limit:
         table = table.slice(max(0, table.num_rows - args.limit))
     if args.format == "table":
@@ -46,17 +60,9 @@ NARROW_NAMES = {
 def cmd_export(args) -> int:
     """The local detections as files other tools read (birdflow.core.exports)."""
     from birdflow.core.exports import ExportError, Place, export
-    from birdflow.core.sinks import read_detections
 
     settings = settings_of(args)
-    table = read_detections(
-        settings.detections_dir,
-        listener=args.listener,
-        species=args.species,
-        since=args.since,
-        until=args.until,
-        min_confidence=args.min_confidence,
-    )
+    table = selected_detections(settings, args)
     place = Place(settings.station_id, settings.analysis.latitude, settings.analysis.longitude)
     try:
         written = export(table, args.format, args.output, place)
@@ -159,11 +165,7 @@ def print_backfill_summary(summary: dict, dry_run: bool) -> None:
 
 def add_commands(commands) -> None:
     detections = commands.add_parser("detections", help="list what was heard")
-    detections.add_argument("--listener")
-    detections.add_argument("--species", help="scientific or common name")
-    detections.add_argument("--since", type=utc_time, help="from this UTC time on (2025-06-01 or 2025-06-01T05:30)")
-    detections.add_argument("--until", type=utc_time, help="before this UTC time")
-    detections.add_argument("--min-confidence", type=float)
+    add_selection_arguments(detections)
     detections.add_argument("--limit", type=at_least(1), help="only the newest N")
     detections.add_argument("--format", choices=("table", "json", "csv"), default="table")
     detections.add_argument("--wide", action="store_true", help="also the scientific name and the recording id")
@@ -177,11 +179,7 @@ def add_commands(commands) -> None:
     exports.add_argument(
         "--output", type=Path, required=True, help="a folder (dwc: a .zip file, or a folder to put one in)"
     )
-    exports.add_argument("--listener")
-    exports.add_argument("--species", help="scientific or common name")
-    exports.add_argument("--since", type=utc_time, help="from this UTC time on (2025-06-01 or 2025-06-01T05:30)")
-    exports.add_argument("--until", type=utc_time, help="before this UTC time")
-    exports.add_argument("--min-confidence", type=float)
+    add_selection_arguments(exports)
     exports.set_defaults(func=cmd_export)
 
     sql = commands.add_parser(
