@@ -1,7 +1,8 @@
 """The deployments a station keeps on its Prefect server, created or updated whenever its executor starts.
 
 `process-recording/<station>` is what each recording's run is created from (and what the UI reruns);
-`maintenance/<station>` is the re-drive sweep, retention and compaction. In a fleet both belong to the
+`maintenance/<station>` is the re-drive sweep, retention and compaction; `review-detection/<station>` holds the
+runs that wait for a person's verdict on a detection. In a fleet both belong to the
 station's work pool; prefect.yaml declares the same deployments for `prefect deploy`.
 """
 
@@ -16,39 +17,22 @@ from birdflow.settings import Settings
 from flows.executor import StationDeployments
 from flows.maintenance import maintenance
 from flows.process_recording import process_recording
+from flows.review import review_detection
 
 
 def deployment_name(settings: Settings) -> str:
     return settings.station_id
 
 
-def ensure_deployment(settings: Settings) -> UUID:
-    """The station's process-recording deployment (created or updated); its runs execute here."""
+def _apply(flow, settings: Settings, tags: list[str], description: str) -> UUID:
+    """The flow's deployment named for the station, created or updated; in a fleet it belongs to the station's
+    work pool (prefect.yaml), which this keeps."""
     deployment = cast(
         RunnerDeployment,
-        process_recording.to_deployment(
+        flow.to_deployment(
             name=deployment_name(settings),
-            tags=["birdflow", settings.station_id],
-            description=f"Recordings of station {settings.station_id}, executed in-process by `birdflow execute`.",
-            entrypoint_type=EntrypointType.MODULE_PATH,
-        ),
-    )
-    # in a fleet the deployment belongs to the station's work pool (prefect.yaml), which this keeps
-    return cast(UUID, deployment.apply(work_pool_name=settings.prefect.work_pool or None))
-
-
-def ensure_maintenance_deployment(settings: Settings) -> UUID:
-    """The station's maintenance deployment. The executor starts its runs every maintenance_interval_s
-    (Prefect 3.8's scheduler cannot insert runs with SQLAlchemy 2.1); a Quick run from the UI works too."""
-    deployment = cast(
-        RunnerDeployment,
-        maintenance.to_deployment(
-            name=deployment_name(settings),
-            tags=["birdflow", "maintenance", settings.station_id],
-            description=(
-                f"Re-drive, retention and compaction of station {settings.station_id}; "
-                f"run by its executor every {settings.unattended.maintenance_interval_s:.0f} s."
-            ),
+            tags=["birdflow", *tags, settings.station_id],
+            description=description,
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
     )
@@ -56,7 +40,28 @@ def ensure_maintenance_deployment(settings: Settings) -> UUID:
 
 
 def register_deployments(settings: Settings) -> StationDeployments:
-    """Both of the station's deployments, created or updated, for its executor to run."""
+    """The station's deployments, created or updated, for its executor to run. Maintenance runs are started by the
+    executor every maintenance_interval_s (Prefect 3.8's scheduler cannot insert runs with SQLAlchemy 2.1); a
+    Quick run from the UI works too."""
+    station = settings.station_id
     return StationDeployments(
-        recordings=ensure_deployment(settings), maintenance=ensure_maintenance_deployment(settings)
+        recordings=_apply(
+            process_recording,
+            settings,
+            [],
+            f"Recordings of station {station}, executed in-process by `birdflow execute`.",
+        ),
+        maintenance=_apply(
+            maintenance,
+            settings,
+            ["maintenance"],
+            f"Re-drive, retention and compaction of station {station}; "
+            f"run by its executor every {settings.unattended.maintenance_interval_s:.0f} s.",
+        ),
+        reviews=_apply(
+            review_detection,
+            settings,
+            ["review"],
+            f"Detections of station {station} waiting for a person's verdict: resume a run with the form.",
+        ),
     )

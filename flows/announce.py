@@ -83,11 +83,11 @@ def show_detections(table: pa.Table, rare_species: set[str], link: Callable[[str
     """The run's table artifact (a run that heard nothing gets none: one API call saved per quiet recording).
     A rerun (the UI's, or a re-drive) that finds its first attempt's table, which the same audio makes again,
     adds none."""
-    if table.num_rows and not (flow_run.run_count > 1 and _has_artifacts(flow_run.id)):
+    if table.num_rows and not (flow_run.run_count > 1 and has_artifacts(flow_run.id)):
         create_table_artifact(artifact_rows(table, rare_species, link), description=summary(table))
 
 
-def _has_artifacts(run_id: str) -> bool:
+def has_artifacts(run_id) -> bool:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 

@@ -16,6 +16,7 @@ from prefect._flow_run_suspension import register_flow_run_suspension_request
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import SyncClientContext
+from prefect.exceptions import Pause
 from prefect.flow_engine import FlowRunEngine
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
@@ -107,8 +108,9 @@ class InProcessFlowRunEngine(FlowRunEngine):
     """Prefect's flow-run engine without the per-run suspension observer.
 
     For a deployment's run the stock engine starts a thread with its own event loop, API client and
-    events websocket to notice a suspension requested from outside. Recordings' runs are never
-    suspended, and that watcher cost more than the rest of the run's bookkeeping together.
+    events websocket to notice a suspension requested from outside. Runs here are suspended only from
+    inside (a review waiting for its verdict), and that watcher cost more than the rest of the run's
+    bookkeeping together.
     """
 
     @contextmanager
@@ -119,10 +121,14 @@ class InProcessFlowRunEngine(FlowRunEngine):
 
 
 def run_in_process(flow: Flow, flow_run: FlowRun) -> State | None:
-    """What `prefect.flow_engine.run_flow` does for a sync flow, with the engine above."""
+    """What `prefect.flow_engine.run_flow` does for a sync flow, with the engine above; a run that suspends itself
+    returns its Paused state."""
     engine = InProcessFlowRunEngine(flow=flow, parameters=flow_run.parameters, flow_run=flow_run)
-    with engine.start():
-        while engine.is_running():
-            with engine.run_context():
-                engine.call_flow_fn()
+    try:
+        with engine.start():
+            while engine.is_running():
+                with engine.run_context():
+                    engine.call_flow_fn()
+    except Pause:
+        pass  # suspended until resumed (a review waiting for its verdict): the server has it Paused, no thread waits
     return engine.state

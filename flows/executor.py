@@ -59,6 +59,7 @@ from flows.engine import engine_context, run_in_process
 from flows.maintenance import maintenance
 from flows.process_recording import process_recording
 from flows.redrive import redrive_or_give_up
+from flows.review import review_detection
 from flows.run_resources import use_run_resources
 
 log = logging.getLogger("birdflow.executor")
@@ -122,10 +123,11 @@ class ExecutorFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class StationDeployments:
-    """The station's two deployments on the Prefect server (deployments.registration creates them)."""
+    """The station's deployments on the Prefect server (deployments.registration creates them)."""
 
     recordings: UUID
     maintenance: UUID
+    reviews: UUID
 
 
 class Executor:
@@ -138,6 +140,7 @@ class Executor:
         self.flows: dict[UUID, Flow] = {}  # deployment id -> the flow its runs execute
         self.deployment_id = deployments.recordings
         self.maintenance_id = deployments.maintenance
+        self.reviews_id = deployments.reviews
         # recordings whose run is not this scan's to start: scheduled for a re-drive, or being handled
         self._parked: set[str] = set()
         self._queue: queue.Queue = queue.Queue()
@@ -155,6 +158,7 @@ class Executor:
         self.flows = {
             self.deployment_id: process_recording.with_options(result_storage=storage),
             self.maintenance_id: maintenance.with_options(result_storage=storage),
+            self.reviews_id: review_detection.with_options(result_storage=storage),
         }
         _ = self.resources.sinks, self.resources.archive, self.resources.ledger
 
@@ -307,7 +311,8 @@ class Executor:
         self._maintenance_slot = slot
 
     def queue_scheduled(self, client: SyncPrefectClient) -> None:
-        """Runs of the station's deployments that are due: UI retries and reruns, re-drives, maintenance."""
+        """Runs of the station's deployments that are due: UI retries and reruns, re-drives, maintenance, reviews
+        (opened, or resumed with a verdict)."""
         due = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(self.flows))),
             flow_run_filter=FlowRunFilter(

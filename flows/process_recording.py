@@ -43,6 +43,7 @@ from birdflow.settings import Settings
 from birdflow.settings.sections import DetectionSettings
 from flows.announce import announce_rare, show_detections
 from flows.engine import one_line
+from flows.review import open_reviews
 from flows.run_resources import RunResources, run_resources
 
 # name of the Failed state of a run whose audio cannot be analysed (undecodable, or not what was archived)
@@ -316,8 +317,10 @@ def process_recording(recording: RecordingInfo, analysis: dict[str, Any] | None 
         # returned, not raised: Prefect would log the traceback once more and pickle the exception into the
         # station's result storage on every failed attempt
         return Failed(message=f"{type(exc).__name__}: {one_line(str(exc))}")
+    rare_species = {sighting.scientific_name for sighting in tally.rare}
     if settings.detections.run_artifacts:
-        show_detections(table, {sighting.scientific_name for sighting in tally.rare}, resources.archive.uri)
+        show_detections(table, rare_species, resources.archive.uri)
+    open_reviews(table, rare_species, resources)
     resources.ledger.record(recording.recording_id, params.analysis_id, table.num_rows)
     _release_local_copy(recording, settings)
     return {

@@ -20,6 +20,7 @@ from birdflow.core.clips import ClipIndex
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.outbox import Outbox
 from birdflow.core.rarity import HOURLY_SCHEMA, SpeciesRecord
+from birdflow.core.reviews import ReviewStore
 from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink, read_hour
 from birdflow.runtime.mqtt import outbox_of
 from birdflow.settings import Settings, SettingsError, load_settings
@@ -81,9 +82,7 @@ class RunResources:
         settings = self.settings
         sinks: list[DetectionSink] = []
         if self.settings.sinks.parquet_enabled:
-            sinks.append(
-                ParquetSink(settings.detections_dir, settings.species_hourly_dir, settings.listener_health_dir)
-            )
+            sinks.append(ParquetSink.of_station(settings))
         if self.settings.sinks.influx_enabled:
             from blocks import load_influx
 
@@ -127,6 +126,10 @@ class RunResources:
     def species(self) -> SpeciesRecord:
         detections = self.settings.detections
         return SpeciesRecord(self.settings.species_file, detections.rare_window_days, detections.watch_species)
+
+    @cached_property
+    def reviews(self) -> ReviewStore:
+        return ReviewStore(self.settings.reviews_file)
 
     @cached_property
     def clips(self) -> ClipIndex:

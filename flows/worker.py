@@ -32,7 +32,9 @@ class BirdflowWorkerResult(BaseWorkerResult):
 
 
 # the modules whose flows birdflow deploys (prefect.yaml, deployments/registration.py): the only code a worker runs
-OWN_FLOW_MODULES = frozenset({"flows.process_recording", "flows.backfill", "flows.maintenance", "flows.export"})
+OWN_FLOW_MODULES = frozenset(
+    {"flows.process_recording", "flows.backfill", "flows.maintenance", "flows.export", "flows.review"}
+)
 
 
 class NotOurFlow(ValueError):

@@ -46,3 +46,95 @@ def rendered(
     if screenshot:
         _chromium(f"--screenshot={screenshot}", url, profile=profile / "shot")
     return page
+
+
+class Page:
+    """A page in headless Chromium that a test acts on as a person would (clicks, typing), driven through the
+    DevTools protocol on a loopback port."""
+
+    def __init__(self, profile: Path):
+        browser = shutil.which("chromium")
+        if not browser:
+            pytest.skip("chromium is not installed (Debian: apt install chromium)")
+        flags = [flag for flag in FLAGS if not flag.startswith("--virtual-time-budget")]
+        self.process = subprocess.Popen(
+            [browser, *flags, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._ids = iter(range(1, 1_000_000))
+        try:
+            self.socket = self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self):
+        import httpx
+        from websockets.sync.client import connect
+
+        assert self.process.stderr is not None
+        for line in self.process.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/..."
+            if line.startswith("DevTools listening on "):
+                port = line.split("ws://127.0.0.1:", 1)[1].split("/", 1)[0]
+                break
+        else:
+            raise RuntimeError("chromium said no DevTools address")
+        [page] = [
+            target for target in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if target["type"] == "page"
+        ]
+        return connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+
+    def command(self, method: str, **params):
+        import json
+
+        number = next(self._ids)
+        self.socket.send(json.dumps({"id": number, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.socket.recv(timeout=60))
+            if reply.get("id") == number:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def open(self, url: str) -> None:
+        """Navigate, and return once the new document has loaded (the old one may answer until then)."""
+        before = self.evaluate("performance.timeOrigin")
+        self.command("Page.navigate", url=url)
+        self.wait_for(f"performance.timeOrigin !== {before!r} && document.readyState === 'complete'")
+
+    def evaluate(self, expression: str):
+        """The expression's value (awaited when it is a promise), as JSON."""
+        result = self.command("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression[:80]}...: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout_s: float = 60.0):
+        """The expression's value once it is truthy (the page's scripts render as they like)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not (value := self.evaluate(expression)):
+            if time.monotonic() > deadline:
+                text = self.evaluate("document.body ? document.body.innerText.slice(0, 2000) : ''")
+                raise AssertionError(f"not on the page within {timeout_s:.0f} s: {expression}\npage:\n{text}")
+            time.sleep(0.25)
+        return value
+
+    def type_text(self, text: str) -> None:
+        """Typed into the focused element, as keystrokes are."""
+        self.command("Input.insertText", text=text)
+
+    def screenshot(self, path: Path) -> None:
+        import base64
+
+        path.write_bytes(base64.b64decode(self.command("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        socket = getattr(self, "socket", None)
+        if socket is not None:
+            socket.close()
+        self.process.kill()
+        self.process.wait(timeout=30)

@@ -20,6 +20,16 @@ def require_sample(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def umask_of_the_session():
+    """A test that runs `birdflow` in-process (main() makes what it writes private) leaves the umask as it was:
+    folders made later must stay reachable by the other users some tests run servers as."""
+    kept = os.umask(0o022)
+    os.umask(kept)
+    yield
+    os.umask(kept)
+
+
 @pytest.fixture
 def sample_48k() -> Path:
     return require_sample(SAMPLE_48K)

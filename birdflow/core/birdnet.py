@@ -37,6 +37,11 @@ def model_files() -> tuple[Path, Path, Path]:
     )
 
 
+def model_labels() -> list[str]:
+    """The model's species as its labels say them ("Scientific name_Common name"), without loading it."""
+    return model_files()[1].read_text().splitlines()
+
+
 def installed_backends() -> list[str]:
     """Backends that import here, fastest first."""
     found = []
@@ -111,11 +116,11 @@ class BirdNET:
     (~110 MB) however many runs it executes at once; the rest of a run proceeds in parallel."""
 
     def __init__(self, backend: str = "auto", threads: int = 1, batch_size: int = 4):
-        model_path, labels_path, self._range_model_path = model_files()
+        model_path, _, self._range_model_path = model_files()
         self.backend, self._interpreter_class = load_interpreter_class(backend)
         self.threads = threads
         self.batch_size = batch_size
-        self.labels = labels_path.read_text().splitlines()
+        self.labels = model_labels()
         self._names = [label.split("_", 1) for label in self.labels]
         self._human_columns = [column for column, (scientific, _) in enumerate(self._names) if is_human(scientific)]
         self._interpreter = self._interpreter_class(model_path=str(model_path), num_threads=threads)

@@ -1,6 +1,7 @@
 """What a station publishes over MQTT, as messages (topic, JSON payload, retained or not): each detection, each
-rare species, each species' latest state and each listener's health, and the Home Assistant discovery
-configs that make the station and its species appear there as sensors by themselves. No network here."""
+rare species, each verdict a person gave, each species' latest state and each listener's health, and the Home
+Assistant discovery configs that make the station and its species appear there as sensors by themselves. No
+network here."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ class Topics:
     @property
     def rare(self) -> str:
         return f"{self.base}/rare"
+
+    @property
+    def review(self) -> str:
+        return f"{self.base}/review"
 
     @property
     def last_detection(self) -> str:
@@ -88,6 +93,11 @@ def detection_messages(rows: Iterable[dict[str, Any]], rare: set[str], topics: T
         if topics.discovery_prefix:
             messages.append(Message(topics.discovery("last_species"), _last_species_sensor(topics), retain=True))
     return messages
+
+
+def review_messages(reviews: Iterable[dict[str, Any]], topics: Topics) -> list[Message]:
+    """A message per verdict (rows of birdflow.core.reviews.REVIEWS_SCHEMA)."""
+    return [Message(topics.review, _json(review)) for review in reviews]
 
 
 def health_messages(reports: Iterable[dict[str, Any]], topics: Topics) -> list[Message]:

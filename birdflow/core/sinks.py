@@ -27,9 +27,11 @@ import pyarrow.parquet as pq
 
 from birdflow.core.detections import SCHEMA, TAG_COLUMNS
 from birdflow.core.rarity import HOURLY_SCHEMA, HOURLY_TAG_COLUMNS
+from birdflow.core.reviews import REVIEW_TAG_COLUMNS
 
 HEALTH_TABLE = "listener_health"
 HEALTH_TAG_COLUMNS = ["station_id", "listener_id"]
+REVIEWS_TABLE = "reviews"
 
 
 class DetectionSink(Protocol):
@@ -42,6 +44,9 @@ class DetectionSink(Protocol):
 
     def write_health(self, table: pa.Table) -> int:
         """A batch of listener health reports (health.health_schema())."""
+
+    def write_reviews(self, table: pa.Table) -> int:
+        """Every verdict on one day's detections (reviews.REVIEWS_SCHEMA)."""
 
 
 HOUR_FILE_PREFIX = "hour-"
@@ -57,14 +62,22 @@ def _write_atomically(table: pa.Table, target: Path) -> None:
 
 class ParquetSink:
     """Files under YYYY/MM/DD, each written to a temporary name and renamed: one per (recording, analysis) of
-    detections, one per hour of species counts, one per batch of listener health."""
+    detections, one per hour of species counts, one per batch of listener health, one per day of reviews."""
 
     name = "parquet"
 
-    def __init__(self, root: Path, hourly_root: Path, health_root: Path):
+    def __init__(self, root: Path, hourly_root: Path, health_root: Path, reviews_root: Path):
         self.root = Path(root)
         self.hourly_root = Path(hourly_root)
         self.health_root = Path(health_root)
+        self.reviews_root = Path(reviews_root)
+
+    @classmethod
+    def of_station(cls, settings) -> ParquetSink:
+        """The sink of a station's settings (birdflow.settings.Settings): its tables in their folders."""
+        return cls(
+            settings.detections_dir, settings.species_hourly_dir, settings.listener_health_dir, settings.reviews_dir
+        )
 
     def write(self, table: pa.Table) -> int:
         return _write_by_day(
@@ -80,6 +93,9 @@ class ParquetSink:
         rows = (table.column("listener_id").to_pylist(), table.column("time").to_pylist())
         digest = hashlib.sha256(repr(rows).encode()).hexdigest()[:12]
         return _write_by_day(self.health_root, table, lambda first: f"{first:%H%M%S}-{digest}")
+
+    def write_reviews(self, table: pa.Table) -> int:
+        return _write_by_day(self.reviews_root, table, lambda first: "reviews")
 
 
 def _first(table: pa.Table, column: str):
@@ -131,6 +147,10 @@ class InfluxSink:
 
     def write_health(self, table: pa.Table) -> int:
         return self._write(table, HEALTH_TABLE, HEALTH_TAG_COLUMNS)
+
+    def write_reviews(self, table: pa.Table) -> int:
+        """A point per detection at its time: a later verdict on it replaces the earlier one."""
+        return self._write(table, REVIEWS_TABLE, REVIEW_TAG_COLUMNS)
 
     def _write(self, table: pa.Table, measurement: str, tags: list[str]) -> int:
         if table.num_rows == 0:
@@ -268,12 +288,17 @@ def write_all(
     on_failure: Callable[[str], None] = lambda sink: None,
     kind: str = "detections",
 ) -> dict[str, int]:
-    """Every sink gets the table (`kind`: detections, hourly or health); a failing sink is reported (then raises,
-    so the task retries)."""
+    """Every sink gets the table (`kind`: detections, hourly, health or reviews); a failing sink is reported (then
+    raises, so the task retries)."""
     written = {}
     for sink in sinks:
         try:
-            write = {"detections": sink.write, "hourly": sink.write_hourly, "health": sink.write_health}[kind]
+            write = {
+                "detections": sink.write,
+                "hourly": sink.write_hourly,
+                "health": sink.write_health,
+                "reviews": sink.write_reviews,
+            }[kind]
             written[sink.name] = write(table)
         except Exception:
             on_failure(sink.name)

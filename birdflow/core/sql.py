@@ -1,8 +1,9 @@
 """SQL over the station's own tables (seed 001): DuckDB in-process, read-only, over the local Parquet files.
 
-Each table is a view over its folder. The engine may read those folders and nothing else (DuckDB's
-allowed_directories, external access off, configuration locked), and only a single SELECT is run, so a
-statement can neither write nor read what is not a table here.
+Each table is a view over its folder; `reviewed` is every detection with its verdict (null while unreviewed).
+The engine may read those folders and nothing else (DuckDB's allowed_directories, external access off,
+configuration locked), and only a single SELECT is run, so a statement can neither write nor read what is not
+a table here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pyarrow as pa
 from birdflow.core.detections import SCHEMA as DETECTIONS_SCHEMA
 from birdflow.core.health import health_schema
 from birdflow.core.rarity import HOURLY_SCHEMA
+from birdflow.core.reviews import REVIEWS_SCHEMA
 from birdflow.core.sinks import dataset_files
 
 
@@ -36,7 +38,15 @@ def station_tables(settings) -> list[LocalTable]:
         LocalTable("detections", settings.detections_dir, DETECTIONS_SCHEMA),
         LocalTable("species_hourly", settings.species_hourly_dir, HOURLY_SCHEMA),
         LocalTable("listener_health", settings.listener_health_dir, health_schema()),
+        LocalTable("reviews", settings.reviews_dir, REVIEWS_SCHEMA),
     ]
+
+
+# the detections as the model labelled them, each with the verdict on it: the reviewed truth is
+# `WHERE verdict IN ('confirmed', 'relabelled')` under reviewed_scientific_name / reviewed_common_name
+REVIEWED_VIEW = """CREATE VIEW reviewed AS SELECT detections.*, reviews.detection_id, reviews.verdict,
+    reviews.reviewed_scientific_name, reviews.reviewed_common_name, reviews.reviewer, reviews.reviewed_at
+    FROM detections LEFT JOIN reviews USING (recording_id, analysis_id, start_s, scientific_name)"""
 
 
 def query(statement: str, tables: list[LocalTable]) -> pa.Table:
@@ -51,6 +61,8 @@ def query(statement: str, tables: list[LocalTable]) -> pa.Table:
         connection.execute("SET allowed_directories = ?", [folders])
         for table in tables:
             _create_view(connection, table)
+        if {"detections", "reviews"} <= {table.name for table in tables}:
+            connection.execute(REVIEWED_VIEW)
         connection.execute("SET enable_external_access = false")
         connection.execute("SET lock_configuration = true")
         try:

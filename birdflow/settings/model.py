@@ -135,6 +135,11 @@ class Settings(BaseModel):
         return self.state_dir / "clips.sqlite"
 
     @property
+    def reviews_file(self) -> Path:
+        """The detections asked to be reviewed and the verdicts given (birdflow.core.reviews)."""
+        return self.state_dir / "reviews.sqlite"
+
+    @property
     def mqtt_outbox_file(self) -> Path:
         """Messages waiting for the MQTT broker (birdflow.core.outbox)."""
         return self.state_dir / "mqtt_outbox.sqlite"
@@ -168,6 +173,11 @@ class Settings(BaseModel):
     def species_hourly_dir(self) -> Path:
         """Hourly counts per listener and species, one Parquet file per hour."""
         return self.data_dir / "species_hourly"
+
+    @property
+    def reviews_dir(self) -> Path:
+        """The reviews table: the verdicts on one day's detections in one Parquet file, rewritten on each verdict."""
+        return self.data_dir / "reviews"
 
     @property
     def health_spool_dir(self) -> Path:

@@ -239,6 +239,19 @@ class DetectionSettings(Section):
             "recording"
         ),
     )
+    review_rare: bool = Field(
+        True,
+        description=(
+            "Each rare species of a recording opens a review run in the Prefect UI (its spectrogram, a form for the "
+            "verdict); `birdflow review list` shows those waiting"
+        ),
+    )
+    review_sample_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Of the other detections, this share is also asked to be reviewed (a sample of frequent species)",
+    )
     privacy_threshold: float = Field(
         0.3,
         ge=0.01,

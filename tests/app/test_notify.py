@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 
 from birdflow_tools.stack import Stack
@@ -49,21 +48,14 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
         stack.start()
         assert "restarting the Prefect server with its triggers on" in stack.log_tail(200)
 
-        def upload(name: str) -> dict:
-            response = httpx.post(
-                f"{stack.url}/recordings_upload", files={"file": (name, sample_48k.read_bytes())}, timeout=30
-            )
-            assert response.status_code == 200, response.text
-            return response.json()
-
-        upload("mic1_20250601T053000Z.wav")
+        stack.upload("mic1_20250601T053000Z.wav", sample_48k.read_bytes())
         wait_for(lambda: stack.completed_runs() == 1, 90, "the first run")
         [message] = wait_for(lambda: list(receiver.messages), 60, "the notification")
         assert message["subject"] == "Rare bird at notify: American Goldfinch"
         assert "American Goldfinch (Spinus tristis) heard by listener mic1 at station notify" in message["text"]
         assert f"Run: http://127.0.0.1:{stack.prefect_port}/runs/flow-run/" in message["text"]
         # the same species from another listener a minute later: frequent now, counted but not pushed
-        upload("mic2_20250601T053100Z.wav")
+        stack.upload("mic2_20250601T053100Z.wav", sample_48k.read_bytes())
         wait_for(lambda: stack.completed_runs() == 2, 90, "the second run")
         time.sleep(8)  # what the automation would take to send a second message
         assert len(receiver.messages) == 1

@@ -226,12 +226,7 @@ def test_the_wheel_in_a_fresh_virtualenv_runs_init_up_and_a_recording(installed_
     stack.root.mkdir()
     try:
         stack.start()
-        response = httpx.post(
-            f"{stack.url}/recordings_upload",
-            files={"file": ("mic1_20250601T053000Z.wav", sample_48k.read_bytes())},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
+        stack.upload("mic1_20250601T053000Z.wav", sample_48k.read_bytes())
         wait_until(lambda: stack.completed_runs() == 1, 120, "the recording's run")
         listed = stack.cli("detections", "--format", "json")
         assert "American Goldfinch" in listed.stdout, listed.stderr

@@ -8,7 +8,6 @@ import asyncio
 import sqlite3
 from contextlib import closing
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from prefect.server.database.configurations import AioSqliteConfiguration
@@ -86,7 +85,7 @@ def test_the_embedded_server_keeps_run_history_within_its_budget_oldest_first(tm
     try:
         stack.start()
         for name, body in distinct_uploads(sample_48k, 40):
-            httpx.post(f"{stack.url}/recordings_upload", files={"file": (name, body)}, timeout=60).raise_for_status()
+            stack.upload(name, body)
         wait_until(lambda: stack.completed_runs() == 40, 180, "40 runs")
         assert sqlite_bytes_in_use(database) > budget  # over the budget, but too young for Prefect's vacuum
         ended = {run["name"]: run["end_time"] for run in stack.api("flow_runs/filter", stack.recording_runs)}

@@ -104,7 +104,7 @@ def test_birdflow_export_writes_the_stations_detections(tmp_path):
     station.mkdir()
     (station / "settings.yaml").write_text("station_id: station01\nlatitude: 45.5231\nlongitude: -122.6765\n")
     data = station / "data"
-    ParquetSink(data / "detections", data / "species_hourly", data / "listener_health").write(
+    ParquetSink(data / "detections", data / "species_hourly", data / "listener_health", data / "reviews").write(
         two_listeners_detections()
     )
     birdflow = [str(Path(sys.executable).parent / "birdflow")]

@@ -88,7 +88,7 @@ def test_two_threads_at_once_see_a_new_species_as_rare_exactly_once(tmp_path):
 
 def test_hours_are_due_once_closed_and_again_after_a_late_recording(tmp_path):
     record = SpeciesRecord(tmp_path / "species.sqlite", rare_window_days=30)
-    sink = ParquetSink(tmp_path / "detections", tmp_path / "hourly", tmp_path / "health")
+    sink = ParquetSink(tmp_path / "detections", tmp_path / "hourly", tmp_path / "health", tmp_path / "reviews")
     record.tally(heard("r1", DAWN, (JUNCO, 0.6), listener="mic1"))
     record.tally(heard("r2", DAWN, (JUNCO, 0.7), (SISKIN, 0.5), listener="mic2"))
     end_of_hour = DAWN.replace(minute=0).timestamp() + 3600

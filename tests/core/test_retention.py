@@ -95,7 +95,7 @@ def table(recording_id: str, start: datetime, *confidences: float, analysis_id: 
 
 
 def test_compaction_merges_settled_files_into_hour_files_and_a_rewrite_replaces_its_rows(tmp_path):
-    sink = ParquetSink(tmp_path, tmp_path / "hourly", tmp_path / "health")
+    sink = ParquetSink(tmp_path, tmp_path / "hourly", tmp_path / "health", tmp_path / "reviews")
     six, seven = datetime(2025, 6, 1, 6, 10, tzinfo=timezone.utc), datetime(2025, 6, 1, 7, 5, tzinfo=timezone.utc)
     sink.write(table("r1", six, 0.5, 0.6))
     sink.write(table("r2", six + timedelta(minutes=1), 0.7))

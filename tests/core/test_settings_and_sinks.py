@@ -98,7 +98,7 @@ def test_invalid_settings_name_the_setting(tmp_path, yaml_text, env, message):
 
 
 def test_parquet_sink_is_idempotent_and_filterable(tmp_path):
-    sink = ParquetSink(tmp_path, tmp_path / "hourly", tmp_path / "health")
+    sink = ParquetSink(tmp_path, tmp_path / "hourly", tmp_path / "health", tmp_path / "reviews")
     table = detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1")
     assert sink.write(table) == 2
     assert sink.write(table) == 2  # a retry rewrites the same file
@@ -124,6 +124,20 @@ def test_influx_sink_writes_line_protocol_through_influxdb3_python(influx_server
     assert tags["listener_id"] == "mic-1" and tags["analysis_id"] == "a1"
     assert float(fields["confidence"]) == pytest.approx(0.365)
     assert timestamp == int(datetime(2025, 6, 1, 5, 30, 3, tzinfo=timezone.utc).timestamp() * 1e9)
+
+
+def test_reviews_go_to_influx_as_a_point_per_detection_at_its_time(influx_server, tmp_path):
+    from birdflow.core.reviews import ReviewStore, Verdict, id_of
+
+    store = ReviewStore(tmp_path / "reviews.sqlite")
+    row = detections_table(RECORDING, FOUND, "BirdNET_GLOBAL_6K_V2.4", "a1").to_pylist()[0]
+    day = store.record(row, Verdict("relabelled", "ada", "ui", "Spinus pinus", "Pine Siskin"))
+    sink = InfluxSink(influx_server.url, "birds", "detections", "test-token")
+    assert sink.write_reviews(store.table(day)) == 1
+    [(measurement, tags, fields, timestamp)] = [parse_line(line) for line in influx_server.lines]
+    assert measurement == "reviews" and tags["detection_id"] == id_of(row) and tags["listener_id"] == "mic-1"
+    assert fields["verdict"] == '"relabelled"' and fields["reviewed_common_name"] == '"Pine Siskin"'
+    assert timestamp == int(row["time"].timestamp() * 1e9)  # a later verdict on it replaces this point
 
 
 def test_influx_sink_reports_a_rejected_token(influx_server):

@@ -24,7 +24,7 @@ DAWN = datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc)
 @pytest.fixture
 def station(tmp_path):
     data = tmp_path / "data"
-    sink = ParquetSink(data / "detections", data / "species_hourly", data / "listener_health")
+    sink = ParquetSink(data / "detections", data / "species_hourly", data / "listener_health", data / "reviews")
     record = SpeciesRecord(data / "state" / "species.sqlite", rare_window_days=30)
     for number, (listener, species, confidence) in enumerate(
         [("mic1", JUNCO, 0.5), ("mic2", SISKIN, 0.6), ("mic1", JUNCO, 0.7)]

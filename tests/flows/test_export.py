@@ -27,7 +27,7 @@ def station_with_detections(tmp_path, **values) -> Settings:
         "BirdNET_GLOBAL_6K_V2.4",
         "a1",
     )
-    sink = ParquetSink(settings.detections_dir, settings.species_hourly_dir, settings.listener_health_dir)
+    sink = ParquetSink.of_station(settings)
     sink.write(pa.concat_tables([two_listeners_detections(), next_day]))
     return settings
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 from datetime import datetime, timezone
 
-import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -46,20 +45,14 @@ def test_an_hour_long_recording_is_analysed_in_bounded_memory_as_its_pieces_are(
     stack = Stack(tmp_path / "station", station_id="hour", settings={"clips_enabled": False})
     try:
         stack.start()
-        warm = httpx.post(
-            f"{stack.url}/recordings_upload",
-            files={"file": ("mic1_20250601T040000Z.wav", sample_48k.read_bytes())},
-            timeout=60,
-        )
-        warm.raise_for_status()
+        stack.upload("mic1_20250601T040000Z.wav", sample_48k.read_bytes())
         wait_until(lambda: stack.completed_runs() == 1, 120, "the first recording analysed")
         executor = stack.child("executor")
         idle_mb = resident_mb(executor)
         with open(hour, "rb") as body:
-            response = httpx.post(f"{stack.url}/recordings_upload", files={"file": (hour.name, body)}, timeout=120)
-        assert response.status_code == 200, response.text
-        recording_id = response.json()["recording_id"]
-        assert response.json()["duration_s"] == HOUR_S
+            reply = stack.upload(hour.name, body, timeout_s=120)
+        recording_id = reply["recording_id"]
+        assert reply["duration_s"] == HOUR_S
         wait_until(lambda: stack.completed_runs() == 2, 600, "the hour analysed")
         peak_mb = peak_rss_mb([executor])
         print(f"executor idle {idle_mb:.0f} MB, peak over the hour {peak_mb:.0f} MB")

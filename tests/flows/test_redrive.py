@@ -32,13 +32,13 @@ def test_delays_grow_then_the_last_repeats_until_the_maximum_age():
 @pytest.fixture
 def station(prefect_server, tmp_path):
     """A station's deployment on the test server, and a recording published in its folder."""
-    from deployments.registration import ensure_deployment
+    from deployments.registration import register_deployments
     from tests.conftest import SAMPLE_48K, require_sample
 
     settings = Settings(
         station_id=f"redrive-{time.monotonic_ns()}", data_dir=tmp_path / "data", redrive_delays_s=[30, 90]
     )
-    deployment_id = ensure_deployment(settings)
+    deployment_id = register_deployments(settings).recordings
     store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
     partial = store.new_upload_partial(".wav")
     partial.write_bytes(require_sample(SAMPLE_48K).read_bytes())

@@ -13,9 +13,12 @@ import pytest
 
 from birdflow.core.mqtt_messages import Topics, detection_messages
 from birdflow.core.outbox import Message, Outbox
+from birdflow.core.reviews import Verdict, id_of
 from birdflow.runtime.mqtt import Publisher
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, Mosquitto, wait_until
+from flows.review import take_verdict
+from flows.run_resources import RunResources
 from tests.builders import HAWK, two_listeners_detections
 
 pytestmark = pytest.mark.skipif(not Mosquitto.available(), reason="needs mosquitto (Debian package mosquitto)")
@@ -104,6 +107,15 @@ def test_a_recordings_detections_arrive_in_order_with_home_assistant_discovery(t
             and robin["unique_id"] == "birdflow_mqtt01_turdus_migratorius"
         )
         assert "homeassistant/sensor/birdflow_mqtt01_last_species/config" in config
+        # a person's verdict, stored as any verdict is, is published too
+        take_verdict(RunResources(settings), rows[0], Verdict("relabelled", "ada", "cli", *HAWK))
+        wait_until(lambda: subscriber.topics("birdflow/mqtt01/review"), 30, "the verdict at the subscriber")
+        [review] = [json.loads(payload) for topic, payload, _ in subscriber.received if topic.endswith("/review")]
+        assert (review["detection_id"], review["verdict"], review["reviewed_common_name"]) == (
+            id_of(rows[0]),
+            "relabelled",
+            HAWK[1],
+        )
         wait_until(lambda: len(publisher.outbox) == 0, 10, "an empty outbox")
     finally:
         stop.set()

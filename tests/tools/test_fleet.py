@@ -66,7 +66,11 @@ def test_two_api_processes_on_postgres_and_redis_serve_two_stations(sample_48k):
             assert view["completed_runs"] == view["stored_recordings"] == 3, view
             assert view["runs_seen_through_each_api_process"] == [3, 3], view
             assert view["runs_in_other_pools"] == 0, view
-            assert view["deployments"] == [f"maintenance/{station}", f"process-recording/{station}"], view
+            assert view["deployments"] == [
+                f"maintenance/{station}",
+                f"process-recording/{station}",
+                f"review-detection/{station}",
+            ], view
 
         # a rerun created through API process 1 of a run of the station that talks to API process 2
         api_one, api_two = central.api_url(0), central.api_url(1)

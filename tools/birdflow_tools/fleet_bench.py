@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from birdflow_tools.bench import distinct_uploads, percentile, post_uploads, wait_stored
+from birdflow_tools.bench import PER_RECORDING_ONLY, distinct_uploads, percentile, post_uploads, wait_stored
 from birdflow_tools.central import HISTORY_TABLES, CentralPrefect
 from birdflow_tools.stack import Stack, environment_without_settings
 from birdflow_tools.testbed import prefect_post
@@ -119,6 +119,7 @@ def start_fleet(options: FleetOptions, root: Path, resources: ExitStack, say: Ca
             "prefect_api_url": central.api_url(number),  # stations spread over the API processes
             "work_pool": f"birdflow-{station}",
             "maintenance_interval_s": 86400,  # no compaction of the detection files the bench times
+            **PER_RECORDING_ONLY,
             **({"executor_workers": options.executor_workers} if options.executor_workers else {}),
         }
         (root / station).mkdir()

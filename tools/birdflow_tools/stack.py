@@ -199,6 +199,15 @@ class Stack:
             cwd=self.root,
         )
 
+    def upload(self, name: str, body, timeout_s: float = 60) -> dict:
+        """A recording (bytes or an open file) sent to the ingest API as a listener uploads one; its reply."""
+        import httpx
+
+        response = httpx.post(f"{self.url}/recordings_upload", files={"file": (name, body)}, timeout=timeout_s)
+        if response.status_code != 200:
+            raise AssertionError(f"upload of {name}: {response.status_code} {response.text}")
+        return response.json()
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 

@@ -63,6 +63,10 @@ def cmd_export(args) -> int:
 
     settings = settings_of(args)
     table = selected_detections(settings, args)
+    if args.reviewed_only:
+        from birdflow.core.reviews import ReviewStore, reviewed_truth
+
+        table = reviewed_truth(table, ReviewStore(settings.reviews_file).table())
     place = Place(settings.station_id, settings.analysis.latitude, settings.analysis.longitude)
     try:
         written = export(table, args.format, args.output, place)
@@ -180,13 +184,18 @@ def add_commands(commands) -> None:
         "--output", type=Path, required=True, help="a folder (dwc: a .zip file, or a folder to put one in)"
     )
     add_selection_arguments(exports)
+    exports.add_argument(
+        "--reviewed-only",
+        action="store_true",
+        help="only detections a person confirmed or relabelled (`birdflow review`), under the species they were",
+    )
     exports.set_defaults(func=cmd_export)
 
     sql = commands.add_parser(
         "sql",
         help=(
-            "one read-only SELECT over the local tables (detections, species_hourly, listener_health), or InfluxDB 3 "
-            "with --influx"
+            "one read-only SELECT over the local tables (detections, species_hourly, listener_health, reviews, and "
+            "reviewed: each detection with its verdict), or InfluxDB 3 with --influx"
         ),
     )
     sql.add_argument("statement", help='e.g. "SELECT common_name, count(*) FROM detections GROUP BY 1 ORDER BY 2 DESC"')
