@@ -11,6 +11,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 
+from birdflow.core.central_link import CentralLink
 from birdflow.core.detections import artifact_rows, summary
 from birdflow.core.rarity import RARE_EVENT, RareSighting
 from birdflow.core.retention import Purged
@@ -73,10 +74,14 @@ def run_page() -> str | None:
     return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui_url and flow_run.id else None
 
 
-def announce_rare(sightings: list[RareSighting], archive_key: str) -> None:
+def announce_rare(sightings: list[RareSighting], archive_key: str, central: CentralLink | None = None) -> None:
+    """On the station's Prefect, and queued for the fleet's central one when the station has one."""
     run_url = run_page()
     for sighting in sightings:
-        emit_event(**rare_event_fields(sighting, archive_key, run_url))
+        fields = rare_event_fields(sighting, archive_key, run_url)
+        emit_event(**fields)
+        if central is not None:
+            central.rare(fields, once_for=f"{sighting.recording_id}:{sighting.scientific_name}")
 
 
 def show_detections(table: pa.Table, rare_species: set[str], link: Callable[[str], str]) -> None:

@@ -192,7 +192,9 @@ def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str
         metrics.DETECTIONS_BY_SPECIES.labels(station_id, metrics.species_label(species)).inc()
     if tally.to_announce:
         announce_rare(
-            tally.rare, recording.archive_key(recording.archive_names(resources.settings.archive.archive_format)[0])
+            tally.rare,
+            recording.archive_key(recording.archive_names(resources.settings.archive.archive_format)[0]),
+            resources.central_link,
         )
         resources.species.announced(recording.recording_id)
         metrics.RARE_SIGHTINGS.labels(station_id).inc(len(tally.rare))

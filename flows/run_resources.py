@@ -16,6 +16,7 @@ import pyarrow as pa
 from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.archive import Archive, LocalArchive, S3Archive
 from birdflow.core.birdnet import BirdNET
+from birdflow.core.central_link import CentralLink
 from birdflow.core.clips import ClipIndex
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.outbox import Outbox
@@ -117,6 +118,11 @@ class RunResources:
     def outbox(self) -> Outbox | None:
         """Messages for the MQTT broker (None while mqtt_host is empty); the executor publishes them."""
         return outbox_of(self.settings)
+
+    @cached_property
+    def central_link(self) -> CentralLink | None:
+        """What goes to the fleet's central Prefect (None without central_api_url); `birdflow relay` sends it."""
+        return CentralLink(self.settings.central_link_file) if self.settings.prefect.central_api_url else None
 
     @cached_property
     def ledger(self) -> ProcessedLedger:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,17 @@ def prefect_environment(settings: Settings, triggers: bool = False) -> dict[str,
             # run, task-run and log history do not depend on them
             env["PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"] = "true" if triggers else "false"
             env["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"] = "false"
+    return env
+
+
+def central_environment(settings: Settings, base: Mapping[str, str]) -> dict[str, str]:
+    """`base` (an environment) with the station's Prefect settings, its API the fleet's central one and that
+    server's auth, never the station's own (`birdflow relay`, and the worker of a station with central_api_url)."""
+    env = {**base, **prefect_environment(settings), "PREFECT_API_URL": settings.prefect.central_api_url}
+    env.pop("PREFECT_API_AUTH_STRING", None)
+    auth = settings.prefect.central_api_auth_string.get_secret_value()
+    if auth:
+        env["PREFECT_API_AUTH_STRING"] = auth
     return env
 
 
@@ -454,10 +466,13 @@ def supervise(settings: Settings, settings_file: str | None) -> int:
             return 0  # Ctrl-C during start-up
         log.error("%s", exc)
         return 1
-    for child in (
+    station = [
         Child("ingest API", cli + ["ingest"], keep_fds=lock),
         Child("executor", cli + ["execute"], keep_fds=lock),
-    ):
+    ]
+    if settings.prefect.central_api_url:
+        station.append(Child("relay", cli + ["relay"], keep_fds=lock))
+    for child in station:
         children.append(child)
         if not stop.is_set():
             child.start(env)

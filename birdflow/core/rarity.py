@@ -175,9 +175,15 @@ class SpeciesRecord:
 
     def hours_to_write(self, now: float, settle_s: float) -> list[tuple[int, str, int]]:
         """(hour, station, version) of closed hours whose counts changed since they were last written."""
+        return self._closed(now, settle_s, "AND version > written_version")
+
+    def closed_hours(self, now: float, settle_s: float) -> list[tuple[int, str, int]]:
+        """(hour, station, version) of every hour with counts that closed `settle_s` ago or longer."""
+        return self._closed(now, settle_s, "")
+
+    def _closed(self, now: float, settle_s: float, condition: str) -> list[tuple[int, str, int]]:
         return self.database.execute(
-            "SELECT hour, station_id, version FROM hours WHERE version > written_version AND hour + ? + ? <= ? ORDER "
-            "BY hour",
+            f"SELECT hour, station_id, version FROM hours WHERE hour + ? + ? <= ? {condition} ORDER BY hour",
             (HOUR_S, settle_s, now),
         ).fetchall()
 

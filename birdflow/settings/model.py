@@ -140,6 +140,11 @@ class Settings(BaseModel):
         return self.state_dir / "reviews.sqlite"
 
     @property
+    def central_link_file(self) -> Path:
+        """Rare-species events waiting for the central Prefect, and the hours summarised there (flows/relay.py)."""
+        return self.state_dir / "central_link.sqlite"
+
+    @property
     def mqtt_outbox_file(self) -> Path:
         """Messages waiting for the MQTT broker (birdflow.core.outbox)."""
         return self.state_dir / "mqtt_outbox.sqlite"

@@ -135,6 +135,16 @@ class PrefectSettings(Section):
     prefect_api_auth_string: SecretStr = Field(
         SecretStr(""), description="user:password of the Prefect server's own auth; every birdflow process sends it"
     )
+    central_api_url: str = Field(
+        "",
+        description=(
+            "A fleet's central Prefect API while this station keeps its run history on its own server (the embedded "
+            "one): the central one gets a summary run per hour and the rare-species events (`birdflow relay`)"
+        ),
+    )
+    central_api_auth_string: SecretStr = Field(
+        SecretStr(""), description="user:password of the central Prefect server's auth (with 'central_api_url')"
+    )
     prefect_port: int = Field(4200, ge=1, le=65535, description="Port of the embedded Prefect server")
     prefect_database: Literal["sqlite", "postgres"] = Field(
         "sqlite", description="Database of the embedded Prefect server; postgres for stations with many listeners"
@@ -163,6 +173,15 @@ class PrefectSettings(Section):
     )
     task_retries: int = Field(3, ge=0, le=20, description="Retries of the I/O tasks (decode, write, archive)")
     retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
+
+    @model_validator(mode="after")
+    def _central_is_another_server(self) -> PrefectSettings:
+        if self.central_api_url and self.central_api_url.rstrip("/") == self.prefect_api_url.rstrip("/"):
+            raise SettingsError(
+                "setting 'central_api_url' names the station's own Prefect API: it is for a fleet's central server "
+                "while the station keeps its runs on a server of its own (leave it empty to run everything centrally)"
+            )
+        return self
 
 
 class AnalysisSettings(AnalysisParams):

@@ -67,13 +67,41 @@ def cmd_execute(args) -> int:
     return 0
 
 
+def cmd_relay(args) -> int:
+    """The station's link to its fleet's central Prefect (flows/relay.py); `up` starts it with central_api_url."""
+    import signal
+
+    from prefect.context import refresh_global_settings_context
+
+    from birdflow.app.supervisor import central_environment
+
+    settings = settings_of(args)
+    if not settings.prefect.central_api_url:
+        raise SystemExit("birdflow relay: setting 'central_api_url' is empty: there is no central Prefect to relay to")
+    central = central_environment(settings, os.environ)
+    os.environ.pop("PREFECT_API_AUTH_STRING", None)  # the station's own server's, unless the central one has one
+    os.environ.update(central)
+    refresh_global_settings_context()
+    from flows.relay import Relay
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    Relay(settings).run_forever(stop)
+    return 0
+
+
 def cmd_worker(args) -> int:
     """`prefect worker start --type birdflow` for this station's pool, with birdflow's Prefect settings."""
-    from birdflow.app.supervisor import prefect_environment
+    from birdflow.app.supervisor import central_environment, prefect_environment
     from birdflow.settings import SETTINGS_FILE_ENV, settings_file_in_use
 
     settings = settings_of(args)
-    env = {**os.environ, **prefect_environment(settings)}
+    # the pool is on the fleet's central server, also when the station keeps its recordings' runs on its own
+    if settings.prefect.central_api_url:
+        env = central_environment(settings, os.environ)
+    else:
+        env = {**os.environ, **prefect_environment(settings)}
     settings_file = settings_file_in_use(args.settings)
     if settings_file:  # absolute: the runs it starts work in BIRDFLOW_HOME, not in this folder
         settings_file = settings_file.resolve()
@@ -101,6 +129,10 @@ def add_commands(commands) -> None:
     ingest.set_defaults(func=cmd_ingest)
 
     commands.add_parser("execute", help="run only the flow-run executor").set_defaults(func=cmd_execute)
+
+    commands.add_parser(
+        "relay", help="send the fleet's central Prefect this station's hourly summaries and rare-species events"
+    ).set_defaults(func=cmd_relay)
 
     worker = commands.add_parser("worker", help="run this station's work pool (birdflow-<station_id>) in-process")
     worker.add_argument("--pool", help="work pool (default birdflow-<station_id>)")

@@ -1,0 +1,115 @@
+"""A station that keeps its own run history (its recordings' runs on its embedded Prefect server) and its fleet's
+central Prefect (setting central_api_url): `birdflow relay`, a process whose Prefect API is the central one, sends
+the central server what is fleet-wide and nothing per recording.
+
+- the rare-species events (`birdflow.detection.rare`), as they were emitted on the station, so the central
+  server's automations notify as they do on one box; queued on disk until the central server took them;
+- once an hour has closed, one `station-hour` run of the station's `station-hour/<station>` deployment on the
+  central server, whose artifact says what was heard (species, counts, listeners), the rare sightings with links
+  to the station's own run pages, and how the station is (backlog, disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from datetime import datetime, timezone
+from typing import cast
+from uuid import UUID
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.states import Pending
+
+from birdflow.core.central_link import CentralLink, hour_summary
+from birdflow.core.recordings import RecordingStore
+from birdflow.settings import Settings
+from flows.engine import engine_context, run_in_process
+from flows.run_resources import run_resources, use_run_resources
+
+SUMMARY_FLOW = "station-hour"
+EVENTS_PER_REQUEST = 200
+log = logging.getLogger("birdflow.relay")
+
+
+@flow(name=SUMMARY_FLOW, persist_result=False, log_prints=False)
+def station_hour(hour: int) -> dict:
+    """An hour of the station, as the central server shows it (`hour`: its start, epoch seconds)."""
+    resources = run_resources()
+    settings = resources.settings
+    link = resources.central_link
+    counts = resources.species.hour_table(hour, settings.station_id)
+    rare = link.sightings(hour, settings.station_id) if link else []
+    backlog = len(RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id).pending())
+    usage = shutil.disk_usage(settings.data_dir)
+    create_markdown_artifact(
+        hour_summary(settings.station_id, hour, counts, rare, backlog, usage.free / usage.total),
+        description=f"station {settings.station_id}, hour {datetime.fromtimestamp(hour, timezone.utc):%Y-%m-%d %H}:00",
+    )
+    return {"detections": sum(counts.column("detections").to_pylist()), "rare": len(rare), "backlog": backlog}
+
+
+class Relay:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.resources = use_run_resources(settings)
+        self.link = cast(CentralLink, self.resources.central_link)
+
+    def register(self) -> UUID:
+        """The station's summary deployment on the central server (in its work pool, as its other deployments)."""
+        deployment = cast(
+            RunnerDeployment,
+            station_hour.to_deployment(
+                name=self.settings.station_id,
+                tags=["birdflow", "station-hour", self.settings.station_id],
+                description=f"An hour of station {self.settings.station_id}, summarised by the station itself.",
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            ),
+        )
+        return cast(UUID, deployment.apply(work_pool_name=self.settings.prefect.work_pool or None))
+
+    def run_forever(self, stop: threading.Event, interval_s: float = 5.0) -> None:
+        deployment = self.register()
+        log.info("relay of station %s to %s ready", self.settings.station_id, self.settings.prefect.central_api_url)
+        with engine_context() as client:
+            while not stop.wait(interval_s):
+                try:
+                    self.send_events(client)
+                    self.summarize(client, deployment)
+                except Exception as exc:  # the central server away: everything waits on disk, tried again
+                    log.warning("central Prefect: %s; tried again in %.0f s", exc, interval_s)
+
+    def send_events(self, client: SyncPrefectClient) -> int:
+        """Queued events to the central server, oldest first, each removed once it took them."""
+        sent = 0
+        while queued := self.link.events.head(EVENTS_PER_REQUEST):
+            response = client.request("POST", "/events", json=[json.loads(item.message.payload) for item in queued])
+            response.raise_for_status()
+            self.link.events.remove(item.id for item in queued)
+            sent += len(queued)
+        return sent
+
+    def summarize(self, client: SyncPrefectClient, deployment: UUID) -> int:
+        """A station-hour run for each closed hour not summarised yet (again when late recordings changed it)."""
+        settings = self.settings
+        closed = self.resources.species.closed_hours(time.time(), settings.detections.hourly_settle_s)
+        due = self.link.to_summarize(closed)
+        for hour, station, version in due:
+            start = datetime.fromtimestamp(hour, timezone.utc)
+            flow_run = client.create_flow_run_from_deployment(
+                deployment,
+                parameters={"hour": hour},
+                name=f"{station} {start:%Y-%m-%d %H}:00",
+                idempotency_key=f"station-hour-{station}-{hour}-{version}",
+                tags=["station-hour", station],
+                state=Pending(),
+            )
+            if flow_run.state is None or not flow_run.state.is_final():
+                run_in_process(station_hour, flow_run)
+            self.link.summarized(hour, station, version)
+        return len(due)
