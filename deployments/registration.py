@@ -36,7 +36,9 @@ def _apply(flow, settings: Settings, tags: list[str], description: str) -> UUID:
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
     )
-    return cast(UUID, deployment.apply(work_pool_name=settings.prefect.work_pool or None))
+    # a station that keeps its own run history has its work pool on the central server, not on its own
+    pool = None if settings.prefect.central_api_url else settings.prefect.work_pool or None
+    return cast(UUID, deployment.apply(work_pool_name=pool))
 
 
 def register_deployments(settings: Settings) -> StationDeployments:

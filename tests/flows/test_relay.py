@@ -40,10 +40,11 @@ def test_the_central_server_gets_the_hour_and_the_rare_event_not_the_recordings_
 ):
     station = f"relay{time.monotonic_ns()}"
     hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
-    stack = Stack(
-        tmp_path, station_id=station, settings={"central_api_url": prefect_server.api_url, "hourly_settle_s": 0}
-    )
     central = prefect_server.api_url
+    pool = f"birdflow-{station}"  # the station's work pool is on the central server only
+    prefect_post(central, "work_pools/", {"name": pool, "type": "process"})
+    settings = {"central_api_url": central, "hourly_settle_s": 0, "work_pool": pool}
+    stack = Stack(tmp_path, station_id=station, settings=settings)
     try:
         stack.start()
         stack.upload(f"mic1_{hour + timedelta(minutes=20):%Y%m%dT%H%M%S}Z.wav", sample_48k.read_bytes())
@@ -56,6 +57,12 @@ def test_the_central_server_gets_the_hour_and_the_rare_event_not_the_recordings_
         wait_until(summary_runs, 60, f"the hour's summary run on the central server\n{stack.log_tail()}")
         [run] = summary_runs()
         assert run["name"] == f"{station} {hour:%Y-%m-%d %H}:00"
+        assert (
+            prefect_post(central, "deployments/filter", {"deployments": {"id": {"any_": [run["deployment_id"]]}}})[0][
+                "work_pool_name"
+            ]
+            == pool
+        )
         [artifact] = prefect_post(central, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
         assert f"### Station {station}, {hour:%Y-%m-%d %H}:00-{hour:%H}:59 UTC" in artifact["data"]
         assert "| American Goldfinch | 1 | 0.36 | mic1 |" in artifact["data"]

@@ -89,7 +89,13 @@ def fleet_bench(args) -> int:
         compressed_days=args.compressed_days,
         retention_days=args.retention_days,
     )
-    common = dict(sample=args.file, stations=args.stations, api_processes=args.api_processes, **chosen)
+    common = dict(
+        sample=args.file,
+        stations=args.stations,
+        api_processes=args.api_processes,
+        own_history=args.own_history,
+        **chosen,
+    )
     options = FleetOptions.quick(**common) if args.quick else FleetOptions(**common)
     console = Console(stderr=True)
     try:
@@ -226,6 +232,11 @@ def add_commands(commands) -> None:
     )
     bench.add_argument(
         "--api-processes", type=at_least(1), default=1, help="with --stations: Prefect API processes (default 1)"
+    )
+    bench.add_argument(
+        "--own-history",
+        action="store_true",
+        help="with --stations: each station keeps its runs on its own Prefect and relays to the central one",
     )
     bench.add_argument(
         "--max-rate", type=float, help="with --stations: highest rate tried, runs/s over the fleet (default 30)"

@@ -58,6 +58,9 @@ class FleetOptions:
     compressed_days: int = 0  # 0: no retention phase
     retention_days: int = 3
     recordings_per_day: int = 4  # per station
+    # each station keeps its recordings' runs on its own embedded Prefect and relays to the central one
+    # (central_api_url) instead of running them there
+    own_history: bool = False
     executor_workers: int | None = None
 
     @classmethod
@@ -115,8 +118,10 @@ def start_fleet(options: FleetOptions, root: Path, resources: ExitStack, say: Ca
         raise RuntimeError(f"birdflow central-setup failed: {setup.stderr.strip()[-1000:]}")
     stacks = []
     for number, station in enumerate(stations):
+        # stations spread over the API processes
+        api = {"central_api_url" if options.own_history else "prefect_api_url": central.api_url(number)}
         settings = {
-            "prefect_api_url": central.api_url(number),  # stations spread over the API processes
+            **api,
             "work_pool": f"birdflow-{station}",
             "maintenance_interval_s": 86400,  # no compaction of the detection files the bench times
             **PER_RECORDING_ONLY,
@@ -173,12 +178,17 @@ def latencies(sent: dict[str, dict[str, float]], stored: dict[str, dict[str, flo
     return [stored[station][key] - answered for station, times in sent.items() for key, answered in times.items()]
 
 
+def stations_cpu(stacks: list[Stack]) -> float:
+    """CPU-s of every station process: the aggregator, and a station's own Prefect server and database if any."""
+    return sum(sum(cpu for role, cpu in stack.cpu().items() if role != "ingest") for stack in stacks)
+
+
 def drain_phase(options: FleetOptions, central: CentralPrefect, stacks: list[Stack], say) -> dict:
     total = options.recordings_per_station * len(stacks)
     say(f"drain: {options.recordings_per_station} uploads to each of {len(stacks)} stations at once")
     uploads = fleet_uploads(options, stacks, options.recordings_per_station, first=0)
     history0, cpu0, api0 = central.history(), central.cpu(), central.api_cpu()
-    stations_cpu0 = sum(stack.cpu()["aggregator"] for stack in stacks)
+    stations_cpu0 = stations_cpu(stacks)
     wall0 = time.time()
     sent, stored = send_and_wait(stacks, uploads, 120 + 5 * total)
     wall = max(max(times.values()) for times in stored.values()) - wall0
@@ -192,7 +202,7 @@ def drain_phase(options: FleetOptions, central: CentralPrefect, stacks: list[Sta
         "runs_per_s": total / wall,
         "central_cpu_s_per_recording": sum(spent.values()) / total,
         "central_cpu_s_per_recording_by_role": {role: value / total for role, value in spent.items()},
-        "station_cpu_s_per_recording": (sum(stack.cpu()["aggregator"] for stack in stacks) - stations_cpu0) / total,
+        "station_cpu_s_per_recording": (stations_cpu(stacks) - stations_cpu0) / total,
         "central_cores_busy": sum(spent.values()) / wall,
         "cores_busy_per_api_process": [(after - before) / wall for before, after in zip(api0, api)],
         "database_bytes_per_run": (history["database_bytes"] - history0["database_bytes"]) / total,
@@ -317,9 +327,12 @@ def run_fleet_bench(options: FleetOptions, say: Callable[[str], None]) -> dict:
             "cores": os.cpu_count(),
             "stations": len(stacks),
             "api_processes": options.api_processes,
+            "own_history": options.own_history,
             "drain": drain_phase(options, central, stacks, say),
             "rate": rate_phase(options, central, stacks, say),
         }
+        if options.own_history:  # the stations' runs are on their own servers: nothing of theirs to view centrally
+            return results
         results["stations_view"] = station_view(central, stacks)
         if options.compressed_days:
             results["retention"] = retention_phase(options, central, stacks, say)
@@ -333,7 +346,12 @@ def fleet_summary_rows(results: dict) -> list[tuple[str, str]]:
         (
             "fleet",
             f"{results['stations']} stations, {results['api_processes']} Prefect API process(es), "
-            f"{results['cores']} cores shared by all",
+            f"{results['cores']} cores shared by all; "
+            + (
+                "each station's run history on its own Prefect (central_api_url)"
+                if results["own_history"]
+                else "every run on the central Prefect"
+            ),
         ),
         (
             "drain",
@@ -376,7 +394,7 @@ def fleet_summary_rows(results: dict) -> list[tuple[str, str]]:
             f"(seen through each API process: {view['runs_seen_through_each_api_process']}); "
             f"deployments {', '.join(view['deployments'])}; runs in other pools {view['runs_in_other_pools']}",
         )
-        for view in results["stations_view"]
+        for view in results.get("stations_view", [])
     ]
     for day in results.get("retention", {}).get("days", []):
         rows.append(
