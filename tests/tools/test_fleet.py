@@ -96,3 +96,40 @@ def test_two_api_processes_on_postgres_and_redis_serve_two_stations(sample_48k):
         assert days[1]["log"] == days[2]["log"] <= days[2]["flow_run"]
         assert days[2]["task_run"] <= 4 * days[2]["flow_run"]
         every_run_has_its_task_runs(central)
+
+
+def measured(central_cpu: float, database_bytes: float, flow_runs: float, own_history: bool) -> dict:
+    """A fleet bench's results, as run_fleet_bench returns them, with the measures that differ between modes."""
+    drain = {
+        "recordings": 16,
+        "wall_s": 4.0,
+        "runs_per_s": 4.0,
+        "central_cpu_s_per_recording": central_cpu,
+        "central_cpu_s_per_recording_by_role": {"api": central_cpu},
+        "station_cpu_s_per_recording": 0.4 if own_history else 0.25,
+        "central_cores_busy": 1.0,
+        "cores_busy_per_api_process": [1.0],
+        "database_bytes_per_run": database_bytes,
+        "rows_per_run": {"flow_run": flow_runs, "task_run": 4 * flow_runs},
+        "latency_p50_s": 1.0,
+        "latency_p95_s": 2.0,
+    }
+    rate = {"steps": [], "sustained_runs_per_s": 4.0, "limit_reached": False}
+    return {"cores": 2, "stations": 2, "api_processes": 1, "own_history": own_history, "drain": drain, "rate": rate}
+
+
+def test_both_modes_print_side_by_side_then_each_in_full():
+    from birdflow_tools.fleet_bench import modes_side_by_side
+
+    rows = dict(
+        modes_side_by_side({"central": measured(0.259, 33280, 1.0, False), "own": measured(0.015, 0.0, 0.0, True)})
+    )
+    assert rows["central CPU per recording"] == "every run central: 0.259 s | each station's own history: 0.015 s"
+    assert rows["central database per recording"] == (
+        "every run central: 32.5 KB, 5.0 rows | each station's own history: 0.0 KB, 0.0 rows"
+    )
+    assert rows["station CPU per recording"] == "every run central: 0.250 s | each station's own history: 0.400 s"
+    assert rows["every run central: fleet"].endswith("every run on the central Prefect")
+    assert rows["each station's own history: fleet"].endswith(
+        "each station's run history on its own Prefect (central_api_url)"
+    )

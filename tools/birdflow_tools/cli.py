@@ -76,10 +76,11 @@ def report(args, results: dict, title: str, rows: list[tuple[str, str]]) -> None
 
 
 def fleet_bench(args) -> int:
-    """`bench --stations N`: a central Prefect on Postgres and Redis, N stations (birdflow_tools/fleet_bench.py)."""
+    """`bench --stations N`: a central Prefect on Postgres and Redis, N stations (birdflow_tools/fleet_bench.py);
+    with --history both, the fleet twice: every run central, then each station's runs on its own server."""
     from rich.console import Console
 
-    from birdflow_tools.fleet_bench import FleetOptions, fleet_summary_rows, run_fleet_bench
+    from birdflow_tools.fleet_bench import FleetOptions, fleet_summary_rows, modes_side_by_side, run_fleet_bench
 
     chosen = given(
         recordings_per_station=args.recordings,
@@ -89,21 +90,22 @@ def fleet_bench(args) -> int:
         compressed_days=args.compressed_days,
         retention_days=args.retention_days,
     )
-    common = dict(
-        sample=args.file,
-        stations=args.stations,
-        api_processes=args.api_processes,
-        own_history=args.own_history,
-        **chosen,
-    )
-    options = FleetOptions.quick(**common) if args.quick else FleetOptions(**common)
+    common = dict(sample=args.file, stations=args.stations, api_processes=args.api_processes, **chosen)
     console = Console(stderr=True)
+    modes = ["central", "own"] if args.history == "both" else [args.history]
+    by_mode = {}
     try:
-        results = run_fleet_bench(options, say=lambda text: console.print(f"[bold]{text}"))
+        for mode in modes:
+            options = (FleetOptions.quick if args.quick else FleetOptions)(**common, own_history=mode == "own")
+            by_mode[mode] = run_fleet_bench(options, say=lambda text: console.print(f"[bold]{text}"))
     except KeyboardInterrupt:
         console.print("bench interrupted; what it started has been stopped and removed")
         return 130
-    report(args, results, f"birdflow bench --stations {args.stations}", fleet_summary_rows(results))
+    title = f"birdflow bench --stations {args.stations} --history {args.history}"
+    if len(by_mode) == 1:
+        report(args, by_mode[args.history], title, fleet_summary_rows(by_mode[args.history]))
+    else:
+        report(args, by_mode, title, modes_side_by_side(by_mode))
     return 0
 
 
@@ -234,9 +236,13 @@ def add_commands(commands) -> None:
         "--api-processes", type=at_least(1), default=1, help="with --stations: Prefect API processes (default 1)"
     )
     bench.add_argument(
-        "--own-history",
-        action="store_true",
-        help="with --stations: each station keeps its runs on its own Prefect and relays to the central one",
+        "--history",
+        choices=("central", "own", "both"),
+        default="central",
+        help=(
+            "with --stations: every run on the central Prefect (central), each station's on its own server, relayed "
+            "(own), or both, side by side"
+        ),
     )
     bench.add_argument(
         "--max-rate", type=float, help="with --stations: highest rate tried, runs/s over the fleet (default 30)"

@@ -405,3 +405,33 @@ def fleet_summary_rows(results: dict) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+MODE_NAMES = {"central": "every run central", "own": "each station's own history"}
+
+
+def modes_side_by_side(by_mode: dict[str, dict]) -> list[tuple[str, str]]:
+    """What the central side and the stations pay per recording in each mode (`central`, `own`), one row per
+    measure, the modes side by side; then each mode's own rows."""
+
+    def line(measure) -> str:
+        return " | ".join(f"{MODE_NAMES[mode]}: {measure(results)}" for mode, results in by_mode.items())
+
+    rows = [
+        ("central CPU per recording", line(lambda r: f"{r['drain']['central_cpu_s_per_recording']:.3f} s")),
+        (
+            "central database per recording",
+            line(
+                lambda r: (
+                    f"{r['drain']['database_bytes_per_run'] / 1024:.1f} KB, "
+                    f"{sum(r['drain']['rows_per_run'].values()):.1f} rows"
+                )
+            ),
+        ),
+        ("station CPU per recording", line(lambda r: f"{r['drain']['station_cpu_s_per_recording']:.3f} s")),
+        ("drain", line(lambda r: f"{r['drain']['runs_per_s']:.2f} runs/s")),
+        ("sustained", line(lambda r: f"{r['rate']['sustained_runs_per_s']:.2f} runs/s")),
+    ]
+    for mode, results in by_mode.items():
+        rows += [(f"{MODE_NAMES[mode]}: {name}", value) for name, value in fleet_summary_rows(results)]
+    return rows
