@@ -44,6 +44,8 @@ AWS_SECRET_ACCESS_KEY={s3_secret}
 PROMETHEUS_REMOTE_WRITE_PASSWORD=
 # password of the MQTT broker (when mqtt_host is set)
 MQTT_PASSWORD=
+# the central Prefect server's auth (user:password), for a station that keeps its own run history (central_api_url)
+CENTRAL_API_AUTH_STRING=
 # an existing Postgres for the embedded Prefect server: postgresql+asyncpg://user:password@host/db
 # PREFECT_DATABASE_URL=
 # the central Prefect server, in a fleet: http://prefect.example:4200/api

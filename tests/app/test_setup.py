@@ -23,6 +23,7 @@ def test_example_settings_name_every_setting_with_its_default(tmp_path):
         "aws_secret_access_key",
         "prometheus_remote_write_password",
         "prefect_api_auth_string",
+        "central_api_auth_string",
         "metrics_token",
         "mqtt_password",
     }
