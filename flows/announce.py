@@ -4,17 +4,21 @@ notification) and the run's table artifact of what it heard."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import pyarrow as pa
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 
-from birdflow.core.central_link import CentralLink
+from birdflow.core.central_link import CentralLink, confirmation
 from birdflow.core.detections import artifact_rows, summary
 from birdflow.core.rarity import RARE_EVENT, RareSighting
 from birdflow.core.retention import Purged
+from birdflow.settings.sections import DetectionSettings
 
 PURGED_EVENT = "birdflow.archive.purged"  # archived audio deleted (automations can notify on it)
 
@@ -28,6 +32,7 @@ def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: str | N
             "prefect.resource.name": sighting.recording_id,
             "birdflow.station": sighting.station_id,
             "birdflow.listener": sighting.listener_id,
+            "birdflow.species": sighting.scientific_name,
         },
         "related": [
             {"prefect.resource.id": f"birdflow.station.{sighting.station_id}", "prefect.resource.role": "station"},
@@ -74,14 +79,44 @@ def run_page() -> str | None:
     return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui_url and flow_run.id else None
 
 
-def announce_rare(sightings: list[RareSighting], archive_key: str, central: CentralLink | None = None) -> None:
-    """On the station's Prefect, and queued for the fleet's central one when the station has one."""
+def announce_rare(
+    sightings: list[RareSighting], archive_key: str, rules: DetectionSettings, central: CentralLink | None = None
+) -> None:
+    """On the station's Prefect, and queued for the fleet's central one when the station has one (whose relay then
+    looks for confirmation there). Without a central one, the sighting is matched on the station's Prefect, where
+    the fleet's rare events then are."""
     run_url = run_page()
     for sighting in sightings:
         fields = rare_event_fields(sighting, archive_key, run_url)
-        emit_event(**fields)
+        event = emit_event(**fields)
         if central is not None:
             central.rare(fields, once_for=f"{sighting.recording_id}:{sighting.scientific_name}")
+        elif event is not None and rules.confirm_window_s:
+            from prefect import get_client
+
+            try:
+                with get_client(sync_client=True) as client:
+                    confirm_on_server(client, event.model_dump(mode="json"), rules)
+            except Exception as exc:  # the sighting is announced either way; a retry would announce it twice
+                get_run_logger().warning("could not look for a confirmation of %s: %s", sighting.scientific_name, exc)
+
+
+def confirm_on_server(client: SyncPrefectClient, sighting: dict, rules: DetectionSettings) -> dict | None:
+    """Matches a rare sighting (an event the server has, or is about to have) against the rare sightings of its
+    species the server holds from the window before it, and sends the confirmed event when two stations (or
+    listeners) heard it. Returns that event."""
+    since = datetime.fromisoformat(sighting["payload"]["time"]) - timedelta(seconds=rules.confirm_window_s)
+    query = {
+        "event": {"name": [RARE_EVENT]},
+        "occurred": {"since": since.isoformat()},
+        "resource": {"labels": {"birdflow.species": sighting["payload"]["scientific_name"]}},
+    }
+    response = client.request("POST", "/events/filter", json={"filter": query, "limit": 50})
+    response.raise_for_status()
+    confirmed = confirmation(sighting, response.json()["events"], rules.confirm_window_s, rules.confirm_by)
+    if confirmed is not None:
+        client.request("POST", "/events", json=[confirmed]).raise_for_status()
+    return confirmed
 
 
 def show_detections(table: pa.Table, rare_species: set[str], link: Callable[[str], str]) -> None:

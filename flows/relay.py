@@ -4,9 +4,12 @@ the central server what is fleet-wide and nothing per recording.
 
 - the rare-species events (`birdflow.detection.rare`), as they were emitted on the station, so the central
   server's automations notify as they do on one box; queued on disk until the central server took them;
-- once an hour has closed, one `station-hour` run of the station's `station-hour/<station>` deployment on the
-  central server, whose artifact says what was heard (species, counts, listeners), the rare sightings with links
-  to the station's own run pages, and how the station is (backlog, disk).
+- once an hour has closed (a quiet one too), one `station-hour` run of the station's `station-hour/<station>`
+  deployment on the central server, whose artifact says what was heard (species, counts, listeners), the rare
+  sightings with links to the station's own run pages, and how the station is (backlog, disk, silent listeners);
+- `birdflow.detection.confirmed`, when a rare sighting it sent and another station's of the same species on the
+  central server confirm each other (flows/announce.py). Each sent sighting is matched CONFIRM_AFTER_S after it
+  was sent, once the central server has stored what other stations sent meanwhile.
 """
 
 from __future__ import annotations
@@ -27,13 +30,18 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.states import Pending
 
 from birdflow.core.central_link import CentralLink, hour_summary
+from birdflow.core.rarity import RARE_EVENT
 from birdflow.core.recordings import RecordingStore
 from birdflow.settings import Settings
+from flows.announce import confirm_on_server
+from flows.backfill import known_listeners
 from flows.engine import engine_context, run_in_process
 from flows.run_resources import run_resources, use_run_resources
 
 SUMMARY_FLOW = "station-hour"
 EVENTS_PER_REQUEST = 200
+# longer than the central server takes to store an event it was sent (Prefect's event persister: 5 s)
+CONFIRM_AFTER_S = 10.0
 log = logging.getLogger("birdflow.relay")
 
 
@@ -47,8 +55,9 @@ def station_hour(hour: int) -> dict:
     rare = link.sightings(hour, settings.station_id) if link else []
     backlog = len(RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id).pending())
     usage = shutil.disk_usage(settings.data_dir)
+    listeners = (known_listeners(settings, resources.ledger), resources.ledger.listeners_heard(hour))
     create_markdown_artifact(
-        hour_summary(settings.station_id, hour, counts, rare, backlog, usage.free / usage.total),
+        hour_summary(settings.station_id, hour, counts, rare, listeners, backlog, usage.free / usage.total),
         description=f"station {settings.station_id}, hour {datetime.fromtimestamp(hour, timezone.utc):%Y-%m-%d %H}:00",
     )
     return {"detections": sum(counts.column("detections").to_pylist()), "rare": len(rare), "backlog": backlog}
@@ -59,6 +68,7 @@ class Relay:
         self.settings = settings
         self.resources = use_run_resources(settings)
         self.link = cast(CentralLink, self.resources.central_link)
+        self.to_confirm: list[tuple[float, dict]] = []  # (when, rare event sent): matched from then on
 
     def register(self) -> UUID:
         """The station's summary deployment on the central server (in its work pool, as its other deployments)."""
@@ -80,6 +90,7 @@ class Relay:
             while not stop.wait(interval_s):
                 try:
                     self.send_events(client)
+                    self.confirm_due(client)
                     self.summarize(client, deployment)
                 except Exception as exc:  # the central server away: everything waits on disk, tried again
                     log.warning("central Prefect: %s; tried again in %.0f s", exc, interval_s)
@@ -92,13 +103,36 @@ class Relay:
             response.raise_for_status()
             self.link.events.remove(item.id for item in queued)
             sent += len(queued)
+            if self.settings.detections.confirm_window_s:
+                due = time.monotonic() + CONFIRM_AFTER_S
+                events = [json.loads(item.message.payload) for item in queued]
+                self.to_confirm += [(due, event) for event in events if event["event"] == RARE_EVENT]
         return sent
 
-    def summarize(self, client: SyncPrefectClient, deployment: UUID) -> int:
+    def confirm_due(self, client: SyncPrefectClient) -> list[dict]:
+        """The sent sightings due to be matched, matched against the central server's; the confirmed events sent."""
+        now = time.monotonic()
+        due = [event for when, event in self.to_confirm if when <= now]
+        confirmed = []
+        for event in due:
+            found = confirm_on_server(client, event, self.settings.detections)
+            self.to_confirm = [item for item in self.to_confirm if item[1] is not event]
+            if found is not None:
+                log.info(
+                    "%s confirmed by stations %s",
+                    found["resource"]["prefect.resource.name"],
+                    found["payload"]["stations"],
+                )
+                confirmed.append(found)
+        return confirmed
+
+    def summarize(self, client: SyncPrefectClient, deployment: UUID, now: float | None = None) -> int:
         """A station-hour run for each closed hour not summarised yet (again when late recordings changed it)."""
         settings = self.settings
-        closed = self.resources.species.closed_hours(time.time(), settings.detections.hourly_settle_s)
-        due = self.link.to_summarize(closed)
+        now = time.time() if now is None else now
+        settle = settings.detections.hourly_settle_s
+        closed = self.resources.species.closed_hours(now, settle)
+        due = self.link.to_summarize(closed, settings.station_id, now, settle)
         for hour, station, version in due:
             start = datetime.fromtimestamp(hour, timezone.utc)
             flow_run = client.create_flow_run_from_deployment(

@@ -1,6 +1,7 @@
 """What a station that keeps its own run history owes its fleet's central Prefect: the rare-species events (queued
 until the central server took them) and, once an hour has closed, a summary of it. One SQLite file, written by
-the runs (events) and read by the relay (flows/relay.py), which sends them. No network here.
+the runs (events) and read by the relay (flows/relay.py), which sends them. And the match that makes two stations'
+rare sightings of a species one confirmed sighting. No network here.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ CREATE TABLE IF NOT EXISTS summarized (hour INTEGER, station_id TEXT, version IN
 CREATE TABLE IF NOT EXISTS started (at REAL NOT NULL);
 """
 HOUR_S = 3600
+CONFIRMED_EVENT = "birdflow.detection.confirmed"
 # hours before the relay first started that it still summarises (a station joining a fleet: its last day)
 LOOK_BACK_S = 86400
 
@@ -67,25 +70,43 @@ class CentralLink:
             self.database.execute("INSERT INTO started VALUES (?)", (found,))
         return found
 
-    def to_summarize(self, hours: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
-        """Of (hour, station, version) closed hours, those not summarised at that version, from a day before the
-        relay first ran on."""
-        since = self.first_started() - LOOK_BACK_S
+    def to_summarize(
+        self, closed: list[tuple[int, str, int]], station_id: str, now: float, settle_s: float
+    ) -> list[tuple[int, str, int]]:
+        """Of (hour, station, version) closed hours with counts (from a day before the relay first ran on) and the
+        quiet hours of `station_id` since it first ran (version 0; of the last day only), those not summarised at
+        that version, oldest first."""
+        started = self.first_started()
         done = dict(
             ((hour, station), version)
             for hour, station, version in self.database.execute("SELECT hour, station_id, version FROM summarized")
         )
-        return [item for item in hours if item[0] >= since and done.get(item[:2], -1) < item[2]]
+        counted = {(hour, station) for hour, station, _ in closed}
+        first_quiet = max(int(started) // HOUR_S, int(now - LOOK_BACK_S) // HOUR_S) * HOUR_S
+        quiet = [
+            (hour, station_id, 0)
+            for hour in range(first_quiet, int(now - settle_s) - HOUR_S + 1, HOUR_S)
+            if (hour, station_id) not in counted
+        ]
+        due = [item for item in closed if item[0] >= started - LOOK_BACK_S] + quiet
+        return sorted(item for item in due if done.get(item[:2], -1) < item[2])
 
     def summarized(self, hour: int, station_id: str, version: int) -> None:
         self.database.execute("INSERT OR REPLACE INTO summarized VALUES (?, ?, ?)", (hour, station_id, version))
 
 
 def hour_summary(
-    station_id: str, hour: int, counts: pa.Table, rare: list[dict[str, Any]], backlog: int, disk_free: float
+    station_id: str,
+    hour: int,
+    counts: pa.Table,
+    rare: list[dict[str, Any]],
+    listeners: tuple[set[str], set[str]],
+    backlog: int,
+    disk_free: float,
 ) -> str:
     """The markdown of a station's hour on the central server: what was heard (species, detections, best
-    confidence, listeners), the rare sightings with links to the station's runs, and how the station is."""
+    confidence, listeners), the rare sightings with links to the station's runs, and how the station is (its
+    known listeners that sent no recording in the hour, `listeners`: (known, heard))."""
     start = datetime.fromtimestamp(hour, timezone.utc)
     species: dict[str, dict[str, Any]] = {}
     for row in counts.to_pylist():
@@ -108,5 +129,61 @@ def hour_summary(
             f"- **rare**: {sighting['common_name']} ({sighting['scientific_name']}) {sighting['confidence']:.2f}, "
             f"listener {sighting['listener_id']} at {sighting['time']}; {where}"
         )
-    lines += ["", f"Station: {backlog} recording(s) waiting, {disk_free:.0%} of its disk free."]
+    known, heard = listeners
+    silent = sorted(known - heard)
+    lines += [
+        "",
+        f"Station: {backlog} recording(s) waiting, {disk_free:.0%} of its disk free; "
+        f"{len(heard)} listener(s) sent recordings"
+        + (f", {len(silent)} silent: {', '.join(silent)}." if silent else "."),
+    ]
     return "\n".join(lines)
+
+
+def confirmation(sighting: dict[str, Any], seen: Iterable[dict[str, Any]], window_s: float, by: str) -> dict | None:
+    """The `birdflow.detection.confirmed` event when the rare-species event `sighting` and those `seen` on the server
+    hold sightings of its species by two stations (`by`: or two listeners) within `window_s` of it; else None.
+
+    The event's id comes from the group's earliest sighting: every station that finds the same group sends the
+    same event, and the server keeps one."""
+    species = sighting["payload"]["scientific_name"]
+    at = datetime.fromisoformat(sighting["payload"]["time"])
+    group = {
+        event["id"]: event
+        for event in [*seen, sighting]
+        if event["payload"]["scientific_name"] == species
+        and abs((datetime.fromisoformat(event["payload"]["time"]) - at).total_seconds()) <= window_s
+    }
+    sightings = sorted(group.values(), key=lambda event: (event["payload"]["time"], event["id"]))
+
+    def who(event: dict[str, Any]) -> tuple[str, ...]:
+        payload = event["payload"]
+        return (payload["station_id"],) if by == "stations" else (payload["station_id"], payload["listener_id"])
+
+    if len({who(event) for event in sightings}) < 2:
+        return None
+    payloads = [event["payload"] for event in sightings]
+    first = payloads[0]
+    keys = ("station_id", "listener_id", "time", "confidence", "run_url", "archive_key")
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"birdflow.confirmed/{species}/{sightings[0]['id']}")),
+        "occurred": datetime.now(timezone.utc).isoformat(),
+        "event": CONFIRMED_EVENT,
+        "resource": {
+            "prefect.resource.id": f"birdflow.species.{species.lower().replace(' ', '-')}",
+            "prefect.resource.name": first["common_name"],
+            "birdflow.species": species,
+        },
+        "related": [
+            {"prefect.resource.id": f"birdflow.station.{station}", "prefect.resource.role": "station"}
+            for station in sorted({payload["station_id"] for payload in payloads})
+        ],
+        "payload": {
+            "scientific_name": species,
+            "common_name": first["common_name"],
+            "stations": sorted({payload["station_id"] for payload in payloads}),
+            "first_time": first["time"],
+            "window_s": window_s,
+            "sightings": [{key: payload.get(key, "") for key in keys} for payload in payloads],
+        },
+    }

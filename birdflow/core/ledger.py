@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from birdflow.core.budget import SHRINK_TO, sqlite_bytes_in_use
@@ -79,6 +80,16 @@ class ProcessedLedger:
         """Listeners with a processed recording (a recording id starts with its listener id and '_')."""
         rows = self.database.execute(
             "SELECT DISTINCT substr(recording_id, 1, instr(recording_id, '_') - 1) FROM processed"
+        )
+        return {row[0] for row in rows if row[0]}
+
+    def listeners_heard(self, hour: int) -> set[str]:
+        """Listeners with a processed recording that started in the hour (epoch seconds of its start)."""
+        stamp = datetime.fromtimestamp(hour, timezone.utc).strftime("%Y%m%dT%H")
+        rows = self.database.execute(
+            "SELECT DISTINCT substr(recording_id, 1, instr(recording_id, '_') - 1) FROM processed"
+            " WHERE recording_id GLOB ?",
+            (f"*_{stamp}[0-5][0-9][0-5][0-9]Z_*",),
         )
         return {row[0] for row in rows if row[0]}
 

@@ -232,6 +232,17 @@ class DetectionSettings(Section):
         default_factory=list,
         description="Species (scientific or common names) that are always rare: every recording with one is pushed",
     )
+    confirm_window_s: float = Field(
+        3600.0,
+        ge=0,
+        description=(
+            "A rare species heard by two stations (confirm_by) within this many seconds of each other is a "
+            "birdflow.detection.confirmed event on the Prefect server the rare events go to; 0: never"
+        ),
+    )
+    confirm_by: Literal["stations", "listeners"] = Field(
+        "stations", description="What two sightings must differ in to confirm each other: stations, or listeners"
+    )
     run_artifacts: bool = Field(
         True, description="Each run with detections carries a table artifact of them in the Prefect UI"
     )

@@ -1,9 +1,11 @@
-"""A station that keeps its own run history, in a fleet: its recordings' runs stay on its embedded Prefect server;
-the central Prefect gets the rare-species event and, once the hour closed, one summary run with its artifact."""
+"""Stations that keep their own run history, in a fleet: their recordings' runs stay on their embedded Prefect
+servers; the central Prefect gets each one's rare-species events and, once the hour closed, one summary run with its
+artifact; two stations' sightings of a rare species become one confirmed event there."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -35,54 +37,92 @@ def test_the_relay_and_worker_talk_to_the_central_server_with_its_auth_never_the
     assert with_auth["PREFECT_API_AUTH_STRING"] == "fleet:other"
 
 
-def test_the_central_server_gets_the_hour_and_the_rare_event_not_the_recordings_runs(
+def test_two_stations_on_one_central_server_send_their_hours_and_rare_events_and_confirm_each_other(
     prefect_server, tmp_path, sample_48k
 ):
-    station = f"relay{time.monotonic_ns()}"
+    """Two stations keeping their own history hear the same rare goldfinch: each one's run stays on its own server;
+    the central server gets each one's hour summary and rare event, and one confirmed event naming both."""
+    tag = f"relay{time.monotonic_ns()}"
+    names = [f"{tag}a", f"{tag}b"]
     hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
     central = prefect_server.api_url
-    pool = f"birdflow-{station}"  # the station's work pool is on the central server only
-    prefect_post(central, "work_pools/", {"name": pool, "type": "process"})
-    settings = {"central_api_url": central, "hourly_settle_s": 0, "work_pool": pool}
-    stack = Stack(tmp_path, station_id=station, settings=settings)
+    stacks = []
+    for station in names:
+        pool = f"birdflow-{station}"  # the station's work pool is on the central server only
+        prefect_post(central, "work_pools/", {"name": pool, "type": "process"})
+        settings = {"central_api_url": central, "hourly_settle_s": 0, "work_pool": pool}
+        (tmp_path / station).mkdir()
+        stacks.append(Stack(tmp_path / station, station_id=station, settings=settings))
     try:
-        stack.start()
-        stack.upload(f"mic1_{hour + timedelta(minutes=20):%Y%m%dT%H%M%S}Z.wav", sample_48k.read_bytes())
-        wait_until(lambda: stack.completed_runs() == 1, 120, "the recording's run on the station's own server")
+        with ThreadPoolExecutor(2) as starting:
+            list(starting.map(Stack.start, stacks))
+        for number, stack in enumerate(stacks):
+            name = f"mic1_{hour + timedelta(minutes=20 + number):%Y%m%dT%H%M%S}Z.wav"
+            stack.upload(name, sample_48k.read_bytes())
+        for stack in stacks:
+            wait_until(
+                lambda stack=stack: stack.completed_runs() == 1, 120, "the recording's run on the station's own server"
+            )
 
-        def summary_runs() -> list[dict]:
+        def summary_runs(station: str) -> list[dict]:
             runs = prefect_post(central, "flow_runs/filter", {"flows": {"name": {"any_": ["station-hour"]}}})
-            return [run for run in runs if station in run["tags"] and run["state_type"] == "COMPLETED"]
-
-        wait_until(summary_runs, 60, f"the hour's summary run on the central server\n{stack.log_tail()}")
-        [run] = summary_runs()
-        assert run["name"] == f"{station} {hour:%Y-%m-%d %H}:00"
-        assert (
-            prefect_post(central, "deployments/filter", {"deployments": {"id": {"any_": [run["deployment_id"]]}}})[0][
-                "work_pool_name"
+            return [
+                run
+                for run in runs
+                if station in run["tags"]
+                and run["state_type"] == "COMPLETED"
+                and run["name"] == f"{station} {hour:%Y-%m-%d %H}:00"
             ]
-            == pool
-        )
-        [artifact] = prefect_post(central, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
-        assert f"### Station {station}, {hour:%Y-%m-%d %H}:00-{hour:%H}:59 UTC" in artifact["data"]
-        assert "| American Goldfinch | 1 | 0.36 | mic1 |" in artifact["data"]
-        assert "- **rare**: American Goldfinch (Spinus tristis) 0.36, listener mic1" in artifact["data"]
-        assert f"[its run](http://127.0.0.1:{stack.prefect_port}/runs/flow-run/" in artifact["data"]
+
+        for stack in stacks:
+            station = stack.station_id
+            wait_until(
+                lambda station=station: summary_runs(station),
+                60,
+                f"the hour's summary on the central server\n{stack.log_tail()}",
+            )
+            [run] = summary_runs(station)
+            pool = prefect_post(
+                central, "deployments/filter", {"deployments": {"id": {"any_": [run["deployment_id"]]}}}
+            )[0]["work_pool_name"]
+            assert pool == f"birdflow-{station}"
+            [artifact] = prefect_post(
+                central, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+            )
+            assert f"### Station {station}, {hour:%Y-%m-%d %H}:00-{hour:%H}:59 UTC" in artifact["data"]
+            assert "| American Goldfinch | 1 | 0.36 | mic1 |" in artifact["data"]
+            assert "- **rare**: American Goldfinch (Spinus tristis) 0.36, listener mic1" in artifact["data"]
+            assert f"[its run](http://127.0.0.1:{stack.prefect_port}/runs/flow-run/" in artifact["data"]
+            assert "1 listener(s) sent recordings." in artifact["data"]
+            assert stack.completed_runs() == 1  # on the station's server, with its task runs
 
         recordings_here = prefect_post(
             central, "flow_runs/filter", {"flows": {"name": {"any_": ["process-recording"]}}, "limit": 200}
         )
-        assert not [item for item in recordings_here if station in item["tags"] or station in item["name"]]
-        assert stack.completed_runs() == 1  # on the station's server, with its task runs
+        assert not [item for item in recordings_here if tag in item["name"] or any(tag in t for t in item["tags"])]
+
+        def events(name: str) -> list[dict]:
+            found = prefect_post(central, "events/filter", {"filter": {"event": {"name": [name]}}, "limit": 50})
+            return found["events"]
 
         def rare_events() -> list[dict]:
-            found = prefect_post(
-                central, "events/filter", {"filter": {"event": {"name": ["birdflow.detection.rare"]}}, "limit": 50}
-            )
-            return [event for event in found["events"] if event["resource"].get("birdflow.station") == station]
+            return [
+                event for event in events("birdflow.detection.rare") if event["resource"]["birdflow.station"] in names
+            ]
 
-        wait_until(rare_events, 30, "the rare-species event on the central server")
-        [event] = rare_events()
-        assert event["payload"]["common_name"] == "American Goldfinch" and event["payload"]["listener_id"] == "mic1"
+        wait_until(lambda: len(rare_events()) == 2, 30, "both rare-species events on the central server")
+        assert {event["payload"]["station_id"] for event in rare_events()} == set(names)
+        assert {event["payload"]["common_name"] for event in rare_events()} == {"American Goldfinch"}
+
+        def confirmed() -> list[dict]:
+            return [event for event in events("birdflow.detection.confirmed") if event["payload"]["stations"] == names]
+
+        wait_until(confirmed, 60, "the confirmed event on the central server\n" + stacks[1].log_tail())
+        time.sleep(12)  # both relays have matched by now (10 s after sending): still one event
+        [event] = confirmed()
+        assert event["resource"]["birdflow.species"] == "Spinus tristis"
+        assert [item["station_id"] for item in event["payload"]["sightings"]] == names
+        assert all("/runs/flow-run/" in item["run_url"] for item in event["payload"]["sightings"])
     finally:
-        stack.stop()
+        for stack in stacks:
+            stack.stop()
