@@ -137,6 +137,7 @@ def test_a_rare_sighting_becomes_an_event_about_its_recording_station_and_listen
         "prefect.resource.name": "r1",
         "birdflow.station": "station01",
         "birdflow.listener": "mic1",
+        "birdflow.species": "Junco hyemalis",  # what another station's sighting of it is found by
     }
     assert [related["prefect.resource.role"] for related in fields["related"]] == ["station", "listener"]
     assert fields["payload"] == {
