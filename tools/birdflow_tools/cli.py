@@ -81,6 +81,7 @@ def fleet_bench(args) -> int:
     from rich.console import Console
 
     from birdflow_tools.fleet_bench import FleetOptions, fleet_summary_rows, modes_side_by_side, run_fleet_bench
+    from birdflow_tools.fleet_sim import SimulatedStations
 
     chosen = given(
         recordings_per_station=args.recordings,
@@ -92,11 +93,22 @@ def fleet_bench(args) -> int:
     )
     common = dict(sample=args.file, stations=args.stations, api_processes=args.api_processes, **chosen)
     console = Console(stderr=True)
+    if args.simulate and args.history == "central":
+        console.print("--simulate: simulated stations keep their own history; use --history own or both")
+        return 2
     modes = ["central", "own"] if args.history == "both" else [args.history]
     by_mode = {}
     try:
         for mode in modes:
-            options = (FleetOptions.quick if args.quick else FleetOptions)(**common, own_history=mode == "own")
+            simulated = None
+            if mode == "own" and args.simulate:
+                simulated = SimulatedStations(count=args.simulate, **given(hours=args.simulated_hours))
+            options = (FleetOptions.quick if args.quick else FleetOptions)(
+                **common,
+                own_history=mode == "own",
+                simulated=simulated,
+                fleet_stations=args.stations + (args.simulate or 0),
+            )
             by_mode[mode] = run_fleet_bench(options, say=lambda text: console.print(f"[bold]{text}"))
     except KeyboardInterrupt:
         console.print("bench interrupted; what it started has been stopped and removed")
@@ -243,6 +255,17 @@ def add_commands(commands) -> None:
             "with --stations: every run on the central Prefect (central), each station's on its own server, relayed "
             "(own), or both, side by side"
         ),
+    )
+    bench.add_argument(
+        "--simulate",
+        type=at_least(1),
+        help=(
+            "with --history own or both: also this many stations simulated at compressed time (their relays' "
+            "hourly runs and events), and the fleet of all of them projected"
+        ),
+    )
+    bench.add_argument(
+        "--simulated-hours", type=at_least(1), help="with --simulate: simulated hours, 36 s each (default 3)"
     )
     bench.add_argument(
         "--max-rate", type=float, help="with --stations: highest rate tried, runs/s over the fleet (default 30)"

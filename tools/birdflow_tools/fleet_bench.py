@@ -11,7 +11,9 @@ station id and work pool, spread over the API processes. Phases, in order:
   another station's;
 - optional retention over compressed time: each "day" every station sends recordings, then every finished
   run is made a day older in the database; Prefect's vacuum deletes runs past the retention window, so the
-  history's rows and bytes stop growing.
+  history's rows and bytes stop growing;
+- with each station's own history, optionally more stations simulated at compressed time (fleet_sim.py): what
+  a station-hour costs the central side, projected to a fleet of `fleet_stations`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 from birdflow_tools.bench import PER_RECORDING_ONLY, distinct_uploads, percentile, post_uploads, wait_stored
 from birdflow_tools.central import HISTORY_TABLES, CentralPrefect
+from birdflow_tools.fleet_sim import SimulatedStations, fleet_projection, projection_rows, simulate
 from birdflow_tools.stack import Stack, environment_without_settings
 from birdflow_tools.testbed import prefect_post
 
@@ -62,6 +65,9 @@ class FleetOptions:
     # (central_api_url) instead of running them there
     own_history: bool = False
     executor_workers: int | None = None
+    # with own_history: the rest of a fleet, simulated (fleet_sim.py), and the fleet it is projected to
+    simulated: SimulatedStations | None = None
+    fleet_stations: int = 100
 
     @classmethod
     def quick(cls, **overrides) -> FleetOptions:
@@ -315,14 +321,14 @@ def running_fleet(options: FleetOptions, say: Callable[[str], None], keep: bool 
     root.chmod(0o755)  # Postgres runs as its own user when we are root
     try:
         with ExitStack() as resources:
-            yield start_fleet(options, root, resources, say)
+            yield (*start_fleet(options, root, resources, say), root)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
 
 
 def run_fleet_bench(options: FleetOptions, say: Callable[[str], None]) -> dict:
-    with running_fleet(options, say) as (central, stacks):
+    with running_fleet(options, say) as (central, stacks, root):
         results: dict = {
             "cores": os.cpu_count(),
             "stations": len(stacks),
@@ -332,6 +338,12 @@ def run_fleet_bench(options: FleetOptions, say: Callable[[str], None]) -> dict:
             "rate": rate_phase(options, central, stacks, say),
         }
         if options.own_history:  # the stations' runs are on their own servers: nothing of theirs to view centrally
+            if options.simulated:
+                sim = options.simulated
+                results["simulated"] = simulated = simulate(sim, central, root / "simulated", say)
+                results["projection"] = fleet_projection(
+                    simulated, sim.listeners, sim.recording_s, stations=options.fleet_stations
+                )
             return results
         results["stations_view"] = station_view(central, stacks)
         if options.compressed_days:
@@ -396,6 +408,8 @@ def fleet_summary_rows(results: dict) -> list[tuple[str, str]]:
         )
         for view in results.get("stations_view", [])
     ]
+    if "projection" in results:
+        rows += projection_rows(results["projection"], results["simulated"])
     for day in results.get("retention", {}).get("days", []):
         rows.append(
             (

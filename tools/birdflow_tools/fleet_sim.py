@@ -1,0 +1,238 @@
+"""The rest of a fleet, simulated: what `count` more stations that keep their own run history send the central
+Prefect, at compressed time (`birdflow bench --stations N --history own --simulate 98`).
+
+Each simulated station is birdflow's own relay (flows/relay.py) over a station folder of its own: every
+simulated hour its species record is given the hour (each of `listeners` listeners hears a few of the station's
+common species; now and then one a rare one, from a pool the stations share, so that some are confirmed across
+stations), its ledger the hour's recordings, and the relay does what it does on a real station: sends the rare
+events, matches them against the central event store, and runs the closed hour's station-hour run with its
+artifact. Only the audio is missing: none of it reaches the central side in this mode. The simulated hours lie
+in the past, one every `hour_s` real seconds; the central side's CPU and database growth over them is what a
+station-hour costs it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from uuid import UUID
+
+import pyarrow as pa
+
+from birdflow.core.rarity import hour_of
+from birdflow.settings import Settings
+from birdflow_tools.central import HISTORY_TABLES, CentralPrefect
+from birdflow_tools.testbed import prefect_post
+
+COMMON_SPECIES = 40  # a station's common species (each listener hears `species_per_listener` of them an hour)
+RARE_SPECIES = 12  # shared by the fleet: a station hearing one is told it is rare, the first time
+CONFIDENCE = 0.8
+
+
+@dataclass
+class SimulatedStations:
+    count: int = 98
+    listeners: int = 30
+    recording_s: float = 20.0
+    hours: int = 3
+    hour_s: float = 36.0  # real seconds per simulated hour
+    species_per_listener: int = 6
+    rare_share: float = 0.2  # of station-hours, those with a rare species
+    seed: int = 7
+
+    @property
+    def recordings_per_station_hour(self) -> float:
+        return self.listeners * 3600 / self.recording_s
+
+
+def species(number: int, rare: bool = False) -> tuple[str, str]:
+    """(scientific, common) names as long as real ones."""
+    kind = "rara" if rare else "communis"
+    return f"Avis {kind} {number:03d}", f"Simulated {'Rare' if rare else 'Common'} Bird {number:03d}"
+
+
+def hour_of_station(station: str, hour: int, listeners: int, per_listener: int, rare: int | None, draw) -> pa.Table:
+    """A station's hour as its recordings' detections would add it to the species record (one row per listener and
+    species heard)."""
+    rows = []
+    for number in range(listeners):
+        heard = [species(item) for item in draw.sample(range(COMMON_SPECIES), per_listener)]
+        if rare is not None and number == 0:
+            heard.append(species(rare, rare=True))
+        listener = f"mic{number + 1:02d}"
+        moment = datetime.fromtimestamp(hour + 60 * number % 3600, timezone.utc)
+        rows += [
+            {
+                "time": moment,
+                "station_id": station,
+                "listener_id": listener,
+                "recording_id": f"{station}-{hour}",
+                "scientific_name": scientific,
+                "common_name": common,
+                "confidence": CONFIDENCE,
+            }
+            for scientific, common in heard
+        ]
+    return pa.Table.from_pylist(rows)
+
+
+class SimulatedStation:
+    """A station folder with its relay, registered on the central server as a real station's is."""
+
+    def __init__(self, root: Path, station: str, api_url: str, pool: str):
+        from flows.relay import Relay
+
+        self.settings = Settings.model_validate(
+            {
+                "data_dir": root / station,
+                "station_id": station,
+                "central_api_url": api_url,
+                "work_pool": pool,
+                "hourly_settle_s": 0,
+            }
+        )
+        self.relay = Relay(self.settings)
+        self.deployment: UUID = self.relay.register()
+
+    def hear(self, table: pa.Table, hour: int, listeners: int) -> int:
+        """The hour's detections and recordings; its rare sightings queued for the central server as a run
+        queues them. Returns the rare sightings."""
+        from flows.announce import rare_event_fields
+
+        resources = self.relay.resources
+        tally = resources.species.tally(table)
+        for sighting in tally.rare:
+            fields = rare_event_fields(sighting, f"{sighting.station_id}/{sighting.recording_id}.flac", None)
+            self.relay.link.rare(fields, once_for=f"{sighting.recording_id}:{sighting.scientific_name}")
+        stamp = datetime.fromtimestamp(hour, timezone.utc)
+        for number in range(listeners):
+            resources.ledger.record(f"mic{number + 1:02d}_{stamp:%Y%m%dT%H%M%S}Z_{number:08x}", "simulated")
+        return len(tally.rare)
+
+    def relay_hour(self, client, now: float) -> int:
+        """What the relay does in its loop: events sent, sightings matched, closed hours summarised."""
+        from flows.run_resources import use_run_resources
+
+        use_run_resources(self.settings)  # the station-hour run reads this station's folder
+        self.relay.send_events(client)
+        confirmed = len(self.relay.confirm_due(client))
+        self.relay.summarize(client, self.deployment, now=now)
+        return confirmed
+
+
+def simulate(sim: SimulatedStations, central: CentralPrefect, root: Path, say: Callable[[str], None]) -> dict:
+    """The simulated stations' hours at compressed time; what the central side spent on them."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.engine import engine_context
+    from flows.relay import CONFIRM_AFTER_S
+
+    draw = random.Random(sim.seed)
+    first_hour = hour_of(time.time()) - (sim.hours + 2) * 3600
+    with temporary_settings({PREFECT_API_URL: central.api_url(0)}):
+        say(f"simulated stations: {sim.count}, each registering its station-hour deployment")
+        stations = []
+        for number in range(sim.count):
+            station = f"sim{number + 1:03d}"
+            prefect_post(central.api_url(0), "work_pools/", {"name": f"birdflow-{station}", "type": "process"})
+            simulated = SimulatedStation(root, station, central.api_url(0), f"birdflow-{station}")
+            # the station's common species heard three days ago: not rare in the simulated hours
+            simulated.relay.resources.species.tally(
+                hour_of_station(station, first_hour - 3 * 86400, 1, COMMON_SPECIES, None, draw)
+            )
+            stations.append(simulated)
+        cpu0, history0 = central.cpu(), central.history()
+        rare = confirmed = 0
+        behind = 0.0
+        with engine_context() as client:
+            for number in range(sim.hours):
+                hour = first_hour + number * 3600
+                say(f"simulated hour {number + 1} of {sim.hours}: {datetime.fromtimestamp(hour, timezone.utc):%H}:00")
+                tick = time.monotonic()
+                for simulated in stations:
+                    heard_rare = draw.randrange(RARE_SPECIES) if draw.random() < sim.rare_share else None
+                    table = hour_of_station(
+                        simulated.settings.station_id, hour, sim.listeners, sim.species_per_listener, heard_rare, draw
+                    )
+                    rare += simulated.hear(table, hour, sim.listeners)
+                    confirmed += simulated.relay_hour(client, now=hour + 3600)
+                behind = max(behind, time.monotonic() - tick - sim.hour_s)
+                time.sleep(max(0.0, tick + sim.hour_s - time.monotonic()))
+            time.sleep(CONFIRM_AFTER_S)  # the last hour's sightings are matched too
+            confirmed += sum(simulated.relay_hour(client, now=first_hour + sim.hours * 3600) for simulated in stations)
+        time.sleep(10)  # Prefect's event persister and task-run recorder write in batches
+        cpu, history = central.cpu(), central.history()
+    station_hours = sim.count * sim.hours
+    spent = {role: cpu[role] - cpu0[role] for role in cpu}
+    grown = history["database_bytes"] - history0["database_bytes"]
+    return {
+        "stations": sim.count,
+        "hours": sim.hours,
+        "station_hours": station_hours,
+        "recordings_represented": station_hours * sim.recordings_per_station_hour,
+        "rare_events": rare,
+        "confirmed_events": confirmed,
+        "seconds_behind_compressed_time": behind,
+        "central_cpu_s_per_station_hour": sum(spent.values()) / station_hours,
+        "central_cpu_s_per_station_hour_by_role": {role: value / station_hours for role, value in spent.items()},
+        "database_bytes_per_station_hour": grown / station_hours,
+        "rows_per_station_hour": {
+            table: (history[table] - history0[table]) / station_hours for table in HISTORY_TABLES
+        },
+    }
+
+
+def fleet_projection(
+    simulated: dict, listeners: int, recording_s: float, stations: int = 100, history_days: int = 14
+) -> dict:
+    """A fleet of `stations` x `listeners` from the cost of a station-hour: central cores, disk for the history,
+    and what that is per recording."""
+    per_hour = listeners * 3600 / recording_s
+    cpu, size = simulated["central_cpu_s_per_station_hour"], simulated["database_bytes_per_station_hour"]
+    return {
+        "stations": stations,
+        "listeners": listeners,
+        "recordings_per_s": stations * per_hour / 3600,
+        "central_cpu_s_per_recording": cpu / per_hour,
+        "central_database_bytes_per_recording": size / per_hour,
+        "central_cores": stations * cpu / 3600,
+        "central_database_bytes": stations * 24 * history_days * size,
+        "history_days": history_days,
+        "central_cpu_s_per_station_day": 24 * cpu,
+        "database_bytes_per_station_day": 24 * size,
+    }
+
+
+def projection_rows(projection: dict, simulated: dict) -> list[tuple[str, str]]:
+    return [
+        (
+            "simulated stations",
+            f"{simulated['stations']} x {simulated['hours']} hours at compressed time "
+            f"({simulated['seconds_behind_compressed_time']:.0f} s behind at most): "
+            f"{simulated['rare_events']} rare events, {simulated['confirmed_events']} confirmed",
+        ),
+        (
+            "central per station-hour",
+            f"{simulated['central_cpu_s_per_station_hour']:.3f} CPU-s ("
+            + ", ".join(f"{r} {v:.3f}" for r, v in simulated["central_cpu_s_per_station_hour_by_role"].items())
+            + f"), {simulated['database_bytes_per_station_hour'] / 1024:.1f} KB, rows "
+            + ", ".join(f"{t} {n:.1f}" for t, n in simulated["rows_per_station_hour"].items() if n),
+        ),
+        (
+            f"fleet of {projection['stations']} x {projection['listeners']} listeners",
+            f"{projection['recordings_per_s']:.0f} recordings/s; central "
+            f"{projection['central_cpu_s_per_recording'] * 1000:.3f} ms CPU and "
+            f"{projection['central_database_bytes_per_recording']:.2f} B of database per recording; "
+            f"{projection['central_cores']:.3f} central cores; {projection['history_days']} days of history "
+            f"{projection['central_database_bytes'] / 1e9:.2f} GB",
+        ),
+        (
+            "per station and day",
+            f"{projection['central_cpu_s_per_station_day']:.1f} central CPU-s, "
+            f"{projection['database_bytes_per_station_day'] / 1e6:.2f} MB of central database",
+        ),
+    ]
