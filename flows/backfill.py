@@ -2,7 +2,10 @@
 
 Each recording not yet processed with these analysis parameters (the processed-recordings ledger says
 so, long after the runs are deleted) is processed as a child run of process-recording; `dry_run` only
-lists them. A summary (found / skipped / processed / failed) is saved as a Prefect artifact. The nightly
+lists them. A backfill that a station keeping its own run history runs from its fleet's central server hands
+the recordings to the station's executor instead (its recordings folder), so that their runs are on the
+station's own server like every other recording's; with analysis overrides, they are child runs as before.
+A summary (found / skipped / processed / handed / failed) is saved as a Prefect artifact. The nightly
 schedule in prefect.yaml runs it over the archive, which picks up whatever failed or was never processed.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,12 +36,16 @@ from birdflow.core.backfill_plan import (
     select,
 )
 from birdflow.core.ledger import ProcessedLedger
-from birdflow.core.recordings import RecordingInfo, describe_audio_file, is_inside
+from birdflow.core.recordings import RecordingInfo, RecordingStore, describe_audio_file, is_inside
 from birdflow.settings import Settings
 from flows.process_recording import process_recording, run_analysis_params
 from flows.run_resources import run_resources
 
 ARCHIVE = "archive"
+# recordings handed to the station's executor and not yet run, at most: the rest waits in the source
+HANDED_AHEAD = 8
+# a backlog that has not shrunk for this long: the station's executor is not running, the backfill fails saying so
+EXECUTOR_PATIENCE_S = 600.0
 # called with (location, done, total) after each recording: the CLI's progress bar
 progress_listeners: list[Callable[[str, int, int], None]] = []
 
@@ -134,6 +142,7 @@ def new_summary(found: int) -> dict[str, Any]:
         "skipped": 0,
         "refused": 0,
         "processed": 0,
+        "handed": 0,
         "failed": 0,
         "would_process": [],
         "unknown_listeners": [],
@@ -211,6 +220,26 @@ def backfill(
     selection = {"since": since, "until": until, "listener": listener, "station": station}
     ledger = resources.ledger
 
+    store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
+
+    def hand_over(decision: Decision, summary: dict[str, Any]) -> None:
+        info = decision.info
+        assert info is not None and info.source_path, "a decision to process carries what was read of the file"
+        waited_since, backlog = time.monotonic(), len(store.pending())
+        while backlog >= HANDED_AHEAD:  # the archive stays the queue, not the station's disk
+            time.sleep(1)
+            waiting = len(store.pending())
+            if waiting < backlog:
+                waited_since = time.monotonic()
+            elif time.monotonic() - waited_since > EXECUTOR_PATIENCE_S:
+                raise RuntimeError(
+                    f"the station's executor has run none of its {waiting} waiting recordings for "
+                    f"{EXECUTOR_PATIENCE_S:.0f} s: is `birdflow up` running? {summary['handed']} handed so far"
+                )
+            backlog = waiting
+        store.hand_in(Path(info.source_path), info.model_copy(update={"source_path": None}))
+        summary["handed"] += 1
+
     def process(decision: Decision, summary: dict[str, Any]) -> None:
         info, item = decision.info, decision.item
         assert info is not None, "a decision to process carries what was read of the file"
@@ -221,7 +250,12 @@ def backfill(
             ledger.remember_file(item.location, item.size, item.modified.timestamp(), info.recording_id)
 
     decided = decide(source, settings, ledger, params.analysis_id, selection, allow_unknown)
-    summary = walk(*decided, would_process if dry_run else process)
+    handing = not dry_run and hands_to_station(settings, analysis)
+    summary = walk(*decided, would_process if dry_run else hand_over if handing else process)
+    if handing:
+        logger.info(
+            "%d recording(s) handed to the station's executor: their runs are on its own server", summary["handed"]
+        )
     for line in summary["unreadable"]:
         logger.warning("cannot read %s", line)
     if summary["unknown_listeners"]:
@@ -245,15 +279,25 @@ def backfill(
     return summary
 
 
+def hands_to_station(settings: Settings, analysis: dict[str, Any] | None) -> bool:
+    """Whether this run is on the fleet's central server of a station that keeps its own run history (and asks
+    for the station's own analysis parameters)."""
+    from prefect.settings import get_current_settings
+
+    central = settings.prefect.central_api_url.rstrip("/")
+    return bool(central) and not analysis and (get_current_settings().api.url or "").rstrip("/") == central
+
+
 def summary_markdown(source: str, summary: dict[str, Any], analysis_id: str, dry_run: bool) -> str:
     lines = [
         f"# Backfill of `{source}`{' (dry run)' if dry_run else ''}",
         f"analysis `{analysis_id}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        "| found | skipped (already processed) | refused (unknown listener) | processed | failed | would process |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| found | skipped (already processed) | refused (unknown listener) | processed | handed to the station "
+        "| failed | would process |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         f"| {summary['found']} | {summary['skipped']} | {summary['refused']} | {summary['processed']} "
-        f"| {summary['failed']} | {len(summary['would_process'])} |",
+        f"| {summary['handed']} | {summary['failed']} | {len(summary['would_process'])} |",
     ]
     lines += [""] + [f"- `{location}`" for location in summary["would_process"][:200]]
     return "\n".join(lines)

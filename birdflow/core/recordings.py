@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -173,15 +174,29 @@ class RecordingStore:
             file_name=recording_id + partial.suffix.lower(),
             source=source,
         )
+        self._move_in(partial, info)
+        return info
+
+    def hand_in(self, path: Path, info: RecordingInfo) -> None:
+        """A copy of a file described elsewhere (a backfill's), queued as `info` says: the executor runs it."""
+        partial = self.new_upload_partial(path.suffix.lower())
+        try:
+            shutil.copyfile(path, partial)
+            self._move_in(partial, info)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            raise
+
+    def _move_in(self, partial: Path, info: RecordingInfo) -> None:
+        """The metadata first, then the audio, each moved in atomically: the executor sees both or neither."""
         sidecar_tmp = partial.with_suffix(".json")
         try:
             sidecar_tmp.write_text(info.model_dump_json())
         except OSError:
             sidecar_tmp.unlink(missing_ok=True)  # never a truncated sidecar (a full disk); the partial stays
             raise
-        os.replace(sidecar_tmp, self.recordings_dir / f"{recording_id}.json")
+        os.replace(sidecar_tmp, self.recordings_dir / f"{info.recording_id}.json")
         os.replace(partial, self.recordings_dir / info.file_name)
-        return info
 
     def pending(self) -> list[Path]:
         """Published audio files, oldest first (a file finished while this runs is left out)."""

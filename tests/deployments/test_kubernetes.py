@@ -241,3 +241,23 @@ def test_redis_answers_only_with_its_password_and_prefect_has_it():
             [prefect] = resource["spec"]["template"]["spec"]["containers"]
             names = {variable["name"] for variable in prefect["env"]}
             assert {"PREFECT_REDIS_MESSAGING_PASSWORD", "PREFECT_SERVER_DOCKET_URL"} <= names
+
+
+def test_the_own_history_overlay_is_the_manifests_with_one_api_process_and_the_event_feed_stored():
+    """What `kubectl apply -k deployments/kubernetes/own-history` changes, each change aimed at what exists, and
+    what `birdflow bench --stations N --history own` runs (tools/birdflow_tools/central.py reads the overlay)."""
+    from birdflow_tools.central import manifest_settings
+
+    overlay = yaml.safe_load((FOLDER / "own-history" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    names = {(resource["kind"], resource["metadata"]["name"]) for resource in resources()}
+    assert overlay["replicas"] == [{"name": "prefect-api", "count": 1}] and ("Deployment", "prefect-api") in names
+    [patch] = overlay["patches"]
+    assert (patch["target"]["kind"], patch["target"]["name"]) in names
+    base, own = manifest_settings(), manifest_settings(own_history=True)
+    changed = {name for name in own if own[name] != base.get(name)}
+    assert changed == {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"} and set(own) == set(base)  # replaced only
+    assert (
+        base["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"],
+        own["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"],
+    ) == ("false", "true")

@@ -207,3 +207,38 @@ def test_a_card_dump_dry_run_without_a_server_then_unknown_listeners_refused_and
     ), resumed.stderr[-3000:]
     again = birdflow("backfill", str(dump), "--dry-run", "--allow-unknown", api_url=nobody)
     assert "found 3, skipped 3 (already processed)" in again.stdout and "would process 0:" in again.stdout
+
+
+def test_a_backfill_on_the_central_server_of_a_station_with_its_own_history_hands_it_the_recordings(
+    prefect_server, tmp_path, sample_48k
+):
+    """The run is on the fleet's central server (this test's); the recordings go to the station's recordings
+    folder, where its executor runs them on its own server: no recording's run on the central one."""
+    from birdflow.core.recordings import load_info
+    from birdflow.settings import Settings
+    from flows.backfill import backfill
+    from flows.run_resources import use_run_resources
+
+    dump = tmp_path / "card"
+    dump.mkdir()
+    (dump / "mic1_20250601T053000Z.wav").write_bytes(sample_48k.read_bytes())
+    (dump / "mic1_20250601T060000Z.wav").write_bytes(sample_48k.read_bytes()[:-4800])
+    settings = Settings.model_validate(
+        {
+            "station_id": "own",
+            "data_dir": tmp_path / "data",
+            "backfill_roots": [str(dump)],
+            "central_api_url": prefect_server.api_url,
+        }
+    )
+    use_run_resources(settings)
+    summary = backfill(source=str(dump), allow_unknown=True)
+    assert (summary["handed"], summary["processed"], summary["failed"]) == (2, 0, 0)
+    queued = sorted(settings.recordings_dir.glob("*.wav"))
+    infos = [load_info(path) for path in queued]
+    assert [(info.listener_id, info.source, info.source_path) for info in infos] == [("mic1", "backfill", None)] * 2
+    assert sorted(path.stat().st_size for path in queued) == sorted(path.stat().st_size for path in dump.iterdir())
+    assert list(dump.iterdir()) and not list(settings.partial_dir.iterdir())  # the card keeps its files
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="mic1_20250601T0")))
+    assert not runs  # no recording's run on the central server

@@ -32,6 +32,8 @@ from birdflow_tools.stack import cpu_seconds, environment_without_settings, proc
 from birdflow_tools.testbed import LOOPBACK, free_port, stop_process
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deployments" / "kubernetes" / "prefect.yaml"
+# the overlay for a fleet whose stations keep their own run history
+OWN_HISTORY = MANIFEST.parent / "own-history" / "kustomization.yaml"
 # what the official image needs at start, not a setting of a process started from this virtualenv
 NOT_SETTINGS = {"EXTRA_PIP_PACKAGES"}
 # the run history a fleet keeps: Prefect's tables that grow with every run
@@ -47,12 +49,24 @@ HISTORY_TABLES = (
 )
 
 
-def manifest_settings() -> dict[str, str]:
-    """The Prefect settings of the Kubernetes ConfigMap `prefect-settings`."""
+def manifest_settings(own_history: bool = False) -> dict[str, str]:
+    """The Prefect settings of the Kubernetes ConfigMap `prefect-settings`; with `own_history`, as the
+    own-history overlay patches them."""
     for document in yaml.safe_load_all(MANIFEST.read_text()):
         if document and document.get("kind") == "ConfigMap" and document["metadata"]["name"] == "prefect-settings":
-            return {key: str(value) for key, value in document["data"].items() if key not in NOT_SETTINGS}
+            found = {key: str(value) for key, value in document["data"].items() if key not in NOT_SETTINGS}
+            return {**found, **(overlay_settings() if own_history else {})}
     raise RuntimeError(f"no ConfigMap prefect-settings in {MANIFEST.name}")
+
+
+def overlay_settings() -> dict[str, str]:
+    """The settings the own-history overlay replaces in `prefect-settings` (its JSON patches' replace ops)."""
+    replaced = {}
+    for patch in yaml.safe_load(OWN_HISTORY.read_text())["patches"]:
+        if patch["target"] == {"kind": "ConfigMap", "name": "prefect-settings"}:
+            for operation in yaml.safe_load(patch["patch"]):
+                replaced[operation["path"].removeprefix("/data/")] = operation["value"]
+    return replaced
 
 
 def redis_program() -> str:
@@ -69,6 +83,7 @@ class CentralPrefect:
     root: Path
     api_processes: int = 1
     settings: dict = field(default_factory=dict)  # Prefect settings over the manifest's (e.g. a shorter vacuum)
+    own_history: bool = False  # the own-history overlay's settings
     postgres_port: int = field(default_factory=free_port)
     redis_port: int = field(default_factory=free_port)
     api_ports: list[int] = field(default_factory=list)
@@ -90,7 +105,7 @@ class CentralPrefect:
 
     def environment(self) -> dict[str, str]:
         env = environment_without_settings()
-        env.update(manifest_settings())
+        env.update(manifest_settings(self.own_history))
         env.update(
             PREFECT_HOME=str(self.root / "prefect-home"),
             PREFECT_API_DATABASE_CONNECTION_URL=self.database_url,

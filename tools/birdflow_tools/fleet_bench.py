@@ -95,7 +95,9 @@ def station_ids(count: int) -> list[str]:
 def start_fleet(options: FleetOptions, root: Path, resources: ExitStack, say: Callable[[str], None]):
     """The central side, its work pools (`birdflow central-setup`), then the stations one by one."""
     say(f"central side: Postgres, Redis, {options.api_processes} Prefect API process(es), Prefect's services")
-    central = CentralPrefect(root / "central", options.api_processes, settings=options.central_settings())
+    central = CentralPrefect(
+        root / "central", options.api_processes, settings=options.central_settings(), own_history=options.own_history
+    )
     resources.callback(central.stop)
     central.start()
     stations = station_ids(options.stations)

@@ -152,6 +152,7 @@ def print_backfill_summary(summary: dict, dry_run: bool) -> None:
     print(
         f"found {summary['found']}, skipped {summary['skipped']} (already processed), "
         f"refused {summary['refused']} (unknown listener), processed {summary['processed']}, failed {summary['failed']}"
+        + (f", handed to the station's executor {summary['handed']}" if summary.get("handed") else "")
     )
     if summary["unknown_listeners"]:
         print(
