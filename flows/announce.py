@@ -80,23 +80,26 @@ def run_page() -> str | None:
 
 
 def announce_rare(
-    sightings: list[RareSighting], archive_key: str, rules: DetectionSettings, central: CentralLink | None = None
+    sightings: list[RareSighting],
+    archive_key: str,
+    confirm: DetectionSettings | None = None,
+    central: CentralLink | None = None,
 ) -> None:
     """On the station's Prefect, and queued for the fleet's central one when the station has one (whose relay then
-    looks for confirmation there). Without a central one, the sighting is matched on the station's Prefect, where
-    the fleet's rare events then are."""
+    looks for confirmation there). With `confirm` (the Prefect server stores its event feed: a central one of every
+    run, or a station's own with prefect_events_enabled), the sighting is matched on the station's Prefect."""
     run_url = run_page()
     for sighting in sightings:
         fields = rare_event_fields(sighting, archive_key, run_url)
         event = emit_event(**fields)
         if central is not None:
             central.rare(fields, once_for=f"{sighting.recording_id}:{sighting.scientific_name}")
-        elif event is not None and rules.confirm_window_s:
+        elif event is not None and confirm is not None and confirm.confirm_window_s:
             from prefect import get_client
 
             try:
                 with get_client(sync_client=True) as client:
-                    confirm_on_server(client, event.model_dump(mode="json"), rules)
+                    confirm_on_server(client, event.model_dump(mode="json"), confirm)
             except Exception as exc:  # the sighting is announced either way; a retry would announce it twice
                 get_run_logger().warning("could not look for a confirmation of %s: %s", sighting.scientific_name, exc)
 

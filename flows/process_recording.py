@@ -194,7 +194,7 @@ def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str
         announce_rare(
             tally.rare,
             recording.archive_key(recording.archive_names(resources.settings.archive.archive_format)[0]),
-            resources.settings.detections,
+            resources.settings.detections if resources.settings.matches_sightings_on_its_prefect else None,
             resources.central_link,
         )
         resources.species.announced(recording.recording_id)

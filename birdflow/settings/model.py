@@ -229,3 +229,12 @@ class Settings(BaseModel):
     @property
     def embedded_prefect(self) -> bool:
         return not self.prefect.prefect_api_url
+
+    @property
+    def matches_sightings_on_its_prefect(self) -> bool:
+        """Whether its runs look for a confirmation of their rare sightings on their Prefect server: one the fleet
+        shares (every run central), or its embedded one when that stores its event feed; a station with
+        central_api_url leaves it to its relay."""
+        if self.prefect.central_api_url:
+            return False
+        return not self.embedded_prefect or self.prefect.prefect_events_enabled

@@ -4,6 +4,7 @@ artifact; two stations' sightings of a rare species become one confirmed event t
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -126,3 +127,34 @@ def test_two_stations_on_one_central_server_send_their_hours_and_rare_events_and
     finally:
         for stack in stacks:
             stack.stop()
+
+
+def test_with_every_run_on_one_server_a_run_matches_its_rare_sighting_there(prefect_server):
+    """Every run central (or a station's own server storing its event feed): the second station's run finds the
+    first one's sighting on the server and sends the confirmed event itself."""
+    from birdflow.core.rarity import RareSighting
+    from birdflow.settings.sections import DetectionSettings
+    from flows.announce import announce_rare
+
+    tag = f"shared{time.monotonic_ns()}"
+    rules = DetectionSettings(confirm_window_s=1800)
+
+    def sighting(station: str, minute: int) -> RareSighting:
+        heard = f"2025-06-01T05:{minute:02d}:00+00:00"
+        return RareSighting(
+            station, "mic1", f"mic1_{station}_{minute}", "Bubo bubo", "Eurasian Eagle-Owl", 0.9, heard, False
+        )
+
+    def events(name: str) -> list[dict]:
+        found = prefect_post(
+            prefect_server.api_url, "events/filter", {"filter": {"event": {"name": [name]}}, "limit": 50}
+        )
+        return [event for event in found["events"] if tag in json.dumps(event)]
+
+    announce_rare([sighting(f"{tag}a", 10)], "a.flac", rules)
+    wait_until(lambda: events("birdflow.detection.rare"), 30, "the first station's sighting stored")
+    announce_rare([sighting(f"{tag}b", 59)], "b.flac", rules)  # 49 minutes later: outside the window
+    announce_rare([sighting(f"{tag}c", 25)], "c.flac", rules)  # 15 minutes after the first: confirmed
+    wait_until(lambda: events("birdflow.detection.confirmed"), 30, "the confirmed event")
+    [confirmed] = events("birdflow.detection.confirmed")
+    assert confirmed["payload"]["stations"] == [f"{tag}a", f"{tag}c"]
