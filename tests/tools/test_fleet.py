@@ -5,7 +5,10 @@ other; Prefect's vacuum holds the history flat over compressed days."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +51,7 @@ def test_two_api_processes_on_postgres_and_redis_serve_two_stations(sample_48k):
         recordings_per_day=1,
     )
     said: list[str] = []
-    with running_fleet(options, said.append) as (central, stacks):
+    with running_fleet(options, said.append) as (central, stacks, _):
         first, second = stacks
         assert (first.api_url, second.api_url) == (central.api_url(0), central.api_url(1))
         assert central.api_url(0) != central.api_url(1)
@@ -133,3 +136,49 @@ def test_both_modes_print_side_by_side_then_each_in_full():
     assert rows["each station's own history: fleet"].endswith(
         "each station's run history on its own Prefect (central_api_url)"
     )
+
+
+def test_simulated_stations_send_the_central_side_their_hours_events_confirmations_and_metrics():
+    """The simulator is birdflow's relay over station folders: three stations, two compressed hours, all hearing
+    the same rare species in the first; on a central side run as the own-history overlay runs it. Their metrics
+    reach a central Prometheus (an agent remote-writes at most every 5 s)."""
+    from birdflow_tools.central import CentralPrefect
+    from birdflow_tools.fleet_sim import SimulatedStations, fleet_projection, remote_write, simulate
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="birdflow-sim-"))
+    tmp_path.chmod(0o755)  # Postgres runs as its own user when we are root (pytest's folders are private)
+    sim = SimulatedStations(
+        count=3, listeners=4, hours=2, hour_s=1, rare_share=1.0, rare_species=1, metrics_s=11, scrape_interval_s=1
+    )
+    central = CentralPrefect(tmp_path / "central", own_history=True)
+    try:
+        central.start()
+        simulated = simulate(sim, central, tmp_path / "stations", lambda text: None)
+        hour_runs = central.query(
+            "SELECT flow_run.name FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
+            " WHERE flow.name = 'station-hour' AND flow_run.state_type = 'COMPLETED'"
+        )
+        confirmed = central.query("SELECT count(*) FROM events WHERE event = 'birdflow.detection.confirmed'")[0][0]
+    finally:
+        central.stop()
+        shutil.rmtree(tmp_path / "central", ignore_errors=True)
+    assert simulated["station_hours"] == len(hour_runs) == 6
+    assert sorted(name.split()[0] for (name,) in hour_runs) == [
+        "sim001",
+        "sim001",
+        "sim002",
+        "sim002",
+        "sim003",
+        "sim003",
+    ]
+    assert simulated["rows_per_station_hour"]["artifact"] == 1.0 and simulated["rows_per_station_hour"]["task_run"] == 0
+    # the rare species is rare at each station once; the three sightings are one confirmation, whoever sent it
+    assert simulated["rare_events"] == 3 and simulated["confirmed_events"] == confirmed == 1
+    assert simulated["central_cpu_s_per_station_hour"] > 0 and simulated["database_bytes_per_station_hour"] > 0
+    text = '# HELP birdflow_backlog x\nbirdflow_backlog{station="real"} 0\nbirdflow_up{station="real"} 1\n'
+    metrics = remote_write(sim, text, "real", tmp_path / "metrics", lambda text: None)
+    assert metrics["series_per_station"] == 2 and metrics["samples_per_s"] > 0
+    projection = fleet_projection(simulated, metrics, sim.listeners, sim.recording_s, stations=100)
+    assert projection["central_cores"] > projection["prometheus_cores"] > 0
+    assert projection["central_database_bytes"] == 100 * 24 * 14 * simulated["database_bytes_per_station_hour"]
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from birdflow_tools.bench import PER_RECORDING_ONLY, distinct_uploads, percentile, post_uploads, wait_stored
 from birdflow_tools.central import HISTORY_TABLES, CentralPrefect
-from birdflow_tools.fleet_sim import SimulatedStations, fleet_projection, projection_rows, simulate
+from birdflow_tools.fleet_sim import SimulatedStations, fleet_projection, projection_rows, remote_write, simulate
 from birdflow_tools.stack import Stack, environment_without_settings
 from birdflow_tools.testbed import prefect_post
 
@@ -343,8 +345,13 @@ def run_fleet_bench(options: FleetOptions, say: Callable[[str], None]) -> dict:
             if options.simulated:
                 sim = options.simulated
                 results["simulated"] = simulated = simulate(sim, central, root / "simulated", say)
+                metrics = {}
+                if sim.metrics_s:
+                    text = httpx.get(f"{stacks[0].url}/metrics", timeout=10).text
+                    metrics = remote_write(sim, text, stacks[0].station_id, root / "metrics", say)
+                results["simulated_metrics"] = metrics
                 results["projection"] = fleet_projection(
-                    simulated, sim.listeners, sim.recording_s, stations=options.fleet_stations
+                    simulated, metrics, sim.listeners, sim.recording_s, stations=options.fleet_stations
                 )
             return results
         results["stations_view"] = station_view(central, stacks)
@@ -411,7 +418,7 @@ def fleet_summary_rows(results: dict) -> list[tuple[str, str]]:
         for view in results.get("stations_view", [])
     ]
     if "projection" in results:
-        rows += projection_rows(results["projection"], results["simulated"])
+        rows += projection_rows(results["projection"], results["simulated"], results["simulated_metrics"])
     for day in results.get("retention", {}).get("days", []):
         rows.append(
             (
