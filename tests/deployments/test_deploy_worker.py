@@ -40,13 +40,14 @@ def prefect_cli(env, *args) -> str:
 
 
 def summary_row(client) -> list[int]:
-    """found, skipped, processed, failed, would process: from the newest backfill-summary artifact."""
+    """found, skipped, refused, processed, handed to the station, failed, would process: from the newest
+    backfill-summary artifact."""
     artifact = client.read_artifacts(
         artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["backfill-summary"])),
         sort=ArtifactSort.CREATED_DESC,
         limit=1,
     )[0]
-    row = re.search(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", artifact.data, re.MULTILINE)
+    row = re.search(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", artifact.data, re.MULTILINE)
     assert row, artifact.data
     return [int(value) for value in row.groups()]
 
@@ -102,7 +103,7 @@ def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tm
             )
             assert [child.name for child in children] == ["mic1-20250601T053000Z"]
             assert children[0].state.is_completed()
-            assert summary_row(client) == [1, 0, 0, 1, 0, 0]
+            assert summary_row(client) == [1, 0, 0, 1, 0, 0, 0]
             assert list((data / "detections").rglob("*.parquet"))
             assert (sdcard / "mic1_20250601T053000Z.wav").is_file()  # the source is never deleted
             assert client.read_flow_run(runs["b"].id).state.is_scheduled()  # not station a's work
@@ -113,7 +114,7 @@ def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tm
                 deployment.id, parameters={"source": str(sdcard.parent), "dry_run": True}
             )
             wait_until(lambda: client.read_flow_run(again.id).state.is_final(), 120, "the dry run")
-            assert summary_row(client) == [1, 1, 0, 0, 0, 0]
+            assert summary_row(client) == [1, 1, 0, 0, 0, 0, 0]
             time.sleep(1)
             assert client.read_flow_run(runs["b"].id).state.is_scheduled()
     finally:
