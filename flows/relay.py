@@ -69,6 +69,7 @@ class Relay:
         self.resources = use_run_resources(settings)
         self.link = cast(CentralLink, self.resources.central_link)
         self.to_confirm: list[tuple[float, dict]] = []  # (when, rare event sent): matched from then on
+        self.confirm_after_s = CONFIRM_AFTER_S
 
     def register(self) -> UUID:
         """The station's summary deployment on the central server (in its work pool, as its other deployments)."""
@@ -104,7 +105,7 @@ class Relay:
             self.link.events.remove(item.id for item in queued)
             sent += len(queued)
             if self.settings.detections.confirm_window_s:
-                due = time.monotonic() + CONFIRM_AFTER_S
+                due = time.monotonic() + self.confirm_after_s
                 events = [json.loads(item.message.payload) for item in queued]
                 self.to_confirm += [(due, event) for event in events if event["event"] == RARE_EVENT]
         return sent

@@ -64,11 +64,11 @@ class DrillOptions:
             settle_timeout_s=150.0,
             redrive_delays_s=(2.0, 4.0, 8.0),
             retry_delay_s=0.5,
-            # ~1 MB of history a day against a 4 MB budget: full on day 4 of 8, then flat
+            # ~1 MB of history a day against a 2.5 MB budget: full on day 3 of 6, then flat
             card_mb=200,
-            year_days=8,
+            year_days=6,
             recordings_per_day=30,
-            history_budget_mb=4.0,
+            history_budget_mb=2.5,
         )
         return cls(**{**values, **overrides})
 

@@ -55,6 +55,8 @@ class SimulatedStations:
     rare_share: float = 0.2  # of station-hours, those with a rare species
     rare_species: int = 12  # shared by the fleet: a station hearing one is told it is rare, the first time
     seed: int = 7
+    # longer than the central server takes to store an event (its event persister's flush interval, 5 s)
+    confirm_after_s: float = 10.0
     metrics_s: float = 60.0  # real seconds of the stations' metrics remote-written centrally; 0: none
     scrape_interval_s: int = 15  # prometheus_scrape_interval_s, as stations have it
 
@@ -97,7 +99,7 @@ def hour_of_station(station: str, hour: int, listeners: int, per_listener: int, 
 class SimulatedStation:
     """A station folder with its relay, registered on the central server as a real station's is."""
 
-    def __init__(self, root: Path, station: str, api_url: str, pool: str):
+    def __init__(self, root: Path, station: str, api_url: str, pool: str, confirm_after_s: float):
         from flows.relay import Relay
 
         self.settings = Settings.model_validate(
@@ -110,6 +112,7 @@ class SimulatedStation:
             }
         )
         self.relay = Relay(self.settings)
+        self.relay.confirm_after_s = confirm_after_s
         self.deployment: UUID = self.relay.register()
 
     def hear(self, table: pa.Table, hour: int, listeners: int) -> int:
@@ -144,7 +147,6 @@ def simulate(sim: SimulatedStations, central: CentralPrefect, root: Path, say: C
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.engine import engine_context
-    from flows.relay import CONFIRM_AFTER_S
 
     draw = random.Random(sim.seed)
     first_hour = hour_of(time.time()) - (sim.hours + 2) * 3600
@@ -154,7 +156,7 @@ def simulate(sim: SimulatedStations, central: CentralPrefect, root: Path, say: C
         for number in range(sim.count):
             station = f"sim{number + 1:03d}"
             prefect_post(central.api_url(0), "work_pools/", {"name": f"birdflow-{station}", "type": "process"})
-            simulated = SimulatedStation(root, station, central.api_url(0), f"birdflow-{station}")
+            simulated = SimulatedStation(root, station, central.api_url(0), f"birdflow-{station}", sim.confirm_after_s)
             # the station's common species heard three days ago: not rare in the simulated hours
             simulated.relay.resources.species.tally(
                 hour_of_station(station, first_hour - 3 * 86400, 1, COMMON_SPECIES, None, draw)
@@ -176,10 +178,10 @@ def simulate(sim: SimulatedStations, central: CentralPrefect, root: Path, say: C
                     confirmed |= simulated.relay_hour(client, now=hour + 3600)
                 behind = max(behind, time.monotonic() - tick - sim.hour_s)
                 time.sleep(max(0.0, tick + sim.hour_s - time.monotonic()))
-            time.sleep(CONFIRM_AFTER_S)  # the last hour's sightings are matched too
+            time.sleep(sim.confirm_after_s)  # the last hour's sightings are matched too
             for simulated in stations:
                 confirmed |= simulated.relay_hour(client, now=first_hour + sim.hours * 3600)
-        time.sleep(10)  # Prefect's event persister and task-run recorder write in batches
+        time.sleep(sim.confirm_after_s)  # Prefect's event persister and task-run recorder write in batches
         cpu, history = central.cpu(), central.history()
     station_hours = sim.count * sim.hours
     spent = {role: cpu[role] - cpu0[role] for role in cpu}
