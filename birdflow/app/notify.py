@@ -1,6 +1,8 @@
-"""Notifications of rare species: a Prefect notification block per channel and a Prefect automation
-"birdflow.detection.rare -> send notification" for each, so the server's own machinery (retries, the UI's
-Automations page, pausing) does the sending.
+"""Notifications of rare species: a Prefect notification block per channel and two Prefect automations for each,
+"birdflow.detection.rare of this station -> send notification" and "birdflow.detection.confirmed with this station
+-> send notification", so the server's own machinery (retries, the UI's Automations page, pausing) does the sending.
+A station that keeps its own run history puts them on its fleet's central server (`--central`), where the
+confirmed events are.
 
 The embedded server keeps its triggers off while no automation exists (they cost CPU per run); `birdflow
 up` turns them on when one does (supervisor.triggers_wanted).
@@ -12,10 +14,12 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, cast
 from urllib.parse import urlparse
 
+from birdflow.core.central_link import CONFIRMED_EVENT
 from birdflow.core.rarity import RARE_EVENT
 from birdflow.settings import Settings
 
@@ -26,6 +30,14 @@ BODY = (
     "{{ event.payload.confidence }}, at {{ event.payload.time }}"
     "{% if event.payload.watched %} (on the watch list){% endif %}.\n"
     "Run: {{ event.payload.run_url }}"
+)
+CONFIRMED_SUBJECT = "Confirmed: {{ event.payload.common_name }} at {{ event.payload.stations | join(', ') }}"
+CONFIRMED_BODY = (
+    "{{ event.payload.common_name }} ({{ event.payload.scientific_name }}) heard by stations "
+    "{{ event.payload.stations | join(', ') }} within {{ event.payload.window_s | int }} s, first at "
+    "{{ event.payload.first_time }}.\n"
+    "{% for sighting in event.payload.sightings %}{{ sighting.station_id }} {{ sighting.listener_id }} "
+    "{{ sighting.time }} {{ sighting.confidence }} {{ sighting.run_url }}\n{% endfor %}"
 )
 BLOCK_PREFIX = "birdflow-notify-"
 
@@ -121,14 +133,14 @@ CHANNELS: dict[str, Callable[[str, bool], Block]] = {
 }
 
 
-def automation_name(settings: Settings, block_name: str) -> str:
-    return f"birdflow {settings.station_id}: rare species -> {block_name}"
+def automation_name(settings: Settings, block_name: str, event: str = "rare") -> str:
+    return f"birdflow {settings.station_id}: {event} species -> {block_name}"
 
 
 def add_channel(
     settings: Settings, kind: str, target: str, name: str = "", allow_loopback: bool = False
 ) -> tuple[str, str]:
-    """Save the channel's block and (re)create its automation; returns (block name, automation id)."""
+    """Save the channel's block and (re)create its automations; returns (block name, the rare automation's id)."""
     from prefect.automations import Automation, EventTrigger, SendNotification
     from prefect.events.schemas.automations import Posture
 
@@ -137,7 +149,7 @@ def add_channel(
     if not re.fullmatch(r"[a-z0-9-]+", block_name):
         raise ChannelError(f"channel name {name!r}: use lower-case letters, digits and '-'")
     block_id = block.save(block_name, overwrite=True)
-    _delete_automations(automation_name(settings, block_name))
+    _delete_automations(automation_name(settings, block_name), automation_name(settings, block_name, "confirmed"))
     automation = Automation(
         name=automation_name(settings, block_name),
         description=f"Sends {RARE_EVENT} events of station {settings.station_id} to {kind} ({block_name})",
@@ -149,6 +161,18 @@ def add_channel(
             within=0,
         ),
         actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],
+    ).create()
+    Automation(
+        name=automation_name(settings, block_name, "confirmed"),
+        description=f"Sends {CONFIRMED_EVENT} events that station {settings.station_id} took part in to {kind}",
+        trigger=EventTrigger(
+            expect={CONFIRMED_EVENT},
+            match_related={"prefect.resource.id": f"birdflow.station.{settings.station_id}"},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=0,
+        ),
+        actions=[SendNotification(block_document_id=block_id, subject=CONFIRMED_SUBJECT, body=CONFIRMED_BODY)],
     ).create()
     return block_name, str(cast(Automation, automation).id)
 
@@ -176,7 +200,9 @@ def remove_channel(settings: Settings, block_name: str) -> bool:
     from prefect.exceptions import ObjectNotFound
 
     block_name = block_name if block_name.startswith(BLOCK_PREFIX) else BLOCK_PREFIX + block_name
-    removed = _delete_automations(automation_name(settings, block_name))
+    removed = _delete_automations(
+        automation_name(settings, block_name), automation_name(settings, block_name, "confirmed")
+    )
     with get_client(sync_client=True) as client:
         for document in client.read_block_documents():
             if document.name == block_name:
@@ -188,11 +214,25 @@ def remove_channel(settings: Settings, block_name: str) -> bool:
     return removed > 0
 
 
-def _delete_automations(name: str) -> int:
+def _delete_automations(*names: str) -> int:
     from prefect import get_client
 
+    deleted = 0
     with get_client(sync_client=True) as client:
-        found = client.read_automations_by_name(name)
-        for automation in found:
-            client.delete_automation(automation.id)
-    return len(found)
+        for name in names:
+            for automation in client.read_automations_by_name(name):
+                client.delete_automation(automation.id)
+                deleted += 1
+    return deleted
+
+
+@contextmanager
+def on_central_server(settings: Settings) -> Iterator[None]:
+    """This process's Prefect client pointed at the fleet's central server (with its auth), for the while."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    if not settings.prefect.central_api_url:
+        raise ChannelError("--central: the setting 'central_api_url' names no central Prefect server")
+    auth = settings.prefect.central_api_auth_string.get_secret_value() or None
+    with temporary_settings({PREFECT_API_URL: settings.prefect.central_api_url, PREFECT_API_AUTH_STRING: auth}):
+        yield

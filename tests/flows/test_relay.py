@@ -13,7 +13,7 @@ import pytest
 
 from birdflow.settings import Settings, SettingsError, load_settings
 from birdflow_tools.stack import Stack
-from birdflow_tools.testbed import prefect_post, wait_until
+from birdflow_tools.testbed import WebhookReceiver, prefect_post, wait_until
 
 
 def test_the_central_server_is_not_the_stations_own(tmp_path):
@@ -42,7 +42,8 @@ def test_two_stations_on_one_central_server_send_their_hours_and_rare_events_and
     prefect_server, tmp_path, sample_48k
 ):
     """Two stations keeping their own history hear the same rare goldfinch: each one's run stays on its own server;
-    the central server gets each one's hour summary and rare event, and one confirmed event naming both."""
+    the central server gets each one's hour summary and rare event, and one confirmed event naming both, which the
+    first station's notification channel on the central server sends on."""
     tag = f"relay{time.monotonic_ns()}"
     names = [f"{tag}a", f"{tag}b"]
     hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
@@ -54,9 +55,12 @@ def test_two_stations_on_one_central_server_send_their_hours_and_rare_events_and
         settings = {"central_api_url": central, "hourly_settle_s": 0, "work_pool": pool}
         (tmp_path / station).mkdir()
         stacks.append(Stack(tmp_path / station, station_id=station, settings=settings))
+    receiver = WebhookReceiver()
     try:
         with ThreadPoolExecutor(2) as starting:
             list(starting.map(Stack.start, stacks))
+        added = stacks[0].cli("notify", "--central", "add", "webhook", receiver.url, "--allow-loopback")
+        assert added.returncode == 0, added.stderr
         for number, stack in enumerate(stacks):
             name = f"mic1_{hour + timedelta(minutes=20 + number):%Y%m%dT%H%M%S}Z.wav"
             stack.upload(name, sample_48k.read_bytes())
@@ -124,7 +128,19 @@ def test_two_stations_on_one_central_server_send_their_hours_and_rare_events_and
         assert event["resource"]["birdflow.species"] == "Spinus tristis"
         assert [item["station_id"] for item in event["payload"]["sightings"]] == names
         assert all("/runs/flow-run/" in item["run_url"] for item in event["payload"]["sightings"])
+
+        # the first station's channel: its own rare sighting and the confirmation, not the second station's sighting
+        wait_until(lambda: len(receiver.messages) >= 2, 60, "the central server's notifications")
+        time.sleep(3)
+        subjects = sorted(message["subject"] for message in receiver.messages)
+        assert subjects == [
+            f"Confirmed: American Goldfinch at {names[0]}, {names[1]}",
+            f"Rare bird at {names[0]}: American Goldfinch",
+        ]
+        [confirmed_text] = [item["text"] for item in receiver.messages if item["subject"].startswith("Confirmed")]
+        assert f"heard by stations {names[0]}, {names[1]} within 3600 s" in confirmed_text
     finally:
+        receiver.close()
         for stack in stacks:
             stack.stop()
 

@@ -98,11 +98,26 @@ def cmd_prometheus_config(args) -> int:
 
 
 def cmd_notify(args) -> int:
-    """Channels for rare-species notifications: a Prefect notification block and automation each."""
+    """Channels for rare-species notifications: a Prefect notification block and automations each, on the station's
+    Prefect server or (`--central`) on its fleet's central one."""
+    from contextlib import nullcontext
+
     from birdflow.app import notify
 
     settings = settings_with_prefect(args)
-    require_prefect(settings)
+    try:
+        server = notify.on_central_server(settings) if args.central else nullcontext()
+    except notify.ChannelError as exc:
+        raise SystemExit(f"birdflow: {exc}") from None
+    if not args.central:
+        require_prefect(settings)
+    with server:
+        return notify_command(args, settings)
+
+
+def notify_command(args, settings) -> int:
+    from birdflow.app import notify
+
     if args.notify_command == "add":
         try:
             block, automation = notify.add_channel(
@@ -111,10 +126,10 @@ def cmd_notify(args) -> int:
         except notify.ChannelError as exc:
             raise SystemExit(f"birdflow: {exc}") from None
         print(
-            f"{block}: rare species of station {settings.station_id} are sent to this {args.kind} (automation "
-            f"{automation})"
+            f"{block}: rare species of station {settings.station_id}, and their confirmations by other stations, are "
+            f"sent to this {args.kind} (automation {automation})"
         )
-        if settings.embedded_prefect and not settings.prefect.prefect_events_enabled:
+        if not args.central and settings.embedded_prefect and not settings.prefect.prefect_events_enabled:
             print(
                 "the embedded Prefect server turns its triggers on within 30 s (a restart of a few seconds)",
                 file=sys.stderr,
@@ -131,7 +146,7 @@ def cmd_notify(args) -> int:
         print(f"birdflow: no notification channel {args.name!r} (see `birdflow notify list`)", file=sys.stderr)
         return 1
     else:
-        print(f"removed channel {args.name} (its automation and notification block)")
+        print(f"removed channel {args.name} (its automations and notification block)")
     return 0
 
 
@@ -164,6 +179,12 @@ def add_commands(commands) -> None:
     )
 
     notify_parser = commands.add_parser("notify", help="notifications of rare species: add, list, remove channels")
+    notify_parser.add_argument(
+        "--central",
+        action="store_true",
+        help="on the fleet's central Prefect server (central_api_url), where a station with its own history sends "
+        "its rare and confirmed sightings",
+    )
     notify_commands = notify_parser.add_subparsers(dest="notify_command", required=True)
     add_channel = notify_commands.add_parser(
         "add", help="send rare species to a webhook, Slack, Discord, Teams or e-mail"
