@@ -42,6 +42,7 @@ SUMMARY_FLOW = "station-hour"
 EVENTS_PER_REQUEST = 200
 # longer than the central server takes to store an event it was sent (Prefect's event persister: 5 s)
 CONFIRM_AFTER_S = 10.0
+CONFIRM_GIVE_UP_S = 3600.0
 log = logging.getLogger("birdflow.relay")
 
 
@@ -88,13 +89,13 @@ class Relay:
         deployment = self.register()
         log.info("relay of station %s to %s ready", self.settings.station_id, self.settings.prefect.central_api_url)
         with engine_context() as client:
+            steps = (self.send_events, self.confirm_due, lambda client: self.summarize(client, deployment))
             while not stop.wait(interval_s):
-                try:
-                    self.send_events(client)
-                    self.confirm_due(client)
-                    self.summarize(client, deployment)
-                except Exception as exc:  # the central server away: everything waits on disk, tried again
-                    log.warning("central Prefect: %s; tried again in %.0f s", exc, interval_s)
+                for step in steps:  # one failing (a sighting the server refuses) holds up none of the others
+                    try:
+                        step(client)
+                    except Exception as exc:  # the central server away: everything waits, tried again
+                        log.warning("central Prefect: %s; tried again in %.0f s", exc, interval_s)
 
     def send_events(self, client: SyncPrefectClient) -> int:
         """Queued events to the central server, oldest first, each removed once it took them."""
@@ -113,6 +114,8 @@ class Relay:
     def confirm_due(self, client: SyncPrefectClient) -> list[dict]:
         """The sent sightings due to be matched, matched against the central server's; the confirmed events sent."""
         now = time.monotonic()
+        # a sighting the central server would not match for an hour (it is away, or refuses it) is given up
+        self.to_confirm = [item for item in self.to_confirm if item[0] > now - CONFIRM_GIVE_UP_S]
         due = [event for when, event in self.to_confirm if when <= now]
         confirmed = []
         for event in due:
