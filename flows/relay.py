@@ -8,8 +8,9 @@ the central server what is fleet-wide and nothing per recording.
   deployment on the central server, whose artifact says what was heard (species, counts, listeners), the rare
   sightings with links to the station's own run pages, and how the station is (backlog, disk, silent listeners);
 - `birdflow.detection.confirmed`, when a rare sighting it sent and another station's of the same species on the
-  central server confirm each other (flows/announce.py). Each sent sighting is matched CONFIRM_AFTER_S after it
-  was sent, once the central server has stored what other stations sent meanwhile.
+  central server confirm each other (flows/announce.py). Each sent sighting is matched CONFIRM_CHECKS_S after it
+  was sent: first once the central server has stored what other stations sent meanwhile, then again should it
+  have been slow to.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from flows.run_resources import run_resources, use_run_resources
 SUMMARY_FLOW = "station-hour"
 EVENTS_PER_REQUEST = 200
 # longer than the central server takes to store an event it was sent (Prefect's event persister: 5 s)
-CONFIRM_AFTER_S = 10.0
-CONFIRM_GIVE_UP_S = 3600.0
+# after sending a rare sighting, when it is matched (seconds): the first longer than the central server takes to
+# store an event (Prefect's event persister flushes every 5 s), the others for a server slow to
+CONFIRM_CHECKS_S = (10.0, 30.0, 120.0)
+CONFIRM_GIVE_UP_S = 3600.0  # a sighting the central server could not match for this long (away, or refusing it)
 log = logging.getLogger("birdflow.relay")
 
 
@@ -69,8 +72,8 @@ class Relay:
         self.settings = settings
         self.resources = use_run_resources(settings)
         self.link = cast(CentralLink, self.resources.central_link)
-        self.to_confirm: list[tuple[float, dict]] = []  # (when, rare event sent): matched from then on
-        self.confirm_after_s = CONFIRM_AFTER_S
+        self.to_confirm: list[tuple[float, float, dict]] = []  # (when sent, when due, the rare event sent)
+        self.confirm_checks_s: tuple[float, ...] = CONFIRM_CHECKS_S
 
     def register(self) -> UUID:
         """The station's summary deployment on the central server (in its work pool, as its other deployments)."""
@@ -106,22 +109,26 @@ class Relay:
             self.link.events.remove(item.id for item in queued)
             sent += len(queued)
             if self.settings.detections.confirm_window_s:
-                due = time.monotonic() + self.confirm_after_s
+                now = time.monotonic()
                 events = [json.loads(item.message.payload) for item in queued]
-                self.to_confirm += [(due, event) for event in events if event["event"] == RARE_EVENT]
+                self.to_confirm += [
+                    (now, now + self.confirm_checks_s[0], event) for event in events if event["event"] == RARE_EVENT
+                ]
         return sent
 
     def confirm_due(self, client: SyncPrefectClient) -> list[dict]:
-        """The sent sightings due to be matched, matched against the central server's; the confirmed events sent."""
+        """The sent sightings due to be matched, matched against the central server's; the confirmed events sent.
+        One not confirmed is matched again at its next check, if any."""
         now = time.monotonic()
-        # a sighting the central server would not match for an hour (it is away, or refuses it) is given up
         self.to_confirm = [item for item in self.to_confirm if item[0] > now - CONFIRM_GIVE_UP_S]
-        due = [event for when, event in self.to_confirm if when <= now]
         confirmed = []
-        for event in due:
+        for sent, _, event in [item for item in self.to_confirm if item[1] <= now]:
             found = confirm_on_server(client, event, self.settings.detections)
-            self.to_confirm = [item for item in self.to_confirm if item[1] is not event]
-            if found is not None:
+            self.to_confirm = [item for item in self.to_confirm if item[2] is not event]
+            later = [sent + after for after in self.confirm_checks_s if sent + after > now]
+            if found is None and later:
+                self.to_confirm.append((sent, later[0], event))
+            elif found is not None:
                 log.info(
                     "%s confirmed by stations %s",
                     found["resource"]["prefect.resource.name"],

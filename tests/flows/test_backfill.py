@@ -221,8 +221,8 @@ def test_a_backfill_on_the_central_server_of_a_station_with_its_own_history_hand
 
     dump = tmp_path / "card"
     dump.mkdir()
-    (dump / "mic1_20250601T053000Z.wav").write_bytes(sample_48k.read_bytes())
-    (dump / "mic1_20250601T060000Z.wav").write_bytes(sample_48k.read_bytes()[:-4800])
+    (dump / "hand1_20250601T053000Z.wav").write_bytes(sample_48k.read_bytes())
+    (dump / "hand1_20250601T060000Z.wav").write_bytes(sample_48k.read_bytes()[:-4800])
     settings = Settings.model_validate(
         {
             "station_id": "own",
@@ -236,9 +236,13 @@ def test_a_backfill_on_the_central_server_of_a_station_with_its_own_history_hand
     assert (summary["handed"], summary["processed"], summary["failed"]) == (2, 0, 0)
     queued = sorted(settings.recordings_dir.glob("*.wav"))
     infos = [load_info(path) for path in queued]
-    assert [(info.listener_id, info.source, info.source_path) for info in infos] == [("mic1", "backfill", None)] * 2
+    assert [(info.listener_id, info.source, info.source_path) for info in infos] == [("hand1", "backfill", None)] * 2
     assert sorted(path.stat().st_size for path in queued) == sorted(path.stat().st_size for path in dump.iterdir())
     assert list(dump.iterdir()) and not list(settings.partial_dir.iterdir())  # the card keeps its files
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="mic1_20250601T0")))
-    assert not runs  # no recording's run on the central server
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="hand1-20250601T")))
+        backfills = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"backfill-{dump}"]))
+        )
+    assert not runs  # no recording's run on the central server (a recording's run is named listener-start)
+    assert [run.state.type.value for run in backfills] == ["COMPLETED"]

@@ -156,7 +156,7 @@ def test_simulated_stations_send_the_central_side_their_hours_events_confirmatio
         rare_species=1,
         metrics_s=11,
         scrape_interval_s=1,
-        confirm_after_s=3,
+        confirm_checks_s=(3.0,),
     )
     # events stored within a second: the relays match their sightings 3 s after sending them
     flush = {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1"}

@@ -55,8 +55,9 @@ class SimulatedStations:
     rare_share: float = 0.2  # of station-hours, those with a rare species
     rare_species: int = 12  # shared by the fleet: a station hearing one is told it is rare, the first time
     seed: int = 7
-    # longer than the central server takes to store an event (its event persister's flush interval, 5 s)
-    confirm_after_s: float = 10.0
+    # when the relays match a sighting after sending it (None: as a station's relay does, CONFIRM_CHECKS_S); the
+    # simulation ends once the first check of the last hour's sightings is done
+    confirm_checks_s: tuple[float, ...] | None = None
     metrics_s: float = 60.0  # real seconds of the stations' metrics remote-written centrally; 0: none
     scrape_interval_s: int = 15  # prometheus_scrape_interval_s, as stations have it
 
@@ -99,7 +100,7 @@ def hour_of_station(station: str, hour: int, listeners: int, per_listener: int, 
 class SimulatedStation:
     """A station folder with its relay, registered on the central server as a real station's is."""
 
-    def __init__(self, root: Path, station: str, api_url: str, pool: str, confirm_after_s: float):
+    def __init__(self, root: Path, station: str, api_url: str, pool: str, checks: tuple[float, ...] | None):
         from flows.relay import Relay
 
         self.settings = Settings.model_validate(
@@ -112,7 +113,7 @@ class SimulatedStation:
             }
         )
         self.relay = Relay(self.settings)
-        self.relay.confirm_after_s = confirm_after_s
+        self.relay.confirm_checks_s = checks or self.relay.confirm_checks_s
         self.deployment: UUID = self.relay.register()
 
     def hear(self, table: pa.Table, hour: int, listeners: int) -> int:
@@ -156,7 +157,7 @@ def simulate(sim: SimulatedStations, central: CentralPrefect, root: Path, say: C
         for number in range(sim.count):
             station = f"sim{number + 1:03d}"
             prefect_post(central.api_url(0), "work_pools/", {"name": f"birdflow-{station}", "type": "process"})
-            simulated = SimulatedStation(root, station, central.api_url(0), f"birdflow-{station}", sim.confirm_after_s)
+            simulated = SimulatedStation(root, station, central.api_url(0), f"birdflow-{station}", sim.confirm_checks_s)
             # the station's common species heard three days ago: not rare in the simulated hours
             simulated.relay.resources.species.tally(
                 hour_of_station(station, first_hour - 3 * 86400, 1, COMMON_SPECIES, None, draw)
@@ -178,10 +179,11 @@ def simulate(sim: SimulatedStations, central: CentralPrefect, root: Path, say: C
                     confirmed |= simulated.relay_hour(client, now=hour + 3600)
                 behind = max(behind, time.monotonic() - tick - sim.hour_s)
                 time.sleep(max(0.0, tick + sim.hour_s - time.monotonic()))
-            time.sleep(sim.confirm_after_s)  # the last hour's sightings are matched too
+            first_check = stations[0].relay.confirm_checks_s[0]
+            time.sleep(first_check)  # the last hour's sightings are matched too
             for simulated in stations:
                 confirmed |= simulated.relay_hour(client, now=first_hour + sim.hours * 3600)
-        time.sleep(sim.confirm_after_s)  # Prefect's event persister and task-run recorder write in batches
+        time.sleep(first_check)  # Prefect's event persister and task-run recorder write in batches
         cpu, history = central.cpu(), central.history()
     station_hours = sim.count * sim.hours
     spent = {role: cpu[role] - cpu0[role] for role in cpu}
