@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 from uuid import UUID
 
 import httpx
@@ -55,7 +56,7 @@ from birdflow.runtime import metrics
 from birdflow.runtime.folder_watch import FolderWatch
 from birdflow.runtime.mqtt import Publisher
 from birdflow.settings import Settings
-from flows.engine import engine_context, run_in_process
+from flows.engine import create_running, engine_context, run_in_process
 from flows.maintenance import maintenance
 from flows.process_recording import process_recording
 from flows.redrive import redrive_or_give_up
@@ -63,6 +64,7 @@ from flows.review import review_detection
 from flows.run_resources import use_run_resources
 
 log = logging.getLogger("birdflow.executor")
+T = TypeVar("T")
 EXECUTOR_LOCK = "executor.lock"  # under data_dir: one executor per station (birdflow.app.single)
 
 
@@ -90,7 +92,7 @@ def settings_without_client_retries() -> PrefectSettings:
     return get_current_settings().copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
 
 
-def create_with_quick_retries(create: Callable[[], FlowRun], attempts: int = 8) -> FlowRun:
+def create_with_quick_retries(create: Callable[[], T], attempts: int = 8) -> T:
     """Create a flow run, retrying "database is locked" (503) after tens of milliseconds.
 
     A Prefect server on SQLite other than birdflow's own (birdflow.app.prefect_server) reads before it
@@ -267,27 +269,29 @@ class Executor:
             remove_recording(self.settings.recordings_dir / info.file_name)
             metrics.RECORDINGS_DISCARDED.labels(self.settings.station_id, "already_processed").inc()
             return None
-        # created already Pending: this process claims it in the same call
-        flow_run = create_with_quick_retries(
-            lambda: client.create_flow_run_from_deployment(
+        # created already Running: this process claims it in the same call
+        flow_run, created = create_with_quick_retries(
+            lambda: create_running(
+                client,
                 self.deployment_id,
                 parameters={"recording": info.model_dump(mode="json")},
                 name=info.run_name,
                 tags=[info.listener_id, info.source],
                 idempotency_key=info.recording_id,
-                state=Pending(),
             )
         )
         state = flow_run.state or Scheduled()
-        if state.is_completed():
+        if created:
+            metrics.FLOW_RUNS_TRIGGERED.labels(self.settings.station_id).inc()
+            self.finish(
+                client, flow_run, run_in_process(self.flows[self.deployment_id], flow_run, created_running=True)
+            )
+        elif state.is_completed():
             remove_recording(self.settings.recordings_dir / info.file_name)  # processed before; nothing to do
         elif state.is_scheduled():
             self._parked.add(info.recording_id)  # a re-drive, or a rerun: queue_scheduled runs it when due
         elif state.is_final():
             self.after_failure(client, flow_run, state)  # failed while no executor could re-drive it
-        elif flow_run.run_count == 0 and state.is_pending():
-            metrics.FLOW_RUNS_TRIGGERED.labels(self.settings.station_id).inc()
-            self.finish(client, flow_run, run_in_process(self.flows[self.deployment_id], flow_run))
         else:
             # left Pending/Running by an executor that stopped mid-run: that attempt crashed (its history says so,
             # and that it did not run twice at once); this one takes it over

@@ -1,4 +1,4 @@
-"""The process_recording flow: decode -> analyze -> write detections -> archive, one run per recording.
+"""The process_recording flow: analyze -> write detections -> archive, one run per recording.
 
 Thin on purpose: the work happens in birdflow's pure modules; this file names the run, wires the
 tasks and sets their retries and cache keys. The analysis is cached on the audio's content hash plus
@@ -48,10 +48,11 @@ from flows.run_resources import RunResources, run_resources
 
 # name of the Failed state of a run whose audio cannot be analysed (undecodable, or not what was archived)
 UNPROCESSABLE = "Unprocessable"
+# the task runs of every recording's run (a clips task and a fetch from the archive only when needed)
+RECORDING_TASKS = ("analyze", "write detections", "archive")
 
 
-def _recording(parameters: dict[str, Any]) -> RecordingInfo:
-    value = parameters["recording"]
+def as_recording(value: RecordingInfo | dict[str, Any]) -> RecordingInfo:
     return value if isinstance(value, RecordingInfo) else RecordingInfo.model_validate(value)
 
 
@@ -68,7 +69,7 @@ def analysis_cache_key(recording: RecordingInfo, params: AnalysisParams) -> str:
 
 
 def _analysis_key(context, parameters) -> str:
-    return analysis_cache_key(_recording(parameters), parameters["params"])
+    return analysis_cache_key(as_recording(parameters["recording"]), parameters["params"])
 
 
 class SourceRefused(ValueError):
@@ -87,15 +88,18 @@ def local_path(recording: RecordingInfo, settings: Settings) -> Path:
     return Path(recording.source_path)
 
 
-@task(name="decode", cache_policy=NO_CACHE, persist_result=False)
-def decode_recording(recording: RecordingInfo, resources: RunResources) -> tuple[AudioSource, float]:
-    """(the audio, its duration in seconds): the file in the recordings folder, or what the archive holds once the
-    local copy is gone (reruns), checked to decode. The samples are read a block at a time where they are used."""
+def recording_audio(recording: RecordingInfo, resources: RunResources) -> tuple[AudioSource, float]:
+    """(the audio, its duration in seconds), checked to decode: the file in the recordings folder, or what the
+    archive holds once the local copy is gone (reruns; fetched by a task of its own, with retries). The samples
+    are read a block at a time where they are used."""
     path = local_path(recording, resources.settings)
-    source: AudioSource = path if path.is_file() else fetch_archived(recording, resources)
+    source: AudioSource = (
+        path if path.is_file() else _with_io_retries(fetch_archived, resources.settings)(recording, resources)
+    )
     return source, audio_info(source).duration_s
 
 
+@task(name="fetch from archive", cache_policy=NO_CACHE, persist_result=False)
 def fetch_archived(recording: RecordingInfo, resources: RunResources) -> bytes:
     """The recording read back from the archive, checked to be this recording (a FLAC copy names its source)."""
     for name in recording.archive_names(resources.settings.archive.archive_format):
@@ -284,17 +288,18 @@ def _caching_in(resources: RunResources):
 
 
 # Runs are named when they are created (RecordingInfo.run_name): a flow_run_name here would cost every
-# run one more API call to rename it.
-@flow(name="process-recording", persist_result=False, log_prints=False)
+# run one more API call to rename it. The recording is read from its parameters in the run (as_recording), not by
+# Prefect, which would build a validation model of the signature for every run (~2 ms of CPU).
+@flow(name="process-recording", persist_result=False, log_prints=False, validate_parameters=False)
 def process_recording(recording: RecordingInfo, analysis: dict[str, Any] | None = None):
     """`analysis` overrides analysis parameters (min_confidence, sensitivity, ...) for this run; its rows
     carry their own analysis id, side by side with earlier ones."""
     resources = run_resources()
     settings = resources.settings
-    params = run_analysis_params(resources.params, analysis)
     try:
-        local_path(recording, settings)  # a source outside the allowed folders fails the run before any task
-        audio = _with_io_retries(decode_recording, settings)(recording, resources)
+        recording = as_recording(recording)  # parameters not a recording: Unprocessable, like audio that is not
+        params = run_analysis_params(resources.params, analysis)
+        audio = recording_audio(recording, resources)  # a source outside the allowed folders fails the run here
         heard = _caching_in(resources)(recording, audio[0], params, resources)
         found, human, audio_kept = apply_privacy(heard, settings.detections)
         clips = {}

@@ -28,7 +28,6 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
-from prefect.states import Pending
 
 from birdflow.core.central_link import CentralLink, hour_summary
 from birdflow.core.rarity import RARE_EVENT
@@ -36,7 +35,7 @@ from birdflow.core.recordings import RecordingStore
 from birdflow.settings import Settings
 from flows.announce import confirm_on_server
 from flows.backfill import known_listeners
-from flows.engine import engine_context, run_in_process
+from flows.engine import create_running, engine_context, run_in_process
 from flows.run_resources import run_resources, use_run_resources
 
 SUMMARY_FLOW = "station-hour"
@@ -146,15 +145,15 @@ class Relay:
         due = self.link.to_summarize(closed, settings.station_id, now, settle)
         for hour, station, version in due:
             start = datetime.fromtimestamp(hour, timezone.utc)
-            flow_run = client.create_flow_run_from_deployment(
+            flow_run, created = create_running(
+                client,
                 deployment,
                 parameters={"hour": hour},
                 name=f"{station} {start:%Y-%m-%d %H}:00",
-                idempotency_key=f"station-hour-{station}-{hour}-{version}",
                 tags=["station-hour", station],
-                state=Pending(),
+                idempotency_key=f"station-hour-{station}-{hour}-{version}",
             )
-            if flow_run.state is None or not flow_run.state.is_final():
-                run_in_process(station_hour, flow_run)
+            if created or flow_run.state is None or not flow_run.state.is_final():
+                run_in_process(station_hour, flow_run, created_running=created)
             self.link.summarized(hour, station, version)
         return len(due)

@@ -3,6 +3,7 @@ settings.yaml and the environment use (INGEST_PORT sets `ingest.ingest_port`).""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -166,12 +167,17 @@ class PrefectSettings(Section):
         "", description="Work pool of the station's deployments in a fleet (prefect.yaml: birdflow-<station_id>)"
     )
     executor_workers: int = Field(
-        4,
+        default_factory=lambda: min(4, os.cpu_count() or 1),
         ge=1,
         le=16,
-        description="Flow runs executed at once; they share one BirdNET interpreter (one copy of the model)",
+        description=(
+            "Flow runs executed at once (default: one per core, at most 4); they share one BirdNET interpreter"
+            " (one copy of the model)"
+        ),
     )
-    task_retries: int = Field(3, ge=0, le=20, description="Retries of the I/O tasks (decode, write, archive)")
+    task_retries: int = Field(
+        3, ge=0, le=20, description="Retries of the I/O tasks (write detections, archive, a fetch from the archive)"
+    )
     retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
 
     @model_validator(mode="after")

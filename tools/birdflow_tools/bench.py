@@ -30,7 +30,7 @@ import soundfile
 from birdflow.app.simulated_listeners import make_distinct, run_listeners, split_wav
 from birdflow.core.budget import sqlite_bytes_in_use
 from birdflow.settings import Settings
-from birdflow_tools.stack import Stack, peak_rss_mb, pin_threads, resident_mb, temporary_stack
+from birdflow_tools.stack import ACCESS_LOG, Stack, peak_rss_mb, pin_threads, resident_mb, temporary_stack
 from birdflow_tools.testbed import LOOPBACK, Mosquitto, WebhookReceiver
 
 BYTES_PER_SECOND_48K = 96000
@@ -216,7 +216,7 @@ def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
     uploads = distinct_uploads(options.sample, options.recordings)
     sample_seconds = len(split_wav(options.sample.read_bytes())[1]) / BYTES_PER_SECOND_48K
     bar = progress.add_task("drain: uploading and processing", total=options.recordings)
-    stored_before = storage_snapshot(stack)
+    stored_before, rows_before, log_from = storage_snapshot(stack), stack.prefect_rows(), stack.log_size()
     before, wall0 = stack.cpu(), time.time()
     sent = asyncio.run(post_uploads(stack.url, uploads, options.upload_concurrency))
     stored = wait_stored(
@@ -230,8 +230,17 @@ def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
         time.sleep(0.2)
     latencies = [stored[key] - sent[key] for key in sent]
     spent = {role: after[role] - before[role] for role in after}
-    stored_after = storage_snapshot(stack)
+    time.sleep(2)  # the task-run recorder writes task runs a second after their runs end
+    stored_after, rows_after, calls = storage_snapshot(stack), stack.prefect_rows(), stack.api_calls(log_from)
     return {
+        # what each recording asked of the Prefect server, and left in its database (the drain's own polling of
+        # the API for completed runs is among the calls, ~0.2 per recording)
+        "api_calls_per_recording": {route: count / options.recordings for route, count in calls.most_common()},
+        "prefect_rows_per_recording": {
+            table: (rows - rows_before.get(table, 0)) / options.recordings
+            for table, rows in rows_after.items()
+            if rows != rows_before.get(table, 0)
+        },
         "storage_per_recording": {
             key: (stored_after[key] - stored_before[key]) / options.recordings for key in stored_after
         },
@@ -310,15 +319,17 @@ def latency_phase(stack: Stack, options: BenchOptions, recordings_per_s: float, 
 
 
 def run_breakdown(stack: Stack, closed: dict[str, float], timeout_s: float = 60) -> dict:
-    """Where a recording's time goes once it is closed: until its run starts, inside its four tasks, and the
+    """Where a recording's time goes once it is closed: until its run starts, inside its tasks, and the
     rest of the run (the flow-run engine's own bookkeeping), medians over the given recordings."""
+    from flows.process_recording import RECORDING_TASKS  # (Prefect and the model: not for the bench's other phases)
+
     deadline = time.monotonic() + timeout_s
     # task-run states reach the server as events, a moment after the flow run's own state
     while len(timings := stack.run_timings(set(closed))) < len(closed) or any(
-        timing["tasks"] < 4 for timing in timings.values()
+        timing["tasks"] < len(RECORDING_TASKS) for timing in timings.values()
     ):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the runs of {len(closed)} recording(s) did not complete with four tasks each")
+            raise RuntimeError(f"the runs of {len(closed)} recording(s) did not complete with their tasks")
         time.sleep(0.5)
     return {
         "run_start_after_close_s": statistics.median(timings[key]["start"] - closed[key] for key in closed),
@@ -469,6 +480,7 @@ def fleet_phase(options: BenchOptions, progress) -> dict:
     aggregator drains on its one core, and what the server spends per recording (a central server's cost
     per station)."""
     with temporary_stack(options.prefect_database, settings=options.stack_settings()) as stack:
+        stack.env.update(ACCESS_LOG)
         stack.start()
         groups = stack.groups()
         pin_threads(groups["server"] + groups["database"], {0})
@@ -534,6 +546,7 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
     broker = Mosquitto(Path(tempfile.mkdtemp(prefix="birdflow-mosquitto-"))).start() if options.mqtt else None
     publishing = {"mqtt_host": LOOPBACK, "mqtt_port": broker.port} if broker else {}
     with temporary_stack(options.prefect_database, settings=options.stack_settings() | publishing) as stack:
+        stack.env.update(ACCESS_LOG)
         stack.start()
         receiver = with_automation(stack, say) if options.automation else None
         drain = drain_phase(stack, options, progress)
@@ -658,6 +671,14 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
             f"aggregator {drain['aggregator_cpu_s_per_10s_recording']:.3f} s per 10 s recording, "
             f"Prefect server{' + Postgres' if results['prefect_database'] == 'postgres' else ''} "
             f"{drain['server_cpu_s_per_recording']:.3f} s",
+        ),
+        (
+            "Prefect per recording",
+            f"{sum(drain['api_calls_per_recording'].values()):.2f} API calls ("
+            + ", ".join(f"{route} {count:.2f}" for route, count in drain["api_calls_per_recording"].items())
+            + f"); {sum(drain['prefect_rows_per_recording'].values()):.1f} database rows ("
+            + ", ".join(f"{table} {count:.1f}" for table, count in drain["prefect_rows_per_recording"].items())
+            + ")",
         ),
         (
             "latency during drain",

@@ -5,6 +5,7 @@ started, measured (CPU and memory of its processes, from /proc), asked through i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +31,10 @@ RECORDING_RUNS = {"flows": {"name": {"any_": ["process-recording"]}}}
 
 
 COMPLETED = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+# the embedded Prefect server logs each request it serves at this level (uvicorn's access log)
+ACCESS_LOG = {"PREFECT_SERVER_LOGGING_LEVEL": "INFO"}
+ACCESS_LINE = re.compile(r'"(GET|POST|PATCH|PUT|DELETE) (/api/[^ ?]*)')
+AN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -281,6 +287,29 @@ class Stack:
         for path in self.places.detections_dir.rglob("*.parquet"):
             stored[path.name.split("__", 1)[0]] = path.stat().st_mtime
         return stored
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def api_calls(self, since: int) -> Counter[str]:
+        """Requests the embedded Prefect server served since that byte of the log, by method and route (ids as
+        <id>); the stack must run with ACCESS_LOG in its environment."""
+        with open(self.log_path, "rb") as log:
+            log.seek(since)
+            lines = log.read().decode(errors="replace").splitlines()
+        return Counter(
+            f"{found.group(1)} {AN_ID.sub('<id>', found.group(2))}"
+            for line in lines
+            if (found := ACCESS_LINE.search(line))
+        )
+
+    def prefect_rows(self) -> dict[str, int]:
+        """Rows per table of the embedded Prefect server's SQLite database (empty on Postgres)."""
+        if self.prefect_database != "sqlite":
+            return {}
+        with closing(sqlite3.connect(self.places.prefect_database_file, timeout=60)) as database:
+            tables = [name for (name,) in database.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            return {table: database.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] for table in tables}
 
     def api(self, path: str, body: dict):
         """POST to the station's Prefect API."""
