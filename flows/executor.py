@@ -168,10 +168,10 @@ class Executor:
         """Until `stop` is set. Raises ExecutorFailed when a flow-run thread cannot start or dies: the
         process then exits and its supervisor restarts it, instead of leaving recordings unprocessed."""
         self.start()
-        ready = threading.Barrier(self.settings.prefect.executor_workers + 1)
+        ready = threading.Barrier(self.settings.prefect.executor_threads + 1)
         workers = [
             threading.Thread(target=self._work, args=(stop, ready), name=f"flow-runs-{number}", daemon=True)
-            for number in range(self.settings.prefect.executor_workers)
+            for number in range(self.settings.prefect.executor_threads)
         ]
         for worker in workers:
             worker.start()

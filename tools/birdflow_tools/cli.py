@@ -225,7 +225,9 @@ def add_commands(commands) -> None:
     bench.add_argument("--listeners", type=at_least(1), help="streaming listeners held (default 200)")
     bench.add_argument("--stream-seconds", type=float, help="how long they stream (default 60)")
     bench.add_argument("--postgres", action="store_true", help="embedded Prefect server on Postgres instead of SQLite")
-    bench.add_argument("--workers", type=at_least(1), help="the station's executor_workers (default: its setting, 4)")
+    bench.add_argument(
+        "--workers", type=at_least(1), help="executor_workers (default: the station's setting, one per core up to 4)"
+    )
     bench.add_argument(
         "--fleet",
         action="store_true",
