@@ -153,7 +153,7 @@ class Relay:
                 tags=["station-hour", station],
                 idempotency_key=f"station-hour-{station}-{hour}-{version}",
             )
-            if created or flow_run.state is None or not flow_run.state.is_final():
+            if flow_run.state is None or not flow_run.state.is_final():  # a run created now is Running
                 run_in_process(station_hour, flow_run, created_running=created)
             self.link.summarized(hour, station, version)
         return len(due)
