@@ -86,7 +86,8 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     # a recording's run is created Running and ends with one state change: no claim, read back or update of it
     # (before: 2 state changes, a read and an update per recording; a maintenance run may add a few calls here)
     calls = report["drain"]["api_calls_per_recording"]
-    assert calls["POST /api/deployments/<id>/create_flow_run"] == 1
+    # one create per recording; the maintenance run's, or a create sent again after a 503, may add one in 8
+    assert 1 <= calls["POST /api/deployments/<id>/create_flow_run"] < 1.5
     assert 1 <= calls["POST /api/flow_runs/<id>/set_state"] < 1.5
     assert calls.get("GET /api/flow_runs/<id>", 0) < 0.5 and calls.get("PATCH /api/flow_runs/<id>", 0) < 0.5
     rows = report["drain"]["prefect_rows_per_recording"]
