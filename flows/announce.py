@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from urllib.parse import urlencode
 
 import pyarrow as pa
 from prefect import get_run_logger
@@ -73,10 +74,20 @@ def announce_purged(purged: list[Purged], station_id: str) -> None:
         emit_event(**purged_event_fields(item, station_id))
 
 
+def ui_link(path: str) -> str | None:
+    """An address of the Prefect UI (public_ui_url, else Prefect's own) as a person opens it: through its login page
+    when the server asks for a password, since Prefect's UI answers a run page opened without one with "Page not
+    found" (its login page takes them there once logged in). None without a UI."""
+    settings = get_current_settings()
+    if not settings.ui_url:
+        return None
+    base = settings.ui_url.rstrip("/")
+    return f"{base}/login?{urlencode({'redirect': path})}" if settings.api.auth_string else f"{base}{path}"
+
+
 def run_page() -> str | None:
-    """This run's page in the Prefect UI (the address the engine's "View at" log line gives)."""
-    ui_url = get_current_settings().ui_url
-    return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui_url and flow_run.id else None
+    """This run's page in the Prefect UI, as a person opens it (ui_link)."""
+    return ui_link(f"/runs/flow-run/{flow_run.id}") if flow_run.id else None
 
 
 def announce_rare(
@@ -94,7 +105,7 @@ def announce_rare(
         event = emit_event(**fields)
         if central is not None:
             central.rare(fields, once_for=f"{sighting.recording_id}:{sighting.scientific_name}")
-        elif event is not None and confirm is not None and confirm.confirm_window_s:
+        elif event is not None and confirm is not None and confirm.rare_confirm_window_s:
             from prefect import get_client
 
             try:
@@ -108,7 +119,7 @@ def confirm_on_server(client: SyncPrefectClient, sighting: dict, rules: Detectio
     """Matches a rare sighting (an event the server has, or is about to have) against the rare sightings of its
     species the server holds from the window before it, and sends the confirmed event when two stations (or
     listeners) heard it. Returns that event."""
-    since = datetime.fromisoformat(sighting["payload"]["time"]) - timedelta(seconds=rules.confirm_window_s)
+    since = datetime.fromisoformat(sighting["payload"]["time"]) - timedelta(seconds=rules.rare_confirm_window_s)
     query = {
         "event": {"name": [RARE_EVENT]},
         "occurred": {"since": since.isoformat()},
@@ -116,7 +127,7 @@ def confirm_on_server(client: SyncPrefectClient, sighting: dict, rules: Detectio
     }
     response = client.request("POST", "/events/filter", json={"filter": query, "limit": 50})
     response.raise_for_status()
-    confirmed = confirmation(sighting, response.json()["events"], rules.confirm_window_s, rules.confirm_by)
+    confirmed = confirmation(sighting, response.json()["events"], rules.rare_confirm_window_s, rules.confirm_by)
     if confirmed is not None:
         client.request("POST", "/events", json=[confirmed]).raise_for_status()
     return confirmed

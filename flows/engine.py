@@ -24,8 +24,10 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import SyncClientContext
 from prefect.exceptions import Pause
 from prefect.flow_engine import FlowRunEngine
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 from prefect.states import Running, to_state_create
+
+from flows.announce import ui_link
 
 ROUTINE_LINES = ("Beginning flow run", "Finished in state Completed(", "Finished in state Cached(")
 # a task's failed end, said again right after "Task run failed with exception: ... - Retries are exhausted"
@@ -90,6 +92,18 @@ class TracebackOncePerKind(logging.Filter):
         return True
 
 
+class RunLinkThroughLogin(logging.Filter):
+    """The engine's "View at <run page>" line with the link a person can open (ui_link)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        settings = get_current_settings()
+        if settings.ui_url and settings.api.auth_string:
+            prefix, message = f"View at {settings.ui_url.rstrip('/')}", str(record.msg)
+            if message.startswith(prefix + "/"):
+                record.msg = f"View at {ui_link(message.removeprefix(prefix))}"
+        return True
+
+
 def quiet_run_logs() -> None:
     """The filters above on the run loggers of this process (once)."""
     for name in RUN_LOGGERS:
@@ -97,6 +111,7 @@ def quiet_run_logs() -> None:
         if not any(isinstance(existing, RoutineLinesFilter) for existing in logger.filters):
             logger.addFilter(RoutineLinesFilter())
             logger.addFilter(TracebackOncePerKind())
+            logger.addFilter(RunLinkThroughLogin())
 
 
 def first_task_state_not_sent(emit: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,6 +7,8 @@
   interrupted writes; it announces archived audio that was deleted; it merges the detections into hourly
   Parquet files.
 - It writes the hourly species counts of closed hours to the sinks (Parquet, Influx `species_hourly`).
+- It ends the review runs still waiting for a detection decided elsewhere (a `birdflow review` that could not
+  reach the Prefect API).
 
 Flow runs themselves (with their task runs, logs and artifacts) are deleted by the Prefect server's own
 db_vacuum service, which `birdflow up` turns on for run_retention_days, and sooner by the embedded server's
@@ -44,6 +46,7 @@ from birdflow.runtime.mqtt import topics_of
 from birdflow.settings import Settings
 from flows.announce import announce_purged
 from flows.redrive import GIVEN_UP, redrive_or_give_up
+from flows.review import end_decided_reviews
 from flows.run_resources import run_resources
 
 SWEEP_BATCH = 200
@@ -66,7 +69,18 @@ def maintenance() -> dict[str, Any]:
         "hourly_counts": write_hourly_counts(settings),
         "listener_health": write_listener_health(settings),
         "retention": apply_retention(settings),
+        "reviews_ended": end_reviews_decided_elsewhere(),
     }
+
+
+def end_reviews_decided_elsewhere() -> int:
+    """One query (a page of waiting review runs); a failure waits for the next maintenance run."""
+    try:
+        with get_client(sync_client=True) as client:
+            return len(end_decided_reviews(client, run_resources()))
+    except Exception as exc:
+        get_run_logger().warning("review runs of decided detections not ended yet (%s: %s)", type(exc).__name__, exc)
+        return 0
 
 
 @task(name="write hourly counts", cache_policy=NO_CACHE, persist_result=False)

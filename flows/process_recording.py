@@ -43,7 +43,7 @@ from birdflow.settings import Settings
 from birdflow.settings.sections import DetectionSettings
 from flows.announce import announce_rare, show_detections
 from flows.engine import one_line
-from flows.review import open_reviews
+from flows.review import open_reviews, reviews_wanted
 from flows.run_resources import RunResources, run_resources
 
 # name of the Failed state of a run whose audio cannot be analysed (undecodable, or not what was archived)
@@ -138,8 +138,7 @@ def keep_clips(
     started = time.perf_counter()
     options, station_id = resources.settings.detections, recording.station_id
     kept: dict[tuple[float, str], str] = {}
-    source, duration_s = audio
-    budget = clip_budget(duration_s)
+    budget = clip_budget(audio[1])
     for detection in sorted(found, key=lambda d: -d.confidence):
         if detection.confidence < options.clip_min_confidence or len(kept) == budget:
             break
@@ -147,25 +146,58 @@ def keep_clips(
         day, species = f"{detected_at:%Y-%m-%d}", detection.scientific_name
         if not resources.clips.wanted(station_id, species, day, detection.confidence):
             continue
-        plan = clip_plan(
-            station_id,
-            recording.recording_id,
-            species,
-            detected_at,
-            detection.start_s,
-            detection.end_s,
-            options.clip_padding_s,
-            duration_s,
-        )
-        clip = silenced(decode_span(source, plan.start_s, plan.end_s), MODEL_SAMPLE_RATE, human, plan.start_s)
-        _store_bytes(resources, plan.base_key + ".flac", flac_bytes(clip, MODEL_SAMPLE_RATE))
-        _store_bytes(resources, plan.base_key + ".png", spectrogram_png(clip, MODEL_SAMPLE_RATE))
-        for pushed_out in resources.clips.keep(plan.base_key, station_id, species, day, detection.confidence):
+        base_key = _cut_clip(recording, audio, detection.start_s, detection.end_s, species, human, resources)
+        for pushed_out in resources.clips.keep(base_key, station_id, species, day, detection.confidence):
             resources.archive.delete(pushed_out + ".flac")
             resources.archive.delete(pushed_out + ".png")
-        kept[(detection.start_s, species)] = plan.base_key
+        kept[(detection.start_s, species)] = base_key
     metrics.CLIP_SECONDS.labels(station_id).observe(time.perf_counter() - started)
     return kept
+
+
+@task(name="review clips", cache_policy=NO_CACHE, persist_result=False)
+def clip_reviews(
+    recording: RecordingInfo,
+    audio: tuple[AudioSource, float],
+    wanted: list[tuple[dict, str]],
+    human: Spans,
+    resources: RunResources,
+) -> list[tuple[dict, str]]:
+    """Every detection asked to be reviewed gets a clip, whatever its confidence: the uncertain ones need a
+    listener most. Clips under review leave the per-species budget, so no better clip pushes them out."""
+    with_clips = []
+    for row, reason in wanted:
+        if row["clip_key"]:
+            resources.clips.release(row["clip_key"])
+        else:
+            clip_key = _cut_clip(
+                recording, audio, row["start_s"], row["end_s"], row["scientific_name"], human, resources
+            )
+            row = {**row, "clip_key": clip_key}
+        with_clips.append((row, reason))
+    return with_clips
+
+
+def _cut_clip(
+    recording: RecordingInfo,
+    audio: tuple[AudioSource, float],
+    start_s: float,
+    end_s: float,
+    species: str,
+    human: Spans,
+    resources: RunResources,
+) -> str:
+    """One detection's FLAC clip and spectrogram, human spans silenced, stored in the archive; returns its key."""
+    source, duration_s = audio
+    detected_at = recording.start_time + timedelta(seconds=start_s)
+    padding_s = resources.settings.detections.clip_padding_s
+    plan = clip_plan(
+        recording.station_id, recording.recording_id, species, detected_at, start_s, end_s, padding_s, duration_s
+    )
+    clip = silenced(decode_span(source, plan.start_s, plan.end_s), MODEL_SAMPLE_RATE, human, plan.start_s)
+    _store_bytes(resources, plan.base_key + ".flac", flac_bytes(clip, MODEL_SAMPLE_RATE))
+    _store_bytes(resources, plan.base_key + ".png", spectrogram_png(clip, MODEL_SAMPLE_RATE, plan.start_s))
+    return plan.base_key
 
 
 def _store_bytes(resources: RunResources, key: str, data: bytes) -> None:
@@ -309,6 +341,11 @@ def process_recording(recording: RecordingInfo, analysis: dict[str, Any] | None 
         logger = get_run_logger()
         logger.info(summary(table))
         tally = _with_io_retries(write_detections, settings)(recording, table, params.analysis_id, resources)
+        rare_species = {sighting.scientific_name for sighting in tally.rare}
+        wanted_reviews = reviews_wanted(table, rare_species, resources)
+        if wanted_reviews and audio_kept and settings.detections.clips_enabled:
+            clipping = _with_io_retries(clip_reviews, settings)
+            wanted_reviews = clipping(recording, audio, wanted_reviews, human, resources)
         if audio_kept:
             archived = _with_io_retries(archive_recording, settings)(recording, resources, human)
         else:
@@ -325,10 +362,9 @@ def process_recording(recording: RecordingInfo, analysis: dict[str, Any] | None 
         # returned, not raised: Prefect would log the traceback once more and pickle the exception into the
         # station's result storage on every failed attempt
         return Failed(message=f"{type(exc).__name__}: {one_line(str(exc))}")
-    rare_species = {sighting.scientific_name for sighting in tally.rare}
     if settings.detections.run_artifacts:
         show_detections(table, rare_species, resources.archive.uri)
-    open_reviews(table, rare_species, resources)
+    open_reviews(wanted_reviews, resources)
     resources.ledger.record(recording.recording_id, params.analysis_id, table.num_rows)
     _release_local_copy(recording, settings)
     return {

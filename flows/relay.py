@@ -107,7 +107,7 @@ class Relay:
             response.raise_for_status()
             self.link.events.remove(item.id for item in queued)
             sent += len(queued)
-            if self.settings.detections.confirm_window_s:
+            if self.settings.detections.rare_confirm_window_s:
                 now = time.monotonic()
                 events = [json.loads(item.message.payload) for item in queued]
                 self.to_confirm += [

@@ -1,26 +1,45 @@
 """Reviews in the Prefect UI: a detection worth a person's look opens a review-detection run, which shows the
-clip's spectrogram and a link to its audio and suspends until someone resumes it with a verdict (Prefect's
+clip's spectrogram and links to its audio and suspends until someone resumes it with a verdict (Prefect's
 interactive input: the UI draws the form from ReviewForm). A suspended run holds no process; resumed, it is
-scheduled again, the station's executor runs it and the verdict is stored. Verdicts from the command line
-(`birdflow review`) are stored the same way, by take_verdict.
+scheduled again, whatever runs the station's runs (its executor, `birdflow worker`) runs it and the verdict is
+stored.
+
+The station's review store is the one source of truth. A verdict given anywhere else (`birdflow review`, a CSV)
+is stored by take_verdict too, and ends the run still waiting for it (end_decided_reviews): the form never asks
+again about a decided detection. A verdict given later, wherever, replaces the earlier one everywhere.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
+from datetime import datetime, timezone
 from functools import cache
 from typing import Any, Literal
 
 import pyarrow as pa
 from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.context import FlowRunContext
 from prefect.flow_runs import suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
-from prefect.states import Scheduled
+from prefect.states import Completed, Scheduled
 from pydantic import Field
 
+from birdflow.core.archive import PRESIGNED_MAX_S
 from birdflow.core.birdnet import model_labels
+from birdflow.core.links import link_key, signed_link
 from birdflow.core.mqtt_messages import review_messages
 from birdflow.core.reviews import (
     ReviewError,
@@ -38,6 +57,8 @@ from flows.run_resources import RunResources, run_resources
 
 REVIEW_FLOW = "review-detection"
 ATTEMPTS = 5  # a form with an unknown species is asked again, this many times at most
+IDEMPOTENCY_PREFIX = "review-"  # + the detection id: one review run per detection
+PAGE = 200
 
 
 class ReviewForm(RunInput):
@@ -54,7 +75,8 @@ def species_names() -> SpeciesNames:
 
 
 def take_verdict(resources: RunResources, row: dict[str, Any], verdict: Verdict) -> None:
-    """The verdict stored, the reviews table of the detection's day rewritten in every sink, and published."""
+    """The verdict stored (replacing an earlier one), the reviews table of the detection's day rewritten in every
+    sink, and published."""
     day = resources.reviews.record(row, verdict)
     table = resources.reviews.table(day)
     write_all(resources.sinks, table, kind="reviews")
@@ -64,15 +86,21 @@ def take_verdict(resources: RunResources, row: dict[str, Any], verdict: Verdict)
         resources.outbox.put(review_messages(mine, topics_of(resources.settings)))
 
 
-def open_reviews(table: pa.Table, rare_species: set[str], resources: RunResources) -> None:
-    """Ask for reviews of the recording's rare species (and the sampled share of the rest), each in a review run
-    of its own, once per detection however often the recording is rerun. A request is stored first: if its run
-    cannot be created, `birdflow review list` still shows it."""
+def reviews_wanted(table: pa.Table, rare_species: set[str], resources: RunResources) -> list[tuple[dict, str]]:
+    """(detection row, reason) of the recording's rare species (and the sampled share of the rest) not asked
+    about before: the same rows on every rerun, so a rerun asks nothing again."""
     options = resources.settings.detections
     rare = rare_species if options.review_rare else set()
     if table.num_rows == 0 or not (rare or options.review_sample_share):
-        return
-    asked = resources.reviews.request(review_candidates(table, rare, options.review_sample_share))
+        return []
+    candidates = review_candidates(table, rare, options.review_sample_share)
+    return [(row, reason) for row, reason in candidates if resources.reviews.requested(id_of(row)) is None]
+
+
+def open_reviews(wanted: list[tuple[dict, str]], resources: RunResources) -> None:
+    """Each detection in a review run of its own. A request is stored first: if its run cannot be created,
+    `birdflow review list` still shows it."""
+    asked = resources.reviews.request(wanted)
     if not asked:
         return
     try:
@@ -83,32 +111,87 @@ def open_reviews(table: pa.Table, rare_species: set[str], resources: RunResource
                     deployment.id,
                     parameters={"detection": {**row, "time": row["time"].isoformat()}, "reason": reason},
                     name=f"review {row['common_name']} {row['listener_id']} {row['time']:%Y-%m-%d %H:%M:%S}",
-                    idempotency_key=f"review-{id_of(row)}",
+                    idempotency_key=IDEMPOTENCY_PREFIX + id_of(row),
                     tags=["review", reason, row["listener_id"]],
                     state=Scheduled(),
                 )
     except Exception as exc:  # the requests are stored; they wait in `birdflow review list`
-        get_run_logger().warning("could not open review runs (%s); `birdflow review list` shows them", exc)
+        get_run_logger().warning(
+            "could not open review runs (%s: %s); `birdflow review list` shows them", type(exc).__name__, exc
+        )
 
 
-def clip_of(row: dict[str, Any], resources: RunResources) -> tuple[bytes | None, str | None]:
-    """(the spectrogram PNG, where the clip's audio is) of the detection; (None, None) when it has no clip."""
+def listen_links(clip_key: str, resources: RunResources) -> list[tuple[str, str]]:
+    """Where a browser can play the clip: the archive's own link when it has one (S3, presigned), and the
+    station's (the ingest API's /clips, signed); each valid clip_link_days (an S3 link 7 days at most)."""
+    settings = resources.settings
+    valid_s = int(settings.detections.clip_link_days * 86400)
+    path = f"/{clip_key}.flac"
+    station = signed_link(settings.station_url, path, link_key(settings.link_key_file), int(time.time()) + valid_s)
+    archived = resources.archive.browser_link(clip_key + ".flac", valid_s)
+    if archived is None:
+        return [("Listen to the clip (FLAC)", station)]
+    until = datetime.fromtimestamp(time.time() + min(valid_s, PRESIGNED_MAX_S), timezone.utc)
+    return [
+        (f"Listen to the clip (FLAC, from the archive until {until:%Y-%m-%d %H:%M} UTC)", archived),
+        ("Listen to it from the station", station),
+    ]
+
+
+def review_media(row: dict[str, Any], resources: RunResources) -> tuple[bytes | None, list[tuple[str, str]]]:
+    """(the spectrogram PNG, the links to the audio) of the detection's clip; (None, []) when it has none."""
     if not row.get("clip_key"):
-        return None, None
-    return resources.archive.fetch(row["clip_key"] + ".png"), resources.archive.uri(row["clip_key"] + ".flac")
+        return None, []
+    return resources.archive.fetch(row["clip_key"] + ".png"), listen_links(row["clip_key"], resources)
+
+
+def asked_before() -> bool:
+    """Whether this run has shown its form already (it is being resumed): its pause keys say so."""
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and context.flow_run.empirical_policy.pause_keys)
+
+
+def end_decided_reviews(client: SyncPrefectClient, resources: RunResources) -> list[str]:
+    """The station's review runs still waiting for a detection that has a verdict now, completed with it; returns
+    the detection ids. One query per 200 waiting runs."""
+    ended, offset = [], 0
+    while True:
+        waiting = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[REVIEW_FLOW])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[resources.settings.station_id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+            ),
+            limit=PAGE,
+            offset=offset,
+        )
+        ended_here = 0
+        for run in waiting:
+            wanted = (run.idempotency_key or "").removeprefix(IDEMPOTENCY_PREFIX)
+            given = resources.reviews.verdict_given(wanted) if wanted else None
+            if given is not None:
+                client.set_flow_run_state(
+                    run.id, Completed(message=f"{given.verdict} by {given.reviewer} ({given.via})"), force=True
+                )
+                ended.append(wanted)
+                ended_here += 1
+        if len(waiting) < PAGE:
+            return ended
+        offset += len(waiting) - ended_here  # the ended ones left the list of waiting runs
 
 
 @flow(name=REVIEW_FLOW, persist_result=False, log_prints=False)
 def review_detection(detection: dict[str, Any], reason: str = "rare"):
-    """Shows the detection and waits, suspended, for a verdict; a detection reviewed meanwhile (on the command
-    line) ends the run with that verdict."""
+    """Shows the detection and waits, suspended, for a verdict. A detection decided before its form was ever
+    shown (on the command line) ends the run with that verdict; a form filled in later is the later verdict."""
     resources = run_resources()
     row = {**detection, "time": datetime.fromisoformat(detection["time"])}
     wanted = id_of(row)
-    given = resources.reviews.verdict_of(wanted)
-    if given:
-        return {"detection_id": wanted, "verdict": given}
-    page = review_page(row, reason, *clip_of(row, resources))
+    given = resources.reviews.verdict_given(wanted)
+    if given is not None and not asked_before():
+        return {"detection_id": wanted, "verdict": given.verdict, "species": given.scientific_name}
+    spectrogram, links = review_media(row, resources)
+    page = review_page(row, reason, spectrogram, links)
     if not has_artifacts(flow_run.id):  # the page once, not again each time the run is resumed
         create_markdown_artifact(page, description=f"review of detection {wanted}")
     problem = ""

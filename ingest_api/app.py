@@ -1,4 +1,5 @@
-"""The HTTP face of the aggregator: the listener protocol's two endpoints, /healthz and /metrics.
+"""The HTTP face of the aggregator: the listener protocol's two endpoints, /healthz, /metrics, and the clips that
+signed links (review forms) open.
 
 A router per endpoint family (ingest_api/routes/); what they share lives in one IngestState per app;
 what an upload must be is checked in ingest_api/checks.py and frames become recordings in assembler.py,
@@ -10,7 +11,7 @@ from fastapi import FastAPI
 
 from birdflow.settings import Settings
 from ingest_api.ingest_state import IngestState
-from ingest_api.routes import health, streams, uploads
+from ingest_api.routes import clips, health, streams, uploads
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -18,6 +19,6 @@ def create_app(settings: Settings) -> FastAPI:
     # no redirect to the same path with a slash: it would be built from the request's Host header
     app = FastAPI(title="birdflow ingest API", version="1", lifespan=ingest.lifespan, redirect_slashes=False)
     app.state.ingest = ingest
-    for routes in (streams, uploads, health):
+    for routes in (streams, uploads, health, clips):
         app.include_router(routes.router)
     return app

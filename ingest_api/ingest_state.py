@@ -10,12 +10,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import cached_property
 
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from birdflow.core.archive import Archive, LocalArchive, S3Archive
 from birdflow.core.disk import MB, DiskFloor
 from birdflow.core.ledger import ProcessedLedger
+from birdflow.core.links import link_key
 from birdflow.core.recordings import RecordingStore
 from birdflow.core.wav import WavFormat
 from birdflow.runtime import metrics
@@ -79,6 +82,20 @@ class IngestState:
             "frame_dropped": metrics.FRAMES_DROPPED.labels(station),
             "metadata_frame": metrics.METADATA_FRAMES.labels(station),
         }
+
+    @cached_property
+    def link_key(self) -> bytes:
+        """The key of the station's signed links (the executor and worker sign with the same file)."""
+        return link_key(self.settings.link_key_file)
+
+    @cached_property
+    def clip_archive(self) -> Archive:
+        """The archive the clips are in, as the settings describe it."""
+        if self.settings.archive.archive_backend == "s3":
+            from blocks import s3_bucket_from_settings
+
+            return S3Archive(s3_bucket_from_settings(self.settings))
+        return LocalArchive(self.settings.local_archive_dir)
 
     def relieve_disk(self) -> None:
         """At the disk floor: what the archive retention allows, counted (maintenance announces it)."""

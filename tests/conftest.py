@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from birdflow_tools.testbed import LineProtocolServer, SeaweedS3
+from birdflow_tools.testbed import LineProtocolServer, Mosquitto, SeaweedS3
 from tests.servers import PrefectServer
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -82,3 +82,15 @@ def influx_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory):
+    """A real MQTT broker (Debian's mosquitto) on a loopback port, shared by the tests of a session."""
+    if not Mosquitto.available():
+        pytest.skip("needs mosquitto (Debian package mosquitto)")
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -19,6 +19,7 @@ class PrefectServer:
     home: Path
     port: int = field(default_factory=free_port)
     extra_env: dict = field(default_factory=dict)  # server settings of a test's own
+    plain: bool = False  # `prefect server start` as Prefect ships it (a fleet's central server), not birdflow's
     process: subprocess.Popen | None = None
 
     @property
@@ -35,18 +36,10 @@ class PrefectServer:
 
     def start(self, log: Path) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
+        # the server `birdflow up` embeds: Prefect's, with SQLite transactions that take the write lock first
+        module = ["prefect", "server"] if self.plain else ["birdflow.app.prefect_server"]
         self.process = subprocess.Popen(
-            # the server `birdflow up` embeds: Prefect's, with SQLite transactions that take the write lock first
-            [
-                sys.executable,
-                "-m",
-                "birdflow.app.prefect_server",
-                "start",
-                "--host",
-                LOOPBACK,
-                "--port",
-                str(self.port),
-            ],
+            [sys.executable, "-m", *module, "start", "--host", LOOPBACK, "--port", str(self.port)],
             env={**os.environ, **self.env(), **self.extra_env},
             stdout=open(log, "wb"),
             stderr=subprocess.STDOUT,

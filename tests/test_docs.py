@@ -44,8 +44,10 @@ def shell_lines(document: Path) -> list[str]:
 def birdflow_commands(line: str) -> list[list[str]]:
     """The birdflow invocations of one line (`a && b` is two), as argument lists without the program."""
     found = []
-    for part in re.split(r"&&|;", line):
+    for part in re.split(r"&&|;|\|", line):
         words = shlex.split(part, comments=True)
+        if ">" in words:  # what follows is where the output goes
+            words = words[: words.index(">")]
         while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value before the command
             words.pop(0)
         if words and Path(words[0]).name == "birdflow":
@@ -88,3 +90,71 @@ def test_the_safe_documented_commands_run_as_written_in_a_new_station(tmp_path):
         assert result.returncode == 0, f"{document}: `{line}` exited {result.returncode}:\n{result.stderr[-2000:]}"
         ran.append(arguments[0])
     assert {"init", "listeners", "detections", "sql", "export", "review"} <= set(ran), ran
+
+
+def first_station_lines() -> list[str]:
+    """The command lines of the README's "A first station" block, as a reader types them."""
+    readme = (PROJECT / "README.md").read_text()
+    section = readme.split("## A first station", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.e2e
+def test_the_readmes_first_station_reaches_a_detection_with_the_token_init_turned_on(tmp_path, sample_48k):
+    """Run as written, in a new folder beside ../shared as a checkout is, each line in order (`up` in a terminal of
+    its own); only the ports are the test's, in the environment, which the settings let win."""
+    import httpx
+
+    from birdflow_tools.testbed import free_port, stop_process, wait_until
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / ".venv").symlink_to(PROJECT / ".venv")
+    (tmp_path / "shared").symlink_to(sample_48k.parent.parent)
+    ports = {name: str(free_port()) for name in ("INGEST_PORT", "PREFECT_PORT", "HEALTH_PORT", "POSTGRES_PORT")}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "BIRDFLOW_"))}
+    env.update(ports)
+    lines = first_station_lines()
+    assert [line.split()[1] for line in lines if "birdflow" in line] == [
+        "init", "listeners", "up", "listen", "detections"
+    ]  # fmt: skip
+    folder, up, said = checkout, None, {}
+    try:
+        for line in lines:
+            if line.startswith("cd "):
+                folder = folder / line.removeprefix("cd ").strip()
+                continue
+            if line.split()[1] == "up":
+                up = subprocess.Popen(line, shell=True, cwd=folder, env=env, start_new_session=True,
+                                      stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)  # fmt: skip
+                wait_until(lambda: "executor ready" in (tmp_path / "up.log").read_text(), 180, "the station")
+                # the lock init turned on: without its token, the same listener is refused, in the station's words
+                refused = subprocess.run(
+                    [str(BIRDFLOW), "listen", "--file", str(sample_48k), "--prefix", "mic", "--recordings", "1"],
+                    cwd=folder, env=env, capture_output=True, text=True, timeout=120,
+                )  # fmt: skip
+                assert "mic01: 401: missing or invalid token for listener 'mic01'" in refused.stdout, refused.stdout
+                continue
+            if line.split()[1] == "detections":
+                wait_until(
+                    lambda line=line, folder=folder: "American Goldfinch" in run_line(line, folder, env).stdout,
+                    120,
+                    "a detection",
+                )
+            said[line.split()[1]] = run_line(line, folder, env)
+        # the UI's lock: its API answers only with the login init wrote
+        ui = f"http://127.0.0.1:{ports['PREFECT_PORT']}/api/flow_runs/count"
+        assert httpx.post(ui, timeout=10).status_code == 401
+    finally:
+        if up is not None:
+            stop_process(up, grace_s=30)
+    assert "sent 1 recording(s) from 1 listener(s); 0 error(s)" in said["listen"].stdout
+    secrets = (checkout / "station" / ".env").read_text()
+    assert "INGEST_AUTH=on" in secrets and "\nPREFECT_API_AUTH_STRING=birdflow:" in secrets
+
+
+def run_line(line: str, folder: Path, env: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run(line, shell=True, cwd=folder, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"`{line}` exited {done.returncode}:\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
+    return done

@@ -7,12 +7,6 @@ from typing import Any
 from birdflow.settings import Settings
 
 
-def scrape_target(settings: Settings) -> str:
-    """Where the agent reaches this station's /metrics (a wildcard bind is scraped on loopback)."""
-    host = "127.0.0.1" if settings.ingest.ingest_host in ("0.0.0.0", "::", "") else settings.ingest.ingest_host
-    return f"{host}:{settings.ingest.ingest_port}"
-
-
 def prometheus_config(settings: Settings, target: str = "") -> dict[str, Any]:
     """A prometheus.yml for `prometheus --enable-feature=agent`: scrape birdflow, remote-write centrally.
 
@@ -28,7 +22,7 @@ def prometheus_config(settings: Settings, target: str = "") -> dict[str, Any]:
                 "job_name": "birdflow",
                 "metrics_path": "/metrics",
                 "static_configs": [
-                    {"targets": [target or scrape_target(settings)], "labels": {"station": settings.station_id}}
+                    {"targets": [target or settings.local_ingest_address], "labels": {"station": settings.station_id}}
                 ],
             }
         ],

@@ -2,7 +2,9 @@
 
 Each listener keeps one chunked POST open, sends frame 0 with the WAV header, then 32 KiB pages at
 real-time pace, waits its interval and starts the next recording on the same connection. On a
-connection error it reconnects with exponential back-off (2, 4, 8 ... 60 s); a 4xx answer ends it.
+connection error it reconnects with exponential back-off (2, 4, 8 ... 60 s); a 4xx answer ends it, and what it
+says is reported. A recording counts as sent unless the station refused it; with a number of recordings to send,
+a listener stops after that many attempts, whether they got through or not.
 """
 
 from __future__ import annotations
@@ -29,10 +31,15 @@ PAGE_BYTES = 32768
 @dataclass
 class ListenerReport:
     listener_id: str
-    recordings_sent: int = 0
+    recordings_sent: int = 0  # not refused (a stream's are confirmed only when its connection ends)
+    recordings_refused: int = 0
+    attempts_failed: int = 0  # connections that broke off, the recording in them not known to be stored
     bytes_sent: int = 0
     errors: list[str] = field(default_factory=list)
     responses: list[dict] = field(default_factory=list)
+
+    def attempts(self) -> int:
+        return self.recordings_sent + self.recordings_refused + self.attempts_failed
 
 
 @dataclass
@@ -44,16 +51,20 @@ class Reconnect:
     max_delay_s: float = 60.0
     delay_s: float = 2.0
 
-    async def after_failure(self, report: ListenerReport, exc: httpx.HTTPError) -> bool:
-        """Record the failure; False when trying again cannot help."""
+    def failed(self, report: ListenerReport, exc: httpx.HTTPError, recordings: int = 1) -> bool:
+        """Record the failure of `recordings` (those of a broken stream); False when trying again cannot help."""
         error = _describe(exc)
         report.errors.append(error)
         self.on_error(report.listener_id, error)
         if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500:
+            report.recordings_refused += recordings
             return False
+        report.attempts_failed += recordings
+        return True
+
+    async def wait(self) -> None:
         await asyncio.sleep(self.delay_s)
         self.delay_s = min(self.delay_s * 2, self.max_delay_s)
-        return True
 
     def succeeded(self) -> None:
         self.delay_s = 2.0
@@ -103,28 +114,46 @@ async def stream_listener(
     header, audio, byte_rate = split_wav(wav)
     salt = zlib.crc32(listener_id.encode()) << 8
 
-    async def body() -> AsyncIterator[bytes]:
-        while not recordings or report.recordings_sent < recordings:
-            pcm = make_distinct(audio, salt + report.recordings_sent) if distinct else audio
-            async for frame in _recording_frames(header, pcm, byte_rate, pace):
-                report.bytes_sent += len(frame)
-                yield frame
-            report.recordings_sent += 1
-            on_recording(listener_id)
-            if not recordings or report.recordings_sent < recordings:
-                await asyncio.sleep(interval_s)
+    def wanted() -> bool:
+        return not recordings or report.attempts() < recordings
 
-    while not recordings or report.recordings_sent < recordings:
+    while wanted():
+        in_connection = 0  # recordings sent in full on this connection
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal in_connection
+            while wanted():
+                pcm = make_distinct(audio, salt + report.attempts()) if distinct else audio
+                async for frame in _recording_frames(header, pcm, byte_rate, pace):
+                    report.bytes_sent += len(frame)
+                    yield frame
+                in_connection += 1
+                report.recordings_sent += 1
+                on_recording(listener_id)
+                if wanted():
+                    await asyncio.sleep(interval_s)
+
         try:
-            response = await client.post(
-                f"{base_url}/recordings_stream", params={"listener_id": listener_id}, content=body()
-            )
+            try:
+                response = await client.post(
+                    f"{base_url}/recordings_stream", params={"listener_id": listener_id}, content=body()
+                )
+            except httpx.TransportError:
+                # a station that refuses a stream answers at once and closes, while this side still sends: the
+                # answer is lost in the write error, so it is asked for again with a stream of nothing
+                response = await client.post(
+                    f"{base_url}/recordings_stream", params={"listener_id": listener_id}, content=b""
+                )
+                if response.status_code < 400:
+                    raise
             report.responses.append({"status": response.status_code, **_json_or_text(response)})
             response.raise_for_status()
             reconnect.succeeded()
         except httpx.HTTPError as exc:
-            if not await reconnect.after_failure(report, exc):
+            report.recordings_sent -= in_connection
+            if not reconnect.failed(report, exc, max(1, in_connection)) or not wanted():
                 return
+            await reconnect.wait()
 
 
 async def upload_listener(
@@ -143,22 +172,23 @@ async def upload_listener(
     """POST the file `recordings` times (0 = until cancelled), named like listener01_20250101T120000Z.wav."""
     listener_id = report.listener_id
     salt = zlib.crc32(listener_id.encode()) << 8
-    while not recordings or report.recordings_sent < recordings:
+    while not recordings or report.attempts() < recordings:
         name = f"{listener_id}_{datetime.now(timezone.utc):{TIMESTAMP_FORMAT}}{suffix}"
-        body = make_distinct(data, salt + report.recordings_sent) if distinct and suffix == ".wav" else data
+        body = make_distinct(data, salt + report.attempts()) if distinct and suffix == ".wav" else data
         try:
             response = await client.post(f"{base_url}/recordings_upload", files={"file": (name, body)})
             report.responses.append({"status": response.status_code, **_json_or_text(response)})
             response.raise_for_status()
         except httpx.HTTPError as exc:
-            if not await reconnect.after_failure(report, exc):
+            if not reconnect.failed(report, exc) or (recordings and report.attempts() >= recordings):
                 return
+            await reconnect.wait()
             continue
         reconnect.succeeded()
         report.recordings_sent += 1
         report.bytes_sent += len(data)
         on_recording(listener_id)
-        if not recordings or report.recordings_sent < recordings:
+        if not recordings or report.attempts() < recordings:
             await asyncio.sleep(interval_s)
 
 
@@ -167,7 +197,7 @@ def _describe(exc: httpx.HTTPError) -> str:
     if isinstance(exc, httpx.HTTPStatusError):
         body = _json_or_text(exc.response)
         return f"{exc.response.status_code}: {body.get('error') or body.get('text') or exc.response.reason_phrase}"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (the connection broke off)"
 
 
 def _json_or_text(response: httpx.Response) -> dict:

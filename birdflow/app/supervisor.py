@@ -61,6 +61,8 @@ def prefect_environment(settings: Settings, triggers: bool = False) -> dict[str,
         # results of cached tasks (analysis tables) live beside the rest of the station's data
         "PREFECT_LOCAL_STORAGE_PATH": str((settings.prefect_home / "storage").resolve()),
     }
+    if settings.prefect.public_ui_url:  # the run links of logs, notifications and review pages
+        env["PREFECT_UI_URL"] = settings.prefect.public_ui_url
     auth = settings.prefect.prefect_api_auth_string.get_secret_value()
     if auth:  # Prefect's own server auth: every client sends it, the embedded server requires it
         env["PREFECT_API_AUTH_STRING"] = auth

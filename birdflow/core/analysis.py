@@ -14,6 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MODEL_VERSION = "BirdNET_GLOBAL_6K_V2.4"
+# parameters renamed since analysis ids were first issued: the digest keeps the first name, so an analysis id (and
+# with it every cached result, processed-record entry and detection id) stays what it was
+NAME_IN_DIGEST = {"confirm_count_window_s": "confirm_window_s"}
 
 
 class AnalysisParams(BaseModel):
@@ -39,9 +42,9 @@ class AnalysisParams(BaseModel):
         "min_confidence; in the environment 'Spinus tristis=0.6, American Robin=0.4'",
     )
     confirm_count: int = Field(
-        1, ge=1, le=20, description="A species is reported once heard in this many windows of confirm_window_s"
+        1, ge=1, le=20, description="A species is reported once heard in this many windows of confirm_count_window_s"
     )
-    confirm_window_s: float = Field(
+    confirm_count_window_s: float = Field(
         15.0, gt=0, le=600, description="Within one recording: how close together those windows must start"
     )
 
@@ -95,7 +98,7 @@ class AnalysisParams(BaseModel):
     @property
     def analysis_id(self) -> str:
         """Short digest of model version and parameters: rows from different analyses never collide."""
-        values = {name: getattr(self, name) for name in AnalysisParams.model_fields}
+        values = {NAME_IN_DIGEST.get(name, name): getattr(self, name) for name in AnalysisParams.model_fields}
         blob = json.dumps({"model": MODEL_VERSION, **values}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

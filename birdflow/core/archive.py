@@ -45,6 +45,9 @@ class Archive(Protocol):
     def uri(self, key: str) -> str:
         """Where the object is, for people (file:// or s3://)."""
 
+    def browser_link(self, key: str, valid_s: int) -> str | None:
+        """A link a browser opens without credentials for `valid_s` seconds; None where the store has none."""
+
 
 class LocalArchive:
     def __init__(self, root: Path):
@@ -83,10 +86,14 @@ class LocalArchive:
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
 
+    def browser_link(self, key: str, valid_s: int) -> str | None:
+        return None  # a browser is refused file:// links; the station serves its clips (ingest API, /clips)
+
 
 # One PUT can carry the object's SHA-256 for the store to check; a multipart upload cannot (S3 takes a
 # full-object SHA-256 only on a single PUT, which may be up to 5 GiB).
 SINGLE_PUT_LIMIT_BYTES = 5 << 30
+PRESIGNED_MAX_S = 7 * 86400  # the longest a Signature V4 link may be valid
 
 
 class S3Archive:
@@ -114,6 +121,14 @@ class S3Archive:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket.bucket_name}/{self._key(key)}"
+
+    def browser_link(self, key: str, valid_s: int) -> str | None:
+        """A presigned GET (Signature V4: at most 7 days)."""
+        return self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket.bucket_name, "Key": self._key(key)},
+            ExpiresIn=min(valid_s, PRESIGNED_MAX_S),
+        )
 
     def store(self, path: Path, key: str, sha256: str) -> ArchivedObject:
         size = path.stat().st_size

@@ -58,7 +58,9 @@ def select(
     station: str | None = None,
 ) -> list[Candidate]:
     """Those recorded in [since, until) (start time from the name, else the file time), of the listener,
-    and under a `<station>/` folder when a station is given (the archive's layout)."""
+    and under a `<station>/` folder when a station is given (the archive's layout). A time without a zone (a date
+    typed into the Prefect UI's form) is UTC."""
+    since, until = (as_utc(value) if value else None for value in (since, until))
     chosen = []
     for item in found:
         when = item.start_time or item.modified
@@ -70,6 +72,10 @@ def select(
             continue
         chosen.append(item)
     return chosen
+
+
+def as_utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def parse_s3_source(source: str) -> tuple[str, str] | None:

@@ -191,7 +191,7 @@ class BirdNET:
         parts = [self.hear(windows, starts, params, recorded) for windows, starts in batches]
         found = [detection for part in parts for detection in part.detections]
         return Heard(
-            confirmed(found, params.confirm_count, params.confirm_window_s),
+            confirmed(found, params.confirm_count, params.confirm_count_window_s),
             [start for part in parts for start in part.window_starts],
             [score for part in parts for score in part.human_scores],
         )

@@ -91,17 +91,53 @@ def _window() -> np.ndarray:
     return np.hanning(FFT_SIZE).astype(np.float32)
 
 
-def spectrogram_png(samples: np.ndarray, rate: int) -> bytes:
-    """The spectrogram as a PNG: high frequencies up, loud is dark on white (as field guides print them)."""
+# the picture's margins, for the axes' tick labels (Pillow's built-in font is 11 px high)
+LEFT_MARGIN, BOTTOM_MARGIN, TOP_MARGIN, RIGHT_MARGIN = 44, 30, 8, 10
+TICK = 4
+
+
+def spectrogram_png(samples: np.ndarray, rate: int, start_s: float = 0.0) -> bytes:
+    """The spectrogram as a PNG: high frequencies up, loud is dark on white (as field guides print them), with a
+    frequency axis in kHz and a time axis in seconds into the recording (the clip starts `start_s` into it)."""
     from PIL import Image
 
     decibels = spectrogram(samples.astype(np.float32), rate)
     loudest = decibels.max()
     scaled = np.clip((decibels - (loudest - DYNAMIC_RANGE_DB)) * np.float32(255 / DYNAMIC_RANGE_DB), 0, 255)
     pixels = np.ascontiguousarray((255 - scaled).astype(np.uint8)[::-1])
+    height, width = pixels.shape
+    canvas = Image.new("L", (LEFT_MARGIN + width + RIGHT_MARGIN, TOP_MARGIN + height + BOTTOM_MARGIN), 255)
+    canvas.paste(Image.fromarray(pixels, mode="L"), (LEFT_MARGIN, TOP_MARGIN))
+    _draw_axes(canvas, height, width, rate, len(samples) / rate, start_s)
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=1)  # fast: ~10 % larger
+    canvas.save(buffer, format="PNG", compress_level=1)  # fast: ~10 % larger
     return buffer.getvalue()
+
+
+def _draw_axes(canvas, height: int, width: int, rate: int, duration_s: float, start_s: float) -> None:
+    """Ticks and labels: every 2 kHz up the left side, every second (or half second) along the bottom."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(canvas)
+    left, top, bottom = LEFT_MARGIN, TOP_MARGIN, TOP_MARGIN + height
+    draw.rectangle((left - 1, top - 1, left + width, bottom), outline=0)
+    hz_per_row = rate / FFT_SIZE
+    for khz in range(0, MAX_FREQUENCY_HZ // 1000 + 1, 2):
+        y = bottom - round(khz * 1000 / hz_per_row)
+        draw.line((left - TICK, y, left - 1, y), fill=0)
+        draw.text((left - TICK - 2, y), f"{khz}", fill=0, anchor="rm")
+    draw.text((2, top), "kHz", fill=0, anchor="lt")
+    seconds_per_column = HOP / rate
+    step = 0.5 if duration_s <= 3 else 1.0
+    first = math.ceil(start_s / step) * step
+    for index in range(int((start_s + duration_s - first) / step) + 1):
+        second = first + index * step
+        x = left + round((second - start_s) / seconds_per_column)
+        if x > left + width:
+            break
+        draw.line((x, bottom, x, bottom + TICK), fill=0)
+        draw.text((x, bottom + TICK + 1), f"{second:g}", fill=0, anchor="mt")
+    draw.text((left + width, bottom + TICK + 13), "s into the recording", fill=0, anchor="rt")
 
 
 SCHEMA = """
@@ -154,6 +190,10 @@ class ClipIndex:
             execute("ROLLBACK")
             raise
         return evicted
+
+    def release(self, base_key: str) -> None:
+        """Take a clip out of the budget (one under review): it is no longer pushed out by better ones."""
+        self.database.execute("DELETE FROM clips WHERE base_key = ?", (base_key,))
 
     def count(self, station_id: str, species: str, day: str | None = None) -> int:
         query, parameters = "SELECT count(*) FROM clips WHERE station_id = ? AND species = ?", [station_id, species]

@@ -196,9 +196,14 @@ class ReviewStore:
         )
         return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
 
-    def verdict_of(self, wanted: str) -> str | None:
-        found = self.database.execute("SELECT verdict FROM verdicts WHERE detection_id = ?", (wanted,)).fetchone()
-        return found[0] if found else None
+    def verdict_given(self, wanted: str) -> Verdict | None:
+        """The latest verdict on the detection, None when it has none."""
+        found = self.database.execute(
+            "SELECT verdict, reviewer, via, scientific_name, common_name, reviewed_at FROM verdicts "
+            "WHERE detection_id = ?",
+            (wanted,),
+        ).fetchone()
+        return Verdict(*found) if found else None
 
     def table(self, day: datetime | None = None) -> pa.Table:
         """Every verdict (REVIEWS_SCHEMA), or those on detections of one UTC day, by detection time."""
@@ -358,9 +363,11 @@ def verdict_lines(text: str) -> list[VerdictLine]:
     return lines
 
 
-def review_page(row: dict[str, Any], reason: str, spectrogram: bytes | None, audio_link: str | None) -> str:
+def review_page(
+    row: dict[str, Any], reason: str, spectrogram: bytes | None, listen_links: Sequence[tuple[str, str]] = ()
+) -> str:
     """The markdown a reviewer reads: what was heard, where and when, the clip's spectrogram (inline, so it shows
-    wherever the page is opened) and a link to its audio."""
+    wherever the page is opened) and links to its audio, as (text, address)."""
     why = "a rare species here" if reason == "rare" else "a sample of what is heard often"
     lines = [
         f"### {row['common_name']} (*{row['scientific_name']}*), confidence {row['confidence']:.2f}",
@@ -374,8 +381,9 @@ def review_page(row: dict[str, Any], reason: str, spectrogram: bytes | None, aud
         lines += [f"![spectrogram](data:image/png;base64,{base64.b64encode(spectrogram).decode()})", ""]
     else:
         lines += ["No clip was kept of this detection.", ""]
-    if audio_link:
-        lines += [f"[Listen to the clip (FLAC)]({audio_link})", ""]
+    lines += [f"[{text}]({address})" for text, address in listen_links]
+    if listen_links:
+        lines.append("")
     lines.append(
         "Resume this run with the verdict: confirm, reject, or relabel with the species it was (scientific or "
         "common name)."

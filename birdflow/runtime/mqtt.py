@@ -1,12 +1,16 @@
 """The MQTT publisher: drains the station's outbox (birdflow.core.outbox) to the broker the settings name,
-QoS 1 and in order, a message removed only once the broker acknowledged it. Runs as a thread of the executor;
-while the broker is away or refuses the credentials, messages wait in the outbox and the reason is logged."""
+QoS 1 and in order, a message removed only once the broker acknowledged it. Runs as a thread of the executor and
+of `birdflow worker`: one of them publishes (it holds the station's publisher lock), another takes over when that
+one stops. While the broker is away or refuses the credentials, messages wait in the outbox and the reason is
+logged."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import logging
+import os
 import threading
 import time
 
@@ -19,6 +23,7 @@ log = logging.getLogger("birdflow.mqtt")
 BATCH = 100  # messages in flight at once (paho's own window is raised to match)
 ACK_TIMEOUT_S = 10.0
 IDLE_POLL_S = 0.5
+LOCK_RETRY_S = 5.0  # a process waiting to publish tries the lock this often
 PR_SET_NAME = 15
 
 
@@ -80,9 +85,34 @@ class Publisher:
         self.connected.clear()
 
     def run(self, stop: threading.Event) -> None:
-        """Until `stop` is set: connect (and reconnect), then send what the outbox holds, oldest first. Its
-        threads are named for the system ("mqtt", "mqtt-network"), so that their CPU can be told apart."""
+        """Until `stop` is set: once this process is the station's publisher, connect (and reconnect), then send
+        what the outbox holds, oldest first. Its threads are named for the system ("mqtt", "mqtt-network"), so
+        that their CPU can be told apart."""
         name_this_thread("mqtt")
+        lock = self._publisher_lock(stop)
+        if lock is None:
+            return
+        try:
+            self._publish(stop)
+        finally:
+            os.close(lock)
+
+    def _publisher_lock(self, stop: threading.Event) -> int | None:
+        """The station's publisher lock, once this process gets it (None if stopped first): two publishers would
+        share one client id, which the broker allows one connection at a time."""
+        path = self.settings.mqtt_publisher_lock_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return descriptor
+            except BlockingIOError:
+                if stop.wait(LOCK_RETRY_S):
+                    os.close(descriptor)
+                    return None
+
+    def _publish(self, stop: threading.Event) -> None:
         options = self.settings.mqtt
         self.client.connect_async(options.mqtt_host, options.mqtt_port, keepalive=30)
         network = threading.Thread(target=self._network, name="mqtt-network", daemon=True)

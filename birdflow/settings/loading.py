@@ -8,6 +8,7 @@ the setting and where its value came from.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,32 @@ from birdflow.settings.sections import SettingsError
 
 SETTINGS_FILE_ENV = "BIRDFLOW_SETTINGS"
 EMPTY_MEANS_NONE = ("latitude", "longitude", "archive_dir", "mqtt_ca_file")
+# an old name -> the setting it sets now, and what a reader of the old name should know
+RENAMED = {
+    "confirm_window_s": (
+        "rare_confirm_window_s",
+        "'confirm_window_s' named two windows and set only the one of two stations' rare sightings; "
+        "the window of confirm_count within one recording is 'confirm_count_window_s'",
+    ),
+}
+log = logging.getLogger("birdflow.settings")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                hint = f" ({RENAMED[key][1]})" if key in RENAMED else ""
+                raise SettingsError(
+                    f"setting '{key}' is written twice, on lines {seen[key]} and {line}: keep one{hint}"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _env_value(name: str, raw: str, annotation: Any) -> Any:
@@ -45,7 +72,9 @@ def _yaml_values(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise SettingsError(f"settings file {file} does not exist")
     try:
-        loaded = yaml.safe_load(file.read_text()) or {}
+        loaded = yaml.load(file.read_text(), Loader=_UniqueKeyLoader) or {}
+    except SettingsError as exc:
+        raise SettingsError(f"settings file {file}: {exc}") from None
     except yaml.YAMLError as exc:
         raise SettingsError(f"settings file {file} is not valid YAML: {exc}") from exc
     if not isinstance(loaded, dict):
@@ -75,14 +104,33 @@ def load_settings(path: os.PathLike | str | None = None, environ: Mapping[str, s
     path = settings_file_in_use(path, environ)
     values = _yaml_values(path) if path is not None else {}
     source = {name: f"in {path}" for name in values}
+    for old in RENAMED:
+        if old.upper() in environ:
+            values[old], source[old] = environ[old.upper()], f"env {old.upper()}"
     for name, field in Settings.flat_fields().items():
         if name.upper() in environ:
             values[name] = _env_value(name, environ[name.upper()], field.annotation)
             source[name] = f"env {name.upper()}"
+    _take_renamed(values, source)
     try:
         return Settings(**values)
     except ValidationError as exc:
         raise SettingsError("; ".join(_problem(error, source) for error in exc.errors())) from None
+
+
+def _take_renamed(values: dict[str, Any], source: dict[str, str]) -> None:
+    """A setting given by its old name is read as the new one, with a line that says so; both names at once
+    contradict each other and stop the station."""
+    for old, (new, what) in RENAMED.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise SettingsError(
+                f"setting '{old}' ({source[old]}) and setting '{new}' ({source[new]}) are one setting: "
+                f"keep '{new}' ({what})"
+            )
+        values[new], source[new] = values.pop(old), source.pop(old)
+        log.warning("setting '%s' (%s) is read as '%s': %s", old, source[new], new, what)
 
 
 def _problem(error: ErrorDetails, source: dict[str, str]) -> str:

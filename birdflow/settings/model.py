@@ -140,6 +140,11 @@ class Settings(BaseModel):
         return self.state_dir / "reviews.sqlite"
 
     @property
+    def link_key_file(self) -> Path:
+        """The key that signs the links a browser opens without a token (birdflow.core.links)."""
+        return self.state_dir / "links.key"
+
+    @property
     def central_link_file(self) -> Path:
         """Rare-species events waiting for the central Prefect, and the hours summarised there (flows/relay.py)."""
         return self.state_dir / "central_link.sqlite"
@@ -148,6 +153,11 @@ class Settings(BaseModel):
     def mqtt_outbox_file(self) -> Path:
         """Messages waiting for the MQTT broker (birdflow.core.outbox)."""
         return self.state_dir / "mqtt_outbox.sqlite"
+
+    @property
+    def mqtt_publisher_lock_file(self) -> Path:
+        """Held by the one process of the station that publishes to MQTT (the executor, or a worker)."""
+        return self.state_dir / "mqtt-publisher.lock"
 
     @property
     def listener_tokens_file(self) -> Path:
@@ -225,6 +235,18 @@ class Settings(BaseModel):
     @property
     def api_url(self) -> str:
         return self.prefect.prefect_api_url or f"http://127.0.0.1:{self.prefect.prefect_port}/api"
+
+    @property
+    def local_ingest_address(self) -> str:
+        """host:port at which this machine reaches the ingest API (a wildcard bind, on loopback)."""
+        host = self.ingest.ingest_host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+        return f"{host}:{self.ingest.ingest_port}"
+
+    @property
+    def station_url(self) -> str:
+        """Where browsers reach the ingest API: public_url, else the station's own address on this machine."""
+        return self.ingest.public_url or f"http://{self.local_ingest_address}"
 
     @property
     def embedded_prefect(self) -> bool:

@@ -31,6 +31,20 @@ def yaml_switch(value: Any) -> Any:
     return value
 
 
+def web_address(value: Any) -> Any:
+    """An address people open in a browser: http(s)://host[:port][/path], without a query; empty is unset."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or not value.strip():
+        return value
+    value = value.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"expected http(s)://host[:port][/path], got {value!r}")
+    return value
+
+
+WebAddress = Annotated[str, BeforeValidator(web_address)]
 Names = Annotated[list[str], BeforeValidator(comma_list)]
 Seconds = Annotated[list[float], BeforeValidator(comma_list)]
 Folders = Annotated[list[Path], BeforeValidator(comma_list)]
@@ -102,6 +116,13 @@ class IngestSettings(Section):
     max_recordings_per_minute: int = Field(
         12, ge=1, description="A stream that starts more recordings than this in a minute is cut (429)"
     )
+    public_url: WebAddress = Field(
+        "",
+        description=(
+            "How people's browsers reach this station's ingest API (https://pi.example.org:8000): the clip links of "
+            "review forms; empty: http://127.0.0.1:<ingest_port>, which opens on the station only"
+        ),
+    )
     health_port: int = Field(
         6000, ge=0, le=65535, description="UDP port of listener health datagrams (docs/listener-protocol.md); 0: off"
     )
@@ -145,6 +166,13 @@ class PrefectSettings(Section):
     )
     central_api_auth_string: SecretStr = Field(
         SecretStr(""), description="user:password of the central Prefect server's auth (with 'central_api_url')"
+    )
+    public_ui_url: WebAddress = Field(
+        "",
+        description=(
+            "How people reach the Prefect UI that shows this station's runs (https://prefect.example.org): the run "
+            "links of notifications and logs; empty: the UI at the Prefect API's own address"
+        ),
     )
     prefect_port: int = Field(4200, ge=1, le=65535, description="Port of the embedded Prefect server")
     prefect_database: Literal["sqlite", "postgres"] = Field(
@@ -244,7 +272,7 @@ class DetectionSettings(Section):
         default_factory=list,
         description="Species (scientific or common names) that are always rare: every recording with one is pushed",
     )
-    confirm_window_s: float = Field(
+    rare_confirm_window_s: float = Field(
         3600.0,
         ge=0,
         description=(
@@ -269,6 +297,12 @@ class DetectionSettings(Section):
     )
     clip_min_confidence: float = Field(0.6, ge=0.01, le=1.0, description="Detections at or above this get a clip")
     clip_padding_s: float = Field(1.0, ge=0, le=10, description="Audio kept before and after the 3 s window of a clip")
+    clip_link_days: float = Field(
+        30.0,
+        gt=0,
+        le=365,
+        description="A clip's link in a review form opens for this long (an S3 archive's own link: 7 days at most)",
+    )
     clips_per_species_per_day: int = Field(
         10,
         ge=1,

@@ -114,6 +114,28 @@ def test_entrypoint_runs_outside_docker(tmp_path):
         ingest.wait(30)
 
 
+def birdflow_commands(plugins: bool = True) -> list[str]:
+    """Every command `birdflow --help` lists; without `plugins`, those of a station's install (no developer tools)."""
+    import argparse
+
+    from birdflow.app.cli import build_parser
+
+    parser = build_parser(plugins)
+    [commands] = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return sorted(commands.choices)
+
+
+def test_the_entrypoint_passes_every_birdflow_command_and_runs_other_programs(tmp_path):
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    for command in birdflow_commands():  # `init` among them, which is also a program where systemd is installed
+        done = entrypoint(command, "--help", env=env)
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: birdflow {command}"), (command, done.stderr)
+    assert entrypoint("review", "list", "--help", env=env).stdout.startswith("usage: birdflow review list")
+    assert entrypoint("echo", "a program", env=env).stdout == "a program\n"  # a shell builtin too, but on PATH
+    unknown = entrypoint("sing", env=env)
+    assert unknown.returncode == 2 and "invalid choice: 'sing'" in unknown.stderr  # birdflow's to refuse
+
+
 def test_env_to_fleet_loads_what_init_writes(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "birdflow.app.cli", "init", "--dir", str(tmp_path), "--station", "pi-9"],

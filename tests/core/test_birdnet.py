@@ -95,7 +95,7 @@ def test_a_species_heard_in_one_window_only_is_dropped_when_confirmation_is_aske
     # windows every 0.5 s: the goldfinch is heard in three within a second, the other species are not
     every_half_second = heard(model, sample_48k, AnalysisParams(overlap_s=2.5))
     assert {d.common_name for d in every_half_second} > {"American Goldfinch"}
-    kept = heard(model, sample_48k, AnalysisParams(overlap_s=2.5, confirm_count=3, confirm_window_s=1.0))
+    kept = heard(model, sample_48k, AnalysisParams(overlap_s=2.5, confirm_count=3, confirm_count_window_s=1.0))
     assert [(d.start_s, d.common_name) for d in kept] == [(start, "American Goldfinch") for start in (2.0, 2.5, 3.0)]
 
 

@@ -10,7 +10,19 @@ import soundfile
 from PIL import Image
 
 from birdflow.core.birdnet import Heard
-from birdflow.core.clips import FFT_SIZE, ClipIndex, clip_budget, clip_plan, flac_bytes, spectrogram, spectrogram_png
+from birdflow.core.clips import (
+    BOTTOM_MARGIN,
+    FFT_SIZE,
+    LEFT_MARGIN,
+    RIGHT_MARGIN,
+    TOP_MARGIN,
+    ClipIndex,
+    clip_budget,
+    clip_plan,
+    flac_bytes,
+    spectrogram,
+    spectrogram_png,
+)
 from birdflow.core.privacy import human_spans, silenced, write_silenced_copy
 
 RATE = 48000
@@ -40,11 +52,20 @@ def test_the_flac_clip_decodes_to_the_samples_and_the_spectrogram_shows_the_tone
     power = spectrogram(audio, RATE)
     loudest_bin = int(np.argmax(power.mean(axis=1)))
     assert abs(loudest_bin * RATE / FFT_SIZE - 4000) < RATE / FFT_SIZE  # the 4 kHz row
-    image = Image.open(io.BytesIO(spectrogram_png(audio, RATE)))
-    assert image.format == "PNG" and image.mode == "L" and image.size[0] > 400
+    image = Image.open(io.BytesIO(spectrogram_png(audio, RATE, start_s=11.0)))
+    assert image.format == "PNG" and image.mode == "L"
+    rows, columns = power.shape
+    assert image.size == (LEFT_MARGIN + columns + RIGHT_MARGIN, TOP_MARGIN + rows + BOTTOM_MARGIN)
     pixels = np.asarray(image)
-    darkest_row = int(np.argmin(pixels.mean(axis=1)))  # loud is dark; high frequencies at the top
-    assert abs((pixels.shape[0] - 1 - darkest_row) - loudest_bin) <= 1
+    plot = pixels[TOP_MARGIN : TOP_MARGIN + rows, LEFT_MARGIN : LEFT_MARGIN + columns]
+    darkest_row = int(np.argmin(plot.mean(axis=1)))  # loud is dark; high frequencies at the top
+    assert abs((rows - 1 - darkest_row) - loudest_bin) <= 1
+    # the axes: a tick label beside the 4 kHz row, and labels under the plot (11 ... 15 s into the recording)
+    four_khz = TOP_MARGIN + rows - round(4000 / (RATE / FFT_SIZE))
+    assert pixels[four_khz - 4 : four_khz + 5, : LEFT_MARGIN - 6].min() < 100
+    under = pixels[TOP_MARGIN + rows + 6 :, LEFT_MARGIN:]
+    inked = np.flatnonzero(under.min(axis=0) < 100)
+    assert len(inked) and inked.max() - inked.min() > columns * 0.6  # labels spread along the whole time axis
 
 
 def test_clips_per_species_and_day_keep_the_best_and_never_the_best_clip_of_a_species(tmp_path):
@@ -60,6 +81,9 @@ def test_clips_per_species_and_day_keep_the_best_and_never_the_best_clip_of_a_sp
     index.keep("e", "s", "Junco", "2025-06-02", 0.65)
     assert index.keep("f", "s", "Junco", "2025-06-02", 0.7) == ["d"]
     assert index.count("s", "Junco") == 4 and index.wanted("s", "Siskin", "2025-06-01", 0.1)
+    # a clip under review leaves the budget: better ones no longer push it out
+    index.release("e")
+    assert index.keep("g", "s", "Junco", "2025-06-02", 0.9) == [] and index.count("s", "Junco", "2025-06-02") == 2
 
 
 def test_human_windows_merge_and_are_silenced_in_what_is_kept(tmp_path):

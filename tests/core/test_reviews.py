@@ -69,7 +69,14 @@ def test_the_store_asks_once_and_keeps_the_latest_verdict(tmp_path):
     assert day == datetime(2025, 6, 1, tzinfo=timezone.utc)
     store.record(robin, Verdict("relabelled", "bo", "ui", "Spinus pinus", "Pine Siskin"))
     store.record(hawk, Verdict("confirmed", "ada", "csv"))
-    assert store.verdict_of(id_of(robin)) == "relabelled" and store.verdict_of("000000000000") is None
+    latest = store.verdict_given(id_of(robin))
+    assert latest is not None and (latest.verdict, latest.reviewer, latest.via, latest.common_name) == (
+        "relabelled",
+        "bo",
+        "ui",
+        "Pine Siskin",
+    )
+    assert store.verdict_given("000000000000") is None
     assert [id_of(row) for row, _ in store.pending()] == [id_of(second_robin)]
     table = store.table(day)
     assert table.column("detection_id").to_pylist() == [id_of(robin), id_of(hawk)]
@@ -159,8 +166,10 @@ def test_a_csv_of_verdicts_is_checked_line_by_line():
 
 def test_the_review_page_shows_the_spectrogram_inline_and_links_the_audio():
     row = two_listeners_detections().to_pylist()[0]
-    page = review_page(row, "rare", b"\x89PNG fake", "s3://bucket/clips/x.flac")
+    links = [("Listen to the clip (FLAC)", "https://pi.example/clips/x.flac?expires=1&signature=ab")]
+    page = review_page(row, "rare", b"\x89PNG fake", links)
     assert f"### {ROBIN[1]} (*{ROBIN[0]}*), confidence 0.91" in page
     assert "![spectrogram](data:image/png;base64,iVBORyBmYWtl)" in page
-    assert "[Listen to the clip (FLAC)](s3://bucket/clips/x.flac)" in page and id_of(row) in page
-    assert "No clip was kept" in review_page(row, "sample", None, None)
+    assert "[Listen to the clip (FLAC)](https://pi.example/clips/x.flac?expires=1&signature=ab)" in page
+    assert id_of(row) in page
+    assert "No clip was kept" in review_page(row, "sample", None) and "Listen" not in review_page(row, "sample", None)

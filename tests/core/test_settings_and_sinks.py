@@ -46,6 +46,52 @@ def test_the_settings_file_in_use_is_the_one_given_then_the_environments_then_th
     assert load_settings(None, {}).station_id == "here"
 
 
+def test_no_two_settings_share_a_flat_name_or_an_environment_name():
+    from birdflow.settings.model import SECTIONS, Settings
+
+    names = [name for name in Settings.model_fields if name not in SECTIONS]
+    names += [name for model in SECTIONS.values() for name in model.model_fields]
+    assert sorted(name for name in set(names) if names.count(name) > 1) == []
+    upper = [name.upper() for name in names]
+    assert sorted(name for name in set(upper) if upper.count(name) > 1) == []
+    assert len(Settings.flat_fields()) == len(names)
+
+
+def test_a_setting_written_twice_in_the_file_stops_with_both_line_numbers(tmp_path):
+    file = tmp_path / "settings.yaml"
+    file.write_text("station_id: ridge\nconfirm_count: 2\nlatitude: 42.4\nconfirm_count: 3\n")
+    with pytest.raises(SettingsError, match="setting 'confirm_count' is written twice, on lines 2 and 4"):
+        load_settings(file, {})
+
+
+def test_the_two_confirmation_windows_have_names_of_their_own_and_the_old_name_is_read_once(tmp_path, caplog):
+    file = tmp_path / "settings.yaml"
+    file.write_text("confirm_count: 3\nconfirm_count_window_s: 1\nrare_confirm_window_s: 600\n")
+    settings = load_settings(file, {})
+    assert (settings.analysis.confirm_count, settings.analysis.confirm_count_window_s) == (3, 1.0)
+    assert settings.detections.rare_confirm_window_s == 600.0
+    # the old name set the cross-station window only: it still does, with a line that says what it became
+    file.write_text("confirm_window_s: 1800\n")
+    with caplog.at_level("WARNING", logger="birdflow.settings"):
+        settings = load_settings(file, {})
+    assert settings.detections.rare_confirm_window_s == 1800.0 and settings.analysis.confirm_count_window_s == 15.0
+    assert "setting 'confirm_window_s' (in " in caplog.text and "is read as 'rare_confirm_window_s'" in caplog.text
+    with pytest.raises(SettingsError, match="are one setting: keep 'rare_confirm_window_s'"):
+        load_settings(file, {"RARE_CONFIRM_WINDOW_S": "60"})
+    # an old settings.yaml of `birdflow init` wrote it twice: stopped, with the two lines and what they became
+    file.write_text("confirm_window_s: 15\nconfirm_window_s: 3600\n")
+    with pytest.raises(SettingsError, match="lines 1 and 2: keep one .*'confirm_count_window_s'"):
+        load_settings(file, {})
+
+
+def test_renaming_the_window_of_confirm_count_keeps_every_analysis_id():
+    from birdflow.core.analysis import AnalysisParams
+
+    # the ids the parameters had under the old name: cached results, the processed record and detection ids hold
+    assert AnalysisParams().analysis_id == "2ee054c0e742"
+    assert AnalysisParams(confirm_count=3, confirm_count_window_s=1).analysis_id == "7e0bd11412f1"
+
+
 def test_switches_written_bare_in_yaml_are_the_words_written(tmp_path):
     file = tmp_path / "settings.yaml"
     file.write_text("ingest_auth: on\nprivacy_filter: off\n")  # YAML 1.1 reads both as booleans

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -26,8 +27,10 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.sorting import ArtifactSort
 
-from birdflow_tools.testbed import wait_until
-from tests.conftest import PROJECT
+from birdflow_tools.testbed import LOOPBACK, prefect_post, wait_until
+from tests.conftest import PROJECT, require_sample
+from tests.review_story import SOUNDSCAPE, Shape, Subscriber, run_review_story
+from tests.servers import PrefectServer
 
 pytestmark = pytest.mark.e2e
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -143,3 +146,86 @@ def test_the_worker_runs_birdflows_own_flows_and_nothing_else(entrypoint):
         flow_for(entrypoint)
     assert flow_for("flows/process_recording.py:process_recording").name == "process-recording"
     assert flow_for("flows.backfill.backfill") is flow_for("flows/backfill.py:backfill")
+
+
+def test_reviews_on_a_fleet_of_deployments_run_by_the_station_worker(tmp_path, seaweed, mosquitto):
+    """docs/fleet.md's path: a plain Prefect server, `central-setup`, `prefect deploy --all`, `birdflow worker`, the
+    backfill deployment run over a folder; the review runs it opens wait in the central UI (never Crashed), and the
+    story runs there, its clips in the S3 archive."""
+    require_sample(SOUNDSCAPE)
+    central = PrefectServer(tmp_path / "central", plain=True).start(tmp_path / "central.log")
+    station, sdcard = tmp_path / "station", tmp_path / "sdcard" / "2025-06-01"
+    station.mkdir()
+    sdcard.mkdir(parents=True)
+    shutil.copy(SOUNDSCAPE, sdcard / "mic1_20250601T053000Z.mp3")
+    seaweed.create_bucket("fleet-c")
+    (station / "settings.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "station_id": "fleet-c",
+                "backfill_roots": [str(sdcard.parent)],
+                "archive_backend": "s3",
+                "s3_bucket": "fleet-c",
+                "s3_endpoint_url": seaweed.endpoint_url,
+                "aws_access_key_id": seaweed.access_key,
+                "mqtt_host": LOOPBACK,
+                "mqtt_port": mosquitto.port,
+            }
+        )
+    )
+    (station / ".env").write_text(f"AWS_SECRET_ACCESS_KEY={seaweed.secret_key}\n")
+    base = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "BIRDFLOW_"))}
+    env = {**base, "PREFECT_API_URL": central.api_url}
+
+    def birdflow(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "birdflow.app.cli", *args],
+            env=env,
+            cwd=station,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    birdflow("central-setup", "--stations", "fleet-c")
+    prefect_cli({**env, "STATION_ID": "fleet-c", "BIRDFLOW_HOME": str(PROJECT)}, "--no-prompt", "deploy", "--all")
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "birdflow.app.cli", "worker"],
+        env=env,
+        cwd=station,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    subscriber = Subscriber(mosquitto, "fleet-c")
+    try:
+        deployment = httpx.get(f"{central.api_url}/deployments/name/backfill/fleet-c-backfill", timeout=30).json()
+        parameters = {"source": str(sdcard.parent), "dry_run": False, "allow_unknown": True}
+        backfill = prefect_post(
+            central.api_url, f"deployments/{deployment['id']}/create_flow_run", {"parameters": parameters}
+        )
+        shape = Shape(
+            station_id="fleet-c",
+            ui_url=central.api_url.removesuffix("/api"),
+            cli=birdflow,
+            export_dir=(str(tmp_path / "exports"), tmp_path / "exports"),
+            subscriber=subscriber,
+            profile=tmp_path / "browser",
+        )
+        run_review_story(shape, lambda: log.read_text()[-3000:])
+        assert (
+            httpx.get(f"{central.api_url}/flow_runs/{backfill['id']}", timeout=30).json()["state_type"] == "COMPLETED"
+        )
+    finally:
+        subscriber.close()
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+        central.stop()
+    # stopped with SIGTERM, the worker says so in a line, without tracebacks
+    assert "Traceback" not in log.read_text(), log.read_text()[-5000:]

@@ -39,6 +39,8 @@ def test_select_by_time_listener_and_station():
     assert [c.name for c in select(found, **june_first)] == [found[0].name, found[2].name]
     assert [c.name for c in select(found, listener="mic1", station="north")] == [found[0].name]
     assert [c.name for c in select(found, since=datetime(2025, 6, 30, tzinfo=UTC))] == ["noname.wav"]
+    # a date typed into the Prefect UI's form has no zone: UTC
+    assert select(found, since=datetime(2025, 6, 1), until=datetime(2025, 6, 2)) == select(found, **june_first)
     assert parse_s3_source("s3://bucket/a/b") == ("bucket", "a/b") and parse_s3_source("/mnt/sd") is None
     with pytest.raises(ValueError):
         parse_s3_source("s3:///nobucket")

@@ -200,14 +200,29 @@ def test_streamed_uploaded_and_recovered_recordings_become_completed_flow_runs(s
     def task_runs_of(client, run) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
 
+    def task_names(client, run) -> set[str]:
+        return {task.name.rsplit("-", 1)[0] for task in task_runs_of(client, run)}
+
     def tasks_completed(client, run) -> bool:
         task_runs = task_runs_of(client, run)
         names = {task.name.rsplit("-", 1)[0] for task in task_runs}
-        return names == TASKS and all(task.state and task.state.is_completed() for task in task_runs)
+        # the run that heard the goldfinch first asks for its review, and cuts that review's clip
+        return TASKS <= names <= TASKS | {"review clips"} and all(
+            task.state and task.state.is_completed() for task in task_runs
+        )
 
     with get_client(sync_client=True) as client:
         for run in runs:  # task-run states arrive as events, shortly after the flow run's state
             wait_until(lambda run=run: tasks_completed(client, run), 30, f"the tasks of {run.name} completed")
+        reviews = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["review-detection"])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[STATION])),
+        )
+        reviewed = {review.parameters["detection"]["recording_id"] for review in reviews}
+        clipped = {
+            run.parameters["recording"]["recording_id"] for run in runs if "review clips" in task_names(client, run)
+        }
+        assert reviewed and clipped == reviewed
         # the write that met the 503 ran twice, and succeeded the second time
         write_attempts = sorted(
             task.run_count

@@ -352,6 +352,7 @@ def test_clips_in_s3_keep_only_the_best_of_a_species_day(prefect_server, seaweed
         s3_block_name="clips-test-archive",
         clip_min_confidence=0.1,
         clips_per_species_per_day=1,
+        review_rare=False,  # a clip under review stays whatever the budget (tests/app/test_review_ui.py)
     )
     from birdflow.settings import Settings
 

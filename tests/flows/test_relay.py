@@ -157,7 +157,7 @@ def test_with_every_run_on_one_server_a_run_matches_its_rare_sighting_there(pref
     from flows.announce import announce_rare
 
     tag = f"shared{time.monotonic_ns()}"
-    rules = DetectionSettings(confirm_window_s=1800)
+    rules = DetectionSettings(rare_confirm_window_s=1800)
 
     def sighting(station: str, minute: int) -> RareSighting:
         heard = f"2025-06-01T05:{minute:02d}:00+00:00"

@@ -14,7 +14,7 @@ import pytest
 
 from birdflow.core.wav import WavFormat, build_header
 from birdflow.settings import Settings
-from birdflow_tools.testbed import LOOPBACK, wait_until
+from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 from ingest_api.framing import encode_frame
 from tests.ingest_client import chunked_post, frames_of, serving, wav_bytes
 
@@ -208,7 +208,40 @@ def test_simulator_gives_up_on_a_refused_upload_instead_of_resending_it(ingest, 
     # each listener reports its refusal as it happens, then the summary counts one error each
     refusal = "415: unsupported file type .txt: send .wav, .flac or .mp3"
     assert f"listener01: {refusal}" in listen.stdout and f"listener02: {refusal}" in listen.stdout
-    assert "sent 0 recording(s) from 2 listener(s); 2 error(s)" in listen.stdout and recordings(settings) == []
+    assert "sent 0 recording(s) from 2 listener(s), 2 refused; 2 error(s)" in listen.stdout
+    assert recordings(settings) == []
+
+
+def listen_once(port: int, source, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "birdflow.app.cli", "listen", "--file", str(source), "--recordings", "1"]
+        + ["--pace", "0", "--url", f"http://{LOOPBACK}:{port}", *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_refused_stream_is_reported_in_the_stations_words_and_counted_as_refused(tmp_path):
+    source = tmp_path / "ten_seconds.wav"
+    source.write_bytes(wav_bytes(10.0))
+    settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5, ingest_auth="on")
+    with serving(settings) as port:
+        listen = listen_once(port, source)
+    assert listen.returncode == 1, listen.stderr
+    assert "listener01: 401: missing or invalid token for listener 'listener01'" in listen.stdout, listen.stdout
+    assert "sent 0 recording(s) from 1 listener(s), 1 refused; 1 error(s)" in listen.stdout
+    assert recordings(settings) == []
+
+
+def test_a_listener_with_a_number_of_recordings_stops_after_that_many_attempts_when_the_station_is_down(tmp_path):
+    source = tmp_path / "one_second.wav"
+    source.write_bytes(wav_bytes(1.0))
+    for options in ([], ["--upload"]):
+        listen = listen_once(free_port(), source, *options)  # nothing listens there
+        assert listen.returncode == 1 and "Traceback" not in listen.stderr, listen.stderr
+        assert "ConnectError" in listen.stdout
+        assert "sent 0 recording(s) from 1 listener(s), 1 not delivered; 1 error(s)" in listen.stdout
 
 
 @pytest.mark.parametrize(

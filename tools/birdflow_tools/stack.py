@@ -225,10 +225,11 @@ class Stack:
         return self.process
 
     def child(self, role: str) -> int | None:
-        """The process id of `up`'s child: "ingest", "executor" or "server" (the Prefect server)."""
+        """The process id of `up`'s child: "ingest", "executor", "relay" or "server" (the Prefect server)."""
         module, word = {
             "ingest": ("birdflow.app.cli", "ingest"),
             "executor": ("birdflow.app.cli", "execute"),
+            "relay": ("birdflow.app.cli", "relay"),
             "server": ("birdflow.app.prefect_server", "start"),
         }[role]
         for pid in _children(self.up.pid):

@@ -12,7 +12,8 @@ from importlib.metadata import entry_points
 from birdflow.app.cli import configure, data, listen, review, running
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    """The command line; without `plugins`, only birdflow's own commands (those of a station's install)."""
     parser = argparse.ArgumentParser(
         prog="birdflow",
         description="Edge acoustic monitoring: each recording a listener sends becomes a Prefect flow run that "
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for group in (running, listen, data, review, configure):
         group.add_commands(commands)
-    for plugin in entry_points(group="birdflow.commands"):
+    for plugin in entry_points(group="birdflow.commands") if plugins else ():
         plugin.load()(commands)
     return parser
 

@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from birdflow.app.cli.common import at_least
+from birdflow.app.cli.common import at_least, settings_of
 from birdflow.core.listener_ids import validate_listener_id
 
 
@@ -29,6 +29,10 @@ def cmd_listen(args) -> int:
         except WavError as exc:
             needs = "streaming needs a PCM WAV (--upload sends FLAC or MP3)"
             raise SystemExit(f"birdflow: {args.file}: {exc}; {needs}") from None
+    if args.url is None:  # the station of this folder (its settings and .env), on this machine
+        settings = settings_of(args)
+        args.url = f"http://{settings.local_ingest_address}"
+        args.health_port = settings.ingest.health_port if args.health_port is None else args.health_port
     total = args.listeners * args.recordings if args.recordings else None
     until = f"{args.recordings} recording(s) each" if args.recordings else "until Ctrl-C"
     stop_signal: list[int] = []
@@ -37,8 +41,11 @@ def cmd_listen(args) -> int:
         bar = progress.add_task(f"{args.listeners} listener(s) -> {args.url}, {until}", total=total)
         reports = asyncio.run(_listen(args, progress, bar, stop_signal))
     sent = sum(report.recordings_sent for report in reports)
+    refused = sum(report.recordings_refused for report in reports)
+    failed = sum(report.attempts_failed for report in reports)
     errors = [f"{report.listener_id}: {error}" for report in reports for error in report.errors]
-    print(f"sent {sent} recording(s) from {len(reports)} listener(s); {len(errors)} error(s)")
+    counted = "".join(f", {count} {what}" for count, what in ((refused, "refused"), (failed, "not delivered")) if count)
+    print(f"sent {sent} recording(s) from {len(reports)} listener(s){counted}; {len(errors)} error(s)")
     for error in errors[:10]:
         print(f"  {error}")
     if errors:
@@ -77,7 +84,7 @@ async def _listen(args, progress, bar, stop_signal: list[int]) -> list:
         stop=stop,
         distinct=args.distinct,
         token=args.token or os.environ.get("LISTENER_TOKEN"),
-        health_port=args.health_port,
+        health_port=args.health_port if args.health_port is not None else 6000,
     )
 
 
@@ -87,7 +94,10 @@ def add_commands(commands) -> None:
     listen.add_argument("--listeners", type=at_least(1), default=1)
     listen.add_argument("--interval", type=float, default=2.0, help="seconds between recordings")
     listen.add_argument(
-        "--recordings", type=at_least(0), default=0, help="recordings per listener (default 0: until Ctrl-C)"
+        "--recordings",
+        type=at_least(0),
+        default=0,
+        help="recordings per listener, each tried once (default 0: until Ctrl-C, reconnecting after failures)",
     )
     listen.add_argument("--stagger", type=float, default=0.0, help="spread listener starts over this many seconds")
     listen.add_argument("--pace", type=float, default=1.0, help="speed relative to real time (0 = no pacing)")
@@ -98,12 +108,13 @@ def add_commands(commands) -> None:
         help="change one sample per recording so none is a cached repeat (for load tests)",
     )
     listen.add_argument("--prefix", default="listener", help="listener ids are <prefix>01, <prefix>02, ...")
-    listen.add_argument("--url", default="http://127.0.0.1:8000")
+    listen.add_argument(
+        "--url", help="the station's ingest API (default: this folder's station on this machine, ingest_port)"
+    )
     listen.add_argument(
         "--health-port",
         type=int,
-        default=6000,
-        help="UDP port for a health datagram after each recording (the station's health_port); 0: none",
+        help="UDP port for a health datagram after each recording (default: the station's health_port); 0: none",
     )
     listen.add_argument(
         "--token",

@@ -34,7 +34,8 @@ def find_detections(resources, wanted: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def give_verdicts(resources, verdicts: list[tuple[str, Any]]) -> None:
-    """(detection id, Verdict) pairs taken, once every id is known: an unknown one takes none."""
+    """(detection id, Verdict) pairs taken, once every id is known: an unknown one takes none. Then the review
+    runs still waiting for them end with these verdicts."""
     from flows.review import take_verdict
 
     rows = find_detections(resources, [key for key, _ in verdicts])
@@ -46,6 +47,31 @@ def give_verdicts(resources, verdicts: list[tuple[str, Any]]) -> None:
     for key, verdict in verdicts:
         take_verdict(resources, rows[key], verdict)
         print(f"{key}: {verdict.verdict}" + (f" as {verdict.common_name}" if verdict.common_name else ""))
+    end_waiting_runs(resources)
+
+
+def end_waiting_runs(resources) -> None:
+    """The review runs waiting in the Prefect UI for a detection decided now, completed; when the Prefect API
+    does not answer, the station's next maintenance run ends them."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from birdflow.app.supervisor import prefect_answers
+    from flows.review import end_decided_reviews
+
+    settings = resources.settings
+    later = "the verdicts are stored; the review runs waiting for them end at the station's next maintenance run"
+    if not prefect_answers(settings.api_url, timeout_s=5.0):
+        print(f"{later} (the Prefect API at {settings.api_url} does not answer)")
+        return
+    auth = settings.prefect.prefect_api_auth_string.get_secret_value() or None
+    try:
+        with SyncPrefectClient(settings.api_url, auth_string=auth) as client:
+            ended = end_decided_reviews(client, resources)
+    except Exception as exc:  # the verdicts are stored: only the runs' states wait
+        print(f"{later} ({type(exc).__name__}: {exc})")
+        return
+    if ended:
+        print(f"{len(ended)} review run(s) waiting in the Prefect UI ended with these verdicts")
 
 
 def cmd_verdict(args) -> int:

@@ -92,9 +92,12 @@ def cmd_relay(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    """`prefect worker start --type birdflow` for this station's pool, with birdflow's Prefect settings."""
+    """The birdflow worker type on this station's pool (flows/worker.py), with birdflow's Prefect settings."""
+    from prefect.context import refresh_global_settings_context
+
     from birdflow.app.supervisor import central_environment, prefect_environment
     from birdflow.settings import SETTINGS_FILE_ENV, settings_file_in_use
+    from flows.run_resources import use_run_resources
 
     settings = settings_of(args)
     # the pool is on the fleet's central server, also when the station keeps its recordings' runs on its own
@@ -112,10 +115,14 @@ def cmd_worker(args) -> int:
         + (str(settings_file) if settings_file else "the environment and the defaults (no settings.yaml here)"),
         file=sys.stderr,
     )
-    command = [sys.executable, "-m", "prefect", "worker", "start", "--type", "birdflow", "--pool", pool]
-    if args.limit:
-        command += ["--limit", str(args.limit)]
-    os.execve(sys.executable, command, env)
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
+    refresh_global_settings_context()  # Prefect read its settings when imported
+    use_run_resources(settings)
+    from flows.worker import serve
+
+    return serve(pool, args.limit)
 
 
 def add_commands(commands) -> None:
