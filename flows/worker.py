@@ -203,7 +203,6 @@ def serve(pool: str, limit: int | None) -> int:
     """Take the pool's runs until SIGTERM or SIGINT: then no new run is taken, the runs in progress finish, and the
     worker exits 0 with a line per run it finished. (Prefect's `prefect worker start` CLI does not end on SIGTERM
     once its loops have started, which is how Docker, balena and systemd stop a process.)"""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
     return asyncio.run(_serve(pool, limit))
 
 

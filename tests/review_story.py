@@ -216,6 +216,7 @@ def run_review_story(shape: Shape, log: Callable[[], str], typo_first: bool = Fa
             )
             > 100
         )
+        page.screenshot(shape.profile.parent / "review-form.png")  # as the reviewer sees it, kept with the test
         link = page.evaluate("document.querySelector('.p-modal .markdown-renderer a').href")
         assert page.evaluate("document.querySelector('.p-modal .markdown-renderer a').innerText").startswith(
             "Listen to the clip (FLAC"

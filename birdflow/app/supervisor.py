@@ -32,6 +32,7 @@ log = logging.getLogger("birdflow.up")
 STOP_GRACE_S = 15.0
 UP_LOCK = "up.lock"  # under data_dir, held by `up` and its children (birdflow.app.single)
 PREFECT_SERVER = "prefect server"
+POSTGRES = "postgres"
 # how often `up` looks for a first automation (the embedded server then needs its triggers on)
 AUTOMATION_CHECK_S = 30.0
 
@@ -196,7 +197,7 @@ def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> Chi
         "shared_buffers=64MB",
     ]
     # SIGINT to the postmaster alone is Postgres' "fast" shutdown
-    return Child("postgres", command, user=user, stop_signal=signal.SIGINT, signal_group=False, keep_fds=keep_fds)
+    return Child(POSTGRES, command, user=user, stop_signal=signal.SIGINT, signal_group=False, keep_fds=keep_fds)
 
 
 SERVER_SECRETS = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_DATABASE_CONNECTION_URL")
@@ -372,13 +373,19 @@ def restart_with_triggers(
 
 
 def stop_all(children: list[Child]) -> None:
-    """Newest first, all at once; whatever still runs after the grace period is killed."""
-    for child in reversed(children):
-        child.stop()
+    """The Prefect server's clients first (all at once), then the server, then its database, each once the one
+    before has stopped: a server stopped under its clients, or a database under its server, fails every call in
+    flight with a traceback. Whatever still runs when the grace period is over is killed."""
     deadline = time.monotonic() + STOP_GRACE_S
-    for child in reversed(children):
-        while child.alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
+    serving = {PREFECT_SERVER: 1, POSTGRES: 2}
+    for tier in sorted({serving.get(child.name, 0) for child in children}):
+        stopping = [child for child in reversed(children) if serving.get(child.name, 0) == tier]
+        for child in stopping:
+            child.stop()
+        for child in stopping:
+            while child.alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+    for child in children:
         child.kill()
 
 

@@ -92,7 +92,7 @@ def _window() -> np.ndarray:
 
 
 # the picture's margins, for the axes' tick labels (Pillow's built-in font is 11 px high)
-LEFT_MARGIN, BOTTOM_MARGIN, TOP_MARGIN, RIGHT_MARGIN = 44, 30, 8, 10
+LEFT_MARGIN, BOTTOM_MARGIN, TOP_MARGIN, RIGHT_MARGIN = 44, 34, 8, 10
 TICK = 4
 
 

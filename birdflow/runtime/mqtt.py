@@ -68,6 +68,7 @@ class Publisher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self._refused = ""
+        self._stopping = False  # a disconnect then is this side's own
 
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
         if reason.is_failure:
@@ -80,7 +81,7 @@ class Publisher:
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._stopping:
             log.warning("MQTT: disconnected from %s (%s); messages wait", self.settings.mqtt.mqtt_host, reason)
         self.connected.clear()
 
@@ -126,6 +127,7 @@ class Publisher:
                 if not self.send_batch():
                     stop.wait(IDLE_POLL_S)
         finally:
+            self._stopping = True
             self.client.disconnect()
             network.join(timeout=10)
 

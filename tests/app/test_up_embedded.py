@@ -105,8 +105,10 @@ def test_up_with_embedded_prefect_processes_an_upload_and_stops_on_ctrl_c(databa
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(60)
-    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    said = (tmp_path / "up.log").read_text()
+    assert code == 0, said[-3000:]
     assert not port_open(prefect_port) and not port_open(ingest_port)
+    assert "Warning:" not in said and "Traceback" not in said, said[-3000:]  # a start and a stop without alarms
 
 
 def postgres_refuses_strangers_and_prefect_is_no_superuser(data: Path, settings_file: Path) -> bool:

@@ -227,5 +227,6 @@ def test_reviews_on_a_fleet_of_deployments_run_by_the_station_worker(tmp_path, s
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
         central.stop()
-    # stopped with SIGTERM, the worker says so in a line, without tracebacks
-    assert "Traceback" not in log.read_text(), log.read_text()[-5000:]
+    # stopped with SIGTERM, the worker says so in a line, without tracebacks, and exits 0
+    assert worker.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()[-5000:]
+    assert "birdflow.worker: worker stopped" in log.read_text() and "messages wait" not in log.read_text()
