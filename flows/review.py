@@ -139,10 +139,16 @@ def listen_links(clip_key: str, resources: RunResources) -> list[tuple[str, str]
 
 
 def review_media(row: dict[str, Any], resources: RunResources) -> tuple[bytes | None, list[tuple[str, str]]]:
-    """(the spectrogram PNG, the links to the audio) of the detection's clip; (None, []) when it has none."""
+    """(the spectrogram PNG, the links to the audio) of the detection's clip; (None, []) when it has none. An archive
+    that cannot be reached costs the form its picture (the next form asked has it again), not the review."""
     if not row.get("clip_key"):
         return None, []
-    return resources.archive.fetch(row["clip_key"] + ".png"), listen_links(row["clip_key"], resources)
+    try:
+        spectrogram = resources.archive.fetch(row["clip_key"] + ".png")
+    except Exception as exc:
+        get_run_logger().warning("the clip's spectrogram could not be read (%s: %s)", type(exc).__name__, exc)
+        spectrogram = None
+    return spectrogram, listen_links(row["clip_key"], resources)
 
 
 def asked_before() -> bool:

@@ -84,6 +84,16 @@ def test_the_two_confirmation_windows_have_names_of_their_own_and_the_old_name_i
         load_settings(file, {})
 
 
+def test_the_addresses_people_open_are_web_addresses():
+    settings = load_settings(None, {"PUBLIC_URL": "https://pi.example.org:8000/", "INGEST_PORT": "8100"})
+    assert settings.station_url == "https://pi.example.org:8000"
+    assert load_settings(None, {"INGEST_PORT": "8100"}).station_url == "http://127.0.0.1:8100"  # this machine's own
+    with pytest.raises(SettingsError, match=r"setting 'public_url' \(env PUBLIC_URL\): .*http\(s\)://host"):
+        load_settings(None, {"PUBLIC_URL": "pi.example.org:8000"})
+    with pytest.raises(SettingsError, match="setting 'public_ui_url'"):
+        load_settings(None, {"PUBLIC_UI_URL": "https://prefect.example.org/?x=1"})
+
+
 def test_renaming_the_window_of_confirm_count_keeps_every_analysis_id():
     from birdflow.core.analysis import AnalysisParams
 

@@ -324,6 +324,11 @@ class Stack:
         response.raise_for_status()
         return response.json()
 
+    def unfinished_runs(self) -> int:
+        """Runs of any of the station's deployments not in a final state yet (the maintenance run it starts with)."""
+        final = ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]
+        return int(self.api("flow_runs/count", {"flow_runs": {"state": {"type": {"not_any_": final}}}}))
+
     def completed_runs(self) -> int:
         """Completed runs of recordings (the maintenance deployment's are not counted)."""
         return int(self.api("flow_runs/count", {**self.recording_runs, **COMPLETED}))
