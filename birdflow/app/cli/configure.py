@@ -18,7 +18,11 @@ def cmd_init(args) -> int:
     except FileExistsError as exc:
         raise SystemExit(f"birdflow: {exc}") from None
     print("\n".join(f"wrote {path}" for path in written))
-    print("edit them, then start the station: birdflow up")
+    print(
+        "turned on in .env: listeners need a token (INGEST_AUTH=on; `birdflow listeners add ID` prints one), and the "
+        "Prefect UI asks for a login (the value of PREFECT_API_AUTH_STRING there, birdflow:...)"
+    )
+    print("edit them, then start the station in that folder: birdflow up")
     return 0
 
 
