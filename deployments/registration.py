@@ -43,8 +43,8 @@ def _apply(flow, settings: Settings, tags: list[str], description: str) -> UUID:
 
 def register_deployments(settings: Settings) -> StationDeployments:
     """The station's deployments, created or updated, for its executor to run. Maintenance runs are started by the
-    executor every maintenance_interval_s (Prefect 3.8's scheduler cannot insert runs with SQLAlchemy 2.1); a
-    Quick run from the UI works too."""
+    executor every maintenance_interval_s (Prefect 3.8's scheduler could not insert runs with SQLAlchemy 2.1; 3.9's
+    can, so a schedule on the deployment could take this over); a Quick run from the UI works too."""
     station = settings.station_id
     return StationDeployments(
         recordings=_apply(

@@ -26,7 +26,6 @@ import logging
 import shutil
 import sqlite3
 import sys
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timedelta, timezone
@@ -41,11 +40,6 @@ from birdflow.settings import Settings, SettingsError, load_settings
 
 # a child of Prefect's logger: the server's logging configuration shows it
 log = logging.getLogger("prefect.birdflow.history")
-# SQLAlchemy 2.1 warns, at every start, that Prefect 3.8's UUID column type names no operator classes: nothing a
-# station's operator can act on (Prefect's own type, not birdflow's)
-warnings.filterwarnings(
-    "ignore", message=r"Type object .* does not refer to an OperatorClass", category=DeprecationWarning
-)
 # Prefect's vacuum deletes runs older than its retention period, which it requires to exceed an hour
 SHORTEST_RETENTION = timedelta(hours=1, seconds=1)
 CONVERT_AT_MOST = 256 * MB  # a VACUUM of this much takes seconds on an SD card, well within `up`'s start-up wait
