@@ -179,11 +179,12 @@ def simulate(sim: SimulatedStations, central: CentralPrefect, root: Path, say: C
                     confirmed |= simulated.relay_hour(client, now=hour + 3600)
                 behind = max(behind, time.monotonic() - tick - sim.hour_s)
                 time.sleep(max(0.0, tick + sim.hour_s - time.monotonic()))
-            first_check = stations[0].relay.confirm_checks_s[0]
-            time.sleep(first_check)  # the last hour's sightings are matched too
-            for simulated in stations:
-                confirmed |= simulated.relay_hour(client, now=first_hour + sim.hours * 3600)
-        time.sleep(first_check)  # Prefect's event persister and task-run recorder write in batches
+            # the last hours' sightings are matched too, at each check they are due for
+            while due := [item[1] for simulated in stations for item in simulated.relay.to_confirm]:
+                time.sleep(max(0.0, min(due) - time.monotonic()))
+                for simulated in stations:
+                    confirmed |= simulated.relay_hour(client, now=first_hour + sim.hours * 3600)
+        time.sleep(stations[0].relay.confirm_checks_s[0])  # Prefect's event persister and task-run recorder write in batches
         cpu, history = central.cpu(), central.history()
     station_hours = sim.count * sim.hours
     spent = {role: cpu[role] - cpu0[role] for role in cpu}
