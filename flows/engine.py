@@ -17,16 +17,19 @@ from typing import Any
 from uuid import UUID
 
 from prefect import Flow
-from prefect._flow_run_suspension import register_flow_run_suspension_request
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import DeploymentFlowRunCreate
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import SyncClientContext
 from prefect.exceptions import Pause
-from prefect.flow_engine import FlowRunEngine
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 from prefect.states import Running, to_state_create
 
+from birdflow.runtime.prefect_internals import (
+    FlowRunEngine,
+    register_flow_run_suspension_request,
+    replace_task_state_emitter,
+)
 from flows.announce import ui_link
 
 ROUTINE_LINES = ("Beginning flow run", "Finished in state Completed(", "Finished in state Cached(")
@@ -124,18 +127,7 @@ def first_task_state_not_sent(emit: Callable[..., Any]) -> Callable[..., Any]:
             return None  # and the Running event, following nothing sent, carries no `follows`
         return emit(task_run=task_run, initial_state=initial_state, validated_state=validated_state, follows=follows)
 
-    emit_after_pending.first_state_not_sent = True  # type: ignore[attr-defined]
     return emit_after_pending
-
-
-def send_task_runs_from_running() -> None:
-    """Install first_task_state_not_sent in Prefect's task engine (once per process)."""
-    import prefect.task_engine
-
-    if not getattr(prefect.task_engine.emit_task_run_state_change_event, "first_state_not_sent", False):
-        prefect.task_engine.emit_task_run_state_change_event = first_task_state_not_sent(
-            prefect.task_engine.emit_task_run_state_change_event
-        )
 
 
 @contextmanager
@@ -143,7 +135,7 @@ def engine_context() -> Iterator[SyncPrefectClient]:
     """One API client for all the runs of a thread, and no heartbeat thread per run (~0.7 s each):
     a run left Running by a crashed process is taken over when the executor restarts."""
     quiet_run_logs()
-    send_task_runs_from_running()
+    replace_task_state_emitter(first_task_state_not_sent)
     with (
         SyncClientContext.get_or_create() as context,
         temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
@@ -220,8 +212,13 @@ class InProcessFlowRunEngine(FlowRunEngine):
 
     @contextmanager
     def setup_flow_run_suspension_request(self):
+        """Prefect's own setup (a suspension requested before the run starts still stops it), without the
+        observer it starts for a deployment's run."""
+        if not self.flow_run:
+            raise ValueError("Flow run not set")
         request = self._get_flow_run_suspension_request()
         with register_flow_run_suspension_request(self.flow_run.id, request):
+            request.raise_if_requested()
             yield request
 
     @contextmanager

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
@@ -36,15 +36,15 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, State, StateType
+from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.context import SettingsContext, get_settings_context
-from prefect.exceptions import Abort
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
 from prefect.settings import Settings as PrefectSettings
 from prefect.states import Crashed, Pending, Scheduled
-from prefect.utilities.engine import propose_state_sync
 
 from birdflow.core.birdnet import load_interpreter_class
+from birdflow.core.errors import BirdflowError
 from birdflow.core.recordings import (
     RecordingInfo,
     RecordingStore,
@@ -119,7 +119,7 @@ def work_key(item) -> str:
     return (item.parameters.get("recording") or {}).get("recording_id") or str(item.id)
 
 
-class ExecutorFailed(RuntimeError):
+class ExecutorFailed(BirdflowError):
     """A flow-run thread could not start or died: the executor stops rather than leave recordings waiting."""
 
 
@@ -339,13 +339,11 @@ class Executor:
 
     def execute(self, client: SyncPrefectClient, flow_run: FlowRun) -> None:
         """Claim a Scheduled run (Pending) and run it here."""
-        try:
-            state = propose_state_sync(client, Pending(), flow_run_id=flow_run.id)
-        except Abort as exc:
-            log.info("flow run %s was claimed elsewhere: %s", flow_run.name, exc)
+        claim: OrchestrationResult[Any] = client.set_flow_run_state(flow_run.id, Pending())
+        if claim.status != SetStateStatus.ACCEPT:  # another process claimed it, or the server moved it on
+            log.info("flow run %s was not claimed: %s", flow_run.name, getattr(claim.details, "reason", claim.status))
             return
-        if state.is_pending():
-            self.finish(client, flow_run, run_in_process(self.flow_of(flow_run), flow_run))
+        self.finish(client, flow_run, run_in_process(self.flow_of(flow_run), flow_run))
 
     def finish(self, client: SyncPrefectClient, flow_run: FlowRun, final: State | None) -> None:
         """Count a recording's run, and re-drive or give up what failed (a maintenance run's state is its own)."""

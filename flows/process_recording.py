@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
+from pydantic import ValidationError
 
 from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.archive import holds_recording
@@ -31,6 +32,7 @@ from birdflow.core.audio import MODEL_SAMPLE_RATE, AudioSource, audio_info, deco
 from birdflow.core.birdnet import Detection, Heard, is_human
 from birdflow.core.clips import clip_budget, clip_plan, flac_bytes, spectrogram_png
 from birdflow.core.detections import detections_table, summary
+from birdflow.core.errors import Unprocessable
 from birdflow.core.flac import FlacError, can_encode, encode_flac
 from birdflow.core.mqtt_messages import detection_messages
 from birdflow.core.privacy import Spans, human_spans, silenced, write_silenced_copy
@@ -53,14 +55,23 @@ RECORDING_TASKS = ("analyze", "write detections", "archive")
 
 
 def as_recording(value: RecordingInfo | dict[str, Any]) -> RecordingInfo:
-    return value if isinstance(value, RecordingInfo) else RecordingInfo.model_validate(value)
+    """A run's `recording` parameter as a recording; parameters that are none are Unprocessable."""
+    if isinstance(value, RecordingInfo):
+        return value
+    try:
+        return RecordingInfo.model_validate(value)
+    except ValidationError as exc:
+        raise Unprocessable(f"the run's recording parameter is no recording: {exc}") from None
 
 
 def run_analysis_params(base: AnalysisParams, overrides: dict[str, Any] | None) -> AnalysisParams:
     """The station's analysis parameters with a run's overrides (a backfill with other thresholds)."""
     if not overrides:
         return base
-    return AnalysisParams(**{**base.model_dump(), **overrides})
+    try:
+        return AnalysisParams(**{**base.model_dump(), **overrides})
+    except (ValidationError, TypeError) as exc:
+        raise Unprocessable(f"the run's analysis parameters are invalid: {exc}") from None
 
 
 def analysis_cache_key(recording: RecordingInfo, params: AnalysisParams) -> str:
@@ -72,8 +83,12 @@ def _analysis_key(context, parameters) -> str:
     return analysis_cache_key(as_recording(parameters["recording"]), parameters["params"])
 
 
-class SourceRefused(ValueError):
+class SourceRefused(Unprocessable):
     """A run's source_path lies outside the folders runs may read: not this station's audio to touch."""
+
+
+class MissingAudio(Unprocessable):
+    """Neither the recording's file nor a copy of it in the archive that is this recording."""
 
 
 def local_path(recording: RecordingInfo, settings: Settings) -> Path:
@@ -107,9 +122,9 @@ def fetch_archived(recording: RecordingInfo, resources: RunResources) -> bytes:
         if data is None:
             continue
         if not holds_recording(data, recording.content_hash):
-            raise ValueError(f"archived {recording.archive_key(name)} does not match the recording's content hash")
+            raise MissingAudio(f"archived {recording.archive_key(name)} does not match the recording's content hash")
         return data
-    raise ValueError(f"recording {recording.recording_id} is neither in the recordings folder nor in the archive")
+    raise MissingAudio(f"recording {recording.recording_id} is neither in the recordings folder nor in the archive")
 
 
 @task(name="analyze", cache_key_fn=_analysis_key, persist_result=True)
@@ -295,8 +310,8 @@ def archive_copy(
 
 def worth_retrying(task, task_run, state) -> bool:
     """A read or write that failed may succeed later; audio that cannot be decoded, or an archived copy
-    that does not match its hash, fails the same way every time."""
-    return not isinstance(state.result(raise_on_failure=False), ValueError)
+    that does not match its hash, fails the same way every time (birdflow/core/errors.py)."""
+    return not isinstance(state.result(raise_on_failure=False), Unprocessable)
 
 
 def _with_io_retries(io_task, settings: Settings):
@@ -356,7 +371,7 @@ def process_recording(recording: RecordingInfo, analysis: dict[str, Any] | None 
             logger.info(
                 "privacy filter: a human was heard in %.0f s of it; audio %s", sum(b - a for a, b in human), action
             )
-    except ValueError as exc:  # the same audio would fail the same way: not worth a re-drive
+    except Unprocessable as exc:  # the same audio would fail the same way: not worth a re-drive
         return Failed(name=UNPROCESSABLE, message=f"{type(exc).__name__}: {one_line(str(exc))}")
     except Exception as exc:  # an archive, a sink or the disk failing: re-driven (flows/redrive.py)
         # returned, not raised: Prefect would log the traceback once more and pickle the exception into the

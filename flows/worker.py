@@ -26,6 +26,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Crashed, Failed
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
+from birdflow.core.errors import Refused
 from birdflow.runtime.mqtt import Publisher
 from flows.engine import engine_context, run_in_process
 from flows.run_resources import run_resources
@@ -46,7 +47,7 @@ OWN_FLOW_MODULES = frozenset(
 )
 
 
-class NotOurFlow(ValueError):
+class NotOurFlow(Refused):
     """A deployment in the pool names an entrypoint that is not one of birdflow's flows."""
 
 

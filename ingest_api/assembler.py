@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO
 
+from birdflow.core.errors import Refused
 from birdflow.core.recordings import RecordingInfo, RecordingStore
 from birdflow.core.wav import WavError, WavFormat, WavHeader, build_header, looks_like_wav, parse_header, patch_sizes
 from ingest_api.framing import METADATA_SEQ, SEQ_MODULUS, START_SEQ, Frame
@@ -27,11 +28,11 @@ AUDIO_SEQ_CYCLE = SEQ_MODULUS - 2
 DEFAULT_PAGE_BYTES = 32768
 
 
-class StreamRejected(ValueError):
+class StreamRejected(Refused):
     """The listener sent something that is not acceptable audio; the stream ends with a 4xx."""
 
 
-class TooManyRecordings(ValueError):
+class TooManyRecordings(Refused):
     """A listener starts recordings faster than any listener does (a flood): its stream is cut, its upload refused."""
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import soundfile
 
+from birdflow.core.errors import Refused
 from birdflow.core.listener_ids import validate_listener_id
 from birdflow.core.recordings import AUDIO_EXTENSIONS, RecordingNameError, checked_start, parse_file_name
 from birdflow.core.wav import WavError, check_rate_and_channels, looks_like_wav, parse_header
@@ -17,7 +18,7 @@ from birdflow.core.wav import WavError, check_rate_and_channels, looks_like_wav,
 FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 
 
-class Rejection(Exception):
+class Rejection(Refused):
     """A request refused with a 4xx (or 503); `reason` labels the metric."""
 
     def __init__(self, status: int, reason: str, message: str):

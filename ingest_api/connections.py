@@ -18,9 +18,9 @@ import logging
 import resource
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from birdflow.runtime import metrics
+from birdflow.runtime.uvicorn_internals import HttpToolsProtocol
 from birdflow.settings import Settings
 
 log = logging.getLogger("birdflow.ingest")

@@ -9,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from birdflow.core.errors import Refused
+
 HEADER_BYTES = 6
 SEQ_MODULUS = 1 << 24
 METADATA_SEQ = 0xFFFFFF
 START_SEQ = 0
 
 
-class FramingError(ValueError):
+class FramingError(Refused):
     """The stream cannot be resynchronised (a length beyond the limit)."""
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, cast
 from urllib.parse import urlparse
 
 from birdflow.core.central_link import CONFIRMED_EVENT
+from birdflow.core.errors import Refused
 from birdflow.core.rarity import RARE_EVENT
 from birdflow.settings import Settings
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from prefect.blocks.core import Block
 
 
-class ChannelError(ValueError):
+class ChannelError(Refused):
     """The channel's address cannot be used; the message says what was expected."""
 
 

@@ -32,10 +32,22 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import cast
 
-from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
 from birdflow.core.budget import MB, sqlite_bytes_in_use
+from birdflow.runtime.prefect_internals import (
+    SQLITE_BEGIN_MODE,
+    TERMINAL_STATES,
+    AioSqliteConfiguration,
+    Depends,
+    Perpetual,
+    PrefectDBInterface,
+    perpetual_service,
+    prefect_cli,
+    provide_database_interface,
+    use_database_configuration,
+    vacuum_old_flow_runs,
+)
 from birdflow.settings import Settings, SettingsError, load_settings
 
 # a child of Prefect's logger: the server's logging configuration shows it
@@ -62,12 +74,11 @@ class WriteLockFirstSqliteConfiguration(AioSqliteConfiguration):
 
 def use_write_lock_first_sqlite() -> None:
     """Install the configuration above through Prefect's database dependency, when the database is SQLite."""
-    from prefect.server.database.dependencies import MODELS_DEPENDENCIES
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
 
     url = PREFECT_API_DATABASE_CONNECTION_URL.value()
     if url and url.startswith("sqlite"):
-        MODELS_DEPENDENCIES["database_config"] = WriteLockFirstSqliteConfiguration(connection_url=url)
+        use_database_configuration(WriteLockFirstSqliteConfiguration(connection_url=url))
 
 
 def incremental_auto_vacuum(database: Path) -> None:
@@ -116,8 +127,6 @@ async def trim_history(settings: Settings, db) -> int:
     """One pass: delete the oldest runs (with their task runs, logs, artifacts) through Prefect's own vacuum
     until the history fits, then give the freed pages back; returns the runs deleted."""
     import sqlalchemy as sa
-    from prefect.server.schemas.states import TERMINAL_STATES
-    from prefect.server.services.db_vacuum import vacuum_old_flow_runs
     from prefect.settings import PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD, temporary_settings
 
     database = settings.prefect_database_file
@@ -175,10 +184,6 @@ async def trim_history(settings: Settings, db) -> int:
 
 def keep_history_within_budget(settings: Settings) -> None:
     """Register trim_history with Prefect's perpetual services, every history_check_interval_s."""
-    from docket import Depends, Perpetual
-    from prefect.server.database import PrefectDBInterface, provide_database_interface
-    from prefect.server.services.perpetual_services import perpetual_service
-
     every = timedelta(seconds=settings.unattended.history_check_interval_s)
 
     @perpetual_service(enabled_getter=lambda: True)
@@ -206,28 +211,14 @@ def station_settings() -> Settings | None:
     return settings if PREFECT_API_DATABASE_CONNECTION_URL.value() == database_url(settings) else None
 
 
-def one_line_welcome() -> None:
-    """Prefect greets every start with a 15-line banner (logo, `prefect config set` advice, docs link); `up`
-    restarts its server after a crash and keeps one log, so one line says where it listens instead."""
-    from prefect.cli import _server_utils
-
-    def welcome(base_url: str, ui_enabled: bool) -> str:
-        return f"Prefect server listening on {base_url}" + (" (UI and API)" if ui_enabled else " (API)")
-
-    _server_utils.generate_welcome_blurb = welcome
-
-
 def main() -> None:
-    one_line_welcome()
     use_write_lock_first_sqlite()
     settings = station_settings()
     if settings is not None and settings.prefect.prefect_database == "sqlite":
         incremental_auto_vacuum(settings.prefect_database_file)
         keep_history_within_budget(settings)
-    from prefect.cli import app
-
     sys.argv = ["prefect", "server", *sys.argv[1:]]
-    app()
+    prefect_cli()()
 
 
 if __name__ == "__main__":

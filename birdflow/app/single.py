@@ -16,10 +16,12 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from birdflow.core.errors import BirdflowError
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-class AlreadyRunning(RuntimeError):
+class AlreadyRunning(BirdflowError):
     """Another process holds the data folder's lock."""
 
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from birdflow.core.errors import BirdflowError
 from birdflow.core.flac import flac_identity
 from birdflow.core.recordings import sha256_file
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(BirdflowError):
     """The archived copy does not match the recording."""
 
 

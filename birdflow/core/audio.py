@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from birdflow.core.errors import Unprocessable
 from birdflow.core.resample import resample_stream
 
 MODEL_SAMPLE_RATE = 48000
@@ -31,7 +32,7 @@ SPAN_CONTEXT_S = 0.05
 AudioSource = Path | bytes
 
 
-class AudioError(ValueError):
+class AudioError(Unprocessable):
     """The file is not decodable audio."""
 
 

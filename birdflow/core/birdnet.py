@@ -20,6 +20,7 @@ import numpy as np
 
 from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.audio import WINDOW_S, WINDOW_SAMPLES
+from birdflow.core.errors import SettingsError
 
 BACKEND_MODULES = {"ai-edge-litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
 
@@ -61,7 +62,9 @@ def load_interpreter_class(backend: str):
             raise RuntimeError("no BirdNET backend: install ai-edge-litert (or tflite-runtime)")
         backend = available[0]
     if backend not in BACKEND_MODULES:
-        raise ValueError(f"unknown BirdNET backend {backend!r}; choose from {', '.join(BACKEND_MODULES)}")
+        raise SettingsError(
+            f"setting 'birdnet_backend': unknown BirdNET backend {backend!r}; choose from {', '.join(BACKEND_MODULES)}"
+        )
     try:
         return backend, importlib.import_module(BACKEND_MODULES[backend]).Interpreter
     except ImportError as exc:

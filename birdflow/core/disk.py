@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from birdflow.core.errors import BirdflowError
+
 MB = 1 << 20
 log = logging.getLogger(__name__)
 
 
-class InsufficientStorage(Exception):
+class InsufficientStorage(BirdflowError):
     """Free space is below the floor, even after retention."""
 
 

@@ -14,6 +14,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from birdflow.core.errors import Refused
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -52,7 +54,7 @@ OCCURRENCE_TERMS = [
 ]
 
 
-class ExportError(ValueError):
+class ExportError(Refused):
     """An export that cannot be made as asked; the message says why."""
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from birdflow.core.errors import BirdflowError
+
 IDENTITY_PREFIX = "birdflow-source-sha256="
 # WAV sample formats FLAC holds losslessly (libsndfile writes FLAC of 8, 16 and 24 bits), and their bits
 FLAC_SUBTYPES = {"PCM_U8": "PCM_S8", "PCM_S8": "PCM_S8", "PCM_16": "PCM_16", "PCM_24": "PCM_24"}
@@ -26,7 +28,7 @@ BLOCK_FRAMES = 1 << 18
 STREAMINFO_END = 42  # "fLaC", a metadata block header, then the 34 bytes of STREAMINFO
 
 
-class FlacError(ValueError):
+class FlacError(BirdflowError):
     """The copy is not what its source holds."""
 
 

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from birdflow.core.errors import Refused
 from birdflow.core.listener_ids import validate_listener_id
 
 MAX_DATAGRAM_BYTES = 512
@@ -36,7 +37,7 @@ FIRMWARE_MAX = 32
 REASONS = ("too_large", "not_json", "schema", "listener_id", "rate_limited", "too_many_listeners")
 
 
-class HealthRefused(ValueError):
+class HealthRefused(Refused):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(detail or reason)
         self.reason = reason

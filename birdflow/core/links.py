@@ -12,11 +12,13 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlencode
 
+from birdflow.core.errors import StateFileError
+
 KEY_BYTES = 32
 SIGNATURE_HEX = 32  # 128 bits of the HMAC: unguessable, and a link short enough to read
 
 
-class LinkKeyError(RuntimeError):
+class LinkKeyError(StateFileError):
     """The station's link key cannot be read or made (its folder is not writable, or the file is damaged)."""
 
 

@@ -18,6 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, field_validator
 
+from birdflow.core.errors import Unprocessable
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3")
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 FUTURE_START_ALLOWANCE = timedelta(hours=1)
@@ -87,7 +89,7 @@ def recording_id_for(listener_id: str, start_time: datetime, content_hash: str) 
     return f"{listener_id}_{stamp}_{content_hash[:8]}"
 
 
-class RecordingNameError(ValueError):
+class RecordingNameError(Unprocessable):
     """A file name whose start time cannot be: no such date, or later than the station's clock allows."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from birdflow.core.errors import Refused
 from birdflow.core.local_db import LocalDatabase
 
 # what a person says, as a command word, and as it is stored
@@ -67,7 +68,7 @@ CREATE INDEX IF NOT EXISTS verdicts_by_day ON verdicts (day);
 """
 
 
-class ReviewError(ValueError):
+class ReviewError(Refused):
     """A verdict that cannot be taken: an unknown detection id or species, a malformed CSV line."""
 
 

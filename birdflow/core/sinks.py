@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from birdflow.core.detections import SCHEMA, TAG_COLUMNS
+from birdflow.core.errors import StateFileError
 from birdflow.core.rarity import HOURLY_SCHEMA, HOURLY_TAG_COLUMNS
 from birdflow.core.reviews import REVIEW_TAG_COLUMNS
 
@@ -116,7 +117,12 @@ def _write_by_day(root: Path, table: pa.Table, name: Callable[[datetime], str]) 
 def read_hour(hourly_root: Path, hour_start: datetime) -> pa.Table:
     """The counts of one hour as last written to Parquet (empty when it never was)."""
     path = Path(hourly_root) / f"{hour_start:%Y/%m/%d/%H}.parquet"
-    return pq.read_table(path, schema=HOURLY_SCHEMA) if path.is_file() else HOURLY_SCHEMA.empty_table()
+    if not path.is_file():
+        return HOURLY_SCHEMA.empty_table()
+    try:
+        return pq.read_table(path, schema=HOURLY_SCHEMA)
+    except pa.ArrowException as exc:
+        raise StateFileError(f"the hourly counts {path} cannot be read ({exc}): restore or remove it") from exc
 
 
 class InfluxSink:

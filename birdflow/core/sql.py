@@ -15,13 +15,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from birdflow.core.detections import SCHEMA as DETECTIONS_SCHEMA
+from birdflow.core.errors import Refused
 from birdflow.core.health import health_schema
 from birdflow.core.rarity import HOURLY_SCHEMA
 from birdflow.core.reviews import REVIEWS_SCHEMA
 from birdflow.core.sinks import dataset_files
 
 
-class SqlError(ValueError):
+class SqlError(Refused):
     """The statement was refused or failed; the message is one line."""
 
 

@@ -6,6 +6,8 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from birdflow.core.errors import Unprocessable
+
 WAVE_FORMAT_PCM = 0x0001
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 # The first two bytes of the PCM sub-format GUID of WAVE_FORMAT_EXTENSIBLE.
@@ -19,7 +21,7 @@ SAMPLE_WIDTHS = (16, 24, 32)
 MAX_CHANNELS = 8
 
 
-class WavError(ValueError):
+class WavError(Unprocessable):
     """The bytes are not a RIFF/WAVE PCM header."""
 
 

@@ -10,11 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from birdflow.core.analysis import AnalysisParams
+from birdflow.core.errors import SettingsError
 from birdflow.core.listener_ids import validate_listener_id
-
-
-class SettingsError(ValueError):
-    """A setting is missing or invalid; the message names it."""
 
 
 def comma_list(value: Any) -> Any:

@@ -101,9 +101,3 @@ def test_the_embedded_server_keeps_run_history_within_its_budget_oldest_first(tm
         assert "over the budget of 1.6 MB: the oldest" in stack.log_tail(400)
     finally:
         stack.stop()
-
-
-def test_the_server_says_where_it_listens_in_one_line_without_prefects_banner(prefect_server):
-    log = (prefect_server.home / "server.log").read_text()
-    assert f"Prefect server listening on {prefect_server.api_url.removesuffix('/api')}" in log, log[:2000]
-    assert "___" not in log and "prefect config set" not in log, log[:2000]

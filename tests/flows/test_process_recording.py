@@ -15,7 +15,7 @@ from birdflow.core.analysis import AnalysisParams
 from birdflow.core.archive import ArchiveError
 from birdflow.core.audio import AudioError
 from birdflow.core.recordings import RecordingInfo
-from flows.process_recording import analysis_cache_key, worth_retrying
+from flows.process_recording import MissingAudio, analysis_cache_key, worth_retrying
 from tests.builders import recording_info
 
 
@@ -28,7 +28,8 @@ def test_io_failures_are_retried_and_bad_audio_is_not():
     assert failed_with(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
     assert failed_with(ArchiveError("upload did not match"))
     assert not failed_with(AudioError("cannot decode audio"))
-    assert not failed_with(ValueError("archived copy does not match the content hash"))
+    assert failed_with(ValueError("a library's own error: not a verdict on the audio"))
+    assert not failed_with(MissingAudio("archived copy does not match the content hash"))
 
 
 def recording(content_hash: str, start: datetime) -> RecordingInfo:
