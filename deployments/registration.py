@@ -13,11 +13,11 @@ from uuid import UUID
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
+from birdflow.flows.executor import StationDeployments
+from birdflow.flows.maintenance import maintenance
+from birdflow.flows.process_recording import process_recording
+from birdflow.flows.review import review_detection
 from birdflow.settings import Settings
-from flows.executor import StationDeployments
-from flows.maintenance import maintenance
-from flows.process_recording import process_recording
-from flows.review import review_detection
 
 
 def deployment_name(settings: Settings) -> str:

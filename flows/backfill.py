@@ -37,9 +37,9 @@ from birdflow.core.backfill_plan import (
 )
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.recordings import RecordingInfo, RecordingStore, describe_audio_file, is_inside
+from birdflow.flows.process_recording import process_recording, run_analysis_params
+from birdflow.flows.run_resources import run_resources
 from birdflow.settings import Settings
-from flows.process_recording import process_recording, run_analysis_params
-from flows.run_resources import run_resources
 
 ARCHIVE = "archive"
 # recordings handed to the station's executor and not yet run, at most: the rest waits in the source
@@ -76,7 +76,7 @@ class Source:
                     "add it to the setting 'backfill_roots'"
                 )
         if self.s3:
-            from blocks import load_s3_bucket, s3_bucket_from_settings
+            from birdflow.blocks import load_s3_bucket, s3_bucket_from_settings
 
             bucket = s3_bucket_from_settings(settings) if offline else load_s3_bucket(settings)
             self.client = bucket.credentials.get_s3_client()

@@ -25,12 +25,12 @@ from prefect.exceptions import Pause
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 from prefect.states import Running, to_state_create
 
+from birdflow.flows.announce import ui_link
 from birdflow.runtime.prefect_internals import (
     FlowRunEngine,
     register_flow_run_suspension_request,
     replace_task_state_emitter,
 )
-from flows.announce import ui_link
 
 ROUTINE_LINES = ("Beginning flow run", "Finished in state Completed(", "Finished in state Cached(")
 # a task's failed end, said again right after "Task run failed with exception: ... - Retries are exhausted"

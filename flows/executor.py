@@ -52,16 +52,16 @@ from birdflow.core.recordings import (
     load_info,
     remove_recording,
 )
+from birdflow.flows.engine import create_running, engine_context, run_in_process
+from birdflow.flows.maintenance import maintenance
+from birdflow.flows.process_recording import process_recording
+from birdflow.flows.redrive import redrive_or_give_up
+from birdflow.flows.review import review_detection
+from birdflow.flows.run_resources import use_run_resources
 from birdflow.runtime import metrics
 from birdflow.runtime.folder_watch import FolderWatch
 from birdflow.runtime.mqtt import Publisher
 from birdflow.settings import Settings
-from flows.engine import create_running, engine_context, run_in_process
-from flows.maintenance import maintenance
-from flows.process_recording import process_recording
-from flows.redrive import redrive_or_give_up
-from flows.review import review_detection
-from flows.run_resources import use_run_resources
 
 log = logging.getLogger("birdflow.executor")
 T = TypeVar("T")

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from birdflow.core.exports import FORMATS, ExportError, Place, export
 from birdflow.core.recordings import sha256_file
 from birdflow.core.sinks import read_detections
-from flows.run_resources import run_resources
+from birdflow.flows.run_resources import run_resources
 
 DAILY_FORMATS = ("csv", "raven", "audacity", "ebird", "dwc")
 

@@ -40,14 +40,14 @@ from birdflow.core.mqtt_messages import health_messages
 from birdflow.core.results import ResultsDatabase
 from birdflow.core.retention import DAY_S, PurgeJournal, remove_stale_files
 from birdflow.core.sinks import compact_detections, write_all
+from birdflow.flows.announce import announce_purged
+from birdflow.flows.redrive import GIVEN_UP, redrive_or_give_up
+from birdflow.flows.review import end_decided_reviews
+from birdflow.flows.run_resources import run_resources
 from birdflow.runtime import metrics
 from birdflow.runtime.archive_retention import archive_retention
 from birdflow.runtime.mqtt import topics_of
 from birdflow.settings import Settings
-from flows.announce import announce_purged
-from flows.redrive import GIVEN_UP, redrive_or_give_up
-from flows.review import end_decided_reviews
-from flows.run_resources import run_resources
 
 SWEEP_BATCH = 200
 # a run that failed this recently is being re-driven by the executor that ran it

@@ -39,14 +39,14 @@ from birdflow.core.privacy import Spans, human_spans, silenced, write_silenced_c
 from birdflow.core.rarity import Tally
 from birdflow.core.recordings import RecordingInfo, is_inside, remove_recording, sha256_file
 from birdflow.core.sinks import write_all
+from birdflow.flows.announce import announce_rare, show_detections
+from birdflow.flows.engine import one_line
+from birdflow.flows.review import open_reviews, reviews_wanted
+from birdflow.flows.run_resources import RunResources, run_resources
 from birdflow.runtime import metrics
 from birdflow.runtime.mqtt import topics_of
 from birdflow.settings import Settings
 from birdflow.settings.sections import DetectionSettings
-from flows.announce import announce_rare, show_detections
-from flows.engine import one_line
-from flows.review import open_reviews, reviews_wanted
-from flows.run_resources import RunResources, run_resources
 
 # name of the Failed state of a run whose audio cannot be analysed (undecodable, or not what was archived)
 UNPROCESSABLE = "Unprocessable"

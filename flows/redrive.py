@@ -19,10 +19,10 @@ from prefect.states import AwaitingRetry, Failed
 
 from birdflow.core.recordings import RecordingInfo
 from birdflow.core.redrive_policy import RedrivePolicy
+from birdflow.flows.engine import one_line
+from birdflow.flows.process_recording import UNPROCESSABLE
 from birdflow.runtime import metrics
 from birdflow.settings import Settings
-from flows.engine import one_line
-from flows.process_recording import UNPROCESSABLE
 
 log = logging.getLogger("birdflow.redrive")
 EXPIRED = "Expired"  # name of the Failed state of a run given up after redrive_max_age_days

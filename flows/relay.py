@@ -32,11 +32,11 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from birdflow.core.central_link import CentralLink, hour_summary
 from birdflow.core.rarity import RARE_EVENT
 from birdflow.core.recordings import RecordingStore
+from birdflow.flows.announce import confirm_on_server
+from birdflow.flows.backfill import known_listeners
+from birdflow.flows.engine import create_running, engine_context, run_in_process
+from birdflow.flows.run_resources import run_resources, use_run_resources
 from birdflow.settings import Settings
-from flows.announce import confirm_on_server
-from flows.backfill import known_listeners
-from flows.engine import create_running, engine_context, run_in_process
-from flows.run_resources import run_resources, use_run_resources
 
 SUMMARY_FLOW = "station-hour"
 EVENTS_PER_REQUEST = 200

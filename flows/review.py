@@ -51,9 +51,9 @@ from birdflow.core.reviews import (
     verdict_from,
 )
 from birdflow.core.sinks import write_all
+from birdflow.flows.announce import has_artifacts
+from birdflow.flows.run_resources import RunResources, run_resources
 from birdflow.runtime.mqtt import topics_of
-from flows.announce import has_artifacts
-from flows.run_resources import RunResources, run_resources
 
 REVIEW_FLOW = "review-detection"
 ATTEMPTS = 5  # a form with an unknown species is asked again, this many times at most

@@ -85,7 +85,7 @@ class RunResources:
         if self.settings.sinks.parquet_enabled:
             sinks.append(ParquetSink.of_station(settings))
         if self.settings.sinks.influx_enabled:
-            from blocks import load_influx
+            from birdflow.blocks import load_influx
 
             block = load_influx(self.settings)
             sinks.append(
@@ -102,7 +102,7 @@ class RunResources:
     @cached_property
     def archive(self) -> Archive:
         if self.settings.archive.archive_backend == "s3":
-            from blocks import load_s3_bucket
+            from birdflow.blocks import load_s3_bucket
 
             return S3Archive(load_s3_bucket(self.settings))
         return LocalArchive(self.settings.local_archive_dir)
@@ -150,7 +150,7 @@ class RunResources:
     @cached_property
     def result_storage(self):
         """The station's results file as a Prefect block, saved once per process (Prefect takes only saved blocks)."""
-        from blocks import SQLiteResultStorage
+        from birdflow.blocks import SQLiteResultStorage
 
         storage = SQLiteResultStorage(path=str(self.settings.results_file.resolve()))
         storage.save(f"birdflow-results-{self.settings.station_id}", overwrite=True)

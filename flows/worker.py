@@ -27,9 +27,9 @@ from prefect.states import Crashed, Failed
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
 from birdflow.core.errors import Refused
+from birdflow.flows.engine import engine_context, run_in_process
+from birdflow.flows.run_resources import run_resources
 from birdflow.runtime.mqtt import Publisher
-from flows.engine import engine_context, run_in_process
-from flows.run_resources import run_resources
 
 DEFAULT_THREADS = 4
 STOP_GRACE_S = 20.0  # within the 30 s the compose files give a container to stop
@@ -43,7 +43,7 @@ class BirdflowWorkerResult(BaseWorkerResult):
 
 # the modules whose flows birdflow deploys (prefect.yaml, deployments/registration.py): the only code a worker runs
 OWN_FLOW_MODULES = frozenset(
-    {"flows.process_recording", "flows.backfill", "flows.maintenance", "flows.export", "flows.review"}
+    f"birdflow.flows.{name}" for name in ("process_recording", "backfill", "maintenance", "export", "review")
 )
 
 
@@ -55,16 +55,19 @@ class NotOurFlow(Refused):
 def flow_for(entrypoint: str) -> Flow:
     """Each deployment's flow, imported once per worker process.
 
-    prefect.yaml names files (flows/process_recording.py:process_recording), the station's own deployments
-    module paths (flows.process_recording.process_recording); both are modules of the installed birdflow
-    package, imported as such: the same module objects (and the same loaded model) for every run. Nothing
-    else is loaded: whoever may create deployments in the pool cannot make every Pi import a file of theirs.
+    prefect.yaml names files of the repository (flows/process_recording.py:process_recording), the station's own
+    deployments module paths (birdflow.flows.process_recording.process_recording; flows.process_recording... before
+    the packages moved under `birdflow`); all are modules of the installed birdflow package, imported as such: the
+    same module objects (and the same loaded model) for every run. Nothing else is loaded: whoever may create
+    deployments in the pool cannot make every Pi import a file of theirs.
     """
     if ":" in entrypoint:
         path, _, name = entrypoint.rpartition(":")
         module_name = path.removesuffix(".py").replace("/", ".")
     else:
         module_name, _, name = entrypoint.rpartition(".")
+    if not module_name.startswith("birdflow."):
+        module_name = f"birdflow.{module_name}"
     if module_name not in OWN_FLOW_MODULES:
         raise NotOurFlow(
             f"entrypoint {entrypoint!r} is not one of birdflow's flows ({', '.join(sorted(OWN_FLOW_MODULES))})"

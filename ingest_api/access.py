@@ -12,8 +12,8 @@ import time
 from ipaddress import ip_address
 
 from birdflow.core.listener_tokens import ListenerTokens
+from birdflow.ingest_api.checks import Rejection
 from birdflow.settings import Settings
-from ingest_api.checks import Rejection
 
 
 def presented_token(authorization: str | None, query_token: str | None) -> str | None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from birdflow.ingest_api.ingest_state import IngestState
+from birdflow.ingest_api.routes import clips, health, streams, uploads
 from birdflow.settings import Settings
-from ingest_api.ingest_state import IngestState
-from ingest_api.routes import clips, health, streams, uploads
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -6,6 +6,7 @@ file is opened with its first audio, so a connection that only sends headers hol
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from typing import BinaryIO
 from birdflow.core.errors import Refused
 from birdflow.core.recordings import RecordingInfo, RecordingStore
 from birdflow.core.wav import WavError, WavFormat, WavHeader, build_header, looks_like_wav, parse_header, patch_sizes
-from ingest_api.framing import METADATA_SEQ, SEQ_MODULUS, START_SEQ, Frame
+from birdflow.ingest_api.framing import METADATA_SEQ, SEQ_MODULUS, START_SEQ, Frame
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,8 @@ class StreamAssembler:
         current, self._open = self._open, None
         if current is None:
             return
-        current.file.close()
+        with contextlib.suppress(OSError):  # closing flushes what is buffered: on a full disk that fails too
+            current.file.close()
         current.path.unlink(missing_ok=True)
         self._count("recording_abandoned")
 

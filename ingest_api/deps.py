@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
-from ingest_api.access import presented_token
-from ingest_api.ingest_state import IngestState
+from birdflow.ingest_api.access import presented_token
+from birdflow.ingest_api.ingest_state import IngestState
 
 
 def get_ingest_state(request: Request) -> IngestState:

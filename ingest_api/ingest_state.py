@@ -21,14 +21,14 @@ from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.links import link_key
 from birdflow.core.recordings import RecordingStore
 from birdflow.core.wav import WavFormat
+from birdflow.ingest_api.access import IngestAccess
+from birdflow.ingest_api.assembler import RecordingRate, StreamAssembler, StreamLimits
+from birdflow.ingest_api.checks import Rejection, checked_listener_id
+from birdflow.ingest_api.recovery import recover_partials
+from birdflow.ingest_api.telemetry import receive_health
 from birdflow.runtime import metrics
 from birdflow.runtime.archive_retention import archive_retention
 from birdflow.settings import Settings
-from ingest_api.access import IngestAccess
-from ingest_api.assembler import RecordingRate, StreamAssembler, StreamLimits
-from ingest_api.checks import Rejection, checked_listener_id
-from ingest_api.recovery import recover_partials
-from ingest_api.telemetry import receive_health
 
 log = logging.getLogger("birdflow.ingest")
 # partials no stream has written to for this long are left over (a close that failed): publish them
@@ -92,7 +92,7 @@ class IngestState:
     def clip_archive(self) -> Archive:
         """The archive the clips are in, as the settings describe it."""
         if self.settings.archive.archive_backend == "s3":
-            from blocks import s3_bucket_from_settings
+            from birdflow.blocks import s3_bucket_from_settings
 
             return S3Archive(s3_bucket_from_settings(self.settings))
         return LocalArchive(self.settings.local_archive_dir)

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ingest_api.checks import Rejection
+from birdflow.ingest_api.checks import Rejection
 
 MAX_FIELDS = 8
 MAX_FIELD_BYTES = 1024  # a listener id, a token: short

@@ -14,11 +14,11 @@ import httpx
 import uvicorn
 
 from birdflow.core.wav import WavFormat, build_header
+from birdflow.ingest_api.app import create_app
+from birdflow.ingest_api.connections import server_config
+from birdflow.ingest_api.framing import encode_frame
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
-from ingest_api.app import create_app
-from ingest_api.connections import server_config
-from ingest_api.framing import encode_frame
 
 
 @contextmanager

@@ -158,3 +158,26 @@ def run_line(line: str, folder: Path, env: dict) -> subprocess.CompletedProcess:
     done = subprocess.run(line, shell=True, cwd=folder, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"`{line}` exited {done.returncode}:\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
     return done
+
+
+def test_the_listener_protocols_worked_example_is_what_the_station_reads():
+    """The bytes docs/listener-protocol.md gives firmware writers, through the station's own frame and WAV parsers."""
+    import struct
+
+    from birdflow.core.wav import parse_header
+    from birdflow.ingest_api.framing import FrameParser
+
+    text = (PROJECT / "docs" / "listener-protocol.md").read_text()
+    example = re.search(r"```text\n(frame 0.*?)```", text, re.DOTALL)
+    assert example, "no worked example in docs/listener-protocol.md"
+    frames = re.split(r"^frame \d+", example.group(1), flags=re.MULTILINE)[1:]
+    first, second = (bytes.fromhex(" ".join(block.split())) for block in frames)
+    [frame] = FrameParser(max_payload=1 << 20).feed(first)
+    header = parse_header(frame.payload)
+    assert (frame.seq, len(frame.payload), header.size) == (0, 44, 44)
+    assert (header.format.sample_rate, header.format.channels, header.format.bits_per_sample) == (48000, 1, 16)
+    parser = FrameParser(max_payload=1 << 20)
+    assert list(parser.feed(second)) == []  # the page's other 32 760 bytes are still to come
+    assert parser.pending_bytes == len(second)
+    seq, length = int.from_bytes(second[:3], "little"), int.from_bytes(second[3:6], "little")
+    assert (seq, length) == (1, 32768) and struct.unpack("<4h", second[6:]) == (0, 1200, -1200, 32767)

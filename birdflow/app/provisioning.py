@@ -100,8 +100,8 @@ def central_setup(
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from blocks import register_blocks
-    from flows.worker import BirdflowWorker
+    from birdflow.blocks import register_blocks
+    from birdflow.flows.worker import BirdflowWorker
 
     template = BirdflowWorker.get_default_base_job_template()
     with get_client(sync_client=True) as client:

@@ -23,7 +23,7 @@ import httpx
 
 from birdflow.core.recordings import TIMESTAMP_FORMAT
 from birdflow.core.wav import parse_header
-from ingest_api.framing import encode_frame
+from birdflow.ingest_api.framing import encode_frame
 
 PAGE_BYTES = 32768
 

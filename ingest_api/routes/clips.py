@@ -11,8 +11,8 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from birdflow.core.links import link_is_valid
-from ingest_api.checks import Rejection
-from ingest_api.deps import IngestStateDep
+from birdflow.ingest_api.checks import Rejection
+from birdflow.ingest_api.deps import IngestStateDep
 
 router = APIRouter()
 MEDIA_TYPES = {".flac": "audio/flac", ".png": "image/png"}

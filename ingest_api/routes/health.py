@@ -7,9 +7,9 @@ import shutil
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from birdflow.ingest_api.checks import Rejection
+from birdflow.ingest_api.deps import IngestStateDep
 from birdflow.runtime import metrics
-from ingest_api.checks import Rejection
-from ingest_api.deps import IngestStateDep
 
 router = APIRouter()
 

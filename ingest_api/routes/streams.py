@@ -14,13 +14,13 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from birdflow.core.disk import InsufficientStorage
+from birdflow.ingest_api.assembler import StreamAssembler, StreamRejected, StreamStats, TooManyRecordings
+from birdflow.ingest_api.checks import Rejection, write_failure
+from birdflow.ingest_api.connections import FIRST_FRAME_SEEN
+from birdflow.ingest_api.deps import IngestStateDep, TokenDep
+from birdflow.ingest_api.framing import FrameParser, FramingError
+from birdflow.ingest_api.ingest_state import RETRY_AFTER_S
 from birdflow.runtime import metrics
-from ingest_api.assembler import StreamAssembler, StreamRejected, StreamStats, TooManyRecordings
-from ingest_api.checks import Rejection, write_failure
-from ingest_api.connections import FIRST_FRAME_SEEN
-from ingest_api.deps import IngestStateDep, TokenDep
-from ingest_api.framing import FrameParser, FramingError
-from ingest_api.ingest_state import RETRY_AFTER_S
 
 log = logging.getLogger("birdflow.ingest")
 router = APIRouter()

@@ -19,9 +19,8 @@ from starlette.requests import ClientDisconnect
 
 from birdflow.core.disk import InsufficientStorage
 from birdflow.core.recordings import RecordingStore
-from birdflow.runtime import metrics
-from ingest_api.assembler import TooManyRecordings
-from ingest_api.checks import (
+from birdflow.ingest_api.assembler import TooManyRecordings
+from birdflow.ingest_api.checks import (
     Rejection,
     audio_details,
     checked_file_name,
@@ -32,9 +31,10 @@ from ingest_api.checks import (
     sniff_audio,
     write_failure,
 )
-from ingest_api.deps import IngestStateDep, TokenDep
-from ingest_api.ingest_state import IngestState
-from ingest_api.upload_form import UploadForm
+from birdflow.ingest_api.deps import IngestStateDep, TokenDep
+from birdflow.ingest_api.ingest_state import IngestState
+from birdflow.ingest_api.upload_form import UploadForm
+from birdflow.runtime import metrics
 
 router = APIRouter()
 

@@ -8,9 +8,9 @@ import hashlib
 import pytest
 from boto3.exceptions import S3UploadFailedError
 
+from birdflow.blocks import s3_bucket_from_settings
 from birdflow.core.archive import ArchiveError, LocalArchive, S3Archive
 from birdflow.settings import Settings
-from blocks import s3_bucket_from_settings
 
 KEY = "st1/mic1/2025/06/01/mic1_20250601T053000Z_e70acbef.wav"
 

@@ -7,25 +7,24 @@ import inspect
 import pkgutil
 
 import birdflow
-import blocks
-import deployments
-import flows
-import ingest_api
 from birdflow.core import errors
 from birdflow.core.errors import BirdflowError, Refused, SettingsError, StateFileError, Unprocessable
 
+MAPPED = ("flows", "ingest_api", "blocks", "deployments")  # folders of the repository installed under birdflow
+
 
 def defined_errors() -> list[type[BaseException]]:
-    """The exception classes the runtime packages define (each module imported)."""
+    """The exception classes the runtime package defines (each module imported)."""
     found = {}
-    for package in (birdflow, flows, ingest_api, blocks, deployments):
-        for module_info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-            if module_info.name.endswith("__main__"):
-                continue
-            module = importlib.import_module(module_info.name)
-            for _, value in inspect.getmembers(module, inspect.isclass):
-                if issubclass(value, BaseException) and value.__module__ == module.__name__:
-                    found[value.__qualname__] = value
+    packages = [birdflow, *(importlib.import_module(f"birdflow.{name}") for name in MAPPED)]
+    every = [info for package in packages for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    for module_info in every:
+        if module_info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(module_info.name)
+        for _, value in inspect.getmembers(module, inspect.isclass):
+            if issubclass(value, BaseException) and value.__module__ == module.__name__:
+                found[value.__qualname__] = value
     return list(found.values())
 
 
@@ -41,7 +40,7 @@ def test_every_error_birdflow_defines_is_in_the_tree_and_drawn():
 
 def test_only_the_audio_and_the_parameters_are_unprocessable():
     from birdflow.core.audio import AudioError
-    from flows.process_recording import MissingAudio, SourceRefused
+    from birdflow.flows.process_recording import MissingAudio, SourceRefused
 
     assert all(issubclass(error, Unprocessable) for error in (AudioError, MissingAudio, SourceRefused))
     assert not issubclass(SettingsError, Unprocessable) and not issubclass(StateFileError, Unprocessable)

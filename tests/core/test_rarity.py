@@ -126,7 +126,7 @@ def test_the_summary_line_names_each_species_with_its_best_confidence():
 
 
 def test_a_rare_sighting_becomes_an_event_about_its_recording_station_and_listener(tmp_path):
-    from flows.announce import RARE_EVENT, rare_event_fields
+    from birdflow.flows.announce import RARE_EVENT, rare_event_fields
 
     record = SpeciesRecord(tmp_path / "species.sqlite", rare_window_days=30, watch_species=["Junco hyemalis"])
     [sighting] = record.tally(heard("r1", DAWN, (JUNCO, 0.92), (JUNCO, 0.5))).rare

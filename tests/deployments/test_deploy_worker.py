@@ -136,16 +136,19 @@ def test_deploy_all_and_the_station_worker_runs_only_its_pool(prefect_server, tm
         "flows/../payload.py:run",
         "os.system",
         "flows.engine.run_in_process",
+        "birdflow.flows.engine.run_in_process",
+        "birdflow.app.cli.main",
         "flows/process_recording.py:run_resources",
     ],
 )
 def test_the_worker_runs_birdflows_own_flows_and_nothing_else(entrypoint):
-    from flows.worker import NotOurFlow, flow_for
+    from birdflow.flows.worker import NotOurFlow, flow_for
 
     with pytest.raises(NotOurFlow):
         flow_for(entrypoint)
     assert flow_for("flows/process_recording.py:process_recording").name == "process-recording"
-    assert flow_for("flows.backfill.backfill") is flow_for("flows/backfill.py:backfill")
+    assert flow_for("flows.backfill.backfill") is flow_for("flows/backfill.py:backfill")  # as stations deployed it
+    assert flow_for("birdflow.flows.backfill.backfill") is flow_for("flows/backfill.py:backfill")
 
 
 def test_reviews_on_a_fleet_of_deployments_run_by_the_station_worker(tmp_path, seaweed, mosquitto):

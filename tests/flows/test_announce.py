@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from birdflow.core.retention import Purged
-from flows.announce import PURGED_EVENT, purged_event_fields
+from birdflow.flows.announce import PURGED_EVENT, purged_event_fields
 
 
 def test_a_deleted_recording_becomes_an_event_about_it_with_why():
@@ -21,9 +21,9 @@ def test_run_links_open_where_people_reach_the_ui_and_through_its_login_when_it_
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_UI_URL, temporary_settings
 
     from birdflow.app.supervisor import prefect_environment
+    from birdflow.flows.announce import ui_link
+    from birdflow.flows.engine import RunLinkThroughLogin
     from birdflow.settings import Settings
-    from flows.announce import ui_link
-    from flows.engine import RunLinkThroughLogin
 
     settings = Settings(public_ui_url="https://prefect.example.org/")
     assert prefect_environment(settings)["PREFECT_UI_URL"] == "https://prefect.example.org"

@@ -48,8 +48,8 @@ def test_select_by_time_listener_and_station():
 
 @pytest.mark.e2e
 def test_a_folder_source_that_is_missing_or_not_allowed_says_why(tmp_path):
+    from birdflow.flows.backfill import Source
     from birdflow.settings import Settings
-    from flows.backfill import Source
 
     settings = Settings(data_dir=tmp_path / "data")
     with pytest.raises(ValueError, match="nothing has failed on this station"):
@@ -217,9 +217,9 @@ def test_a_backfill_on_the_central_server_of_a_station_with_its_own_history_hand
     """The run is on the fleet's central server (this test's); the recordings go to the station's recordings
     folder, where its executor runs them on its own server: no recording's run on the central one."""
     from birdflow.core.recordings import load_info
+    from birdflow.flows.backfill import backfill
+    from birdflow.flows.run_resources import use_run_resources
     from birdflow.settings import Settings
-    from flows.backfill import backfill
-    from flows.run_resources import use_run_resources
 
     dump = tmp_path / "card"
     dump.mkdir()

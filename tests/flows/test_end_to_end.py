@@ -34,8 +34,8 @@ from prefect.states import Scheduled
 
 from birdflow.core.flac import flac_identity
 from birdflow.core.recordings import RecordingStore
+from birdflow.flows.process_recording import RECORDING_TASKS
 from birdflow_tools.testbed import LOOPBACK, LineProtocolServer, free_port, parse_line, wait_until
-from flows.process_recording import RECORDING_TASKS
 
 pytestmark = pytest.mark.e2e
 STATION = "e2e"

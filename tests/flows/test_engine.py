@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.client.schemas.objects import StateType
 from prefect.filesystems import LocalFileSystem
 
-from flows.engine import create_running, engine_context, run_in_process
+from birdflow.flows.engine import create_running, engine_context, run_in_process
 
 
 @flow(name="created-running-probe", persist_result=False)

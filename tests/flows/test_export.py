@@ -33,8 +33,8 @@ def station_with_detections(tmp_path, **values) -> Settings:
 
 
 def test_a_days_export_is_archived_in_every_format_and_linked_from_its_run(prefect_server, tmp_path, monkeypatch):
-    from flows import run_resources
-    from flows.export import DAILY_FORMATS, export_day
+    from birdflow.flows import run_resources
+    from birdflow.flows.export import DAILY_FORMATS, export_day
 
     monkeypatch.setattr(run_resources, "_current", None)
     settings = station_with_detections(tmp_path, latitude=45.5231, longitude=-122.6765)
@@ -57,8 +57,8 @@ def test_a_days_export_is_archived_in_every_format_and_linked_from_its_run(prefe
 def test_without_coordinates_the_darwin_core_archive_is_skipped_and_the_rest_stored(
     prefect_server, tmp_path, monkeypatch
 ):
-    from flows import run_resources
-    from flows.export import export_day
+    from birdflow.flows import run_resources
+    from birdflow.flows.export import export_day
 
     monkeypatch.setattr(run_resources, "_current", None)
     run_resources.use_run_resources(station_with_detections(tmp_path))

@@ -4,8 +4,9 @@ are a verdict on a recording; a damaged state file or a setting met halfway thro
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import cast
+from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -15,7 +16,7 @@ from birdflow.core.recordings import RecordingInfo, RecordingStore
 from birdflow.settings import Settings
 from tests.conftest import SAMPLE_48K, require_sample
 
-START = datetime(2025, 6, 1, 5, 30, tzinfo=UTC)
+START = datetime(2025, 6, 1, 5, 30, tzinfo=timezone.utc)
 
 
 def published(settings: Settings) -> RecordingInfo:
@@ -37,19 +38,19 @@ def published(settings: Settings) -> RecordingInfo:
 
 def run_and_redrive(settings: Settings, info: RecordingInfo) -> tuple[State, datetime | None]:
     """The recording's run, then what the station's maintenance decides about its failure."""
-    from flows.process_recording import process_recording
-    from flows.redrive import redrive_or_give_up
+    from birdflow.flows.process_recording import process_recording
+    from birdflow.flows.redrive import redrive_or_give_up
 
     state = cast(State, process_recording(info, return_state=True))
     assert state.is_failed(), state
     with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        flow_run = client.read_flow_run(cast(UUID, state.state_details.flow_run_id))
         return state, redrive_or_give_up(client, flow_run, state, settings)
 
 
 @pytest.fixture
 def station(prefect_server, tmp_path, monkeypatch):
-    from flows import run_resources
+    from birdflow.flows import run_resources
 
     monkeypatch.setattr(run_resources, "_current", None)  # this test's resources go with it
 
@@ -62,8 +63,8 @@ def station(prefect_server, tmp_path, monkeypatch):
 
 
 def test_a_corrupt_hourly_file_leaves_the_recording_retried_and_names_the_file(station):
-    from flows.process_recording import UNPROCESSABLE, process_recording
-    from flows.run_resources import use_run_resources
+    from birdflow.flows.process_recording import UNPROCESSABLE, process_recording
+    from birdflow.flows.run_resources import use_run_resources
 
     settings = station()
     info = published(settings)
@@ -82,7 +83,7 @@ def test_a_corrupt_hourly_file_leaves_the_recording_retried_and_names_the_file(s
 
 
 def test_a_settings_error_while_the_model_loads_leaves_the_recording_retried(station):
-    from flows.process_recording import UNPROCESSABLE
+    from birdflow.flows.process_recording import UNPROCESSABLE
 
     settings = station(include_species=["Avis nonexistens"])  # checked against the model's labels when it loads
     info = published(settings)
@@ -93,7 +94,7 @@ def test_a_settings_error_while_the_model_loads_leaves_the_recording_retried(sta
 
 
 def test_audio_that_does_not_decode_is_given_up_into_the_failed_folder(station):
-    from flows.process_recording import UNPROCESSABLE
+    from birdflow.flows.process_recording import UNPROCESSABLE
 
     settings = station()
     info = published(settings)

@@ -15,7 +15,7 @@ from birdflow.core.analysis import AnalysisParams
 from birdflow.core.archive import ArchiveError
 from birdflow.core.audio import AudioError
 from birdflow.core.recordings import RecordingInfo
-from flows.process_recording import MissingAudio, analysis_cache_key, worth_retrying
+from birdflow.flows.process_recording import MissingAudio, analysis_cache_key, worth_retrying
 from tests.builders import recording_info
 
 
@@ -66,10 +66,10 @@ def test_a_run_whose_source_lies_outside_the_allowed_folders_fails_at_once(
     """What a caller of the Prefect API could try: point a run at any WAV on the station."""
     import shutil
 
+    from birdflow.flows import run_resources
+    from birdflow.flows.process_recording import UNPROCESSABLE, process_recording
+    from birdflow.flows.run_resources import use_run_resources
     from birdflow.settings import Settings
-    from flows import run_resources
-    from flows.process_recording import UNPROCESSABLE, process_recording
-    from flows.run_resources import use_run_resources
 
     monkeypatch.setattr(run_resources, "_current", None)  # this test's resources go with it
     settings = Settings(station_id="confined", data_dir=tmp_path / "data", backfill_roots=[tmp_path / "allowed"])
@@ -123,10 +123,10 @@ def test_a_run_shows_what_it_heard_and_a_species_is_rare_only_the_first_time(
     import shutil
 
     from birdflow.core.recordings import describe_audio_file
+    from birdflow.flows import run_resources
+    from birdflow.flows.process_recording import process_recording
+    from birdflow.flows.run_resources import use_run_resources
     from birdflow.settings import Settings
-    from flows import run_resources
-    from flows.process_recording import process_recording
-    from flows.run_resources import use_run_resources
 
     monkeypatch.setattr(run_resources, "_current", None)
     settings = Settings(station_id="heard", data_dir=tmp_path / "data")
@@ -157,7 +157,7 @@ def test_a_run_shows_what_it_heard_and_a_species_is_rare_only_the_first_time(
     assert {row["rare"] for row in second_rows} == {""}
     # the closed hour's counts go to the sinks once, per listener and species
     from birdflow.core.sinks import read_hour
-    from flows.maintenance import write_hourly_counts
+    from birdflow.flows.maintenance import write_hourly_counts
 
     assert write_hourly_counts.fn(settings)["hours_written"] == 1
     hour = read_hour(settings.species_hourly_dir, datetime(2025, 6, 1, 5, tzinfo=timezone.utc))
@@ -208,9 +208,9 @@ def process_on(station_id: str, tmp_path, recording_path, **settings_values):
     import shutil
 
     from birdflow.core.recordings import describe_audio_file
+    from birdflow.flows.process_recording import process_recording
+    from birdflow.flows.run_resources import use_run_resources
     from birdflow.settings import Settings
-    from flows.process_recording import process_recording
-    from flows.run_resources import use_run_resources
 
     settings = Settings(station_id=station_id, data_dir=tmp_path / station_id, **settings_values)
     station = use_run_resources(settings)
@@ -228,7 +228,7 @@ def test_silence_keeps_birds_and_clips_but_zeroes_the_human_voice(
     import soundfile
 
     from birdflow.core.sinks import read_detections
-    from flows import run_resources
+    from birdflow.flows import run_resources
 
     monkeypatch.setattr(run_resources, "_current", None)
     silenced_before = (
@@ -274,7 +274,7 @@ def test_silence_keeps_birds_and_clips_but_zeroes_the_human_voice(
 
 def test_drop_keeps_the_detections_and_no_audio(prefect_server, tmp_path, birds_then_speech, monkeypatch):
     from birdflow.core.sinks import read_detections
-    from flows import run_resources
+    from birdflow.flows import run_resources
 
     monkeypatch.setattr(run_resources, "_current", None)
     settings, _, info, state = process_on(
@@ -295,13 +295,13 @@ def test_drop_keeps_the_detections_and_no_audio(prefect_server, tmp_path, birds_
 def test_an_hour_a_sink_refuses_stays_due_and_maintenance_goes_on(prefect_server, tmp_path, influx_server, monkeypatch):
     from prefect import flow
 
+    from birdflow.blocks import register_blocks
     from birdflow.core.birdnet import Detection
     from birdflow.core.detections import detections_table
+    from birdflow.flows import run_resources
+    from birdflow.flows.maintenance import write_hourly_counts
+    from birdflow.flows.run_resources import use_run_resources
     from birdflow.settings import Settings
-    from blocks import register_blocks
-    from flows import run_resources
-    from flows.maintenance import write_hourly_counts
-    from flows.run_resources import use_run_resources
 
     @flow
     def hourly(settings):
@@ -331,9 +331,9 @@ def test_clips_in_s3_keep_only_the_best_of_a_species_day(prefect_server, seaweed
     import numpy as np
     import soundfile
 
+    from birdflow.blocks import register_blocks
     from birdflow.core.sinks import read_detections
-    from blocks import register_blocks
-    from flows import run_resources
+    from birdflow.flows import run_resources
 
     monkeypatch.setattr(run_resources, "_current", None)
     seaweed.create_bucket("clips-test")
@@ -377,8 +377,8 @@ def test_a_run_queues_its_detections_for_mqtt_once_however_often_it_runs(
 ):
     import json
 
-    from flows import run_resources
-    from flows.process_recording import process_recording
+    from birdflow.flows import run_resources
+    from birdflow.flows.process_recording import process_recording
 
     monkeypatch.setattr(run_resources, "_current", None)
     settings, station, info, _ = process_on("mqtt02", tmp_path, sample_48k, mqtt_host="127.0.0.1")

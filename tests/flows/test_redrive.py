@@ -32,7 +32,7 @@ def test_delays_grow_then_the_last_repeats_until_the_maximum_age():
 @pytest.fixture
 def station(prefect_server, tmp_path):
     """A station's deployment on the test server, and a recording published in its folder."""
-    from deployments.registration import register_deployments
+    from birdflow.deployments.registration import register_deployments
     from tests.conftest import SAMPLE_48K, require_sample
 
     settings = Settings(
@@ -61,7 +61,7 @@ def station(prefect_server, tmp_path):
 
 
 def test_a_failed_run_is_scheduled_again_in_prefect(station):
-    from flows.redrive import redrive_or_give_up
+    from birdflow.flows.redrive import redrive_or_give_up
 
     settings, client, flow_run, info = station
     due = redrive_or_give_up(client, flow_run, flow_run.state, settings)
@@ -75,7 +75,7 @@ def test_a_failed_run_is_scheduled_again_in_prefect(station):
 
 
 def test_a_run_failing_past_its_maximum_age_is_given_up_and_reported(station):
-    from flows.redrive import EXPIRED, REPORT_KEY, redrive_or_give_up
+    from birdflow.flows.redrive import EXPIRED, REPORT_KEY, redrive_or_give_up
 
     settings, client, flow_run, info = station
     settings = settings.model_copy(
@@ -97,20 +97,20 @@ def test_a_run_failing_past_its_maximum_age_is_given_up_and_reported(station):
 
 
 def test_the_maintenance_run_re_drives_what_nothing_re_drove(station, monkeypatch):
-    import flows.maintenance
-    from flows.run_resources import use_run_resources
+    from birdflow.flows import maintenance
+    from birdflow.flows.run_resources import use_run_resources
 
     settings, client, flow_run, info = station
     use_run_resources(settings)
-    assert flows.maintenance.maintenance()["redrive"] == {
+    assert maintenance.maintenance()["redrive"] == {
         "redriven": 0,
         "given_up": 0,
     }  # it just failed: its executor's
-    monkeypatch.setattr(flows.maintenance, "SETTLE_S", 0.0)  # as if a minute had passed without a re-drive
-    summary = flows.maintenance.maintenance()
+    monkeypatch.setattr(maintenance, "SETTLE_S", 0.0)  # as if a minute had passed without a re-drive
+    summary = maintenance.maintenance()
     assert summary["redrive"] == {"redriven": 1, "given_up": 0}
     assert client.read_flow_run(flow_run.id).state.name == "AwaitingRetry"
-    assert flows.maintenance.maintenance()["redrive"] == {"redriven": 0, "given_up": 0}  # once is enough
+    assert maintenance.maintenance()["redrive"] == {"redriven": 0, "given_up": 0}  # once is enough
     names = [
         run.name for run in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["maintenance"])))
     ]
@@ -119,8 +119,8 @@ def test_the_maintenance_run_re_drives_what_nothing_re_drove(station, monkeypatc
 
 def test_a_run_whose_parameters_are_no_recording_is_given_up_as_unprocessable_at_once(station):
     """Prefect fails such a run before it starts (its parameters do not validate): no re-drive can help."""
-    from flows.process_recording import UNPROCESSABLE
-    from flows.redrive import redrive_or_give_up
+    from birdflow.flows.process_recording import UNPROCESSABLE
+    from birdflow.flows.redrive import redrive_or_give_up
 
     settings, client, flow_run, info = station
     bad = {**info.model_dump(mode="json"), "file_name": "../../etc/passwd"}

@@ -153,8 +153,8 @@ def test_with_every_run_on_one_server_a_run_matches_its_rare_sighting_there(pref
     """Every run central (or a station's own server storing its event feed): the second station's run finds the
     first one's sighting on the server and sends the confirmed event itself."""
     from birdflow.core.rarity import RareSighting
+    from birdflow.flows.announce import announce_rare
     from birdflow.settings.sections import DetectionSettings
-    from flows.announce import announce_rare
 
     tag = f"shared{time.monotonic_ns()}"
     rules = DetectionSettings(rare_confirm_window_s=1800)

@@ -16,10 +16,10 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempoten
 from prefect.flow_runs import resume_flow_run
 
 from birdflow.core.reviews import Verdict, id_of
+from birdflow.flows.review import end_decided_reviews, open_reviews
+from birdflow.flows.run_resources import RunResources
 from birdflow.settings import Settings
 from birdflow_tools.testbed import stop_process, wait_until
-from flows.review import end_decided_reviews, open_reviews
-from flows.run_resources import RunResources
 from tests.builders import two_listeners_detections
 
 pytestmark = pytest.mark.e2e

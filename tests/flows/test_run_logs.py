@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from flows.engine import TracebackOncePerKind, one_line, quiet_run_logs
+from birdflow.flows.engine import TracebackOncePerKind, one_line, quiet_run_logs
 
 
 def failing_upload(url: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from birdflow.flows.run_resources import RunResources
 from birdflow.settings import Settings, SettingsError
-from flows.run_resources import RunResources
 
 
 def test_a_species_setting_that_names_no_species_stops_the_model_loading_by_name(tmp_path):

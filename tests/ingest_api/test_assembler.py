@@ -10,8 +10,8 @@ import pytest
 
 from birdflow.core.recordings import RecordingStore, load_info
 from birdflow.core.wav import WavFormat, build_header
-from ingest_api.assembler import StreamAssembler, StreamLimits, StreamRejected
-from ingest_api.framing import METADATA_SEQ, Frame, FrameParser, FramingError, encode_frame
+from birdflow.ingest_api.assembler import StreamAssembler, StreamLimits, StreamRejected
+from birdflow.ingest_api.framing import METADATA_SEQ, Frame, FrameParser, FramingError, encode_frame
 
 FORMAT = WavFormat(48000, 1, 16)
 PAGE = 32768

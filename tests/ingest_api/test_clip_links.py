@@ -32,6 +32,18 @@ def test_a_station_signs_with_one_key_of_its_own_that_every_process_reads(tmp_pa
         link_key(path)
 
 
+def test_the_run_threads_of_one_process_making_the_key_at_once_all_get_the_same_one(tmp_path):
+    """The worker's review runs start together on a new station: one key, made once, and no thread fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for attempt in range(20):
+        path = tmp_path / f"station{attempt}" / "links.key"
+        with ThreadPoolExecutor(8) as threads:
+            keys = list(threads.map(link_key, [path] * 8))
+        assert len(set(keys)) == 1 and link_key(path) == keys[0]
+        assert [item.name for item in path.parent.iterdir()] == ["links.key"]  # no partial file left behind
+
+
 def test_the_station_serves_a_clip_to_its_signed_link_only(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", ingest_auth="on")  # no token needed: the link is the permission
     for suffix, data in ((".flac", b"fLaC audio"), (".png", b"\x89PNG picture")):

@@ -17,9 +17,9 @@ import httpx
 import yaml
 
 from birdflow.core.listener_tokens import ListenerTokens
+from birdflow.ingest_api.framing import encode_frame
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
-from ingest_api.framing import encode_frame
 from tests.ingest_client import GOOD, chunked_post, frames_of, header, serving, stream_in_real_time, upload_claiming
 
 

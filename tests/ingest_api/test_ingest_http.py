@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from birdflow.core.wav import WavFormat, build_header
+from birdflow.ingest_api.framing import encode_frame
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
-from ingest_api.framing import encode_frame
 from tests.ingest_client import chunked_post, frames_of, serving, wav_bytes
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import soundfile
 
 from birdflow.core.listener_tokens import ListenerTokens
+from birdflow.ingest_api.framing import encode_frame
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK
-from ingest_api.framing import encode_frame
 from tests.ingest_client import (
     GOOD,
     chunked_post,

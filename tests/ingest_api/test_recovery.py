@@ -10,10 +10,10 @@ import pytest
 
 from birdflow.core.recordings import RecordingStore, load_info, parse_stream_partial
 from birdflow.core.wav import WavFormat, build_header
+from birdflow.ingest_api.assembler import StreamAssembler, StreamLimits
+from birdflow.ingest_api.framing import Frame
+from birdflow.ingest_api.recovery import recover_partials
 from birdflow.settings import Settings
-from ingest_api.assembler import StreamAssembler, StreamLimits
-from ingest_api.framing import Frame
-from ingest_api.recovery import recover_partials
 
 FORMAT = WavFormat(48000, 1, 16)
 START = datetime(2025, 6, 1, 5, 30, 12, 250000, tzinfo=timezone.utc)
@@ -76,7 +76,7 @@ def test_a_live_stream_partial_is_left_alone(store):
 def test_the_ingest_recovers_partials_when_it_starts(tmp_path):
     from fastapi.testclient import TestClient
 
-    from ingest_api.app import create_app
+    from birdflow.ingest_api.app import create_app
 
     settings = Settings(data_dir=tmp_path / "data")
     store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)

@@ -20,9 +20,9 @@ def sample(name: str, **labels) -> float:
 
 
 def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monkeypatch):
-    from flows import run_resources
-    from flows.maintenance import write_listener_health
-    from flows.run_resources import use_run_resources
+    from birdflow.flows import run_resources
+    from birdflow.flows.maintenance import write_listener_health
+    from birdflow.flows.run_resources import use_run_resources
 
     health_port = free_port()
     settings = Settings(

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from birdflow.core.listener_tokens import ListenerTokens
+from birdflow.ingest_api.framing import encode_frame
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, wait_until
-from ingest_api.framing import encode_frame
 from tests.ingest_client import chunked_post, frames_of, serving, wav_bytes
 
 BOUNDARY = "upload-boundary"

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_FOLDERS = ("birdflow", "flows", "ingest_api", "blocks", "deployments")
 
 
-def resolve(name: str) -> object:
+def resolve(name: str) -> Any:
     module_name, _, path = name.partition(":")
-    found: object = importlib.import_module(module_name)
+    found: Any = importlib.import_module(module_name)
     for part in filter(None, path.split(".")):
         found = getattr(found, part)
     return found

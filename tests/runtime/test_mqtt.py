@@ -14,11 +14,11 @@ import pytest
 from birdflow.core.mqtt_messages import Topics, detection_messages
 from birdflow.core.outbox import Message, Outbox
 from birdflow.core.reviews import Verdict, id_of
+from birdflow.flows.review import take_verdict
+from birdflow.flows.run_resources import RunResources
 from birdflow.runtime.mqtt import Publisher
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, Mosquitto, wait_until
-from flows.review import take_verdict
-from flows.run_resources import RunResources
 from tests.builders import HAWK, two_listeners_detections
 
 pytestmark = pytest.mark.skipif(not Mosquitto.available(), reason="needs mosquitto (Debian package mosquitto)")

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from birdflow.flows.process_recording import RECORDING_TASKS
 from birdflow.runtime.folder_watch import FolderWatch
 from birdflow_tools.bench import full_duty_listeners, percentile
 from birdflow_tools.stack import pin_threads
-from flows.process_recording import RECORDING_TASKS
 
 pytestmark = pytest.mark.e2e
 

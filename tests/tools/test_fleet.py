@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from birdflow.flows.process_recording import RECORDING_TASKS
 from birdflow_tools.central import manifest_settings
 from birdflow_tools.fleet_bench import FleetOptions, drain_phase, retention_phase, running_fleet, station_view
 from birdflow_tools.testbed import prefect_post
-from flows.process_recording import RECORDING_TASKS
 
 pytestmark = pytest.mark.e2e
 

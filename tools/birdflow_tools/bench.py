@@ -325,7 +325,9 @@ def latency_phase(stack: Stack, options: BenchOptions, recordings_per_s: float, 
 def run_breakdown(stack: Stack, closed: dict[str, float], timeout_s: float = 60) -> dict:
     """Where a recording's time goes once it is closed: until its run starts, inside its tasks, and the
     rest of the run (the flow-run engine's own bookkeeping), medians over the given recordings."""
-    from flows.process_recording import RECORDING_TASKS  # (Prefect and the model: not for the bench's other phases)
+    from birdflow.flows.process_recording import (
+        RECORDING_TASKS,  # (Prefect and the model: not for the bench's other phases)
+    )
 
     deadline = time.monotonic() + timeout_s
     # task-run states reach the server as events, a moment after the flow run's own state

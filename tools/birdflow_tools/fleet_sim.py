@@ -101,7 +101,7 @@ class SimulatedStation:
     """A station folder with its relay, registered on the central server as a real station's is."""
 
     def __init__(self, root: Path, station: str, api_url: str, pool: str, checks: tuple[float, ...] | None):
-        from flows.relay import Relay
+        from birdflow.flows.relay import Relay
 
         self.settings = Settings.model_validate(
             {
@@ -119,7 +119,7 @@ class SimulatedStation:
     def hear(self, table: pa.Table, hour: int, listeners: int) -> int:
         """The hour's detections and recordings; its rare sightings queued for the central server as a run
         queues them. Returns the rare sightings."""
-        from flows.announce import rare_event_fields
+        from birdflow.flows.announce import rare_event_fields
 
         resources = self.relay.resources
         tally = resources.species.tally(table)
@@ -134,7 +134,7 @@ class SimulatedStation:
     def relay_hour(self, client, now: float) -> set[str]:
         """What the relay does in its loop: events sent, sightings matched, closed hours summarised. Returns the
         ids of the confirmed events it sent (another station may send the same one: the server keeps one)."""
-        from flows.run_resources import use_run_resources
+        from birdflow.flows.run_resources import use_run_resources
 
         use_run_resources(self.settings)  # the station-hour run reads this station's folder
         self.relay.send_events(client)
@@ -147,7 +147,7 @@ def simulate(sim: SimulatedStations, central: CentralPrefect, root: Path, say: C
     """The simulated stations' hours at compressed time; what the central side spent on them."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.engine import engine_context
+    from birdflow.flows.engine import engine_context
 
     draw = random.Random(sim.seed)
     first_hour = hour_of(time.time()) - (sim.hours + 2) * 3600
@@ -184,7 +184,9 @@ def simulate(sim: SimulatedStations, central: CentralPrefect, root: Path, say: C
                 time.sleep(max(0.0, min(due) - time.monotonic()))
                 for simulated in stations:
                     confirmed |= simulated.relay_hour(client, now=first_hour + sim.hours * 3600)
-        time.sleep(stations[0].relay.confirm_checks_s[0])  # Prefect's event persister and task-run recorder write in batches
+        time.sleep(
+            stations[0].relay.confirm_checks_s[0]
+        )  # Prefect's event persister and task-run recorder write in batches
         cpu, history = central.cpu(), central.history()
     station_hours = sim.count * sim.hours
     spent = {role: cpu[role] - cpu0[role] for role in cpu}

@@ -69,7 +69,7 @@ def cmd_central_setup(args) -> int:
 
 def cmd_blocks_register(args) -> int:
     settings = settings_with_prefect(args)
-    from blocks import register_blocks
+    from birdflow.blocks import register_blocks
 
     saved = register_blocks(settings)
     print("\n".join(f"registered {slug}" for slug in saved) or "nothing to register: S3 and InfluxDB are off")

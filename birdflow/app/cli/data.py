@@ -117,8 +117,8 @@ def cmd_backfill(args) -> int:
     settings = settings_with_prefect(args)
     if not args.dry_run:
         require_prefect(settings)
-    from flows.backfill import backfill, plan_only, progress_listeners
-    from flows.run_resources import use_run_resources
+    from birdflow.flows.backfill import backfill, plan_only, progress_listeners
+    from birdflow.flows.run_resources import use_run_resources
 
     use_run_resources(settings)
     analysis = {"min_confidence": args.min_confidence} if args.min_confidence is not None else None

@@ -13,7 +13,7 @@ from birdflow.app.cli.output import print_table
 
 
 def _resources(args):
-    from flows.run_resources import use_run_resources
+    from birdflow.flows.run_resources import use_run_resources
 
     return use_run_resources(settings_of(args))
 
@@ -36,7 +36,7 @@ def find_detections(resources, wanted: list[str]) -> dict[str, dict[str, Any]]:
 def give_verdicts(resources, verdicts: list[tuple[str, Any]]) -> None:
     """(detection id, Verdict) pairs taken, once every id is known: an unknown one takes none. Then the review
     runs still waiting for them end with these verdicts."""
-    from flows.review import take_verdict
+    from birdflow.flows.review import take_verdict
 
     rows = find_detections(resources, [key for key, _ in verdicts])
     unknown = [key for key, _ in verdicts if key not in rows]
@@ -56,7 +56,7 @@ def end_waiting_runs(resources) -> None:
     from prefect.client.orchestration import SyncPrefectClient
 
     from birdflow.app.supervisor import prefect_answers
-    from flows.review import end_decided_reviews
+    from birdflow.flows.review import end_decided_reviews
 
     settings = resources.settings
     later = "the verdicts are stored; the review runs waiting for them end at the station's next maintenance run"
@@ -76,7 +76,7 @@ def end_waiting_runs(resources) -> None:
 
 def cmd_verdict(args) -> int:
     from birdflow.core.reviews import ReviewError, verdict_from
-    from flows.review import species_names
+    from birdflow.flows.review import species_names
 
     resources = _resources(args)
     species = getattr(args, "to", "") or ""
@@ -91,7 +91,7 @@ def cmd_verdict(args) -> int:
 def cmd_import(args) -> int:
     """Every line checked (ids, verdicts, species) before any verdict is taken."""
     from birdflow.core.reviews import ReviewError, verdict_from, verdict_lines
-    from flows.review import species_names
+    from birdflow.flows.review import species_names
 
     resources = _resources(args)
     try:

@@ -22,8 +22,8 @@ def cmd_up(args) -> int:
 def cmd_ingest(args) -> int:
     import uvicorn
 
-    from ingest_api.app import create_app
-    from ingest_api.connections import raise_open_file_limit, server_config
+    from birdflow.ingest_api.app import create_app
+    from birdflow.ingest_api.connections import raise_open_file_limit, server_config
 
     settings = settings_of(args)
     open_files = raise_open_file_limit()
@@ -43,8 +43,8 @@ def cmd_execute(args) -> int:
     import httpx
 
     from birdflow.app.single import AlreadyRunning, hold_lock
-    from deployments.registration import register_deployments
-    from flows.executor import EXECUTOR_LOCK, Executor, ExecutorFailed
+    from birdflow.deployments.registration import register_deployments
+    from birdflow.flows.executor import EXECUTOR_LOCK, Executor, ExecutorFailed
 
     settings = settings_with_prefect(args)
     log = logging.getLogger("birdflow.executor")
@@ -82,7 +82,7 @@ def cmd_relay(args) -> int:
     os.environ.pop("PREFECT_API_AUTH_STRING", None)  # the station's own server's, unless the central one has one
     os.environ.update(central)
     refresh_global_settings_context()
-    from flows.relay import Relay
+    from birdflow.flows.relay import Relay
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -96,8 +96,8 @@ def cmd_worker(args) -> int:
     from prefect.context import refresh_global_settings_context
 
     from birdflow.app.supervisor import central_environment, prefect_environment
+    from birdflow.flows.run_resources import use_run_resources
     from birdflow.settings import SETTINGS_FILE_ENV, settings_file_in_use
-    from flows.run_resources import use_run_resources
 
     settings = settings_of(args)
     # the pool is on the fleet's central server, also when the station keeps its recordings' runs on its own
@@ -120,7 +120,7 @@ def cmd_worker(args) -> int:
     os.environ.update(env)
     refresh_global_settings_context()  # Prefect read its settings when imported
     use_run_resources(settings)
-    from flows.worker import serve
+    from birdflow.flows.worker import serve
 
     return serve(pool, args.limit)
 
