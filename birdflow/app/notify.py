@@ -5,7 +5,7 @@ A station that keeps its own run history puts them on its fleet's central server
 confirmed events are.
 
 The embedded server keeps its triggers off while no automation exists (they cost CPU per run); `birdflow
-up` turns them on when one does (supervisor.triggers_wanted).
+up` turns them on when one does (birdflow/app/embedded_prefect.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The embedded Postgres' credentials: password authentication, and a role for Prefect that is not a superuser.
+"""The embedded Postgres (the cluster `up` runs for a station with prefect_database: postgres) and its
+credentials: password authentication, and a role for Prefect that is not a superuser.
 
 A cluster made by an earlier version trusted every connection from 127.0.0.1 and gave Prefect its superuser:
 any local user could read Prefect's encryption key and the secrets of its blocks, and run programs as the
@@ -12,9 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import shutil
+import signal
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from birdflow.app.children import Child
+from birdflow.settings import Settings
 
 SUPERUSER = "postgres"
 APP_ROLE = "birdflow_prefect"
@@ -107,3 +115,93 @@ def _scram(line: str) -> str:
 def _literal(text: str) -> str:
     """A string literal for the few statements that take no parameters (our own random token: no quotes)."""
     return "'" + text.replace("'", "''") + "'"
+
+
+POSTGRES = "postgres"
+
+
+def postgres_cluster(settings: Settings) -> Path:
+    return (settings.prefect_home / "postgres").resolve()
+
+
+def postgres_credentials(settings: Settings) -> PostgresCredentials:
+    return credentials(settings.prefect_home / "postgres.secret", postgres_cluster(settings))
+
+
+def postgres_program(name: str) -> str:
+    """initdb/postgres from PATH or from Debian's versioned folder (which is not on PATH)."""
+    found = shutil.which(name) or next(
+        iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None
+    )
+    if not found:
+        raise RuntimeError(
+            f"prefect_database is postgres but `{name}` is not installed (Debian: apt install postgresql)"
+        )
+    return str(found)
+
+
+def embedded_postgres(settings: Settings, keep_fds: tuple[int, ...] = ()) -> Child:
+    """A Postgres cluster under data_dir for the embedded Prefect server, created on first use.
+
+    Postgres refuses to run as root, so as root it runs as the `postgres` user that the Debian package
+    creates. Commits are not flushed one by one (synchronous_commit=off): a power cut can lose the
+    last few hundred milliseconds of run history, never a recording, and each state change is cheaper.
+    """
+    folder = postgres_cluster(settings)
+    user = "postgres" if os.geteuid() == 0 else None
+    folder.mkdir(parents=True, exist_ok=True)
+    if user:  # the Postgres user passes through the folders birdflow keeps to itself (umask 077) to its own
+        for own in (settings.data_dir, settings.prefect_home):
+            own.chmod(own.stat().st_mode | 0o011)
+    if not (folder / "PG_VERSION").exists():
+        made = postgres_credentials(settings)
+        password_file = folder.parent / "postgres.initdb-password"  # read by initdb (as its user), then gone
+        password_file.write_text(made.superuser_password + "\n")
+        if user:
+            shutil.chown(folder, user, user)
+            shutil.chown(password_file, user, user)
+        try:
+            result = subprocess.run(
+                [
+                    postgres_program("initdb"),
+                    "-D",
+                    str(folder),
+                    "-U",
+                    made.superuser,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={password_file}",
+                    "-E",
+                    "UTF8",
+                ],
+                capture_output=True,
+                text=True,
+                user=user,
+                group=user,
+            )
+        finally:
+            password_file.unlink(missing_ok=True)
+        if result.returncode != 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            hint = f" (the {user} user must be able to reach {folder.parent})" if user else ""
+            raise RuntimeError(f"initdb failed{hint}: {result.stderr.strip()[-500:]}")
+    command = [
+        postgres_program("postgres"),
+        "-D",
+        str(folder),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(settings.prefect.postgres_port),
+        "-k",
+        str(folder),
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "max_connections=60",
+        "-c",
+        "shared_buffers=64MB",
+    ]
+    # SIGINT to the postmaster alone is Postgres' "fast" shutdown
+    return Child(
+        POSTGRES, command, user=user, stop_signal=signal.SIGINT, signal_group=False, keep_fds=keep_fds, serves=2
+    )

@@ -202,7 +202,7 @@ def station_settings() -> Settings | None:
     file); None for any other server."""
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
 
-    from birdflow.app.supervisor import database_url
+    from birdflow.app.prefect_env import database_url
 
     try:
         settings = load_settings()

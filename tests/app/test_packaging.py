@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from birdflow.app.supervisor import TASK_RUN_RECORDER_BATCHING, VACUUM
+from birdflow.app.prefect_env import TASK_RUN_RECORDER_BATCHING, VACUUM
 from birdflow.settings import Settings
 from birdflow_tools.stack import Stack
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-from birdflow.app.supervisor import Child, restart_when_due
+from birdflow.app.children import Child, restart_when_due
 from birdflow.settings import Settings
 from birdflow_tools.stack import Stack
 from birdflow_tools.testbed import wait_until

@@ -11,7 +11,7 @@ HEAVY = ("pyarrow", "pandas", "prefect", "duckdb", "PIL", "ai_edge_litert", "tfl
 
 def test_the_supervisor_and_the_ingest_load_no_heavy_library():
     probe = (
-        "import sys, birdflow.app.cli, birdflow.app.supervisor, ingest_api.app; "
+        "import sys, birdflow.app.cli, birdflow.app.supervisor, birdflow.ingest_api.app; "
         f"print(','.join(name for name in {HEAVY!r} if name in sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)

@@ -19,7 +19,7 @@ import pytest
 import soundfile
 import yaml
 
-from birdflow.app.supervisor import postgres_program
+from birdflow.app.postgres import postgres_program
 from birdflow.core.flac import flac_identity
 from birdflow_tools.testbed import LOOPBACK, free_port, wait_until
 

@@ -123,7 +123,7 @@ def test_prefect_deletes_runs_past_the_retention_with_their_task_runs_and_logs(t
 
     import httpx
 
-    from birdflow.app.supervisor import prefect_environment
+    from birdflow.app.prefect_env import prefect_environment
     from birdflow_tools.testbed import prefect_post, wait_until
     from tests.servers import PrefectServer
 

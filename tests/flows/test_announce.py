@@ -20,7 +20,7 @@ def test_run_links_open_where_people_reach_the_ui_and_through_its_login_when_it_
 
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_UI_URL, temporary_settings
 
-    from birdflow.app.supervisor import prefect_environment
+    from birdflow.app.prefect_env import prefect_environment
     from birdflow.flows.announce import ui_link
     from birdflow.flows.engine import RunLinkThroughLogin
     from birdflow.settings import Settings

@@ -25,7 +25,7 @@ def test_the_central_server_is_not_the_stations_own(tmp_path):
 
 
 def test_the_relay_and_worker_talk_to_the_central_server_with_its_auth_never_the_stations(tmp_path):
-    from birdflow.app.supervisor import central_environment
+    from birdflow.app.prefect_env import central_environment
 
     def settings(**values) -> Settings:
         base = {"data_dir": tmp_path, "prefect_api_auth_string": "station:secret"}

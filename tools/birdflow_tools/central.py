@@ -18,15 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from birdflow.app.postgres import provision_now
-from birdflow.app.supervisor import (
-    database_url,
-    embedded_postgres,
-    postgres_cluster,
-    postgres_credentials,
-    wait_for_port,
-    wait_for_prefect,
-)
+from birdflow.app.children import wait_for_port, wait_for_prefect
+from birdflow.app.postgres import embedded_postgres, postgres_cluster, postgres_credentials, provision_now
+from birdflow.app.prefect_env import database_url
 from birdflow.settings import Settings
 from birdflow_tools.stack import cpu_seconds, environment_without_settings, process_tree
 from birdflow_tools.testbed import LOOPBACK, free_port, stop_process

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from datetime import datetime, timezone
 
 from birdflow.core.listener_ids import validate_listener_id
@@ -18,21 +17,17 @@ def settings_of(args):
 
 
 def settings_with_prefect(args):
-    """Settings, and this process pointed at their Prefect API (what is already in the environment wins)."""
-    from birdflow.app.supervisor import prefect_environment
+    """Settings, and this process pointed at their Prefect API (birdflow/app/prefect_env.py)."""
+    from birdflow.app.prefect_env import use_prefect
 
     settings = settings_of(args)
-    os.environ.update({k: v for k, v in prefect_environment(settings).items() if k not in os.environ})
-    # Prefect reads its settings from the environment once, when imported: make it read them again
-    from prefect.context import refresh_global_settings_context
-
-    refresh_global_settings_context()
+    use_prefect(settings)
     return settings
 
 
 def require_prefect(settings) -> None:
     """One line instead of Prefect's traceback when its API is not running."""
-    from birdflow.app.supervisor import prefect_answers
+    from birdflow.app.children import prefect_answers
 
     if not prefect_answers(settings.api_url, timeout_s=5.0):
         where = "start it with `birdflow up`" if settings.embedded_prefect else "check setting 'prefect_api_url'"

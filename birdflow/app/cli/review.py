@@ -55,7 +55,7 @@ def end_waiting_runs(resources) -> None:
     does not answer, the station's next maintenance run ends them."""
     from prefect.client.orchestration import SyncPrefectClient
 
-    from birdflow.app.supervisor import prefect_answers
+    from birdflow.app.children import prefect_answers
     from birdflow.flows.review import end_decided_reviews
 
     settings = resources.settings

@@ -71,17 +71,12 @@ def cmd_relay(args) -> int:
     """The station's link to its fleet's central Prefect (flows/relay.py); `up` starts it with central_api_url."""
     import signal
 
-    from prefect.context import refresh_global_settings_context
-
-    from birdflow.app.supervisor import central_environment
+    from birdflow.app.prefect_env import use_prefect
 
     settings = settings_of(args)
     if not settings.prefect.central_api_url:
         raise SystemExit("birdflow relay: setting 'central_api_url' is empty: there is no central Prefect to relay to")
-    central = central_environment(settings, os.environ)
-    os.environ.pop("PREFECT_API_AUTH_STRING", None)  # the station's own server's, unless the central one has one
-    os.environ.update(central)
-    refresh_global_settings_context()
+    use_prefect(settings, central=True)
     from birdflow.flows.relay import Relay
 
     stop = threading.Event()
@@ -93,32 +88,23 @@ def cmd_relay(args) -> int:
 
 def cmd_worker(args) -> int:
     """The birdflow worker type on this station's pool (flows/worker.py), with birdflow's Prefect settings."""
-    from prefect.context import refresh_global_settings_context
-
-    from birdflow.app.supervisor import central_environment, prefect_environment
+    from birdflow.app.prefect_env import use_prefect
     from birdflow.flows.run_resources import use_run_resources
     from birdflow.settings import SETTINGS_FILE_ENV, settings_file_in_use
 
     settings = settings_of(args)
-    # the pool is on the fleet's central server, also when the station keeps its recordings' runs on its own
-    if settings.prefect.central_api_url:
-        env = central_environment(settings, os.environ)
-    else:
-        env = {**os.environ, **prefect_environment(settings)}
     settings_file = settings_file_in_use(args.settings)
     if settings_file:  # absolute: the runs it starts work in BIRDFLOW_HOME, not in this folder
         settings_file = settings_file.resolve()
-        env[SETTINGS_FILE_ENV] = str(settings_file)
+        os.environ[SETTINGS_FILE_ENV] = str(settings_file)
     pool = args.pool or f"birdflow-{settings.station_id}"
     print(
         f"birdflow worker of station {settings.station_id} on pool {pool}, settings from "
         + (str(settings_file) if settings_file else "the environment and the defaults (no settings.yaml here)"),
         file=sys.stderr,
     )
-    for name in set(os.environ) - set(env):
-        del os.environ[name]
-    os.environ.update(env)
-    refresh_global_settings_context()  # Prefect read its settings when imported
+    # the pool is on the fleet's central server, also when the station keeps its recordings' runs on its own
+    use_prefect(settings, central=bool(settings.prefect.central_api_url))
     use_run_resources(settings)
     from birdflow.flows.worker import serve
 
