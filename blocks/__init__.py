@@ -15,6 +15,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.filesystems import WritableFileSystem
 from pydantic import Field, SecretStr
 
+from birdflow.core.archive import S3Archive
 from birdflow.core.results import ResultsDatabase
 from birdflow.settings import Settings
 
@@ -115,6 +116,11 @@ def load_s3_bucket(settings: Settings) -> S3Bucket:
         return cast(S3Bucket, S3Bucket.load(settings.archive.s3_block_name))
     except (ObjectNotFound, ValueError):
         return s3_bucket_from_settings(settings)
+
+
+def archive_in_bucket(bucket: S3Bucket) -> S3Archive:
+    """The archive a prefect-aws S3Bucket block describes: its client, bucket and folder."""
+    return S3Archive(bucket.credentials.get_s3_client(), bucket.bucket_name, bucket.bucket_folder)
 
 
 def load_influx(settings: Settings) -> InfluxDB3Connection:

@@ -14,7 +14,7 @@ from functools import cached_property
 import pyarrow as pa
 
 from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
-from birdflow.core.archive import Archive, LocalArchive, S3Archive
+from birdflow.core.archive import Archive, LocalArchive
 from birdflow.core.birdnet import BirdNET
 from birdflow.core.central_link import CentralLink
 from birdflow.core.clips import ClipIndex
@@ -83,7 +83,7 @@ class RunResources:
         settings = self.settings
         sinks: list[DetectionSink] = []
         if self.settings.sinks.parquet_enabled:
-            sinks.append(ParquetSink.of_station(settings))
+            sinks.append(ParquetSink.in_folders(settings.table_folders))
         if self.settings.sinks.influx_enabled:
             from birdflow.blocks import load_influx
 
@@ -102,9 +102,9 @@ class RunResources:
     @cached_property
     def archive(self) -> Archive:
         if self.settings.archive.archive_backend == "s3":
-            from birdflow.blocks import load_s3_bucket
+            from birdflow.blocks import archive_in_bucket, load_s3_bucket
 
-            return S3Archive(load_s3_bucket(self.settings))
+            return archive_in_bucket(load_s3_bucket(self.settings))
         return LocalArchive(self.settings.local_archive_dir)
 
     @cached_property

@@ -15,7 +15,7 @@ from functools import cached_property
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from birdflow.core.archive import Archive, LocalArchive, S3Archive
+from birdflow.core.archive import Archive, LocalArchive
 from birdflow.core.disk import MB, DiskFloor
 from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.links import link_key
@@ -92,9 +92,9 @@ class IngestState:
     def clip_archive(self) -> Archive:
         """The archive the clips are in, as the settings describe it."""
         if self.settings.archive.archive_backend == "s3":
-            from birdflow.blocks import s3_bucket_from_settings
+            from birdflow.blocks import archive_in_bucket, s3_bucket_from_settings
 
-            return S3Archive(s3_bucket_from_settings(self.settings))
+            return archive_in_bucket(s3_bucket_from_settings(self.settings))
         return LocalArchive(self.settings.local_archive_dir)
 
     def relieve_disk(self) -> None:

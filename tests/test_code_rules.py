@@ -3,6 +3,7 @@ ARCHITECTURE (import-linter, contracts in pyproject.toml), lint and format (ruff
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -46,3 +47,18 @@ def test_an_import_against_the_layers_is_refused(tmp_path):
     )
     assert result.returncode == 1, result.stdout
     assert "birdflow.core.disk -> birdflow.settings" in result.stdout, result.stdout
+
+
+def test_the_core_is_given_plain_values():
+    """The layers forbid the core to import the settings or Prefect; this catches it being handed them by shape:
+    a parameter taking the settings object, or a prefect-aws block read by its attributes."""
+    block_attributes = {"credentials", "bucket_folder", "get_s3_client", "upload_from_path"}
+    handed = []
+    for module in sorted((PROJECT / "birdflow" / "core").glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.arguments):
+                names = [arg.arg for arg in node.posonlyargs + node.args + node.kwonlyargs]
+                handed += [f"{module.name}: parameter {name}" for name in names if name == "settings"]
+            elif isinstance(node, ast.Attribute) and node.attr in block_attributes:
+                handed += [f"{module.name}:{node.lineno} .{node.attr}"]
+    assert handed == []

@@ -1,4 +1,4 @@
-"""Where raw recordings go to be kept: a local folder, or S3 through a prefect-aws S3Bucket block.
+"""Where raw recordings go to be kept: a local folder, or an S3 bucket (a boto3 client, the bucket's name, a folder).
 
 Both verify what they stored (size and SHA-256) and never store the same content twice.
 """
@@ -101,33 +101,34 @@ class S3Archive:
     """Each object is sent in one PUT with its SHA-256, which the store checks against the bytes it
     received (BadDigest otherwise), and keeps it as user metadata, which is how duplicates are recognised."""
 
-    def __init__(self, bucket):  # a prefect_aws.S3Bucket
+    def __init__(self, client, bucket_name: str, folder: str = ""):
+        """`client`: a boto3 S3 client; `folder`: the prefix every key is stored under."""
         from boto3.s3.transfer import TransferConfig
 
-        self.bucket = bucket
-        self._client = bucket.credentials.get_s3_client()
+        self.bucket_name = bucket_name
+        self.folder = folder.strip("/")
+        self._client = client
         self._single_put = TransferConfig(multipart_threshold=SINGLE_PUT_LIMIT_BYTES)
 
     def _key(self, key: str) -> str:
-        folder = self.bucket.bucket_folder.strip("/")
-        return f"{folder}/{key}" if folder else key
+        return f"{self.folder}/{key}" if self.folder else key
 
     def _head(self, key: str):
         try:
-            return self._client.head_object(Bucket=self.bucket.bucket_name, Key=self._key(key), ChecksumMode="ENABLED")
+            return self._client.head_object(Bucket=self.bucket_name, Key=self._key(key), ChecksumMode="ENABLED")
         except self._client.exceptions.ClientError as exc:
             if _missing(exc):
                 return None
             raise
 
     def uri(self, key: str) -> str:
-        return f"s3://{self.bucket.bucket_name}/{self._key(key)}"
+        return f"s3://{self.bucket_name}/{self._key(key)}"
 
     def browser_link(self, key: str, valid_s: int) -> str | None:
         """A presigned GET (Signature V4: at most 7 days)."""
         return self._client.generate_presigned_url(
             "get_object",
-            Params={"Bucket": self.bucket.bucket_name, "Key": self._key(key)},
+            Params={"Bucket": self.bucket_name, "Key": self._key(key)},
             ExpiresIn=min(valid_s, PRESIGNED_MAX_S),
         )
 
@@ -140,8 +141,12 @@ class S3Archive:
         if size > SINGLE_PUT_LIMIT_BYTES:
             raise ArchiveError(f"{path.name} is {size} bytes, over the {SINGLE_PUT_LIMIT_BYTES} bytes of one S3 PUT")
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
-        self.bucket.upload_from_path(
-            path, key, ExtraArgs={"Metadata": {"sha256": sha256}, "ChecksumSHA256": checksum}, Config=self._single_put
+        self._client.upload_file(
+            str(path),
+            self.bucket_name,
+            self._key(key),
+            ExtraArgs={"Metadata": {"sha256": sha256}, "ChecksumSHA256": checksum},
+            Config=self._single_put,
         )
         head = self._head(key)
         if (
@@ -155,14 +160,14 @@ class S3Archive:
 
     def fetch(self, key: str) -> bytes | None:
         try:
-            return self._client.get_object(Bucket=self.bucket.bucket_name, Key=self._key(key))["Body"].read()
+            return self._client.get_object(Bucket=self.bucket_name, Key=self._key(key))["Body"].read()
         except self._client.exceptions.ClientError as exc:
             if _missing(exc):
                 return None
             raise
 
     def delete(self, key: str) -> None:
-        self._client.delete_object(Bucket=self.bucket.bucket_name, Key=self._key(key))
+        self._client.delete_object(Bucket=self.bucket_name, Key=self._key(key))
 
 
 def _missing(exc) -> bool:

@@ -61,6 +61,16 @@ def _write_atomically(table: pa.Table, target: Path) -> None:
     os.replace(partial, target)
 
 
+@dataclass(frozen=True)
+class TableFolders:
+    """Where a station keeps each of its tables (the settings' `table_folders`)."""
+
+    detections: Path
+    species_hourly: Path
+    listener_health: Path
+    reviews: Path
+
+
 class ParquetSink:
     """Files under YYYY/MM/DD, each written to a temporary name and renamed: one per (recording, analysis) of
     detections, one per hour of species counts, one per batch of listener health, one per day of reviews."""
@@ -74,11 +84,8 @@ class ParquetSink:
         self.reviews_root = Path(reviews_root)
 
     @classmethod
-    def of_station(cls, settings) -> ParquetSink:
-        """The sink of a station's settings (birdflow.settings.Settings): its tables in their folders."""
-        return cls(
-            settings.detections_dir, settings.species_hourly_dir, settings.listener_health_dir, settings.reviews_dir
-        )
+    def in_folders(cls, folders: TableFolders) -> ParquetSink:
+        return cls(folders.detections, folders.species_hourly, folders.listener_health, folders.reviews)
 
     def write(self, table: pa.Table) -> int:
         return _write_by_day(

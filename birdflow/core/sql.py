@@ -19,7 +19,7 @@ from birdflow.core.errors import Refused
 from birdflow.core.health import health_schema
 from birdflow.core.rarity import HOURLY_SCHEMA
 from birdflow.core.reviews import REVIEWS_SCHEMA
-from birdflow.core.sinks import dataset_files
+from birdflow.core.sinks import TableFolders, dataset_files
 
 
 class SqlError(Refused):
@@ -33,13 +33,12 @@ class LocalTable:
     schema: pa.Schema
 
 
-def station_tables(settings) -> list[LocalTable]:
-    """The tables of a station's settings (birdflow.settings.Settings)."""
+def station_tables(folders: TableFolders) -> list[LocalTable]:
     return [
-        LocalTable("detections", settings.detections_dir, DETECTIONS_SCHEMA),
-        LocalTable("species_hourly", settings.species_hourly_dir, HOURLY_SCHEMA),
-        LocalTable("listener_health", settings.listener_health_dir, health_schema()),
-        LocalTable("reviews", settings.reviews_dir, REVIEWS_SCHEMA),
+        LocalTable("detections", folders.detections, DETECTIONS_SCHEMA),
+        LocalTable("species_hourly", folders.species_hourly, HOURLY_SCHEMA),
+        LocalTable("listener_health", folders.listener_health, health_schema()),
+        LocalTable("reviews", folders.reviews, REVIEWS_SCHEMA),
     ]
 
 

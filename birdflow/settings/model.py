@@ -13,6 +13,7 @@ from pydantic.fields import FieldInfo
 
 from birdflow.core.budget import MB, HistoryBudget, derived_budget_bytes
 from birdflow.core.listener_ids import LISTENER_ID_PATTERN
+from birdflow.core.sinks import TableFolders
 from birdflow.settings.sections import (
     AnalysisSettings,
     ArchiveSettings,
@@ -203,6 +204,10 @@ class Settings(BaseModel):
     def listener_health_dir(self) -> Path:
         """The listener_health table, one Parquet file per maintenance run."""
         return self.data_dir / "listener_health"
+
+    @property
+    def table_folders(self) -> TableFolders:
+        return TableFolders(self.detections_dir, self.species_hourly_dir, self.listener_health_dir, self.reviews_dir)
 
     @property
     def local_archive_dir(self) -> Path:

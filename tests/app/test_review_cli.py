@@ -21,7 +21,7 @@ def station(tmp_path, monkeypatch):
     data = tmp_path / "data"
     settings = Settings(station_id="station01", data_dir=data)
     table = two_listeners_detections()
-    sink = ParquetSink.of_station(settings)
+    sink = ParquetSink.in_folders(settings.table_folders)
     for recording_id in sorted(set(table.column("recording_id").to_pylist())):
         sink.write(table.filter([value == recording_id for value in table.column("recording_id").to_pylist()]))
     settings_file = tmp_path / "settings.yaml"

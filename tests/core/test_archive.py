@@ -1,5 +1,5 @@
 """Both archive backends: verified storage, no second upload of the same content, nothing kept that does not
-match the recording's SHA-256. S3 runs against SeaweedFS through the prefect-aws S3Bucket block."""
+match the recording's SHA-256. S3 runs against SeaweedFS."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import hashlib
 import pytest
 from boto3.exceptions import S3UploadFailedError
 
-from birdflow.blocks import s3_bucket_from_settings
 from birdflow.core.archive import ArchiveError, LocalArchive, S3Archive
-from birdflow.settings import Settings
 
 KEY = "st1/mic1/2025/06/01/mic1_20250601T053000Z_e70acbef.wav"
 
@@ -25,15 +23,7 @@ def recording(tmp_path, sample_48k):
 @pytest.fixture(scope="module")
 def s3_archive(seaweed):
     seaweed.create_bucket("archive-test")
-    settings = Settings(
-        archive_backend="s3",
-        s3_bucket="archive-test",
-        s3_prefix="raw",
-        s3_endpoint_url=seaweed.endpoint_url,
-        aws_access_key_id=seaweed.access_key,
-        aws_secret_access_key=seaweed.secret_key,
-    )
-    return S3Archive(s3_bucket_from_settings(settings)), seaweed.client()
+    return S3Archive(seaweed.client(), "archive-test", "raw/"), seaweed.client()
 
 
 def test_s3_stores_verified_once_and_reads_back(s3_archive, recording):

@@ -12,7 +12,7 @@ from birdflow.app.cli import main
 from birdflow.core.birdnet import Detection
 from birdflow.core.detections import detections_table
 from birdflow.core.rarity import SpeciesRecord
-from birdflow.core.sinks import ParquetSink, compact_detections
+from birdflow.core.sinks import ParquetSink, TableFolders, compact_detections
 from birdflow.core.sql import SqlError, query, station_tables
 from tests.builders import recording_info
 
@@ -24,7 +24,7 @@ DAWN = datetime(2025, 6, 1, 5, 0, tzinfo=timezone.utc)
 @pytest.fixture
 def station(tmp_path):
     data = tmp_path / "data"
-    sink = ParquetSink(data / "detections", data / "species_hourly", data / "listener_health", data / "reviews")
+    sink = ParquetSink.in_folders(folders(data))
     record = SpeciesRecord(data / "state" / "species.sqlite", rare_window_days=30)
     for number, (listener, species, confidence) in enumerate(
         [("mic1", JUNCO, 0.5), ("mic2", SISKIN, 0.6), ("mic1", JUNCO, 0.7)]
@@ -42,10 +42,12 @@ def station(tmp_path):
     return data, sink, settings_file
 
 
-def tables(data):
-    from birdflow.settings import Settings
+def folders(data: Path) -> TableFolders:
+    return TableFolders(data / "detections", data / "species_hourly", data / "listener_health", data / "reviews")
 
-    return station_tables(Settings(data_dir=data))
+
+def tables(data):
+    return station_tables(folders(data))
 
 
 COUNT_BY_SPECIES = "SELECT common_name, count(*) AS n FROM detections GROUP BY 1 ORDER BY 2 DESC"

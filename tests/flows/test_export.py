@@ -27,7 +27,7 @@ def station_with_detections(tmp_path, **values) -> Settings:
         "BirdNET_GLOBAL_6K_V2.4",
         "a1",
     )
-    sink = ParquetSink.of_station(settings)
+    sink = ParquetSink.in_folders(settings.table_folders)
     sink.write(pa.concat_tables([two_listeners_detections(), next_day]))
     return settings
 

@@ -85,7 +85,7 @@ def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monke
     assert not list(settings.health_spool_dir.iterdir())
     rows = query(
         "SELECT listener_id, battery_v, firmware FROM listener_health WHERE listener_id LIKE 'mic-%' ORDER BY 1",
-        station_tables(settings),
+        station_tables(settings.table_folders),
     ).to_pylist()
     assert rows == [
         {"listener_id": "mic-1", "battery_v": 3.9, "firmware": "1.2.0"},

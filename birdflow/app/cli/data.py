@@ -86,7 +86,7 @@ def cmd_sql(args) -> int:
         if args.influx:
             table = influx_query(settings, args.statement)
         else:
-            table = query(args.statement, station_tables(settings))
+            table = query(args.statement, station_tables(settings.table_folders))
     except SqlError as exc:
         raise SystemExit(f"birdflow sql: {exc}") from None
     except Exception as exc:  # the Influx client's errors: one line, not a traceback
