@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from birdflow.core.local_db import LocalDatabase
+from birdflow.core.outbox import SCHEMA as OUTBOX_SCHEMA
 from birdflow.core.outbox import Message, Outbox
 
 SCHEMA = """
@@ -26,6 +27,8 @@ CREATE TABLE IF NOT EXISTS summarized (hour INTEGER, station_id TEXT, version IN
     PRIMARY KEY (hour, station_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS started (at REAL NOT NULL);
 """
+# the file holds the relay's outbox too: one schema version, and one list of migrations, for both
+MIGRATIONS = [OUTBOX_SCHEMA + SCHEMA]
 HOUR_S = 3600
 CONFIRMED_EVENT = "birdflow.detection.confirmed"
 # hours before the relay first started that it still summarises (a station joining a fleet: its last day)
@@ -34,8 +37,8 @@ LOOK_BACK_S = 86400
 
 class CentralLink:
     def __init__(self, path: Path, max_events: int = 100_000):
-        self.database = LocalDatabase(path, SCHEMA)
-        self.events = Outbox(path, max_events)  # rows of the same file
+        self.database = LocalDatabase(path, MIGRATIONS)
+        self.events = Outbox(path, max_events, MIGRATIONS)  # rows of the same file
 
     def rare(self, event: dict[str, Any], once_for: str) -> None:
         """A rare sighting's Prefect event (its fields), queued once per `once_for` and kept for its hour's summary."""

@@ -151,7 +151,7 @@ class ClipIndex:
     """The clips kept: enough to decide, before cutting one, whether it would stay, and which to delete."""
 
     def __init__(self, path: Path, per_day: int):
-        self.database = LocalDatabase(path, SCHEMA)
+        self.database = LocalDatabase(path, [SCHEMA])
         self.per_day = per_day
 
     def wanted(self, station_id: str, species: str, day: str, confidence: float) -> bool:

@@ -12,7 +12,8 @@
     │   ├── HealthRefused (core/health.py)    ExportError (core/exports.py)    ReviewError (core/reviews.py)
     │   └── SqlError (core/sql.py)    ChannelError (app/notify.py)    NotOurFlow (flows/worker.py)
     ├── SettingsError        a setting is invalid: a process stops at start, a run is retried once it is fixed
-    ├── StateFileError       a state file (the hourly Parquet, the link key) cannot be read: retried and reported
+    ├── StateFileError       a state file (the hourly Parquet, the link key, a SQLite file of a newer schema) cannot be
+    │                        read: retried and reported
     │   └── LinkKeyError (core/links.py)
     └── retried as any other failure, named for the log:
         ArchiveError (core/archive.py)    InsufficientStorage (core/disk.py: the ingest API's 507)

@@ -9,27 +9,35 @@ floor, when allowed to, deletes first is audio without any).
 from __future__ import annotations
 
 import math
+import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from birdflow.core.budget import SHRINK_TO, sqlite_bytes_in_use
-from birdflow.core.local_db import LocalDatabase
+from birdflow.core.local_db import LocalDatabase, Migration
 
-SCHEMA = """
+FIRST_SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed (recording_id TEXT NOT NULL, analysis_id TEXT NOT NULL,
-    processed_at INTEGER NOT NULL, detections INTEGER, PRIMARY KEY (recording_id, analysis_id)) WITHOUT ROWID;
+    processed_at INTEGER NOT NULL, PRIMARY KEY (recording_id, analysis_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS backfill_files (location TEXT PRIMARY KEY, size INTEGER NOT NULL,
     modified REAL NOT NULL, recording_id TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
+def count_detections(connection: sqlite3.Connection) -> None:
+    """Version 2: how many detections each analysis had. A record made before versions were kept may have the
+    column already."""
+    if "detections" not in {row[1] for row in connection.execute("PRAGMA table_info(processed)")}:
+        connection.execute("ALTER TABLE processed ADD COLUMN detections INTEGER")
+
+
+MIGRATIONS: list[Migration] = [FIRST_SCHEMA, count_detections]
+
+
 class ProcessedLedger:
     def __init__(self, path: Path):
-        self.database = LocalDatabase(path, SCHEMA)
-        columns = {row[1] for row in self.database.execute("PRAGMA table_info(processed)")}
-        if "detections" not in columns:  # a record made before it counted detections
-            self.database.execute("ALTER TABLE processed ADD COLUMN detections INTEGER")
+        self.database = LocalDatabase(path, MIGRATIONS)
 
     def record(self, recording_id: str, analysis_id: str, detections: int | None = None) -> None:
         self.database.execute(

@@ -39,7 +39,7 @@ def _hash(token: str) -> str:
 class ListenerTokens:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.database = LocalDatabase(self.path, SCHEMA)
+        self.database = LocalDatabase(self.path, [SCHEMA])
 
     def add(self, listener_id: str) -> str:
         """A new token for the listener (its others stay valid); the token itself is never stored."""

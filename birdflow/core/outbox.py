@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from birdflow.core.local_db import LocalDatabase
+from birdflow.core.local_db import LocalDatabase, Migration
 
 log = logging.getLogger("birdflow.mqtt")
 SCHEMA = """
@@ -41,8 +41,9 @@ class Queued:
 
 
 class Outbox:
-    def __init__(self, path: Path, max_messages: int = 100_000):
-        self.database = LocalDatabase(path, SCHEMA)
+    def __init__(self, path: Path, max_messages: int = 100_000, migrations: Sequence[Migration] = (SCHEMA,)):
+        """`migrations`: those of the whole file, when the outbox shares it with other tables."""
+        self.database = LocalDatabase(path, migrations)
         self.max_messages = max_messages
 
     def put(self, messages: Iterable[Message], once_for: str | None = None) -> int:

@@ -77,7 +77,7 @@ def hour_of(epoch_s: float) -> int:
 
 class SpeciesRecord:
     def __init__(self, path: Path, rare_window_days: float, watch_species: Iterable[str] = ()):
-        self.database = LocalDatabase(path, SCHEMA)
+        self.database = LocalDatabase(path, [SCHEMA])
         self.window_s = rare_window_days * 86400
         self.watched = {name.lower() for name in watch_species}
 

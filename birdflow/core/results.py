@@ -17,7 +17,7 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, content BLOB
 
 class ResultsDatabase:
     def __init__(self, path: Path):
-        self.database = LocalDatabase(path, SCHEMA)
+        self.database = LocalDatabase(path, [SCHEMA])
 
     def read(self, key: str) -> bytes:
         row = self.database.execute("SELECT content FROM results WHERE key = ?", (key,)).fetchone()

@@ -153,7 +153,7 @@ class ReviewStore:
     """The station's review state (module docstring). Safe for several processes: each change is one statement."""
 
     def __init__(self, path: Path):
-        self.database = LocalDatabase(path, SCHEMA)
+        self.database = LocalDatabase(path, [SCHEMA])
 
     def request(self, rows: Iterable[tuple[dict[str, Any], str]]) -> list[tuple[dict[str, Any], str]]:
         """Ask for reviews of these (detection row, reason); returns those asked for the first time."""
