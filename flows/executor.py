@@ -43,7 +43,6 @@ from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
 from prefect.settings import Settings as PrefectSettings
 from prefect.states import Crashed, Pending, Scheduled
 
-from birdflow.core.birdnet import load_interpreter_class
 from birdflow.core.errors import BirdflowError
 from birdflow.core.recordings import (
     RecordingInfo,
@@ -168,10 +167,10 @@ class Executor:
         """Until `stop` is set. Raises ExecutorFailed when a flow-run thread cannot start or dies: the
         process then exits and its supervisor restarts it, instead of leaving recordings unprocessed."""
         self.start()
-        ready = threading.Barrier(self.settings.prefect.executor_threads + 1)
+        ready = threading.Barrier(self.settings.executor_threads + 1)
         workers = [
             threading.Thread(target=self._work, args=(stop, ready), name=f"flow-runs-{number}", daemon=True)
-            for number in range(self.settings.prefect.executor_threads)
+            for number in range(self.settings.executor_threads)
         ]
         for worker in workers:
             worker.start()
@@ -185,10 +184,11 @@ class Executor:
             except threading.BrokenBarrierError:
                 raise ExecutorFailed("a flow-run thread could not start (see the error above)") from None
             log.info(
-                "executor ready: deployment %s, %d worker(s), BirdNET on %s",
+                "executor ready: deployment %s, %d worker(s), BirdNET on %s with %d interpreter(s)",
                 self.deployment_id,
                 len(workers),
-                load_interpreter_class(self.settings.analysis.birdnet_backend)[0],
+                self.resources.model.backend,
+                self.settings.analysis.interpreters,
             )
             interval = self.settings.prefect.poll_interval_s
             looked_up = float("-inf")

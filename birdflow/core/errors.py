@@ -19,6 +19,7 @@
         ArchiveError (core/archive.py)    InsufficientStorage (core/disk.py: the ingest API's 507)
         ExecutorFailed (flows/executor.py: the executor stops)    AlreadyRunning (app/single.py)
         FlacError (core/flac.py: a FLAC copy that fails its check; the WAV is archived instead)
+        ConversionError (core/birdnet_runtimes.py: a model the converter does not know; `auto` keeps LiteRT)
     Anything else (the disk, the network, an archive, a sink, a library's own error): retried.
 
 Third-party errors are mapped where they enter (the decoders, the Parquet reader, the parameters' validation), so

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from birdflow.core.analysis import MODEL_VERSION
 from birdflow.core.budget import MB, HistoryBudget, derived_budget_bytes
 from birdflow.core.listener_ids import LISTENER_ID_PATTERN
 from birdflow.core.sinks import TableFolders
@@ -204,6 +205,18 @@ class Settings(BaseModel):
     def listener_health_dir(self) -> Path:
         """The listener_health table, one Parquet file per maintenance run."""
         return self.data_dir / "listener_health"
+
+    @property
+    def executor_threads(self) -> int:
+        """Flow-run threads of a process that executes runs (the executor, a worker): one more than the
+        interpreters, so that the model keeps working while a run decodes, writes or archives."""
+        return self.prefect.executor_workers or self.analysis.interpreters + 1
+
+    @property
+    def onnx_model_file(self) -> Path:
+        """BirdNET converted to ONNX (`birdflow model convert`; made on first use where the converter is)."""
+        folder = self.analysis.birdnet_model_dir or self.data_dir / "models"
+        return folder / f"{MODEL_VERSION}_FP32.onnx"
 
     @property
     def table_folders(self) -> TableFolders:

@@ -196,20 +196,14 @@ class PrefectSettings(Section):
         ge=0,
         le=16,
         description=(
-            "Flow runs executed at once, 0: one per core, at most 4; they share one BirdNET interpreter"
-            " (one copy of the model)"
+            "Flow runs executed at once, 0: one more than the BirdNET interpreters (so that the model keeps working"
+            " while a run decodes, writes or archives)"
         ),
     )
     task_retries: int = Field(
         3, ge=0, le=20, description="Retries of the I/O tasks (write detections, archive, a fetch from the archive)"
     )
     retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
-
-    @property
-    def executor_threads(self) -> int:
-        """Flow-run threads of the executor: more than the cores only add switching, since the model runs on one
-        core at a time (docs/performance.md, "Half the orchestration per recording")."""
-        return self.executor_workers or min(4, os.cpu_count() or 1)
 
     @model_validator(mode="after")
     def _central_is_another_server(self) -> PrefectSettings:
@@ -221,13 +215,42 @@ class PrefectSettings(Section):
         return self
 
 
+def default_interpreters(cores: int) -> int:
+    """The model on every core of a small machine; on 4 cores or more, one core is left to the rest (decoding,
+    ingest, the Prefect server), which would otherwise wait behind the model."""
+    return cores if cores <= 2 else cores - 1
+
+
 class AnalysisSettings(AnalysisParams):
     """BirdNET: how the model runs, and the analysis parameters (which are part of every cache key)."""
 
     model_config = ConfigDict(frozen=False, extra="forbid", validate_assignment=True)
 
-    birdnet_backend: Literal["auto", "ai-edge-litert", "tflite-runtime"] = "auto"
-    birdnet_threads: int = Field(1, ge=1, le=64)
+    birdnet_backend: Literal["auto", "onnxruntime", "ai-edge-litert", "tflite-runtime"] = Field(
+        "auto",
+        description=(
+            "auto: the fastest here, measured at start (onnxruntime over the converted model, or LiteRT); the"
+            " scores are the same"
+        ),
+    )
+    birdnet_model_dir: Path | None = Field(
+        None, description="Where the model converted to ONNX is kept (default <data_dir>/models)"
+    )
+    birdnet_threads: int = Field(1, ge=1, le=64, description="Threads of each interpreter")
+    birdnet_interpreters: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description=(
+            "BirdNET interpreters run at once, each on a core (~20 MB each); 0: one per core, leaving one core to"
+            " ingest, Prefect and the rest of each run on a station of 4 cores or more"
+        ),
+    )
+
+    @property
+    def interpreters(self) -> int:
+        return self.birdnet_interpreters or default_interpreters(os.cpu_count() or 1)
+
     birdnet_batch_size: int = Field(4, ge=1, le=64, description="3 s windows per interpreter call")
 
 

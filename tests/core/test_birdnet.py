@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
+import time
 from datetime import datetime, timezone
 
+import numpy as np
 import pytest
 
 from birdflow.core.analysis import AnalysisParams
@@ -50,6 +53,50 @@ def test_batch_size_does_not_change_scores(model, sample_48k):
     batch, _ = windows(decode(sample_48k))
     single = BirdNET(batch_size=1).logits(batch)
     assert abs(single - model.logits(batch)).max() < 1e-4
+
+
+def test_interpreters_shared_by_threads_agree(model, sample_48k, sample_44k1):
+    """Runs' threads on a model of two interpreters: each call gets the scores a single interpreter gives."""
+    pooled = BirdNET(batch_size=4, interpreters=2)
+    inputs = [windows(decode(path))[0] for path in (sample_48k, sample_44k1, sample_48k, sample_44k1)]
+    expected = [model.logits(batch) for batch in inputs]
+    results: dict[int, list] = {number: [] for number in range(len(inputs))}
+
+    def analyse(number: int) -> None:
+        for _ in range(3):
+            results[number].append(pooled.logits(inputs[number]))
+
+    threads = [threading.Thread(target=analyse, args=(number,)) for number in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for number, scores in enumerate(expected):
+        assert len(results[number]) == 3
+        assert all(abs(found - scores).max() < 1e-5 for found in results[number])
+
+
+def test_an_interpreter_lets_other_threads_run_while_it_computes(sample_48k):
+    """What makes interpreters on several cores possible in one process: invoke releases the GIL, so this
+    thread keeps running Python while another's interpreter computes a long batch."""
+    model = BirdNET(batch_size=64)
+    batch = np.tile(windows(decode(sample_48k))[0], (16, 1))[:64]
+    model.logits(batch)  # allocated and planned
+    span: dict[str, float] = {}
+
+    def compute() -> None:
+        span["start"] = time.monotonic()
+        model.logits(batch)
+        span["end"] = time.monotonic()
+
+    thread = threading.Thread(target=compute)
+    ran_at = []
+    thread.start()
+    while thread.is_alive():
+        ran_at.append(time.monotonic())
+    thread.join()
+    inside = [at for at in ran_at if span["start"] + 0.05 < at < span["end"] - 0.05]
+    assert span["end"] - span["start"] > 0.2 and len(inside) > 1000
 
 
 def test_range_filter_keeps_goldfinch_in_new_york_and_drops_it_in_sydney(model, sample_48k):

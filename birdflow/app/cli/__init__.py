@@ -9,7 +9,7 @@ import logging
 import os
 from importlib.metadata import entry_points
 
-from birdflow.app.cli import configure, data, listen, review, running
+from birdflow.app.cli import configure, data, listen, model, review, running
 
 
 def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--settings", help="settings.yaml to read (default: $BIRDFLOW_SETTINGS or ./settings.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (running, listen, data, review, configure):
+    for group in (running, listen, data, review, configure, model):
         group.add_commands(commands)
     for plugin in entry_points(group="birdflow.commands") if plugins else ():
         plugin.load()(commands)

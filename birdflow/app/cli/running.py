@@ -108,7 +108,7 @@ def cmd_worker(args) -> int:
     use_run_resources(settings)
     from birdflow.flows.worker import serve
 
-    return serve(pool, args.limit)
+    return serve(pool, args.limit or settings.executor_threads)
 
 
 def add_commands(commands) -> None:
@@ -129,5 +129,7 @@ def add_commands(commands) -> None:
 
     worker = commands.add_parser("worker", help="run this station's work pool (birdflow-<station_id>) in-process")
     worker.add_argument("--pool", help="work pool (default birdflow-<station_id>)")
-    worker.add_argument("--limit", type=at_least(1), help="flow runs at once (default 4)")
+    worker.add_argument(
+        "--limit", type=at_least(1), help="flow runs at once (default: executor_workers: the interpreters, plus one)"
+    )
     worker.set_defaults(func=cmd_worker)
