@@ -143,6 +143,10 @@ def test_up_in_the_image_analyses_an_upload_and_the_prefect_ui_shows_its_run(sta
     assert "American Goldfinch" in {row["common_name"] for row in detection_rows(station)}
     [run] = recording_runs(station)
     assert run["name"] == "mic1-20250601T053000Z" and run["state_type"] == "COMPLETED"
+    # the model converted in the image's build: the start-up check measured both runtimes on it, nothing converted
+    # at run time (the converter is not in the image)
+    assert re.search(r"BirdNET runtime \S+ \(.*onnxruntime [0-9.]+ windows/s", station.logs()), station.logs()[-3000:]
+    assert "converted to ONNX" not in station.logs() and not (station.data / "models").exists()
     # the UI the station serves: Prefect writes its copy under the volume, not into site-packages; its login first,
     # then the runs page, as a run link in the station's log leads there
     assert "UI static directory" not in station.logs()
