@@ -99,6 +99,13 @@ class Interpreter:
         return self._interpreter.get_tensor(self._output)
 
 
+def import_onnxruntime():
+    """onnxruntime with its telemetry off: its Linux wheels report usage to Microsoft by default and keep a device
+    identifier and an event cache on disk; `ORT_DISABLE_TELEMETRY=1` before it starts turns all of that off."""
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    return importlib.import_module("onnxruntime")
+
+
 class OnnxSession:
     """The converted model in one onnxruntime session: its weights held once, runs from several threads at once
     (each on one core: intra-op threads 1), the GIL released while they compute."""
@@ -106,8 +113,7 @@ class OnnxSession:
     shared = True
 
     def __init__(self, onnx_file: Path, threads: int):
-        import onnxruntime
-
+        onnxruntime = import_onnxruntime()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -125,7 +131,7 @@ class OnnxSession:
 
 def onnxruntime_installed() -> bool:
     try:
-        importlib.import_module("onnxruntime")
+        import_onnxruntime()
     except ImportError:  # absent, or built for another numpy than the one installed
         return False
     return True
@@ -175,8 +181,10 @@ def candidates(backend: str, tflite_file: Path, onnx_file: Path | None) -> tuple
     if backend in ("auto", ONNX) and onnx_file is not None and onnxruntime_installed():
         try:
             converted = converted_model(tflite_file, onnx_file)
-        except ConversionError as exc:
-            log.warning("BirdNET on LiteRT: the model was not converted to ONNX: %s", exc)
+        except Exception as exc:  # unconvertible, unreadable, damaged: LiteRT computes the same scores
+            if backend == ONNX:
+                raise
+            log.warning("BirdNET on LiteRT: no usable ONNX model at %s: %s", onnx_file, exc)
     if backend == ONNX:
         if converted is None:
             raise RuntimeError(

@@ -29,6 +29,7 @@ from birdflow.core.detections import SCHEMA, TAG_COLUMNS
 from birdflow.core.errors import StateFileError
 from birdflow.core.rarity import HOURLY_SCHEMA, HOURLY_TAG_COLUMNS
 from birdflow.core.reviews import REVIEW_TAG_COLUMNS
+from birdflow.core.table_folders import TableFolders
 
 HEALTH_TABLE = "listener_health"
 HEALTH_TAG_COLUMNS = ["station_id", "listener_id"]
@@ -59,16 +60,6 @@ def _write_atomically(table: pa.Table, target: Path) -> None:
     partial = target.with_suffix(".partial")
     pq.write_table(table, partial)
     os.replace(partial, target)
-
-
-@dataclass(frozen=True)
-class TableFolders:
-    """Where a station keeps each of its tables (the settings' `table_folders`)."""
-
-    detections: Path
-    species_hourly: Path
-    listener_health: Path
-    reviews: Path
 
 
 class ParquetSink:

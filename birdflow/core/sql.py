@@ -19,7 +19,8 @@ from birdflow.core.errors import Refused
 from birdflow.core.health import health_schema
 from birdflow.core.rarity import HOURLY_SCHEMA
 from birdflow.core.reviews import REVIEWS_SCHEMA
-from birdflow.core.sinks import TableFolders, dataset_files
+from birdflow.core.sinks import dataset_files
+from birdflow.core.table_folders import TableFolders
 
 
 class SqlError(Refused):

@@ -14,7 +14,7 @@ from pydantic.fields import FieldInfo
 from birdflow.core.analysis import MODEL_VERSION
 from birdflow.core.budget import MB, HistoryBudget, derived_budget_bytes
 from birdflow.core.listener_ids import LISTENER_ID_PATTERN
-from birdflow.core.sinks import TableFolders
+from birdflow.core.table_folders import TableFolders
 from birdflow.settings.sections import (
     AnalysisSettings,
     ArchiveSettings,

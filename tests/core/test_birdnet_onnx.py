@@ -3,6 +3,9 @@ multi-species soundscape: the same detections (species and times), confidences w
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from datetime import datetime, timezone
 
@@ -86,3 +89,17 @@ def test_a_model_converted_from_another_file_is_converted_again(onnx_file, tmp_p
     assert OnnxSession(path, 1).source_digest == "0" * 64
     assert converted_model(model_files()[0], path) == path
     assert OnnxSession(path, 1).source_digest == file_digest(model_files()[0])
+
+
+def test_onnxruntime_runs_without_telemetry(onnx_file, tmp_path):
+    """Its Linux wheels report to Microsoft by default, with a session file (`.ses`) in the temporary folder and a
+    device identifier under the home folder: loaded as birdflow loads it, it leaves neither (not tried the other way
+    round here: that would send a report)."""
+    home, scratch = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    scratch.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), TMPDIR=str(scratch))
+    code = f"from birdflow.core.birdnet_runtimes import OnnxSession; OnnxSession({str(onnx_file)!r}, 1)"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert list(scratch.iterdir()) == [] and list(home.iterdir()) == []

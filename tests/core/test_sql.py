@@ -12,8 +12,9 @@ from birdflow.app.cli import main
 from birdflow.core.birdnet import Detection
 from birdflow.core.detections import detections_table
 from birdflow.core.rarity import SpeciesRecord
-from birdflow.core.sinks import ParquetSink, TableFolders, compact_detections
+from birdflow.core.sinks import ParquetSink, compact_detections
 from birdflow.core.sql import SqlError, query, station_tables
+from birdflow.core.table_folders import TableFolders
 from tests.builders import recording_info
 
 JUNCO = ("Junco hyemalis", "Dark-eyed Junco")

@@ -133,6 +133,11 @@ def drill_influx_down(station: DrillStation) -> DrillResult:
     return result
 
 
+# how far below the floor the disk is filled: other processes on the same disk (the suite's other worker building
+# an image) may free hundreds of MB meanwhile, which must not lift it back over the floor
+BELOW_FLOOR_MB = 2048
+
+
 def drill_disk_floor(station: DrillStation) -> DrillResult:
     """The disk filled to below the floor while recordings arrive and listeners stream; then space returns."""
     before = set(station.arrivals.ids)
@@ -143,7 +148,7 @@ def drill_disk_floor(station: DrillStation) -> DrillResult:
     insufficient_storage = ("birdflow_requests_rejected_total", 'reason="insufficient_storage",station="drill"')
     rejected_before = station.metric(*insufficient_storage)
     with open(ballast, "wb") as file:
-        os.posix_fallocate(file.fileno(), 0, (free_mb - floor + 512) * MB)  # 512 MB below the floor
+        os.posix_fallocate(file.fileno(), 0, (free_mb - floor + BELOW_FLOOR_MB) * MB)
     refused = 0
     try:
         with station.streaming("df"):
