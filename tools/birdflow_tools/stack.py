@@ -98,6 +98,12 @@ def peak_rss_mb(pids: list[int]) -> float:
     return _status_mb(pids, "VmHWM")
 
 
+def restart_peak(pid: int) -> None:
+    """From now on, peak_rss_mb counts from what the process holds now (Linux: clear_refs 5), so that a peak
+    measures one piece of work and not the process's start."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def resident_mb(pid: int) -> float:
     """What a process holds now (its peak is peak_rss_mb)."""
     return _status_mb([pid], "VmRSS")
