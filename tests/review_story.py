@@ -178,7 +178,14 @@ def give_verdict(page: Page, run_url: str, verdict: str, species: str, reviewer:
     """Open the run, press Resume, fill the form, submit; returns what the form's description said."""
     described = open_form(page, run_url, login)
     fill_form(page, verdict, {"Relabel": species, "Reviewer": reviewer})
-    page.evaluate(button("Submit", "document.querySelector('.p-modal')") + ".click()")
+    submit = button("Submit", "document.querySelector('.p-modal')") + ".click()"
+    page.evaluate(submit)
+    # Prefect's UI answers a failed resume call (a busy server) with "Oops. Something went wrong." and keeps the
+    # form filled in: a reviewer presses Submit again, once
+    closed_or_failed = "!document.querySelector('.p-modal') || document.body.innerText.includes('Something went wrong')"
+    page.wait_for(closed_or_failed)
+    if page.evaluate("!!document.querySelector('.p-modal')"):
+        page.evaluate(submit)
     page.wait_for("!document.querySelector('.p-modal')")
     return described
 
