@@ -11,10 +11,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from birdflow.core.exports import FORMATS, ExportError, Place, export
+from birdflow.core.exports import FORMATS, ExportError, export
 from birdflow.core.recordings import sha256_file
 from birdflow.core.sinks import read_detections
 from birdflow.flows.run_resources import run_resources
+from birdflow.runtime.export_inputs import evidence_for, place_of, publishing_of
 
 DAILY_FORMATS = ("csv", "raven", "audacity", "ebird", "dwc")
 
@@ -50,14 +51,15 @@ def export_day(day: date | None = None, formats: list[str] | None = None) -> dic
         raise ValueError(f"unknown export format(s) {unknown}: use {', '.join(FORMATS)}")
     since = datetime.combine(day, time(), timezone.utc)
     table = read_detections(settings.detections_dir, since=since, until=since + timedelta(days=1))
-    place = Place(settings.station_id, settings.analysis.latitude, settings.analysis.longitude)
+    place, publishing, evidence = place_of(settings), publishing_of(settings), evidence_for(settings, table)
     archived: dict[str, list[str]] = {}
     settings.staging_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.staging_dir) as folder:
         for format in formats:
             output = Path(folder) / format
             try:
-                written = export(table, format, output / "occurrences.zip" if format == "dwc" else output, place)
+                target = output / "occurrences.zip" if format == "dwc" else output
+                written = export(table, format, target, place, evidence, publishing)
             except ExportError as exc:
                 logger.warning("export %s of %s skipped: %s", format, day, exc)
                 continue

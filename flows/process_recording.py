@@ -34,6 +34,7 @@ from birdflow.core.clips import clip_budget, clip_plan, flac_bytes, spectrogram_
 from birdflow.core.detections import detections_table, summary
 from birdflow.core.errors import Unprocessable
 from birdflow.core.flac import FlacError, can_encode, encode_flac
+from birdflow.core.ledger import RecordedSpan
 from birdflow.core.mqtt_messages import detection_messages
 from birdflow.core.privacy import Spans, human_spans, silenced, write_silenced_copy
 from birdflow.core.rarity import Tally
@@ -380,7 +381,8 @@ def process_recording(recording: RecordingInfo, analysis: dict[str, Any] | None 
     if settings.detections.run_artifacts:
         show_detections(table, rare_species, resources.archive.uri)
     open_reviews(wanted_reviews, resources)
-    resources.ledger.record(recording.recording_id, params.analysis_id, table.num_rows)
+    recorded = RecordedSpan(recording.listener_id, recording.start_time, recording.duration_s)
+    resources.ledger.record(recording.recording_id, params.analysis_id, table.num_rows, recorded)
     _release_local_copy(recording, settings)
     return {
         "recording_id": recording.recording_id,

@@ -272,8 +272,11 @@ def run_review_story(shape: Shape, log: Callable[[], str], typo_first: bool = Fa
     as_seen, readable = shape.export_dir
     shape.cli("export", "--format", "csv", "--reviewed-only", "--output", as_seen)
     exported = list(csv.DictReader(io.StringIO((readable / "detections.csv").read_text())))
-    heard = {(row["recording_id"], float(row["start_s"])): row["common_name"] for row in exported}
+    heard = {
+        (row["recording_id"], float(row["start_s"])): (row["detection_id"], row["verdict"], row["reviewed_common_name"])
+        for row in exported
+    }
     assert heard == {
-        (detection["recording_id"], detection["start_s"]): relabel_to,
-        (other["recording_id"], other["start_s"]): other["common_name"],
+        (detection["recording_id"], detection["start_s"]): (ui_id, "relabelled", relabel_to),
+        (other["recording_id"], other["start_s"]): (cli_id, "confirmed", other["common_name"]),
     }

@@ -22,7 +22,7 @@ NEEDS_A_SERVER = {"--influx", "revoke"}
 NEEDS_A_DETECTION = {"confirm", "reject", "relabel", "import"}  # a review verdict names one by its id
 BIRDFLOW = Path(sys.executable).parent / "birdflow"
 # a station whose place is set, as a Darwin Core export needs
-WITH_COORDINATES = {**os.environ, "LATITUDE": "45.52", "LONGITUDE": "-122.68"}
+WITH_COORDINATES = {**os.environ, "LATITUDE": "45.52", "LONGITUDE": "-122.68", "COUNTRY_CODE": "US", "STATE_CODE": "OR"}
 
 
 def shell_lines(document: Path) -> list[str]:

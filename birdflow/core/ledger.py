@@ -3,7 +3,8 @@ archived?" answered without its flow run, which run retention deletes after `run
 
 It is what keeps a re-sent recording from being processed twice and what a backfill skips by. One row
 per recording and analysis (~60 bytes) in one SQLite file, with how many detections it had (what the disk
-floor, when allowed to, deletes first is audio without any).
+floor, when allowed to, deletes first is audio without any) and which listener recorded it when and how long (the
+effort an eBird checklist states).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from birdflow.core.budget import SHRINK_TO, sqlite_bytes_in_use
@@ -32,18 +34,53 @@ def count_detections(connection: sqlite3.Connection) -> None:
         connection.execute("ALTER TABLE processed ADD COLUMN detections INTEGER")
 
 
-MIGRATIONS: list[Migration] = [FIRST_SCHEMA, count_detections]
+def record_what_was_recorded(connection: sqlite3.Connection) -> None:
+    """Version 3: the listener, start (epoch seconds) and length of each recording; null for older records."""
+    for column in ("listener_id TEXT", "started_at REAL", "duration_s REAL"):
+        connection.execute(f"ALTER TABLE processed ADD COLUMN {column}")
+
+
+MIGRATIONS: list[Migration] = [FIRST_SCHEMA, count_detections, record_what_was_recorded]
+
+
+@dataclass(frozen=True)
+class RecordedSpan:
+    """A listener recorded from `start` for `duration_s` seconds."""
+
+    listener_id: str
+    start: datetime
+    duration_s: float
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(seconds=self.duration_s)
 
 
 class ProcessedLedger:
     def __init__(self, path: Path):
         self.database = LocalDatabase(path, MIGRATIONS)
 
-    def record(self, recording_id: str, analysis_id: str, detections: int | None = None) -> None:
+    def record(
+        self, recording_id: str, analysis_id: str, detections: int | None = None, recorded: RecordedSpan | None = None
+    ) -> None:
+        span = (recorded.listener_id, recorded.start.timestamp(), recorded.duration_s) if recorded else (None,) * 3
         self.database.execute(
-            "INSERT OR REPLACE INTO processed VALUES (?, ?, ?, ?)",
-            (recording_id, analysis_id, int(time.time()), detections),
+            "INSERT OR REPLACE INTO processed VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (recording_id, analysis_id, int(time.time()), detections, *span),
         )
+
+    def recorded_spans(self, since: datetime, until: datetime) -> dict[str, RecordedSpan]:
+        """What was recorded, by recording id, of the recordings that started in [since, until) and whose records
+        say (those made since version 3)."""
+        rows = self.database.execute(
+            "SELECT recording_id, listener_id, started_at, duration_s FROM processed"
+            " WHERE started_at >= ? AND started_at < ? AND duration_s IS NOT NULL",
+            (since.timestamp(), until.timestamp()),
+        )
+        return {
+            recording_id: RecordedSpan(listener_id, datetime.fromtimestamp(started_at, timezone.utc), duration_s)
+            for recording_id, listener_id, started_at, duration_s in rows
+        }
 
     def detections(self, recording_id: str) -> int:
         """The most detections any analysis of the recording found; 1 when unknown (recorded before they were

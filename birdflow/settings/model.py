@@ -19,6 +19,7 @@ from birdflow.settings.sections import (
     AnalysisSettings,
     ArchiveSettings,
     DetectionSettings,
+    ExportSettings,
     IngestSettings,
     MqttSettings,
     ObservabilitySettings,
@@ -34,6 +35,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "sinks": SinkSettings,
     "detections": DetectionSettings,
     "archive": ArchiveSettings,
+    "exports": ExportSettings,
     "unattended": UnattendedSettings,
     "observability": ObservabilitySettings,
     "mqtt": MqttSettings,
@@ -53,6 +55,7 @@ class Settings(BaseModel):
     sinks: SinkSettings = Field(default_factory=SinkSettings)
     detections: DetectionSettings = Field(default_factory=DetectionSettings)
     archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
+    exports: ExportSettings = Field(default_factory=ExportSettings)
     unattended: UnattendedSettings = Field(default_factory=UnattendedSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)

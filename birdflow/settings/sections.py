@@ -356,6 +356,75 @@ class DetectionSettings(Section):
     )
 
 
+class ExportSettings(Section):
+    """What the exports tell eBird and GBIF beyond the detections: where and when in local terms, who publishes
+    them under which licence (docs/operating.md, "Exports")."""
+
+    timezone: str = Field(
+        "",
+        description=(
+            "The station's IANA time zone (America/New_York): eBird's local dates and times; empty: found from "
+            "latitude and longitude"
+        ),
+    )
+    country_code: str = Field("", description="ISO 3166-1 country code of the station (US): eBird records, Darwin Core")
+    state_code: str = Field(
+        "", description="ISO 3166-2 code of its state or province (NY or US-NY): eBird's State/Province column"
+    )
+    coordinate_uncertainty_m: float = Field(
+        100.0, gt=0, description="How far from latitude/longitude a listener may be, in metres (Darwin Core)"
+    )
+    ebird_min_confidence: float = Field(
+        0.75,
+        ge=0.01,
+        le=1.0,
+        description="eBird records take reviewed detections (confirmed or relabelled) and unreviewed ones from this",
+    )
+    dataset_title: str = Field("", description="Title of the Darwin Core Archive; empty: the station's detections")
+    dataset_license: Literal["CC0-1.0", "CC-BY-4.0", "CC-BY-NC-4.0"] = Field(
+        "CC-BY-4.0", description="Licence of the records (the three GBIF publishes under)"
+    )
+    rights_holder: str = Field("", description="Who holds the rights to the records (a person or organisation)")
+    contact_name: str = Field("", description="Who answers questions about the dataset (eml.xml contact)")
+    contact_email: str = Field("", description="Their e-mail address")
+
+    @field_validator("timezone")
+    @classmethod
+    def _a_known_time_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if value:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is no IANA time zone (e.g. America/New_York, Europe/Berlin)") from None
+        return value
+
+    @field_validator("country_code")
+    @classmethod
+    def _two_letters(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value and not (len(value) == 2 and value.isascii() and value.isalpha()):
+            raise ValueError(f"{value!r} is no ISO 3166-1 alpha-2 code (e.g. US, DE)")
+        return value
+
+    @field_validator("state_code")
+    @classmethod
+    def _subdivision(cls, value: str) -> str:
+        value = value.strip().upper().rpartition("-")[2]
+        if value and not (1 <= len(value) <= 3 and value.isascii() and value.isalnum()):
+            raise ValueError(f"{value!r} is no ISO 3166-2 subdivision code (e.g. NY or US-NY)")
+        return value
+
+    @field_validator("contact_email")
+    @classmethod
+    def _an_address(cls, value: str) -> str:
+        value = value.strip()
+        if value and (value.count("@") != 1 or not all(value.split("@"))):
+            raise ValueError(f"{value!r} is no e-mail address")
+        return value
+
+
 class ArchiveSettings(Section):
     """Where recordings are archived, and which folders a backfill may read."""
 

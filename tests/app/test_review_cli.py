@@ -47,6 +47,10 @@ def test_verdicts_by_id_change_the_reviews_table_and_what_waits(station, capsys)
     assert [row["id"] for row in everything] == [ids[rows.index(row)] for row in table.sort_by("time").to_pylist()]
     ReviewStore(settings.reviews_file).request([(rows[0], "rare"), (rows[2], "sample")])
     assert [(row["id"], row["asked as"]) for row in listed(capsys, options)] == [(ids[0], "rare"), (ids[2], "sample")]
+    wide = listed(capsys, options, "--wide")  # where to hear it: the recording and the offset in it
+    assert [(row["recording"], row["offset (s)"], row["scientific"]) for row in wide] == [
+        (rows[number]["recording_id"], rows[number]["start_s"], rows[number]["scientific_name"]) for number in (0, 2)
+    ]
 
     assert main([*options, "review", "confirm", ids[0], "--by", "ada"]) == 0
     assert main([*options, "review", "relabel", ids[2], "--to", "pine siskin", "--by", "bo"]) == 0
@@ -126,5 +130,9 @@ def test_a_csv_of_verdicts_is_taken_whole_or_not_at_all(station, capsys, tmp_pat
     assert capsys.readouterr().out.startswith("2 detection(s) exported as csv")
     [exported] = list(out.glob("*.csv"))
     with exported.open() as handle:
-        names = sorted(row["common_name"] for row in csv.DictReader(handle))
-    assert names == [ROBIN[1], ROBIN[1]]  # the confirmed robin, and the hawk that was a robin
+        exported_rows = list(csv.DictReader(handle))
+    # the confirmed robin, and the hawk that was a robin: the model's label and the verdict side by side
+    assert sorted((row["common_name"], row["verdict"], row["reviewed_common_name"]) for row in exported_rows) == [
+        (ROBIN[1], "confirmed", ROBIN[1]),
+        (HAWK[1], "relabelled", ROBIN[1]),
+    ]

@@ -12,7 +12,7 @@ import pytest
 from birdflow.core.central_link import CentralLink
 from birdflow.core.clips import ClipIndex
 from birdflow.core.errors import StateFileError
-from birdflow.core.ledger import ProcessedLedger
+from birdflow.core.ledger import MIGRATIONS, ProcessedLedger
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.core.local_db import LocalDatabase
 from birdflow.core.outbox import Outbox
@@ -51,7 +51,7 @@ def test_a_ledger_of_the_previous_schema_opens_with_its_rows(tmp_path):
     assert ledger.recording_of_file("s3://archive/x.wav", 480044, 1700000000.5) == "r-old"
     ledger.record("r-new", "a1", detections=4)
     assert ledger.detections("r-new") == 4
-    assert user_version(path) == 2
+    assert user_version(path) == len(MIGRATIONS)
     assert ProcessedLedger(path).detections("r-new") == 4  # reopened: nothing to migrate, nothing lost
 
 
@@ -64,7 +64,7 @@ def test_an_unversioned_file_that_already_had_the_change_is_accepted(tmp_path):
         ).replace("1700000000);", "1700000000, 3);"),
     )
     assert ProcessedLedger(path).detections("r-old") == 3
-    assert user_version(path) == 2
+    assert user_version(path) == len(MIGRATIONS)
 
 
 def test_processes_opening_an_old_file_at_once_migrate_it_once(tmp_path):
@@ -84,7 +84,7 @@ def test_processes_opening_an_old_file_at_once_migrate_it_once(tmp_path):
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    assert errors == [] and user_version(path) == 2
+    assert errors == [] and user_version(path) == len(MIGRATIONS)
 
 
 def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path):

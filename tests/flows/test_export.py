@@ -3,6 +3,7 @@ the run's page; a format the station cannot make is skipped, the others still st
 
 from __future__ import annotations
 
+import csv
 from datetime import date, datetime, timedelta, timezone
 
 from prefect.client.orchestration import get_client
@@ -37,7 +38,7 @@ def test_a_days_export_is_archived_in_every_format_and_linked_from_its_run(prefe
     from birdflow.flows.export import DAILY_FORMATS, export_day
 
     monkeypatch.setattr(run_resources, "_current", None)
-    settings = station_with_detections(tmp_path, latitude=45.5231, longitude=-122.6765)
+    settings = station_with_detections(tmp_path, latitude=45.5231, longitude=-122.6765, country_code="US")
     run_resources.use_run_resources(settings)
     state = export_day(day=date(2025, 6, 1), return_state=True)
     assert state.is_completed(), state.message
@@ -47,6 +48,9 @@ def test_a_days_export_is_archived_in_every_format_and_linked_from_its_run(prefe
     assert len(list((day / "raven").iterdir())) == 3  # the three recordings of June 1st, not June 2nd's
     assert (day / "csv" / "detections.csv").read_text().count("\n") == 1 + 5
     assert (day / "dwc" / "occurrences.zip").stat().st_size > 0
+    # eBird in Portland's local time (found from the coordinates): 05:30Z is 22:30 the evening before
+    ebird = list(csv.reader((day / "ebird" / "ebird.csv").read_text().splitlines()))
+    assert {record[8] for record in ebird} == {"05/31/2025"}
     with get_client(sync_client=True) as client:
         [artifact] = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))

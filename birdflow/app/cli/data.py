@@ -59,21 +59,27 @@ NARROW_NAMES = {
 
 def cmd_export(args) -> int:
     """The local detections as files other tools read (birdflow.core.exports)."""
-    from birdflow.core.exports import ExportError, Place, export
+    from birdflow.core.exports import ExportError, export, exported_records
+    from birdflow.runtime.export_inputs import evidence_for, place_of, publishing_of
 
     settings = settings_of(args)
     table = selected_detections(settings, args)
-    if args.reviewed_only:
-        from birdflow.core.reviews import ReviewStore, reviewed_truth
-
-        table = reviewed_truth(table, ReviewStore(settings.reviews_file).table())
-    place = Place(settings.station_id, settings.analysis.latitude, settings.analysis.longitude)
+    evidence = evidence_for(settings, table)
     try:
-        written = export(table, args.format, args.output, place)
+        written = export(
+            table,
+            args.format,
+            args.output,
+            place_of(settings),
+            evidence,
+            publishing_of(settings),
+            reviewed_only=args.reviewed_only,
+        )
     except ExportError as exc:
         raise SystemExit(f"birdflow export: {exc}") from None
     where = written[0] if args.format == "dwc" else args.output
-    print(f"{table.num_rows} detection(s) exported as {args.format}: {len(written)} file(s), {where}")
+    chosen = len(exported_records(table, evidence.verdicts, args.reviewed_only))
+    print(f"{chosen} detection(s) exported as {args.format}: {len(written)} file(s), {where}")
     return 0
 
 

@@ -130,14 +130,29 @@ def cmd_list(args) -> int:
         ]
     else:
         rows = [{**row, "id": id_of(row), "reason": reason} for row, reason in store.pending()]
+    # what fits 80 columns; --wide adds where to hear it: the recording and the offset in it
     columns = ["id", "time", "listener_id", "common_name", "confidence", "reason"]
+    if args.wide:
+        columns[4:4] = ["scientific_name"]
+        columns += ["recording_id", "start_s"]
     if rows:
         listed = pa.Table.from_pylist([{name: row[name] for name in columns} for row in rows])
     else:
         listed = pa.table({name: pa.array([], pa.string()) for name in columns})
-    listed = listed.rename_columns(["id", "time (UTC)", "listener", "species", "confidence", "asked as"])
-    print_table(listed, args.format, title=f"{len(rows)} detection(s) waiting for a verdict")
+    listed = listed.rename_columns([LIST_NAMES.get(name, name) for name in columns])
+    print_table(listed, args.format, title=f"{len(rows)} detection(s) waiting for a verdict", wide=args.wide)
     return 0
+
+
+LIST_NAMES = {
+    "time": "time (UTC)",
+    "listener_id": "listener",
+    "common_name": "species",
+    "scientific_name": "scientific",
+    "reason": "asked as",
+    "recording_id": "recording",
+    "start_s": "offset (s)",
+}
 
 
 def cmd_stats(args) -> int:
@@ -179,6 +194,9 @@ def add_commands(commands) -> None:
     listing.add_argument("--all", action="store_true", help="every unreviewed detection the options select")
     add_selection_arguments(listing)
     listing.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    listing.add_argument(
+        "--wide", action="store_true", help="also the scientific name, the recording and the offset in it"
+    )
     listing.set_defaults(func=cmd_list)
 
     for verb, text in (("confirm", "the label is right"), ("reject", "nothing of the kind was heard")):
