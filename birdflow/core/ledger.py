@@ -18,6 +18,7 @@ from pathlib import Path
 
 from birdflow.core.budget import SHRINK_TO, sqlite_bytes_in_use
 from birdflow.core.local_db import LocalDatabase, Migration
+from birdflow.core.recordings import TIMESTAMP_FORMAT
 
 FIRST_SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed (recording_id TEXT NOT NULL, analysis_id TEXT NOT NULL,
@@ -34,13 +35,12 @@ def count_detections(connection: sqlite3.Connection) -> None:
         connection.execute("ALTER TABLE processed ADD COLUMN detections INTEGER")
 
 
-def record_what_was_recorded(connection: sqlite3.Connection) -> None:
-    """Version 3: the listener, start (epoch seconds) and length of each recording; null for older records."""
-    for column in ("listener_id TEXT", "started_at REAL", "duration_s REAL"):
-        connection.execute(f"ALTER TABLE processed ADD COLUMN {column}")
+def record_how_long(connection: sqlite3.Connection) -> None:
+    """Version 3: each recording's length (its listener and start are in its id); null for older records."""
+    connection.execute("ALTER TABLE processed ADD COLUMN duration_s REAL")
 
 
-MIGRATIONS: list[Migration] = [FIRST_SCHEMA, count_detections, record_what_was_recorded]
+MIGRATIONS: list[Migration] = [FIRST_SCHEMA, count_detections, record_how_long]
 
 
 @dataclass(frozen=True)
@@ -63,24 +63,27 @@ class ProcessedLedger:
     def record(
         self, recording_id: str, analysis_id: str, detections: int | None = None, recorded: RecordedSpan | None = None
     ) -> None:
-        span = (recorded.listener_id, recorded.start.timestamp(), recorded.duration_s) if recorded else (None,) * 3
+        """`recorded`: what the recording covers; its listener and start must be those its id names."""
         self.database.execute(
-            "INSERT OR REPLACE INTO processed VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (recording_id, analysis_id, int(time.time()), detections, *span),
+            "INSERT OR REPLACE INTO processed VALUES (?, ?, ?, ?, ?)",
+            (recording_id, analysis_id, int(time.time()), detections, recorded.duration_s if recorded else None),
         )
 
     def recorded_spans(self, since: datetime, until: datetime) -> dict[str, RecordedSpan]:
         """What was recorded, by recording id, of the recordings that started in [since, until) and whose records
         say (those made since version 3)."""
-        rows = self.database.execute(
-            "SELECT recording_id, listener_id, started_at, duration_s FROM processed"
-            " WHERE started_at >= ? AND started_at < ? AND duration_s IS NOT NULL",
-            (since.timestamp(), until.timestamp()),
-        )
-        return {
-            recording_id: RecordedSpan(listener_id, datetime.fromtimestamp(started_at, timezone.utc), duration_s)
-            for recording_id, listener_id, started_at, duration_s in rows
-        }
+        spans = {}
+        for recording_id, duration_s in self.database.execute(
+            "SELECT recording_id, duration_s FROM processed WHERE duration_s IS NOT NULL"
+        ):
+            try:  # listener_start_hash: recordings.recording_id_for
+                listener_id, stamp, _ = recording_id.rsplit("_", 2)
+                start = datetime.strptime(stamp, TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
+            except ValueError:
+                continue
+            if since <= start < until:
+                spans[recording_id] = RecordedSpan(listener_id, start, duration_s)
+        return spans
 
     def detections(self, recording_id: str) -> int:
         """The most detections any analysis of the recording found; 1 when unknown (recorded before they were

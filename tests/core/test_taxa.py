@@ -10,7 +10,7 @@ from birdflow.core.taxa import CLASS_OF_GENUS, is_bird, taxon_class
 
 
 def labels() -> list[tuple[str, str]]:
-    return [tuple(label.split("_", 1)) for label in model_labels() if label]
+    return [(label.partition("_")[0], label.partition("_")[2]) for label in model_labels() if label]
 
 
 def test_every_label_of_the_model_is_a_bird_another_animal_or_no_taxon():

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from birdflow.app.cli.common import at_least, require_prefect, settings_of, settings_with_prefect, utc_time
 from birdflow.app.cli.output import print_table
-from birdflow.core.exports import FORMATS
+from birdflow.core.export_formats import FORMATS
 
 
 def selected_detections(settings, args):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from birdflow.core.export_formats import FORMATS
 from birdflow.core.exports._darwin_core import write_dwca
 from birdflow.core.exports._ebird import ebird_records
 from birdflow.core.exports._records import (
@@ -35,8 +36,6 @@ __all__ = [
     "export",
     "exported_records",
 ]
-
-FORMATS = ("raven", "audacity", "csv", "ebird", "dwc")
 
 
 def export(
