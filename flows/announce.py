@@ -17,7 +17,7 @@ from prefect.settings import get_current_settings
 
 from birdflow.core.central_link import CentralLink, confirmation
 from birdflow.core.detections import artifact_rows, summary
-from birdflow.core.rarity import RARE_EVENT, RareSighting
+from birdflow.core.rarity import RARE_EVENT, RARE_IN_RECORDING_EVENT, RareSighting
 from birdflow.core.retention import Purged
 from birdflow.settings.sections import DetectionSettings
 
@@ -52,6 +52,60 @@ def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: str | N
             "watched": sighting.watched,
             "archive_key": archive_key,
             "run_url": run_url or "",
+        },
+    }
+
+
+def best_clip_links(rows: list[dict], links: dict[str, str]) -> dict[str, str]:
+    """Scientific name -> the link to the species' most confident clip in the recording (`links`: clip key ->
+    link)."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        name = row["scientific_name"]
+        if row["clip_key"] in links and (name not in best or row["confidence"] > best[name]["confidence"]):
+            best[name] = row
+    return {name: links[row["clip_key"]] for name, row in best.items()}
+
+
+def recording_event_fields(
+    sightings: list[RareSighting], run_url: str | None, place: tuple[float | None, float | None], clips: dict[str, str]
+) -> dict:
+    """One event for the recording, listing its rare species (a notification names them all at once), with the
+    station's coordinates, the run's link and each species' clip link (`clips`: scientific name -> link)."""
+    first = min(sightings, key=lambda sighting: sighting.time)
+    ordered = sorted(sightings, key=lambda sighting: -sighting.confidence)
+    species = [
+        {
+            "scientific_name": sighting.scientific_name,
+            "common_name": sighting.common_name,
+            "confidence": sighting.confidence,
+            "time": sighting.time,
+            "watched": sighting.watched,
+            "clip_url": clips.get(sighting.scientific_name, ""),
+        }
+        for sighting in ordered
+    ]
+    return {
+        "event": RARE_IN_RECORDING_EVENT,
+        "resource": {
+            "prefect.resource.id": f"birdflow.recording.{first.recording_id}",
+            "prefect.resource.name": first.recording_id,
+            "birdflow.station": first.station_id,
+            "birdflow.listener": first.listener_id,
+        },
+        "related": [
+            {"prefect.resource.id": f"birdflow.station.{first.station_id}", "prefect.resource.role": "station"}
+        ],
+        "payload": {
+            "station_id": first.station_id,
+            "listener_id": first.listener_id,
+            "recording_id": first.recording_id,
+            "time": first.time,
+            "latitude": place[0],
+            "longitude": place[1],
+            "run_url": run_url or "",
+            "species": species,
+            "common_names": ", ".join(sighting.common_name for sighting in ordered),
         },
     }
 
@@ -95,11 +149,19 @@ def announce_rare(
     archive_key: str,
     confirm: DetectionSettings | None = None,
     central: CentralLink | None = None,
+    place: tuple[float | None, float | None] = (None, None),
+    clips: dict[str, str] | None = None,
 ) -> None:
     """On the station's Prefect, and queued for the fleet's central one when the station has one (whose relay then
-    looks for confirmation there). With `confirm` (the Prefect server stores its event feed: a central one of every
+    looks for confirmation there), and one event for the recording listing them all (what notifications are sent
+    from). With `confirm` (the Prefect server stores its event feed: a central one of every
     run, or a station's own with prefect_events_enabled), the sighting is matched on the station's Prefect."""
     run_url = run_page()
+    if sightings:
+        recording = recording_event_fields(sightings, run_url, place, clips or {})
+        emit_event(**recording)
+        if central is not None:
+            central.event(recording, once_for=f"{sightings[0].recording_id}:rare")
     for sighting in sightings:
         fields = rare_event_fields(sighting, archive_key, run_url)
         event = emit_event(**fields)

@@ -35,17 +35,18 @@ from birdflow.core.detections import detections_table, summary
 from birdflow.core.errors import Unprocessable
 from birdflow.core.flac import FlacError, can_encode, encode_flac
 from birdflow.core.ledger import RecordedSpan
-from birdflow.core.mqtt_messages import detection_messages
+from birdflow.core.mqtt_messages import recording_messages
 from birdflow.core.privacy import Spans, human_spans, silenced, write_silenced_copy
 from birdflow.core.rarity import Tally
 from birdflow.core.recordings import RecordingInfo, is_inside, remove_recording, sha256_file
 from birdflow.core.sinks import write_all
-from birdflow.flows.announce import announce_rare, show_detections
+from birdflow.flows.announce import announce_rare, best_clip_links, show_detections
 from birdflow.flows.engine import one_line
 from birdflow.flows.review import open_reviews, reviews_wanted
 from birdflow.flows.run_resources import RunResources, run_resources
 from birdflow.runtime import metrics
-from birdflow.runtime.mqtt import topics_of
+from birdflow.runtime.clip_links import clip_links
+from birdflow.runtime.mqtt import station_zone, topics_of
 from birdflow.settings import Settings
 from birdflow.settings.sections import DetectionSettings
 
@@ -242,19 +243,26 @@ def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str
         metrics.DETECTIONS_WRITTEN.labels(station_id, sink).inc(rows)
     for species in table.column("scientific_name").to_pylist():
         metrics.DETECTIONS_BY_SPECIES.labels(station_id, metrics.species_label(species)).inc()
+    settings = resources.settings
+    detected = table.to_pylist()
+    links = clip_links(settings, detected)  # for people elsewhere: only with public_url
     if tally.to_announce:
         announce_rare(
             tally.rare,
-            recording.archive_key(recording.archive_names(resources.settings.archive.archive_format)[0]),
-            resources.settings.detections if resources.settings.matches_sightings_on_its_prefect else None,
+            recording.archive_key(recording.archive_names(settings.archive.archive_format)[0]),
+            settings.detections if settings.matches_sightings_on_its_prefect else None,
             resources.central_link,
+            place=(settings.analysis.latitude, settings.analysis.longitude),
+            clips=best_clip_links(detected, links),
         )
         resources.species.announced(recording.recording_id)
         metrics.RARE_SIGHTINGS.labels(station_id).inc(len(tally.rare))
-    if resources.outbox is not None:
+    once_for = f"{recording.recording_id}:{analysis_id}"
+    if resources.outbox is not None and not resources.outbox.made(once_for):
         rare = {sighting.scientific_name for sighting in tally.rare}
-        messages = detection_messages(table.to_pylist(), rare, topics_of(resources.settings))
-        resources.outbox.put(messages, once_for=f"{recording.recording_id}:{analysis_id}")
+        zone = station_zone(settings)
+        messages = recording_messages(detected, rare, topics_of(settings), resources.mqtt_state, zone, links)
+        resources.outbox.put(messages, once_for=once_for)
     return tally
 
 

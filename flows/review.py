@@ -40,8 +40,9 @@ from pydantic import Field
 from birdflow.core.archive import PRESIGNED_MAX_S
 from birdflow.core.birdnet import model_labels
 from birdflow.core.links import link_key, signed_link
-from birdflow.core.mqtt_messages import review_messages
+from birdflow.core.mqtt_messages import removed_species_messages, review_messages
 from birdflow.core.reviews import (
+    WRONG_VERDICTS,
     ReviewError,
     SpeciesNames,
     Verdict,
@@ -82,8 +83,12 @@ def take_verdict(resources: RunResources, row: dict[str, Any], verdict: Verdict)
     write_all(resources.sinks, table, kind="reviews")
     if resources.outbox is not None:
         wanted = id_of(row)
+        topics = topics_of(resources.settings)
         mine = [review for review in table.to_pylist() if review["detection_id"] == wanted]
-        resources.outbox.put(review_messages(mine, topics_of(resources.settings)))
+        messages = review_messages(mine, topics)
+        if verdict.verdict in WRONG_VERDICTS:
+            messages += removed_species_messages(row["scientific_name"], wanted, topics, resources.mqtt_state)
+        resources.outbox.put(messages)
 
 
 def reviews_wanted(table: pa.Table, rare_species: set[str], resources: RunResources) -> list[tuple[dict, str]]:

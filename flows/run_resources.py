@@ -19,6 +19,7 @@ from birdflow.core.birdnet import BirdNET
 from birdflow.core.central_link import CentralLink
 from birdflow.core.clips import ClipIndex
 from birdflow.core.ledger import ProcessedLedger
+from birdflow.core.mqtt_state import MqttState
 from birdflow.core.outbox import Outbox
 from birdflow.core.rarity import HOURLY_SCHEMA, SpeciesRecord
 from birdflow.core.reviews import ReviewStore
@@ -125,6 +126,11 @@ class RunResources:
     def outbox(self) -> Outbox | None:
         """Messages for the MQTT broker (None while mqtt_host is empty); the executor publishes them."""
         return outbox_of(self.settings)
+
+    @cached_property
+    def mqtt_state(self) -> MqttState:
+        """What the broker was told (discovery configs, what each retained topic shows); with the outbox."""
+        return MqttState(self.settings.mqtt_state_file)
 
     @cached_property
     def central_link(self) -> CentralLink | None:

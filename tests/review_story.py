@@ -33,11 +33,11 @@ class Subscriber:
     """What a station publishes under birdflow/<station>/#, as a QoS 1 subscriber receives it."""
 
     def __init__(self, broker: Mosquitto, station_id: str):
-        self.received: list[tuple[str, dict]] = []
+        self.received: list[tuple[str, Any]] = []  # a JSON document, else the payload as it came
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"story-{station_id}")
         self.client.on_connect = lambda client, *_: client.subscribe(f"birdflow/{station_id}/#", qos=1)
         self.client.on_message = lambda client, userdata, message: self.received.append(
-            (message.topic, json.loads(message.payload))
+            (message.topic, json.loads(message.payload) if message.payload.startswith(b"{") else message.payload)
         )
         self.client.connect(LOOPBACK, broker.port)
         self.client.loop_start()

@@ -1,5 +1,6 @@
 """Notifications of rare species: a Prefect notification block per channel and two Prefect automations for each,
-"birdflow.detection.rare of this station -> send notification" and "birdflow.detection.confirmed with this station
+"birdflow.recording.rare of this station -> send notification" (one message per recording, naming its rare
+species) and "birdflow.detection.confirmed with this station
 -> send notification", so the server's own machinery (retries, the UI's Automations page, pausing) does the sending.
 A station that keeps its own run history puts them on its fleet's central server (`--central`), where the
 confirmed events are.
@@ -21,16 +22,20 @@ from urllib.parse import urlparse
 
 from birdflow.core.central_link import CONFIRMED_EVENT
 from birdflow.core.errors import Refused
-from birdflow.core.rarity import RARE_EVENT
+from birdflow.core.rarity import RARE_IN_RECORDING_EVENT
 from birdflow.settings import Settings
 
-SUBJECT = "Rare bird at {{ event.payload.station_id }}: {{ event.payload.common_name }}"
+# one message per recording, naming each of its rare species (birdflow.recording.rare)
+SUBJECT = (
+    "Rare bird{% if event.payload.species | length > 1 %}s{% endif %} at {{ event.payload.station_id }}: "
+    "{{ event.payload.common_names }}"
+)
 BODY = (
-    "{{ event.payload.common_name }} ({{ event.payload.scientific_name }}) heard by listener "
-    "{{ event.payload.listener_id }} at station {{ event.payload.station_id }}, confidence "
-    "{{ event.payload.confidence }}, at {{ event.payload.time }}"
-    "{% if event.payload.watched %} (on the watch list){% endif %}.\n"
-    "Run: {{ event.payload.run_url }}"
+    "{% for item in event.payload.species %}{{ item.common_name }} ({{ item.scientific_name }}), confidence "
+    "{{ item.confidence | round(2) }}, at {{ item.time }}{% if item.watched %} (on the watch list){% endif %}"
+    "{% if item.clip_url %}, clip: {{ item.clip_url }}{% endif %}\n{% endfor %}"
+    "heard by listener {{ event.payload.listener_id }} at station {{ event.payload.station_id }}."
+    "{% if event.payload.run_url %}\nRun: {{ event.payload.run_url }}{% endif %}"
 )
 CONFIRMED_SUBJECT = "Confirmed: {{ event.payload.common_name }} at {{ event.payload.stations | join(', ') }}"
 CONFIRMED_BODY = (
@@ -39,6 +44,28 @@ CONFIRMED_BODY = (
     "{{ event.payload.first_time }}.\n"
     "{% for sighting in event.payload.sightings %}{{ sighting.station_id }} {{ sighting.listener_id }} "
     "{{ sighting.time }} {{ sighting.confidence }} {{ sighting.run_url }}\n{% endfor %}"
+)
+
+
+def as_json_document(subject: str, body: str, fields: tuple[str, ...]) -> str:
+    """A template of one JSON document: the message's subject and text, and the event's fields on their own (what
+    a webhook gets)."""
+    values = ", ".join(f'"{field}": {{{{ event.payload.{field} | tojson }}}}' for field in fields)
+    return (
+        f"{{% set subject %}}{subject}{{% endset %}}{{% set text %}}{body}{{% endset %}}"
+        f'{{"subject": {{{{ subject | trim | tojson }}}}, "text": {{{{ text | trim | tojson }}}}, {values}}}'
+    )
+
+
+WEBHOOK_BODY = as_json_document(
+    SUBJECT,
+    BODY,
+    ("station_id", "listener_id", "recording_id", "time", "latitude", "longitude", "run_url", "species"),
+)
+CONFIRMED_WEBHOOK_BODY = as_json_document(
+    CONFIRMED_SUBJECT,
+    CONFIRMED_BODY,
+    ("scientific_name", "common_name", "stations", "first_time", "window_s", "sightings"),
 )
 BLOCK_PREFIX = "birdflow-notify-"
 
@@ -54,8 +81,9 @@ def _webhook(target: str, allow_loopback: bool = False):
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     _require_http(target, "a webhook URL", allow_loopback)
+    # the body is the JSON document (WEBHOOK_BODY), sent as it is
     return CustomWebhookNotificationBlock(
-        name="birdflow", url=target, json_data={"subject": "{{subject}}", "text": "{{body}}"}
+        name="birdflow", url=target, form_data="{{body}}", headers={"Content-Type": "application/json"}
     )
 
 
@@ -153,15 +181,19 @@ def add_channel(
     _delete_automations(automation_name(settings, block_name), automation_name(settings, block_name, "confirmed"))
     automation = Automation(
         name=automation_name(settings, block_name),
-        description=f"Sends {RARE_EVENT} events of station {settings.station_id} to {kind} ({block_name})",
+        description=f"Sends {RARE_IN_RECORDING_EVENT} events of station {settings.station_id} to {kind} ({block_name})",
         trigger=EventTrigger(
-            expect={RARE_EVENT},
+            expect={RARE_IN_RECORDING_EVENT},
             match={"birdflow.station": settings.station_id},
             posture=Posture.Reactive,
             threshold=1,
             within=0,
         ),
-        actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],
+        actions=[
+            SendNotification(
+                block_document_id=block_id, subject=SUBJECT, body=WEBHOOK_BODY if kind == "webhook" else BODY
+            )
+        ],
     ).create()
     Automation(
         name=automation_name(settings, block_name, "confirmed"),
@@ -173,7 +205,13 @@ def add_channel(
             threshold=1,
             within=0,
         ),
-        actions=[SendNotification(block_document_id=block_id, subject=CONFIRMED_SUBJECT, body=CONFIRMED_BODY)],
+        actions=[
+            SendNotification(
+                block_document_id=block_id,
+                subject=CONFIRMED_SUBJECT,
+                body=CONFIRMED_WEBHOOK_BODY if kind == "webhook" else CONFIRMED_BODY,
+            )
+        ],
     ).create()
     return block_name, str(cast(Automation, automation).id)
 

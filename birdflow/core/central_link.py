@@ -45,7 +45,6 @@ class CentralLink:
         payload = event["payload"]
         sighted = datetime.fromisoformat(payload["time"])
         hour = int(sighted.timestamp()) // HOUR_S * HOUR_S
-        stamped = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), **event}
         self.database.execute(
             "INSERT OR IGNORE INTO sightings VALUES (?, ?, ?, ?, ?)",
             (
@@ -56,6 +55,11 @@ class CentralLink:
                 json.dumps(payload),
             ),
         )
+        self.event(event, once_for)
+
+    def event(self, event: dict[str, Any], once_for: str) -> None:
+        """A Prefect event (its fields) for the central server, queued once per `once_for`."""
+        stamped = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), **event}
         self.events.put([Message(event["event"], json.dumps(stamped).encode())], once_for=once_for)
 
     def sightings(self, hour: int, station_id: str) -> list[dict[str, Any]]:

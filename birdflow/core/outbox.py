@@ -76,6 +76,10 @@ class Outbox:
             log.warning("MQTT outbox full (%d messages): the %d oldest dropped", self.max_messages, dropped)
         return dropped
 
+    def made(self, once_for: str) -> bool:
+        """Whether the messages of `once_for` (a recording's key) were queued already."""
+        return self.database.execute("SELECT 1 FROM made WHERE key = ?", (once_for,)).fetchone() is not None
+
     def head(self, limit: int) -> list[Queued]:
         """The oldest messages, oldest first."""
         rows = self.database.execute(

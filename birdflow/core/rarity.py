@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS counted (recording_id TEXT PRIMARY KEY, counted_at RE
 """
 HOUR_S = 3600
 RARE_EVENT = "birdflow.detection.rare"  # the Prefect event of a rare sighting
+# one Prefect event per recording with rare sightings, listing them: what notifications are sent from
+RARE_IN_RECORDING_EVENT = "birdflow.recording.rare"
 
 
 @dataclass(frozen=True)

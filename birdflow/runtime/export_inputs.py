@@ -4,7 +4,6 @@ where the audio is archived and links to the clips. `birdflow export` and the ex
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from functools import cache
 
@@ -13,8 +12,8 @@ import pyarrow.compute as pc
 
 from birdflow.core.exports import Evidence, Place, Publishing
 from birdflow.core.ledger import ProcessedLedger
-from birdflow.core.links import link_key, signed_link
 from birdflow.core.reviews import ReviewStore, detection_ids
+from birdflow.runtime.clip_links import clip_links
 from birdflow.settings import Settings
 
 LONGEST_RECORDING = timedelta(hours=2)  # a recording that holds a detection started at most this long before it
@@ -98,17 +97,3 @@ def audio_paths(settings: Settings, rows: list[dict]) -> dict[str, str]:
         if kept:
             found[recording_id] = str(kept[0].resolve())
     return found
-
-
-def clip_links(settings: Settings, rows: list[dict]) -> dict[str, str]:
-    """Clip key -> a link a browser opens for clip_link_days (the station's /clips, signed); none without
-    public_url: a link to this machine's own address opens nowhere else."""
-    if not settings.ingest.public_url:
-        return {}
-    key = link_key(settings.link_key_file)
-    expires = int(time.time() + settings.detections.clip_link_days * 86400)
-    return {
-        row["clip_key"]: signed_link(settings.station_url, f"/{row['clip_key']}.flac", key, expires)
-        for row in rows
-        if row["clip_key"]
-    }

@@ -13,8 +13,11 @@ import logging
 import os
 import threading
 import time
+from datetime import datetime, timezone, tzinfo
+from zoneinfo import ZoneInfo
 
 from birdflow.core.mqtt_messages import Topics
+from birdflow.core.mqtt_state import MqttState
 from birdflow.core.outbox import Outbox
 from birdflow.runtime import metrics
 from birdflow.settings import Settings
@@ -48,6 +51,13 @@ def topics_of(settings: Settings) -> Topics:
     return Topics(options.mqtt_topic_prefix, settings.station_id, options.mqtt_discovery_prefix)
 
 
+def station_zone(settings: Settings) -> tzinfo:
+    """Where "today" is counted: the station's timezone setting, else this machine's own time zone."""
+    if settings.exports.timezone:
+        return ZoneInfo(settings.exports.timezone)
+    return datetime.now().astimezone().tzinfo or timezone.utc
+
+
 class Publisher:
     def __init__(self, settings: Settings):
         import paho.mqtt.client as mqtt
@@ -55,6 +65,8 @@ class Publisher:
         options = settings.mqtt
         self.settings = settings
         self.outbox = Outbox(settings.mqtt_outbox_file, options.mqtt_outbox_max_messages)
+        self.state = MqttState(settings.mqtt_state_file)
+        self.topics = topics_of(settings)
         self.connected = threading.Event()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=f"birdflow-{settings.station_id}", clean_session=True
@@ -65,7 +77,10 @@ class Publisher:
         if options.mqtt_tls:
             self.client.tls_set(ca_certs=str(options.mqtt_ca_file) if options.mqtt_ca_file else None)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # the broker says `offline` for the station when its connection drops without a goodbye
+        self.client.will_set(self.topics.availability, "offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
         self._refused = ""
         self._stopping = False  # a disconnect then is this side's own
@@ -78,7 +93,18 @@ class Publisher:
             return
         self._refused = ""
         log.info("MQTT: connected to %s:%d", self.settings.mqtt.mqtt_host, self.settings.mqtt.mqtt_port)
+        client.publish(self.topics.availability, "online", qos=1, retain=True)
+        if self.topics.discovery_prefix:
+            # a broker that lost its retained messages (restarted without persistence) has the configs again
+            self.outbox.put(self.state.every_config())
+            client.subscribe(self.topics.home_assistant_status, qos=1)
         self.connected.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        """Home Assistant's birth message: it (re)started and asks for discovery again."""
+        if message.topic == self.topics.home_assistant_status and message.payload == b"online":
+            log.info("MQTT: Home Assistant is online; discovery sent again")
+            self.outbox.put(self.state.every_config())
 
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
         if self.connected.is_set() and not self._stopping:
@@ -128,6 +154,12 @@ class Publisher:
                     stop.wait(IDLE_POLL_S)
         finally:
             self._stopping = True
+            if self.connected.is_set():  # a goodbye: the broker sends no last will for a clean disconnect
+                said = self.client.publish(self.topics.availability, "offline", qos=1, retain=True)
+                try:
+                    said.wait_for_publish(timeout=ACK_TIMEOUT_S)
+                except (RuntimeError, ValueError):
+                    pass
             self.client.disconnect()
             network.join(timeout=10)
 

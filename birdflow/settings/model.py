@@ -160,6 +160,12 @@ class Settings(BaseModel):
         return self.state_dir / "mqtt_outbox.sqlite"
 
     @property
+    def mqtt_state_file(self) -> Path:
+        """What the broker was told and must keep: discovery configs, the detections retained topics show
+        (birdflow.core.mqtt_state)."""
+        return self.state_dir / "mqtt_state.sqlite"
+
+    @property
     def mqtt_publisher_lock_file(self) -> Path:
         """Held by the one process of the station that publishes to MQTT (the executor, or a worker)."""
         return self.state_dir / "mqtt-publisher.lock"

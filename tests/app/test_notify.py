@@ -1,8 +1,10 @@
 """Rare species notified for real: `birdflow up`, a channel added with `birdflow notify add webhook`, a loopback
-HTTP receiver as the webhook. A species new to the station notifies once; the same species again does not."""
+HTTP receiver as the webhook. A recording with species new to the station sends one message naming them all, with
+its fields as JSON and links a phone opens (from public_url and public_ui_url); the same species again send none."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from birdflow_tools.stack import Stack
 from birdflow_tools.testbed import WebhookReceiver
 from tests.browser import rendered
+from tests.conftest import SHARED_AUDIO, require_sample
 
 
 def wait_for(check, timeout_s: float, what: str):
@@ -28,8 +31,10 @@ def receiver():
     hook.close()
 
 
-def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, sample_48k, receiver):
-    stack = Stack(tmp_path, station_id="notify")
+def test_a_recordings_new_species_are_notified_in_one_message_through_a_prefect_automation(tmp_path, receiver):
+    soundscape = require_sample(SHARED_AUDIO / "soundscape_xc563936.mp3")
+    public = {"public_url": "https://birds.example.org", "public_ui_url": "https://prefect.example.org"}
+    stack = Stack(tmp_path, station_id="notify", settings=public)
     try:
         stack.start()
         refused = stack.cli("notify", "add", "webhook", receiver.url)  # this machine: only when asked for
@@ -48,21 +53,35 @@ def test_a_new_species_is_notified_once_through_a_prefect_automation(tmp_path, s
         stack.start()
         assert "restarting the Prefect server with its triggers on" in stack.log_tail(200)
 
-        stack.upload("mic1_20250601T053000Z.wav", sample_48k.read_bytes())
-        wait_for(lambda: stack.completed_runs() == 1, 90, "the first run")
-        [message] = wait_for(lambda: list(receiver.messages), 60, "the notification")
-        assert message["subject"] == "Rare bird at notify: American Goldfinch"
-        assert "American Goldfinch (Spinus tristis) heard by listener mic1 at station notify" in message["text"]
-        assert f"Run: http://127.0.0.1:{stack.prefect_port}/runs/flow-run/" in message["text"]
-        # the same species from another listener a minute later: frequent now, counted but not pushed
-        stack.upload("mic2_20250601T053100Z.wav", sample_48k.read_bytes())
-        wait_for(lambda: stack.completed_runs() == 2, 90, "the second run")
+        stack.upload("mic1_20250601T053000Z.mp3", soundscape.read_bytes())
+        wait_for(lambda: stack.completed_runs() == 1, 120, "the first run")
+        wait_for(lambda: list(receiver.messages), 60, "the notification")
+        time.sleep(8)  # what the automation would take to send a message per species
+        [message] = receiver.messages  # one for the recording
+        species = message["species"]
+        names = [item["common_name"] for item in species]
+        assert len(species) >= 3 and message["subject"] == f"Rare birds at notify: {', '.join(names)}"
+        assert (message["station_id"], message["listener_id"]) == ("notify", "mic1")
+        assert message["recording_id"].startswith("mic1_20250601T053000Z_")
+        assert all(f"{item['common_name']} ({item['scientific_name']})" in message["text"] for item in species)
+        # links a phone opens: the UI and the station as people reach them, never this machine's loopback
+        assert message["run_url"].startswith("https://prefect.example.org/runs/flow-run/")
+        clips = [item["clip_url"] for item in species if item["clip_url"]]
+        assert clips and all(link.startswith("https://birds.example.org/clips/") for link in clips)
+        assert "127.0.0.1" not in str(message)
+        # the same species from another listener two minutes later: frequent now, counted but not pushed
+        stack.upload("mic2_20250601T053200Z.mp3", soundscape.read_bytes())
+        wait_for(lambda: stack.completed_runs() == 2, 120, "the second run")
         time.sleep(8)  # what the automation would take to send a second message
         assert len(receiver.messages) == 1
         # what a person sees: the first run's artifact page in the Prefect UI, rendered by a real browser
-        first_run = message["text"].rsplit("/", 1)[1]
+        first_run = message["run_url"].rsplit("/", 1)[1]
         [artifact] = stack.api("artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first_run]}}})
-        expected = ("American Goldfinch (Spinus tristis)", "1 detection: American Goldfinch")
+        rows = json.loads(artifact["data"]) if isinstance(artifact["data"], str) else artifact["data"]
+        expected = (
+            rows[0]["species"],
+            artifact["description"].split(":")[0],
+        )  # "Dark-eyed Junco (...)", "9 detections"
         page = rendered(
             f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{artifact['id']}",
             tmp_path / "browser",
@@ -95,3 +114,35 @@ def test_a_webhook_cannot_point_at_the_station_itself_nor_at_link_local_addresse
     with pytest.raises(ChannelError):
         CHANNELS["webhook"](url, False)
     CHANNELS["webhook"]("https://203.0.113.7/hook", False)  # an address elsewhere: taken
+
+
+def test_a_webhook_message_is_one_json_document_whatever_the_names_hold():
+    from prefect.server.utilities.user_templates import render_user_template_sync
+
+    from birdflow.app.notify import WEBHOOK_BODY
+
+    species = [
+        {"scientific_name": "Spinus tristis", "common_name": 'Gold "finch" <b>', "confidence": 0.912},
+        {"scientific_name": "Spinus pinus", "common_name": "Pine Siskin\nnext", "confidence": 0.5},
+    ]
+    for item in species:
+        item |= {"time": "2025-06-01T05:30:03+00:00", "watched": False, "clip_url": ""}
+    payload = {
+        "station_id": "st",
+        "listener_id": "mic1",
+        "recording_id": "mic1_x",
+        "time": "2025-06-01T05:30:03+00:00",
+        "latitude": None,
+        "longitude": None,
+        "run_url": "",
+        "species": species,
+        "common_names": ", ".join(item["common_name"] for item in species),
+    }
+    message = json.loads(render_user_template_sync(WEBHOOK_BODY, {"event": {"payload": payload}}))
+    assert message["species"] == species and message["latitude"] is None
+    assert message["subject"] == f"Rare birds at st: {payload['common_names']}"
+    assert (
+        message["text"].splitlines()[0]
+        == 'Gold "finch" <b> (Spinus tristis), confidence 0.91, at 2025-06-01T05:30:03+00:00'
+    )
+    assert "Run:" not in message["text"]  # no link rather than one nobody can open

@@ -142,6 +142,9 @@ def test_two_stations_on_one_central_server_send_their_hours_and_rare_events_and
         ]
         [confirmed_text] = [item["text"] for item in receiver.messages if item["subject"].startswith("Confirmed")]
         assert f"heard by stations {names[0]}, {names[1]} within 3600 s" in confirmed_text
+        # a webhook gets the fields too
+        [confirmed_message] = [item for item in receiver.messages if item["subject"].startswith("Confirmed")]
+        assert confirmed_message["stations"] == names and len(confirmed_message["sightings"]) == 2
     finally:
         receiver.close()
         for stack in stacks:

@@ -5,21 +5,29 @@ messages waiting. The outbox on its own: once per recording, bounded."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from datetime import timedelta, timezone
 
 import paho.mqtt.client as mqtt
 import pytest
 
-from birdflow.core.mqtt_messages import Topics, detection_messages
+from birdflow.core.birdnet import Detection
+from birdflow.core.detections import detections_table
+from birdflow.core.mqtt_messages import Topics, recording_messages
+from birdflow.core.mqtt_state import MqttState
 from birdflow.core.outbox import Message, Outbox
 from birdflow.core.reviews import Verdict, id_of
 from birdflow.flows.review import take_verdict
 from birdflow.flows.run_resources import RunResources
-from birdflow.runtime.mqtt import Publisher
+from birdflow.runtime.mqtt import Publisher, topics_of
 from birdflow.settings import Settings
 from birdflow_tools.testbed import LOOPBACK, Mosquitto, wait_until
-from tests.builders import HAWK, two_listeners_detections
+from tests.builders import HAWK, JUNE_MORNING, ROBIN, recording_info, two_listeners_detections
 
 pytestmark = pytest.mark.skipif(not Mosquitto.available(), reason="needs mosquitto (Debian package mosquitto)")
 
@@ -52,6 +60,14 @@ class Subscriber:
 
     def topics(self, prefix: str) -> list[str]:
         return [topic for topic, _, _ in self.received if topic.startswith(prefix)]
+
+    def payloads(self, suffix: str) -> list[dict]:
+        """The JSON payloads of the topics that end with `suffix`, in the order they came."""
+        return [json.loads(payload) for topic, payload, _ in list(self.received) if topic.endswith(suffix)]
+
+    def last(self, topic: str) -> bytes | None:
+        found = [payload for seen, payload, _ in list(self.received) if seen == topic]
+        return found[-1] if found else None
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -87,16 +103,20 @@ def test_a_recordings_detections_arrive_in_order_with_home_assistant_discovery(t
     publisher, stop = publishing(settings)
     try:
         rows = two_listeners_detections().to_pylist()
-        messages = detection_messages(rows, {HAWK[0]}, Topics("birdflow", "mqtt01", "homeassistant"))
+        topics = Topics("birdflow", "mqtt01", "homeassistant")
+        messages = recording_messages(rows, {HAWK[0]}, topics, MqttState(settings.mqtt_state_file), timezone.utc)
         publisher.outbox.put(messages)
-        wait_until(lambda: len(subscriber.received) >= len(messages), 30, "every message at the subscriber")
+        wait_until(lambda: len(subscriber.received) >= len(messages) + 1, 30, "every message at the subscriber")
         detections = [json.loads(payload) for topic, payload, _ in subscriber.received if topic.endswith("/detection")]
+        in_time = sorted(rows, key=lambda row: row["time"])  # in the order they were heard
         assert [(d["recording_id"], d["start_s"]) for d in detections] == [
-            (row["recording_id"], row["start_s"]) for row in rows
+            (row["recording_id"], row["start_s"]) for row in in_time
         ]
-        assert [d["rare"] for d in detections] == [row["scientific_name"] == HAWK[0] for row in rows]
+        assert [d["rare"] for d in detections] == [row["scientific_name"] == HAWK[0] for row in in_time]
+        assert [d["detection_id"] for d in detections] == [id_of(row) for row in in_time]
         [rare] = [json.loads(payload) for topic, payload, _ in subscriber.received if topic == "birdflow/mqtt01/rare"]
         assert rare["common_name"] == "Cooper's Hawk" and rare["confidence"] == 0.77  # the species' best
+        assert rare["event_type"] == "rare" and rare["detection_id"] == id_of(rows[3])
         config = {topic: json.loads(payload) for topic, payload, _ in subscriber.received if topic.endswith("/config")}
         robin = config["homeassistant/sensor/birdflow_mqtt01_turdus_migratorius/config"]
         assert (
@@ -140,14 +160,14 @@ def test_a_broker_restart_in_the_middle_loses_nothing_and_keeps_the_order(tmp_pa
     publisher, stop = publishing(settings_for(tmp_path, broker))
     try:
         publisher.outbox.put(numbered(20))
-        wait_until(lambda: len(subscriber.received) >= 20, 30, "the first 20")
+        wait_until(lambda: len(subscriber.payloads("/detection")) >= 20, 30, "the first 20")
         broker.stop()
         publisher.outbox.put(numbered(50, first=20))  # made while the broker is away
         time.sleep(2)
         assert len(publisher.outbox) == 50  # waiting, none lost
         broker.start()
-        wait_until(lambda: len({json.loads(p)["n"] for _, p, _ in subscriber.received}) >= 70, 60, "all 70")
-        first_seen = list(dict.fromkeys(json.loads(payload)["n"] for _, payload, _ in subscriber.received))
+        wait_until(lambda: len({p["n"] for p in subscriber.payloads("/detection")}) >= 70, 60, "all 70")
+        first_seen = list(dict.fromkeys(payload["n"] for payload in subscriber.payloads("/detection")))
         assert first_seen == list(range(70))  # every one, in order (QoS 1 may repeat one, never skip)
         wait_until(lambda: len(publisher.outbox) == 0, 10, "an empty outbox")
     finally:
@@ -166,7 +186,7 @@ def test_credentials_and_tls_work_and_wrong_ones_keep_the_messages_waiting(tmp_p
     try:
         publisher.outbox.put(numbered(5))
         wait_until(lambda: "refused the connection" in caplog.text, 20, "the refusal in the log")
-        assert len(publisher.outbox) == 5 and subscriber.received == []
+        assert len(publisher.outbox) == 5 and subscriber.payloads("/detection") == []
         stop.set()
         right = settings_for(
             tmp_path,
@@ -177,8 +197,8 @@ def test_credentials_and_tls_work_and_wrong_ones_keep_the_messages_waiting(tmp_p
             mqtt_ca_file=broker.ca_file,
         )
         publisher, stop = publishing(right)
-        wait_until(lambda: len(subscriber.received) >= 5, 30, "the 5 over TLS")
-        assert [json.loads(payload)["n"] for _, payload, _ in subscriber.received] == list(range(5))
+        wait_until(lambda: len(subscriber.payloads("/detection")) >= 5, 30, "the 5 over TLS")
+        assert [payload["n"] for payload in subscriber.payloads("/detection")] == list(range(5))
     finally:
         stop.set()
         subscriber.close()
@@ -195,3 +215,70 @@ def test_the_outbox_queues_a_recording_once_and_stays_within_its_bound(tmp_path)
     assert len(queued) == 100 and json.loads(queued[0].message.payload)["n"] == 53
     outbox.remove(item.id for item in queued[:10])
     assert len(outbox) == 90 and json.loads(outbox.head(1)[0].message.payload)["n"] == 63
+
+
+PUBLISHING_STATION = (
+    "import json, sys, threading\n"
+    "from birdflow.runtime.mqtt import Publisher\n"
+    "from birdflow.settings import Settings\n"
+    "Publisher(Settings.model_validate(json.loads(sys.argv[1]))).run(threading.Event())\n"
+)
+
+
+def robin_heard(hours_after: float, content: str) -> list[dict]:
+    start = JUNE_MORNING + timedelta(hours=hours_after)
+    recording = recording_info("mic1", start_time=start, content_hash=content * 32)
+    return detections_table(recording, [Detection(0.0, 3.0, *ROBIN, 0.8)], "BirdNET_GLOBAL_6K_V2.4", "a1").to_pylist()
+
+
+def test_home_assistant_sees_the_station_come_and_go_and_gets_each_config_once_and_again_when_it_needs_it(tmp_path):
+    broker = Mosquitto(tmp_path / "broker", persistent=False).start()
+    subscriber = Subscriber(broker)
+    values = {
+        "station_id": "mqtt01",
+        "data_dir": str(tmp_path / "data"),
+        "mqtt_host": LOOPBACK,
+        "mqtt_port": broker.port,
+    }
+    settings = Settings.model_validate(values)
+    topics, state, outbox = topics_of(settings), MqttState(settings.mqtt_state_file), Outbox(settings.mqtt_outbox_file)
+    robin_config, last_config = topics.species_discovery(ROBIN[0]), topics.discovery("last_species")
+    # the station's publisher in a process of its own, to be killed as a power cut would
+    station = subprocess.Popen([sys.executable, "-c", PUBLISHING_STATION, json.dumps(values)])
+    try:
+        wait_until(lambda: subscriber.last(topics.availability) == b"online", 30, "the station online")
+        heard = [robin_heard(hour, content) for hour, content in ((0, "a1"), (1, "a2"), (2, "a3"))]
+        for rows in heard:
+            outbox.put(recording_messages(rows, set(), topics, state, timezone.utc))
+        wait_until(lambda: len(outbox) == 0 and len(subscriber.payloads("/detection")) == 3, 30, "3 recordings")
+        # each entity configured once, however many recordings name it
+        assert len(subscriber.topics(robin_config)) == len(subscriber.topics(last_config)) == 1
+        configs = {topic: json.loads(payload) for topic, payload, _ in subscriber.received if topic.endswith("/config")}
+        assert {config["availability_topic"] for config in configs.values()} == {topics.availability}
+        # a recording processed late (an hour before the others) does not move the last detection back
+        outbox.put(recording_messages(robin_heard(-1, "a0"), set(), topics, state, timezone.utc))
+        wait_until(lambda: len(subscriber.payloads("/detection")) == 4, 30, "the late recording")
+        shown = json.loads(subscriber.last(topics.last_detection))
+        assert shown["detection_id"] == id_of(heard[-1][0]) and shown["recording_id"] == heard[-1][0]["recording_id"]
+        # Home Assistant restarts and says so (its birth message): every config again
+        subscriber.client.publish(topics.home_assistant_status, "online", qos=1)
+        wait_until(lambda: len(subscriber.topics(robin_config)) == 2, 30, "discovery after HA's birth message")
+        assert len(subscriber.topics(last_config)) == 2
+        # the detection the robin's entity shows is rejected: the entity goes (an empty retained config)
+        take_verdict(RunResources(settings), heard[-1][0], Verdict("rejected", "ada", "cli"))
+        wait_until(lambda: subscriber.last(robin_config) == b"", 30, "the robin's entity removed")
+        # the broker restarts without persistence (its retained configs lost): the station sends them again
+        sent_before = len(subscriber.topics(last_config))
+        broker.stop()
+        broker.start()
+        wait_until(lambda: len(subscriber.topics(last_config)) > sent_before, 60, "discovery after the restart")
+        assert subscriber.last(robin_config) == b""  # a removed entity stays removed
+        # the station dies without a goodbye: the broker's last will says offline
+        station.send_signal(signal.SIGKILL)
+        station.wait(timeout=10)
+        wait_until(lambda: subscriber.last(topics.availability) == b"offline", 60, "the last will")
+    finally:
+        if station.poll() is None:
+            os.kill(station.pid, signal.SIGKILL)
+        subscriber.close()
+        broker.stop()

@@ -129,7 +129,8 @@ def test_quick_bench_measures_every_phase_and_leaves_nothing_behind(tmp_path, sa
     assert report["fleet"]["recordings"] == 8 and report["fleet"]["completed_runs"] >= 8
     assert report["fleet_drain_ratio_to_raw_limit_per_core"] > 0 and report["fleet_server_cpu_s_per_recording"] > 0
     # every detection published, with its species' state and Home Assistant's configs: about 5 per recording
-    assert report["mqtt"]["waiting"] == 0 and 3 <= report["mqtt"]["messages_per_recording"] <= 10
+    # a detection or more, its species' and the station's latest state; each discovery config once, not per recording
+    assert report["mqtt"]["waiting"] == 0 and 2 <= report["mqtt"]["messages_per_recording"] <= 6
     assert report["mqtt"]["publisher_cpu_ms_per_recording"] > 0  # its threads found by name
     assert list(scratch.iterdir()) == []  # the stack's folder is removed
 

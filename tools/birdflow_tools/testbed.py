@@ -67,11 +67,13 @@ def stop_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
 @dataclass
 class Mosquitto:
     """A real Mosquitto broker on loopback, persistent across restarts (a QoS 1 session and its queued messages
-    survive one), with users from a password file and a TLS listener when asked."""
+    survive one) unless `persistent` is off (a restart forgets every retained message), with users from a
+    password file and a TLS listener when asked."""
 
     folder: Path
     users: dict[str, str] = field(default_factory=dict)
     tls: bool = False
+    persistent: bool = True
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
@@ -88,7 +90,7 @@ class Mosquitto:
         lines = [
             f"listener {self.port} {LOOPBACK}",
             "user root",  # its files are in the caller's folder, which its own user may not read
-            "persistence true",
+            f"persistence {'true' if self.persistent else 'false'}",
             f"persistence_location {self.folder}/",
             "autosave_interval 1",
             f"log_dest file {self.folder / 'mosquitto.log'}",
