@@ -1,4 +1,4 @@
-"""A Darwin Core Archive GBIF can publish: occurrence.txt (an occurrence per detection of a taxon, never a
+"""A Darwin Core Archive GBIF can publish: occurrence.txt (an occurrence per detection of a bird, never a
 rejected one), meta.xml saying exactly how that file is written, and eml.xml (title, licence, rights holder,
 contact, coverage)."""
 
@@ -20,7 +20,7 @@ from birdflow.core.exports._records import (
     review_note,
 )
 from birdflow.core.exports._tables import iso_utc
-from birdflow.core.taxa import taxon_class
+from birdflow.core.taxa import AVES, is_bird
 
 DWC = "http://rs.tdwg.org/dwc/terms/"
 DCTERMS = "http://purl.org/dc/terms/"
@@ -55,15 +55,15 @@ def occurrence_id(station_id: str, detection_id: str) -> str:
 
 
 def occurrences(records: list[Record], place: Place, evidence: Evidence, publishing: Publishing) -> list[list[str]]:
-    """An occurrence per detection of a taxon (BirdNET's sounds that are no taxon, and rejected detections, are
-    none), in OCCURRENCE_TERMS order."""
+    """An occurrence per detection of a bird, in OCCURRENCE_TERMS order: BirdNET's other classes (its sounds that
+    are no taxon, its frogs, insects and mammals, whose detection it was not trained to publish) and rejected
+    detections are none."""
     latitude, longitude = place.require_coordinates("a Darwin Core Archive")
     license_url = LICENSES[publishing.license][0]
     lines = []
     for record in records:
         scientific, common = record["label_scientific_name"], record["label_common_name"]
-        kind = taxon_class(scientific, common)
-        if kind is None or record["verdict"] == "rejected":
+        if not is_bird(scientific, common) or record["verdict"] == "rejected":
             continue
         start = record["time"]
         end = start + timedelta(seconds=record["end_s"] - record["start_s"])
@@ -95,7 +95,7 @@ def occurrences(records: list[Record], place: Place, evidence: Evidence, publish
             "scientificName": scientific,
             "vernacularName": common,
             "kingdom": "Animalia",
-            "class": kind,
+            "class": AVES,
             "genus": scientific.split(" ", 1)[0],
             "taxonRank": "species",
         }
