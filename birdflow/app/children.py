@@ -19,6 +19,9 @@ from birdflow.settings import Settings
 
 log = logging.getLogger("birdflow.up")
 STOP_GRACE_S = 15.0
+# what the Prefect server takes to store its clients' last events once they stopped: its task run recorder flushes
+# every second (prefect_env.py); stopped in the middle of a flush, it logs the batch as lost with a traceback
+SERVER_SETTLE_S = 2.0
 SERVER_SECRETS = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_DATABASE_CONNECTION_URL")
 
 
@@ -102,10 +105,13 @@ class Child:
 def stop_all(children: list[Child]) -> None:
     """The Prefect server's clients first (all at once), then the server, then its database, each once the one
     before has stopped: a server stopped under its clients, or a database under its server, fails every call in
-    flight with a traceback. Whatever still runs when the grace period is over is killed."""
+    flight with a traceback; the server gets SERVER_SETTLE_S to store what its clients sent last. Whatever still
+    runs when the grace period is over is killed."""
     deadline = time.monotonic() + STOP_GRACE_S
     for tier in sorted({child.serves for child in children}):
         stopping = [child for child in reversed(children) if child.serves == tier]
+        if tier == 1 and any(child.serves == 0 for child in children):
+            time.sleep(max(0.0, min(SERVER_SETTLE_S, deadline - time.monotonic())))
         for child in stopping:
             child.stop()
         for child in stopping:
