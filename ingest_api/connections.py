@@ -50,14 +50,27 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._limit_s = 0.0
         self._last_activity = 0.0
         self._header_bytes = 0
+        # a message's bytes that are no body (headers, chunk sizes, trailers), and its body's: the parser holds a
+        # header or trailer whole in memory, so what is no body is bounded however the request is framed
+        self._framing_bytes = 0
+        self._body_bytes = 0
 
     def data_received(self, data: bytes) -> None:
         if self._stage == "headers":
             self._header_bytes += len(data)
+        self._framing_bytes += len(data)
         super().data_received(data)
-        if self._stage == "headers" and self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._stage == "headers" and self._header_bytes > MAX_HEADER_BYTES:
             metrics.REQUESTS_REJECTED.labels(self.settings.station_id, "headers_too_large").inc()
             self.transport.write(TOO_LARGE_HEADERS)
+            self.transport.close()
+        elif self._framing_bytes > MAX_HEADER_BYTES + self._body_bytes // 8:
+            # trailers without end, or chunks of a byte: answered if nothing was yet, and closed either way
+            metrics.REQUESTS_REJECTED.labels(self.settings.station_id, "framing_too_large").inc()
+            if self.cycle is None or not self.cycle.response_started:
+                self.transport.write(TOO_LARGE_HEADERS)
             self.transport.close()
 
     def _watch(self, stage: str, limit_s: float) -> None:
@@ -102,6 +115,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._watch("body", self.settings.ingest.body_timeout_s)
 
     def on_body(self, body: bytes) -> None:
+        self._framing_bytes -= len(body)
+        self._body_bytes += len(body)
         super().on_body(body)
         if self._stage == "stream first frame" and not self._first_frame_seen():
             return  # bytes that do not make a frame yet do not move the deadline
@@ -121,6 +136,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._watch("unread body", self.settings.ingest.header_timeout_s)  # answered early (a refusal)
 
     def on_message_complete(self) -> None:
+        self._framing_bytes = self._body_bytes = 0
         super().on_message_complete()
         self._unwatch()  # uvicorn's keep-alive timeout takes over once the response is sent
 

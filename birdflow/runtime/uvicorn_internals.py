@@ -20,7 +20,11 @@ BORROWED: tuple[Borrowed, ...] = (
         sets=("transport", "loop", "scope", "client", "flow", "cycle"),
     ),
     Borrowed(f"{PROTOCOL}.connection_made", "the header deadline starts", calls=("transport",)),
-    Borrowed(f"{PROTOCOL}.data_received", "header bytes counted: more than 64 KiB get 431", calls=("data",)),
+    Borrowed(
+        f"{PROTOCOL}.data_received",
+        "header bytes counted: more than 64 KiB get 431; trailers and chunk framing bounded too",
+        calls=("data",),
+    ),
     Borrowed(f"{PROTOCOL}.on_message_begin", "the next request's header deadline"),
     Borrowed(f"{PROTOCOL}.on_headers_complete", "the body's, or a stream's first frame's, deadline"),
     Borrowed(f"{PROTOCOL}.on_body", "activity moves the deadline on", calls=("body",)),
@@ -34,8 +38,8 @@ BORROWED: tuple[Borrowed, ...] = (
     ),
     Borrowed(
         "uvicorn.protocols.http.httptools_impl:RequestResponseCycle",
-        "a response sent before its request's body was read (a refusal)",
-        sets=("more_body",),
+        "a response sent before its request's body was read (a refusal), or none yet",
+        sets=("more_body", "response_started"),
     ),
 )
 

@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,3 +291,32 @@ def test_huge_headers_get_431_after_64_kib_and_cost_no_memory(tmp_path):
     assert len(results) == 20 and all(sent < 8 << 20 for sent, _ in results)
     assert sum(answer.startswith(b"HTTP/1.1 431") for _, answer in results) >= 15  # (a reset may hide a few)
     assert grown < 40
+
+
+def test_endless_chunked_trailers_without_a_token_are_cut_after_64_kib_and_cost_no_memory(tmp_path):
+    """A chunked upload without a token whose last chunk is followed by a trailer line without end (the parser
+    holds a trailer whole): 20 connections, each cut once what is no body passes 64 KiB, the ingest (in this
+    process) a few MB larger and answering its health check meanwhile."""
+    settings = Settings(data_dir=tmp_path / "data", ingest_auth="on")
+    head = b"POST /recordings_upload HTTP/1.1\r\nHost: station\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Trailer: "
+    with serving(settings) as port:
+        before = resident_mb()
+        started = time.monotonic()
+        results: list[tuple[int, bytes]] = []
+        senders = [
+            threading.Thread(target=lambda: results.append(send_until_closed(port, head, b"a" * (256 << 10), 40 << 20)))
+            for _ in range(20)
+        ]
+        for sender in senders:
+            sender.start()
+        health = httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=10)
+        for sender in senders:
+            sender.join(60)
+        took = time.monotonic() - started
+        grown = resident_mb() - before
+    print(
+        f"20 x 40 MiB trailers: sent at most {max(sent for sent, _ in results) >> 10} KiB each in {took:.1f} s; "
+        f"ingest RSS +{grown:.0f} MB"
+    )
+    assert health.status_code == 200 and len(results) == 20 and all(sent < 8 << 20 for sent, _ in results)
+    assert grown < 40 and took < 20
