@@ -77,31 +77,44 @@ class ChannelError(Refused):
     """The channel's address cannot be used; the message says what was expected."""
 
 
-def _webhook(target: str, allow_loopback: bool = False):
+# where a channel may send: the internet only, also private networks (a receiver on the LAN), also this machine
+REACHES = ("public", "private", "loopback")
+# private networks (RFC 1918, carrier-grade NAT, IPv6 unique local): a LAN's hosts, a cloud's internal services
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(network)
+    for network in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+
+
+def _webhook(target: str, reach: str = "public"):
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
-    _require_http(target, "a webhook URL", allow_loopback)
-    # the body is the JSON document (WEBHOOK_BODY), sent as it is
+    _require_http(target, "a webhook URL", reach)
+    # the body is the JSON document (WEBHOOK_BODY), sent as it is; Prefect checks the address again when it sends
     return CustomWebhookNotificationBlock(
-        name="birdflow", url=target, form_data="{{body}}", headers={"Content-Type": "application/json"}
+        name="birdflow",
+        url=target,
+        form_data="{{body}}",
+        headers={"Content-Type": "application/json"},
+        allow_private_urls=reach != "public",
     )
 
 
-def _slack(target: str, allow_loopback: bool = False):
+def _slack(target: str, reach: str = "public"):
     from prefect.blocks.notifications import SlackWebhook
 
-    _require_http(target, "a Slack incoming-webhook URL", allow_loopback)
-    return SlackWebhook(url=target)
+    _require_http(target, "a Slack incoming-webhook URL", reach)
+    return SlackWebhook(url=target, allow_private_urls=reach != "public")
 
 
-def _teams(target: str, allow_loopback: bool = False):
+def _teams(target: str, reach: str = "public"):
     from prefect.blocks.notifications import MicrosoftTeamsWebhook
 
-    _require_http(target, "a Microsoft Teams webhook URL", allow_loopback)
-    return MicrosoftTeamsWebhook(url=target)
+    _require_http(target, "a Microsoft Teams webhook URL", reach)
+    return MicrosoftTeamsWebhook(url=target, allow_private_urls=reach != "public")
 
 
-def _discord(target: str, allow_loopback: bool = False):
+def _discord(target: str, reach: str = "public"):
     from prefect.blocks.notifications import DiscordWebhook
 
     match = re.search(r"/api/webhooks/(\d+)/([\w-]+)", target)
@@ -110,7 +123,7 @@ def _discord(target: str, allow_loopback: bool = False):
     return DiscordWebhook(webhook_id=match.group(1), webhook_token=match.group(2))
 
 
-def _email(target: str, allow_loopback: bool = False):
+def _email(target: str, reach: str = "public"):
     from prefect.blocks.notifications import SendgridEmail
 
     addresses = [part.strip() for part in target.split(",") if part.strip()]
@@ -122,21 +135,32 @@ def _email(target: str, allow_loopback: bool = False):
     return SendgridEmail(api_key=key, sender_email=os.environ.get("SENDGRID_SENDER", addresses[0]), to_emails=addresses)
 
 
-def _require_http(target: str, what: str, allow_loopback: bool = False) -> None:
-    """An http(s) URL without template braces, whose host is not this machine's loopback (unless allowed: a
-    relay on the station itself) nor a link-local address (the cloud's metadata service, 169.254.169.254):
-    notifications must not reach the station's own APIs."""
+def _require_http(target: str, what: str, reach: str = "public") -> None:
+    """An http(s) URL without template braces whose host, every address it resolves to checked (an IPv4 address
+    written as IPv6 as the IPv4 one), is on the internet, or also on a private network (`reach` private), or also
+    this machine (`reach` loopback: a relay on the station itself). Never a link-local address (the cloud's
+    metadata service, 169.254.169.254), nor a name that does not resolve here: notifications must not reach the
+    station's own APIs or its network's."""
     parsed = urlparse(target)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ChannelError(f"expected {what} (http:// or https://), got {target!r}")
     if "{" in target or "}" in target:
         raise ChannelError(f"{what} must not hold template braces ({{ }}): {target!r}")
-    for address in _addresses(parsed.hostname):
-        if address.is_link_local or address.is_unspecified or address.is_multicast:
+    found = _addresses(parsed.hostname)
+    if not found:
+        raise ChannelError(f"{what}: {parsed.hostname!r} does not resolve from this station")
+    for address in found:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_link_local or address.is_unspecified or address.is_multicast or address.is_reserved:
             raise ChannelError(f"{what} must not point at {address} (a link-local or unroutable address)")
-        if address.is_loopback and not allow_loopback:
+        if address.is_loopback and reach != "loopback":
             raise ChannelError(
                 f"{what} points at this machine ({address}): add --allow-loopback for a relay running here"
+            )
+        if any(address in network for network in PRIVATE_NETWORKS) and reach == "public":
+            raise ChannelError(
+                f"{what} points into a private network ({address}): add --allow-private for a receiver on it"
             )
 
 
@@ -153,7 +177,7 @@ def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in found]
 
 
-CHANNELS: dict[str, Callable[[str, bool], Block]] = {
+CHANNELS: dict[str, Callable[[str, str], Block]] = {
     "webhook": _webhook,
     "slack": _slack,
     "discord": _discord,
@@ -166,14 +190,12 @@ def automation_name(settings: Settings, block_name: str, event: str = "rare") ->
     return f"birdflow {settings.station_id}: {event} species -> {block_name}"
 
 
-def add_channel(
-    settings: Settings, kind: str, target: str, name: str = "", allow_loopback: bool = False
-) -> tuple[str, str]:
+def add_channel(settings: Settings, kind: str, target: str, name: str = "", reach: str = "public") -> tuple[str, str]:
     """Save the channel's block and (re)create its automations; returns (block name, the rare automation's id)."""
     from prefect.automations import Automation, EventTrigger, SendNotification
     from prefect.events.schemas.automations import Posture
 
-    block = CHANNELS[kind](target, allow_loopback)
+    block = CHANNELS[kind](target, reach)
     block_name = BLOCK_PREFIX + (name or f"{settings.station_id}-{kind}")
     if not re.fullmatch(r"[a-z0-9-]+", block_name):
         raise ChannelError(f"channel name {name!r}: use lower-case letters, digits and '-'")

@@ -106,14 +106,36 @@ def test_a_recordings_new_species_are_notified_in_one_message_through_a_prefect_
         "http://0.0.0.0:4200/",
         "https://hooks.example/{{ event }}",
         "ftp://hooks.example/x",
+        # IPv4 addresses written as IPv6, private networks, the cloud's metadata service, a name that does not resolve
+        "http://[::ffff:127.0.0.1]:4200/",
+        "http://[::ffff:7f00:1]/x",
+        "http://[0:0:0:0:0:ffff:127.0.0.1]/x",
+        "http://[::ffff:169.254.169.254]/latest",
+        "http://[fd00:ec2::254]/latest",
+        "http://10.1.2.3/hook",
+        "http://192.168.1.20:8123/api/webhook/x",
+        "http://no-such-host.invalid/hook",
     ],
 )
-def test_a_webhook_cannot_point_at_the_station_itself_nor_at_link_local_addresses(url):
+def test_a_webhook_cannot_point_at_the_station_itself_its_network_nor_at_link_local_addresses(url):
     from birdflow.app.notify import CHANNELS, ChannelError
 
     with pytest.raises(ChannelError):
-        CHANNELS["webhook"](url, False)
-    CHANNELS["webhook"]("https://203.0.113.7/hook", False)  # an address elsewhere: taken
+        CHANNELS["webhook"](url, "public")
+    block = CHANNELS["webhook"]("https://203.0.113.7/hook", "public")  # an address elsewhere: taken
+    assert block.allow_private_urls is False  # and checked again by Prefect when it sends
+
+
+def test_a_receiver_on_the_lan_or_this_machine_is_taken_only_when_allowed():
+    from birdflow.app.notify import CHANNELS, ChannelError
+
+    lan = "http://192.168.1.20:8123/api/webhook/birds"
+    assert CHANNELS["webhook"](lan, "private").allow_private_urls is True
+    with pytest.raises(ChannelError, match="--allow-loopback"):
+        CHANNELS["webhook"]("http://[::ffff:127.0.0.1]:8000/", "private")
+    CHANNELS["webhook"]("http://127.0.0.1:8000/hook", "loopback")
+    with pytest.raises(ChannelError, match="link-local"):
+        CHANNELS["webhook"]("http://[::ffff:169.254.169.254]/", "loopback")
 
 
 def test_a_webhook_message_is_one_json_document_whatever_the_names_hold():

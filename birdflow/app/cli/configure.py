@@ -119,14 +119,17 @@ def cmd_notify(args) -> int:
         return notify_command(args, settings)
 
 
+def reach_of(args) -> str:
+    """Where the channel may send (birdflow.app.notify.REACHES), from --allow-loopback and --allow-private."""
+    return "loopback" if args.allow_loopback else "private" if args.allow_private else "public"
+
+
 def notify_command(args, settings) -> int:
     from birdflow.app import notify
 
     if args.notify_command == "add":
         try:
-            block, automation = notify.add_channel(
-                settings, args.kind, args.target, args.name or "", args.allow_loopback
-            )
+            block, automation = notify.add_channel(settings, args.kind, args.target, args.name or "", reach_of(args))
         except notify.ChannelError as exc:
             raise SystemExit(f"birdflow: {exc}") from None
         print(
@@ -198,7 +201,12 @@ def add_commands(commands) -> None:
         "target", help="the webhook URL, or e-mail addresses separated by commas (SENDGRID_API_KEY)"
     )
     add_channel.add_argument(
-        "--allow-loopback", action="store_true", help="let the URL point at this machine (a relay running here)"
+        "--allow-loopback",
+        action="store_true",
+        help="let the URL point at this machine (a relay running here), or a private network",
+    )
+    add_channel.add_argument(
+        "--allow-private", action="store_true", help="let the URL point into a private network (a receiver on the LAN)"
     )
     add_channel.add_argument("--name", help="name of the channel (default: <station>-<kind>); lower case, digits, '-'")
     notify_commands.add_parser("list", help="this station's channels and their automations")
