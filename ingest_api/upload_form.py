@@ -25,6 +25,9 @@ def _bad_form(detail: str) -> Rejection:
     return Rejection(400, "bad_form", f"expected multipart/form-data with a 'file' field: {detail}")
 
 
+MAX_BOUNDARY = 70  # RFC 2046, section 5.1.1
+
+
 class UploadForm:
     """Feed it the body's chunks, then finish(); `fields` and `file_bytes` tell what came."""
 
@@ -32,6 +35,8 @@ class UploadForm:
         media, options = parse_options_header(content_type or "")
         if media != b"multipart/form-data" or not options.get(b"boundary"):
             raise _bad_form(f"Content-Type is {content_type or '(none)'}")
+        if len(options[b"boundary"]) > MAX_BOUNDARY:
+            raise _bad_form(f"a boundary of {len(options[b'boundary'])} characters (RFC 2046 allows {MAX_BOUNDARY})")
         self.fields: dict[str, str] = {}
         self.file_name: str | None = None
         self.file_bytes = 0

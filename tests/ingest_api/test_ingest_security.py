@@ -320,3 +320,17 @@ def test_endless_chunked_trailers_without_a_token_are_cut_after_64_kib_and_cost_
     )
     assert health.status_code == 200 and len(results) == 20 and all(sent < 8 << 20 for sent, _ in results)
     assert grown < 40 and took < 20
+
+
+def test_a_multipart_boundary_longer_than_rfc_2046_allows_is_a_400_like_any_malformed_form(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    with serving(settings) as port:
+        for length in (71, 300, 5000):
+            answer = httpx.post(
+                f"http://{LOOPBACK}:{port}/recordings_upload",
+                content=b"--x\r\n",
+                headers={"Content-Type": f"multipart/form-data; boundary={'b' * length}"},
+                timeout=10,
+            )
+            assert answer.status_code == 400 and f"a boundary of {length} characters" in answer.json()["error"]
+    assert not settings.recordings_dir.exists() or not any(settings.recordings_dir.iterdir())  # nothing kept
