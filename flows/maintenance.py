@@ -121,11 +121,8 @@ def write_listener_health(settings: Settings) -> dict[str, int]:
     except Exception as exc:
         get_run_logger().warning("listener health not written yet (%s: %s)", type(exc).__name__, exc)
         return {"reports": 0, "waiting": table.num_rows}
-    if resources.outbox is not None:
-        # published for listeners the station has recordings of: made-up ids are neither retained nor devices
-        known = resources.ledger.listener_ids()
-        reports = [report for report in table.to_pylist() if report["listener_id"] in known]
-        resources.outbox.put(health_messages(reports, topics_of(settings), resources.mqtt_state))
+    if resources.outbox is not None:  # the station's own listeners only: the ingest keeps no made-up ids
+        resources.outbox.put(health_messages(table.to_pylist(), topics_of(settings), resources.mqtt_state))
     for path in files:
         path.unlink(missing_ok=True)
     return {"reports": table.num_rows}

@@ -11,6 +11,7 @@ import hmac
 import time
 from ipaddress import ip_address
 
+from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.ingest_api.checks import Rejection
 from birdflow.settings import Settings
@@ -39,19 +40,23 @@ class IngestAccess:
         self.exempt = frozenset(settings.ingest.ingest_auth_exempt)
         self.metrics_token = settings.observability.metrics_token.get_secret_value()
         self.tokens = ListenerTokens(settings.listener_tokens_file)
+        self.ledger_file = settings.processed_record_file
         self._registered: frozenset[str] = frozenset()
+        self._heard: frozenset[str] = frozenset()
         self._registered_at = -KNOWN_REFRESH_S
 
     def known_listener(self, listener_id: str) -> bool:
         """One of the station's listeners (`birdflow listeners add`, or exempt): what UDP health, which carries
         no token, trusts with gauges and a place in its table. A station that requires no token and has
-        registered no one knows all comers."""
+        registered no one knows the listeners it has recordings of (made-up ids in datagrams are not kept)."""
         now = time.monotonic()
         if now - self._registered_at >= KNOWN_REFRESH_S:
             self._registered = frozenset(record.listener_id for record in self.tokens.listed())
+            if not self.required and not self._registered and self.ledger_file.exists():
+                self._heard = frozenset(ProcessedLedger(self.ledger_file).listener_ids())
             self._registered_at = now
         if not self.required and not self._registered:
-            return True
+            return listener_id in self._heard
         return listener_id in self._registered or listener_id in self.exempt
 
     def _owner(self, token: str | None, listener_id: str | None) -> str | None:

@@ -17,7 +17,16 @@ from birdflow.settings import Settings
 def create_app(settings: Settings) -> FastAPI:
     ingest = IngestState(settings)
     # no redirect to the same path with a slash: it would be built from the request's Host header
-    app = FastAPI(title="birdflow ingest API", version="1", lifespan=ingest.lifespan, redirect_slashes=False)
+    # no /docs, /redoc or /openapi.json: the protocol is docs/listener-protocol.md, and a stranger learns nothing
+    app = FastAPI(
+        title="birdflow ingest API",
+        version="1",
+        lifespan=ingest.lifespan,
+        redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.ingest = ingest
     for routes in (streams, uploads, health, clips):
         app.include_router(routes.router)

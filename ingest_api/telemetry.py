@@ -53,8 +53,9 @@ class HealthSpool:
 
 
 class HealthReceiver(asyncio.DatagramProtocol):
-    """Reports of the station's own listeners become gauges; those of ids it does not know are only spooled (the
-    metrics stay bounded by the real listeners, whatever ids a flood makes up)."""
+    """Reports of the station's own listeners become gauges and rows of listener_health; those of ids it does not
+    know are counted (refused, unknown_listener) and kept nowhere: the metrics, the table and MQTT's retained
+    topics stay bounded by the real listeners, whatever ids a flood makes up."""
 
     def __init__(self, settings: Settings, spool: HealthSpool, known: Callable[[str], bool]):
         self.station = settings.station_id
@@ -66,15 +67,14 @@ class HealthReceiver(asyncio.DatagramProtocol):
         now = time.time()
         try:
             report = parse_datagram(data, now)
-            known = self.known(report.listener_id)
-            self.limit.admit(report.listener_id, now, known)
+            if not self.known(report.listener_id):
+                raise HealthRefused("unknown_listener")
+            self.limit.admit(report.listener_id, now)
         except HealthRefused as refused:
             metrics.HEALTH_REFUSED.labels(self.station, refused.reason).inc()
             return
         metrics.HEALTH_REPORTS.labels(self.station).inc()
         self.spool.add(report)
-        if not known:
-            return
         metrics.LISTENER_LAST_HEALTH.labels(self.station, report.listener_id).set(now)
         for name, gauge in metrics.LISTENER_HEALTH.items():
             value = getattr(report, name)

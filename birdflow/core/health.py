@@ -104,36 +104,27 @@ def parse_datagram(data: bytes, received_at: float) -> HealthReport:
 
 
 class RateLimit:
-    """At most one report per listener per `min_interval_s`, and at most `max_listeners` listeners tracked. The
-    station's own listeners (`known`) come first: one of them takes the place of the longest silent unknown id,
-    whereas an unknown id only takes the place of an unknown one silent for ten intervals, so that a flood of
-    made-up ids can neither refuse nor push out a real listener."""
+    """At most one report per listener per `min_interval_s`, and at most `max_listeners` listeners tracked (the
+    station's own: the ingest refuses ids it does not know before they get here); a new one takes the place of the
+    longest silent one once that one was silent for ten intervals."""
 
     def __init__(self, min_interval_s: float, max_listeners: int):
         self.min_interval_s = min_interval_s
         self.max_listeners = max_listeners
-        self._last: OrderedDict[str, tuple[float, bool]] = OrderedDict()  # id -> (last report, known), oldest first
+        self._last: OrderedDict[str, float] = OrderedDict()  # id -> last report, the longest silent first
 
-    def admit(self, listener_id: str, now: float, known: bool = False) -> None:
+    def admit(self, listener_id: str, now: float) -> None:
         """Take the report, or raise HealthRefused."""
         last = self._last.get(listener_id)
-        if last is not None and now - last[0] < self.min_interval_s:
+        if last is not None and now - last < self.min_interval_s:
             raise HealthRefused("rate_limited")
         if last is None and len(self._last) >= self.max_listeners:
-            del self._last[self._room_for(known, now)]
-        self._last[listener_id] = (now, known)
+            longest_silent = next(iter(self._last))
+            if now - self._last[longest_silent] < self.min_interval_s * 10:
+                raise HealthRefused("too_many_listeners")
+            del self._last[longest_silent]
+        self._last[listener_id] = now
         self._last.move_to_end(listener_id)
-
-    def _room_for(self, known: bool, now: float) -> str:
-        """The id to forget for a new one: for a known listener, the longest silent unknown id; otherwise the
-        longest silent one of its kind, once silent for ten intervals."""
-        unknown = next((listener for listener, (_, was_known) in self._last.items() if not was_known), None)
-        if known and unknown is not None:
-            return unknown
-        candidate = next(iter(self._last)) if known else unknown
-        if candidate is None or now - self._last[candidate][0] < self.min_interval_s * 10:
-            raise HealthRefused("too_many_listeners")
-        return candidate
 
     @property
     def tracked(self) -> int:

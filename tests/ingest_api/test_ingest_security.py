@@ -334,3 +334,10 @@ def test_a_multipart_boundary_longer_than_rfc_2046_allows_is_a_400_like_any_malf
             )
             assert answer.status_code == 400 and f"a boundary of {length} characters" in answer.json()["error"]
     assert not settings.recordings_dir.exists() or not any(settings.recordings_dir.iterdir())  # nothing kept
+
+
+def test_the_ingest_serves_no_api_documentation_to_strangers(tmp_path):
+    with serving(Settings(data_dir=tmp_path / "data", ingest_auth="on")) as port:
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            assert httpx.get(f"http://{LOOPBACK}:{port}{path}", timeout=10).status_code == 404, path
+        assert httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=10).status_code == 200

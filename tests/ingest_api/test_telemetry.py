@@ -9,6 +9,7 @@ import time
 
 from prometheus_client import REGISTRY
 
+from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.sql import query, station_tables
 from birdflow.settings import Settings
 from birdflow_tools.testbed import free_port, wait_until
@@ -34,10 +35,20 @@ def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monke
     )
     refused = lambda reason: sample("birdflow_listener_health_refused_total", station="telemetry", reason=reason)  # noqa: E731
     taken = lambda: sample("birdflow_listener_health_reports_total", station="telemetry")  # noqa: E731
-    before = {
-        reason: refused(reason)
-        for reason in ("not_json", "schema", "listener_id", "too_large", "rate_limited", "too_many_listeners")
-    }
+    reasons = (
+        "not_json",
+        "schema",
+        "listener_id",
+        "too_large",
+        "rate_limited",
+        "too_many_listeners",
+        "unknown_listener",
+    )
+    before = {reason: refused(reason) for reason in reasons}
+    # no token asked for and no one registered: the station knows the listeners it has recordings of
+    ledger = ProcessedLedger(settings.processed_record_file)
+    for listener in ("probe", "mic-1", "mic-2", "mic-3", *(f"mic-{number}" for number in range(10, 60))):
+        ledger.record(f"{listener}_20250601T000000Z_abababab", "a1")
     with serving(settings), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
 
         def send(body):
@@ -51,12 +62,13 @@ def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monke
         send({"listener_id": "../../etc", "battery_v": 3.9})
         send(b"{" + b" " * 600 + b"}")
         wait_until(lambda: taken() >= 3 and refused("too_large") > before["too_large"], 10, "the first datagrams")
-        # a flood: 2000 datagrams from 100 made-up listeners, as fast as the socket takes them
+        # a flood: 2000 datagrams, from 50 of the station's listeners and 50 made-up ids, as fast as the socket goes
         at_flood = {reason: refused(reason) for reason in before}
         taken_at_flood = taken()
         started = time.monotonic()
         for number in range(2000):
-            send({"listener_id": f"flood-{number % 100}", "battery_v": 3.0})
+            listener = f"mic-{10 + number % 50}" if number % 2 else f"made-up-{number % 100}"
+            send({"listener_id": listener, "battery_v": 3.0})
         flood_s = time.monotonic() - started
         accounted = lambda: taken() - taken_at_flood + sum(refused(reason) - at_flood[reason] for reason in before)  # noqa: E731
         settled = []
@@ -73,10 +85,10 @@ def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monke
     )
     assert refused("not_json") - before["not_json"] == 1 and refused("schema") - before["schema"] == 1
     assert refused("listener_id") - before["listener_id"] == 1 and refused("too_large") - before["too_large"] == 1
-    # at most 40 listeners tracked, each once per 30 s: the flood adds at most 37 (3 are tracked already)
+    # made-up ids kept nowhere; at most 40 listeners tracked, each once per 30 s: the flood adds at most 37
     flood_taken = taken() - taken_at_flood
-    assert 1 <= flood_taken <= 37
-    flood_refused = sum(refused(reason) - at_flood[reason] for reason in ("rate_limited", "too_many_listeners"))
+    assert 1 <= flood_taken <= 37 and refused("unknown_listener") - at_flood["unknown_listener"] >= 100
+    flood_refused = sum(refused(reason) - at_flood[reason] for reason in reasons)
     assert flood_refused == flood_seen - flood_taken
     # the ingest closed its spool when it stopped; maintenance makes it the table listener_health
     monkeypatch.setattr(run_resources, "_current", None)
@@ -84,13 +96,19 @@ def test_health_datagrams_are_checked_counted_bounded_and_tabled(tmp_path, monke
     assert write_listener_health.fn(settings)["reports"] == taken()
     assert not list(settings.health_spool_dir.iterdir())
     rows = query(
-        "SELECT listener_id, battery_v, firmware FROM listener_health WHERE listener_id LIKE 'mic-%' ORDER BY 1",
+        "SELECT listener_id, battery_v, firmware FROM listener_health"
+        " WHERE listener_id IN ('mic-1', 'mic-2') ORDER BY 1",
         station_tables(settings.table_folders),
     ).to_pylist()
     assert rows == [
         {"listener_id": "mic-1", "battery_v": 3.9, "firmware": "1.2.0"},
         {"listener_id": "mic-2", "battery_v": 3.4, "firmware": None},
     ]
+    made_up = query(
+        "SELECT count(*) AS n FROM listener_health WHERE listener_id LIKE 'made-up-%'",
+        station_tables(settings.table_folders),
+    )
+    assert made_up.to_pylist() == [{"n": 0}]
 
 
 def test_a_flood_of_made_up_ids_leaves_the_stations_listeners_their_place_and_makes_no_gauges(tmp_path):
@@ -111,6 +129,9 @@ def test_a_flood_of_made_up_ids_leaves_the_stations_listeners_their_place_and_ma
     def taken():
         return sample("birdflow_listener_health_reports_total", station="made-up")
 
+    def unknown():
+        return sample("birdflow_listener_health_refused_total", station="made-up", reason="unknown_listener")
+
     def last_seen(listener):
         return sample("birdflow_listener_health_last_seen_timestamp_seconds", station="made-up", listener=listener)
 
@@ -119,6 +140,7 @@ def test_a_flood_of_made_up_ids_leaves_the_stations_listeners_their_place_and_ma
         wait_until(
             lambda: (send({"listener_id": "mic-1", "battery_v": 3.9}), last_seen("mic-1") > 0)[1], 10, "mic-1 heard"
         )
+        before_flood = taken()
         for round_ in range(2):  # 1000 made-up ids, twice
             for number in range(1000):
                 send({"listener_id": f"fake-{round_}-{number}", "battery_v": 1.0})
@@ -132,7 +154,7 @@ def test_a_flood_of_made_up_ids_leaves_the_stations_listeners_their_place_and_ma
         wait_until(
             lambda: sample("birdflow_listener_battery_v", station="made-up", listener="mic-1") == 3.8, 10, "mic-1 again"
         )
-    assert flooded > 50  # the flood was read (and spooled, within the table's 100 places)
+    assert unknown() > 50 and flooded == before_flood  # the flood was read, refused and kept nowhere
     gauges = [metric for metric in REGISTRY.collect() if metric.name == "birdflow_listener_battery_v"]
     listeners = {
         sample.labels["listener"]
