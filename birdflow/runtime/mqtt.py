@@ -27,6 +27,7 @@ BATCH = 100  # messages in flight at once (paho's own window is raised to match)
 ACK_TIMEOUT_S = 10.0
 IDLE_POLL_S = 0.5
 LOCK_RETRY_S = 5.0  # a process waiting to publish tries the lock this often
+CA_FILE_RETRY_S = 60.0  # a CA file that cannot be read is looked at again this often
 PR_SET_NAME = 15
 
 
@@ -74,15 +75,15 @@ class Publisher:
         self.client.max_inflight_messages_set(BATCH)
         if options.mqtt_username:
             self.client.username_pw_set(options.mqtt_username, options.mqtt_password.get_secret_value() or None)
-        if options.mqtt_tls:
-            self.client.tls_set(ca_certs=str(options.mqtt_ca_file) if options.mqtt_ca_file else None)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         # the broker says `offline` for the station when its connection drops without a goodbye
         self.client.will_set(self.topics.availability, "offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
         self._refused = ""
+        self._unreachable = False  # said once per outage
         self._stopping = False  # a disconnect then is this side's own
 
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
@@ -92,6 +93,7 @@ class Publisher:
             self._refused = str(reason)
             return
         self._refused = ""
+        self._unreachable = False
         log.info("MQTT: connected to %s:%d", self.settings.mqtt.mqtt_host, self.settings.mqtt.mqtt_port)
         client.publish(self.topics.availability, "online", qos=1, retain=True)
         if self.topics.discovery_prefix:
@@ -105,6 +107,38 @@ class Publisher:
         if message.topic == self.topics.home_assistant_status and message.payload == b"online":
             log.info("MQTT: Home Assistant is online; discovery sent again")
             self.outbox.put(self.state.every_config())
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        if not self._unreachable:
+            options = self.settings.mqtt
+            tls = " or the TLS handshake failed (settings 'mqtt_tls', 'mqtt_ca_file')" if options.mqtt_tls else ""
+            log.error(
+                "MQTT: cannot connect to %s:%d: the broker is away%s; messages wait, tried again",
+                options.mqtt_host,
+                options.mqtt_port,
+                tls,
+            )
+        self._unreachable = True
+
+    def _use_tls(self, stop: threading.Event) -> bool:
+        """TLS as the settings ask, once its CA file can be read; until then messages wait (False when stopped
+        first). A wrong path is said once, with the setting's name, and looked at again every minute."""
+        options = self.settings.mqtt
+        said = False
+        while not stop.is_set():
+            try:
+                self.client.tls_set(ca_certs=str(options.mqtt_ca_file) if options.mqtt_ca_file else None)
+                return True
+            except (OSError, ValueError) as exc:
+                if not said:
+                    log.error(
+                        "MQTT: setting 'mqtt_ca_file' (%s) cannot be used: %s; messages wait until it can",
+                        options.mqtt_ca_file,
+                        exc,
+                    )
+                    said = True
+            stop.wait(CA_FILE_RETRY_S)
+        return False
 
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
         if self.connected.is_set() and not self._stopping:
@@ -141,6 +175,8 @@ class Publisher:
 
     def _publish(self, stop: threading.Event) -> None:
         options = self.settings.mqtt
+        if options.mqtt_tls and not self._use_tls(stop):
+            return
         self.client.connect_async(options.mqtt_host, options.mqtt_port, keepalive=30)
         network = threading.Thread(target=self._network, name="mqtt-network", daemon=True)
         network.start()

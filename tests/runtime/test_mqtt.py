@@ -282,3 +282,23 @@ def test_home_assistant_sees_the_station_come_and_go_and_gets_each_config_once_a
             os.kill(station.pid, signal.SIGKILL)
         subscriber.close()
         broker.stop()
+
+
+def test_a_ca_file_that_cannot_be_read_or_a_failing_handshake_is_said_once_and_messages_wait(tmp_path, caplog):
+    broker = Mosquitto(tmp_path / "broker").start()  # no TLS: a handshake with it fails
+    missing = settings_for(tmp_path / "a", broker, mqtt_tls=True, mqtt_ca_file=tmp_path / "no-such-ca.crt")
+    publisher, stop = publishing(missing)
+    try:
+        publisher.outbox.put(numbered(3))
+        wait_until(lambda: "setting 'mqtt_ca_file'" in caplog.text, 10, "the CA file named in the log")
+        assert len(publisher.outbox) == 3  # waiting, the publishing thread alive (no executor exits over it)
+        stop.set()
+        handshake = settings_for(tmp_path / "b", broker, mqtt_tls=True)
+        publisher, stop = publishing(handshake)
+        publisher.outbox.put(numbered(3))
+        wait_until(lambda: "TLS handshake failed" in caplog.text, 20, "the failed handshake in the log")
+        time.sleep(4)  # more attempts (the reconnect delay starts at 1 s)
+        assert caplog.text.count("cannot connect to") == 1 and len(publisher.outbox) == 3
+    finally:
+        stop.set()
+        broker.stop()
