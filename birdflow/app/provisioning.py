@@ -48,7 +48,7 @@ MQTT_PASSWORD=
 CENTRAL_API_AUTH_STRING=
 # an existing Postgres for the embedded Prefect server: postgresql+asyncpg://user:password@host/db
 # PREFECT_DATABASE_URL=
-# the central Prefect server, in a fleet: http://prefect.example:4200/api
+# the central Prefect server, in a fleet, behind TLS: https://prefect.example.org/api (docs/fleet.md, "TLS")
 # PREFECT_API_URL=
 """
 

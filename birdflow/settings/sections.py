@@ -14,6 +14,23 @@ from birdflow.core.errors import SettingsError
 from birdflow.core.listener_ids import validate_listener_id
 
 
+def crosses_the_network_in_clear(url: str) -> bool:
+    """An http:// address whose host is not this machine's loopback."""
+    from ipaddress import ip_address
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 def comma_list(value: Any) -> Any:
     """Lists are YAML lists or comma-separated environment values."""
     if isinstance(value, str):
@@ -204,6 +221,30 @@ class PrefectSettings(Section):
         3, ge=0, le=20, description="Retries of the I/O tasks (write detections, archive, a fetch from the archive)"
     )
     retry_delay_s: float = Field(2.0, ge=0, description="First retry delay; doubles on each retry")
+
+    allow_plain_http_api: bool = Field(
+        False,
+        description=(
+            "Let a Prefect auth string go over plain http:// to a host that is not this machine (a private network "
+            "you trust, such as one host's container network); otherwise refused at start: use https://"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _no_password_in_clear(self) -> PrefectSettings:
+        for url_name, auth_name in (
+            ("prefect_api_url", "prefect_api_auth_string"),
+            ("central_api_url", "central_api_auth_string"),
+        ):
+            url = getattr(self, url_name)
+            if url and getattr(self, auth_name).get_secret_value() and not self.allow_plain_http_api:
+                if crosses_the_network_in_clear(url):
+                    raise SettingsError(
+                        f"setting '{url_name}' is {url}: the password in '{auth_name}' would cross the network in "
+                        'clear. Serve that Prefect API over https:// (docs/fleet.md, "TLS") and name it so, or set '
+                        "'allow_plain_http_api: true' on a private network you trust"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _central_is_another_server(self) -> PrefectSettings:

@@ -11,7 +11,7 @@ import pytest
 from birdflow.core.birdnet import Detection
 from birdflow.core.detections import detections_table
 from birdflow.core.sinks import InfluxSink, ParquetSink, read_detections
-from birdflow.settings import SettingsError, load_settings
+from birdflow.settings import Settings, SettingsError, load_settings
 from birdflow_tools.testbed import parse_line
 from tests.builders import recording_info
 
@@ -263,3 +263,33 @@ def test_hourly_counts_go_to_their_own_influx_table(influx_server):
         measurement == "species_hourly" and tags["listener_id"] == "mic1" and tags["common_name"] == "Dark-eyed Junco"
     )
     assert fields["detections"] in (7, "7i") and int(stamp) == int(hour.timestamp() * 1e9)
+
+
+@pytest.mark.parametrize(
+    "values, refused",
+    [
+        (
+            {"central_api_url": "http://central:4200/api", "central_api_auth_string": "central:s3cret"},
+            "central_api_url",
+        ),
+        ({"prefect_api_url": "http://10.0.0.2:4200/api", "prefect_api_auth_string": "admin:s3cret"}, "prefect_api_url"),
+        ({"prefect_api_url": "http://[::ffff:10.0.0.2]:4200/api", "prefect_api_auth_string": "a:b"}, "prefect_api_url"),
+        ({"central_api_url": "https://central.example.org/api", "central_api_auth_string": "central:s3cret"}, None),
+        ({"central_api_url": "http://127.0.0.1:4200/api", "central_api_auth_string": "central:s3cret"}, None),
+        (
+            {
+                "prefect_api_url": "http://prefect:4200/api",
+                "prefect_api_auth_string": "a:b",
+                "allow_plain_http_api": True,
+            },
+            None,
+        ),
+        ({"prefect_api_url": "http://prefect:4200/api"}, None),  # no password to lose
+    ],
+)
+def test_a_prefect_password_is_refused_at_start_where_it_would_cross_the_network_in_clear(values, refused):
+    if refused is None:
+        Settings(**values)
+        return
+    with pytest.raises(ValueError, match=f"setting '{refused}' is .*https://.*allow_plain_http_api"):
+        Settings(**values)
