@@ -11,6 +11,7 @@ again about a decided detection. A verdict given later, wherever, replaces the e
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 from functools import cache
@@ -42,11 +43,14 @@ from birdflow.core.birdnet import model_labels
 from birdflow.core.links import link_key, signed_link
 from birdflow.core.mqtt_messages import removed_species_messages, review_messages
 from birdflow.core.reviews import (
+    REVIEWER_MAX,
+    SPECIES_TEXT_MAX,
     WRONG_VERDICTS,
     ReviewError,
     SpeciesNames,
     Verdict,
     id_of,
+    one_line,
     review_candidates,
     review_page,
     verdict_from,
@@ -66,8 +70,15 @@ class ReviewForm(RunInput):
     """The form the Prefect UI shows on Resume."""
 
     verdict: Literal["confirm", "reject", "relabel"] = Field(description="Is the model's label right?")
-    relabel_to: str = Field("", description="For relabel: the species it was (scientific or common name)")
-    reviewer: str = Field("", description="Who gives the verdict (a name or initials)")
+    relabel_to: str = Field(
+        "", max_length=SPECIES_TEXT_MAX, description="For relabel: the species it was (scientific or common name)"
+    )
+    reviewer: str = Field("", max_length=REVIEWER_MAX, description="Who gives the verdict (a name or initials)")
+
+
+def markdown_text(text: str) -> str:
+    """Text that markdown shows as it is: its markup characters escaped, on one line."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", one_line(text, 400))
 
 
 @cache
@@ -76,19 +87,26 @@ def species_names() -> SpeciesNames:
 
 
 def take_verdict(resources: RunResources, row: dict[str, Any], verdict: Verdict) -> None:
-    """The verdict stored (replacing an earlier one), the reviews table of the detection's day rewritten in every
-    sink, and published."""
-    day = resources.reviews.record(row, verdict)
-    table = resources.reviews.table(day)
-    write_all(resources.sinks, table, kind="reviews")
-    if resources.outbox is not None:
-        wanted = id_of(row)
-        topics = topics_of(resources.settings)
-        mine = [review for review in table.to_pylist() if review["detection_id"] == wanted]
-        messages = review_messages(mine, topics)
+    take_verdicts(resources, [(row, verdict)])
+
+
+def take_verdicts(resources: RunResources, decided: list[tuple[dict[str, Any], Verdict]]) -> None:
+    """The verdicts stored in one transaction (replacing earlier ones), the reviews table of each day they touch
+    rewritten once in every sink, and published."""
+    days = resources.reviews.record_all(decided)
+    tables = {day: resources.reviews.table(day) for day in sorted(days)}
+    for table in tables.values():
+        write_all(resources.sinks, table, kind="reviews")
+    if resources.outbox is None:
+        return
+    topics = topics_of(resources.settings)
+    wanted = {id_of(row): (row, verdict) for row, verdict in decided}
+    mine = [review for table in tables.values() for review in table.to_pylist() if review["detection_id"] in wanted]
+    messages = review_messages(mine, topics)
+    for key, (row, verdict) in wanted.items():
         if verdict.verdict in WRONG_VERDICTS:
-            messages += removed_species_messages(row["scientific_name"], wanted, topics, resources.mqtt_state)
-        resources.outbox.put(messages)
+            messages += removed_species_messages(row["scientific_name"], key, topics, resources.mqtt_state)
+    resources.outbox.put(messages)
 
 
 def reviews_wanted(table: pa.Table, rare_species: set[str], resources: RunResources) -> list[tuple[dict, str]]:
@@ -212,8 +230,8 @@ def review_detection(detection: dict[str, Any], reason: str = "rare"):
         )
         try:
             verdict = verdict_from(form.verdict, form.relabel_to, species_names(), form.reviewer or "prefect-ui", "ui")
-        except ReviewError as exc:
-            problem = f"**Not taken: {exc}.** Give the verdict again.\n\n"
+        except ReviewError as exc:  # what was typed, shown as text (never as markdown)
+            problem = f"**Not taken: {markdown_text(str(exc))}.** Give the verdict again.\n\n"
             continue
         take_verdict(resources, row, verdict)
         get_run_logger().info("%s: %s by %s", wanted, verdict.verdict, verdict.reviewer)

@@ -72,6 +72,22 @@ class ReviewError(Refused):
     """A verdict that cannot be taken: an unknown detection id or species, a malformed CSV line."""
 
 
+REVIEWER_MAX = 100  # characters of a reviewer's name
+SPECIES_TEXT_MAX = 120  # characters of a species as a person types it (the model's longest label has 60)
+
+
+def one_line(text: str, limit: int) -> str:
+    """What a person typed, as one line of at most `limit` characters: control characters (a newline that would
+    forge a log line) become spaces, runs of spaces one."""
+    return " ".join("".join(char if char.isprintable() else " " for char in text).split())[:limit]
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """Typed text quoted in a message: one line, cut where it is long."""
+    short = one_line(text, limit)
+    return repr(short + ("..." if len(text) > limit else ""))
+
+
 def detection_id(recording_id: str, analysis_id: str, start_s: float, scientific_name: str) -> str:
     """Twelve hex digits that name one detection: the same row always gets the same id."""
     key = f"{recording_id}\x1f{analysis_id}\x1f{start_s:g}\x1f{scientific_name}"
@@ -97,6 +113,10 @@ class Verdict:
     reviewed_at: float | None = None  # epoch seconds; now when not given
 
     def __post_init__(self) -> None:
+        reviewer = one_line(self.reviewer, REVIEWER_MAX)
+        if not reviewer:
+            raise ReviewError("the reviewer's name is empty")
+        object.__setattr__(self, "reviewer", reviewer)
         if self.verdict not in VERDICTS:
             raise ReviewError(f"verdict {self.verdict!r} is none of {', '.join(VERDICTS)}")
         if (self.verdict == "relabelled") != bool(self.scientific_name):
@@ -113,22 +133,24 @@ class SpeciesNames:
             self._by_name[scientific.lower()] = self._by_name[common.lower()] = (scientific, common)
 
     def resolve(self, name: str) -> tuple[str, str]:
+        if len(name) > SPECIES_TEXT_MAX:
+            raise ReviewError(f"{shown(name)} ({len(name)} characters) is no species of the model")
         found = self._by_name.get(name.strip().lower())
         if found is None:
             close = difflib.get_close_matches(name.strip().lower(), self._by_name, n=3, cutoff=0.75)
             hint = f" (did you mean {', '.join(repr(self._by_name[key][1]) for key in close)}?)" if close else ""
-            raise ReviewError(f"{name!r} is no species of the model{hint}")
+            raise ReviewError(f"{shown(name)} is no species of the model{hint}")
         return found
 
 
 def verdict_from(verdict_word: str, species: str, names: SpeciesNames, reviewer: str, via: str) -> Verdict:
     """A verdict from its command word (confirm, reject, relabel) and, for a relabel, the species it was."""
     if verdict_word not in VERDICT_OF_WORD:
-        raise ReviewError(f"verdict {verdict_word!r} is none of {', '.join(VERDICT_OF_WORD)}")
+        raise ReviewError(f"verdict {shown(verdict_word)} is none of {', '.join(VERDICT_OF_WORD)}")
     verdict = VERDICT_OF_WORD[verdict_word]
     if verdict != "relabelled":
         if species.strip():
-            raise ReviewError(f"a species is given only to relabel (got {species!r} with {verdict_word})")
+            raise ReviewError(f"a species is given only to relabel (got {shown(species)} with {verdict_word})")
         return Verdict(verdict, reviewer, via)
     if not species.strip():
         raise ReviewError("relabel needs the species it was")
@@ -179,23 +201,30 @@ class ReviewStore:
 
     def record(self, row: dict[str, Any], verdict: Verdict) -> datetime:
         """The detection's verdict (a later one replaces it); returns the detection's day, whose table changed."""
-        reviewed_at = verdict.reviewed_at if verdict.reviewed_at is not None else time.time()
-        day = row["time"].astimezone(timezone.utc).strftime("%Y-%m-%d")
-        self.database.execute(
-            "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                id_of(row),
-                _stored(row),
-                day,
-                verdict.verdict,
-                verdict.scientific_name,
-                verdict.common_name,
-                verdict.reviewer,
-                reviewed_at,
-                verdict.via,
-            ),
-        )
-        return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+        [day] = self.record_all([(row, verdict)])
+        return day
+
+    def record_all(self, decided: Sequence[tuple[dict[str, Any], Verdict]]) -> set[datetime]:
+        """The verdicts, all in one transaction (a file of them is taken whole or not at all); returns the days
+        whose tables changed."""
+        now = time.time()
+        rows = []
+        for row, verdict in decided:
+            day = row["time"].astimezone(timezone.utc).strftime("%Y-%m-%d")
+            reviewed_at = verdict.reviewed_at if verdict.reviewed_at is not None else now
+            rows.append(
+                (id_of(row), _stored(row), day, verdict.verdict, verdict.scientific_name, verdict.common_name)
+                + (verdict.reviewer, reviewed_at, verdict.via)
+            )
+        execute = self.database.execute
+        execute("BEGIN IMMEDIATE")
+        try:
+            self.database.executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            execute("COMMIT")
+        except BaseException:
+            execute("ROLLBACK")
+            raise
+        return {datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc) for _, _, day, *_ in rows}
 
     def verdict_given(self, wanted: str) -> Verdict | None:
         """The latest verdict on the detection, None when it has none."""
@@ -337,9 +366,28 @@ class VerdictLine:
 VERDICT_CSV_COLUMNS = ("id", "verdict", "species", "reviewer")
 
 
-def verdict_lines(text: str) -> list[VerdictLine]:
-    """A CSV of verdicts (header `id,verdict[,species][,reviewer]`): every line checked before any is taken, the
-    first bad one named by its line number."""
+MAX_VERDICT_LINES = 100_000  # a CSV of verdicts is taken whole or not at all: bounded, so is its memory
+MAX_VERDICT_FILE_BYTES = 16 << 20
+
+
+def verdict_lines(data: bytes) -> list[VerdictLine]:
+    """A CSV of verdicts (header `id,verdict[,species][,reviewer]`, UTF-8): every line checked before any is
+    taken, the first bad one named by its line number; a file past MAX_VERDICT_FILE_BYTES or MAX_VERDICT_LINES is
+    refused whole."""
+    if len(data) > MAX_VERDICT_FILE_BYTES:
+        raise ReviewError(f"{len(data)} bytes: a file of verdicts holds at most {MAX_VERDICT_FILE_BYTES >> 20} MiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ReviewError(f"line {line}: not UTF-8 (byte {exc.start})") from None
+    try:
+        return _verdict_lines(text)
+    except csv.Error as exc:
+        raise ReviewError(f"not a CSV file of verdicts: {exc}") from None
+
+
+def _verdict_lines(text: str) -> list[VerdictLine]:
     reader = csv.DictReader(io.StringIO(text))
     header = [name.strip().lower() for name in reader.fieldnames or []]
     missing = [name for name in ("id", "verdict") if name not in header]
@@ -351,15 +399,17 @@ def verdict_lines(text: str) -> list[VerdictLine]:
     if unknown:
         raise ReviewError(f"line 1: unknown column(s) {', '.join(unknown)} (columns: id,verdict,species,reviewer)")
     reader.fieldnames = header
-    lines = []
+    lines: list[VerdictLine] = []
     for row in reader:
         values = {key: (value or "").strip() for key, value in row.items() if key is not None}
         number = reader.line_num
+        if len(lines) == MAX_VERDICT_LINES:
+            raise ReviewError(f"more than {MAX_VERDICT_LINES} verdicts in one file: split it")
         if not values.get("id"):
             raise ReviewError(f"line {number}: no detection id")
         word = values.get("verdict", "").lower()
         if word not in VERDICT_OF_WORD:
-            raise ReviewError(f"line {number}: verdict {word!r} is none of {', '.join(VERDICT_OF_WORD)}")
+            raise ReviewError(f"line {number}: verdict {shown(word)} is none of {', '.join(VERDICT_OF_WORD)}")
         lines.append(VerdictLine(number, values["id"], word, values.get("species", ""), values.get("reviewer", "")))
     return lines
 

@@ -9,6 +9,7 @@ import pytest
 
 from birdflow.core.birdnet import model_labels
 from birdflow.core.reviews import (
+    MAX_VERDICT_LINES,
     ReviewError,
     ReviewStore,
     SpeciesNames,
@@ -148,20 +149,20 @@ def test_review_statistics_per_species(tmp_path):
 
 
 def test_a_csv_of_verdicts_is_checked_line_by_line():
-    lines = verdict_lines("id,verdict,species,reviewer\nabc,confirm,,\ndef,Relabel,Pine Siskin,bo\n")
+    lines = verdict_lines(b"id,verdict,species,reviewer\nabc,confirm,,\ndef,Relabel,Pine Siskin,bo\n")
     assert [(line.line, line.detection_id, line.verdict_word, line.species, line.reviewer) for line in lines] == [
         (2, "abc", "confirm", "", ""),
         (3, "def", "relabel", "Pine Siskin", "bo"),
     ]
-    assert [line.detection_id for line in verdict_lines("ID,Verdict\nabc,reject\n")] == ["abc"]
+    assert [line.detection_id for line in verdict_lines(b"ID,Verdict\nabc,reject\n")] == ["abc"]
     with pytest.raises(ReviewError, match="line 3: verdict 'perhaps'"):
-        verdict_lines("id,verdict\nabc,reject\ndef,perhaps\n")
+        verdict_lines(b"id,verdict\nabc,reject\ndef,perhaps\n")
     with pytest.raises(ReviewError, match="line 1: the header needs column"):
-        verdict_lines("detection,verdict\nabc,reject\n")
+        verdict_lines(b"detection,verdict\nabc,reject\n")
     with pytest.raises(ReviewError, match="line 1: unknown column"):
-        verdict_lines("id,verdict,notes\nabc,reject,x\n")
+        verdict_lines(b"id,verdict,notes\nabc,reject,x\n")
     with pytest.raises(ReviewError, match="line 2: no detection id"):
-        verdict_lines("id,verdict\n,reject\n")
+        verdict_lines(b"id,verdict\n,reject\n")
 
 
 def test_the_review_page_shows_the_spectrogram_inline_and_links_the_audio():
@@ -173,3 +174,26 @@ def test_the_review_page_shows_the_spectrogram_inline_and_links_the_audio():
     assert "[Listen to the clip (FLAC)](https://pi.example/clips/x.flac?expires=1&signature=ab)" in page
     assert id_of(row) in page
     assert "No clip was kept" in review_page(row, "sample", None) and "Listen" not in review_page(row, "sample", None)
+
+
+def test_what_a_reviewer_types_is_one_bounded_line_and_quoted_short_in_messages():
+    verdict = Verdict("confirmed", "ada\n2026-12-07 12:00:00 INFO forged line\r\x1b[31m" + "x" * 500, "ui")
+    assert "\n" not in verdict.reviewer and "\x1b" not in verdict.reviewer and len(verdict.reviewer) == 100
+    assert verdict.reviewer.startswith("ada 2026-12-07 12:00:00 INFO forged line [31mxxx")
+    with pytest.raises(ReviewError, match="reviewer's name is empty"):
+        Verdict("confirmed", "\n\t ", "cli")
+    with pytest.raises(ReviewError) as refused:
+        verdict_from("relabel", "![x](http://e) " + "y" * 8_000_000, NAMES, "ada", "ui")
+    assert len(str(refused.value)) < 120 and "8000015 characters" in str(refused.value)
+
+
+def test_a_file_of_verdicts_that_is_too_big_not_utf8_or_not_a_csv_is_refused_whole_with_a_reason():
+    with pytest.raises(ReviewError, match="line 2: not UTF-8"):
+        verdict_lines(b"id,verdict\nab\xffc,reject\n")
+    with pytest.raises(ReviewError, match="not a CSV file of verdicts: field larger than field limit"):
+        verdict_lines(b"id,verdict,species\nabc,relabel," + b"z" * 200_000 + b"\n")
+    too_many = b"id,verdict\n" + b"abc,reject\n" * (MAX_VERDICT_LINES + 1)
+    with pytest.raises(ReviewError, match=f"more than {MAX_VERDICT_LINES} verdicts"):
+        verdict_lines(too_many)
+    with pytest.raises(ReviewError, match="at most 16 MiB"):
+        verdict_lines(b"id,verdict\n" + b"abc,reject\n" * (2 << 20))

@@ -36,17 +36,18 @@ def find_detections(resources, wanted: list[str]) -> dict[str, dict[str, Any]]:
 def give_verdicts(resources, verdicts: list[tuple[str, Any]]) -> None:
     """(detection id, Verdict) pairs taken, once every id is known: an unknown one takes none. Then the review
     runs still waiting for them end with these verdicts."""
-    from birdflow.flows.review import take_verdict
+    from birdflow.flows.review import take_verdicts
 
     rows = find_detections(resources, [key for key, _ in verdicts])
     unknown = [key for key, _ in verdicts if key not in rows]
     if unknown:
-        raise SystemExit(
-            f"birdflow review: no detection with id {', '.join(unknown)} (`birdflow review list --all` shows ids)"
-        )
-    for key, verdict in verdicts:
-        take_verdict(resources, rows[key], verdict)
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise SystemExit(f"birdflow review: no detection with id {shown} (`birdflow review list --all` shows ids)")
+    take_verdicts(resources, [(rows[key], verdict) for key, verdict in verdicts])
+    for key, verdict in verdicts[:50]:
         print(f"{key}: {verdict.verdict}" + (f" as {verdict.common_name}" if verdict.common_name else ""))
+    if len(verdicts) > 50:
+        print(f"... and {len(verdicts) - 50} more")
     end_waiting_runs(resources)
 
 
@@ -90,12 +91,17 @@ def cmd_verdict(args) -> int:
 
 def cmd_import(args) -> int:
     """Every line checked (ids, verdicts, species) before any verdict is taken."""
-    from birdflow.core.reviews import ReviewError, verdict_from, verdict_lines
+    from birdflow.core.reviews import MAX_VERDICT_FILE_BYTES, ReviewError, verdict_from, verdict_lines
     from birdflow.flows.review import species_names
 
     resources = _resources(args)
     try:
-        lines = verdict_lines(Path(args.file).read_text(encoding="utf-8-sig"))
+        path = Path(args.file)
+        if path.stat().st_size > MAX_VERDICT_FILE_BYTES:
+            raise ReviewError(
+                f"{path.stat().st_size} bytes: a file of verdicts holds at most {MAX_VERDICT_FILE_BYTES >> 20} MiB"
+            )
+        lines = verdict_lines(path.read_bytes())
         verdicts = []
         for line in lines:
             try:
