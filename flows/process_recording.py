@@ -244,6 +244,12 @@ def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str
     for species in table.column("scientific_name").to_pylist():
         metrics.DETECTIONS_BY_SPECIES.labels(station_id, metrics.species_label(species)).inc()
     settings = resources.settings
+    once_for = f"{recording.recording_id}:{analysis_id}"
+    outbox = resources.outbox  # None without MQTT, or when this recording's messages were queued before
+    if outbox is not None and outbox.made(once_for):
+        outbox = None
+    if not (tally.to_announce or outbox is not None):
+        return tally
     detected = table.to_pylist()
     links = clip_links(settings, detected)  # for people elsewhere: only with public_url
     if tally.to_announce:
@@ -257,12 +263,11 @@ def write_detections(recording: RecordingInfo, table: pa.Table, analysis_id: str
         )
         resources.species.announced(recording.recording_id)
         metrics.RARE_SIGHTINGS.labels(station_id).inc(len(tally.rare))
-    once_for = f"{recording.recording_id}:{analysis_id}"
-    if resources.outbox is not None and not resources.outbox.made(once_for):
+    if outbox is not None:
         rare = {sighting.scientific_name for sighting in tally.rare}
         zone = station_zone(settings)
         messages = recording_messages(detected, rare, topics_of(settings), resources.mqtt_state, zone, links)
-        resources.outbox.put(messages, once_for=once_for)
+        outbox.put(messages, once_for=once_for)
     return tally
 
 

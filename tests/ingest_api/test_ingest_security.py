@@ -262,6 +262,22 @@ def send_until_closed(port: int, head: bytes, piece: bytes, most: int) -> tuple[
             return sent, b""
 
 
+def twenty_senders(port: int, head: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """20 connections at once, each sending `head` and then up to 40 MiB: (bytes sent and answer of each, the
+    status of a health check made while they send)."""
+    results: list[tuple[int, bytes]] = []
+    senders = [
+        threading.Thread(target=lambda: results.append(send_until_closed(port, head, b"a" * (256 << 10), 40 << 20)))
+        for _ in range(20)
+    ]
+    for sender in senders:
+        sender.start()
+    health = httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=10).status_code
+    for sender in senders:
+        sender.join(60)
+    return results, health
+
+
 def resident_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
@@ -273,17 +289,9 @@ def test_huge_headers_get_431_after_64_kib_and_cost_no_memory(tmp_path):
     head = b"POST /recordings_upload HTTP/1.1\r\nHost: station\r\nX-Padding: "
     with serving(settings) as port:
         before = resident_mb()
-        results: list[tuple[int, bytes]] = []
-        senders = [
-            threading.Thread(target=lambda: results.append(send_until_closed(port, head, b"a" * (256 << 10), 40 << 20)))
-            for _ in range(20)
-        ]
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join(60)
+        results, health = twenty_senders(port, head)
         grown = resident_mb() - before
-        assert httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200
+        assert health == 200 and httpx.get(f"http://{LOOPBACK}:{port}/healthz").status_code == 200
     print(
         f"20 x 40 MiB headers: sent at most {max(sent for sent, _ in results) >> 10} KiB each; ingest RSS +{grown:.0f} "
         "MB"
@@ -302,23 +310,14 @@ def test_endless_chunked_trailers_without_a_token_are_cut_after_64_kib_and_cost_
     with serving(settings) as port:
         before = resident_mb()
         started = time.monotonic()
-        results: list[tuple[int, bytes]] = []
-        senders = [
-            threading.Thread(target=lambda: results.append(send_until_closed(port, head, b"a" * (256 << 10), 40 << 20)))
-            for _ in range(20)
-        ]
-        for sender in senders:
-            sender.start()
-        health = httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=10)
-        for sender in senders:
-            sender.join(60)
+        results, health = twenty_senders(port, head)
         took = time.monotonic() - started
         grown = resident_mb() - before
     print(
         f"20 x 40 MiB trailers: sent at most {max(sent for sent, _ in results) >> 10} KiB each in {took:.1f} s; "
         f"ingest RSS +{grown:.0f} MB"
     )
-    assert health.status_code == 200 and len(results) == 20 and all(sent < 8 << 20 for sent, _ in results)
+    assert health == 200 and len(results) == 20 and all(sent < 8 << 20 for sent, _ in results)
     assert grown < 40 and took < 20
 
 
