@@ -35,9 +35,11 @@ pytestmark = pytest.mark.skipif(not Mosquitto.available(), reason="needs mosquit
 class Subscriber:
     """A QoS 1 subscriber with a persistent session: what the broker queued for it while it was away arrives."""
 
-    def __init__(self, broker: Mosquitto, topics=("birdflow/#", "homeassistant/#"), **credentials):
+    def __init__(
+        self, broker: Mosquitto, topics=("birdflow/#", "homeassistant/#"), client_id="test-subscriber", **credentials
+    ):
         self.received: list[tuple[str, bytes, bool]] = []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-subscriber", clean_session=False)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         if credentials:
             self.client.username_pw_set(credentials["username"], credentials["password"])
         if broker.tls:
@@ -144,9 +146,8 @@ def test_a_recordings_detections_arrive_in_order_with_home_assistant_discovery(t
     # retained: a subscriber that comes later (Home Assistant after a restart) still finds the sensors
     broker.start()
     try:
-        late = Subscriber(broker, topics=("homeassistant/#",))
-        late.client.unsubscribe("homeassistant/#")
-        late.client.subscribe("homeassistant/#", qos=1)
+        # a new client: the first one's session may hold messages queued after it left (they come unretained)
+        late = Subscriber(broker, topics=("homeassistant/#",), client_id="late-subscriber")
         wait_until(lambda: len(late.topics("homeassistant/")) >= 3, 10, "the retained discovery configs")
         assert all(retained for _, _, retained in late.received)
         late.close()
