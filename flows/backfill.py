@@ -39,6 +39,7 @@ from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.recordings import RecordingInfo, RecordingStore, describe_audio_file, is_inside
 from birdflow.flows.process_recording import process_recording, run_analysis_params
 from birdflow.flows.run_resources import run_resources
+from birdflow.runtime.state_files import processed_ledger
 from birdflow.settings import Settings
 
 ARCHIVE = "archive"
@@ -195,7 +196,7 @@ def plan_only(
 ) -> dict[str, Any]:
     """What a backfill would do, decided here without Prefect (no server needed)."""
     params = run_analysis_params(settings.analysis.parameters(), analysis)
-    ledger = ProcessedLedger(settings.processed_record_file)
+    ledger = processed_ledger(settings)
     return walk(
         *decide(source, settings, ledger, params.analysis_id, selection, allow_unknown, offline=True), would_process
     )

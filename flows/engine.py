@@ -37,6 +37,7 @@ ROUTINE_LINES = ("Beginning flow run", "Finished in state Completed(", "Finished
 REPEATED_LINES = ("Finished in state Failed('Task run encountered an exception",)
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 TRACEBACK_EVERY_S = 3600.0
+REPEAT_EVERY_S = 300.0  # a failure that repeats: logged at most once in five minutes per kind, with its count
 LONGEST_LINE = 400
 
 
@@ -92,6 +93,33 @@ class TracebackOncePerKind(logging.Filter):
             return True
         record.msg, record.args = one_line(record.getMessage()) + " (traceback shown earlier)", ()
         record.exc_info = record.exc_text = None
+        return True
+
+
+class RepeatsCounted(logging.Filter):
+    """A failure that repeats (a damaged disk, a server gone) logged once per kind every `every_s`, the next time
+    with how often it came in between: a scan that fails every second would otherwise fill the card it reports."""
+
+    def __init__(self, every_s: float = REPEAT_EVERY_S, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self._seen: dict[tuple[str, str, int], tuple[float, int]] = {}  # kind: (last logged, left out since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return True
+        kind, now = failure_kind(error), self.clock()
+        logged, left_out = self._seen.get(kind, (float("-inf"), 0))
+        if now - logged < self.every_s:
+            self._seen[kind] = (logged, left_out + 1)
+            return False
+        if len(self._seen) >= 256:
+            self._seen.clear()
+        self._seen[kind] = (now, 0)
+        if left_out:
+            record.msg, record.args = f"{record.getMessage()} (and {left_out} like it since last shown)", ()
         return True
 
 

@@ -43,7 +43,7 @@ from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
 from prefect.settings import Settings as PrefectSettings
 from prefect.states import Crashed, Pending, Scheduled
 
-from birdflow.core.errors import BirdflowError
+from birdflow.core.errors import BirdflowError, StateFileDamaged
 from birdflow.core.recordings import (
     RecordingInfo,
     RecordingStore,
@@ -51,7 +51,7 @@ from birdflow.core.recordings import (
     load_info,
     remove_recording,
 )
-from birdflow.flows.engine import create_running, engine_context, run_in_process
+from birdflow.flows.engine import RepeatsCounted, create_running, engine_context, run_in_process
 from birdflow.flows.maintenance import maintenance
 from birdflow.flows.process_recording import process_recording
 from birdflow.flows.redrive import redrive_or_give_up
@@ -63,6 +63,7 @@ from birdflow.runtime.mqtt import Publisher
 from birdflow.settings import Settings
 
 log = logging.getLogger("birdflow.executor")
+log.addFilter(RepeatsCounted())
 T = TypeVar("T")
 EXECUTOR_LOCK = "executor.lock"  # under data_dir: one executor per station (birdflow.app.single)
 
@@ -161,7 +162,8 @@ class Executor:
             self.maintenance_id: maintenance.with_options(result_storage=storage),
             self.reviews_id: review_detection.with_options(result_storage=storage),
         }
-        _ = self.resources.sinks, self.resources.archive, self.resources.ledger
+        _ = self.resources.sinks, self.resources.archive
+        self.resources.check_state_files()
 
     def run_forever(self, stop: threading.Event) -> None:
         """Until `stop` is set. Raises ExecutorFailed when a flow-run thread cannot start or dies: the
@@ -235,6 +237,8 @@ class Executor:
                         self.run_recording(client, item)
                     else:
                         self.execute(client, item)
+            except StateFileDamaged as damaged:  # said already where it was found; the retry finds the file whole
+                log.warning("could not run %s (%s); it is retried on the next scan", key, damaged)
             except Exception:
                 log.exception("could not run %s; it is retried on the next scan", key)
             finally:

@@ -22,9 +22,11 @@ from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.mqtt_state import MqttState
 from birdflow.core.outbox import Outbox
 from birdflow.core.rarity import HOURLY_SCHEMA, SpeciesRecord
+from birdflow.core.results import ResultsDatabase
 from birdflow.core.reviews import ReviewStore
 from birdflow.core.sinks import DetectionSink, InfluxSink, ParquetSink, read_hour
 from birdflow.runtime.mqtt import outbox_of
+from birdflow.runtime.state_files import processed_ledger
 from birdflow.settings import Settings, SettingsError, load_settings
 
 
@@ -139,7 +141,7 @@ class RunResources:
 
     @cached_property
     def ledger(self) -> ProcessedLedger:
-        return ProcessedLedger(self.settings.processed_record_file)
+        return processed_ledger(self.settings)
 
     @cached_property
     def species(self) -> SpeciesRecord:
@@ -153,6 +155,19 @@ class RunResources:
     @cached_property
     def clips(self) -> ClipIndex:
         return ClipIndex(self.settings.clips_file, self.settings.detections.clips_per_species_per_day)
+
+    def check_state_files(self) -> None:
+        """Open each state file the runs write, so that a damaged one is found and rebuilt when the process starts
+        rather than by the first run that meets it (core/local_db.py)."""
+        results = ResultsDatabase(self.settings.results_file)
+        databases = [self.ledger.database, self.species.database, self.reviews.database, self.clips.database]
+        databases.append(results.database)
+        if self.outbox is not None:
+            databases += [self.outbox.database, self.mqtt_state.database]
+        if self.central_link is not None:
+            databases.append(self.central_link.database)
+        for database in databases:
+            database.execute("SELECT 1")
 
     def hour_written(self, hour: int, station_id: str) -> pa.Table:
         """An hour of counts as written before (a late recording adds to it); only Parquet can be read back."""

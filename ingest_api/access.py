@@ -11,9 +11,9 @@ import hmac
 import time
 from ipaddress import ip_address
 
-from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.ingest_api.checks import Rejection
+from birdflow.runtime.state_files import processed_ledger
 from birdflow.settings import Settings
 
 
@@ -40,7 +40,7 @@ class IngestAccess:
         self.exempt = frozenset(settings.ingest.ingest_auth_exempt)
         self.metrics_token = settings.observability.metrics_token.get_secret_value()
         self.tokens = ListenerTokens(settings.listener_tokens_file)
-        self.ledger_file = settings.processed_record_file
+        self.ledger = processed_ledger(settings)
         self._registered: frozenset[str] = frozenset()
         self._heard: frozenset[str] = frozenset()
         self._registered_at = -KNOWN_REFRESH_S
@@ -52,8 +52,8 @@ class IngestAccess:
         now = time.monotonic()
         if now - self._registered_at >= KNOWN_REFRESH_S:
             self._registered = frozenset(record.listener_id for record in self.tokens.listed())
-            if not self.required and not self._registered and self.ledger_file.exists():
-                self._heard = frozenset(ProcessedLedger(self.ledger_file).listener_ids())
+            if not self.required and not self._registered and self.ledger.database.path.exists():
+                self._heard = frozenset(self.ledger.listener_ids())
             self._registered_at = now
         if not self.required and not self._registered:
             return listener_id in self._heard

@@ -17,7 +17,6 @@ from starlette.concurrency import run_in_threadpool
 
 from birdflow.core.archive import Archive, LocalArchive
 from birdflow.core.disk import MB, DiskFloor
-from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.links import link_key
 from birdflow.core.recordings import RecordingStore
 from birdflow.core.wav import WavFormat
@@ -28,6 +27,7 @@ from birdflow.ingest_api.recovery import recover_partials
 from birdflow.ingest_api.telemetry import receive_health
 from birdflow.runtime import metrics
 from birdflow.runtime.archive_retention import archive_retention
+from birdflow.runtime.state_files import processed_ledger
 from birdflow.settings import Settings
 
 log = logging.getLogger("birdflow.ingest")
@@ -99,16 +99,20 @@ class IngestState:
 
     def relieve_disk(self) -> None:
         """At the disk floor: what the archive retention allows, counted (maintenance announces it)."""
-        ledger = ProcessedLedger(self.settings.processed_record_file)
+        ledger = processed_ledger(self.settings)
         metrics.count_purged(self.station_id, archive_retention(self.settings, worth=ledger.detections))
 
     def count_event(self, name: str, count: int) -> None:
         self._event_counters[name].inc(count)
 
-    def reject(self, rejection: Rejection, listener_id: str | None, extra: dict | None = None) -> JSONResponse:
-        """The answer to a refused request (the connection then drops what is left of its body)."""
+    def reject(
+        self, rejection: Rejection, listener_id: str | None, extra: dict | None = None, peer: str | None = None
+    ) -> JSONResponse:
+        """The answer to a refused request (the connection then drops what is left of its body); `peer`: the
+        sender's address, which the log names when the request was refused before its listener id was read."""
         metrics.REQUESTS_REJECTED.labels(self.station_id, rejection.reason).inc()
-        log.warning("rejected request from listener %r: %s", listener_id, rejection)
+        sender = f"listener {listener_id!r}" if listener_id else f"{peer or 'a sender'} (before its listener id)"
+        log.warning("rejected request from %s: %s", sender, rejection)
         headers = {}
         if rejection.status in RETRY_AFTER_S:
             headers["Retry-After"] = RETRY_AFTER_S[rejection.status]

@@ -35,6 +35,7 @@ from typing import cast
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
 from birdflow.core.budget import MB, sqlite_bytes_in_use
+from birdflow.core.local_db import moved_aside_if_damaged, state_file_lock
 from birdflow.runtime.prefect_internals import (
     SQLITE_BEGIN_MODE,
     TERMINAL_STATES,
@@ -79,6 +80,21 @@ def use_write_lock_first_sqlite() -> None:
     url = PREFECT_API_DATABASE_CONNECTION_URL.value()
     if url and url.startswith("sqlite"):
         use_database_configuration(WriteLockFirstSqliteConfiguration(connection_url=url))
+
+
+def start_anew_if_damaged(database: Path) -> None:
+    """A damaged database (a failing card) moved aside: the server makes a new one, and the executor, which
+    keeps every recording until its run completes, runs again what was in flight. Only the history is lost."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with state_file_lock(database):
+        kept = moved_aside_if_damaged(database)
+    if kept is not None:
+        log.error(
+            "the Prefect database %s was damaged: moved aside as %s; the run history starts anew (no recording is "
+            "lost: those not yet analysed are run again)",
+            database,
+            kept.name,
+        )
 
 
 def incremental_auto_vacuum(database: Path) -> None:
@@ -215,6 +231,7 @@ def main() -> None:
     use_write_lock_first_sqlite()
     settings = station_settings()
     if settings is not None and settings.prefect.prefect_database == "sqlite":
+        start_anew_if_damaged(settings.prefect_database_file)
         incremental_auto_vacuum(settings.prefect_database_file)
         keep_history_within_budget(settings)
     sys.argv = ["prefect", "server", *sys.argv[1:]]

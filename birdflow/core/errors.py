@@ -14,7 +14,8 @@
     ├── SettingsError        a setting is invalid: a process stops at start, a run is retried once it is fixed
     ├── StateFileError       a state file (the hourly Parquet, the link key, a SQLite file of a newer schema) cannot be
     │                        read: retried and reported
-    │   └── LinkKeyError (core/links.py)
+    │   ├── LinkKeyError (core/links.py)
+    │   └── StateFileDamaged     a damaged SQLite state file, moved aside and rebuilt (core/local_db.py)
     └── retried as any other failure, named for the log:
         ArchiveError (core/archive.py)    InsufficientStorage (core/disk.py: the ingest API's 507)
         ExecutorFailed (flows/executor.py: the executor stops)    AlreadyRunning (app/single.py)
@@ -29,7 +30,7 @@ every caller that took a bad value as a `ValueError` still does; only `Unprocess
 
 from __future__ import annotations
 
-__all__ = ["BirdflowError", "Refused", "SettingsError", "StateFileError", "Unprocessable"]
+__all__ = ["BirdflowError", "Refused", "SettingsError", "StateFileDamaged", "StateFileError", "Unprocessable"]
 
 
 class BirdflowError(Exception):
@@ -50,3 +51,7 @@ class SettingsError(BirdflowError, ValueError):
 
 class StateFileError(BirdflowError):
     """A state file birdflow keeps cannot be read: the message names the file, a run meeting it is retried."""
+
+
+class StateFileDamaged(StateFileError):
+    """A state file met a damaged page; it has been moved aside and rebuilt, so a retry finds it whole."""

@@ -57,8 +57,32 @@ class RecordedSpan:
 
 
 class ProcessedLedger:
-    def __init__(self, path: Path):
-        self.database = LocalDatabase(path, MIGRATIONS)
+    def __init__(self, path: Path, detections_root: Path | None = None, inbox: Path | None = None):
+        """`detections_root` and `inbox`: the station's per-recording detection files and its recordings folder,
+        from which a damaged record is rebuilt (local_db.py)."""
+        self.detections_root, self.inbox = detections_root, inbox
+        self.database = LocalDatabase(path, MIGRATIONS, rebuild=self._rebuild if detections_root else None)
+
+    def _rebuild(self, connection: sqlite3.Connection) -> None:
+        """A record for each recording whose detections file the station holds (`<recording>__<analysis>.parquet`,
+        sinks.ParquetSink), with its count of detections, unless its audio is still in the recordings folder: its
+        run has written detections but may not have archived it yet, and a record would make the executor drop it.
+        A recording without detections has no file, so it is not recorded."""
+        import pyarrow.parquet as pq  # only a damaged record needs the Parquet reader
+
+        assert self.detections_root is not None
+        in_progress = {file.stem for file in self.inbox.iterdir()} if self.inbox and self.inbox.is_dir() else set()
+        rows = []
+        for file in self.detections_root.rglob("*__*.parquet"):
+            recording_id, _, analysis_id = file.stem.rpartition("__")
+            if recording_id in in_progress:
+                continue
+            try:
+                count = pq.ParquetFile(file).metadata.num_rows
+            except (OSError, ValueError):  # ArrowInvalid is a ValueError: a damaged file of its own
+                count = None
+            rows.append((recording_id, analysis_id, int(file.stat().st_mtime), count, None))
+        connection.executemany("INSERT OR IGNORE INTO processed VALUES (?, ?, ?, ?, ?)", rows)
 
     def record(
         self, recording_id: str, analysis_id: str, detections: int | None = None, recorded: RecordedSpan | None = None

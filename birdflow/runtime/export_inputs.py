@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from birdflow.core.exports import Evidence, Place, Publishing
-from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.reviews import ReviewStore, detection_ids
 from birdflow.runtime.clip_links import clip_links
+from birdflow.runtime.state_files import processed_ledger
 from birdflow.settings import Settings
 
 LONGEST_RECORDING = timedelta(hours=2)  # a recording that holds a detection started at most this long before it
@@ -72,7 +72,7 @@ def evidence_for(settings: Settings, table: pa.Table) -> Evidence:
     if settings.processed_record_file.exists():
         since = pc.min(times).as_py() - LONGEST_RECORDING
         until = pc.max(times).as_py() + timedelta(seconds=1)
-        recorded = ProcessedLedger(settings.processed_record_file).recorded_spans(since, until)
+        recorded = processed_ledger(settings).recorded_spans(since, until)
     rows = table.select(["time", "start_s", "station_id", "listener_id", "recording_id", "clip_key"]).to_pylist()
     return Evidence(verdicts, recorded, audio_paths(settings, rows), clip_links(settings, rows))
 

@@ -132,6 +132,12 @@ ARCHIVE_BYTES = Counter(
 DISK_FREE = Gauge(
     "birdflow_disk_free_bytes", "Free space on the disk of the data directory", ["station"], multiprocess_mode="livemax"
 )
+STATE_FILES_DAMAGED = Gauge(
+    "birdflow_state_files_damaged",
+    "State files found damaged and rebuilt whose damaged copy is still kept in data/state",
+    ["station"],
+    multiprocess_mode="livemax",
+)
 SPECIES_LABELS_MAX = 200
 _species_seen: set[str] = set()
 

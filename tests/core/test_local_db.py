@@ -3,18 +3,22 @@ birdflow (before versions were kept, too) opens with its rows and the columns th
 
 from __future__ import annotations
 
+import logging
+import shutil
 import sqlite3
 import threading
 from contextlib import closing
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from birdflow.core.central_link import CentralLink
 from birdflow.core.clips import ClipIndex
-from birdflow.core.errors import StateFileError
+from birdflow.core.errors import StateFileDamaged, StateFileError
 from birdflow.core.ledger import MIGRATIONS, ProcessedLedger
 from birdflow.core.listener_tokens import ListenerTokens
-from birdflow.core.local_db import LocalDatabase
+from birdflow.core.local_db import DAMAGED_MARK, LocalDatabase, is_sound, moved_aside_if_damaged
 from birdflow.core.outbox import Outbox
 from birdflow.core.rarity import SpeciesRecord
 from birdflow.core.results import ResultsDatabase
@@ -128,3 +132,80 @@ def test_every_state_file_carries_its_version(tmp_path):
         assert user_version(tmp_path / f"{name}.sqlite") == database.version >= 1, name
     link = CentralLink(tmp_path / "central_link.sqlite")
     assert link.database.version == link.events.database.version
+
+
+PAGE = 4096
+
+
+def damage(path, page: int) -> None:
+    """One page overwritten, as a failing SD card does."""
+    with open(path, "r+b") as file:
+        file.seek(page * PAGE)
+        file.write(bytes([0xA5]) * PAGE)
+
+
+def ledger_of(path, recordings: int) -> None:
+    """A record of `recordings` processed recordings, made by another process (a file this one never opened)."""
+    made = path.with_name("made-elsewhere.sqlite")
+    ledger = ProcessedLedger(made)
+    for number in range(recordings):
+        ledger.record(f"mic{number % 7}_20250601T{number % 24:02d}0000Z_{number:06x}", "a1", detections=number % 3)
+    ledger.database.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    shutil.copyfile(made, path)
+
+
+def detections_file(root, recording_id: str, analysis_id: str, rows: int) -> None:
+    folder = root / "2025/06/01"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"recording_id": [recording_id] * rows}), folder / f"{recording_id}__{analysis_id}.parquet")
+
+
+def test_a_damaged_file_is_moved_aside_when_opened_and_rebuilt_from_what_can_be_read_and_the_detections(
+    tmp_path, caplog
+):
+    path, detections = tmp_path / "processed.sqlite", tmp_path / "detections"
+    ledger_of(path, 3000)
+    pages = path.stat().st_size // PAGE
+    damage(path, pages - 2)  # a leaf near the end: the rows before it can still be read
+    detections_file(detections, "mic1_20250601T050000Z_beef", "a1", rows=4)
+    detections_file(detections, "mic2_20250601T050000Z_cafe", "a1", rows=2)  # its run has not archived it yet:
+    (tmp_path / "recordings").mkdir()
+    (tmp_path / "recordings" / "mic2_20250601T050000Z_cafe.wav").write_bytes(b"RIFF")  # still in the folder
+    assert not is_sound(path)
+    with caplog.at_level(logging.ERROR, logger="birdflow.core.local_db"):
+        # another process, opening the file for the first time
+        rebuilt = ProcessedLedger(path, detections, tmp_path / "recordings")
+        assert rebuilt.detections("mic1_20250601T050000Z_beef") == 4  # from its detections file
+    assert not rebuilt.contains("mic2_20250601T050000Z_cafe", "a1")
+    [kept] = tmp_path.glob(f"processed.sqlite{DAMAGED_MARK}*")
+    assert is_sound(path) and not is_sound(kept)
+    salvaged = rebuilt.recording_ids() - {"mic1_20250601T050000Z_beef"}
+    assert 0 < len(salvaged) < 3000 and rebuilt.contains("mic0_20250601T000000Z_000000", "a1")
+    [line] = [record.getMessage() for record in caplog.records]
+    assert "processed.sqlite was damaged" in line and kept.name in line and f"{len(salvaged)} rows" in line
+
+
+def test_a_page_damaged_under_a_running_process_is_met_once_then_the_file_works_for_every_connection(tmp_path):
+    path = tmp_path / "processed.sqlite"
+    writer = ProcessedLedger(path)
+    for number in range(3000):
+        writer.record(f"mic1_20250601T000000Z_{number:06x}", "a1")
+    writer.database.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    damage(path, 10)  # a leaf of the record
+    reader = ProcessedLedger(path)  # a connection of its own, opened after the file was checked
+    with pytest.raises(StateFileDamaged, match=r"processed\.sqlite was damaged: moved aside as processed\.sqlite\.dam"):
+        reader.recording_ids()
+    assert is_sound(path) and 0 < len(reader.recording_ids()) < 3000  # the retry finds it whole
+    writer.record("mic1_20250601T010000Z_after", "a1")  # the first connection, open on the old file, follows
+    assert reader.contains("mic1_20250601T010000Z_after", "a1")
+
+
+def test_a_file_whose_header_is_damaged_is_not_a_database_and_is_moved_aside(tmp_path):
+    path = tmp_path / "prefect.db"
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY)")
+        connection.commit()
+    assert moved_aside_if_damaged(path) is None and path.exists()  # sound: left alone
+    damage(path, 0)
+    kept = moved_aside_if_damaged(path)
+    assert kept is not None and kept.exists() and not path.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from birdflow.flows.engine import TracebackOncePerKind, one_line, quiet_run_logs
+from birdflow.flows.engine import RepeatsCounted, TracebackOncePerKind, one_line, quiet_run_logs
 
 
 def failing_upload(url: str) -> None:
@@ -34,6 +34,25 @@ def test_a_kind_of_failure_shows_its_traceback_once_an_hour_then_one_line_each()
     now[0] = 3600.0
     logged(logger, "http://127.0.0.1:9/bucket/later.flac")
     assert stream.getvalue().count("Traceback (most recent call last)") == 2  # an hour later, once more
+
+
+def test_a_failure_repeated_every_second_is_one_line_in_five_minutes_then_one_with_its_count():
+    now = [0.0]
+    stream = io.StringIO()
+    logger = logging.getLogger("test.repeats")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(logging.StreamHandler(stream))
+    logger.addFilter(RepeatsCounted(every_s=300, clock=lambda: now[0]))
+    for second in range(600):  # ten minutes of a scan failing every second
+        now[0] = float(second)
+        logged(logger, f"http://127.0.0.1:9/bucket/{second}.flac")
+    logger.info("a line without an error passes")
+    lines = stream.getvalue().splitlines()
+    assert stream.getvalue().count("Traceback (most recent call last)") == 2  # at 0 s and at 300 s
+    assert sum("Retries are exhausted" in line for line in lines) == 2
+    assert "(and 299 like it since last shown)" in stream.getvalue()
+    assert lines[-1] == "a line without an error passes"
 
 
 def test_long_and_multi_line_messages_become_one_bounded_line():

@@ -86,6 +86,17 @@ def test_retention_brings_storage_back_and_still_knows_what_was_processed(statio
     assert result.facts["resent_recognised"] == 1  # sent again after its run was deleted: known, not run again
 
 
+def test_damaged_state_files_are_rebuilt_while_analysis_goes_on_and_the_log_stays_quiet(station):
+    result = run(station, "state-damage")
+    facts = result.facts
+    assert result.accepted == 2 + len(facts["damaged"]) + station.options.uploads
+    assert "processed.sqlite" in facts["damaged"] and len(facts["damaged"]) >= 4, facts
+    assert facts["unsound"] == [], facts  # every state file whole again
+    assert "processed.sqlite" in facts["rebuilt"], facts  # the executor's restart found it, /healthz says so
+    # one line per file rebuilt and a traceback per kind of failure, not a line a second (before: ~840 a minute)
+    assert len(facts["log_lines"]) < 100, "\n".join(facts["log_lines"])
+
+
 def test_a_year_on_a_card_keeps_history_within_its_budget_and_loses_nothing(station):
     result = DRILL_FUNCTIONS["year"](station)
     if any(note.startswith("skipped") for note in result.notes):

@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from birdflow.core.disk import MB
+from birdflow.core.local_db import is_sound
 from birdflow.core.results import ResultsDatabase
 from birdflow.core.sinks import HOUR_FILE_PREFIX
 from birdflow.core.wav import parse_header
 from birdflow.settings import Settings
 from birdflow_tools.drill_station import DrillOptions, DrillResult, DrillStation
+
+PAGE = 4096  # SQLite's page size, and a card's
 
 # --- the drills -------------------------------------------------------------------------------------
 
@@ -211,6 +215,54 @@ def drill_retention(station: DrillStation) -> DrillResult:
     return result
 
 
+def drill_state_damage(station: DrillStation) -> DrillResult:
+    """Each SQLite state file in turn gets a page overwritten (a failing SD card) while recordings arrive; then
+    the executor is killed, so that a process also opens the damaged files anew. Analysis must go on without a
+    person, the files be whole again, and the log stay quiet."""
+    before = set(station.arrivals.ids)
+    state_dir = station.places.state_dir
+    station.upload(station.next_uploads(2))  # the station's state files made
+    station.settle(station.arrivals.since(before), station.options.settle_timeout_s)
+    log_start, started = station.stack.log_size(), time.monotonic()
+    damaged = []
+    for path in sorted(state_dir.glob("*.sqlite")):
+        station.upload(station.next_uploads(1))
+        overwrite_a_page(path)
+        damaged.append(path.name)
+    station.kill("executor")
+    station.upload(station.next_uploads(station.options.uploads))
+    result = station.count("state files damaged", before)
+    minutes = (time.monotonic() - started) / 60
+    with open(station.stack.log_path, "rb") as log:
+        log.seek(log_start)
+        log_lines = [line for line in log.read().decode(errors="replace").splitlines() if " INFO " not in line]
+    health = station.stack.ingest_health()
+    result.facts.update(
+        damaged=damaged,
+        rebuilt=sorted(item["file"] for item in health.get("state_files_rebuilt", [])),
+        unsound=sorted(path.name for path in state_dir.glob("*.sqlite") if not is_sound(path)),
+        log_lines_per_minute=len(log_lines) / minutes,  # beyond the routine lines of each run
+        log_lines=log_lines,
+    )
+    result.notes.append(
+        f"{len(damaged)} state files damaged, {len(result.facts['rebuilt'])} found and rebuilt "
+        f"({', '.join(result.facts['rebuilt'])}), {len(result.facts['unsound'])} left damaged; "
+        f"{result.facts['log_lines_per_minute']:.0f} log lines a minute beyond the routine ones"
+    )
+    return result
+
+
+def overwrite_a_page(path: Path) -> None:
+    """The page in the middle of the file overwritten with a pattern, once what its write-ahead log held is in the
+    file (a newer copy of the page there would otherwise hide the damage until the next checkpoint)."""
+    with closing(sqlite3.connect(path, timeout=30)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    pages = path.stat().st_size // PAGE
+    with open(path, "r+b") as file:
+        file.seek(pages // 2 * PAGE)
+        file.write(bytes([0xA5]) * PAGE)
+
+
 FULL_DUTY_RUNS_PER_LISTENER_DAY = 86400 / 20  # 20 s recordings back to back
 CARD_BYTES = 32 * 1024 * MB
 
@@ -366,6 +418,7 @@ DRILL_FUNCTIONS = {
     "influx-down": drill_influx_down,
     "disk-floor": drill_disk_floor,
     "retention": drill_retention,
+    "state-damage": drill_state_damage,
     "year": drill_year,
 }
 DRILLS = tuple(DRILL_FUNCTIONS)

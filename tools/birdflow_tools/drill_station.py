@@ -23,7 +23,6 @@ import httpx
 
 from birdflow.app.simulated_listeners import run_listeners
 from birdflow.core.disk import MB
-from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.recordings import AUDIO_EXTENSIONS, parse_stream_partial
 from birdflow.core.sinks import read_detections
 from birdflow.core.wav import parse_header
@@ -352,7 +351,7 @@ class DrillStation:
     def processed_ids(self) -> set[str]:
         """Recorded as processed (after its detections were written and its audio archived), and archived."""
         ledger = self.places.processed_record_file
-        recorded = ProcessedLedger(ledger).recording_ids() if ledger.exists() else set()
+        recorded = recorded_ids(ledger) if ledger.exists() else set()
         return recorded & self.archived_ids()
 
     def archived_ids(self) -> set[str]:
@@ -426,3 +425,13 @@ class DrillStation:
     def runs_run_again(self, recording_ids: set[str]) -> int:
         """How many of these recordings' runs ran more than once (re-driven or taken over)."""
         return sum(1 for run in self.recordings_runs(recording_ids) if run["run_count"] > 1)
+
+
+def recorded_ids(ledger: Path) -> set[str]:
+    """The processed record read only: the drill never repairs a damaged one itself (the station must); while it
+    is damaged, nothing counts as processed yet."""
+    try:
+        with closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=30)) as database:
+            return {row[0] for row in database.execute("SELECT recording_id FROM processed")}
+    except sqlite3.DatabaseError:
+        return set()

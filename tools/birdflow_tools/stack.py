@@ -295,6 +295,11 @@ class Stack:
             stored[path.name.split("__", 1)[0]] = path.stat().st_mtime
         return stored
 
+    def ingest_health(self) -> dict:
+        import httpx
+
+        return httpx.get(f"{self.url}/healthz", timeout=10).json()
+
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0
 
