@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
@@ -76,20 +77,12 @@ def init_station(folder: Path, station_id: str, force: bool = False) -> list[Pat
     return list(targets)
 
 
-def influx_commands(settings: Settings, admin_token: str) -> list[list[str]]:
-    """The `influxdb3` CLI calls that create the detections database (InfluxDB 3 Core/Enterprise)."""
-    return [
-        [
-            "influxdb3",
-            "create",
-            "database",
-            settings.sinks.influx_database,
-            "--host",
-            settings.sinks.influx_host,
-            "--token",
-            admin_token,
-        ],
-    ]
+def influx_commands(settings: Settings) -> list[list[str]]:
+    """The `influxdb3` CLI calls that create the detections database (InfluxDB 3 Core/Enterprise). The admin token
+    goes in their environment (INFLUXDB3_AUTH_TOKEN), never on a command line that every user of the machine can
+    read in the process list."""
+    sinks = settings.sinks
+    return [["influxdb3", "create", "database", sinks.influx_database, "--host", sinks.influx_host]]
 
 
 def central_setup(
@@ -122,18 +115,26 @@ def central_setup(
         say(f"block {slug} registered")
     if not registered:
         say("no blocks registered: the S3 archive and InfluxDB are both off in the settings")
+    create_influx_database(settings, admin_token, say)
+
+
+def create_influx_database(settings: Settings, admin_token: str, say: Callable[[str], None]) -> None:
+    """The detections database, with the admin token given only through the CLI's environment."""
     if not settings.sinks.influx_enabled:
         say("InfluxDB is off in the settings: no database created")
     elif not shutil.which("influxdb3"):
         say(
             "the influxdb3 CLI is not installed here; create the database with:\n  "
-            + "\n  ".join(" ".join(command) for command in influx_commands(settings, "<admin token>"))
+            + "\n  ".join(
+                f"INFLUXDB3_AUTH_TOKEN=<admin token> {' '.join(command)}" for command in influx_commands(settings)
+            )
         )
     elif not admin_token:
         say("set INFLUX_ADMIN_TOKEN (influxdb3 create token --admin) to create the database")
     else:
-        for command in influx_commands(settings, admin_token):
-            result = subprocess.run(command, capture_output=True, text=True)
+        environment = {**os.environ, "INFLUXDB3_AUTH_TOKEN": admin_token}
+        for command in influx_commands(settings):
+            result = subprocess.run(command, capture_output=True, text=True, env=environment)
             output = (result.stdout + result.stderr).strip()
             if result.returncode != 0 and "already exists" not in output:
                 raise RuntimeError(f"{' '.join(command[:4])} failed: {output}")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 
-from birdflow.app.provisioning import ENV_TEMPLATE, settings_template
+from birdflow.app.provisioning import ENV_TEMPLATE, create_influx_database, settings_template
 from birdflow.settings import Settings, load_settings
 
 
@@ -101,3 +101,27 @@ def test_central_setup_creates_station_pools_with_limits(prefect_server, tmp_pat
         for station in ("north", "south"):
             pool = client.read_work_pool(f"birdflow-{station}")
             assert pool.type == "birdflow" and pool.concurrency_limit == 1
+
+
+def test_the_influx_admin_token_reaches_the_influxdb3_cli_through_its_environment_not_its_command_line(
+    tmp_path, monkeypatch
+):
+    """A stand-in `influxdb3` on PATH records what it was given, as the process list would show it."""
+    seen = tmp_path / "seen"
+    cli = tmp_path / "bin" / "influxdb3"
+    cli.parent.mkdir()
+    cli.write_text(f'#!/bin/sh\necho "$*" > {seen}.argv\necho "$INFLUXDB3_AUTH_TOKEN" > {seen}.env\n')
+    cli.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{cli.parent}{os.pathsep}{os.environ['PATH']}")
+    settings = Settings(influx_enabled=True, influx_host="http://127.0.0.1:8181", influx_token="writer")
+    said: list[str] = []
+    create_influx_database(settings, "admin-s3cret", said.append)
+    assert (tmp_path / "seen.argv").read_text().split() == [
+        "create",
+        "database",
+        "birdflow",
+        "--host",
+        "http://127.0.0.1:8181",
+    ]
+    assert (tmp_path / "seen.env").read_text().strip() == "admin-s3cret"
+    assert said == ["InfluxDB database birdflow ready"]

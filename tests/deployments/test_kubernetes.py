@@ -5,6 +5,7 @@ setting they set one that Prefect (or prefect-redis) has."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -228,19 +229,154 @@ def test_no_pod_reaches_the_metadata_service_and_stations_reach_only_the_offered
     assert 8333 in offered and not offered & {8888, 9333, 8080, 18888, 19333}  # SeaweedFS: S3 only
 
 
-def test_redis_answers_only_with_its_password_and_prefect_has_it():
+def redis_container() -> dict:
     [redis] = [
         resource
         for resource in resources()
         if resource["metadata"]["name"] == "redis" and resource["kind"] == "StatefulSet"
     ]
     [container] = redis["spec"]["template"]["spec"]["containers"]
-    assert "--requirepass" in container["args"]
+    return container
+
+
+def test_redis_answers_only_with_its_password_which_is_on_no_command_line(tmp_path):
+    """The manifest's own command, run with Debian's redis-server (its folders moved under tmp_path): the password
+    works, no password is refused, and neither redis-server's command line nor its config folder is open to others."""
+    import os
+    import subprocess
+    import time
+
+    import redis
+
+    from birdflow_tools.testbed import LOOPBACK, free_port
+
+    container = redis_container()
+    assert "args" not in container and "$(REDIS_PASSWORD)" not in " ".join(container["command"])
+    port, password = free_port(), "s3cret-of-the-test"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "data").mkdir()
+    script = (
+        container["command"][-1].replace("/run/redis", str(tmp_path / "run")).replace("/data", str(tmp_path / "data"))
+    )
+    script += f" --port {port} --bind {LOOPBACK}"
+    server = subprocess.Popen(["sh", "-c", script], env={**os.environ, "REDIS_PASSWORD": password})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert redis.Redis(LOOPBACK, port, password=password, socket_timeout=2).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.2)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(LOOPBACK, port, socket_timeout=2).get("x")
+        command_line = (Path("/proc") / str(server.pid) / "cmdline").read_bytes()  # exec: redis-server itself
+        assert b"redis-server" in command_line and password.encode() not in command_line
+        assert (tmp_path / "run" / "redis.conf").stat().st_mode & 0o077 == 0
+    finally:
+        server.terminate()
+        server.wait(10)
     for resource in resources():
         if resource["metadata"]["name"] in ("prefect-api", "prefect-services") and resource["kind"] == "Deployment":
             [prefect] = resource["spec"]["template"]["spec"]["containers"]
             names = {variable["name"] for variable in prefect["env"]}
             assert {"PREFECT_REDIS_MESSAGING_PASSWORD", "PREFECT_SERVER_DOCKET_URL"} <= names
+
+
+def test_no_secret_is_put_on_a_command_line():
+    for resource in resources():
+        for container in containers(resource):
+            secret_variables = {variable["name"] for variable in container.get("env", []) if "valueFrom" in variable}
+            words = " ".join(container.get("command", []) + container.get("args", []))
+            assert not [name for name in secret_variables if f"$({name})" in words], container["name"]
+
+
+def test_no_pod_installs_anything_when_it_starts():
+    """Prefect's packages are in its image (docker/prefect-central.Dockerfile), pinned by hash."""
+    for resource in resources():
+        for container in containers(resource):
+            words = container.get("command", []) + container.get("args", [])
+            assert not {"pip", "pip3", "uv", "apt-get"} & set(words), container["name"]
+            assert "EXTRA_PIP_PACKAGES" not in {variable["name"] for variable in container.get("env", [])}
+    prefect_images = {
+        container["image"]
+        for resource in resources()
+        if resource["metadata"]["name"].startswith("prefect-") and resource["kind"] == "Deployment"
+        for container in containers(resource)
+    }
+    assert prefect_images == {"birdflow-prefect-central:3.9.1"}
+    assert {"name": "birdflow-prefect-central", "newName": "birdflow-prefect-central", "newTag": "3.9.1"} in (
+        KUSTOMIZATION["images"]
+    )
+    dockerfile = (PROJECT / "docker" / "prefect-central.Dockerfile").read_text()
+    assert "FROM prefecthq/prefect:3.9.1-python3.11" in dockerfile and "--require-hashes" in dockerfile
+    pinned = (PROJECT / "docker" / "prefect-central-requirements.txt").read_text()
+    assert re.findall(r"^(prefect-redis|redis)==[\d.]+ \\\n    --hash=sha256:[0-9a-f]{64}$", pinned, re.M) == [
+        "prefect-redis",
+        "redis",
+    ]
+
+
+def test_the_prefect_api_is_served_over_tls_with_a_documented_certificate():
+    [ingress] = [resource for resource in resources() if resource["kind"] == "Ingress"]
+    [rule] = ingress["spec"]["rules"]
+    [path] = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": "prefect-api", "port": {"name": "http"}}
+    [tls] = ingress["spec"]["tls"]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/ssl-redirect"] == "true"
+    assert f"create secret tls {tls['secretName']}" in (PROJECT / "docs" / "fleet.md").read_text()
+
+
+EGRESS = {  # what each pod may reach inside the namespace (beyond DNS), and Prefect the internet's 443 and 587
+    "prefect-api": {("postgres", 5432), ("redis", 6379), ("prefect-api", 4200)},
+    "prefect-services": {("postgres", 5432), ("redis", 6379), ("prefect-api", 4200)},
+    "grafana": {("influxdb3", 8181), ("prometheus", 9090)},
+    "postgres": set(),
+    "redis": set(),
+    "influxdb3": set(),
+    "prometheus": set(),
+    "seaweedfs": set(),
+}
+
+
+def selected(selector: dict, name: str) -> bool:
+    if selector == {}:
+        return True
+    if "matchLabels" in selector:
+        return selector["matchLabels"].get("app.kubernetes.io/name") == name
+    [expression] = selector["matchExpressions"]
+    return expression["operator"] == "In" and name in expression["values"]
+
+
+def test_each_pod_reaches_only_what_it_needs_inside_the_namespace():
+    policies = [resource for resource in resources() if resource["kind"] == "NetworkPolicy"]
+    apps = {
+        resource["metadata"]["labels"]["app.kubernetes.io/name"]
+        for resource in resources()
+        if resource["kind"] in ("Deployment", "StatefulSet")
+    }
+    assert apps == set(EGRESS)
+    for app, allowed in EGRESS.items():
+        reached = set()
+        for policy in policies:
+            if not selected(policy["spec"]["podSelector"], app):
+                continue
+            for rule in policy["spec"].get("egress", []):
+                for peer in rule.get("to", []):
+                    if "namespaceSelector" in peer or "ipBlock" in peer:
+                        continue  # DNS in kube-system; the internet without the private networks (test above)
+                    assert "podSelector" in peer and peer["podSelector"] != {}, (policy["metadata"]["name"], peer)
+                    targets = [other for other in EGRESS if selected(peer["podSelector"], other)]
+                    reached |= {(target, port["port"]) for target in targets for port in rule["ports"]}
+        assert reached == allowed, app
+
+
+def test_the_central_compose_file_publishes_its_ports_on_loopback_unless_told():
+    compose = yaml.safe_load((PROJECT / "docker" / "docker-compose.central.yml").read_text())["services"]
+    published = [port for service in compose.values() for port in service.get("ports", [])]
+    assert published and all(port.startswith("${CENTRAL_BIND:-127.0.0.1}:") for port in published), published
+    assert "CENTRAL_BIND" in (PROJECT / "docs" / "fleet.md").read_text()
 
 
 def test_the_own_history_overlay_is_the_manifests_with_one_api_process_and_the_event_feed_stored():
