@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from birdflow.settings.model import SECTIONS, Settings
-from birdflow.settings.sections import SettingsError
+from birdflow.settings.sections import READING_ONLY, SettingsError
 
 SETTINGS_FILE_ENV = "BIRDFLOW_SETTINGS"
 EMPTY_MEANS_NONE = ("latitude", "longitude", "archive_dir", "mqtt_ca_file")
@@ -98,8 +98,11 @@ def settings_file_in_use(
     return Path(path) if path is not None else None
 
 
-def load_settings(path: os.PathLike | str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read settings.yaml (if any) and apply upper-case environment overrides, validating everything."""
+def load_settings(
+    path: os.PathLike | str | None = None, environ: Mapping[str, str] | None = None, reading_only: bool = False
+) -> Settings:
+    """Read settings.yaml (if any) and apply upper-case environment overrides, validating everything;
+    `reading_only`: for a command that only reads the station's tables, which needs no sink's credentials."""
     environ = _environment() if environ is None else environ
     path = settings_file_in_use(path, environ)
     values = _yaml_values(path) if path is not None else {}
@@ -113,7 +116,7 @@ def load_settings(path: os.PathLike | str | None = None, environ: Mapping[str, s
             source[name] = f"env {name.upper()}"
     _take_renamed(values, source)
     try:
-        return Settings(**values)
+        return Settings.model_validate(values, context={READING_ONLY: reading_only})
     except ValidationError as exc:
         raise SettingsError("; ".join(_problem(error, source) for error in exc.errors())) from None
 

@@ -7,7 +7,16 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from birdflow.core.analysis import AnalysisParams
 from birdflow.core.errors import SettingsError
@@ -295,6 +304,10 @@ class AnalysisSettings(AnalysisParams):
     birdnet_batch_size: int = Field(4, ge=1, le=64, description="3 s windows per interpreter call")
 
 
+# the validation context of a command that only reads what the station holds (loading.load_settings)
+READING_ONLY = "reading_only"
+
+
 class SinkSettings(Section):
     """Where detection rows go: Parquet files on the station, InfluxDB 3."""
 
@@ -306,10 +319,11 @@ class SinkSettings(Section):
     influx_token: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
-    def _a_sink_that_works(self) -> SinkSettings:
+    def _a_sink_that_works(self, info: ValidationInfo) -> SinkSettings:
         if self.influx_enabled and not self.influx_host:
             raise SettingsError("setting 'influx_host' is required when 'influx_enabled' is true")
-        if self.influx_enabled and not self.influx_token.get_secret_value():
+        writing = not (info.context or {}).get(READING_ONLY)
+        if writing and self.influx_enabled and not self.influx_token.get_secret_value():
             # influxdb3-python refuses to start without one: the executor would exit and restart forever
             raise SettingsError(
                 "setting 'influx_token' (env INFLUX_TOKEN) is required when 'influx_enabled' is true "

@@ -172,7 +172,8 @@ async def recordings_upload(request: Request, ingest: IngestStateDep, token: Tok
                 "content_hash": info.content_hash,
             }
         except Rejection as rejection:
-            return ingest.reject(rejection, upload.listener_id if upload else None)
+            peer = request.client.host if request.client else None
+            return ingest.reject(rejection, upload.listener_id if upload else None, peer=peer)
         finally:
             if upload is not None and upload.partial is not None:
                 upload.partial.unlink(missing_ok=True)  # published files were moved away; anything else goes

@@ -138,6 +138,24 @@ def test_influx_without_a_host_is_one_line(station):
     assert str(failed.value) == "birdflow sql: --influx needs setting 'influx_host' (and INFLUX_TOKEN)"
 
 
+def test_read_only_commands_run_with_influx_enabled_and_no_token_while_the_station_refuses_to_start(
+    station, capsys, monkeypatch
+):
+    _, _, settings_file = station
+    monkeypatch.setenv("INFLUX_ENABLED", "true")
+    monkeypatch.setenv("INFLUX_HOST", "http://127.0.0.1:9")
+    monkeypatch.delenv("INFLUX_TOKEN", raising=False)
+    assert main(["--settings", str(settings_file), "detections"]) == 0
+    assert "Pine Siskin" in capsys.readouterr().out
+    assert main(["--settings", str(settings_file), "sql", COUNT_BY_SPECIES]) == 0
+    with pytest.raises(SystemExit) as failed:
+        main(["--settings", str(settings_file), "sql", "--influx", COUNT_BY_SPECIES])
+    assert "--influx needs INFLUX_TOKEN" in str(failed.value)
+    with pytest.raises(SystemExit) as failed:  # what writes to InfluxDB still refuses, naming the setting
+        main(["--settings", str(settings_file), "up"])
+    assert "setting 'influx_token' (env INFLUX_TOKEN) is required" in str(failed.value)
+
+
 def test_detections_fit_an_80_column_terminal(station, capsys, monkeypatch):
     _, _, settings_file = station
     monkeypatch.setenv("COLUMNS", "80")

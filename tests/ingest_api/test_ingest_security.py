@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import socket
 import struct
@@ -221,12 +222,15 @@ def test_bad_input_gets_its_status_and_changes_nothing_while_a_listener_streams(
     print("\n".join(f"{status} (expected {expected}) {name}" for name, expected, status in outcomes))
 
 
-def test_an_upload_naming_no_listener_is_told_how_to_name_one(tmp_path):
+def test_an_upload_naming_no_listener_is_told_how_to_name_one(tmp_path, caplog):
     settings = Settings(data_dir=tmp_path / "data", min_duration_s=0.5)
-    with serving(settings) as port:
+    with serving(settings) as port, caplog.at_level(logging.WARNING, logger="birdflow.ingest"):
         client = Client(port, {})
         status, body = client.upload("recording.wav", wav_bytes(1.0), token_of=None)
         assert status == 400 and "no listener id" in body and "listener_id form field" in body, body
+        # the log names the sender's address, not "listener None"
+        assert f"rejected request from {LOOPBACK} (before its listener id)" in caplog.text, caplog.text
+        assert "None" not in caplog.text
         assert client.upload("recording.wav", wav_bytes(1.0), listener_id="mic-1", token_of=None)[0] == 200
     assert [path.name.split("_")[0] for path in settings.recordings_dir.glob("*.wav")] == ["mic-1"]
 

@@ -9,9 +9,10 @@ from birdflow.core.listener_ids import validate_listener_id
 from birdflow.settings import SettingsError, load_settings
 
 
-def settings_of(args):
+def settings_of(args, reading_only: bool = False):
+    """`reading_only`: for a command that only reads the station's tables (no sink's credentials needed)."""
     try:
-        return load_settings(args.settings)
+        return load_settings(args.settings, reading_only=reading_only)
     except SettingsError as exc:
         raise SystemExit(f"birdflow: {exc}") from None
 

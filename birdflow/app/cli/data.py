@@ -34,7 +34,7 @@ def add_selection_arguments(parser) -> None:
 
 
 def cmd_detections(args) -> int:
-    settings = settings_of(args)
+    settings = settings_of(args, reading_only=True)
     table = selected_detections(settings, args)
     if args.limit:
         table = table.slice(max(0, table.num_rows - args.limit))
@@ -62,7 +62,7 @@ def cmd_export(args) -> int:
     from birdflow.core.exports import ExportError, export, exported_records
     from birdflow.runtime.export_inputs import evidence_for, place_of, publishing_of
 
-    settings = settings_of(args)
+    settings = settings_of(args, reading_only=True)
     table = selected_detections(settings, args)
     evidence = evidence_for(settings, table)
     try:
@@ -87,7 +87,7 @@ def cmd_sql(args) -> int:
     """One SELECT over the local tables (DuckDB), or with --influx over InfluxDB 3 (its SQL)."""
     from birdflow.core.sql import SqlError, one_line, query, station_tables
 
-    settings = settings_of(args)
+    settings = settings_of(args, reading_only=True)
     try:
         if args.influx:
             table = influx_query(settings, args.statement)
@@ -111,7 +111,9 @@ def influx_query(settings, statement: str):
     if not sinks.influx_host:
         raise SqlError("--influx needs setting 'influx_host' (and INFLUX_TOKEN)")
     check_read_only(statement)
-    token = sinks.influx_token.get_secret_value() or None
+    token = sinks.influx_token.get_secret_value()
+    if not token:
+        raise SqlError("--influx needs INFLUX_TOKEN (setting 'influx_token'; any value for a server --without-auth)")
     with InfluxDBClient3(host=sinks.influx_host, database=sinks.influx_database, token=token) as client:
         return client.query(statement, language="sql")
 

@@ -124,7 +124,7 @@ def cmd_list(args) -> int:
 
     from birdflow.core.reviews import ReviewStore, detection_ids, id_of
 
-    settings = settings_of(args)
+    settings = settings_of(args, reading_only=True)
     store = ReviewStore(settings.reviews_file)
     if args.all:
         table = selected_detections(settings, args)
@@ -166,7 +166,7 @@ def cmd_stats(args) -> int:
 
     from birdflow.core.reviews import ReviewStore, review_stats
 
-    settings = settings_of(args)
+    settings = settings_of(args, reading_only=True)
     stats = review_stats(ReviewStore(settings.reviews_file).table(), args.target, args.min_reviews)
     table = pa.Table.from_pylist(
         [
