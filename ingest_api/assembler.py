@@ -312,9 +312,9 @@ class StreamAssembler:
             gaps=current.gaps,
             source="stream",
         )
-        self.stats.recordings.append(info)
+        self.stats.recordings.append(info)  # listed either way: the station holds it
         self.stats.closed += 1
-        self._count("recording_closed")
+        self._count("recording_resent" if info.resent else "recording_closed")
 
     def _count(self, name: str, count: int = 1) -> None:
         stat = _EVENT_STATS.get(name)

@@ -54,7 +54,8 @@ class IngestState:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.station_id = station = settings.station_id
-        self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, station)
+        ledger = processed_ledger(settings)
+        self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, station, processed=ledger.holds)
         recover_and_count(self.store, settings)  # nothing of this process is open yet: every partial is left over
         self.disk = DiskFloor(settings.data_dir, settings.unattended.min_free_disk_mb * MB, relieve=self.relieve_disk)
         self.limits = StreamLimits(
@@ -78,6 +79,7 @@ class IngestState:
             "recording_closed": metrics.RECORDINGS_RECEIVED.labels(station, "stream"),
             "recording_discarded": metrics.RECORDINGS_DISCARDED.labels(station, "too_short"),
             "recording_abandoned": metrics.RECORDINGS_DISCARDED.labels(station, "write_failed"),
+            "recording_resent": metrics.RECORDINGS_DISCARDED.labels(station, "resent"),
             "gap": metrics.GAPS.labels(station),
             "frame_dropped": metrics.FRAMES_DROPPED.labels(station),
             "metadata_frame": metrics.METADATA_FRAMES.labels(station),

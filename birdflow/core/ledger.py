@@ -117,6 +117,11 @@ class ProcessedLedger:
         ).fetchone()
         return 1 if row is None or row[0] is None else row[0]
 
+    def holds(self, recording_id: str) -> bool:
+        """Whether any analysis of the recording was recorded (a listener sending it again is told so)."""
+        query = "SELECT 1 FROM processed WHERE recording_id = ? LIMIT 1"
+        return self.database.execute(query, (recording_id,)).fetchone() is not None
+
     def contains(self, recording_id: str, analysis_id: str) -> bool:
         query = "SELECT 1 FROM processed WHERE recording_id = ? AND analysis_id = ?"
         return self.database.execute(query, (recording_id, analysis_id)).fetchone() is not None

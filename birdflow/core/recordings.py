@@ -12,11 +12,12 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from birdflow.core.errors import Unprocessable
 
@@ -47,6 +48,9 @@ class RecordingInfo(BaseModel):
     source: Literal["stream", "upload", "recovered", "folder", "archive", "backfill"] = "stream"
     # where the audio is read from when it is not in the recordings folder (a backfill source); never deleted
     source_path: str | None = None
+    # set by RecordingStore.publish when the station held this recording already (a listener sent it again):
+    # the copy was dropped; never stored or passed on
+    resent: bool = Field(False, exclude=True)
 
     @field_validator("recording_id", "listener_id", "station_id", "file_name")
     @classmethod
@@ -132,10 +136,19 @@ def checked_start(start: datetime, now: datetime) -> datetime:
 class RecordingStore:
     """The partial and recordings folders of one station."""
 
-    def __init__(self, partial_dir: Path, recordings_dir: Path, station_id: str):
+    def __init__(
+        self,
+        partial_dir: Path,
+        recordings_dir: Path,
+        station_id: str,
+        processed: Callable[[str], bool] = lambda recording_id: False,
+    ):
+        """`processed`: whether a recording id was analysed already (the processed record), so that a recording
+        sent again is dropped rather than queued."""
         self.partial_dir = Path(partial_dir)
         self.recordings_dir = Path(recordings_dir)
         self.station_id = station_id
+        self.processed = processed
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
 
@@ -159,7 +172,8 @@ class RecordingStore:
         gaps: int,
         source: str,
     ) -> RecordingInfo:
-        """Name the finished file after its content, write its metadata, then move it in atomically."""
+        """Name the finished file after its content, write its metadata, then move it in atomically; a recording
+        the station holds already (waiting, or processed) is dropped and returned with `resent` set."""
         content_hash = sha256_file(partial)
         recording_id = recording_id_for(listener_id, start_time, content_hash)
         info = RecordingInfo(
@@ -176,6 +190,9 @@ class RecordingStore:
             file_name=recording_id + partial.suffix.lower(),
             source=source,
         )
+        if (self.recordings_dir / info.file_name).exists() or self.processed(recording_id):
+            partial.unlink(missing_ok=True)  # the same audio of the same listener and start: held already
+            return info.model_copy(update={"resent": True})
         self._move_in(partial, info)
         return info
 

@@ -10,7 +10,7 @@ import time
 from functools import partial
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from birdflow.core.disk import InsufficientStorage
@@ -64,6 +64,7 @@ async def recordings_stream(request: Request, ingest: IngestStateDep, token: Tok
     open_streams = metrics.OPEN_STREAMS.labels(ingest.station_id)
     open_streams.inc()
     rejection: Rejection | None = None
+    stopping = False
     try:
         async for chunk in request.stream():
             for frame in parser.feed(chunk):
@@ -73,9 +74,9 @@ async def recordings_stream(request: Request, ingest: IngestStateDep, token: Tok
         log.info("listener %s disconnected", listener_id)
     except asyncio.CancelledError:
         # the server is stopping and ends the streams: the recording in progress is closed and kept below;
-        # a listener that reads its socket gets "come back later", not a reset
+        # a listener that reads its socket gets "come back later", with what was kept, not a reset
         log.info("listener %s: stream closed because the ingest API is stopping", listener_id)
-        return Response(status_code=503, headers={"Retry-After": RETRY_AFTER_S[503]})
+        stopping = True
     except FramingError as exc:
         rejection = Rejection(400, "malformed_frame", str(exc))
     except StreamRejected as exc:
@@ -101,6 +102,12 @@ async def recordings_stream(request: Request, ingest: IngestStateDep, token: Tok
         open_streams.dec()
         # this stream's recordings are published before its answer lists them
         await asyncio.gather(*(asyncio.wrap_future(future) for future in sealing), return_exceptions=True)
+    if stopping:  # the recordings it lists are kept: a listener resends only what came after them
+        return JSONResponse(
+            {"error": "the ingest API is stopping: send again what is not listed", **summary(listener_id, stats)},
+            status_code=503,
+            headers={"Retry-After": RETRY_AFTER_S[503]},
+        )
     if rejection:
         return ingest.reject(rejection, listener_id, summary(listener_id, stats))
     return summary(listener_id, stats)

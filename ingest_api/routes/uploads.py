@@ -162,9 +162,13 @@ async def recordings_upload(request: Request, ingest: IngestStateDep, token: Tok
                 gaps=0,
                 source="upload",
             )
-            metrics.RECORDINGS_RECEIVED.labels(ingest.station_id, "upload").inc()
+            if info.resent:
+                metrics.RECORDINGS_DISCARDED.labels(ingest.station_id, "resent").inc()
+            else:
+                metrics.RECORDINGS_RECEIVED.labels(ingest.station_id, "upload").inc()
             return {
                 "recording_id": info.recording_id,
+                "resent": info.resent,  # the station held it already: this copy was dropped
                 "file_name": info.file_name,
                 "listener_id": info.listener_id,
                 "start_time": info.start_time.isoformat(),

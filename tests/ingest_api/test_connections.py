@@ -3,6 +3,7 @@ and a listener keeps working while hundreds of connections try to exhaust the se
 
 from __future__ import annotations
 
+import json
 import resource
 import selectors
 import socket
@@ -279,4 +280,8 @@ def test_a_listener_whose_stream_the_station_cuts_reads_come_back_later_not_a_re
     finally:
         ingest.wait(30)
     assert read.startswith(b"HTTP/1.1 503 ") and b"retry-after: 30" in read.lower(), (read, ended)
-    assert list((tmp_path / "stop" / "recordings").glob("good-1_*.wav"))  # what it had sent is kept
+    kept = list((tmp_path / "stop" / "recordings").glob("good-1_*.wav"))  # what it had sent is kept
+    # and the answer lists it, as the disk floor's 507 does, so that a listener resends only what came after
+    answer = json.loads(read.partition(b"\r\n\r\n")[2].split(b"\r\n", 1)[-1].rsplit(b"\r\n0", 1)[0])
+    assert kept and answer["recordings"] == [path.stem for path in kept], answer
+    assert "stopping" in answer["error"]

@@ -318,3 +318,37 @@ def test_a_disk_that_fills_mid_stream_keeps_the_closed_recordings_and_leaves_no_
         assert path.with_suffix(".json").stat().st_size > 0
     assert list(settings.partial_dir.iterdir()) == []
     assert 'birdflow_recordings_discarded_total{reason="write_failed",station="station01"} 1.0' in metrics
+
+
+def test_a_recording_sent_again_is_answered_200_and_dropped_whether_it_waits_or_was_processed(ingest):
+    """A listener that resends on a 5xx may send audio the station holds: same listener, start and content."""
+    from birdflow.core.ledger import ProcessedLedger
+
+    settings, port = ingest
+    name, audio = "mic-9_20250601T050000Z.wav", wav_bytes(1.0, value=3)
+
+    def upload() -> dict:
+        response = httpx.post(f"http://{LOOPBACK}:{port}/recordings_upload", files={"file": (name, audio)}, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def resent_counted() -> float:  # this process's counters are shared with the other tests: a difference
+        metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics").text
+        found = re.search(
+            rf'birdflow_recordings_discarded_total\{{reason="resent",station="{settings.station_id}"\}} (\S+)', metrics
+        )
+        return float(found.group(1)) if found else 0.0
+
+    counted_before = resent_counted()
+    first, again = upload(), upload()
+    assert (first["resent"], again["resent"]) == (False, True)
+    assert again["recording_id"] == first["recording_id"] and len(recordings(settings)) == 1  # waiting: one copy
+    # processed since, its audio gone from the folder: still known, still dropped
+    ProcessedLedger(settings.processed_record_file).record(first["recording_id"], "analysis-1")
+    for path in settings.recordings_dir.iterdir():
+        path.unlink()
+    assert upload()["resent"] is True and recordings(settings) == []
+    # other audio of the same listener and start is another recording
+    audio = wav_bytes(1.0, value=4)
+    assert upload()["resent"] is False and len(recordings(settings)) == 1
+    assert resent_counted() - counted_before == 2
