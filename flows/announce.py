@@ -3,15 +3,16 @@ notification) and the run's table artifact of what it heard."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlencode
 
 import pyarrow as pa
-from prefect import get_run_logger
+from prefect import get_client, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import SyncPrefectClient
-from prefect.events import emit_event
+from prefect.events import Event, emit_event
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 
@@ -22,6 +23,7 @@ from birdflow.core.retention import Purged
 from birdflow.settings.sections import DetectionSettings
 
 PURGED_EVENT = "birdflow.archive.purged"  # archived audio deleted (automations can notify on it)
+EVENT_IDS = uuid.UUID("0d3c1d2e-3b7a-5c8e-9f21-6a4b8c0e1f57")  # the namespace of the rare events' ids
 
 
 def rare_event_fields(sighting: RareSighting, archive_key: str, run_url: str | None) -> dict:
@@ -157,24 +159,50 @@ def announce_rare(
     from). With `confirm` (the Prefect server stores its event feed: a central one of every
     run, or a station's own with prefect_events_enabled), the sighting is matched on the station's Prefect."""
     run_url = run_page()
-    if sightings:
-        recording = recording_event_fields(sightings, run_url, place, clips or {})
-        emit_event(**recording)
-        if central is not None:
-            central.event(recording, once_for=f"{sightings[0].recording_id}:rare")
-    for sighting in sightings:
-        fields = rare_event_fields(sighting, archive_key, run_url)
-        event = emit_event(**fields)
+    if not sightings:
+        return
+    recording = recording_event_fields(sightings, run_url, place, clips or {})
+    per_species = [rare_event_fields(sighting, archive_key, run_url) for sighting in sightings]
+    events = sent_for_certain([recording, *per_species])
+    if central is not None:
+        central.event(recording, once_for=f"{sightings[0].recording_id}:rare")
+    for sighting, fields, event in zip(sightings, per_species, events[1:]):
         if central is not None:
             central.rare(fields, once_for=f"{sighting.recording_id}:{sighting.scientific_name}")
-        elif event is not None and confirm is not None and confirm.rare_confirm_window_s:
-            from prefect import get_client
-
+        elif confirm is not None and confirm.rare_confirm_window_s:
             try:
                 with get_client(sync_client=True) as client:
                     confirm_on_server(client, event.model_dump(mode="json"), confirm)
             except Exception as exc:  # the sighting is announced either way; a retry would announce it twice
                 get_run_logger().warning("could not look for a confirmation of %s: %s", sighting.scientific_name, exc)
+
+
+def sent_for_certain(fields: list[dict]) -> list[Event]:
+    """The events, posted to the Prefect API and acknowledged. emit_event hands them to a background worker that
+    drops what it cannot deliver (a server being restarted: a missed notification); here a failure raises, so the
+    run's retry announces again (the species record marks a recording announced only afterwards). Each event's id
+    comes from its recording and species, so an event sent twice is one event to the server's feed."""
+    now = datetime.now(timezone.utc)
+    run = (
+        [{"prefect.resource.id": f"prefect.flow-run.{flow_run.id}", "prefect.resource.role": "flow-run"}]
+        if flow_run.id
+        else []
+    )
+    events = [
+        Event(
+            **{**item, "related": [*item.get("related", []), *run]},
+            occurred=now,
+            id=uuid.uuid5(
+                EVENT_IDS,
+                f"{item['event']}:{item['resource']['prefect.resource.id']}:"
+                f"{item['resource'].get('birdflow.species', '')}",
+            ),
+        )
+        for item in fields
+    ]
+    with get_client(sync_client=True) as client:
+        client.request("POST", "/events", json=[event.model_dump(mode="json") for event in events])
+    return events
 
 
 def confirm_on_server(client: SyncPrefectClient, sighting: dict, rules: DetectionSettings) -> dict | None:

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
+import httpx
 import pytest
 
 from birdflow.settings import Settings, SettingsError, load_settings
@@ -181,3 +182,33 @@ def test_with_every_run_on_one_server_a_run_matches_its_rare_sighting_there(pref
     wait_until(lambda: events("birdflow.detection.confirmed"), 30, "the confirmed event")
     [confirmed] = events("birdflow.detection.confirmed")
     assert confirmed["payload"]["stations"] == [f"{tag}a", f"{tag}c"]
+
+
+def test_a_rare_sighting_is_acknowledged_by_the_server_or_its_run_fails_and_the_retry_sends_it_once(prefect_server):
+    """While the Prefect server is away (killed, restarting) a rare sighting is not dropped as emit_event's
+    background worker would drop it: the run fails and is retried, and the retry's events are the same events."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from birdflow.core.rarity import RareSighting
+    from birdflow.flows.announce import announce_rare
+    from birdflow_tools.testbed import free_port
+
+    tag = f"outage{time.monotonic_ns()}"
+    sighting = RareSighting(
+        tag, "mic1", f"mic1_{tag}", "Bubo bubo", "Eurasian Eagle-Owl", 0.9, "2025-06-01T05:10:00+00:00", False
+    )
+    away = {PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES: 0}
+    with temporary_settings(updates=away), pytest.raises(httpx.ConnectError):
+        announce_rare([sighting], "a.flac")
+
+    def events(name: str) -> list[dict]:
+        found = prefect_post(
+            prefect_server.api_url, "events/filter", {"filter": {"event": {"name": [name]}}, "limit": 50}
+        )
+        return [event for event in found["events"] if tag in json.dumps(event)]
+
+    announce_rare([sighting], "a.flac")  # the retry, once the server is back
+    announce_rare([sighting], "a.flac")  # and a second retry that had reached it too
+    wait_until(lambda: events("birdflow.recording.rare") and events("birdflow.detection.rare"), 30, "the events")
+    time.sleep(2)  # a second copy would be stored by now
+    assert len(events("birdflow.recording.rare")) == 1 and len(events("birdflow.detection.rare")) == 1
