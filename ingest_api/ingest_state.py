@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 
 from fastapi.responses import JSONResponse
@@ -34,6 +35,7 @@ log = logging.getLogger("birdflow.ingest")
 # partials no stream has written to for this long are left over (a close that failed): publish them
 PARTIAL_SWEEP_S = 600.0
 RETRY_AFTER_S = {503: "30", 507: "300", 429: "60"}
+BACKLOG_AFTER = timedelta(minutes=10)  # an upload of a recording that ended longer ago is a listener's backlog
 
 
 def recover_and_count(
@@ -69,6 +71,7 @@ class IngestState:
             ),
         )
         self.recording_rate = RecordingRate(settings.ingest.max_recordings_per_minute)
+        self.backlog_rate = RecordingRate(settings.ingest.max_backlog_uploads_per_minute)
         self.access = IngestAccess(settings)
         self.streams: set[StreamAssembler] = set()  # the streams connected now
         self.open_uploads = 0  # uploads in progress
@@ -103,6 +106,14 @@ class IngestState:
         """At the disk floor: what the archive retention allows, counted (maintenance announces it)."""
         ledger = processed_ledger(self.settings)
         metrics.count_purged(self.station_id, archive_retention(self.settings, worth=ledger.detections))
+
+    def upload_rate(self, start: datetime | None, duration_s: float) -> RecordingRate:
+        """What an upload counts against: a recording that ended a while ago (a listener sending its backlog) has
+        an allowance of its own, so that a card's worth of old recordings is not held to the pace of live ones."""
+        ended = start + timedelta(seconds=duration_s) if start else None
+        if ended is not None and ended < datetime.now(timezone.utc) - BACKLOG_AFTER:
+            return self.backlog_rate
+        return self.recording_rate
 
     def count_event(self, name: str, count: int) -> None:
         self._event_counters[name].inc(count)

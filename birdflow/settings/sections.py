@@ -139,6 +139,14 @@ class IngestSettings(Section):
     max_recordings_per_minute: int = Field(
         12, ge=1, description="A stream that starts more recordings than this in a minute is cut (429)"
     )
+    max_backlog_uploads_per_minute: int = Field(
+        120,
+        ge=1,
+        description=(
+            "Uploads a listener may make in a minute of recordings that ended over 10 minutes ago (its backlog, "
+            "a card sent after days offline), counted apart from max_recordings_per_minute; more get 429"
+        ),
+    )
     public_url: WebAddress = Field(
         "",
         description=(

@@ -147,7 +147,7 @@ async def recordings_upload(request: Request, ingest: IngestStateDep, token: Tok
                     "(setting 'max_upload_duration_s')",
                 )
             try:
-                ingest.recording_rate.admit(upload.listener_id)
+                ingest.upload_rate(upload.start, details.duration).admit(upload.listener_id)
             except TooManyRecordings as exc:
                 raise Rejection(429, "too_many_recordings", str(exc)) from None
             info = await run_in_threadpool(

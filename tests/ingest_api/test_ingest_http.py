@@ -352,3 +352,31 @@ def test_a_recording_sent_again_is_answered_200_and_dropped_whether_it_waits_or_
     audio = wav_bytes(1.0, value=4)
     assert upload()["resent"] is False and len(recordings(settings)) == 1
     assert resent_counted() - counted_before == 2
+
+
+def test_a_listener_sending_its_backlog_is_not_held_to_the_pace_of_live_recordings(tmp_path):
+    """A card's worth of old recordings has its own allowance per minute; live ones keep theirs."""
+    from datetime import datetime, timedelta, timezone
+
+    settings = Settings(
+        data_dir=tmp_path / "data", min_duration_s=0.5, max_recordings_per_minute=3, max_backlog_uploads_per_minute=40
+    )
+    now = datetime.now(timezone.utc)
+
+    def upload(start: datetime, number: int) -> int:
+        name = f"mic-5_{start:%Y%m%dT%H%M%SZ}.wav"
+        response = httpx.post(
+            f"http://{LOOPBACK}:{port}/recordings_upload",
+            files={"file": (name, wav_bytes(1.0, value=number))},
+            timeout=30,
+        )
+        return response.status_code
+
+    with serving(settings) as port:
+        # three days offline: 40 recordings of the backlog in well under a minute, then the 41st waits
+        backlog = [upload(now - timedelta(days=3, minutes=number), number) for number in range(41)]
+        assert backlog == [200] * 40 + [429], backlog
+        # live recordings still have their own three a minute
+        live = [upload(now - timedelta(seconds=5 * number), 100 + number) for number in range(4)]
+        assert live == [200, 200, 200, 429], live
+    assert len(recordings(settings)) == 43
