@@ -181,3 +181,19 @@ def test_the_listener_protocols_worked_example_is_what_the_station_reads():
     assert parser.pending_bytes == len(second)
     seq, length = int.from_bytes(second[:3], "little"), int.from_bytes(second[3:6], "little")
     assert (seq, length) == (1, 32768) and struct.unpack("<4h", second[6:]) == (0, 1200, -1200, 32767)
+
+
+def test_every_test_the_security_table_names_exists():
+    """docs/security.md's "before and after" rows each name the test that holds them: a renamed test breaks this."""
+    table = (PROJECT / "docs" / "security.md").read_text().partition("## What the probes found")[2]
+    named, current_file = [], None
+    for file, name in re.findall(r"`(?:([\w/]+\.py))?::(test_\w+)`", table):
+        current_file = file or current_file  # `::test_x` names another test of the file named before it
+        named.append((current_file, name))
+    assert len(named) >= 30
+    missing = [
+        f"{file}::{name}"
+        for file, name in named
+        if not re.search(rf"^def {name}\(", (PROJECT / "tests" / file).read_text(), re.MULTILINE)
+    ]
+    assert missing == []
