@@ -97,7 +97,7 @@ class ProcessedLedger:
         """What was recorded, by recording id, of the recordings that started in [since, until) and whose records
         say (those made since version 3)."""
         spans = {}
-        for recording_id, duration_s in self.database.execute(
+        for recording_id, duration_s in self.database.each(
             "SELECT recording_id, duration_s FROM processed WHERE duration_s IS NOT NULL"
         ):
             try:  # listener_start_hash: recordings.recording_id_for
@@ -171,4 +171,4 @@ class ProcessedLedger:
         return {row[0] for row in rows if row[0]}
 
     def recording_ids(self) -> set[str]:
-        return {row[0] for row in self.database.execute("SELECT recording_id FROM processed")}
+        return {row[0] for row in self.database.each("SELECT recording_id FROM processed")}

@@ -89,6 +89,13 @@ class LocalDatabase:
                 return Rows([])  # the transaction ended with the connection of a file found damaged
             return Rows.of(connection.execute(sql, parameters))
 
+    def each(self, sql: str, parameters: Sequence[Any] = ()) -> Iterator[Any]:
+        """The rows of a query that may be long, a thousand at a time rather than all at once."""
+        with self._damage_repaired():
+            cursor = self._connection().execute(sql, parameters)
+            while batch := cursor.fetchmany(1000):
+                yield from batch
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Rows:
         with self._damage_repaired():
             return Rows.of(self._connection().executemany(sql, rows))
