@@ -247,13 +247,12 @@ def drill_state_damage(station: DrillStation) -> DrillResult:
         damaged=damaged,
         rebuilt=sorted(item["file"] for item in health.get("state_files_rebuilt", [])),
         unsound=sorted(path.name for path in state_dir.glob("*.sqlite") if not is_sound(path)),
-        log_lines_per_minute=len(log_lines) / minutes,  # beyond the routine lines of each run
-        log_lines=log_lines,
+        log_lines=log_lines,  # beyond the routine lines of each run
     )
     result.notes.append(
         f"{len(damaged)} state files damaged, {len(result.facts['rebuilt'])} found and rebuilt "
         f"({', '.join(result.facts['rebuilt'])}), {len(result.facts['unsound'])} left damaged; "
-        f"{result.facts['log_lines_per_minute']:.0f} log lines a minute beyond the routine ones"
+        f"{len(log_lines)} log lines beyond each run's routine ones in {minutes:.1f} min"
     )
     return result
 
