@@ -93,8 +93,8 @@ def test_damaged_state_files_are_rebuilt_while_analysis_goes_on_and_the_log_stay
     assert "processed.sqlite" in facts["damaged"] and len(facts["damaged"]) >= 4, facts
     assert facts["unsound"] == [], facts  # every state file whole again
     assert "processed.sqlite" in facts["rebuilt"], facts  # the executor's restart found it, /healthz says so
-    # one line per file rebuilt and a traceback per kind of failure, not a line a second (before: ~840 a minute)
-    assert len(facts["log_lines"]) < 100, "\n".join(facts["log_lines"])
+    # a line per file rebuilt and per run that met it, not a line a second (before: ~840 a minute)
+    assert len(facts["log_lines"]) <= 3 * len(facts["damaged"]) + 5, "\n".join(facts["log_lines"])
 
 
 def test_a_year_on_a_card_keeps_history_within_its_budget_and_loses_nothing(station):

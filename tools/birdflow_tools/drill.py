@@ -17,6 +17,7 @@ can refuse writes. Each drill feeds it recordings, injects one fault, lets the s
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -36,6 +37,7 @@ from birdflow.settings import Settings
 from birdflow_tools.drill_station import DrillOptions, DrillResult, DrillStation
 
 PAGE = 4096  # SQLite's page size, and a card's
+BIRDFLOW_ALERT = re.compile(r" (WARNING|ERROR|CRITICAL) birdflow\.")  # a line of the station log to look at
 
 # --- the drills -------------------------------------------------------------------------------------
 
@@ -241,18 +243,19 @@ def drill_state_damage(station: DrillStation) -> DrillResult:
     minutes = (time.monotonic() - started) / 60
     with open(station.stack.log_path, "rb") as log:
         log.seek(log_start)
-        log_lines = [line for line in log.read().decode(errors="replace").splitlines() if " INFO " not in line]
+        # what birdflow itself said beyond each run's routine lines (the Prefect server has its own say)
+        log_lines = [line for line in log.read().decode(errors="replace").splitlines() if BIRDFLOW_ALERT.search(line)]
     health = station.stack.ingest_health()
     result.facts.update(
         damaged=damaged,
         rebuilt=sorted(item["file"] for item in health.get("state_files_rebuilt", [])),
         unsound=sorted(path.name for path in state_dir.glob("*.sqlite") if not is_sound(path)),
-        log_lines=log_lines,  # beyond the routine lines of each run
+        log_lines=log_lines,
     )
     result.notes.append(
         f"{len(damaged)} state files damaged, {len(result.facts['rebuilt'])} found and rebuilt "
         f"({', '.join(result.facts['rebuilt'])}), {len(result.facts['unsound'])} left damaged; "
-        f"{len(log_lines)} log lines beyond each run's routine ones in {minutes:.1f} min"
+        f"{len(log_lines)} warnings and errors of birdflow's in {minutes:.1f} min"
     )
     return result
 
