@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from birdflow.core.archive import Archive, LocalArchive
 from birdflow.core.disk import MB, DiskFloor
+from birdflow.core.errors import StateFileError
 from birdflow.core.links import link_key
 from birdflow.core.recordings import RecordingStore
 from birdflow.core.wav import WavFormat
@@ -56,8 +58,8 @@ class IngestState:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.station_id = station = settings.station_id
-        ledger = processed_ledger(settings)
-        self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, station, processed=ledger.holds)
+        self.ledger = processed_ledger(settings)
+        self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, station, processed=self.processed)
         recover_and_count(self.store, settings)  # nothing of this process is open yet: every partial is left over
         self.disk = DiskFloor(settings.data_dir, settings.unattended.min_free_disk_mb * MB, relieve=self.relieve_disk)
         self.limits = StreamLimits(
@@ -104,8 +106,16 @@ class IngestState:
 
     def relieve_disk(self) -> None:
         """At the disk floor: what the archive retention allows, counted (maintenance announces it)."""
-        ledger = processed_ledger(self.settings)
-        metrics.count_purged(self.station_id, archive_retention(self.settings, worth=ledger.detections))
+        metrics.count_purged(self.station_id, archive_retention(self.settings, worth=self.ledger.detections))
+
+    def processed(self, recording_id: str) -> bool:
+        """Whether a recording sent again was analysed already. A record that cannot be read now is no reason to
+        refuse audio: the executor looks again before it runs anything."""
+        try:
+            return self.ledger.holds(recording_id)
+        except (sqlite3.Error, StateFileError) as exc:
+            log.warning("the processed record could not be read (%s): %s is taken as new", exc, recording_id)
+            return False
 
     def upload_rate(self, start: datetime | None, duration_s: float) -> RecordingRate:
         """What an upload counts against: a recording that ended a while ago (a listener sending its backlog) has

@@ -118,7 +118,10 @@ class ProcessedLedger:
         return 1 if row is None or row[0] is None else row[0]
 
     def holds(self, recording_id: str) -> bool:
-        """Whether any analysis of the recording was recorded (a listener sending it again is told so)."""
+        """Whether any analysis of the recording was recorded (a listener sending it again is told so); without a
+        record yet, nothing was (and none is made: the ingest asks, the executor writes)."""
+        if not self.database.path.exists():
+            return False
         query = "SELECT 1 FROM processed WHERE recording_id = ? LIMIT 1"
         return self.database.execute(query, (recording_id,)).fetchone() is not None
 
