@@ -11,9 +11,9 @@ import hmac
 import time
 from ipaddress import ip_address
 
+from birdflow.core.ledger import ProcessedLedger
 from birdflow.core.listener_tokens import ListenerTokens
 from birdflow.ingest_api.checks import Rejection
-from birdflow.runtime.state_files import processed_ledger
 from birdflow.settings import Settings
 
 
@@ -35,12 +35,12 @@ KNOWN_REFRESH_S = 30.0  # a listener added by `birdflow listeners add` is known 
 
 
 class IngestAccess:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, ledger: ProcessedLedger):
         self.required = settings.ingest.ingest_auth == "on"
         self.exempt = frozenset(settings.ingest.ingest_auth_exempt)
         self.metrics_token = settings.observability.metrics_token.get_secret_value()
         self.tokens = ListenerTokens(settings.listener_tokens_file)
-        self.ledger = processed_ledger(settings)
+        self.ledger = ledger  # its listeners are the ones known, on a station that asks for no token
         self._registered: frozenset[str] = frozenset()
         self._heard: frozenset[str] = frozenset()
         self._registered_at = -KNOWN_REFRESH_S

@@ -74,7 +74,7 @@ class IngestState:
         )
         self.recording_rate = RecordingRate(settings.ingest.max_recordings_per_minute)
         self.backlog_rate = RecordingRate(settings.ingest.max_backlog_uploads_per_minute)
-        self.access = IngestAccess(settings)
+        self.access = IngestAccess(settings, self.ledger)
         self.streams: set[StreamAssembler] = set()  # the streams connected now
         self.open_uploads = 0  # uploads in progress
         self.listener_uploads: Counter[str] = Counter()  # of those, by listener id once it is known
@@ -120,8 +120,7 @@ class IngestState:
     def upload_rate(self, start: datetime | None, duration_s: float) -> RecordingRate:
         """What an upload counts against: a recording that ended a while ago (a listener sending its backlog) has
         an allowance of its own, so that a card's worth of old recordings is not held to the pace of live ones."""
-        ended = start + timedelta(seconds=duration_s) if start else None
-        if ended is not None and ended < datetime.now(timezone.utc) - BACKLOG_AFTER:
+        if start is not None and start + timedelta(seconds=duration_s) < datetime.now(timezone.utc) - BACKLOG_AFTER:
             return self.backlog_rate
         return self.recording_rate
 
