@@ -166,8 +166,7 @@ class ClipIndex:
     def keep(self, base_key: str, station_id: str, species: str, day: str, confidence: float) -> list[str]:
         """Record a stored clip; returns the base keys of the clips it pushes out (to delete from the archive)."""
         execute = self.database.execute
-        execute("BEGIN IMMEDIATE")
-        try:
+        with self.database.transaction():
             execute(
                 "INSERT OR REPLACE INTO clips VALUES (?, ?, ?, ?, ?, ?)",
                 (base_key, station_id, species, day, confidence, time.time()),
@@ -185,10 +184,6 @@ class ClipIndex:
             evicted = [key for (key,) in surplus if key != best]
             for key in evicted:
                 execute("DELETE FROM clips WHERE base_key = ?", (key,))
-            execute("COMMIT")
-        except BaseException:
-            execute("ROLLBACK")
-            raise
         return evicted
 
     def release(self, base_key: str) -> None:

@@ -40,7 +40,7 @@ Migration = str | Callable[[sqlite3.Connection], None]
 WAL_PAGES = 256
 DAMAGED_MARK = ".damaged-"  # a damaged file moved aside: <name>.damaged-<UTC time>
 DAMAGE_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB (not in the type stubs)
-SALVAGE_BATCH = 1000
+BATCH_ROWS = 1000  # rows read (and copied) at a time from a long query
 
 _checked: set[Path] = set()  # the files this process has checked since it started
 _checked_lock = threading.Lock()
@@ -84,16 +84,28 @@ class LocalDatabase:
 
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
         with self._damage_repaired():
-            connection = self._connection()
-            if sql == "ROLLBACK" and not connection.in_transaction:
-                return Rows([])  # the transaction ended with the connection of a file found damaged
-            return Rows.of(connection.execute(sql, parameters))
+            return Rows.of(self._connection().execute(sql, parameters))
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The statements inside as one write transaction (BEGIN IMMEDIATE: the other processes wait for it),
+        committed at the end, rolled back when anything in it fails (a file found damaged has taken its
+        connection, and the transaction, with it)."""
+        self.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            connection = getattr(self._local, "connection", None)
+            if connection is not None and connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        self.execute("COMMIT")
 
     def each(self, sql: str, parameters: Sequence[Any] = ()) -> Iterator[Any]:
         """The rows of a query that may be long, a thousand at a time rather than all at once."""
         with self._damage_repaired():
             cursor = self._connection().execute(sql, parameters)
-            while batch := cursor.fetchmany(1000):
+            while batch := cursor.fetchmany(BATCH_ROWS):
                 yield from batch
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Rows:
@@ -123,9 +135,10 @@ class LocalDatabase:
             connection = None
         if connection is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            resolved = self.path.resolve()
             with _checked_lock:
-                first = self.path.resolve() not in _checked
-                _checked.add(self.path.resolve())
+                first = resolved not in _checked
+                _checked.add(resolved)
             if first:
                 self._replace_if_damaged()
             with state_file_lock(self.path):  # a first switch to WAL needs the file to itself
@@ -260,7 +273,7 @@ def salvage(damaged: Path, into: sqlite3.Connection) -> int:
             try:
                 for row in source.execute(f'SELECT {names} FROM "{table}"'):
                     batch.append(row)
-                    if len(batch) >= SALVAGE_BATCH:
+                    if len(batch) >= BATCH_ROWS:
                         copied += into.executemany(insert, batch).rowcount
                         batch = []
             except sqlite3.DatabaseError:

@@ -30,17 +30,12 @@ class MqttState:
         """The configs (topic -> payload) that are new or changed, remembered as sent: a config goes out once."""
         execute = self.database.execute
         changed = []
-        execute("BEGIN IMMEDIATE")
-        try:
+        with self.database.transaction():
             for topic, payload in configs.items():
                 known = execute("SELECT payload FROM configs WHERE topic = ?", (topic,)).fetchone()
                 if known is None or bytes(known[0]) != payload:
                     execute("INSERT OR REPLACE INTO configs VALUES (?, ?)", (topic, payload))
                     changed.append(Message(topic, payload, retain=True))
-            execute("COMMIT")
-        except BaseException:
-            execute("ROLLBACK")
-            raise
         return changed
 
     def every_config(self) -> list[Message]:
@@ -58,12 +53,12 @@ class MqttState:
 
     def newer(self, topic: str, at: datetime, detection_id: str) -> bool:
         """Whether the detection at `at` is the newest the topic has shown (then it is shown from now on)."""
-        cursor = self.database.execute(
+        shown = self.database.execute(
             "INSERT INTO shown VALUES (?, ?, ?) ON CONFLICT (topic) DO UPDATE SET at = excluded.at, "
             "detection_id = excluded.detection_id WHERE excluded.at > shown.at",
             (topic, at.timestamp(), detection_id),
         )
-        return cursor.rowcount > 0
+        return shown.rowcount > 0
 
     def shows(self, topic: str) -> str | None:
         """The id of the detection the topic shows, None when it shows none."""

@@ -54,12 +54,10 @@ class Outbox:
         if not rows:
             return 0
         execute = self.database.execute
-        execute("BEGIN IMMEDIATE")
-        try:
+        with self.database.transaction():
             if once_for is not None:
                 now = time.time()
                 if execute("SELECT 1 FROM made WHERE key = ?", (once_for,)).fetchone():
-                    execute("COMMIT")
                     return 0
                 execute("INSERT INTO made VALUES (?, ?)", (once_for, now))
                 execute("DELETE FROM made WHERE at < ?", (now - MADE_KEPT_S,))
@@ -68,10 +66,6 @@ class Outbox:
             dropped = max(0, count - self.max_messages)
             if dropped:
                 execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (dropped,))
-            execute("COMMIT")
-        except BaseException:
-            execute("ROLLBACK")
-            raise
         if dropped:
             log.warning("MQTT outbox full (%d messages): the %d oldest dropped", self.max_messages, dropped)
         return dropped

@@ -93,11 +93,9 @@ class SpeciesRecord:
         ).to_pylist()
         recording_id = rows[0]["recording_id"]
         execute = self.database.execute
-        execute("BEGIN IMMEDIATE")
-        try:
+        with self.database.transaction():
             done = execute("SELECT rare, announced FROM counted WHERE recording_id = ?", (recording_id,)).fetchone()
             if done:
-                execute("COMMIT")
                 return Tally([RareSighting(**item) for item in json.loads(done[0])], not done[1])
             rare = self._rare_sightings(rows)
             for row in rows:
@@ -106,10 +104,6 @@ class SpeciesRecord:
                 "INSERT INTO counted VALUES (?, ?, ?, ?)",
                 (recording_id, time.time(), json.dumps([asdict(item) for item in rare]), 0 if rare else 1),
             )
-            execute("COMMIT")
-        except BaseException:
-            execute("ROLLBACK")
-            raise
         return Tally(rare, bool(rare))
 
     def _rare_sightings(self, rows: list[dict]) -> list[RareSighting]:
@@ -223,8 +217,7 @@ class SpeciesRecord:
         back, a listener with a wrong clock), which the wall clock says nothing about, and it is one row per
         species the model knows. Returns the hours dropped."""
         execute = self.database.execute
-        execute("BEGIN IMMEDIATE")
-        try:
+        with self.database.transaction():
             old = execute(
                 "SELECT hour, station_id FROM hours WHERE hour < ? AND version = written_version",
                 (hour_of(now - keep_s),),
@@ -233,8 +226,4 @@ class SpeciesRecord:
                 execute("DELETE FROM hourly WHERE hour = ? AND station_id = ?", (hour, station))
                 execute("DELETE FROM hours WHERE hour = ? AND station_id = ?", (hour, station))
             execute("DELETE FROM counted WHERE counted_at < ?", (now - keep_s,))
-            execute("COMMIT")
-        except BaseException:
-            execute("ROLLBACK")
-            raise
         return len(old)

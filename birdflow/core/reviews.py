@@ -216,14 +216,8 @@ class ReviewStore:
                 (id_of(row), _stored(row), day, verdict.verdict, verdict.scientific_name, verdict.common_name)
                 + (verdict.reviewer, reviewed_at, verdict.via)
             )
-        execute = self.database.execute
-        execute("BEGIN IMMEDIATE")
-        try:
+        with self.database.transaction():
             self.database.executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            execute("COMMIT")
-        except BaseException:
-            execute("ROLLBACK")
-            raise
         return {datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc) for _, _, day, *_ in rows}
 
     def verdict_given(self, wanted: str) -> Verdict | None:

@@ -209,3 +209,22 @@ def test_a_file_whose_header_is_damaged_is_not_a_database_and_is_moved_aside(tmp
     damage(path, 0)
     kept = moved_aside_if_damaged(path)
     assert kept is not None and kept.exists() and not path.exists()
+
+
+def test_a_transaction_that_fails_leaves_nothing_and_one_that_meets_damage_says_so(tmp_path):
+    path = tmp_path / "processed.sqlite"
+    ledger = ProcessedLedger(path)
+    with pytest.raises(RuntimeError), ledger.database.transaction():
+        ledger.record("mic1_20250601T000000Z_0000000a", "a1")
+        raise RuntimeError("a failure inside")
+    assert not ledger.holds("mic1_20250601T000000Z_0000000a")
+    for number in range(3000):
+        ledger.record(f"mic1_20250601T000000Z_{number:08x}", "a1")
+    ledger.database.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    damage(path, 10)
+    reader = ProcessedLedger(path)  # a connection of its own: the damage is met inside its transaction
+    with pytest.raises(StateFileDamaged), reader.database.transaction():
+        reader.recording_ids()
+    with ledger.database.transaction():  # the file whole again, for every connection
+        ledger.record("mic1_20250601T010000Z_00000001", "a1")
+    assert reader.holds("mic1_20250601T010000Z_00000001")
