@@ -30,11 +30,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import cast
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
-from birdflow.core.budget import MB, sqlite_bytes_in_use
+from birdflow.core.budget import MB, TRIM_ROUNDS, runs_to_delete, sqlite_bytes_in_use
 from birdflow.core.local_db import moved_aside_if_damaged, state_file_lock
 from birdflow.runtime.prefect_internals import (
     SQLITE_BEGIN_MODE,
@@ -47,6 +47,7 @@ from birdflow.runtime.prefect_internals import (
     prefect_cli,
     provide_database_interface,
     use_database_configuration,
+    vacuum_old_events,
     vacuum_old_flow_runs,
 )
 from birdflow.settings import Settings, SettingsError, load_settings
@@ -140,62 +141,89 @@ def state_bytes(settings: Settings) -> int:
 
 
 async def trim_history(settings: Settings, db) -> int:
-    """One pass: delete the oldest runs (with their task runs, logs, artifacts) through Prefect's own vacuum
-    until the history fits, then give the freed pages back; returns the runs deleted."""
-    import sqlalchemy as sa
-    from prefect.settings import PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD, temporary_settings
-
+    """One pass: delete the oldest runs (with their task runs, logs, artifacts, and the events of their time)
+    through Prefect's own vacuum until the history fits, then give the freed pages back; returns the runs
+    deleted."""
     database = settings.prefect_database_file
-    eligible = sa.and_(
+    budget = settings.history_budget()
+    history, state = sqlite_bytes_in_use(database), state_bytes(settings)
+    target = budget.trim_target(history, state, shutil.disk_usage(settings.data_dir).free)
+    deleted = 0 if target is None else await _delete_oldest_runs(settings, db, target, history, state)
+    await asyncio.to_thread(give_space_back, database)
+    return deleted
+
+
+async def _delete_oldest_runs(settings: Settings, db, target: int, history: int, state: int) -> int:
+    """Delete the oldest runs until the history is down to `target` bytes. A round deletes what the history's
+    average size per run says, too few while the database's fixed part is a large share of it (a small
+    budget), so up to TRIM_ROUNDS rounds go on down to the target; returns the runs deleted."""
+    from prefect.settings import (
+        PREFECT_EVENTS_RETENTION_PERIOD,
+        PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD,
+        temporary_settings,
+    )
+
+    deleted = 0
+    for _ in range(TRIM_ROUNDS):
+        async with db.session_context() as session:
+            runs = (
+                await session.execute(sa.select(sa.func.count()).select_from(db.FlowRun).where(_ended(db)))
+            ).scalar_one()
+            wanted = runs_to_delete(history, runs, target)
+            oldest = wanted and await _end_of_oldest_runs(session, db, wanted)
+        if not oldest:
+            break
+        doomed, last_end = oldest
+        log.info(
+            "run history %.1f MB and state %.1f MB against a budget of %.1f MB: the oldest %d of %d runs go",
+            history / MB,
+            state / MB,
+            settings.history_budget().budget_bytes / MB,
+            doomed,
+            runs,
+        )
+        retention = max(datetime.now(timezone.utc) - last_end - timedelta(microseconds=1), SHORTEST_RETENTION)
+        with temporary_settings(
+            updates={
+                PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD: retention,
+                PREFECT_EVENTS_RETENTION_PERIOD: retention,
+            }
+        ):
+            await vacuum_old_flow_runs(db=db)
+            await vacuum_old_events(db=db)
+        deleted += doomed
+        history = sqlite_bytes_in_use(settings.prefect_database_file)
+    return deleted
+
+
+def _ended(db):
+    """The runs Prefect's vacuum may delete: top-level runs that ended."""
+    return sa.and_(
         db.FlowRun.parent_task_run_id.is_(None),
         db.FlowRun.state_type.in_(TERMINAL_STATES),
         db.FlowRun.end_time.is_not(None),
     )
-    async with db.session_context() as session:
-        runs = (await session.execute(sa.select(sa.func.count()).select_from(db.FlowRun).where(eligible))).scalar_one()
-        history, state = sqlite_bytes_in_use(database), state_bytes(settings)
-        budget = settings.history_budget()
-        wanted = budget.runs_to_delete(history, state, runs, shutil.disk_usage(settings.data_dir).free)
-        old_enough = (
-            wanted
-            and (
-                await session.execute(
-                    sa.select(sa.func.count())
-                    .select_from(db.FlowRun)
-                    .where(eligible, db.FlowRun.end_time < datetime.now(timezone.utc) - SHORTEST_RETENTION)
-                )
-            ).scalar_one()
+
+
+async def _end_of_oldest_runs(session, db, wanted: int) -> tuple[int, datetime] | None:
+    """How many of the `wanted` oldest runs may go (the youngest hour is Prefect's vacuum's to keep), and when
+    the last of them ended; None when none may."""
+    old_enough = (
+        await session.execute(
+            sa.select(sa.func.count())
+            .select_from(db.FlowRun)
+            .where(_ended(db), db.FlowRun.end_time < datetime.now(timezone.utc) - SHORTEST_RETENTION)
         )
-        doomed = min(wanted, old_enough)  # the youngest hour is Prefect's vacuum's to keep
-        cutoff = (
-            doomed
-            and (
-                await session.execute(
-                    sa.select(db.FlowRun.end_time)
-                    .where(eligible)
-                    .order_by(db.FlowRun.end_time)
-                    .offset(doomed - 1)
-                    .limit(1)
-                )
-            ).scalar_one()
+    ).scalar_one()
+    doomed = min(wanted, old_enough)
+    if not doomed:
+        return None
+    last_end = (
+        await session.execute(
+            sa.select(db.FlowRun.end_time).where(_ended(db)).order_by(db.FlowRun.end_time).offset(doomed - 1).limit(1)
         )
-    if doomed:
-        log.info(
-            "run history %.1f MB and state %.1f MB over the budget of %.1f MB: the oldest %d of %d runs go",
-            history / MB,
-            state / MB,
-            budget.budget_bytes / MB,
-            doomed,
-            runs,
-        )
-        retention = max(
-            datetime.now(timezone.utc) - cast(datetime, cutoff).astimezone(timezone.utc) - timedelta(microseconds=1),
-            SHORTEST_RETENTION,
-        )
-        with temporary_settings(updates={PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD: retention}):
-            await vacuum_old_flow_runs(db=db)
-    await asyncio.to_thread(give_space_back, database)
-    return doomed
+    ).scalar_one()
+    return doomed, last_end.astimezone(timezone.utc)
 
 
 def keep_history_within_budget(settings: Settings) -> None:

@@ -18,6 +18,8 @@ BUDGET_SHARE_OF_DISK = 0.05  # 1.6 GB of a 32 GB card
 SMALLEST_BUDGET = 10 * MB
 LARGEST_BUDGET = 20 * 1024 * MB
 SHRINK_TO = 0.9  # once over, down to 90 % of what is allowed, so that not every pass deletes a little
+# rounds of deletion a pass may take to reach that: 97 % of the way with a database 55 % fixed (a small budget)
+TRIM_ROUNDS = 8
 FLOOR_MARGIN = 2.0  # history gives way before audio: it shrinks once free space is below twice the floor
 # the processed record's share of the budget (~100 bytes a recording: 4 million recordings of 1.6 GB)
 RECORD_SHARE = 0.25
@@ -50,11 +52,17 @@ class HistoryBudget:
         shortfall = max(0, int(FLOOR_MARGIN * self.floor_bytes) - free_bytes)
         return max(0, min(self.budget_bytes, history_bytes - shortfall))
 
-    def runs_to_delete(self, history_bytes: int, state_bytes: int, runs: int, free_bytes: int) -> int:
-        """How many of the oldest runs to delete (0 while everything fits), from the history's size per run;
-        the state shares the budget but is not freed by deleting runs."""
+    def trim_target(self, history_bytes: int, state_bytes: int, free_bytes: int) -> int | None:
+        """What the run history must shrink to once it does not fit: SHRINK_TO of what it may hold beside the
+        state (which shares the budget but is not freed by deleting runs); None while everything fits."""
         allowed = self.allowed_bytes(history_bytes + state_bytes, free_bytes) - state_bytes
-        if history_bytes <= allowed or runs <= 0:
-            return 0
-        per_run = history_bytes / runs
-        return min(runs, math.ceil((history_bytes - SHRINK_TO * max(0, allowed)) / per_run))
+        return None if history_bytes <= allowed else int(SHRINK_TO * max(0, allowed))
+
+
+def runs_to_delete(history_bytes: int, runs: int, target_bytes: int) -> int:
+    """How many of the oldest runs to delete to bring the history down to `target_bytes`, a run taken to free the
+    history's average per run. That counts the database's fixed part too, so too few go, never too many: the
+    caller measures again and deletes more."""
+    if history_bytes <= target_bytes or runs <= 0:
+        return 0
+    return min(runs, math.ceil((history_bytes - target_bytes) / (history_bytes / runs)))

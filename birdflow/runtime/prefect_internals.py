@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from prefect.server.database import PrefectDBInterface, provide_database_interface
     from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
     from prefect.server.schemas.states import TERMINAL_STATES
-    from prefect.server.services.db_vacuum import vacuum_old_flow_runs
+    from prefect.server.services.db_vacuum import vacuum_old_events, vacuum_old_flow_runs
     from prefect.server.services.perpetual_services import perpetual_service
 
 TESTED_PREFECT = ((3, 9), (3, 10))  # from the first minor, up to (not including) the second
@@ -100,6 +100,11 @@ BORROWED: tuple[Borrowed, ...] = (
         calls=("db",),
     ),
     Borrowed(
+        "prefect.server.services.db_vacuum:vacuum_old_events",
+        "the events of the runs deleted go with them (else they stay their 7 days, and runs make way for them)",
+        calls=("db",),
+    ),
+    Borrowed(
         "prefect.server.services.perpetual_services:perpetual_service",
         "the budget runs on the server's own service scheduler: no second process holding the database",
         calls=("enabled_getter",),
@@ -117,6 +122,7 @@ _SERVER_NAMES = {
     "provide_database_interface": "prefect.server.database",
     "TERMINAL_STATES": "prefect.server.schemas.states",
     "vacuum_old_flow_runs": "prefect.server.services.db_vacuum",
+    "vacuum_old_events": "prefect.server.services.db_vacuum",
     "perpetual_service": "prefect.server.services.perpetual_services",
     "Perpetual": "docket",
     "Depends": "docket",
@@ -137,6 +143,7 @@ __all__ = [
     "provide_database_interface",
     "TERMINAL_STATES",
     "vacuum_old_flow_runs",
+    "vacuum_old_events",
     "perpetual_service",
     "Perpetual",
     "Depends",

@@ -106,11 +106,10 @@ def test_a_year_on_a_card_keeps_history_within_its_budget_and_loses_nothing(stat
     assert result.refused == 0  # nothing refused while history could be freed
     facts = result.facts
     assert facts["runs_kept"] < facts["runs_made"]  # the budget, not the 14-day retention, bounded the runs
+    # within the budget once a pass of its service has run after each day (the day's runs, too young to delete
+    # during the day, take it over until then)
     held = [db + state for db, state in zip(facts["prefect_db_mb"], facts["state_mb"])]
-    assert max(held) <= facts["budget_mb"]
-    # flat once the budget is reached: a day adds 30 runs (~0.75 MB, 30 % of the budget) and a budget pass takes the
-    # history down to 90 % of what it may hold, so the days' samples swing within a fifth of the budget (one sample
-    # just before a pass, one just after: measured 0.16 once), where growth would add 30 % a day
-    last = held[-4:]
-    assert max(last) - min(last) < 0.25 * facts["budget_mb"]
+    assert max(held) <= facts["budget_mb"], facts["seconds_to_budget"]
+    # and it keeps what it can: the last day's runs (a day's runs fit the 90 % a pass shrinks to) stay whole
+    assert min(point["runs_kept"] for point in facts["curve"][1:]) >= station.options.recordings_per_day
     assert 10 * 1024 < facts["bytes_per_run"] < 60 * 1024

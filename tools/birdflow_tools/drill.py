@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+from birdflow.core.budget import derived_budget_bytes
 from birdflow.core.disk import MB
 from birdflow.core.local_db import is_sound
 from birdflow.core.results import ResultsDatabase
@@ -273,6 +274,7 @@ def overwrite_a_page(path: Path) -> None:
 
 FULL_DUTY_RUNS_PER_LISTENER_DAY = 86400 / 20  # 20 s recordings back to back
 CARD_BYTES = 32 * 1024 * MB
+BUDGET_PASS_WAIT_S = 30  # 15 passes of the budget service
 
 
 def drill_year(station: DrillStation) -> DrillResult:
@@ -317,8 +319,7 @@ def drill_year(station: DrillStation) -> DrillResult:
             year.settle(year.arrivals.since(before), options.settle_timeout_s)
             _wait_until(lambda: year.recording_runs() == year.stack.completed_runs(), 60, "the day's runs ended")
             year.age(days=1)
-            time.sleep(3)  # a pass of the budget service (every 2 s)
-            curve.append(year.footprint(day, first))
+            curve.append(_footprint_after_a_pass(year, day, first, _year_budget_bytes(options)))
         result = year.count("a year on a card", first, refused)
         result.facts.update(year_facts(curve, options, scaled_floor_mb))
         facts = result.facts
@@ -336,10 +337,25 @@ def drill_year(station: DrillStation) -> DrillResult:
         subprocess.run(["umount", "--lazy", str(card)], capture_output=True)
 
 
+def _year_budget_bytes(options: DrillOptions) -> float:
+    return options.history_budget_mb * MB or derived_budget_bytes(options.card_mb * MB)
+
+
+def _footprint_after_a_pass(year: DrillStation, day: int, first: set[str], budget_bytes: float) -> dict:
+    """The footprint once it is within the budget (the day's runs, too young to delete until the day is over,
+    may take it over until a pass of the budget service, every 2 s, deletes the oldest), or as it is after
+    BUDGET_PASS_WAIT_S; with the seconds it took."""
+    started = time.monotonic()
+    while True:
+        point = year.footprint(day, first)
+        waited = time.monotonic() - started
+        if point["prefect_db_bytes"] + point["state_bytes"] <= budget_bytes or waited > BUDGET_PASS_WAIT_S:
+            return {**point, "seconds_to_budget": round(waited, 1)}
+        time.sleep(0.5)
+
+
 def year_facts(curve: list[dict], options, floor_mb: int) -> dict:
     """The year drill's curve and what it says about a real card at the defaults."""
-    from birdflow.core.budget import derived_budget_bytes
-
     base = curve[0]["prefect_db_bytes"]
     fullest = max(curve, key=lambda point: point["runs_kept"])
     bytes_per_run = (fullest["prefect_db_bytes"] - base) / max(1, fullest["runs_kept"])
@@ -350,7 +366,8 @@ def year_facts(curve: list[dict], options, floor_mb: int) -> dict:
         "runs_kept": curve[-1]["runs_kept"],
         "prefect_db_mb": [round(point["prefect_db_bytes"] / MB, 2) for point in curve],
         "state_mb": [round(point["state_bytes"] / MB, 2) for point in curve],
-        "budget_mb": options.history_budget_mb or derived_budget_bytes(options.card_mb * MB) / MB,
+        "budget_mb": _year_budget_bytes(options) / MB,
+        "seconds_to_budget": [point["seconds_to_budget"] for point in curve[1:]],
         "floor_mb": floor_mb,
         "bytes_per_run": bytes_per_run,
         "card_runs": card_runs,

@@ -280,13 +280,16 @@ class Stack:
                 self.process.wait()
 
     def age_runs(self, days: float) -> None:
-        """Make the runs that ended `days` older, as if time had passed (the embedded SQLite server's)."""
+        """Make the runs that ended, and every event, `days` older, as if time had passed (the embedded SQLite
+        server's)."""
         with closing(sqlite3.connect(self.places.prefect_database_file, timeout=60)) as database:
             with database:
                 database.execute(
                     f"UPDATE flow_run SET start_time = datetime(start_time, '-{days} days'), "
                     f"end_time = datetime(end_time, '-{days} days') WHERE end_time IS NOT NULL"
                 )
+                for table in ("events", "event_resources"):
+                    database.execute(f"UPDATE {table} SET occurred = datetime(occurred, '-{days} days')")
 
     def stored_times(self) -> dict[str, float]:
         """recording id -> when its detections file was written (wall clock)."""
