@@ -51,7 +51,7 @@ class DrillOptions:
     # the year drill: a card of 1/100 of 32 GB, days of recordings compressed into minutes
     card_mb: int = 327
     year_days: int = 30
-    recordings_per_day: int = 60
+    recordings_per_day: int = 100  # 1.6 MB of history a day: the budget, not the 14-day retention, binds
     history_budget_mb: float = 0.0  # 0: the card's share (5 %, at least 10 MB), as on a station left at its defaults
 
     @classmethod
@@ -63,7 +63,7 @@ class DrillOptions:
             settle_timeout_s=150.0,
             redrive_delays_s=(2.0, 4.0, 8.0),
             retry_delay_s=0.5,
-            # ~1 MB of history a day against a 2.5 MB budget: full on day 3 of 6, then flat
+            # ~0.5 MB of history a day against a 2.5 MB budget: full on day 2 of 6, then flat
             card_mb=200,
             year_days=6,
             recordings_per_day=30,
