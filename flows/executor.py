@@ -5,7 +5,8 @@ claimed and executed here by Prefect's flow-run engine (flows/engine.py): no pro
 Runs that are scheduled (UI retries and reruns, re-drives, the maintenance deployment's schedule) are
 picked up by polling the deployments. On start, recordings already in the folder without a finished run
 get one, so a crash between "file written" and "run created" loses nothing. A run that fails is re-driven
-later (flows/redrive.py); a recording already processed (the ledger says so) is not processed again.
+later (flows/redrive.py); a recording already processed (the ledger says so) is not processed again, and a run
+the server still shows Running after its recording was processed (the server away as it ended) is set Completed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
@@ -32,6 +33,7 @@ from prefect.client.schemas.filters import (
     DeploymentFilterId,
     FlowRunFilter,
     FlowRunFilterNextScheduledStartTime,
+    FlowRunFilterStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
@@ -41,7 +43,8 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.context import SettingsContext, get_settings_context
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
 from prefect.settings import Settings as PrefectSettings
-from prefect.states import Crashed, Pending, Scheduled
+from prefect.states import Completed, Crashed, Pending, Scheduled
+from pydantic import ValidationError
 
 from birdflow.core.errors import BirdflowError, StateFileDamaged
 from birdflow.core.recordings import (
@@ -65,6 +68,10 @@ from birdflow.settings import Settings
 log = logging.getLogger("birdflow.executor")
 log.addFilter(RepeatsCounted())
 T = TypeVar("T")
+# a recording's run still Running this long after it started, its recording processed and gone from the folder,
+# ended without saying so (the Prefect server away at its end); looked for every LEFT_RUNNING_CHECK_S
+LEFT_RUNNING_AFTER = timedelta(minutes=2)
+LEFT_RUNNING_CHECK_S = 60.0
 EXECUTOR_LOCK = "executor.lock"  # under data_dir: one executor per station (birdflow.app.single)
 
 
@@ -193,7 +200,7 @@ class Executor:
                 self.settings.analysis.interpreters,
             )
             interval = self.settings.prefect.poll_interval_s
-            looked_up = float("-inf")
+            looked_up = left_running_checked = float("-inf")
             with engine_context() as client:
                 while not stop.is_set():
                     if not all(worker.is_alive() for worker in workers):
@@ -204,6 +211,9 @@ class Executor:
                         looked_up = time.monotonic()
                         self.schedule_maintenance(client)
                         self.queue_scheduled(client)
+                    if time.monotonic() - left_running_checked >= LEFT_RUNNING_CHECK_S:
+                        left_running_checked = time.monotonic()
+                        self.complete_runs_left_running(client)
                     watch.wait(max(0.0, looked_up + interval - time.monotonic()))
         finally:
             watch.close()
@@ -334,6 +344,38 @@ class Executor:
             recording = flow_run.parameters.get("recording") or {}
             self._parked.discard(recording.get("recording_id", ""))
             self._enqueue(flow_run)
+
+    def complete_runs_left_running(self, client: SyncPrefectClient, older_than: timedelta = LEFT_RUNNING_AFTER) -> int:
+        """Set Completed the recordings' runs the server still shows Running although their recording was processed
+        (the processed record says so) and is gone from the folder: the engine could not report the end (the
+        server away at that moment), and with the file gone no scan takes the run over. Returns how many."""
+        left = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+                start_time=FlowRunFilterStartTime(before_=datetime.now(timezone.utc) - older_than),
+            ),
+            limit=50,
+        )
+        completed = 0
+        for flow_run in left:
+            try:
+                info = RecordingInfo.model_validate(flow_run.parameters.get("recording") or {})
+            except ValidationError:
+                continue  # no recording: its run fails as unprocessable when it is run
+            with self._lock:
+                busy = info.recording_id in self._in_flight
+            processed = self.resources.ledger.contains(info.recording_id, self.resources.params.analysis_id)
+            if busy or not processed or (self.settings.recordings_dir / info.file_name).exists():
+                continue
+            client.set_flow_run_state(
+                flow_run.id,
+                Completed(message="its recording was processed; the run could not say so then (Prefect was away)"),
+                force=True,
+            )
+            log.info("flow run %s was left Running although its recording was processed: set Completed", flow_run.name)
+            completed += 1
+        return completed
 
     def flow_of(self, flow_run: FlowRun) -> Flow:
         """The flow a run of one of the station's deployments executes (the scan finds no other runs)."""

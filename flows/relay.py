@@ -73,6 +73,7 @@ class Relay:
         self.link = cast(CentralLink, self.resources.central_link)
         self.to_confirm: list[tuple[float, float, dict]] = []  # (when sent, when due, the rare event sent)
         self.confirm_checks_s: tuple[float, ...] = CONFIRM_CHECKS_S
+        self.store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
 
     def register(self) -> UUID:
         """The station's summary deployment on the central server (in its work pool, as its other deployments)."""
@@ -137,12 +138,14 @@ class Relay:
         return confirmed
 
     def summarize(self, client: SyncPrefectClient, deployment: UUID, now: float | None = None) -> int:
-        """A station-hour run for each closed hour not summarised yet (again when late recordings changed it)."""
+        """A station-hour run for each closed hour not summarised yet (again when late recordings changed it), once
+        none of its recordings waits to be analysed."""
         settings = self.settings
         now = time.time() if now is None else now
         settle = settings.detections.hourly_settle_s
         closed = self.resources.species.closed_hours(now, settle)
-        due = self.link.to_summarize(closed, settings.station_id, now, settle)
+        waiting = [path.name for path in self.store.pending()]
+        due = self.link.to_summarize(closed, settings.station_id, now, settle, waiting)
         for hour, station, version in due:
             start = datetime.fromtimestamp(hour, timezone.utc)
             flow_run, created = create_running(

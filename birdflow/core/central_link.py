@@ -19,6 +19,7 @@ import pyarrow as pa
 from birdflow.core.local_db import LocalDatabase
 from birdflow.core.outbox import SCHEMA as OUTBOX_SCHEMA
 from birdflow.core.outbox import Message, Outbox
+from birdflow.core.recordings import name_parts_or_none
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sightings (hour INTEGER, station_id TEXT, recording_id TEXT, scientific_name TEXT,
@@ -78,11 +79,19 @@ class CentralLink:
         return found
 
     def to_summarize(
-        self, closed: list[tuple[int, str, int]], station_id: str, now: float, settle_s: float
+        self,
+        closed: list[tuple[int, str, int]],
+        station_id: str,
+        now: float,
+        settle_s: float,
+        waiting: Iterable[str] = (),
     ) -> list[tuple[int, str, int]]:
         """Of (hour, station, version) closed hours with counts (from a day before the relay first ran on) and the
         quiet hours of `station_id` since it first ran (version 0; of the last day only), those not summarised at
-        that version, oldest first."""
+        that version, oldest first; not an hour of a recording still `waiting` to be analysed (its file name):
+        its detections are counted as they are written, before it is recorded as processed, so a summary made
+        then would miss its listener."""
+        held_back = _hours_of(waiting)
         started = self.first_started()
         done = dict(
             ((hour, station), version)
@@ -96,10 +105,16 @@ class CentralLink:
             if (hour, station_id) not in counted
         ]
         due = [item for item in closed if item[0] >= started - LOOK_BACK_S] + quiet
-        return sorted(item for item in due if done.get(item[:2], -1) < item[2])
+        return sorted(item for item in due if done.get(item[:2], -1) < item[2] and item[0] not in held_back)
 
     def summarized(self, hour: int, station_id: str, version: int) -> None:
         self.database.execute("INSERT OR REPLACE INTO summarized VALUES (?, ?, ?)", (hour, station_id, version))
+
+
+def _hours_of(file_names: Iterable[str]) -> set[int]:
+    """The hours (epoch seconds of their start) of recordings, from their file names."""
+    starts = (name_parts_or_none(name)[1] for name in file_names)
+    return {int(start.timestamp()) // HOUR_S * HOUR_S for start in starts if start is not None}
 
 
 def hour_summary(

@@ -60,6 +60,19 @@ def test_hours_are_summarised_once_per_version_from_a_day_before_the_first_start
     assert link.to_summarize([(recent, "s1", 4)], "s1", now, 0) == [(recent, "s1", 4)]  # a late recording
 
 
+def test_an_hour_waits_for_its_recordings_still_to_be_analysed(tmp_path):
+    """Its detections are counted before the recording is recorded as processed: summarised then, the hour would
+    name no listener (as once on a busy machine: "0 listener(s) sent recordings" beside the hour's detection)."""
+    link = CentralLink(tmp_path / "link.sqlite")
+    now = time.time()
+    hour = int(now // 3600 * 3600) - 3600
+    waiting = f"mic1_{datetime.fromtimestamp(hour + 1200, timezone.utc):%Y%m%dT%H%M%S}Z_0123abcd.flac"
+    other_hour = f"mic2_{datetime.fromtimestamp(hour - 3600, timezone.utc):%Y%m%dT%H%M%S}Z_0123abcd.wav"
+    closed = [(hour, "s1", 2)]
+    assert link.to_summarize(closed, "s1", now, 0, [waiting, other_hour, "dropped-in.wav"]) == []
+    assert link.to_summarize(closed, "s1", now, 0, [other_hour]) == [(hour, "s1", 2)]  # analysed: summarised
+
+
 def test_quiet_hours_are_summarised_too_from_the_first_start_once_they_settled(tmp_path):
     link = CentralLink(tmp_path / "link.sqlite")
     started = link.first_started()

@@ -19,14 +19,14 @@ from tests.conftest import SAMPLE_48K, require_sample
 START = datetime(2025, 6, 1, 5, 30, tzinfo=timezone.utc)
 
 
-def published(settings: Settings) -> RecordingInfo:
+def published(settings: Settings, listener_id: str = "mic1") -> RecordingInfo:
     """The 10 s sample (birds in it) published in the station's recordings folder, as an upload would."""
     store = RecordingStore(settings.partial_dir, settings.recordings_dir, settings.station_id)
     partial = store.new_upload_partial(".wav")
     partial.write_bytes(require_sample(SAMPLE_48K).read_bytes())
     return store.publish(
         partial,
-        listener_id="mic1",
+        listener_id=listener_id,
         start_time=START,
         duration_s=10,
         sample_rate=48000,

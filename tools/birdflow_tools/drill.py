@@ -104,8 +104,21 @@ def drill_prefect_kill(station: DrillStation) -> DrillResult:
     station.kill("server")
     feeder.join()
     result = station.count("Prefect server kill -9", before)
-    result.notes.append("up restarted it; the recordings waited in the folder meanwhile")
+    # a run whose end the server missed while it was down is set Completed by the executor within ~3 minutes
+    result.facts["runs_not_completed"] = _runs_not_completed(station, timeout_s=240)
+    result.notes.append(
+        f"up restarted it; the recordings waited in the folder meanwhile; "
+        f"{result.facts['runs_not_completed']} run(s) not shown Completed"
+    )
     return result
+
+
+def _runs_not_completed(station: DrillStation, timeout_s: float) -> int:
+    """The station's recording runs not Completed on its Prefect server, once all are or `timeout_s` passed."""
+    deadline = time.monotonic() + timeout_s
+    while (left := station.recording_runs() - station.stack.completed_runs()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return left
 
 
 def drill_s3_down(station: DrillStation) -> DrillResult:
