@@ -34,7 +34,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
-from birdflow.core.budget import MB, TRIM_ROUNDS, runs_to_delete, sqlite_bytes_in_use
+from birdflow.core.budget import MB, TRIM_ROUNDS, HistoryBudget, runs_to_delete, sqlite_bytes_in_use
 from birdflow.core.local_db import moved_aside_if_damaged, state_file_lock
 from birdflow.runtime.prefect_internals import (
     SQLITE_BEGIN_MODE,
@@ -148,12 +148,12 @@ async def trim_history(settings: Settings, db) -> int:
     budget = settings.history_budget()
     history, state = sqlite_bytes_in_use(database), state_bytes(settings)
     target = budget.trim_target(history, state, shutil.disk_usage(settings.data_dir).free)
-    deleted = 0 if target is None else await _delete_oldest_runs(settings, db, target, history, state)
+    deleted = 0 if target is None else await _delete_oldest_runs(database, db, budget, target, history, state)
     await asyncio.to_thread(give_space_back, database)
     return deleted
 
 
-async def _delete_oldest_runs(settings: Settings, db, target: int, history: int, state: int) -> int:
+async def _delete_oldest_runs(database: Path, db, budget: HistoryBudget, target: int, history: int, state: int) -> int:
     """Delete the oldest runs until the history is down to `target` bytes. A round deletes what the history's
     average size per run says, too few while the database's fixed part is a large share of it (a small
     budget), so up to TRIM_ROUNDS rounds go on down to the target; returns the runs deleted."""
@@ -178,7 +178,7 @@ async def _delete_oldest_runs(settings: Settings, db, target: int, history: int,
             "run history %.1f MB and state %.1f MB against a budget of %.1f MB: the oldest %d of %d runs go",
             history / MB,
             state / MB,
-            settings.history_budget().budget_bytes / MB,
+            budget.budget_bytes / MB,
             doomed,
             runs,
         )
@@ -192,7 +192,7 @@ async def _delete_oldest_runs(settings: Settings, db, target: int, history: int,
             await vacuum_old_flow_runs(db=db)
             await vacuum_old_events(db=db)
         deleted += doomed
-        history = sqlite_bytes_in_use(settings.prefect_database_file)
+        history = sqlite_bytes_in_use(database)
     return deleted
 
 
